@@ -1,0 +1,200 @@
+"""Time: an injectable clock and the New York session calendar.
+
+All stored timestamps are UTC epoch milliseconds. App-facing payloads also carry ``tsET``,
+ISO-8601 in America/New_York with its offset. ``barId`` counts regular-session minutes from
+09:30 ET = 1 (so 14:30 ET is 301); minutes outside the regular session get a barId of 0 or
+below (pre-market) and above 390 (after hours), so the number still orders the day.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+NEW_YORK = ZoneInfo("America/New_York")
+MINUTE_MS = 60_000
+DAY_MS = 86_400_000
+
+
+class Clock(Protocol):
+    """Wall time source; inject a ``ManualClock`` in tests."""
+
+    def now_ms(self) -> int:
+        """Epoch milliseconds, UTC."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds from an arbitrary origin, never going backwards."""
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def now_ms(self) -> int:
+        """Epoch milliseconds from the system clock."""
+        return time.time_ns() // 1_000_000
+
+    def monotonic(self) -> float:
+        """``time.monotonic()``."""
+        return time.monotonic()
+
+
+class ManualClock:
+    """A clock that moves only when told to; for tests of time-driven logic."""
+
+    def __init__(self, start_ms: int = 0) -> None:
+        self._now_ms = start_ms
+        self._monotonic = 0.0
+
+    def now_ms(self) -> int:
+        """The current manual time."""
+        return self._now_ms
+
+    def monotonic(self) -> float:
+        """Seconds advanced since creation."""
+        return self._monotonic
+
+    def advance(self, ms: int) -> None:
+        """Move time forward by ``ms`` milliseconds."""
+        if ms < 0:
+            raise ValueError("a clock never goes backwards")
+        self._now_ms += ms
+        self._monotonic += ms / 1000.0
+
+    def set(self, now_ms: int) -> None:
+        """Jump to ``now_ms`` (not earlier than now)."""
+        self.advance(now_ms - self._now_ms)
+
+
+SYSTEM_CLOCK = SystemClock()
+
+
+async def sleep_until_next(period_s: float, clock: Clock = SYSTEM_CLOCK) -> None:
+    """Sleep to the next multiple of ``period_s`` of wall time (aligned timers)."""
+    now = clock.now_ms() / 1000.0
+    await asyncio.sleep(period_s - (now % period_s))
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """The New York trading session of one calendar day, as epoch milliseconds."""
+
+    day: date
+    premarket_ms: int
+    open_ms: int
+    close_ms: int
+    end_ms: int
+
+    def phase(self, ts_ms: int) -> str:
+        """``closed``, ``pre``, ``regular`` or ``post`` for an epoch-ms time on this day."""
+        if ts_ms < self.premarket_ms or ts_ms >= self.end_ms:
+            return "closed"
+        if ts_ms < self.open_ms:
+            return "pre"
+        if ts_ms < self.close_ms:
+            return "regular"
+        return "post"
+
+
+_SESSION_CACHE: dict[date, Session] = {}
+
+
+def ny_epoch_ms(day: date, hour: int, minute: int = 0, ms_of_minute: int = 0) -> int:
+    """Epoch ms of a New York wall-clock time on ``day`` (DST aware)."""
+    local = datetime(day.year, day.month, day.day, hour, minute, tzinfo=NEW_YORK)
+    return int(local.timestamp() * 1000) + ms_of_minute
+
+
+def ny_midnight_ms(day: date) -> int:
+    """Epoch ms of 00:00 New York time on ``day``."""
+    return ny_epoch_ms(day, 0)
+
+
+def session_for(day: date) -> Session:
+    """The session calendar of ``day``: 04:00 pre-market, 09:30-16:00 regular, 20:00 end."""
+    session = _SESSION_CACHE.get(day)
+    if session is None:
+        session = Session(
+            day=day,
+            premarket_ms=ny_epoch_ms(day, 4),
+            open_ms=ny_epoch_ms(day, 9, 30),
+            close_ms=ny_epoch_ms(day, 16),
+            end_ms=ny_epoch_ms(day, 20),
+        )
+        _SESSION_CACHE[day] = session
+    return session
+
+
+def ny_date(ts_ms: int) -> date:
+    """The New York calendar date of an epoch-ms time."""
+    return datetime.fromtimestamp(ts_ms / 1000, tz=NEW_YORK).date()
+
+
+def session_of(ts_ms: int) -> Session:
+    """The session of the New York day that contains ``ts_ms``."""
+    return session_for(ny_date(ts_ms))
+
+
+def floor_minute(ts_ms: int) -> int:
+    """Start of the minute containing ``ts_ms`` (New York offsets are whole minutes)."""
+    return ts_ms - ts_ms % MINUTE_MS
+
+
+_TS_ET_CACHE: dict[int, str] = {}
+
+
+def ts_et(ts_ms: int) -> str:
+    """ISO-8601 New York time with offset, to the second: ``2025-10-27T14:30:00-04:00``."""
+    second_ms = ts_ms - ts_ms % 1000
+    text = _TS_ET_CACHE.get(second_ms)
+    if text is None:
+        local = datetime.fromtimestamp(second_ms / 1000, tz=NEW_YORK)
+        text = local.isoformat(timespec="seconds")
+        if len(_TS_ET_CACHE) > 100_000:
+            _TS_ET_CACHE.clear()
+        _TS_ET_CACHE[second_ms] = text
+    return text
+
+
+def ts_et_minute(ts_ms: int) -> str:
+    """``tsET`` of the start of the minute containing ``ts_ms``."""
+    return ts_et(floor_minute(ts_ms))
+
+
+def bar_id(ts_ms: int) -> int:
+    """Regular-session minute index of the minute containing ``ts_ms``: 09:30 ET is 1.
+
+    Pre-market minutes count down to 0 and below; after-hours minutes continue past 390.
+    """
+    session = session_of(ts_ms)
+    return (floor_minute(ts_ms) - session.open_ms) // MINUTE_MS + 1
+
+
+def parse_day(text: str) -> date:
+    """Parse ``YYYY-MM-DD`` or ``YYYYMMDD`` with a clear error."""
+    cleaned = text.replace("-", "")
+    try:
+        return datetime.strptime(cleaned, "%Y%m%d").date()
+    except ValueError:
+        raise ValueError(f"not a date (want YYYY-MM-DD): {text!r}") from None
+
+
+def utc_datetime(ts_ms: int) -> datetime:
+    """An aware UTC datetime of an epoch-ms time."""
+    return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc)
+
+
+def trading_days_back(day: date, count: int) -> list[date]:
+    """The ``count`` weekdays ending at ``day`` (exchange holidays are not modelled)."""
+    days: list[date] = []
+    current = day
+    while len(days) < count:
+        if current.weekday() < 5:
+            days.append(current)
+        current -= timedelta(days=1)
+    return list(reversed(days))

@@ -1,0 +1,267 @@
+"""Wire types of CONTRACT.md: one frozen msgspec Struct per payload, codecs built once.
+
+Every record published on a Redis channel starts with ``seq`` (the per-channel sequence
+number); the publisher fills it in atomically in Redis (see ``redis_io``), so records are
+encoded with ``seq=0`` and the publisher splices the real number into the first field.
+Field names are camelCase on the wire; Polygon's own one-letter names are kept for ticks
+so that a tick reads like the feed it came from. Evolve additively only: new fields get
+defaults, no field changes type, unknown fields are ignored on decode.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Struct
+
+SEQ_PREFIX = b'{"seq":'
+"""Every sequenced record's JSON starts with this, then the number."""
+
+
+class Trade(Struct, frozen=True, omit_defaults=True):
+    """One trade print, with Polygon's field names (``T`` event without ``ev``).
+
+    ``c`` holds Polygon trade-condition ids. ``suspicious`` marks a print the data vendor
+    judged suspicious (only known for vendor tick files). ``ts_init`` is when tickmesh saw it.
+    """
+
+    sym: str
+    p: float
+    s: int
+    t: int
+    x: int = 0
+    c: tuple[int, ...] = ()
+    i: str = ""
+    z: int = 0
+    q: int = 0
+    suspicious: bool = False
+
+
+class Quote(Struct, frozen=True, omit_defaults=True):
+    """One NBBO quote, with Polygon's field names (``Q`` event without ``ev``)."""
+
+    sym: str
+    bx: int = 0
+    bp: float = 0.0
+    bs: int = 0
+    ax: int = 0
+    ap: float = 0.0
+    as_: int = msgspec.field(default=0, name="as")
+    c: int = 0
+    i: tuple[int, ...] = ()
+    t: int = 0
+    q: int = 0
+    z: int = 0
+
+
+class VendorAggregate(Struct, frozen=True, omit_defaults=True):
+    """The vendor's own second or minute aggregate (Polygon ``A`` / ``AM``)."""
+
+    sym: str
+    v: int = 0
+    av: int = 0
+    op: float = 0.0
+    vw: float = 0.0
+    o: float = 0.0
+    c: float = 0.0
+    h: float = 0.0
+    l: float = 0.0  # noqa: E741 - Polygon's field name
+    a: float = 0.0
+    z: int = 0
+    s: int = 0
+    e: int = 0
+    otc: bool = False
+
+
+class TickBatch(Struct, frozen=True):
+    """Record on ``ticks.<SYM>``: the trades of one symbol from one feed frame."""
+
+    seq: int
+    sym: str
+    ticks: list[Trade]
+    tsInit: int = 0
+
+
+class QuoteBatch(Struct, frozen=True):
+    """Record on ``quotes.<SYM>``: the quotes of one symbol from one feed frame."""
+
+    seq: int
+    sym: str
+    quotes: list[Quote]
+    tsInit: int = 0
+
+
+class AggregateBatch(Struct, frozen=True):
+    """Record on ``aggs.<SYM>.1s`` / ``aggs.<SYM>.1m``: vendor aggregates of one frame."""
+
+    seq: int
+    sym: str
+    aggs: list[VendorAggregate]
+    tsInit: int = 0
+
+
+class Bar(Struct, frozen=True):
+    """Record on ``bars.<SYM>.1m`` and ``sentio.prices.minute.v1``: one 1-minute bar.
+
+    ``revision`` is 0 for the first publication and grows with each correction.
+    """
+
+    seq: int
+    symbol: str
+    tsET: str
+    barId: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: int
+    vwap: float
+    trades: int
+    startMs: int
+    endMs: int
+    revision: int = 0
+
+
+class Signal(Struct, frozen=True):
+    """Record on ``sentio.signals.minute.v1``."""
+
+    seq: int
+    symbol: str
+    tsET: str
+    barId: int
+    signal: Literal["BULLISH", "BEARISH", "NEUTRAL"]
+    confidence: float
+    strategy: str
+
+
+class ExecutedTrade(Struct, frozen=True):
+    """Record on ``sentio.trades.executed.v1``."""
+
+    seq: int
+    symbol: str
+    tsET: str
+    barId: int
+    action: Literal["BUY", "SELL"]
+    shares: int
+    price: float
+    stopPrice: float | None
+    targetPrice: float | None
+    reason: str
+    tradeId: str
+    realizedPnl: float = 0.0
+    commission: float = 0.0
+
+
+class Position(Struct, frozen=True):
+    """Record on ``sentio.positions.state.v1``; the contract's example decodes unchanged."""
+
+    seq: int = 0
+    symbol: str = ""
+    tsET: str = ""
+    barId: int = 0
+    barsHeld: int = 0
+    shares: int = 0
+    entryPrice: float = 0.0
+    lastPrice: float | None = None
+    unrealizedPnl: float = 0.0
+    stopPrice: float | None = None
+    targetPrice: float | None = None
+
+
+class Portfolio(Struct, frozen=True):
+    """Record on ``sentio.portfolio.minute.v1``."""
+
+    seq: int
+    portfolioId: str
+    tsET: str
+    barId: int
+    equity: float
+    cash: float
+    realizedPnl: float
+    unrealizedPnl: float
+    exposure: float
+    openPositions: int
+
+
+class Heartbeat(Struct, frozen=True):
+    """Record on ``sentio.heartbeat.v1``, sent by every service."""
+
+    seq: int
+    runId: str
+    service: str
+    tsET: str
+    mode: Literal["live", "sim", "replay"]
+    status: str
+    lagMs: int
+    tsMs: int = 0
+
+
+class DeadLetter(Struct, frozen=True):
+    """Record on the dead-letter stream / ``sentio.deadletter.v1``; ``raw`` is base64."""
+
+    seq: int
+    source: str
+    error: str
+    raw: bytes
+    tsMs: int
+    service: str = ""
+
+
+class ParityReport(Struct, frozen=True):
+    """Record on ``sentio.parity.reports.v1``: one day's shadow-mode parity summary."""
+
+    seq: int
+    day: str
+    parityPct: float
+    matched: int
+    mismatched: int
+    missingRedis: int
+    missingKafka: int
+    duplicates: int
+    promotionReady: bool
+    report: dict[str, Any] = {}
+
+
+StructT = TypeVar("StructT", bound=Struct)
+
+RECORD_TYPES: tuple[type[Struct], ...] = (
+    TickBatch,
+    QuoteBatch,
+    AggregateBatch,
+    Bar,
+    Signal,
+    ExecutedTrade,
+    Position,
+    Portfolio,
+    Heartbeat,
+    DeadLetter,
+    ParityReport,
+)
+
+ENCODER = msgspec.json.Encoder()
+"""The one JSON encoder; msgspec encoders are type-agnostic and thread-safe."""
+
+DECODERS: dict[type[Struct], msgspec.json.Decoder[Any]] = {
+    record_type: msgspec.json.Decoder(record_type) for record_type in RECORD_TYPES
+}
+TICK_BATCH_DECODER: msgspec.json.Decoder[TickBatch] = DECODERS[TickBatch]  # type: ignore[assignment]
+BAR_DECODER: msgspec.json.Decoder[Bar] = DECODERS[Bar]  # type: ignore[assignment]
+
+
+def encode(record: Struct) -> bytes:
+    """Encode a record to JSON bytes."""
+    return ENCODER.encode(record)
+
+
+def decode(data: bytes | str, record_type: type[StructT]) -> StructT:
+    """Decode JSON bytes into ``record_type`` with its prebuilt decoder."""
+    return DECODERS[record_type].decode(data)  # type: ignore[return-value]
+
+
+def seq_of(payload: bytes) -> int:
+    """Read the sequence number of a sequenced record without decoding the rest."""
+    if not payload.startswith(SEQ_PREFIX):
+        raise ValueError("record does not start with a seq field")
+    end = payload.index(b",", len(SEQ_PREFIX))
+    return int(payload[len(SEQ_PREFIX) : end])
