@@ -1,0 +1,281 @@
+"""Unit tests of the actor runtime: lifecycle table, mailboxes, supervision, stop, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from libs.common.actors import (
+    TRANSITIONS,
+    Actor,
+    ActorState,
+    InvalidTransition,
+    Overflow,
+    RestartBudgetExceeded,
+    Supervisor,
+)
+
+
+def sample(registry: CollectorRegistry, name: str, actor: str) -> float:
+    value = registry.get_sample_value(name, {"actor": actor})
+    return 0.0 if value is None else value
+
+
+class Recorder(Actor[object]):
+    """Records what it handles; raises on the message 'boom'; sleeps on ('slow', s)."""
+
+    def __init__(self, name: str, registry: CollectorRegistry, **kwargs: object) -> None:
+        super().__init__(name, registry=registry, **kwargs)  # type: ignore[arg-type]
+        self.seen: list[object] = []
+        self.starts = 0
+        self.stops = 0
+
+    async def on_start(self) -> None:
+        self.starts += 1
+
+    async def handle(self, message: object) -> None:
+        if message == "boom":
+            raise RuntimeError("boom")
+        if isinstance(message, tuple) and message[0] == "slow":
+            await asyncio.sleep(message[1])
+        self.seen.append(message)
+
+    async def on_stop(self) -> None:
+        self.stops += 1
+
+
+def test_transition_table_allows_only_the_lifecycle() -> None:
+    assert TRANSITIONS[ActorState.NEW] == {ActorState.STARTING}
+    assert ActorState.RUNNING not in TRANSITIONS[ActorState.STOPPED]
+    assert ActorState.STARTING in TRANSITIONS[ActorState.FAILED]
+
+
+async def test_invalid_transition_is_refused() -> None:
+    actor = Recorder("a", CollectorRegistry())
+    with pytest.raises(InvalidTransition):
+        actor._transition(ActorState.RUNNING)
+
+
+async def test_messages_are_handled_in_order_and_counted() -> None:
+    registry = CollectorRegistry()
+    actor = Recorder("ordered", registry)
+    await actor.start()
+    assert actor.state is ActorState.RUNNING
+    for i in range(10):
+        await actor.tell(i)
+    await actor.stop()
+    assert actor.seen == list(range(10))
+    assert actor.state is ActorState.STOPPED
+    assert sample(registry, "tickmesh_actor_messages_handled_total", "ordered") == 10
+    assert actor.starts == actor.stops == 1
+
+
+async def test_stop_drains_queued_messages_within_deadline() -> None:
+    actor = Recorder("drain", CollectorRegistry(), mailbox_size=100)
+    await actor.start()
+    for i in range(50):
+        actor.tell_nowait(("slow", 0.001) if i % 10 == 0 else i)
+    await actor.stop(deadline_s=5)
+    assert len(actor.seen) == 50
+
+
+async def test_stop_gives_up_at_deadline_and_keeps_the_rest_queued() -> None:
+    actor = Recorder("deadline", CollectorRegistry(), mailbox_size=100)
+    await actor.start()
+    actor.tell_nowait(("slow", 10))
+    actor.tell_nowait("after")
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await actor.stop(deadline_s=0.2)
+    assert loop.time() - began < 2
+    assert actor.state is ActorState.STOPPED
+    assert actor.seen == []
+    assert len(actor.mailbox) == 1  # "after" waits for a restart; nothing silently lost
+    await actor.start()
+    await actor.stop()
+    assert actor.seen == ["after"]
+
+
+async def test_block_policy_pauses_the_sender() -> None:
+    actor = Recorder("block", CollectorRegistry(), mailbox_size=2, overflow=Overflow.BLOCK)
+    actor.tell_nowait(1)
+    actor.tell_nowait(2)
+    sender = asyncio.create_task(actor.tell(3))
+    await asyncio.sleep(0.05)
+    assert not sender.done()
+    await actor.start()
+    assert await asyncio.wait_for(sender, 2)
+    await actor.stop()
+    assert actor.seen == [1, 2, 3]
+
+
+async def test_shed_policy_drops_and_counts() -> None:
+    registry = CollectorRegistry()
+    actor = Recorder("shed", registry, mailbox_size=2, overflow=Overflow.SHED)
+    assert await actor.tell(1) and await actor.tell(2)
+    assert not await actor.tell(3)
+    assert not actor.tell_nowait(4)
+    assert sample(registry, "tickmesh_actor_messages_shed_total", "shed") == 2
+    assert sample(registry, "tickmesh_actor_mailbox_depth", "shed") == 2
+
+
+async def test_spill_policy_hands_overflow_to_the_spill_callback() -> None:
+    spilled: list[object] = []
+
+    async def spill(message: object) -> None:
+        spilled.append(message)
+
+    registry = CollectorRegistry()
+    actor = Recorder("spill", registry, mailbox_size=1, overflow=Overflow.SPILL, spill=spill)
+    await actor.tell(1)
+    await actor.tell(2)
+    assert spilled == [2]
+    assert sample(registry, "tickmesh_actor_messages_spilled_total", "spill") == 1
+
+
+def test_spill_policy_without_callback_is_a_configuration_error() -> None:
+    with pytest.raises(ValueError, match="spill callback"):
+        Recorder("nospill", CollectorRegistry(), overflow=Overflow.SPILL)
+
+
+async def test_cancellation_of_the_loop_is_reraised_not_swallowed() -> None:
+    actor = Recorder("cancel", CollectorRegistry())
+    await actor.start()
+    actor.tell_nowait(("slow", 10))
+    await asyncio.sleep(0.01)
+    assert actor._loop_task is not None
+    actor._loop_task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await actor._loop_task
+    assert actor.state is ActorState.RUNNING  # a cancel is not a failure
+    assert not actor.failure.done()
+
+
+async def test_cancelling_a_sender_blocked_on_a_full_mailbox_propagates() -> None:
+    actor = Recorder("blocked", CollectorRegistry(), mailbox_size=1)
+    actor.tell_nowait(1)
+    sender = asyncio.create_task(actor.tell(2))
+    await asyncio.sleep(0.01)
+    sender.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sender
+    assert len(actor.mailbox) == 1
+
+
+async def test_timers_and_tasks_run_while_running_and_stop_with_the_actor() -> None:
+    actor = Recorder("timed", CollectorRegistry())
+    ticks: list[int] = []
+    task_stopped = asyncio.Event()
+
+    async def tick() -> None:
+        ticks.append(1)
+
+    async def forever() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            task_stopped.set()
+
+    actor.every(0.01, tick, name="tick")
+    actor.spawn(forever, name="forever")
+    await actor.start()
+    await asyncio.sleep(0.1)
+    await actor.stop()
+    count = len(ticks)
+    assert count >= 3
+    assert task_stopped.is_set()
+    await asyncio.sleep(0.05)
+    assert len(ticks) == count
+
+
+async def test_failure_in_handle_escalates_and_counts() -> None:
+    registry = CollectorRegistry()
+    actor = Recorder("fails", registry)
+    await actor.start()
+    await actor.tell("boom")
+    error = await asyncio.wait_for(actor.failure, 2)
+    assert isinstance(error, RuntimeError)
+    assert actor.state is ActorState.FAILED
+    assert sample(registry, "tickmesh_actor_failures_total", "fails") == 1
+
+
+async def test_failure_in_a_timer_escalates() -> None:
+    actor = Recorder("timerfail", CollectorRegistry())
+
+    async def bad() -> None:
+        raise ValueError("bad timer")
+
+    actor.every(0.01, bad, name="bad")
+    await actor.start()
+    error = await asyncio.wait_for(actor.failure, 2)
+    assert "bad timer" in str(error)
+
+
+async def test_supervisor_restarts_a_failed_child_with_growing_backoff() -> None:
+    registry = CollectorRegistry()
+    supervisor = Supervisor(
+        "sup", max_restarts=5, window_s=60, backoff_initial_s=0.01, backoff_max_s=1,
+        jitter=0.0, registry=registry,
+    )
+    actor = supervisor.add(Recorder("child", registry))
+    running = asyncio.create_task(supervisor.run())
+    await asyncio.sleep(0.05)
+    for _ in range(3):
+        await actor.tell("boom")
+        await asyncio.sleep(0.15)
+    await actor.tell("ok")
+    await asyncio.sleep(0.05)
+    supervisor.stop()
+    await asyncio.wait_for(running, 5)
+    assert "ok" in actor.seen
+    assert supervisor.delays == pytest.approx([0.01, 0.02, 0.04])
+    assert sample(registry, "tickmesh_actor_restarts_total", "child") == 3
+    assert actor.state is ActorState.STOPPED
+
+
+def test_backoff_has_jitter_within_bounds_and_a_cap() -> None:
+    supervisor = Supervisor("j", backoff_initial_s=1, backoff_max_s=8, jitter=0.2,
+                            rng=random.Random(1), registry=CollectorRegistry())
+    delays = [supervisor.backoff_s(n) for n in range(6)]
+    assert all(0.8 <= d / min(8, 2**n) <= 1.2 for n, d in enumerate(delays))
+    assert len({round(d / min(8, 2**n), 6) for n, d in enumerate(delays)}) > 1
+    assert max(delays) <= 8 * 1.2
+
+
+async def test_supervisor_past_the_budget_raises_and_stops_everything() -> None:
+    registry = CollectorRegistry()
+    supervisor = Supervisor("budget", max_restarts=2, window_s=60, backoff_initial_s=0.001,
+                            jitter=0, registry=registry)
+    failing = supervisor.add(Recorder("flaky", registry))
+    other = supervisor.add(Recorder("other", registry))
+    running = asyncio.create_task(supervisor.run())
+    with pytest.raises(RestartBudgetExceeded, match="flaky failed 3 times"):
+        for _ in range(5):
+            await asyncio.sleep(0.05)
+            if running.done():
+                break
+            await failing.tell("boom")
+        await asyncio.wait_for(running, 5)
+    assert other.state is ActorState.STOPPED
+
+
+async def test_restarts_outside_the_window_do_not_count() -> None:
+    from libs.common.clock import ManualClock
+
+    clock = ManualClock()
+    registry = CollectorRegistry()
+    supervisor = Supervisor("window", max_restarts=1, window_s=10, backoff_initial_s=0.001,
+                            jitter=0, clock=clock, registry=registry)
+    actor = supervisor.add(Recorder("w", registry))
+    running = asyncio.create_task(supervisor.run())
+    for _ in range(3):
+        await asyncio.sleep(0.02)
+        await actor.tell("boom")
+        await asyncio.sleep(0.05)
+        clock.advance(11_000)
+    assert not running.done()
+    supervisor.stop()
+    await asyncio.wait_for(running, 5)
