@@ -1,0 +1,290 @@
+"""Redis I/O: connect with retry, sequenced publish (pub/sub + stream), stream reads, subscribe.
+
+Every record on a channel gets the next per-channel sequence number and goes both to pub/sub
+(for latency) and to a per-channel Redis stream (for durability), atomically, by one Lua
+script: ``INCR`` the channel's sequence, ``XADD`` to the stream with the entry id ``0-<seq>``
+and ``PUBLISH`` the same bytes. The stream id therefore *is* the sequence, so a consumer that
+saw a gap reads exactly the missing range with ``XRANGE``, and a consumer that restarts reads
+from its last sequence on. Records are encoded with ``seq`` as their first field set to 0;
+the script splices the real number in. Keys use a hash tag of the channel, so a channel's
+sequence and stream live in one cluster slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from libs.common.schemas import ENCODER, SEQ_PREFIX
+
+log = structlog.get_logger("tickmesh.redis")
+
+RETRIABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
+"""Errors worth a retry; anything else is a bug or a configuration error."""
+
+_PLACEHOLDER = SEQ_PREFIX + b"0"
+
+# KEYS[1] sequence key, KEYS[2] stream key; ARGV[1] channel, ARGV[2] the record after
+# '{"seq":0', ARGV[3] stream max length. Returns the sequence given to the record.
+_PUBLISH_LUA = """
+local seq = redis.call('INCR', KEYS[1])
+local payload = '{"seq":' .. seq .. ARGV[2]
+local ok = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '0-' .. seq, 'd', payload)
+if type(ok) == 'table' and ok.err then
+  -- the sequence key was lost but the stream survived: continue after the stream's top
+  local info = redis.call('XINFO', 'STREAM', KEYS[2])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      seq = tonumber(string.match(info[i + 1], '-(%d+)$')) + 1
+    end
+  end
+  redis.call('SET', KEYS[1], seq)
+  payload = '{"seq":' .. seq .. ARGV[2]
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '0-' .. seq, 'd', payload)
+end
+redis.call('PUBLISH', ARGV[1], payload)
+return seq
+"""
+
+
+def channel_kind(channel: str) -> str:
+    """A low-cardinality label for a channel: ``ticks``, ``bars``, or the sentio name."""
+    if channel.startswith("sentio."):
+        return channel
+    return channel.split(".", 1)[0]
+
+
+class Keys:
+    """Names of tickmesh's Redis keys under a prefix."""
+
+    def __init__(self, prefix: str = "tm:") -> None:
+        self.prefix = prefix
+
+    def seq(self, channel: str) -> str:
+        """The sequence counter of ``channel``."""
+        return f"{self.prefix}seq:{{{channel}}}"
+
+    def stream(self, channel: str) -> str:
+        """The durable stream of ``channel``."""
+        return f"{self.prefix}stream:{{{channel}}}"
+
+    def channel_of_stream(self, key: str | bytes) -> str:
+        """The channel a stream key belongs to."""
+        text = key.decode() if isinstance(key, bytes) else key
+        return text[len(self.prefix) + len("stream:{") : -1]
+
+    def state(self, name: str) -> str:
+        """A key for a service's own durable state (positions, offsets)."""
+        return f"{self.prefix}state:{name}"
+
+
+async def connect_redis(
+    url: str,
+    *,
+    max_wait_s: float = 60.0,
+    initial_delay_s: float = 0.1,
+    max_delay_s: float = 5.0,
+    name: str = "tickmesh",
+) -> aioredis.Redis:
+    """Connect and PING, retrying retriable errors with backoff and jitter until ``max_wait_s``."""
+    client = aioredis.Redis.from_url(
+        url, socket_connect_timeout=5, health_check_interval=30, client_name=name
+    )
+    deadline = time.monotonic() + max_wait_s
+    delay = initial_delay_s
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            await client.ping()
+            if attempt > 1:
+                log.info("redis.connected", attempts=attempt)
+            return client
+        except RETRIABLE as exc:
+            if time.monotonic() + delay > deadline:
+                await client.aclose()
+                raise ConnectionError(
+                    f"Redis at {redact_url(url)} unreachable after {attempt} attempts: {exc}"
+                ) from exc
+            log.warning("redis.connect_retry", attempt=attempt, delay_s=round(delay, 2),
+                        error=str(exc))
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(max_delay_s, delay * 2)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced, for logs and errors."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+class PublishMetrics:
+    """Metrics of sequenced publishing; built once per registry."""
+
+    _by_registry: dict[int, PublishMetrics] = {}
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.records = Counter(
+            "tickmesh_redis_records_published", "Records published (pub/sub + stream)",
+            ["kind"], registry=registry,
+        )
+        self.batches = Counter(
+            "tickmesh_redis_publish_batches", "Pipelined publish round trips", registry=registry
+        )
+        self.latency = Histogram(
+            "tickmesh_redis_publish_seconds", "Latency of one pipelined publish",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
+        self.errors = Counter(
+            "tickmesh_redis_publish_errors", "Failed publish round trips", registry=registry
+        )
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None) -> PublishMetrics:
+        """The metrics of ``registry``, created once."""
+        registry = registry if registry is not None else REGISTRY
+        metrics = cls._by_registry.get(id(registry))
+        if metrics is None:
+            metrics = cls(registry)
+            cls._by_registry[id(registry)] = metrics
+        return metrics
+
+
+def record_tail(record: msgspec.Struct | bytes) -> bytes:
+    """The encoded record after its ``{"seq":0`` placeholder, ready for the publish script."""
+    payload = record if isinstance(record, bytes) else ENCODER.encode(record)
+    if not payload.startswith(_PLACEHOLDER) or payload[len(_PLACEHOLDER)] not in b",}":
+        raise ValueError("a published record must start with a seq field set to 0")
+    return payload[len(_PLACEHOLDER) :]
+
+
+class Publisher:
+    """Sequenced, pipelined publishing of records to channels (pub/sub + stream)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        keys: Keys | None = None,
+        stream_maxlen: int = 200_000,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.client = client
+        self.keys = keys or Keys()
+        self.stream_maxlen = stream_maxlen
+        self._script = client.register_script(_PUBLISH_LUA)
+        self.metrics = PublishMetrics.for_registry(registry)
+
+    async def publish(self, channel: str, record: msgspec.Struct | bytes) -> int:
+        """Publish one record; returns its sequence number."""
+        return (await self.publish_many([(channel, record)]))[0]
+
+    async def publish_many(
+        self, items: Sequence[tuple[str, msgspec.Struct | bytes]]
+    ) -> list[int]:
+        """Publish records in one pipelined round trip; returns their sequence numbers."""
+        if not items:
+            return []
+        keys = self.keys
+        maxlen = self.stream_maxlen
+        script = self._script
+        started = time.perf_counter()
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for channel, record in items:
+                    await script(
+                        keys=[keys.seq(channel), keys.stream(channel)],
+                        args=[channel, record_tail(record), maxlen],
+                        client=pipe,
+                    )
+                results = await pipe.execute()
+        except Exception:
+            self.metrics.errors.inc()
+            raise
+        self.metrics.latency.observe(time.perf_counter() - started)
+        self.metrics.batches.inc()
+        kinds: dict[str, int] = {}
+        for channel, _ in items:
+            kind = channel_kind(channel)
+            kinds[kind] = kinds.get(kind, 0) + 1
+        for kind, count in kinds.items():
+            self.metrics.records.labels(kind).inc(count)
+        return [int(result) for result in results]
+
+
+class StreamReader:
+    """Reads a channel's durable stream by sequence number."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys | None = None) -> None:
+        self.client = client
+        self.keys = keys or Keys()
+
+    async def read(
+        self, channel: str, after_seq: int = 0, count: int = 1_000, upto_seq: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        """Records with ``after_seq < seq <= upto_seq`` in order, at most ``count``."""
+        end = "+" if upto_seq is None else f"0-{upto_seq}"
+        entries = await self.client.xrange(
+            self.keys.stream(channel), min=f"(0-{after_seq}", max=end, count=count
+        )
+        return [(int(entry_id.split(b"-")[1]), fields[b"d"]) for entry_id, fields in entries]
+
+    async def last_seq(self, channel: str) -> int:
+        """The newest sequence in the stream (0 when empty)."""
+        entries = await self.client.xrevrange(self.keys.stream(channel), count=1)
+        return int(entries[0][0].split(b"-")[1]) if entries else 0
+
+    async def first_seq(self, channel: str) -> int:
+        """The oldest sequence still kept (0 when empty); older ones were trimmed."""
+        entries = await self.client.xrange(self.keys.stream(channel), count=1)
+        return int(entries[0][0].split(b"-")[1]) if entries else 0
+
+    async def channels(self, pattern: str = "*") -> list[str]:
+        """Channels matching a glob ``pattern`` that have a stream."""
+        found: list[str] = []
+        async for key in self.client.scan_iter(match=self.keys.stream(pattern), count=1000):
+            found.append(self.keys.channel_of_stream(key))
+        return sorted(found)
+
+
+class Subscriber:
+    """Pattern subscription yielding ``(channel, payload)`` pairs."""
+
+    def __init__(self, client: aioredis.Redis, patterns: Iterable[str]) -> None:
+        self.client = client
+        self.patterns = list(patterns)
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+
+    async def __aenter__(self) -> Subscriber:
+        await self._pubsub.psubscribe(*self.patterns)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._pubsub.aclose()
+
+    async def messages(self, timeout_s: float = 1.0) -> AsyncIterator[tuple[str, bytes] | None]:
+        """Yield messages; ``None`` when ``timeout_s`` passes with none (lets callers tick)."""
+        while True:
+            message = await self._pubsub.get_message(timeout=timeout_s)
+            if message is None:
+                yield None
+                continue
+            if message["type"] not in ("pmessage", "message"):
+                continue
+            channel = message["channel"]
+            yield (channel.decode() if isinstance(channel, bytes) else channel), message["data"]

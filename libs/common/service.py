@@ -1,0 +1,125 @@
+"""Running a service: logging, metrics registry, HTTP endpoint, signals, supervision, exit code.
+
+``ServiceRuntime`` is what every ``services/<name>/__main__.py`` builds: it owns the process's
+Prometheus registry (injected into every actor and metric), the HTTP endpoint, and the root
+supervisor. A signal only sets the stop event; the supervisor then stops its children in
+reverse order, each draining within the deadline. Past the restart budget the process exits
+with ``EXIT_RESTART_BUDGET`` and one clear log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import structlog
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import Info as InfoMetric
+
+from libs.common.actors import RestartBudgetExceeded, Supervisor
+from libs.common.http import HealthServer
+from libs.common.logs import configure_logging
+from libs.common.settings import CommonSettings, public_view
+
+log = structlog.get_logger("tickmesh.service")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_RESTART_BUDGET = 70
+EXIT_CONFIG = 78
+
+
+class ServiceRuntime:
+    """The process-wide pieces of one service."""
+
+    def __init__(self, service: str, settings: CommonSettings) -> None:
+        self.service = service
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self.http = HealthServer(self.registry, settings.http_host, settings.http_port)
+        self.supervisor = Supervisor(
+            service,
+            max_restarts=settings.max_restarts,
+            window_s=settings.restart_window_s,
+            stop_deadline_s=settings.stop_deadline_s,
+            registry=self.registry,
+        )
+        self._cleanups: list[Callable[[], Awaitable[None]]] = []
+        info = InfoMetric("tickmesh_service", "Service identity", registry=self.registry)
+        info.info({"service": service, "run_id": settings.effective_run_id(),
+                   "mode": settings.mode})
+        self.up = Gauge("tickmesh_up", "1 while the service runs", registry=self.registry)
+
+    def on_cleanup(self, function: Callable[[], Awaitable[None]]) -> None:
+        """Run ``function`` after the actors stopped (close clients, last flush)."""
+        self._cleanups.append(function)
+
+    async def run(self) -> int:
+        """Serve until a signal or a give-up; returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        await self.http.start()
+        self.up.set(1)
+        log.info("service.starting", settings=public_view(self.settings))
+        code = EXIT_OK
+        try:
+            await self.supervisor.run()
+        except RestartBudgetExceeded as exc:
+            self.http.healthy = False
+            log.critical("service.giving_up", reason=str(exc), exit_code=EXIT_RESTART_BUDGET)
+            code = EXIT_RESTART_BUDGET
+        except Exception as exc:
+            self.http.healthy = False
+            log.critical("service.crashed", error=repr(exc), exc_info=exc)
+            code = EXIT_FAILED
+        finally:
+            self.up.set(0)
+            for cleanup in reversed(self._cleanups):
+                try:
+                    await cleanup()
+                except Exception as exc:
+                    log.error("service.cleanup_failed", error=repr(exc))
+            await self.http.stop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+        log.info("service.stopped", exit_code=code)
+        return code
+
+    def _on_signal(self, signum: int) -> None:
+        log.info("service.signal", signal=signal.Signals(signum).name)
+        self.supervisor.stop()
+
+
+def run_main(
+    service: str,
+    settings: CommonSettings,
+    build: Callable[[ServiceRuntime], Awaitable[None]],
+) -> int:
+    """Configure logging, build the actors with ``build`` and serve; returns the exit code."""
+    configure_logging(service, settings.log_level, settings.log_format)
+
+    async def main() -> int:
+        runtime = ServiceRuntime(service, settings)
+        try:
+            await build(runtime)
+        except Exception as exc:
+            log.critical("service.build_failed", error=repr(exc), exc_info=exc)
+            for cleanup in reversed(runtime._cleanups):
+                await cleanup()
+            return EXIT_FAILED
+        return await runtime.run()
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def exit_with(code: int) -> None:
+    """Flush and exit with ``code``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
