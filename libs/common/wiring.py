@@ -1,0 +1,49 @@
+"""Wiring every service repeats: Redis connection with readiness, publisher, heartbeat."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+
+from libs.common.heartbeat import HeartbeatActor
+from libs.common.redis_io import Keys, Publisher, connect_redis
+from libs.common.service import ServiceRuntime
+
+
+async def connect_runtime_redis(runtime: ServiceRuntime) -> aioredis.Redis:
+    """Connect to the service's Redis, register readiness and cleanup."""
+    settings = runtime.settings
+    client = await connect_redis(settings.redis_url, name=f"tickmesh-{runtime.service}")
+
+    async def redis_ready() -> bool:
+        return bool(await client.ping())
+
+    runtime.http.add_readiness("redis", redis_ready)
+    runtime.on_cleanup(client.aclose)
+    return client
+
+
+def make_publisher(runtime: ServiceRuntime, client: aioredis.Redis) -> Publisher:
+    """The service's sequenced publisher, on the runtime's registry."""
+    settings = runtime.settings
+    return Publisher(client, keys=Keys(settings.key_prefix), stream_maxlen=settings.stream_maxlen,
+                     registry=runtime.registry)
+
+
+def add_heartbeat(
+    runtime: ServiceRuntime,
+    publisher: Publisher,
+    *,
+    lag_ms: Callable[[], int] = lambda: 0,
+    status: Callable[[], str] = lambda: "ok",
+) -> HeartbeatActor:
+    """Add the heartbeat actor every service runs."""
+    settings = runtime.settings
+    actor = HeartbeatActor(
+        runtime.service, settings.effective_run_id(), settings.mode, publisher,
+        interval_ms=settings.heartbeat_interval_ms, lag_ms=lag_ms, status=status,
+        registry=runtime.registry,
+    )
+    runtime.supervisor.add(actor)
+    return actor

@@ -1,0 +1,33 @@
+"""Bars: ticks in (Redis, or Kafka in shadow mode); vendor-faithful 1-minute bars out.
+
+Actors (one hop from here): heartbeat (libs.common.heartbeat).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from libs.common.cli import ServiceCli
+from libs.common.service import ServiceRuntime, run_main
+from libs.common.wiring import add_heartbeat, connect_runtime_redis, make_publisher
+from services.bars.config import BarsSettings
+
+CLI = ServiceCli("bars", __doc__.splitlines()[0], BarsSettings)
+
+
+async def build(runtime: ServiceRuntime) -> None:
+    """Create the bar builder's actors under the runtime's supervisor."""
+    client = await connect_runtime_redis(runtime)
+    publisher = make_publisher(runtime, client)
+    add_heartbeat(runtime, publisher)
+
+
+def run(_args: object) -> int:
+    """``run``: serve until stopped."""
+    return run_main("bars", CLI.settings(), build)
+
+
+CLI.command("run", "run the bar builder (the default)", run)
+
+if __name__ == "__main__":
+    sys.exit(CLI.main())

@@ -1,0 +1,49 @@
+"""Settings of the ingest service (variables ``INGEST_*``; the key is ``POLYGON_API_KEY``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar
+
+import msgspec
+from msgspec import Meta
+
+from libs.common.settings import CommonSettings, Secret
+
+
+class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How ingest reads the feed and where it publishes."""
+
+    ENV_PREFIX: ClassVar[str] = "INGEST_"
+    ENV_NAMES: ClassVar[dict[str, str]] = {"polygon_api_key": "POLYGON_API_KEY"}
+    SERVICE: ClassVar[str] = "ingest"
+
+    http_port: Annotated[int, Meta(ge=0, le=65535, description="port of the HTTP endpoint")] = 9101
+    source: Annotated[str, Meta(description="polygon (WebSocket, live or sim) or files")] = (
+        "polygon"
+    )
+    polygon_url: Annotated[str, Meta(description="WebSocket URL of the feed")] = (
+        "wss://socket.polygon.io/stocks"
+    )
+    polygon_api_key: Annotated[Secret, Meta(description="Polygon API key (POLYGON_API_KEY only)")] = (
+        Secret("")
+    )
+    symbols: Annotated[list[str], Meta(description="symbols, comma separated; * for all")] = (
+        msgspec.field(default_factory=lambda: ["*"])
+    )
+    event_types: Annotated[list[str], Meta(description="Polygon event types: T,Q,A,AM")] = (
+        msgspec.field(default_factory=lambda: ["T"])
+    )
+    files: Annotated[list[str], Meta(description="tick files to replay when source=files")] = []
+    queue_size: Annotated[int, Meta(gt=0, description="frames buffered between reader and decoder")] = (
+        10_000
+    )
+    lag_warning_ms: Annotated[int, Meta(gt=0, description="feed lag that logs a warning")] = 5_000
+    queue_warning_ratio: Annotated[
+        float, Meta(gt=0, le=1, description="queue fill that logs a warning")
+    ] = 0.5
+    reconnect_initial_s: Annotated[float, Meta(gt=0, description="first reconnect delay")] = 0.5
+    reconnect_max_s: Annotated[float, Meta(gt=0, description="longest reconnect delay")] = 30.0
+    max_connections_backoff_s: Annotated[
+        float, Meta(gt=0, description="delay after a max_connections refusal")
+    ] = 60.0
+    publish_batch_frames: Annotated[int, Meta(gt=0, description="frames per Redis pipeline")] = 64
