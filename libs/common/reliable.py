@@ -1,0 +1,361 @@
+"""Consuming Redis channels without loss: pub/sub as the doorbell, the stream as the truth.
+
+``SequencedConsumer`` subscribes to channel patterns for latency, and checks every record's
+per-channel sequence number against the last one it delivered:
+
+- the next number is delivered at once;
+- a number at or below the last is a duplicate and is dropped (and counted);
+- a jump is a gap: the missing range is read from the channel's stream first (and counted).
+
+The pub/sub reader never blocks: it only appends to a bounded local queue, and when that is
+full it drops the doorbell and marks the channel for a sweep, so Redis never has a reason to
+cut a slow subscriber. A periodic sweep compares every matching stream's newest sequence with
+the position and reads what is missing, which also covers messages lost while the connection
+was down (redis-py re-subscribes silently) and whatever was published while the consumer was
+not running. Positions are kept durably per consumer name once the caller ``commit``s them,
+after its own downstream write, so a crash re-delivers (at least once) and never skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import NamedTuple
+
+import redis.asyncio as aioredis
+import structlog
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+
+from libs.common.redis_io import RETRIABLE, Keys, StreamReader, channel_kind
+from libs.common.schemas import seq_of
+
+log = structlog.get_logger("tickmesh.reliable")
+
+
+class Record(NamedTuple):
+    """One sequenced record of a channel."""
+
+    channel: str
+    seq: int
+    payload: bytes
+
+
+class ConsumerMetrics:
+    """Metrics of sequenced consumers, labelled by consumer name; built once per registry."""
+
+    _by_registry: dict[int, ConsumerMetrics] = {}
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["consumer"]
+        self.delivered = Counter("tickmesh_consumer_records", "Records delivered in order",
+                                 [*labels, "kind"], registry=registry)
+        self.from_stream = Counter("tickmesh_consumer_backfilled_records",
+                                   "Records read from the stream (gaps, sweeps, catch-up)",
+                                   labels, registry=registry)
+        self.gaps = Counter("tickmesh_consumer_gaps", "Sequence gaps seen on pub/sub", labels,
+                            registry=registry)
+        self.duplicates = Counter("tickmesh_consumer_duplicates", "Duplicate records dropped",
+                                  labels, registry=registry)
+        self.lost = Counter("tickmesh_consumer_lost_records",
+                            "Records trimmed from the stream before they were read", labels,
+                            registry=registry)
+        self.doorbells_dropped = Counter(
+            "tickmesh_consumer_doorbells_dropped",
+            "Pub/sub messages dropped by a full local queue (read from the stream instead)",
+            labels, registry=registry)
+        self.behind = Gauge("tickmesh_consumer_behind_records",
+                            "Records in the streams not yet delivered (at the last sweep)",
+                            labels, registry=registry)
+        self.disconnects = Counter("tickmesh_consumer_subscriber_errors",
+                                   "Pub/sub connection errors", labels, registry=registry)
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None) -> ConsumerMetrics:
+        """The metrics of ``registry``, created once."""
+        registry = registry if registry is not None else REGISTRY
+        metrics = cls._by_registry.get(id(registry))
+        if metrics is None:
+            metrics = cls(registry)
+            cls._by_registry[id(registry)] = metrics
+        return metrics
+
+
+class PositionStore:
+    """The last committed sequence per channel of one consumer, in a Redis hash."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, consumer: str) -> None:
+        self.client = client
+        self.key = keys.state(f"positions:{consumer}")
+
+    async def load(self) -> dict[str, int]:
+        """All committed positions."""
+        raw = await self.client.hgetall(self.key)
+        return {channel.decode(): int(seq) for channel, seq in raw.items()}
+
+    async def save(self, positions: dict[str, int]) -> None:
+        """Store positions (only ever forward, guarded in the caller)."""
+        if positions:
+            await self.client.hset(self.key, mapping=positions)  # type: ignore[arg-type]
+
+
+class SequencedConsumer:
+    """At-least-once, in-order (per channel), gap-free consumption of Redis channels."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        name: str,
+        patterns: Iterable[str],
+        *,
+        keys: Keys | None = None,
+        start: str = "earliest",
+        accept: Callable[[str], bool] | None = None,
+        batch_max: int = 2_000,
+        queue_max: int = 20_000,
+        sweep_interval_s: float = 1.0,
+        discover_interval_s: float = 2.0,
+        read_count: int = 1_000,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if start not in ("earliest", "latest"):
+            raise ValueError(f"start must be earliest or latest, not {start!r}")
+        self.client = client
+        self.name = name
+        self.patterns = list(patterns)
+        self.keys = keys or Keys()
+        self.start = start
+        self.accept = accept or (lambda _channel: True)
+        self.batch_max = batch_max
+        self.queue_max = queue_max
+        self.sweep_interval_s = sweep_interval_s
+        self.discover_interval_s = discover_interval_s
+        self.read_count = read_count
+        self.reader = StreamReader(client, self.keys)
+        self.store = PositionStore(client, self.keys, name)
+        self.positions: dict[str, int] = {}
+        """Last sequence delivered per channel."""
+        self.committed: dict[str, int] = {}
+        self._queue: deque[tuple[str, bytes]] = deque()
+        self._wakeup = asyncio.Event()
+        self._dirty: set[str] = set()
+        self._known: set[str] = set()
+        self._last_sweep = 0.0
+        self._last_discover = 0.0
+        self._subscriber_task: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
+        metrics = ConsumerMetrics.for_registry(registry)
+        self._m_delivered = metrics.delivered
+        self._m_stream = metrics.from_stream.labels(name)
+        self._m_gaps = metrics.gaps.labels(name)
+        self._m_dups = metrics.duplicates.labels(name)
+        self._m_lost = metrics.lost.labels(name)
+        self._m_dropped = metrics.doorbells_dropped.labels(name)
+        self._m_behind = metrics.behind.labels(name)
+        self._m_disconnects = metrics.disconnects.labels(name)
+        self.log = log.bind(consumer=name)
+        self.falling_behind = False
+
+    def matches(self, channel: str) -> bool:
+        """True when ``channel`` is one of ours (pattern and shard filter)."""
+        return self.accept(channel) and any(fnmatch.fnmatchcase(channel, p) for p in self.patterns)
+
+    async def _read_pubsub(self) -> None:
+        delay = 0.1
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.psubscribe(*self.patterns)
+                self.subscribed.set()
+                delay = 0.1
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None or message["type"] != "pmessage":
+                        continue
+                    channel = message["channel"].decode()
+                    if len(self._queue) >= self.queue_max:
+                        self._m_dropped.inc()
+                        self._dirty.add(channel)
+                        if not self.falling_behind:
+                            self.falling_behind = True
+                            self.log.warning("consumer.falling_behind", queued=len(self._queue),
+                                             action="reading from the stream until caught up")
+                    else:
+                        self._queue.append((channel, message["data"]))
+                    self._wakeup.set()
+            except asyncio.CancelledError:
+                raise
+            except RETRIABLE as exc:
+                self._m_disconnects.inc()
+                self.log.warning("consumer.subscriber_error", error=repr(exc), retry_s=delay)
+                self._last_sweep = 0.0  # sweep as soon as possible: messages may be lost
+                self._wakeup.set()
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:  # the connection is already broken; nothing to release
+                    pass
+
+    async def open(self) -> None:
+        """Load committed positions and start the pub/sub reader."""
+        self.committed = await self.store.load()
+        self.positions = dict(self.committed)
+        self._subscriber_task = asyncio.create_task(self._read_pubsub(),
+                                                    name=f"{self.name}.pubsub")
+        await asyncio.wait_for(self.subscribed.wait(), 30)
+        await self._discover()
+        self.log.info("consumer.opened", channels=len(self.positions), start=self.start)
+
+    async def close(self) -> None:
+        """Stop the pub/sub reader."""
+        task = self._subscriber_task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self._subscriber_task = None
+
+    async def _discover(self) -> None:
+        self._last_discover = time.monotonic()
+        for pattern in self.patterns:
+            for channel in await self.reader.channels(pattern):
+                if channel not in self._known and self.matches(channel):
+                    self._known.add(channel)
+                    if channel not in self.positions:
+                        self.positions[channel] = (
+                            await self.reader.last_seq(channel) if self.start == "latest" else 0
+                        )
+                    self._dirty.add(channel)
+
+    def _note_lost(self, channel: str, after: int, missing: int) -> None:
+        self._m_lost.inc(missing)
+        self.log.error("consumer.records_lost", channel=channel, after=after, missing=missing,
+                       reason="trimmed from the stream before they were read")
+
+    async def _read_range(
+        self, channel: str, after: int, upto: int | None, limit: int
+    ) -> list[Record]:
+        """At most ``limit`` records after ``after`` (up to ``upto``) from the stream."""
+        out: list[Record] = []
+        cursor = after
+        while len(out) < limit:
+            count = min(self.read_count, limit - len(out))
+            entries = await self.reader.read(channel, cursor, count, upto)
+            if not entries:
+                break
+            if entries[0][0] != cursor + 1:
+                self._note_lost(channel, cursor, entries[0][0] - cursor - 1)
+            out.extend(Record(channel, seq, payload) for seq, payload in entries)
+            cursor = entries[-1][0]
+            if upto is not None and cursor >= upto:
+                break
+        self._m_stream.inc(len(out))
+        return out
+
+    async def _sweep(self) -> list[Record]:
+        self._last_sweep = time.monotonic()
+        if self._last_sweep - self._last_discover > self.discover_interval_s:
+            await self._discover()
+        channels = sorted(self._known | self._dirty)
+        if not channels:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                pipe.xrevrange(self.keys.stream(channel), count=1)
+            tops = await pipe.execute()
+        out: list[Record] = []
+        behind = 0
+        still_behind: set[str] = set()
+        for channel, top in zip(channels, tops, strict=True):
+            newest = int(top[0][0].split(b"-")[1]) if top else 0
+            position = self.positions.get(channel, 0)
+            if newest > position:
+                behind += newest - position
+                room = self.batch_max - len(out)
+                if room > 0:
+                    records = await self._read_range(channel, position, newest, room)
+                    if records:
+                        self.positions[channel] = records[-1].seq
+                        out.extend(records)
+                if self.positions.get(channel, 0) < newest:
+                    still_behind.add(channel)
+        self._dirty = still_behind
+        self._m_behind.set(max(0, behind - len(out)))
+        if self.falling_behind and behind <= len(out) and not self._queue:
+            self.falling_behind = False
+            self.log.info("consumer.caught_up", consumer=self.name)
+        return out
+
+    async def _take_pubsub(self) -> list[Record]:
+        out: list[Record] = []
+        queue = self._queue
+        positions = self.positions
+        while queue and len(out) < self.batch_max:
+            channel, payload = queue.popleft()
+            if not self.matches(channel):
+                continue
+            try:
+                seq = seq_of(payload)
+            except ValueError:
+                out.append(Record(channel, -1, payload))  # the caller dead-letters it
+                continue
+            if channel not in self._known:
+                self._known.add(channel)
+                if channel not in positions:
+                    positions[channel] = seq - 1 if self.start == "latest" else 0
+            last = positions[channel]
+            if seq <= last:
+                self._m_dups.inc()
+                continue
+            if seq > last + 1:
+                self._m_gaps.inc()
+                filled = await self._read_range(channel, last, seq - 1, self.batch_max)
+                out.extend(filled)
+                reached = filled[-1].seq if filled else last
+                if reached < seq - 1 and len(filled) >= self.batch_max:
+                    # a long gap: deliver what fits, the sweep reads the rest in order
+                    positions[channel] = reached
+                    self._dirty.add(channel)
+                    continue
+                if reached < seq - 1:
+                    self._note_lost(channel, reached, seq - 1 - reached)
+            out.append(Record(channel, seq, payload))
+            positions[channel] = seq
+        return out
+
+    async def batches(self) -> AsyncIterator[list[Record]]:
+        """Yield batches of records in per-channel sequence order, forever."""
+        if self._subscriber_task is None:
+            await self.open()
+        while True:
+            if not self._queue and not self._dirty:
+                self._wakeup.clear()
+                wait = self.sweep_interval_s - (time.monotonic() - self._last_sweep)
+                if wait > 0:
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), wait)
+                    except TimeoutError:
+                        pass
+            batch = await self._take_pubsub()
+            if self._dirty or time.monotonic() - self._last_sweep >= self.sweep_interval_s:
+                batch.extend(await self._sweep())
+            if batch:
+                counts: dict[str, int] = {}
+                for record in batch:
+                    kind = channel_kind(record.channel)
+                    counts[kind] = counts.get(kind, 0) + 1
+                for kind, count in counts.items():
+                    self._m_delivered.labels(self.name, kind).inc(count)
+                yield batch
+
+    async def commit(self, records: Iterable[Record]) -> None:
+        """Durably note these records as done; a restart resumes after them."""
+        changed: dict[str, int] = {}
+        for record in records:
+            if record.seq > self.committed.get(record.channel, 0):
+                self.committed[record.channel] = record.seq
+                changed[record.channel] = record.seq
+        await self.store.save(changed)
