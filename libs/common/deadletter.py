@@ -1,0 +1,51 @@
+"""Dead letters: what fails to decode or validate, with its raw bytes, error and origin."""
+
+from __future__ import annotations
+
+import structlog
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+
+from libs.common.clock import SYSTEM_CLOCK, Clock
+from libs.common.redis_io import Publisher
+from libs.common.schemas import DeadLetter
+
+DEAD_LETTER_CHANNEL = "sentio.deadletter.v1"
+
+log = structlog.get_logger("tickmesh.deadletter")
+
+_COUNTERS: dict[int, Counter] = {}
+
+
+def dead_letter_counter(registry: CollectorRegistry | None) -> Counter:
+    """``tickmesh_dead_letters_total{service,source_kind}``, created once per registry."""
+    registry = registry if registry is not None else REGISTRY
+    counter = _COUNTERS.get(id(registry))
+    if counter is None:
+        counter = Counter("tickmesh_dead_letters", "Records sent to the dead-letter stream",
+                          ["service", "source_kind"], registry=registry)
+        _COUNTERS[id(registry)] = counter
+    return counter
+
+
+class DeadLetters:
+    """Sends dead letters to the Redis dead-letter channel (mirrored to Kafka) and counts."""
+
+    def __init__(self, publisher: Publisher, service: str, *,
+                 registry: CollectorRegistry | None = None, clock: Clock = SYSTEM_CLOCK,
+                 channel: str = DEAD_LETTER_CHANNEL) -> None:
+        self.publisher = publisher
+        self.service = service
+        self.clock = clock
+        self.channel = channel
+        self.counter = dead_letter_counter(registry)
+
+    async def send(self, source: str, error: str, raw: bytes) -> None:
+        """Record one bad input; processing goes on."""
+        kind = source.split(".", 1)[0]
+        self.counter.labels(self.service, kind).inc()
+        log.warning("deadletter.sent", source=source, error=error[:300], size=len(raw))
+        await self.publisher.publish(
+            self.channel,
+            DeadLetter(seq=0, source=source, error=error[:2_000], raw=raw,
+                       tsMs=self.clock.now_ms(), service=self.service),
+        )
