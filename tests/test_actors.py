@@ -279,3 +279,13 @@ async def test_restarts_outside_the_window_do_not_count() -> None:
     assert not running.done()
     supervisor.stop()
     await asyncio.wait_for(running, 5)
+
+
+async def test_take_nowait_takes_a_batch_and_leaves_the_stop_sentinel() -> None:
+    actor = Recorder("batch", CollectorRegistry(), mailbox_size=10)
+    for i in range(3):
+        actor.tell_nowait(i)
+    actor.mailbox.put_stop()
+    actor.tell_nowait(99)
+    assert actor.mailbox.take_nowait(10) == [0, 1, 2]
+    assert len(actor.mailbox) == 2

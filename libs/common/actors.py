@@ -226,6 +226,19 @@ class Mailbox(Generic[MessageT]):
         self._wake(self._putters)
         return item
 
+    def take_nowait(self, limit: int) -> list[MessageT]:
+        """Take up to ``limit`` queued messages without waiting, stopping at a stop sentinel
+        (which stays queued), so a handler can work on several messages at once."""
+        taken: list[MessageT] = []
+        items = self._items
+        while items and len(taken) < limit and items[0] is not _STOP:
+            taken.append(items.popleft())
+        if taken:
+            self._depth.set(len(items))
+            for _ in taken:
+                self._wake(self._putters)
+        return taken
+
     def drop_stops(self) -> None:
         """Remove stale stop sentinels (left by a stop that timed out) before a restart."""
         if any(item is _STOP for item in self._items):

@@ -51,6 +51,7 @@ class ServiceRuntime:
         info.info({"service": service, "run_id": settings.effective_run_id(),
                    "mode": settings.mode})
         self.up = Gauge("tickmesh_up", "1 while the service runs", registry=self.registry)
+        self.exit_code = EXIT_OK
 
     def on_cleanup(self, function: Callable[[], Awaitable[None]]) -> None:
         """Run ``function`` after the actors stopped (close clients, last flush)."""
@@ -67,6 +68,7 @@ class ServiceRuntime:
         code = EXIT_OK
         try:
             await self.supervisor.run()
+            code = self.exit_code
         except RestartBudgetExceeded as exc:
             self.http.healthy = False
             log.critical("service.giving_up", reason=str(exc), exit_code=EXIT_RESTART_BUDGET)
@@ -87,6 +89,13 @@ class ServiceRuntime:
                 loop.remove_signal_handler(signum)
         log.info("service.stopped", exit_code=code)
         return code
+
+    def fail(self, reason: str, exit_code: int = EXIT_FAILED) -> None:
+        """Stop the whole service with ``exit_code`` (a fatal condition a restart cannot fix)."""
+        log.critical("service.fatal", reason=reason, exit_code=exit_code)
+        self.http.healthy = False
+        self.exit_code = exit_code
+        self.supervisor.stop()
 
     def _on_signal(self, signum: int) -> None:
         log.info("service.signal", signal=signal.Signals(signum).name)
