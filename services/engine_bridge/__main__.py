@@ -1,33 +1,143 @@
 """Engine bridge: closed bars in; signals, trades, positions, portfolio and heartbeats out.
 
-Actors (one hop from here): heartbeat (libs.common.heartbeat).
+Actors (one hop from here): the bridge (``bridge.BridgeActor``: input consumer, core, engine
+— built-in ``strategies`` or ``external``), or the replay (``replay.ReplayActor``) when
+``BRIDGE_ENGINE=replay``; the heartbeat (``libs.common.heartbeat``).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
 
 from libs.common.cli import ServiceCli
-from libs.common.service import ServiceRuntime, run_main
+from libs.common.service import EXIT_CONFIG, ServiceRuntime, run_main
+from libs.common.settings import SettingsError
 from libs.common.wiring import add_heartbeat, connect_runtime_redis, make_publisher
 from services.engine_bridge.config import BridgeSettings
 
 CLI = ServiceCli("engine_bridge", __doc__.splitlines()[0], BridgeSettings)
 
 
-async def build(runtime: ServiceRuntime) -> None:
-    """Create the bridge's actors under the runtime's supervisor."""
-    client = await connect_runtime_redis(runtime)
-    publisher = make_publisher(runtime, client)
-    add_heartbeat(runtime, publisher)
+def checked(settings: BridgeSettings) -> BridgeSettings:
+    """``settings`` after the cross-field checks; replay runs report mode ``replay``."""
+    try:
+        settings.validate()
+    except SettingsError as exc:
+        print(f"engine_bridge: bad setting: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    if settings.engine == "replay" and settings.mode != "replay":
+        settings = msgspec.structs.replace(settings, mode="replay")
+    return settings
 
 
-def run(_args: object) -> int:
+def build_for(
+    settings: BridgeSettings, *, exit_when_done: bool = False
+) -> Callable[[ServiceRuntime], Awaitable[None]]:
+    """The ``build`` of ``run_main`` for these settings."""
+
+    async def build(runtime: ServiceRuntime) -> None:
+        client = await connect_runtime_redis(runtime)
+        publisher = make_publisher(runtime, client)
+        if settings.engine == "replay":
+            from services.engine_bridge.core import Channels
+            from services.engine_bridge.metrics import BridgeMetrics
+            from services.engine_bridge.replay import ReplayActor, load_replay
+
+            run, minutes = load_replay(settings.replay_results_path, settings.replay_trades_path)
+            metrics = BridgeMetrics.for_registry(runtime.registry)
+            replay = ReplayActor(
+                run,
+                minutes,
+                publisher,
+                speed_ms=settings.replay_speed_ms,
+                channels=Channels(
+                    signals=settings.signals_channel,
+                    trades=settings.trades_channel,
+                    positions=settings.positions_channel,
+                    portfolio=settings.portfolio_channel,
+                    gaps=settings.gaps_channel,
+                ),
+                portfolio_id=settings.portfolio_id,
+                run_id=settings.effective_run_id(),
+                on_done=runtime.supervisor.stop if exit_when_done else None,
+                on_minute=lambda _index: metrics.replay_minutes.inc(),
+                registry=runtime.registry,
+            )
+            runtime.supervisor.add(replay)
+            add_heartbeat(runtime, publisher, lag_ms=lambda: replay.lag_ms, status=replay.status)
+            return
+        from services.engine_bridge.bridge import BridgeActor
+
+        bridge = BridgeActor(settings, client, publisher, registry=runtime.registry)
+        runtime.supervisor.add(bridge)
+        add_heartbeat(runtime, publisher, lag_ms=bridge.lag_ms, status=bridge.status)
+
+    return build
+
+
+def run(_args: argparse.Namespace) -> int:
     """``run``: serve until stopped."""
-    return run_main("engine_bridge", CLI.settings(), build)
+    settings = checked(CLI.settings())  # type: ignore[arg-type]
+    return run_main("engine_bridge", settings, build_for(settings))
+
+
+def replay(args: argparse.Namespace) -> int:
+    """``replay``: play results.json + trades.jsonl once, then exit."""
+    settings: BridgeSettings = CLI.settings()  # type: ignore[assignment]
+    changes: dict[str, object] = {"engine": "replay"}
+    if args.results:
+        changes["replay_results_path"] = args.results
+    if args.trades:
+        changes["replay_trades_path"] = args.trades
+    if args.speed_ms is not None:
+        changes["replay_speed_ms"] = args.speed_ms
+    settings = checked(msgspec.structs.replace(settings, **changes))
+    return run_main("engine_bridge", settings, build_for(settings, exit_when_done=not args.stay))
+
+
+def backtest(args: argparse.Namespace) -> int:
+    """``backtest``: run bars from files through the built-in strategy, offline."""
+    from services.engine_bridge.backtest import backtest_files
+
+    settings: BridgeSettings = CLI.settings()  # type: ignore[assignment]
+    if args.strategy:
+        settings = msgspec.structs.replace(settings, strategy=args.strategy)
+    settings = checked(msgspec.structs.replace(settings, engine="builtin"))
+    summary = backtest_files(
+        settings,
+        bars_files=[Path(path) for path in args.bars],
+        vendor_minute_files=[Path(path) for path in args.vendor_minute],
+        export_dir=Path(args.export) if args.export else None,
+        outputs_path=Path(args.outputs) if args.outputs else None,
+    )
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(summary), indent=2).decode() + "\n")
+    return 0
 
 
 CLI.command("run", "run the bridge (the default)", run)
+_replay = CLI.command("replay", "replay an engine's results.json + trades.jsonl, then exit", replay)
+_replay.add_argument("--results", help="results.json (default BRIDGE_REPLAY_RESULTS_PATH)")
+_replay.add_argument("--trades", help="trades.jsonl (default BRIDGE_REPLAY_TRADES_PATH)")
+_replay.add_argument("--speed-ms", type=int, help="ms per minute bucket (default REPLAY_SPEED_MS)")
+_replay.add_argument("--stay", action="store_true", help="keep serving after the last minute")
+_backtest = CLI.command(
+    "backtest", "run bar files through a built-in strategy offline; print the figures", backtest
+)
+_backtest.add_argument("--bars", action="append", default=[], help="JSON-lines bars (repeatable)")
+_backtest.add_argument(
+    "--vendor-minute",
+    action="append",
+    default=[],
+    help="LEAN minute zip <dir>/<sym>/<yyyymmdd>_trade.zip (repeatable)",
+)
+_backtest.add_argument("--strategy", help="golden_cross or zscore (default BRIDGE_STRATEGY)")
+_backtest.add_argument("--export", help="write results.json and trades.jsonl into this directory")
+_backtest.add_argument("--outputs", help="write every record as JSON lines (channel, record)")
 
 if __name__ == "__main__":
     sys.exit(CLI.main())
