@@ -54,7 +54,14 @@ def test_a_frame_of_every_event_type_decodes_into_typed_events_with_polygon_fiel
     assert bad == []
     trade, quote, second, minute, status = events
     assert trade == TradeEvent(
-        sym="AAPL", p=114.125, s=100, t=1536036818784, x=4, c=(0, 12), i="12345", z=3,
+        sym="AAPL",
+        p=114.125,
+        s=100,
+        t=1536036818784,
+        x=4,
+        c=(0, 12),
+        i="12345",
+        z=3,
         q=3681328,
     )
     assert isinstance(trade, Trade)  # lines up with the record type: no conversion needed
@@ -71,8 +78,7 @@ def test_a_text_frame_decodes_like_bytes() -> None:
 
 def test_unknown_fields_are_ignored_and_the_extension_flag_is_kept() -> None:
     extra = (
-        b'{"ev":"T","sym":"IBM","p":1.5,"s":10,"t":5,"trfi":202,"trft":4,"new":1,'
-        b'"suspicious":true}'
+        b'{"ev":"T","sym":"IBM","p":1.5,"s":10,"t":5,"trfi":202,"trft":4,"new":1,"suspicious":true}'
     )
     (trade,), bad = decode_frame(frame(extra))
     assert bad == []
@@ -106,7 +112,8 @@ def test_an_unknown_event_type_is_reported_and_the_rest_of_the_frame_survives() 
 def test_a_frame_that_is_not_an_array_is_one_dead_letter_with_the_whole_frame() -> None:
     not_array = b'{"ev":"status","status":"connected"}'
     assert decode_frame(not_array) == (
-        [], [BadEvent(not_array, "frame: Expected `array`, got `object`")]
+        [],
+        [BadEvent(not_array, "frame: Expected `array`, got `object`")],
     )
 
 
@@ -139,7 +146,11 @@ def test_build_records_makes_one_record_per_kind_and_symbol_on_the_contract_chan
     records = dict(build_records(split_frame(events), ts_init_ms=99))
 
     assert set(records) == {
-        "ticks.AAPL", "ticks.MSFT", "quotes.MSFT", "aggs.SPCE.1s", "aggs.GTE.1m",
+        "ticks.AAPL",
+        "ticks.MSFT",
+        "quotes.MSFT",
+        "aggs.SPCE.1s",
+        "aggs.GTE.1m",
     }
     batch = decode(records["ticks.AAPL"], TickBatch)
     assert batch.seq == 0 and batch.sym == "AAPL" and batch.tsInit == 99
@@ -222,3 +233,14 @@ def test_as_trade_event_sends_suspicious_only_when_true() -> None:
     assert b"suspicious" not in protocol.encode_events([plain])
     assert b'"suspicious":true' in protocol.encode_events([flagged])
     assert protocol.as_trade_event(plain) is plain
+
+
+def test_a_channel_template_without_the_symbol_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs one"):
+        protocol.ChannelNames(trades="ticks")
+
+
+def test_records_of_frame_runs_the_whole_path_and_returns_the_rejects() -> None:
+    records, bad = protocol.records_of_frame(frame(TRADE_AAPL, b'{"ev":"T"}'), 7)
+    assert [channel for channel, _ in records] == ["ticks.AAPL"]
+    assert bad == [BadEvent(b'{"ev":"T"}', "Object missing required field `sym`")]
