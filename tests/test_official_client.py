@@ -17,19 +17,19 @@ from typing import Any
 
 import pytest
 
-massive = pytest.importorskip("massive", reason="the official client is in the test extra")
-from massive import WebSocketClient  # noqa: E402
-from massive.exceptions import AuthError  # noqa: E402
-from massive.websocket.models import EquityAgg, EquityTrade, Market  # noqa: E402
-
-from libs.common.settings import Secret  # noqa: E402
-from services.ingest.protocol import Event, TradeEvent  # noqa: E402
-from services.ingest.simulator import (  # noqa: E402
+from libs.common.settings import Secret
+from services.ingest.protocol import Event, TradeEvent
+from services.ingest.simulator import (
     PolygonSimulator,
     SimulatorSettings,
     SyntheticFeed,
     replay_frames,
 )
+
+massive = pytest.importorskip("massive", reason="the official client is in the test extra")
+models = pytest.importorskip("massive.websocket.models")
+AuthError = pytest.importorskip("massive.exceptions").AuthError
+EquityAgg, EquityTrade, Market = models.EquityAgg, models.EquityTrade, models.Market
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,7 +40,7 @@ SETTINGS = SimulatorSettings(
 
 
 def official_client(sim: PolygonSimulator, subscriptions: list[str], key: str = KEY) -> Any:
-    return WebSocketClient(
+    return massive.WebSocketClient(
         api_key=key,
         feed=f"127.0.0.1:{sim.port}",
         market=Market.Stocks,

@@ -86,9 +86,9 @@ async def drain_until_closed(ws: ClientConnection, timeout: float = 10.0) -> lis
 
 
 @asynccontextmanager
-async def session(sim: PolygonSimulator, auth: bool = True, **kwargs: Any) -> AsyncIterator[
-    ClientConnection
-]:
+async def session(
+    sim: PolygonSimulator, auth: bool = True, **kwargs: Any
+) -> AsyncIterator[ClientConnection]:
     """A raw client, past the ``connected`` status (and authenticated unless told not to)."""
     async with connect(sim.url, **kwargs) as ws:
         assert await recv_events(ws) == [
@@ -140,7 +140,8 @@ async def test_no_auth_within_the_timeout_gets_auth_timeout_and_a_close() -> Non
     async with simulator(auth_timeout_s=0.2) as sim, session(sim, auth=False) as ws:
         assert await recv_events(ws) == [
             {
-                "ev": "status", "status": "auth_timeout",
+                "ev": "status",
+                "status": "auth_timeout",
                 "message": "No authentication request received.",
             }
         ]
@@ -194,7 +195,8 @@ async def test_a_second_connection_over_the_limit_gets_max_connections_and_is_cl
             await second.send(protocol.encode_auth(KEY))
             assert await recv_events(second) == [
                 {
-                    "ev": "status", "status": "max_connections",
+                    "ev": "status",
+                    "status": "max_connections",
                     "message": "Maximum number of connections exceeded.",
                 }
             ]
@@ -311,8 +313,19 @@ def test_minute_aggregates_come_from_all_trades_of_the_closed_minute() -> None:
     assert aggregator.advance(119_999) == []
     (a_bar, b_bar) = aggregator.advance(120_000)
     assert a_bar == MinuteAggEvent(
-        sym="A", v=400, av=400, op=10.0, vw=11.5, o=10.0, c=12.0, h=12.0, l=10.0, a=11.5,
-        z=200, s=60_000, e=120_000,
+        sym="A",
+        v=400,
+        av=400,
+        op=10.0,
+        vw=11.5,
+        o=10.0,
+        c=12.0,
+        h=12.0,
+        l=10.0,
+        a=11.5,
+        z=200,
+        s=60_000,
+        e=120_000,
     )
     assert b_bar.sym == "B" and b_bar.v == 50
     aggregator.add([trade("A", 120_001, 11.0, 100)])
@@ -384,12 +397,16 @@ async def test_a_disconnect_fault_sends_its_status_then_closes(fault: str, messa
 
 
 async def test_a_fault_hits_count_sessions_oldest_first() -> None:
-    async with simulator(max_connections=3) as sim:
-        async with session(sim) as first, session(sim) as second, session(sim) as third:
-            assert sim.inject("force_disconnect", count=2) == 2
-            await drain_until_closed(first)
-            await drain_until_closed(second)
-            assert (await subscribe(third, "T.S0001"))[0]["status"] == "success"
+    async with (
+        simulator(max_connections=3) as sim,
+        session(sim) as first,
+        session(sim) as second,
+        session(sim) as third,
+    ):
+        assert sim.inject("force_disconnect", count=2) == 2
+        await drain_until_closed(first)
+        await drain_until_closed(second)
+        assert (await subscribe(third, "T.S0001"))[0]["status"] == "success"
 
 
 async def test_malformed_sends_bad_frames_whose_good_events_survive_decoding() -> None:
@@ -495,7 +512,10 @@ def test_the_command_line_builds_settings_and_never_prints_the_key() -> None:
 def test_the_module_help_works_on_its_own() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "services.ingest.simulator", "--help"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 0 and "--synthetic-symbols" in result.stdout
 

@@ -41,7 +41,7 @@ from datetime import date
 from enum import StrEnum
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Self
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
@@ -56,7 +56,6 @@ from services.ingest import protocol
 from services.ingest.protocol import (
     DATA_KINDS,
     KIND_OF,
-    MINUTE_AGGS,
     TRADES,
     Event,
     MinuteAggEvent,
@@ -343,6 +342,7 @@ class SyntheticMarket:
         prices = self._prices
         seqs = self._seqs
         out = []
+        conditions: tuple[int, ...]
         for sym in rng.choices(self.symbols, cum_weights=self._cum_weights, k=count):
             price = max(0.01, round(prices[sym] * (1.0 + rng.gauss(0.0, 0.0005)), 2))
             prices[sym] = price
@@ -356,8 +356,15 @@ class SyntheticMarket:
                 size, conditions = 100 * rng.choice((1, 1, 1, 2, 3, 5, 10)), ()
             out.append(
                 TradeEvent(
-                    sym, price, size, t_ms, rng.choice(SYNTHETIC_EXCHANGES), conditions,
-                    str(next(self._trade_ids)), self._tapes[sym], seqs[sym],
+                    sym,
+                    price,
+                    size,
+                    t_ms,
+                    rng.choice(SYNTHETIC_EXCHANGES),
+                    conditions,
+                    str(next(self._trade_ids)),
+                    self._tapes[sym],
+                    seqs[sym],
                 )
             )
         return out
@@ -392,6 +399,7 @@ def load_day_trades(feed: FileFeed) -> list[TradeEvent]:
 
 
 # ---- sessions ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class _CloseRequest:
@@ -566,7 +574,8 @@ class PolygonSimulator:
             self._day_trades = await asyncio.to_thread(load_day_trades, settings.feed)
             log.info(
                 "simulator.file_feed_loaded",
-                trades=len(self._day_trades), day=str(settings.feed.day),
+                trades=len(self._day_trades),
+                day=str(settings.feed.day),
                 symbols=",".join(settings.feed.symbols),
             )
         self._server = await serve(
@@ -608,7 +617,7 @@ class PolygonSimulator:
             await self._server.wait_closed()
         log.info("simulator.stopped", **self.stats_dict())
 
-    async def __aenter__(self) -> PolygonSimulator:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -677,9 +686,7 @@ class PolygonSimulator:
         if not request.path.startswith(CONTROL_PREFIX):
             return None
         supplied = request.headers.get(CONTROL_KEY_HEADER, "")
-        if not hmac.compare_digest(
-            supplied.encode(), self.settings.api_key.reveal().encode()
-        ):
+        if not hmac.compare_digest(supplied.encode(), self.settings.api_key.reveal().encode()):
             return _json_response(connection, HTTPStatus.UNAUTHORIZED, {"error": "bad key"})
         parts = urlsplit(request.path)
         query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
@@ -725,7 +732,8 @@ class PolygonSimulator:
                 task.cancel()
             await asyncio.gather(*session.tasks, return_exceptions=True)
             bound.info(
-                "simulator.disconnected", frames_sent=session.frames_sent,
+                "simulator.disconnected",
+                frames_sent=session.frames_sent,
                 code=ws.close_code,
             )
 
@@ -824,11 +832,16 @@ class PolygonSimulator:
         if isinstance(settings.feed, FileFeed):
             assert self._day_trades is not None
             return replay_frames(
-                self._day_trades, settings.feed.speed, settings.frame_max_events,
-                settings.frame_window_ms, settings.minute_aggregates,
+                self._day_trades,
+                settings.feed.speed,
+                settings.frame_max_events,
+                settings.frame_window_ms,
+                settings.minute_aggregates,
             )
         return synthetic_frames(
-            SyntheticMarket(settings.feed), settings.feed.rate_per_s, settings.frame_max_events,
+            SyntheticMarket(settings.feed),
+            settings.feed.rate_per_s,
+            settings.frame_max_events,
             settings.minute_aggregates,
         )
 
@@ -929,10 +942,12 @@ def malformed_frames(symbol: str, t_ms: int) -> list[bytes]:
     ]
     encoded = [protocol.encode_events([event])[1:-1] for event in good]
     missing = b'{"ev":"T","sym":"%s","s":100,"t":%d,"i":"malformed-bad-2"}' % (
-        symbol.encode(), t_ms,
+        symbol.encode(),
+        t_ms,
     )
     ill_typed = b'{"ev":"T","sym":"%s","p":"abc","s":100,"t":%d,"i":"malformed-bad-4"}' % (
-        symbol.encode(), t_ms,
+        symbol.encode(),
+        t_ms,
     )
     mixed = b"[" + b",".join([encoded[0], missing, encoded[1], ill_typed, encoded[2]]) + b"]"
     return [
@@ -1039,7 +1054,7 @@ async def run_simulator(
     try:
         if on_ready is not None:
             on_ready(simulator)
-        waits = [asyncio.create_task(stop.wait(), name="sim-stop")]
+        waits: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait(), name="sim-stop")]
         if settings.exit_when_feed_done:
             waits.append(asyncio.create_task(simulator.wait_sent(), name="sim-feed-sent"))
         try:
@@ -1061,22 +1076,29 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     net.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
     net.add_argument("--port", type=int, default=8765, help="port, 0 for any (default %(default)s)")
     net.add_argument(
-        "--key", default=None,
+        "--key",
+        default=None,
         help=f"API key clients must send (default: ${KEY_ENV}, else the built-in local key)",
     )
     net.add_argument("--max-connections", type=int, default=1, help="per key (default 1)")
     net.add_argument("--auth-timeout-s", type=float, default=10.0, help="default %(default)s")
     net.add_argument("--frame-max-events", type=int, default=100, help="default %(default)s")
     net.add_argument(
-        "--frame-window-ms", type=int, default=1,
+        "--frame-window-ms",
+        type=int,
+        default=1,
         help="a frame holds trades of one window of event time (default %(default)s)",
     )
     net.add_argument(
-        "--slow-consumer-bytes", type=int, default=4 * 1024 * 1024,
+        "--slow-consumer-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
         help="queued bytes above which a client counts as slow (default %(default)s)",
     )
     net.add_argument(
-        "--slow-consumer-after-s", type=float, default=5.0,
+        "--slow-consumer-after-s",
+        type=float,
+        default=5.0,
         help="how long a client may stay slow before slow_consumer; 0 = never (default 5)",
     )
     net.add_argument("--no-control", action="store_true", help="disable GET /control/*")
@@ -1085,12 +1107,15 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     run.add_argument("--max-events", type=int, default=None, help="stop the feed after N events")
     run.add_argument("--no-minute-aggs", action="store_true", help="do not send AM events")
     run.add_argument(
-        "--exit-when-done", action="store_true",
+        "--exit-when-done",
+        action="store_true",
         help="exit once a finite feed (file, --max-events) is sent and the queues are empty",
     )
     files = parser.add_argument_group("tick-file feed")
     files.add_argument(
-        "--data", type=Path, default=Path(os.environ.get("TICKMESH_DATA", "../shared/data")),
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("TICKMESH_DATA", "../shared/data")),
         help="directory holding tick/<sym>/<yyyymmdd>_trade.zip (searched recursively)",
     )
     files.add_argument("--date", default=None, help="day to replay, YYYY-MM-DD")
@@ -1107,9 +1132,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
-def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> (
-    SimulatorSettings
-):
+def settings_from_args(
+    args: argparse.Namespace, environ: dict[str, str] | None = None
+) -> SimulatorSettings:
     """Build ``SimulatorSettings`` from parsed ``simulate`` arguments; ``ValueError`` if bad."""
     environ = dict(os.environ) if environ is None else environ
     key = args.key or environ.get(KEY_ENV) or DEFAULT_KEY
@@ -1175,7 +1200,8 @@ def inject_remote(
     connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
         connection.request(
-            "GET", f"{CONTROL_PREFIX}inject?fault={fault}&count={count}",
+            "GET",
+            f"{CONTROL_PREFIX}inject?fault={fault}&count={count}",
             headers={CONTROL_KEY_HEADER: key},
         )
         response = connection.getresponse()
