@@ -525,7 +525,8 @@ async def test_the_key_never_appears_in_log_lines() -> None:
         async with simulator() as sim:
             async with session(sim) as ws:
                 await subscribe(ws, "T.S0001")
-            async with session(sim, auth=False) as ws:
+            async with connect(f"{sim.url}?apiKey={KEY}") as ws:
+                await ws.recv()
                 await ws.send(protocol.encode_auth(KEY + "-wrong"))
                 await drain_until_closed(ws)
     assert logs and not any(KEY in repr(entry) for entry in logs)

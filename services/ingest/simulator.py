@@ -714,7 +714,9 @@ class PolygonSimulator:
         session = _Session(number, ws, self.settings.slow_consumer_buffer_bytes)
         self._sessions[number] = session
         self.stats.connections_total += 1
-        bound = log.bind(session=number, path=ws.request.path if ws.request else "")
+        # Only the path: some clients put their key in the query string.
+        path = urlsplit(ws.request.path).path if ws.request else ""
+        bound = log.bind(session=number, path=path)
         bound.info("simulator.connected", remote=str(ws.remote_address))
         writer = asyncio.create_task(session.write_loop(), name=f"sim-writer-{number}")
         session.tasks.append(writer)
