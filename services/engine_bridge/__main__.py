@@ -62,7 +62,8 @@ def build_for(
                     portfolio=settings.portfolio_channel,
                     gaps=settings.gaps_channel,
                 ),
-                portfolio_id=settings.portfolio_id,
+                # the run's own portfolioId unless BRIDGE_PORTFOLIO_ID names another
+                portfolio_id=None if settings.portfolio_id == "paper" else settings.portfolio_id,
                 run_id=settings.effective_run_id(),
                 on_done=runtime.supervisor.stop if exit_when_done else None,
                 on_minute=lambda _index: metrics.replay_minutes.inc(),

@@ -138,7 +138,12 @@ def traded_bars(settings: BridgeSettings, bars: Iterable[Bar]) -> list[Bar]:
     ]
 
 
-def run_info(settings: BridgeSettings, bars: Sequence[Bar], source: str = "") -> RunInfo:
+def run_info(
+    settings: BridgeSettings,
+    bars: Sequence[Bar],
+    source: str = "",
+    created_by: str = "python -m services.engine_bridge backtest",
+) -> RunInfo:
     """The ``run`` block of results.json for a backtest of ``bars`` with ``settings``."""
     params: dict[str, object] = {
         "slippageBps": settings.slippage_bps,
@@ -173,5 +178,5 @@ def run_info(settings: BridgeSettings, bars: Sequence[Bar], source: str = "") ->
         end=ts_et_minute(bars[-1].startMs) if bars else "",
         params=params,
         source=source,
-        createdBy="python -m services.engine_bridge backtest",
+        createdBy=created_by,
     )

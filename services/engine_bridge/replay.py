@@ -427,6 +427,27 @@ class ReplayActor(Actor[None]):
                 self.on_done()
 
 
+def format_results(results: Results) -> bytes:
+    """results.json, readable: metadata indented, one ``price_data`` bar per line."""
+
+    def indented(value: object) -> bytes:
+        return msgspec.json.format(_ENCODER.encode(value), indent=2).replace(b"\n", b"\n  ")
+
+    parts = [
+        b'{\n  "format": ' + _ENCODER.encode(results.format),
+        b',\n  "version": ' + _ENCODER.encode(results.version),
+        b',\n  "run": ' + indented(results.run),
+    ]
+    if results.summary is not None:
+        parts.append(b',\n  "summary": ' + indented(results.summary))
+    symbols = []
+    for symbol in sorted(results.price_data):
+        bars = b",\n      ".join(_ENCODER.encode(bar) for bar in results.price_data[symbol])
+        symbols.append(b"    " + _ENCODER.encode(symbol) + b": [\n      " + bars + b"\n    ]")
+    parts.append(b',\n  "price_data": {\n' + b",\n".join(symbols) + b"\n  }\n}\n")
+    return b"".join(parts)
+
+
 def export_replay(
     out_dir: str | Path,
     run: RunInfo,
@@ -508,6 +529,6 @@ def export_replay(
     )
     results_path = out / "results.json"
     trades_path = out / "trades.jsonl"
-    results_path.write_bytes(msgspec.json.format(_ENCODER.encode(results), indent=1) + b"\n")
+    results_path.write_bytes(format_results(results))
     trades_path.write_bytes(b"".join(line + b"\n" for line in lines))
     return results_path, trades_path
