@@ -745,11 +745,12 @@ class BarAggregator:
             day = acc.day
             day.closed[minute] = acc
             insort(day.order, minute)
-            if not acc.priced and not self._fold:
-                self.counters.unpriced_minutes_dropped += 1
-                self.counters.unpriced_volume_dropped += acc.volume
-            elif not acc.priced:
-                self.counters.unpriced_minutes_folded += 1
+            if not acc.priced and acc.volume:
+                if self._fold:
+                    self.counters.unpriced_minutes_folded += 1
+                else:
+                    self.counters.unpriced_minutes_dropped += 1
+                    self.counters.unpriced_volume_dropped += acc.volume
             self._publish_closed(state, day, acc, out)
             self._prune(state)
         if self._dirty:

@@ -1,0 +1,177 @@
+"""Fidelity: bars built from the vendor's ticks against the vendor's own minute bars.
+
+For every symbol-day of the shared Lean data (``tick/<sym>/<day>_trade.zip`` with its
+``minute/<sym>/<day>_trade.zip``), the core builds bars under the ``algoseek`` and ``none``
+policies; a bar-minute matches when both sides have it and open, high, low, close and volume
+are equal (the minute set counts: a bar on one side only is a miss). The table is printed; the
+``algoseek`` figure must be at least 99.9 % for every symbol-day, also when the ticks arrive as
+a live stream (small batches, wall clock, grace, revisions) and after a trip through the
+Polygon wire format.
+
+Data: ``TICKMESH_DATA`` or ``<repo>/../shared/data/lean-equity-2013-10``; skipped if absent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from libs.common.bars import BarAggregator, build_bars
+from libs.common.clock import ManualClock
+from libs.common.schemas import TICK_BATCH_DECODER, Bar, Trade
+from libs.common.tickfiles import read_lean_minute_bars, read_lean_trades
+
+THRESHOLD_PCT = 99.9
+
+
+def data_dir() -> Path:
+    override = os.environ.get("TICKMESH_DATA")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lean-equity-2013-10"
+
+
+def symbol_days() -> list[tuple[str, str]]:
+    root = data_dir()
+    found = []
+    for tick in sorted(root.glob("tick/*/*_trade.zip")):
+        if (root / "minute" / tick.parent.name / tick.name).is_file():
+            found.append((tick.parent.name, tick.name[:8]))
+    return found
+
+
+pytestmark = pytest.mark.skipif(
+    not symbol_days(),
+    reason=f"no Lean tick and minute zips under {data_dir()} (set TICKMESH_DATA)",
+)
+
+Key = tuple[float, float, float, float, int]
+
+
+@cache
+def load(symbol: str, day: str) -> tuple[list[Trade], dict[int, Key]]:
+    root = data_dir()
+    trades = read_lean_trades(root / "tick" / symbol / f"{day}_trade.zip")
+    vendor = {
+        bar.start_ms: (bar.open, bar.high, bar.low, bar.close, bar.volume)
+        for bar in read_lean_minute_bars(root / "minute" / symbol / f"{day}_trade.zip")
+    }
+    return trades, vendor
+
+
+@dataclass(frozen=True)
+class Figure:
+    matched: int
+    minutes: int
+
+    @property
+    def pct(self) -> float:
+        return 100.0 * self.matched / self.minutes if self.minutes else 100.0
+
+    def __str__(self) -> str:
+        return f"{self.pct:8.3f} % ({self.matched}/{self.minutes})"
+
+
+def compare(bars: Sequence[Bar], vendor: dict[int, Key]) -> Figure:
+    ours = {bar.startMs: (bar.open, bar.high, bar.low, bar.close, bar.volume) for bar in bars}
+    minutes = ours.keys() | vendor.keys()
+    matched = sum(1 for minute in minutes if ours.get(minute) == vendor.get(minute))
+    return Figure(matched, len(minutes))
+
+
+def frames(trades: Sequence[Trade], span_ms: int = 50, size: int = 100) -> list[list[Trade]]:
+    """Cut ``trades`` into feed frames: at most ``size`` trades within ``span_ms``."""
+    out: list[list[Trade]] = []
+    frame: list[Trade] = []
+    for trade in trades:
+        if frame and (len(frame) == size or trade.t - frame[0].t >= span_ms):
+            out.append(frame)
+            frame = []
+        frame.append(trade)
+    if frame:
+        out.append(frame)
+    return out
+
+
+def streamed(trades: Sequence[Trade], policy: str, latency_ms: int = 150) -> list[Bar]:
+    """Feed ``trades`` as the live feed would: frames arriving ``latency_ms`` after their
+    newest trade, the wall-clock timer ticking every 250 ms in between; return the latest
+    version of every bar (revisions included)."""
+    manual = ManualClock(trades[0].t)
+    aggregator = BarAggregator(policy, grace_ms=2_000, late_policy="revise", clock=manual)
+    for frame in frames(trades):
+        arrival = frame[-1].t + latency_ms
+        while manual.now_ms() + 250 < arrival:
+            manual.advance(250)
+            aggregator.advance()
+        if arrival > manual.now_ms():
+            manual.set(arrival)
+        aggregator.add(frame, symbol=frame[0].sym)
+    manual.advance(60_000)
+    aggregator.advance()
+    aggregator.flush()
+    return list(aggregator.published(trades[0].sym).values())
+
+
+def through_the_wire(trades: Sequence[Trade]) -> list[Trade]:
+    """Send ``trades`` as Polygon ``T`` frames of 100 events, decode them as ingest does, and
+    read them back from the ``ticks.<SYM>`` records."""
+    protocol = pytest.importorskip("services.ingest.protocol")
+    received: list[Trade] = []
+    for index in range(0, len(trades), 100):
+        frame = protocol.encode_events(
+            [protocol.as_trade_event(t) for t in trades[index : index + 100]]
+        )
+        events, bad = protocol.decode_frame(frame)
+        assert not bad
+        for _channel, payload in protocol.build_records(protocol.split_frame(events), 0):
+            received.extend(TICK_BATCH_DECODER.decode(payload).ticks)
+    return received
+
+
+def test_algoseek_bars_match_the_vendor_on_every_symbol_day(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rows = []
+    for symbol, day in symbol_days():
+        trades, vendor = load(symbol, day)
+        algoseek = compare(build_bars(trades, "algoseek", symbol=symbol.upper()), vendor)
+        plain = compare(build_bars(trades, "none", symbol=symbol.upper()), vendor)
+        rows.append((symbol.upper(), day, len(trades), algoseek, plain))
+    with capsys.disabled():
+        print("\n\nfidelity to the vendor's minute bars (open, high, low, close, volume, minutes)")
+        print(f"{'symbol':6s} {'day':8s} {'trades':>8s}   {'algoseek':>22s}   {'none':>22s}")
+        for symbol, day, count, algoseek, plain in rows:
+            print(f"{symbol:6s} {day:8s} {count:8d}   {algoseek!s:>22s}   {plain!s:>22s}")
+    failing = [(s, d, str(a)) for s, d, _, a, _ in rows if a.pct < THRESHOLD_PCT]
+    assert not failing, f"algoseek below {THRESHOLD_PCT} %: {failing}"
+
+
+def test_a_live_stream_of_the_same_ticks_ends_with_the_same_bars() -> None:
+    for symbol, day in symbol_days():
+        trades, vendor = load(symbol, day)
+        batch = build_bars(trades, "algoseek", symbol=symbol.upper())
+        live = streamed(trades, "algoseek")
+        assert [(b.startMs, b.open, b.high, b.low, b.close, b.volume, b.vwap) for b in live] == [
+            (b.startMs, b.open, b.high, b.low, b.close, b.volume, b.vwap) for b in batch
+        ], (symbol, day)
+        assert compare(live, vendor).pct >= THRESHOLD_PCT, (symbol, day)
+
+
+@pytest.mark.parametrize("symbol_day", [("aig", "20131007"), ("spy", "20131009")])
+def test_ticks_sent_through_the_polygon_wire_format_build_the_same_bars(
+    symbol_day: tuple[str, str],
+) -> None:
+    symbol, day = symbol_day
+    if symbol_day not in symbol_days():
+        pytest.skip(f"{symbol} {day} not in the data")
+    trades, vendor = load(symbol, day)
+    received = through_the_wire(trades)
+    assert len(received) == len(trades)
+    assert build_bars(received, "algoseek") == build_bars(trades, "algoseek")
+    assert compare(build_bars(received, "algoseek"), vendor).pct >= THRESHOLD_PCT
