@@ -175,3 +175,41 @@ def test_ticks_sent_through_the_polygon_wire_format_build_the_same_bars(
     assert len(received) == len(trades)
     assert build_bars(received, "algoseek") == build_bars(trades, "algoseek")
     assert compare(build_bars(received, "algoseek"), vendor).pct >= THRESHOLD_PCT
+
+
+def test_the_backfill_command_writes_vendor_faithful_bars(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    symbol, day = symbol_days()[0]
+    tick = data_dir() / "tick" / symbol / f"{day}_trade.zip"
+    out = tmp_path / "bars.jsonl"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.bars.backfill",
+            "--policy",
+            "algoseek",
+            "--out",
+            str(out),
+            str(tick),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    summary = json.loads(result.stdout)
+    assert summary["files"] == 1 and summary["bars"] > 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(line["symbol"] == symbol.upper() and "seq" not in line for line in lines)
+    _, vendor = load(symbol, day)
+    ours = {
+        line["startMs"]: (line["open"], line["high"], line["low"], line["close"], line["volume"])
+        for line in lines
+    }
+    minutes = ours.keys() | vendor.keys()
+    matched = sum(1 for minute in minutes if ours.get(minute) == vendor.get(minute))
+    assert 100.0 * matched / len(minutes) >= THRESHOLD_PCT

@@ -188,3 +188,39 @@ def test_a_file_that_is_not_a_trade_flat_file_is_refused(tmp_path: Path) -> None
     path.write_text("a,b,c\n1,2,3\n")
     with pytest.raises(ValueError, match="missing"):
         read_polygon_flatfile_trades(path)
+
+
+def test_the_backfill_writes_one_contract_bar_per_line_from_a_flat_file(tmp_path: Path) -> None:
+    import json
+
+    from services.bars.backfill import run_backfill
+
+    path = tmp_path / "2024-01-03.csv.gz"
+    path.write_bytes(gzip.compress(FLATFILE.encode()))
+    out = tmp_path / "bars.jsonl"
+    summary = run_backfill([path], "none", out, 0)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (summary.files, summary.symbols, summary.trades, summary.bars) == (1, 2, 3, 2)
+    assert [line["symbol"] for line in lines] == ["AAPL", "MSFT"]
+    aapl = lines[0]
+    assert list(aapl) == [
+        "symbol",
+        "tsET",
+        "barId",
+        "open",
+        "high",
+        "low",
+        "close",
+        "volume",
+        "vwap",
+        "trades",
+        "startMs",
+        "endMs",
+        "revision",
+    ]
+    assert aapl["tsET"] == "2024-01-03T09:30:00-05:00" and aapl["barId"] == 1
+    assert (aapl["open"], aapl["close"], aapl["volume"]) == (184.25, 184.26, 135)
+    assert "MSFT" not in out.read_text().split("\n")[0]
+    algoseek = run_backfill([path], "algoseek", tmp_path / "a.jsonl", 0, symbols=["AAPL"])
+    (line,) = (tmp_path / "a.jsonl").read_text().splitlines()
+    assert json.loads(line)["open"] == 184.26 and algoseek.symbols == 1  # the ISO print: volume
