@@ -327,6 +327,7 @@ def test_the_algoseek_classification() -> None:
     assert policy.classify((2,)) == Classification(True, True, True)  # Average Price alone
     assert policy.classify((2, 41)) == Classification(False, False, True)
     assert policy.classify(()) == Classification(True, True, True)
+    assert policy.classify(TTE) == Classification(True, True, True)  # Polygon omits Regular
     assert policy.classify(REGULAR, suspicious=True) == Classification(False, False, False)
     assert policy.classify((16,)) == Classification(False, False, False)
     assert policy.classify((0, 15)) == Classification(False, False, False)

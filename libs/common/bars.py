@@ -176,7 +176,8 @@ class AlgoseekPolicy(_PolicyBase):
       for nothing;
     * any other trade counts for volume, and for price (open, high, low, close) unless it
       carries an excluding condition (Intermarket Sweep, Trade Thru Exempt, Odd Lot) and none
-      of the including ones (Regular, Cash, Next Day, Seller, Form T / Extended Hours);
+      of the including ones (Regular, Cash, Next Day, Seller, Form T / Extended Hours); Trade
+      Thru Exempt alone implies Regular, which Polygon's feed does not send;
     * a minute with volume but no price-eligible trade has no bar of its own: its volume goes
       to the previous bar of the day.
     """
@@ -195,6 +196,9 @@ class AlgoseekPolicy(_PolicyBase):
     """Closing Prints (CTA), Market Center Closing Trade (UTP)."""
     OFFICIAL = frozenset({15, 16})
     """Market Center Official Close / Open: reports of the auction, not trades."""
+    IMPLIED_REGULAR = frozenset({41})
+    """Polygon's feed leaves the Regular condition out: a trade whose only condition is Trade
+    Thru Exempt is a regular sale that is trade-through exempt (AlgoSeek: Regular + TTE)."""
 
     def code(
         self,
@@ -214,7 +218,7 @@ class AlgoseekPolicy(_PolicyBase):
             return OPENING_AUCTION if exchange == primary_exchange else IGNORED
         if kinds & self.CLOSING:
             return CLOSING_AUCTION if exchange == primary_exchange else IGNORED
-        if kinds & self.INCLUDING or not kinds & self.EXCLUDING:
+        if kinds & self.INCLUDING or not kinds & self.EXCLUDING or kinds <= self.IMPLIED_REGULAR:
             return EVERYTHING
         return VOLUME
 
