@@ -1,0 +1,38 @@
+# The engine_bridge service image. Build from the repository root (libs/common is installed as part of
+# the tickmesh package, never copied in loose):
+#   podman build --format docker -f deploy/docker/engine_bridge.Dockerfile -t localhost/tickmesh-engine_bridge .
+# --format docker keeps the HEALTHCHECK (OCI images have none). On a machine with Docker Hub,
+# --build-arg BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm works as well.
+ARG BASE_IMAGE=localhost/tickmesh-python:bookworm
+
+FROM ${BASE_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CONSTRAINT=/src/constraints.txt
+WORKDIR /src
+RUN python3 -m venv /opt/tickmesh
+# Dependencies (and the pinned build backend) first, in their own layer: rebuilt only when
+# pyproject.toml or the pins change, so a code change reinstalls only tickmesh itself.
+COPY pyproject.toml deploy/constraints.txt ./
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > requirements.txt \
+    && /opt/tickmesh/bin/pip install -r requirements.txt setuptools
+COPY libs/ libs/
+COPY services/ services/
+# No build isolation: the backend is already here, pinned; then drop pip and setuptools.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    /opt/tickmesh/bin/pip install --no-deps --no-build-isolation . \
+    && /opt/tickmesh/bin/pip uninstall --yes --quiet pip setuptools
+COPY deploy/docker/healthcheck.py /opt/tickmesh/healthcheck.py
+
+FROM ${BASE_IMAGE}
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin tickmesh
+COPY --from=build /opt/tickmesh /opt/tickmesh
+ENV PATH=/opt/tickmesh/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+WORKDIR /tmp
+USER 10001:10001
+EXPOSE 9103
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
+    CMD ["python", "/opt/tickmesh/healthcheck.py", "engine_bridge"]
+ENTRYPOINT ["python", "-m", "services.engine_bridge"]
+CMD ["run"]
