@@ -1,7 +1,9 @@
 """Golden files: a real day (SPY, 2013-10-07) through each built-in strategy.
 
-The bars are the vendor's own minute bars of that day (``minute/spy/20131007_trade.zip``),
-read at test time from ``../shared/data``; no vendor data is committed. The golden file
+The bars are built at test time by the bar service's backfill (the bar core, ``algoseek``
+policy) from the day's real ticks (``tick/spy/20131007_trade.zip`` in ``../shared/data``):
+the bars the bridge gets live. No vendor data is committed; the golden file holds only the
+bridge's own derived outputs. The golden file
 ``tests/golden/bridge_spy_20131007.json`` holds, per strategy, the figures (signals, trades,
 positions, portfolio snapshots, end-of-day PnL), every trade, the first and last portfolio
 snapshot and the SHA-256 of every output byte (all records, in order, ``seq`` 0).
@@ -26,7 +28,10 @@ from tests.test_bridge_support import spy_day_bars
 
 GOLDEN = Path(__file__).parent / "golden" / "bridge_spy_20131007.json"
 REGENERATE = os.environ.get("TICKMESH_REGEN_GOLDEN") == "1"
-SOURCE = "vendor minute bars, lean-equity-2013-10/minute/spy/20131007_trade.zip"
+SOURCE = (
+    "services.bars.backfill (algoseek policy, grace 0) of "
+    "lean-equity-2013-10/tick/spy/20131007_trade.zip"
+)
 
 
 def golden_entry(settings: BridgeSettings, shared_data: Path) -> dict[str, Any]:

@@ -25,12 +25,13 @@ from libs.common.redis_io import Keys, Publisher
 from libs.common.schemas import Bar, Heartbeat, Position, decode, encode
 from services.engine_bridge.backtest import backtest_bars
 from services.engine_bridge.bridge import BridgeActor
-from services.engine_bridge.datasets import merge_by_minute, read_vendor_minute_bars
+from services.engine_bridge.datasets import merge_by_minute
 from services.engine_bridge.model import EngineGap
 from tests.helpers import eventually
 from tests.test_bridge_support import (
     DAY,
     OUTPUT_CHANNELS,
+    day_bars,
     decode_output,
     publish_bars,
     read_channel,
@@ -197,9 +198,7 @@ async def test_an_external_engine_crash_is_reported_on_the_gaps_channel(
 
 
 def two_symbol_day(shared_data: Path) -> list[Bar]:
-    spy = read_vendor_minute_bars(shared_data / "minute/spy/20131007_trade.zip", "SPY", DAY)
-    ibm = read_vendor_minute_bars(shared_data / "minute/ibm/20131007_trade.zip", "IBM", DAY)
-    return merge_by_minute(spy, ibm)
+    return merge_by_minute(day_bars(shared_data, "SPY"), day_bars(shared_data, "IBM"))
 
 
 def bridge_env(redis_url: str, prefix: str) -> dict[str, str]:

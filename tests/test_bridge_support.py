@@ -1,10 +1,16 @@
-"""Helpers shared by the engine-bridge tests (``tests/test_bridge_*.py``)."""
+"""Helpers shared by the engine-bridge tests (``tests/test_bridge_*.py``), and the tests of
+the real-day bars they use.
+
+Real-day bars are built at test time from ``../shared/data`` by the bar service's backfill
+(the bar core with the ``algoseek`` policy), the same bars ``services/bars`` publishes live;
+nothing of the vendor's data is committed.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Sequence
+import functools
+import tempfile
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
@@ -14,12 +20,10 @@ from libs.common.clock import MINUTE_MS, bar_id, ny_epoch_ms, ts_et_minute
 from libs.common.redis_io import Keys, Publisher, StreamReader
 from libs.common.schemas import Bar, decode
 from services.engine_bridge.config import BridgeSettings
-from services.engine_bridge.datasets import read_vendor_minute_bars
+from services.engine_bridge.datasets import read_bars_jsonl, read_vendor_minute_bars
 from services.engine_bridge.model import EngineGap
 
 DAY = date(2013, 10, 7)
-SPY_MINUTE_ZIP = Path("minute/spy/20131007_trade.zip")
-SPY_TICK_ZIP = Path("tick/spy/20131007_trade.zip")
 
 OUTPUT_CHANNELS = (
     "sentio.signals.minute.v1",
@@ -76,10 +80,50 @@ def series(
     return bars
 
 
+_BACKFILL_DIR = tempfile.TemporaryDirectory(prefix="tickmesh-bridge-bars-")
+
+
+@functools.cache
+def backfilled_day(tick_zip: Path) -> tuple[Bar, ...]:
+    """One day of one symbol's bars built at test time by the bar service's backfill (the
+    bar core, ``algoseek`` policy) from a real tick file; cached for the session."""
+    from services.bars.backfill import run_backfill
+
+    out = Path(_BACKFILL_DIR.name) / f"{tick_zip.parent.name}-{tick_zip.stem}.jsonl"
+    run_backfill([tick_zip], "algoseek", out, grace_ms=0)
+    return tuple(read_bars_jsonl(out))
+
+
+def day_bars(shared_data: Path, symbol: str) -> list[Bar]:
+    """``symbol`` on 2013-10-07 as the bar service would publish it (backfilled from ticks)."""
+    return list(backfilled_day(shared_data / "tick" / symbol.lower() / "20131007_trade.zip"))
+
+
 def spy_day_bars(shared_data: Path) -> list[Bar]:
-    """SPY 2013-10-07 as minute bars: the bar core's backfill when it exists, else the
-    vendor's own minute bars (see ``test_bridge_golden``)."""
-    return read_vendor_minute_bars(shared_data / SPY_MINUTE_ZIP, "SPY", DAY)
+    """SPY 2013-10-07, backfilled from the tick file by the bar core."""
+    return day_bars(shared_data, "SPY")
+
+
+def vendor_day_bars(shared_data: Path, symbol: str = "SPY") -> list[Bar]:
+    """The vendor's own minute bars of ``symbol`` on 2013-10-07 (for comparison)."""
+    return read_vendor_minute_bars(
+        shared_data / "minute" / symbol.lower() / "20131007_trade.zip", symbol, DAY
+    )
+
+
+def test_backfilled_bars_are_contract_bars_of_the_whole_day(shared_data: Path) -> None:
+    bars = spy_day_bars(shared_data)
+    regular = [bar for bar in bars if 1 <= bar.barId <= 390]
+    assert len(regular) == 390 and regular[0].tsET == "2013-10-07T09:30:00-04:00"
+    assert all(bar.symbol == "SPY" and bar.seq == 0 and bar.revision == 0 for bar in bars)
+    assert bars == sorted(bars, key=lambda bar: bar.startMs)
+
+
+def test_vendor_minute_bars_read_as_contract_bars(shared_data: Path) -> None:
+    bars = vendor_day_bars(shared_data)
+    ten = [bar for bar in bars if bar.tsET == "2013-10-07T10:00:00-04:00"]
+    assert ten and ten[0].barId == 31 and ten[0].volume == 337_771
+    assert ten[0].endMs - ten[0].startMs == MINUTE_MS
 
 
 def settings_for(prefix: str, **overrides: object) -> BridgeSettings:
@@ -137,14 +181,3 @@ def decode_output(channel: str, payload: bytes) -> msgspec.Struct:
     if channel.startswith("bars."):
         return decode(payload, Bar)
     return decode(payload, types[channel])
-
-
-@contextlib.asynccontextmanager
-async def running(actor_or_supervisor: object) -> AsyncIterator[None]:
-    """Run a supervisor in a task for the duration of the block, then stop it."""
-    task = asyncio.create_task(actor_or_supervisor.run())  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        actor_or_supervisor.stop()  # type: ignore[attr-defined]
-        await asyncio.wait_for(task, 15)

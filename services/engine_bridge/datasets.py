@@ -1,6 +1,7 @@
 """Bars from files, for backtests, exports and tests: JSON lines of bars, vendor minute files.
 
-- ``read_bars_jsonl``: one contract ``Bar`` per line (what ``services/bars`` backfill writes).
+- ``read_bars_jsonl``: one contract ``Bar`` per line (what ``services/bars`` backfill writes,
+  without ``seq``, or bars as published, with it).
 - ``read_vendor_minute_bars``: a LEAN/AlgoSeek minute zip (one CSV: ms since midnight New York,
   open, high, low, close × 10000, volume), as contract bars. The vendor file has no VWAP or
   trade count: ``vwap`` is the typical price (h+l+c)/3 and ``trades`` is 0.
@@ -18,16 +19,23 @@ from pathlib import Path
 import msgspec
 
 from libs.common.clock import MINUTE_MS, bar_id, ny_midnight_ms, parse_day, ts_et_minute
-from libs.common.schemas import BAR_DECODER, Bar
+from libs.common.schemas import BAR_DECODER, SEQ_PREFIX, Bar
 
 _ENCODER = msgspec.json.Encoder()
 
 
 def read_bars_jsonl(path: str | Path) -> list[Bar]:
-    """Bars from a JSON-lines file (blank lines skipped)."""
-    return [
-        BAR_DECODER.decode(line) for line in Path(path).read_bytes().splitlines() if line.strip()
-    ]
+    """Bars from a JSON-lines file (blank lines skipped). Lines without ``seq`` (what the
+    bar service's backfill writes) get ``seq`` 0."""
+    bars = []
+    for line in Path(path).read_bytes().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if not line.startswith(SEQ_PREFIX):
+            line = SEQ_PREFIX + b"0," + line[1:]
+        bars.append(BAR_DECODER.decode(line))
+    return bars
 
 
 def write_bars_jsonl(path: str | Path, bars: Iterable[Bar]) -> Path:

@@ -162,7 +162,8 @@ def line_time_ms(line: ReplayLine) -> int:
 
 def price_bar_to_bar(symbol: str, price: PriceBar) -> Bar:
     """A ``price_data`` entry as the contract's bar (vwap defaults to the typical price)."""
-    vwap = price.vwap if price.vwap is not None else (price.high + price.low + price.close) / 3
+    typical = r4((price.high + price.low + price.close) / 3)
+    vwap = price.vwap if price.vwap is not None else typical
     return Bar(
         seq=0,
         symbol=symbol,
@@ -173,7 +174,7 @@ def price_bar_to_bar(symbol: str, price: PriceBar) -> Bar:
         low=price.low,
         close=price.close,
         volume=price.volume,
-        vwap=r4(vwap),
+        vwap=vwap,
         trades=price.trades,
         startMs=price.startMs,
         endMs=price.startMs + MINUTE_MS,
