@@ -101,13 +101,13 @@ class BridgeActor(Actor[Any]):
         self.config = core_config_from(settings)
         self.store = StateStore(client, publisher, settings.portfolio_id)
         self.dead_letters = DeadLetters(publisher, "engine_bridge", registry=registry, clock=clock)
-        self.metrics = BridgeMetrics.for_registry(registry)
+        self.bridge_metrics = BridgeMetrics.for_registry(registry)
         self.engine_factory = engine_factory or (
             lambda: make_engine(
                 settings,
-                on_restart=self.metrics.engine_restarts.inc,
-                on_timeout=self.metrics.engine_timeouts.inc,
-                on_protocol_error=self.metrics.engine_protocol_errors.inc,
+                on_restart=self.bridge_metrics.engine_restarts.inc,
+                on_timeout=self.bridge_metrics.engine_timeouts.inc,
+                on_protocol_error=self.bridge_metrics.engine_protocol_errors.inc,
             )
         )
         self.core: BridgeCore | None = None
@@ -199,7 +199,7 @@ class BridgeActor(Actor[Any]):
             await self.tell(batch)
 
     async def _tick(self) -> None:
-        self.metrics.lag.set(self.lag_ms() / 1000.0)
+        self.bridge_metrics.lag.set(self.lag_ms() / 1000.0)
         if self.core is not None and self.core.pending_minutes():
             self.tell_nowait(TICK)
 
@@ -215,7 +215,7 @@ class BridgeActor(Actor[Any]):
         processed = await self._drain(core, now_ms)
         if offered and not processed:
             await self.store.save(core.snapshot(self._engine().snapshot()))
-        self.metrics.pending.set(core.pending_minutes())
+        self.bridge_metrics.pending.set(core.pending_minutes())
         if isinstance(message, list) and self.consumer is not None:
             await self.consumer.commit(message)
 
@@ -231,11 +231,11 @@ class BridgeActor(Actor[Any]):
                     raise ValueError("record does not start with a seq field")
                 bar = BAR_DECODER.decode(record.payload)
             except (msgspec.DecodeError, ValueError) as exc:
-                self.metrics.bars.labels("undecodable").inc()
+                self.bridge_metrics.bars.labels("undecodable").inc()
                 await self.dead_letters.send(record.channel, str(exc), record.payload)
                 continue
             outcome = core.offer(bar, now_ms)
-            self.metrics.bars.labels(outcome).inc()
+            self.bridge_metrics.bars.labels(outcome).inc()
             offered = offered or outcome != "ignored"
         return offered
 
@@ -256,14 +256,14 @@ class BridgeActor(Actor[Any]):
         elapsed = time.perf_counter() - started
         self.minutes_done += 1
         release = "late" if bucket.late else "timed_out" if bucket.timedOut else "complete"
-        self.metrics.buckets.labels(release).inc()
-        self.metrics.minute_seconds.observe(elapsed)
+        self.bridge_metrics.buckets.labels(release).inc()
+        self.bridge_metrics.minute_seconds.observe(elapsed)
         if output is None:
-            self.metrics.gap_minutes.inc()
+            self.bridge_metrics.gap_minutes.inc()
             self.last_gap_ms = self.clock.now_ms()
         signals, trades = self._count(records)
         for symbol, action, why in core.rejections:
-            self.metrics.rejected.inc()
+            self.bridge_metrics.rejected.inc()
             self.log.warning(
                 "bridge.order_rejected",
                 symbol=symbol,
@@ -295,7 +295,7 @@ class BridgeActor(Actor[Any]):
             elif isinstance(record, ExecutedTrade):
                 trades += 1
             elif isinstance(record, EngineGap):
-                self.metrics.gap_reports.inc()
+                self.bridge_metrics.gap_reports.inc()
                 self.last_gap_ms = self.clock.now_ms()
                 self.log.warning(
                     "bridge.engine_gap",
@@ -306,6 +306,6 @@ class BridgeActor(Actor[Any]):
                     restarts=record.restarts,
                     timeouts=record.timeouts,
                 )
-        self.metrics.signals.inc(signals)
-        self.metrics.trades.inc(trades)
+        self.bridge_metrics.signals.inc(signals)
+        self.bridge_metrics.trades.inc(trades)
         return signals, trades

@@ -26,6 +26,7 @@ in order of their start, bars within one sorted by symbol.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 
 from msgspec import Struct
 
@@ -83,31 +84,26 @@ Outputs = list[tuple[str, Struct]]
 """Records to publish, in order, with their channels (``seq`` still 0)."""
 
 
+@dataclass(slots=True)
 class CoreStats:
     """Counters of what the core did since it was built (metrics read the differences)."""
 
-    __slots__ = (
-        "bars",
-        "buckets",
-        "corrections",
-        "duplicates",
-        "gaps",
-        "ignored",
-        "late",
-        "outside",
-        "rejected",
-        "signals",
-        "timed_out",
-        "trades",
-    )
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+    bars: int = 0
+    buckets: int = 0
+    corrections: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    ignored: int = 0
+    late: int = 0
+    outside: int = 0
+    rejected: int = 0
+    signals: int = 0
+    timed_out: int = 0
+    trades: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters by name."""
-        return {name: getattr(self, name) for name in self.__slots__}
+        return asdict(self)
 
 
 def r2(value: float) -> float:

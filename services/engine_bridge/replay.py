@@ -295,8 +295,8 @@ class ReplayBook:
                 )
                 continue
             assert line.action is not None and line.shares is not None and line.price is not None
-            bar = by_symbol.get(line.symbol)
-            mark = bar.close if bar is not None else line.price
+            minute_bar = by_symbol.get(line.symbol)
+            mark = minute_bar.close if minute_bar is not None else line.price
             fill = broker.book(
                 line.symbol,
                 start,
