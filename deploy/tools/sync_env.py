@@ -1,0 +1,241 @@
+"""Keep ``deploy/.env`` in step with the services' settings classes.
+
+    .venv/bin/python deploy/tools/sync_env.py          # rewrite deploy/.env
+    .venv/bin/python deploy/tools/sync_env.py --check  # exit 1 if .env lacks or has stale settings
+
+``deploy/.env`` holds every setting every service reads, so ``deploy/compose.yaml`` can hand
+it to each container whole. Values already in the file are kept; a setting new in the code is
+added with the code's default (or the compose value below, where the single-host stack needs a
+different one); a variable no service reads any more is dropped and named on stderr.
+
+The settings classes are read from the code: the one settings Struct of each
+``services/<name>/config.py`` (tests/test_deploy_compose.py checks it is the class the
+service's CLI parses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from libs.common.settings import (
+    CommonSettings,
+    Secret,
+    _description,
+    _field_type,
+    env_name,
+)
+
+ENV_FILE = ROOT / "deploy" / ".env"
+
+# Where the single-host stack needs something other than the code's default (first sync only;
+# afterwards the value in .env wins).
+COMPOSE_VALUES: dict[str, str] = {
+    "TICKMESH_REDIS_URL": "redis://redis:6379/0",
+    "TICKMESH_KAFKA_BOOTSTRAP": "kafka:9092",
+    "TICKMESH_LOG_FORMAT": "json",
+    "TICKMESH_KAFKA_ENABLE_IDEMPOTENCE": "true",
+    "TICKMESH_KAFKA_SESSION_TIMEOUT_MS": "10000",
+    "TICKMESH_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+    "TICKMESH_KAFKA_REBALANCE_TIMEOUT_MS": "10000",
+    # The `sim` profile's simulator and its built-in local key (not a secret); see
+    # docs/runbook.md "Go live" for the real feed.
+    "INGEST_POLYGON_URL": "ws://simulator:8765",
+    # Trades, and the vendor's minute bars for the reconciler's vendor check.
+    "INGEST_EVENT_TYPES": "T,AM",
+    "POLYGON_API_KEY": "tickmesh-sim",
+}
+
+# Variables compose itself reads (interpolation), not the services.
+COMPOSE_ONLY: dict[str, tuple[str, str]] = {
+    "COMPOSE_PROFILES": ("sim", "sim starts the Polygon simulator; empty for the live feed"),
+    "TICKMESH_IMAGE_PREFIX": ("localhost/tickmesh-", "image name prefix of the four services"),
+    "TICKMESH_IMAGE_TAG": ("latest", "image tag of the four services"),
+    "TICKMESH_BASE_IMAGE": (
+        "localhost/tickmesh-python:bookworm",
+        ("base of `docker compose build` (docker.io/library/python:3.11-slim-bookworm with "
+         "Docker Hub)"),
+    ),
+    "GRAFANA_ADMIN_PASSWORD": ("tickmesh", "Grafana's admin password (change it)"),
+}
+
+def service_names() -> list[str]:
+    """Every service package that can be run (``services/<name>/__main__.py``)."""
+    return sorted(
+        path.parent.name for path in (ROOT / "services").glob("*/__main__.py")
+        if not path.parent.name.startswith("_")
+    )
+
+
+def settings_class(service: str) -> type[CommonSettings]:
+    """The settings Struct defined in ``services.<service>.config``."""
+    module = importlib.import_module(f"services.{service}.config")
+    found = [
+        value for value in vars(module).values()
+        if isinstance(value, type) and issubclass(value, CommonSettings)
+        and value.__module__ == module.__name__
+    ]
+    if len(found) != 1:
+        raise LookupError(f"services.{service}.config defines {len(found)} settings classes")
+    return found[0]
+
+
+def settings_classes() -> dict[str, type[CommonSettings]]:
+    """Service name -> its settings class."""
+    return {name: settings_class(name) for name in service_names()}
+
+
+def defaults(cls: type[CommonSettings]) -> dict[str, Any]:
+    """Field -> default value (``msgspec.NODEFAULT`` when required)."""
+    fields = cls.__struct_fields__
+    offset = len(fields) - len(cls.__struct_defaults__)
+    values: dict[str, Any] = {field: msgspec.NODEFAULT for field in fields[:offset]}
+    for index, field in enumerate(fields[offset:]):
+        value = cls.__struct_defaults__[index]
+        if isinstance(value, msgspec._core.Factory):
+            value = value.factory()
+        values[field] = value
+    return values
+
+
+def env_text(cls: type[CommonSettings], field: str, value: Any) -> str:
+    """A default as the variable's text, in the form ``load_settings`` parses back to it."""
+    field_type = _field_type(cls, field)
+    if value is msgspec.NODEFAULT or field_type is Secret:
+        return ""
+    if field_type is bool:
+        return "true" if value else "false"
+    if field_type in (tuple[str, ...], list[str]):
+        return ",".join(str(item) for item in value)
+    if field_type in (str, int, float):
+        return str(value)
+    return msgspec.json.encode(value).decode()  # everything else is parsed as JSON
+
+
+def description(cls: type[CommonSettings], field: str) -> str:
+    """The field's description (``Annotated[..., Meta(description=...)]``)."""
+    return _description(cls, field)
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """One variable of the file: its name, the code's default text and its description."""
+
+    name: str
+    default: str
+    description: str
+
+
+def sections(classes: dict[str, type[CommonSettings]]) -> Iterator[tuple[str, list[Entry]]]:
+    """The file's sections: shared settings, then each service's own."""
+    common = defaults(CommonSettings)
+    shared = [
+        Entry(f"{CommonSettings.ENV_PREFIX}{field.upper()}",
+              env_text(CommonSettings, field, common[field]),
+              description(CommonSettings, field))
+        for field in CommonSettings.__struct_fields__
+        # A shared setting every service overrides (http_port) is set per service instead.
+        if not all(defaults(cls)[field] != common[field] or field in cls.ENV_NAMES
+                   for cls in classes.values())
+    ]
+    yield "shared by every service (a service's own prefix overrides one for that service)", shared
+    for name, cls in classes.items():
+        own_defaults = defaults(cls)
+        entries = []
+        for field in cls.__struct_fields__:
+            shared_field = field in common and field not in cls.ENV_NAMES
+            if shared_field and own_defaults[field] == common[field]:
+                continue
+            entries.append(Entry(env_name(cls, field), env_text(cls, field, own_defaults[field]),
+                                 description(cls, field)))
+        yield f"{name} ({cls.ENV_PREFIX}*)", entries
+
+
+def read_env(path: Path = ENV_FILE) -> dict[str, str]:
+    """``KEY=VALUE`` lines of an env file (comments and blank lines skipped)."""
+    values: dict[str, str] = {}
+    if not path.exists():
+        return values
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        key, sep, value = stripped.partition("=")
+        if not sep:
+            raise ValueError(f"{path}:{number}: not KEY=VALUE: {line!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+HEADER = """\
+# Every setting of every tickmesh service, for deploy/compose.yaml (which gives this file to
+# each service container as env_file, and reads it for ${...} interpolation).
+#
+# Kept in step with the code by `.venv/bin/python deploy/tools/sync_env.py` (values set here
+# are kept; settings new in the code are added with their default; stale ones are dropped).
+# Shared settings are TICKMESH_*; INGEST_*, BARS_*, BRIDGE_*, MIRROR_* override one service.
+# Each comment gives the code's default, so a changed value stands out.
+#
+# Secret: POLYGON_API_KEY. Compose blanks it for every service but ingest. Do not commit a
+# real key: put it in the environment of `docker compose` or in a copy of this file outside
+# the repository (`docker compose --env-file /etc/tickmesh/prod.env ...`).
+"""
+
+
+def render(classes: dict[str, type[CommonSettings]], current: dict[str, str]) -> str:
+    """The new file text: ``current`` values kept, defaults for the rest."""
+    lines = [HEADER]
+    for title, entries in sections(classes):
+        lines.append(f"\n## {title}\n")
+        for entry in entries:
+            value = current.get(entry.name, COMPOSE_VALUES.get(entry.name, entry.default))
+            shown = entry.default if entry.default else "empty"
+            lines.append(f"# {entry.description} [default: {shown}]\n{entry.name}={value}\n")
+    lines.append("\n## compose only (read by deploy/compose.yaml, not by the services)\n")
+    for name, (default, text) in COMPOSE_ONLY.items():
+        lines.append(f"# {text}\n{name}={current.get(name, default)}\n")
+    return "".join(lines)
+
+
+def expected_names(classes: dict[str, type[CommonSettings]]) -> set[str]:
+    """Every variable the file should hold."""
+    names = {entry.name for _, entries in sections(classes) for entry in entries}
+    return names | set(COMPOSE_ONLY)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report; exit 1 if out of step")
+    parser.add_argument("--env-file", type=Path, default=ENV_FILE)
+    args = parser.parse_args(argv)
+    classes = settings_classes()
+    current = read_env(args.env_file)
+    wanted = expected_names(classes)
+    missing = sorted(wanted - set(current))
+    stale = sorted(set(current) - wanted)
+    for name in missing:
+        print(f"sync_env: {'missing' if args.check else 'adding'} {name}", file=sys.stderr)
+    for name in stale:
+        print(f"sync_env: {'stale' if args.check else 'dropping'} {name} (nothing reads it)",
+              file=sys.stderr)
+    if args.check:
+        return 1 if missing or stale else 0
+    args.env_file.write_text(render(classes, current))
+    print(f"sync_env: wrote {args.env_file} ({len(wanted)} variables)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
