@@ -26,6 +26,7 @@ from libs.common.schemas import Bar, Heartbeat, Position, decode, encode
 from services.engine_bridge.backtest import backtest_bars
 from services.engine_bridge.bridge import BridgeActor
 from services.engine_bridge.datasets import merge_by_minute
+from services.engine_bridge.engines import BuiltinAdapter, make_builtin
 from services.engine_bridge.model import EngineGap
 from tests.helpers import eventually
 from tests.test_bridge_support import (
@@ -192,6 +193,61 @@ async def test_an_external_engine_crash_is_reported_on_the_gaps_channel(
     assert registry.get_sample_value("tickmesh_bridge_gap_minutes_total") == 1
     assert registry.get_sample_value("tickmesh_bridge_gap_reports_total") == 1
     assert len(got["sentio.portfolio.minute.v1"]) == 8  # the portfolio went on every minute
+
+
+async def test_an_actor_that_fails_mid_minute_is_restarted_from_the_saved_state(
+    redis_client: object, unique_name: object, shared_data: Path
+) -> None:
+    """The engine raises in the middle of 11:00 once: the supervisor restarts the actor,
+    which reloads the portfolio from Redis and redoes that minute; nothing is lost or
+    published twice."""
+    prefix = f"{unique_name('actorfail')}:"  # type: ignore[operator]
+    settings = settings_for(prefix, strategy="zscore")
+    failed: list[int] = []
+
+    class FailsOnce(BuiltinAdapter):
+        async def decide(self, engine_input):  # type: ignore[no-untyped-def]
+            if engine_input.barId == 91 and not failed:
+                failed.append(engine_input.barId)
+                raise RuntimeError("engine bug, once")
+            return await super().decide(engine_input)
+
+    publisher = Publisher(redis_client, keys=Keys(prefix))  # type: ignore[arg-type]
+    registry = CollectorRegistry()
+    supervisor = Supervisor("bridge-test", registry=registry, backoff_initial_s=0.01)
+    bridge = BridgeActor(
+        settings,
+        redis_client,
+        publisher,
+        registry=registry,  # type: ignore[arg-type]
+        engine_factory=lambda: FailsOnce(make_builtin(settings)),
+    )
+    supervisor.add(bridge)
+    task = asyncio.create_task(supervisor.run())
+    bars = spy_day_bars(shared_data)
+    try:
+        await publish_bars(publisher, bars)
+
+        async def done() -> bool:
+            count = len(await read_channel(redis_client, prefix, OUTPUT_CHANNELS[3]))
+            return count >= 390
+
+        await eventually(done, timeout=60)
+    finally:
+        supervisor.stop()
+        await asyncio.wait_for(task, 15)
+    assert failed == [91]
+    assert (
+        registry.get_sample_value(
+            "tickmesh_actor_restarts_total", {"actor": "engine_bridge.bridge"}
+        )
+        == 1
+    )
+    outputs, _, _ = backtest_bars(settings, bars)
+    expected = expected_by_channel(outputs)
+    got = await published(redis_client, prefix)
+    for channel in OUTPUT_CHANNELS:
+        assert [strip_seq(p) for p in got[channel]] == expected[channel], channel
 
 
 # -- restart safety: the bridge as an OS process, SIGKILLed mid-day --------------------------

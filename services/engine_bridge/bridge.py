@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import redis.asyncio as aioredis
@@ -76,6 +76,13 @@ class _Tick:
 TICK = _Tick()
 
 
+class InputBatch(NamedTuple):
+    """Records from the consumer of one incarnation (``generation``) of the actor."""
+
+    generation: int
+    records: list[Record]
+
+
 class BridgeActor(Actor[Any]):
     """Owns the core, the engine and the input consumer of one paper portfolio."""
 
@@ -116,6 +123,8 @@ class BridgeActor(Actor[Any]):
         self.last_gap_ms = 0
         self.restored = False
         self.minutes_done = 0
+        self.generation = 0
+        """Incarnation of the actor (each start); batches of an older one are dropped."""
         self.spawn(self._read_input, name="engine_bridge.input")
         self.every(tick_interval_s, self._tick, name="engine_bridge.tick")
 
@@ -145,6 +154,7 @@ class BridgeActor(Actor[Any]):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def on_start(self) -> None:
+        self.generation += 1
         state = await self.store.load()
         self.core = BridgeCore(self.config, state)
         self.restored = state is not None
@@ -195,8 +205,9 @@ class BridgeActor(Actor[Any]):
 
     async def _read_input(self) -> None:
         assert self.consumer is not None  # owned tasks start after on_start
+        generation = self.generation
         async for batch in self.consumer.batches():
-            await self.tell(batch)
+            await self.tell(InputBatch(generation, batch))
 
     async def _tick(self) -> None:
         self.bridge_metrics.lag.set(self.lag_ms() / 1000.0)
@@ -209,15 +220,22 @@ class BridgeActor(Actor[Any]):
         core = self.core
         assert core is not None
         now_ms = self.clock.now_ms()
-        offered = False
-        if isinstance(message, list):
-            offered = await self._offer(core, message, now_ms)
+        batch: list[Record] | None = None
+        if isinstance(message, InputBatch):
+            if message.generation != self.generation:
+                # Delivered before a restart and never committed: the new consumer delivers
+                # these bars again, in order. Offering them now would put later minutes
+                # ahead of the ones lost with the failed batch.
+                self.bridge_metrics.bars.labels("stale").inc(len(message.records))
+                return
+            batch = message.records
+        offered = await self._offer(core, batch, now_ms) if batch else False
         processed = await self._drain(core, now_ms)
         if offered and not processed:
             await self.store.save(core.snapshot(self._engine().snapshot()))
         self.bridge_metrics.pending.set(core.pending_minutes())
-        if isinstance(message, list) and self.consumer is not None:
-            await self.consumer.commit(message)
+        if batch is not None and self.consumer is not None:
+            await self.consumer.commit(batch)
 
     def _engine(self) -> Engine:
         assert self.engine is not None

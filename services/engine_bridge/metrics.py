@@ -16,7 +16,7 @@ class BridgeMetrics:
         self.bars = Counter(
             "tickmesh_bridge_bars",
             "Bars received, by what became of them "
-            "(pending, correction, duplicate, late, outside, ignored, undecodable)",
+            "(pending, correction, duplicate, late, outside, ignored, undecodable, stale)",
             ["outcome"],
             registry=registry,
         )
