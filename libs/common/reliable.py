@@ -8,12 +8,17 @@ per-channel sequence number against the last one it delivered:
 - a jump is a gap: the missing range is read from the channel's stream first (and counted).
 
 The pub/sub reader never blocks: it only appends to a bounded local queue, and when that is
-full it drops the doorbell and marks the channel for a sweep, so Redis never has a reason to
-cut a slow subscriber. A periodic sweep compares every matching stream's newest sequence with
-the position and reads what is missing, which also covers messages lost while the connection
-was down (redis-py re-subscribes silently) and whatever was published while the consumer was
-not running. Positions are kept durably per consumer name once the caller ``commit``s them,
-after its own downstream write, so a crash re-delivers (at least once) and never skips.
+full it drops the doorbell and marks the channel for a sweep. By default it then also
+unsubscribes until the sweeps have caught up (``pause_pubsub_when_behind``): parsing messages
+that would be dropped anyway only slows the catch-up, and a subscriber that does not read is
+one Redis would cut at its output-buffer limit. A periodic sweep compares every matching
+stream's newest sequence with the position and reads what is missing, which also covers
+messages lost while the connection was down (redis-py re-subscribes silently; the consumer
+notices, counts and logs it) and whatever was published while the consumer was not running.
+Positions are kept durably per consumer name once the caller ``commit``s them, after its own
+downstream write, so a crash re-delivers (at least once) and never skips. A caller whose
+downstream write failed calls ``rewind``: delivery restarts from the committed positions,
+read from the streams.
 """
 
 from __future__ import annotations
@@ -33,6 +38,19 @@ from libs.common.redis_io import RETRIABLE, Keys, StreamReader, channel_kind
 from libs.common.schemas import seq_of
 
 log = structlog.get_logger("tickmesh.reliable")
+
+
+def raise_if_cancelled() -> None:
+    """Raise ``CancelledError`` if this task was asked to stop and a library lost the request.
+
+    On Python 3.11 ``asyncio.wait_for`` (which redis-py uses around socket writes) returns the
+    result when its inner call finishes at the same moment as a cancellation, and the
+    cancellation is gone; ``Task.cancelling()`` still counts it. A loop that calls this at
+    each turn ends as asked instead of running forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError("cancellation requested earlier (lost by a library call)")
 
 
 class Record(NamedTuple):
@@ -71,6 +89,22 @@ class ConsumerMetrics:
                             labels, registry=registry)
         self.disconnects = Counter("tickmesh_consumer_subscriber_errors",
                                    "Pub/sub connection errors", labels, registry=registry)
+        self.resubscribes = Counter(
+            "tickmesh_consumer_resubscribes",
+            "Pub/sub connections lost and re-established (e.g. cut by Redis at its output-buffer "
+            "limit); what was sent meanwhile is read from the streams", labels, registry=registry)
+        self.pubsub_paused = Gauge(
+            "tickmesh_consumer_pubsub_paused",
+            "1 while pub/sub is paused because the consumer fell behind (reading the streams)",
+            labels, registry=registry)
+        self.falling_behind = Gauge(
+            "tickmesh_consumer_falling_behind",
+            "1 from when the consumer could not keep up until it caught up again", labels,
+            registry=registry)
+        self.rewinds = Counter(
+            "tickmesh_consumer_rewinds",
+            "Rewinds to the committed positions (the caller's downstream write failed)", labels,
+            registry=registry)
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None) -> ConsumerMetrics:
@@ -118,6 +152,7 @@ class SequencedConsumer:
         sweep_interval_s: float = 1.0,
         discover_interval_s: float = 2.0,
         read_count: int = 1_000,
+        pause_pubsub_when_behind: bool = True,
         registry: CollectorRegistry | None = None,
     ) -> None:
         if start not in ("earliest", "latest"):
@@ -133,11 +168,15 @@ class SequencedConsumer:
         self.sweep_interval_s = sweep_interval_s
         self.discover_interval_s = discover_interval_s
         self.read_count = read_count
+        self.pause_pubsub_when_behind = pause_pubsub_when_behind
         self.reader = StreamReader(client, self.keys)
         self.store = PositionStore(client, self.keys, name)
         self.positions: dict[str, int] = {}
         """Last sequence delivered per channel."""
         self.committed: dict[str, int] = {}
+        self._floors: dict[str, int] = {}
+        self._match_cache: dict[str, bool] = {}
+        self._sweep_start = 0
         self._queue: deque[tuple[str, bytes]] = deque()
         self._wakeup = asyncio.Event()
         self._dirty: set[str] = set()
@@ -155,36 +194,112 @@ class SequencedConsumer:
         self._m_dropped = metrics.doorbells_dropped.labels(name)
         self._m_behind = metrics.behind.labels(name)
         self._m_disconnects = metrics.disconnects.labels(name)
+        self._m_resubscribes = metrics.resubscribes.labels(name)
+        self._m_paused = metrics.pubsub_paused.labels(name)
+        self._m_falling_behind = metrics.falling_behind.labels(name)
+        self._m_rewinds = metrics.rewinds.labels(name)
         self.log = log.bind(consumer=name)
         self.falling_behind = False
+        """True from when the consumer could not keep up until it caught up again."""
+        self.behind_records = 0
+        """Records in the streams not yet delivered, at the last sweep."""
+        self.resubscribes = 0
+        self._behind_since = 0.0
+        self._behind_max = 0
+        self._behind_backfilled = 0
+        self._pubsub_paused = False
+        self._resume_pubsub = asyncio.Event()
+        self._rewind_requested = False
 
     def matches(self, channel: str) -> bool:
         """True when ``channel`` is one of ours (pattern and shard filter)."""
-        return self.accept(channel) and any(fnmatch.fnmatchcase(channel, p) for p in self.patterns)
+        matched = self._match_cache.get(channel)
+        if matched is None:
+            matched = self.accept(channel) and any(
+                fnmatch.fnmatchcase(channel, p) for p in self.patterns
+            )
+            if len(self._match_cache) > 100_000:
+                self._match_cache.clear()
+            self._match_cache[channel] = matched
+        return matched
+
+    def _start_falling_behind(self, reason: str) -> None:
+        if self.falling_behind:
+            return
+        self.falling_behind = True
+        self._m_falling_behind.set(1)
+        self._behind_since = time.monotonic()
+        self._behind_max = self.behind_records
+        self._behind_backfilled = 0
+        self.log.warning("consumer.falling_behind", reason=reason, queued=len(self._queue),
+                         action="reading from the streams until caught up")
+
+    def _caught_up(self) -> None:
+        self.falling_behind = False
+        self._m_falling_behind.set(0)
+        self.log.info("consumer.caught_up",
+                      behind_s=round(time.monotonic() - self._behind_since, 3),
+                      max_behind_records=self._behind_max,
+                      backfilled_records=self._behind_backfilled)
+        if self._pubsub_paused:
+            self._pubsub_paused = False
+            self._m_paused.set(0)
+            self._resume_pubsub.set()
+
+    def _note_resubscribed(self, _connection: object) -> None:
+        """redis-py reconnected and re-subscribed by itself: messages may have been lost."""
+        self.resubscribes += 1
+        self._m_resubscribes.inc()
+        self.log.warning("consumer.resubscribed",
+                         reason="the pub/sub connection was lost (Redis cuts a subscriber "
+                                "past its output-buffer limit) and re-established",
+                         action="reading what was sent meanwhile from the streams")
+        self._last_sweep = 0.0
+        self._wakeup.set()
 
     async def _read_pubsub(self) -> None:
         delay = 0.1
+        resumed = False
         while True:
+            if resumed and self._pubsub_paused:
+                self._resume_pubsub.clear()
+                await self._resume_pubsub.wait()
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            connection = None
             try:
                 await pubsub.psubscribe(*self.patterns)
+                connection = pubsub.connection
+                if connection is not None:
+                    connection.register_connect_callback(self._note_resubscribed)
                 self.subscribed.set()
+                if resumed:
+                    resumed = False
+                    self.log.info("consumer.pubsub_resumed")
+                    self._last_sweep = 0.0  # read what was published before the subscription
+                    self._wakeup.set()
                 delay = 0.1
+                queue = self._queue
                 while True:
+                    raise_if_cancelled()
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None or message["type"] != "pmessage":
                         continue
                     channel = message["channel"].decode()
-                    if len(self._queue) >= self.queue_max:
-                        self._m_dropped.inc()
-                        self._dirty.add(channel)
-                        if not self.falling_behind:
-                            self.falling_behind = True
-                            self.log.warning("consumer.falling_behind", queued=len(self._queue),
-                                             action="reading from the stream until caught up")
-                    else:
-                        self._queue.append((channel, message["data"]))
+                    if len(queue) < self.queue_max:
+                        queue.append((channel, message["data"]))
+                        self._wakeup.set()
+                        continue
+                    self._m_dropped.inc()
+                    self._dirty.add(channel)
+                    self._start_falling_behind("the local queue is full")
                     self._wakeup.set()
+                    if self.pause_pubsub_when_behind:
+                        self._pubsub_paused = True
+                        self._m_paused.set(1)
+                        self.log.info("consumer.pubsub_paused",
+                                      reason="fell behind; reading the streams until caught up")
+                        resumed = True  # (once the sweeps have caught up)
+                        break
             except asyncio.CancelledError:
                 raise
             except RETRIABLE as exc:
@@ -195,6 +310,8 @@ class SequencedConsumer:
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
             finally:
+                if connection is not None:
+                    connection.deregister_connect_callback(self._note_resubscribed)
                 try:
                     await pubsub.aclose()
                 except Exception:  # the connection is already broken; nothing to release
@@ -206,7 +323,8 @@ class SequencedConsumer:
         self.positions = dict(self.committed)
         self._subscriber_task = asyncio.create_task(self._read_pubsub(),
                                                     name=f"{self.name}.pubsub")
-        await asyncio.wait_for(self.subscribed.wait(), 30)
+        async with asyncio.timeout(30):
+            await self.subscribed.wait()
         await self._discover()
         self.log.info("consumer.opened", channels=len(self.positions), start=self.start)
 
@@ -228,6 +346,7 @@ class SequencedConsumer:
                         self.positions[channel] = (
                             await self.reader.last_seq(channel) if self.start == "latest" else 0
                         )
+                        self._floors[channel] = self.positions[channel]
                     self._dirty.add(channel)
 
     def _note_lost(self, channel: str, after: int, missing: int) -> None:
@@ -262,6 +381,10 @@ class SequencedConsumer:
         channels = sorted(self._known | self._dirty)
         if not channels:
             return []
+        # start at a different channel each sweep, so one far-behind channel cannot starve
+        # the others of the batch's room
+        self._sweep_start = (self._sweep_start + 1) % len(channels)
+        channels = channels[self._sweep_start :] + channels[: self._sweep_start]
         async with self.client.pipeline(transaction=False) as pipe:
             for channel in channels:
                 pipe.xrevrange(self.keys.stream(channel), count=1)
@@ -283,10 +406,13 @@ class SequencedConsumer:
                 if self.positions.get(channel, 0) < newest:
                     still_behind.add(channel)
         self._dirty = still_behind
-        self._m_behind.set(max(0, behind - len(out)))
-        if self.falling_behind and behind <= len(out) and not self._queue:
-            self.falling_behind = False
-            self.log.info("consumer.caught_up", consumer=self.name)
+        self.behind_records = max(0, behind - len(out))
+        self._m_behind.set(self.behind_records)
+        if self.falling_behind:
+            self._behind_max = max(self._behind_max, behind)
+            self._behind_backfilled += len(out)
+            if behind <= len(out) and not self._queue:
+                self._caught_up()
         return out
 
     async def _take_pubsub(self) -> list[Record]:
@@ -306,6 +432,7 @@ class SequencedConsumer:
                 self._known.add(channel)
                 if channel not in positions:
                     positions[channel] = seq - 1 if self.start == "latest" else 0
+                    self._floors[channel] = positions[channel]
             last = positions[channel]
             if seq <= last:
                 self._m_dups.inc()
@@ -331,17 +458,25 @@ class SequencedConsumer:
         if self._subscriber_task is None:
             await self.open()
         while True:
+            raise_if_cancelled()
+            if self._rewind_requested:
+                self._apply_rewind()
             if not self._queue and not self._dirty:
                 self._wakeup.clear()
                 wait = self.sweep_interval_s - (time.monotonic() - self._last_sweep)
                 if wait > 0:
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                    # cancellation that races the wakeup (see raise_if_cancelled)
                     try:
-                        await asyncio.wait_for(self._wakeup.wait(), wait)
+                        async with asyncio.timeout(wait):
+                            await self._wakeup.wait()
                     except TimeoutError:
                         pass
             batch = await self._take_pubsub()
             if self._dirty or time.monotonic() - self._last_sweep >= self.sweep_interval_s:
                 batch.extend(await self._sweep())
+            if self._rewind_requested:
+                continue  # read before the rewind: dropped, read again after it
             if batch:
                 counts: dict[str, int] = {}
                 for record in batch:
@@ -350,6 +485,31 @@ class SequencedConsumer:
                 for kind, count in counts.items():
                     self._m_delivered.labels(self.name, kind).inc(count)
                 yield batch
+
+    def rewind(self) -> None:
+        """Forget what was delivered but not committed; deliver it again from the streams.
+
+        For a caller whose downstream write failed: positions go back to the committed ones
+        (or where each channel started), queued pub/sub messages are dropped, and every
+        channel is swept. Nothing is lost; what the downstream did take arrives twice. Takes
+        effect at the next step of ``batches()``; a batch being read meanwhile is dropped
+        (never yielded), so no record from before the rewind follows it.
+        """
+        self._rewind_requested = True
+        self._wakeup.set()
+
+    def _apply_rewind(self) -> None:
+        self._rewind_requested = False
+        self._m_rewinds.inc()
+        self.positions = {
+            channel: self.committed.get(channel, self._floors.get(channel, 0))
+            for channel in self.positions
+        }
+        self._queue.clear()
+        self._dirty |= set(self.positions)
+        self._last_sweep = 0.0
+        self._wakeup.set()
+        self.log.info("consumer.rewound", channels=len(self.positions))
 
     async def commit(self, records: Iterable[Record]) -> None:
         """Durably note these records as done; a restart resumes after them."""

@@ -1,0 +1,224 @@
+"""SequencedConsumer: order, gap backfill, restart, rewind, pause-when-behind, resubscribe."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from libs.common.localstack import RedisServer
+from libs.common.redis_io import Keys, Publisher
+from libs.common.reliable import Record, SequencedConsumer
+from libs.common.schemas import TickBatch, Trade
+from tests.helpers import eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+def tick_record(symbol: str, count: int = 1) -> TickBatch:
+    """A small TickBatch with ``count`` trades."""
+    return TickBatch(seq=0, sym=symbol, ticks=[
+        Trade(sym=symbol, p=100.0 + i / 100, s=100, t=1_381_152_600_000 + i) for i in range(count)
+    ])
+
+
+class Collector:
+    """Runs ``batches()`` in a task and keeps what it delivered."""
+
+    def __init__(self, consumer: SequencedConsumer, *, commit: bool = True) -> None:
+        self.consumer = consumer
+        self.commit = commit
+        self.records: list[Record] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        self.gen = self.consumer.batches()
+        async for batch in self.gen:
+            self.records.extend(batch)
+            if self.commit:
+                await self.consumer.commit(batch)
+
+    async def __aenter__(self) -> Collector:
+        await self.consumer.open()
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.consumer.close()
+
+    def seqs(self, channel: str) -> list[int]:
+        return [r.seq for r in self.records if r.channel == channel]
+
+
+@pytest.fixture
+async def keys(unique_name) -> Keys:  # type: ignore[no-untyped-def]
+    return Keys(unique_name("tm") + ":")
+
+
+async def test_delivers_in_order_and_reads_what_was_published_before_it_started(
+    redis_client: aioredis.Redis, keys: Keys, unique_name
+) -> None:
+    channel = f"ticks.{unique_name('A')}"
+    publisher = Publisher(redis_client, keys=keys)
+    for _ in range(5):
+        await publisher.publish(channel, tick_record("A"))
+    consumer = SequencedConsumer(redis_client, "c1", ["ticks.*"], keys=keys,
+                                 sweep_interval_s=0.1, registry=CollectorRegistry())
+    async with Collector(consumer) as collector:
+        for _ in range(5):
+            await publisher.publish(channel, tick_record("A"))
+        await eventually(lambda: len(collector.seqs(channel)) == 10, timeout=10)
+    assert collector.seqs(channel) == list(range(1, 11))
+
+
+async def test_restart_resumes_after_the_committed_position(
+    redis_client: aioredis.Redis, keys: Keys, unique_name
+) -> None:
+    channel = f"ticks.{unique_name('B')}"
+    publisher = Publisher(redis_client, keys=keys)
+    consumer = SequencedConsumer(redis_client, "c2", ["ticks.*"], keys=keys,
+                                 sweep_interval_s=0.1, registry=CollectorRegistry())
+    async with Collector(consumer) as collector:
+        for _ in range(3):
+            await publisher.publish(channel, tick_record("B"))
+        await eventually(lambda: len(collector.seqs(channel)) == 3)
+    for _ in range(4):  # while nobody listens
+        await publisher.publish(channel, tick_record("B"))
+    again = SequencedConsumer(redis_client, "c2", ["ticks.*"], keys=keys, sweep_interval_s=0.1,
+                              registry=CollectorRegistry())
+    async with Collector(again) as collector:
+        await eventually(lambda: len(collector.seqs(channel)) == 4)
+    assert collector.seqs(channel) == [4, 5, 6, 7]
+
+
+async def test_rewind_delivers_again_what_was_not_committed(
+    redis_client: aioredis.Redis, keys: Keys, unique_name
+) -> None:
+    channel = f"ticks.{unique_name('C')}"
+    publisher = Publisher(redis_client, keys=keys)
+    consumer = SequencedConsumer(redis_client, "c3", ["ticks.*"], keys=keys,
+                                 sweep_interval_s=0.1, registry=CollectorRegistry())
+    await consumer.open()
+    batches = consumer.batches()
+    try:
+        for _ in range(3):
+            await publisher.publish(channel, tick_record("C"))
+        first: list[Record] = []
+        while len(first) < 3:
+            first += await asyncio.wait_for(anext(batches), 5)
+        await consumer.commit(first[:1])  # the downstream took only seq 1
+        consumer.rewind()
+        again: list[Record] = []
+        while len(again) < 2:
+            again += await asyncio.wait_for(anext(batches), 5)
+        assert [r.seq for r in again] == [2, 3]
+    finally:
+        await batches.aclose()
+        await consumer.close()
+
+
+async def test_a_full_queue_pauses_pubsub_and_the_streams_catch_up_without_loss(
+    redis_client: aioredis.Redis, keys: Keys, unique_name
+) -> None:
+    channel = f"ticks.{unique_name('D')}"
+    publisher = Publisher(redis_client, keys=keys)
+    registry = CollectorRegistry()
+    consumer = SequencedConsumer(redis_client, "c4", ["ticks.*"], keys=keys, queue_max=10,
+                                 batch_max=50, sweep_interval_s=0.2, registry=registry)
+    delivered: list[Record] = []
+    slow = asyncio.Event()
+
+    async def run() -> None:
+        async for batch in consumer.batches():
+            delivered.extend(batch)
+            await consumer.commit(batch)
+            if not slow.is_set():
+                await asyncio.sleep(0.5)  # a slow downstream at first: the queue overflows
+
+    await consumer.open()
+    task = asyncio.create_task(run())
+    try:
+        for _ in range(20):
+            await publisher.publish_many([(channel, tick_record("D"))] * 50)
+        await eventually(lambda: consumer.falling_behind, timeout=10)
+        slow.set()
+        await eventually(lambda: len(delivered) >= 1000 and not consumer.falling_behind,
+                         timeout=30)
+        await eventually(lambda: registry.get_sample_value(
+            "tickmesh_consumer_pubsub_paused", {"consumer": "c4"}) == 0)
+        # pub/sub is back: a new record arrives without waiting for a sweep
+        await publisher.publish(channel, tick_record("D"))
+        await eventually(lambda: len(delivered) == 1001, timeout=5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.close()
+    seqs = [r.seq for r in delivered]
+    assert seqs == list(range(1, 1002))
+    assert registry.get_sample_value("tickmesh_consumer_doorbells_dropped_total",
+                                     {"consumer": "c4"}) >= 1
+
+
+@pytest.fixture
+def tiny_buffer_redis() -> AsyncIterator[RedisServer]:
+    """A Redis that cuts a pub/sub client past 64 kB of unread output."""
+    server = RedisServer(extra_args=["--client-output-buffer-limit", "pubsub", "64kb", "32kb",
+                                     "1"])
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def publish_from_thread(url: str, keys: Keys, channel: str, record: TickBatch, count: int
+                        ) -> threading.Thread:
+    """Publish ``count`` copies of ``record`` from another thread (its own event loop)."""
+
+    async def publish() -> None:
+        client = aioredis.Redis.from_url(url)
+        try:
+            publisher = Publisher(client, keys=keys)
+            for start in range(0, count, 500):
+                await publisher.publish_many([(channel, record)] * min(500, count - start))
+        finally:
+            await client.aclose()
+
+    thread = threading.Thread(target=asyncio.run, args=(publish(),))
+    thread.start()
+    return thread
+
+
+async def test_a_subscriber_cut_by_redis_is_noticed_and_nothing_is_lost(
+    tiny_buffer_redis: RedisServer
+) -> None:
+    client = aioredis.Redis.from_url(tiny_buffer_redis.url)
+    keys = Keys("tm:")
+    registry = CollectorRegistry()
+    consumer = SequencedConsumer(client, "c5", ["ticks.*"], keys=keys, queue_max=1_000_000,
+                                 sweep_interval_s=0.2, pause_pubsub_when_behind=False,
+                                 registry=registry)
+    sent = 5_000
+    try:
+        async with Collector(consumer) as collector:
+            thread = publish_from_thread(tiny_buffer_redis.url, keys, "ticks.E",
+                                         tick_record("E", 40), sent)
+            # the reader's event loop is blocked while megabytes are published to it: Redis
+            # cuts the subscriber at its 64 kB limit and redis-py re-subscribes silently
+            thread.join(timeout=60)
+            await eventually(lambda: len(collector.seqs("ticks.E")) == sent, timeout=30)
+            await eventually(lambda: consumer.resubscribes + (registry.get_sample_value(
+                "tickmesh_consumer_subscriber_errors_total", {"consumer": "c5"}) or 0) >= 1,
+                timeout=5)
+        assert collector.seqs("ticks.E") == list(range(1, sent + 1))
+        assert (registry.get_sample_value("tickmesh_consumer_backfilled_records_total",
+                                          {"consumer": "c5"}) or 0) > 0
+    finally:
+        await client.aclose()
