@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from msgspec import Struct
@@ -69,8 +69,12 @@ async def start_producer(
     compression_type: str | None = None,
     max_wait_s: float = 60.0,
     client_id: str | None = None,
+    request_timeout_ms: int = 30_000,
 ) -> AIOKafkaProducer:
-    """A started producer (acks=all), retrying the connection with backoff."""
+    """A started producer (acks=all), retrying the connection with backoff.
+
+    ``request_timeout_ms`` also bounds how long a record may wait in the producer: past it,
+    its send fails (unless the producer is idempotent, which retries until delivered)."""
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         acks="all",
@@ -80,7 +84,7 @@ async def start_producer(
         max_request_size=max(max_batch_size, 1_048_576),
         compression_type=compression_type,
         client_id=client_id or f"tickmesh-{settings.effective_run_id()}",
-        request_timeout_ms=30_000,
+        request_timeout_ms=request_timeout_ms,
     )
     try:
         await _retry_start("producer", producer.start, max_wait_s)
@@ -145,25 +149,229 @@ async def ensure_topics(
         missing = [spec for name, spec in wanted.items() if name not in existing]
         if not missing:
             return []
-        new_topics = [
-            NewTopic(
-                name=spec.name,
-                num_partitions=spec.partitions,
-                replication_factor=spec.replication_factor,
-                topic_configs=dict(spec.configs),
-            )
-            for spec in missing
-        ]
-        try:
-            response = await admin.create_topics(new_topics)
-        except TopicAlreadyExistsError:
-            response = None
-        for error in getattr(response, "topic_errors", ()):
-            topic, code = error[0], error[1]
-            if code not in (0, TopicAlreadyExistsError.errno):
-                raise RuntimeError(f"creating Kafka topic {topic} failed: error code {code} "
-                                   f"{error[2] if len(error) > 2 else ''}")
-        log.info("kafka.topics_created", topics=[spec.name for spec in missing])
-        return [spec.name for spec in missing]
+        return await _create(admin, missing)
     finally:
         await admin.close()
+
+
+# -- the mirror's record identity, and deduplication for consumers ---------------------------
+
+HEADER_CHANNEL = "tm-channel"
+"""Kafka header naming the Redis channel a mirrored record came from."""
+HEADER_SEQ = "tm-seq"
+"""Kafka header holding the record's per-channel sequence number (decimal ASCII)."""
+
+
+def sequence_headers(channel: str, seq: int) -> list[tuple[str, bytes]]:
+    """The headers the mirror puts on every record: its channel and sequence number."""
+    return [(HEADER_CHANNEL, channel.encode()), (HEADER_SEQ, str(seq).encode())]
+
+
+def record_identity(headers: Iterable[tuple[str, bytes]] | None) -> tuple[str, int] | None:
+    """``(channel, seq)`` from a record's headers, or None when the mirror did not set them."""
+    channel: str | None = None
+    seq: int | None = None
+    for name, value in headers or ():
+        if name == HEADER_CHANNEL:
+            channel = value.decode()
+        elif name == HEADER_SEQ:
+            try:
+                seq = int(value)
+            except ValueError:
+                return None
+    if channel is None or seq is None:
+        return None
+    return channel, seq
+
+
+class SequenceDeduper:
+    """Drops Kafka records already seen, by their (channel, seq) identity.
+
+    The mirror delivers at least once, so a record can arrive twice; and when a produce
+    request fails after later ones to the same partition succeeded, the re-sent records
+    arrive *after* newer ones. A plain "drop seq <= last seen" would then drop the re-sent
+    records, which are the only copy. So this keeps, per channel, the highest sequence below
+    which everything was seen (``floor``) plus the sequences seen above it; the set shrinks
+    as holes fill. A channel's first record sets its floor to ``seq - 1`` (a consumer may
+    start mid-stream); ``seed`` sets floors from a consumer's own durable state. When the
+    set above a floor grows past ``max_pending`` the floor jumps to the oldest pending
+    sequence and the abandoned hole is counted (``abandoned``).
+    """
+
+    def __init__(self, max_pending: int = 100_000) -> None:
+        self.max_pending = max_pending
+        self.floors: dict[str, int] = {}
+        self._above: dict[str, set[int]] = {}
+        self.accepted = 0
+        self.duplicates = 0
+        self.abandoned = 0
+
+    def seed(self, floors: dict[str, int]) -> None:
+        """Treat everything at or below ``floors[channel]`` as already seen."""
+        for channel, floor in floors.items():
+            if floor > self.floors.get(channel, -1):
+                self.floors[channel] = floor
+                above = self._above.get(channel, set())
+                self._above[channel] = {seq for seq in above if seq > floor}
+                self._advance(channel)
+
+    def _advance(self, channel: str) -> None:
+        above = self._above[channel]
+        floor = self.floors[channel]
+        while floor + 1 in above:
+            floor += 1
+            above.discard(floor)
+        self.floors[channel] = floor
+
+    def accept(self, channel: str, seq: int) -> bool:
+        """True the first time ``(channel, seq)`` is seen, False for a duplicate."""
+        floor = self.floors.get(channel)
+        if floor is None:
+            self.floors[channel] = seq
+            self._above[channel] = set()
+            self.accepted += 1
+            return True
+        if seq <= floor:
+            self.duplicates += 1
+            return False
+        if seq == floor + 1:
+            self.floors[channel] = seq
+            if self._above[channel]:
+                self._advance(channel)
+            self.accepted += 1
+            return True
+        above = self._above[channel]
+        if seq in above:
+            self.duplicates += 1
+            return False
+        above.add(seq)
+        if len(above) > self.max_pending:
+            oldest = min(above)
+            self.abandoned += oldest - floor - 1
+            self.floors[channel] = oldest
+            above.discard(oldest)
+            self._advance(channel)
+        self.accepted += 1
+        return True
+
+    def accept_headers(self, headers: Iterable[tuple[str, bytes]] | None) -> bool:
+        """``accept`` by a record's headers; records without the mirror's headers pass."""
+        identity = record_identity(headers)
+        return True if identity is None else self.accept(*identity)
+
+    def holes(self) -> dict[str, int]:
+        """Per channel with a hole: how many sequences above the floor are still pending."""
+        return {channel: len(above) for channel, above in self._above.items() if above}
+
+
+class TopicAdmin:
+    """Creates topics on demand, once each, over one long-lived admin connection."""
+
+    def __init__(self, settings: CommonSettings, *, max_wait_s: float = 60.0) -> None:
+        self.settings = settings
+        self.max_wait_s = max_wait_s
+        self.known: set[str] = set()
+        self._admin: AIOKafkaAdminClient | None = None
+        self._lock = asyncio.Lock()
+
+    async def _client(self) -> AIOKafkaAdminClient:
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap,
+                                        request_timeout_ms=30_000)
+            try:
+                await _retry_start("admin", admin.start, self.max_wait_s)
+            except BaseException:
+                await admin.close()
+                raise
+            self._admin = admin
+        return self._admin
+
+    async def ensure(self, specs: Iterable[TopicSpec]) -> list[str]:
+        """Create those of ``specs`` that do not exist yet; returns the names created."""
+        wanted = {spec.name: spec for spec in specs if spec.name not in self.known}
+        if not wanted:
+            return []
+        async with self._lock:
+            admin = await self._client()
+            try:
+                existing = set(await admin.list_topics())
+                missing = [spec for name, spec in wanted.items() if name not in existing]
+                created = await _create(admin, missing) if missing else []
+            except Exception:
+                await self.close()  # a broken connection is rebuilt on the next call
+                raise
+            self.known.update(wanted)
+            return created
+
+    async def close(self) -> None:
+        """Close the admin connection (a later ``ensure`` reopens it)."""
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            await admin.close()
+
+
+async def _create(admin: AIOKafkaAdminClient, missing: list[TopicSpec]) -> list[str]:
+    new_topics = [
+        NewTopic(name=spec.name, num_partitions=spec.partitions,
+                 replication_factor=spec.replication_factor, topic_configs=dict(spec.configs))
+        for spec in missing
+    ]
+    try:
+        response = await admin.create_topics(new_topics)
+    except TopicAlreadyExistsError:
+        response = None
+    for error in getattr(response, "topic_errors", ()):
+        topic, code = error[0], error[1]
+        if code not in (0, TopicAlreadyExistsError.errno):
+            raise RuntimeError(f"creating Kafka topic {topic} failed: error code {code} "
+                               f"{error[2] if len(error) > 2 else ''}")
+    log.info("kafka.topics_created", topics=[spec.name for spec in missing])
+    return [spec.name for spec in missing]
+
+
+async def read_from_beginning(
+    settings: CommonSettings,
+    topics: Iterable[str],
+    *,
+    idle_ms: int = 1_500,
+    max_records: int = 10_000,
+) -> AsyncIterator[list[ConsumerRecord[bytes, bytes]]]:
+    """Every record of ``topics`` from the beginning, in chunks, until ``idle_ms`` pass empty.
+
+    No consumer group (assign + seek_to_beginning), so nothing is committed and nothing
+    relies on ``end_offsets`` (wrong on the embedded broker). Missing topics are skipped.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+                                max_partition_fetch_bytes=8 * 1_048_576)
+    await start_consumer(consumer)
+    try:
+        existing = await consumer.topics()
+        partitions = [
+            TopicPartition(topic, partition)
+            for topic in sorted(set(topics) & existing)
+            for partition in sorted(consumer.partitions_for_topic(topic) or {0})
+        ]
+        if not partitions:
+            return
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        while True:
+            fetched = await consumer.getmany(timeout_ms=idle_ms, max_records=max_records)
+            if not fetched:
+                return
+            for messages in fetched.values():
+                yield messages
+    finally:
+        await consumer.stop()
+
+
+async def list_topics(settings: CommonSettings) -> set[str]:
+    """The names of the topics the cluster has."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
+    await start_consumer(consumer)
+    try:
+        return set(await consumer.topics())
+    finally:
+        await consumer.stop()
