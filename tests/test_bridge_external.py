@@ -60,8 +60,10 @@ for line in sys.stdin:
         break
     elif kind == "bars":
         bar_id = message["barId"]
-        crash_marker = os.path.join(workdir, "crashed")
-        if bar_id == config.get("crash_at") and not os.path.exists(crash_marker):
+        crash_at = config.get("crash_at")
+        crash_at = crash_at if isinstance(crash_at, list) else [crash_at]
+        crash_marker = os.path.join(workdir, f"crashed-{bar_id}")
+        if bar_id in crash_at and not os.path.exists(crash_marker):
             open(crash_marker, "w").close()
             sys.stderr.write("test engine: crashing on purpose\n")
             sys.exit(3)

@@ -250,6 +250,55 @@ async def test_an_actor_that_fails_mid_minute_is_restarted_from_the_saved_state(
         assert [strip_seq(p) for p in got[channel]] == expected[channel], channel
 
 
+async def test_an_engine_past_its_budget_fails_the_actor_and_the_gap_survives_the_restart(
+    redis_client: object, unique_name: object, tmp_path: Path
+) -> None:
+    """The engine crashes on bars 2 and 3; with a budget of one restart the bridge gives up
+    inside minute 4. The supervisor restarts the actor, which must not save the half-done
+    minute: the new engine decides minute 4, the open gap (2-3) is reported once, and every
+    minute's portfolio is published exactly once."""
+    from tests.test_bridge_external import ENGINE_SOURCE
+
+    script = tmp_path / "engine.py"
+    script.write_text(ENGINE_SOURCE)
+    os.environ["TEST_ENGINE"] = json.dumps({"workdir": str(tmp_path), "crash_at": [2, 3]})
+    prefix = f"{unique_name('extbudget')}:"  # type: ignore[operator]
+    try:
+        bridge, _, got = await run_bridge_until(
+            redis_client,
+            prefix,
+            series("SPY", [100.0 + i for i in range(8)]),
+            8,
+            engine="external",
+            external_command=f"{sys.executable} {script}",
+            external_backoff_initial_ms=10,
+            external_max_restarts=1,
+        )
+    finally:
+        del os.environ["TEST_ENGINE"]
+    gaps = [
+        msgspec.json.decode(p, type=EngineGap)
+        for p in await read_channel(redis_client, prefix, "sentio.engine.gaps.v1")
+    ]
+    assert [(g.reason, g.fromBarId, g.toBarId, g.minutes) for g in gaps] == [("crash", 2, 3, 2)]
+    portfolios = [
+        decode_output("sentio.portfolio.minute.v1", p) for p in got["sentio.portfolio.minute.v1"]
+    ]
+    assert [p.barId for p in portfolios] == list(range(1, 9))  # type: ignore[attr-defined]
+    registry = bridge.registry
+    assert registry is not None
+    assert (
+        registry.get_sample_value(
+            "tickmesh_actor_restarts_total", {"actor": "engine_bridge.bridge"}
+        )
+        == 1
+    )
+    signals = [
+        decode_output("sentio.signals.minute.v1", p) for p in got["sentio.signals.minute.v1"]
+    ]
+    assert [s.barId for s in signals] == [5, 6, 7, 8]  # type: ignore[attr-defined]
+
+
 # -- restart safety: the bridge as an OS process, SIGKILLed mid-day --------------------------
 
 

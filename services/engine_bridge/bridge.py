@@ -123,6 +123,7 @@ class BridgeActor(Actor[Any]):
         self.last_gap_ms = 0
         self.restored = False
         self.minutes_done = 0
+        self._unsaved_minute = False
         self.generation = 0
         """Incarnation of the actor (each start); batches of an older one are dropped."""
         self.spawn(self._read_input, name="engine_bridge.input")
@@ -155,6 +156,7 @@ class BridgeActor(Actor[Any]):
 
     async def on_start(self) -> None:
         self.generation += 1
+        self._unsaved_minute = False
         state = await self.store.load()
         self.core = BridgeCore(self.config, state)
         self.restored = state is not None
@@ -189,7 +191,15 @@ class BridgeActor(Actor[Any]):
     async def on_stop(self) -> None:
         core, engine = self.core, self.engine
         try:
-            if core is not None and core.state.gap is not None and engine is not None:
+            # A minute not saved (the actor failed inside it or while publishing it) left
+            # the core ahead of Redis: that state must not be saved. The gap then stays open
+            # in Redis and is reported by the next incarnation.
+            if (
+                core is not None
+                and not self._unsaved_minute
+                and core.state.gap is not None
+                and engine is not None
+            ):
                 records = core.close_gap(engine.restarts)
                 await self.store.publish_and_save(records, core.snapshot(engine.snapshot()))
                 self._count(records)
@@ -267,10 +277,12 @@ class BridgeActor(Actor[Any]):
     async def _process(self, core: BridgeCore, bucket: Bucket) -> None:
         engine = self._engine()
         started = time.perf_counter()
+        self._unsaved_minute = True
         engine_input = core.begin(bucket)
         output, reason = await engine.decide(engine_input)
         records = core.finish(output, gap_reason=reason, engine_restarts=engine.restarts)
         await self.store.publish_and_save(records, core.snapshot(engine.snapshot()))
+        self._unsaved_minute = False
         elapsed = time.perf_counter() - started
         self.minutes_done += 1
         release = "late" if bucket.late else "timed_out" if bucket.timedOut else "complete"

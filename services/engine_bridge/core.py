@@ -310,6 +310,11 @@ class BridgeCore:
         minute = min(self._pending)
         return self._take(minute, late=minute <= self.state.lastBucketMs)
 
+    @property
+    def in_flight(self) -> bool:
+        """True between ``begin`` and ``finish`` (the state is then not one to save)."""
+        return self._in_flight is not None
+
     def pending_minutes(self) -> int:
         """How many minutes are waiting for bars."""
         return len(self._pending)
