@@ -318,6 +318,18 @@ def test_a_quiet_symbol_releases_the_minute_after_the_timeout() -> None:
     assert bucket is not None and bucket.timedOut and core.stats.timed_out == 1
 
 
+def test_a_minute_restored_from_a_snapshot_still_times_out() -> None:
+    config = CoreConfig(symbols=("SPY", "IBM"), broker=NO_COSTS, bucket_timeout_ms=3_000)
+    core = BridgeCore(config)
+    core.offer(make_bar("SPY", 1, 1.0), 0)
+    state = STATE_DECODER.decode(STATE_ENCODER.encode(core.snapshot()))
+    restored = BridgeCore(config, state)
+    assert restored.pending_minutes() == 1
+    assert restored.ready(50_000) is None  # the wait starts now
+    bucket = restored.ready(53_000)
+    assert bucket is not None and bucket.timedOut and [b.symbol for b in bucket.bars] == ["SPY"]
+
+
 def test_late_bars_are_processed_on_their_own_and_duplicates_are_dropped() -> None:
     core = BridgeCore(CoreConfig(symbols=("SPY", "IBM"), broker=NO_COSTS, bucket_timeout_ms=1))
     engine = Scripted({})

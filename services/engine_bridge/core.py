@@ -298,7 +298,8 @@ class BridgeCore:
                 later.update(bars)
         if all(symbol in waiting or symbol in later for symbol in expected):
             return self._take(minute)
-        if now_ms - self._arrived.get(minute, now_ms) >= self.config.bucket_timeout_ms:
+        # a minute restored from a saved state starts its wait when first looked at
+        if now_ms - self._arrived.setdefault(minute, now_ms) >= self.config.bucket_timeout_ms:
             self.stats.timed_out += 1
             return self._take(minute, timed_out=True)
         return None
