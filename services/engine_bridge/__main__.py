@@ -55,6 +55,7 @@ def build_for(
                 minutes,
                 publisher,
                 speed_ms=settings.replay_speed_ms,
+                bars_channel=settings.replay_bars_channel,
                 channels=Channels(
                     signals=settings.signals_channel,
                     trades=settings.trades_channel,

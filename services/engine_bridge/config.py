@@ -74,6 +74,9 @@ class BridgeSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     # -- replay engine -----------------------------------------------------------------------
     replay_results_path: Annotated[str, Meta(description="replay: results.json")] = ""
     replay_trades_path: Annotated[str, Meta(description="replay: trades.jsonl")] = ""
+    replay_bars_channel: Annotated[
+        str, Meta(description="replay: channel of the replayed bars ({symbol} is replaced)")
+    ] = "bars.{symbol}.1m"
     replay_speed_ms: Annotated[
         int, Meta(ge=0, description="replay: ms per minute bucket (60000 is real time)")
     ] = 60
