@@ -1,33 +1,119 @@
 """Mirror: every Redis channel in the routing table to Kafka, without loss; parity reports.
 
-Actors (one hop from here): heartbeat (libs.common.heartbeat).
+Actors (one hop from here): the forwarder (``forwarder.MirrorActor``), the reconciler on a
+timer (``reconciler.ReconcilerActor``) and the heartbeat (``libs.common.heartbeat``).
+Subcommands: ``run`` (the default), ``reconcile`` (one report on demand), ``routes`` (the
+routing table in effect), ``audit`` (does Kafka hold every record Redis published?).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import sys
 
+import msgspec
+
+from libs.common.actors import ActorState
 from libs.common.cli import ServiceCli
-from libs.common.service import ServiceRuntime, run_main
+from libs.common.logs import configure_logging
+from libs.common.service import EXIT_CONFIG, ServiceRuntime, run_main
 from libs.common.wiring import add_heartbeat, connect_runtime_redis, make_publisher
+from libs.common.redis_io import connect_redis
+from services.mirror.audit import Audit, audit
 from services.mirror.config import MirrorSettings
+from services.mirror.forwarder import MirrorActor
+from services.mirror.reconciler import ReconcilerActor, add_reconcile_arguments, reconcile_main
+from services.mirror.routing import RoutingTable
 
 CLI = ServiceCli("mirror", __doc__.splitlines()[0], MirrorSettings)
 
 
+def _settings() -> MirrorSettings:
+    settings = CLI.settings()
+    assert isinstance(settings, MirrorSettings)
+    return settings
+
+
 async def build(runtime: ServiceRuntime) -> None:
     """Create the mirror's actors under the runtime's supervisor."""
+    settings = runtime.settings
+    assert isinstance(settings, MirrorSettings)
     client = await connect_runtime_redis(runtime)
     publisher = make_publisher(runtime, client)
-    add_heartbeat(runtime, publisher)
+    forwarder = MirrorActor(settings, client, registry=runtime.registry)
+    runtime.supervisor.add(forwarder)
+    runtime.http.add_readiness("forwarder", lambda: forwarder.state is ActorState.RUNNING)
+    if settings.reconcile_interval_s > 0:
+        runtime.supervisor.add(ReconcilerActor(settings, client, registry=runtime.registry))
+    add_heartbeat(
+        runtime, publisher,
+        lag_ms=lambda: int(forwarder.oldest_unacked_s() * 1000),
+        status=lambda: "behind" if forwarder.falling_behind else "ok",
+    )
 
 
-def run(_args: object) -> int:
+def run(_args: argparse.Namespace) -> int:
     """``run``: serve until stopped."""
-    return run_main("mirror", CLI.settings(), build)
+    return run_main("mirror", _settings(), build)
+
+
+def reconcile(args: argparse.Namespace) -> int:
+    """``reconcile``: one parity report, printed (and stored and published unless told not)."""
+    settings = _settings()
+    configure_logging("mirror", "warning" if args.quiet else settings.log_level,
+                      "console" if settings.log_format == "auto" else settings.log_format)
+    try:
+        return asyncio.run(reconcile_main(settings, args))
+    except ValueError as exc:
+        print(f"mirror reconcile: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def routes(_args: argparse.Namespace) -> int:
+    """``routes``: print the routing table in effect as JSON."""
+    settings = _settings()
+    table = RoutingTable(settings)
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(
+        {"topicMode": settings.topic_mode, "routes": table.describe()}), indent=2).decode())
+    sys.stdout.write("\n")
+    return 0
+
+
+def audit_command(args: argparse.Namespace) -> int:
+    """``audit``: does Kafka hold every record Redis published on the routed channels?"""
+    settings = _settings()
+    configure_logging("mirror", "warning", "console")
+
+    async def main() -> Audit:
+        client = await connect_redis(settings.redis_url, max_wait_s=10,
+                                     name="tickmesh-mirror-audit")
+        try:
+            channels = ([c.strip() for c in args.channels.split(",") if c.strip()]
+                        if args.channels else None)
+            return await audit(settings, client, channels=channels)
+        finally:
+            await client.aclose()
+
+    result = asyncio.run(main())
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(result), indent=2).decode() + "\n")
+    return 0 if result.missing == 0 else 1
 
 
 CLI.command("run", "run the mirror (the default)", run)
+CLI.command(
+    "audit",
+    "compare what Redis published on the routed channels with what Kafka holds (by the "
+    "tm-channel/tm-seq headers): published, in Kafka, missing, duplicates; exit 1 if missing",
+    audit_command,
+).add_argument("--channels", help="comma-separated channels (default: every routed channel)")
+add_reconcile_arguments(CLI.command(
+    "reconcile",
+    "compare the Redis bars (bar store) with the Kafka bars (shadow builder) for one day and "
+    "print the parity report; also stored for the promotion gate and published to Kafka",
+    reconcile,
+))
+CLI.command("routes", "print the routing table in effect (JSON)", routes)
 
 if __name__ == "__main__":
     sys.exit(CLI.main())

@@ -1,13 +1,62 @@
-"""Settings of the mirror and the reconciler (variables ``MIRROR_*``)."""
+"""Settings of the mirror and the reconciler (variables ``MIRROR_*``), and the routing table.
+
+The routing table maps Redis channel patterns to Kafka topics. ``MIRROR_ROUTES`` (a JSON list
+of routes) replaces the default table, which is CONTRACT.md's; ``MIRROR_EXTRA_ROUTES`` adds
+routes in front of it (the first matching route wins). ``python -m services.mirror routes``
+prints the table in effect.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
-from msgspec import Meta
+from msgspec import Meta, Struct
 
 from libs.common.settings import CommonSettings
+
+
+class Route(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One row of the routing table: which channels go to which topic, keyed how.
+
+    ``topic`` may use ``{channel}`` (the channel's own name) and ``{symbol}`` (the channel's
+    second dot-separated word, ``ticks.SPY`` -> ``SPY``). With ``MIRROR_TOPIC_MODE=single``
+    a route that names a ``single_topic`` sends every matching channel there instead (one
+    topic keyed by symbol, for thousands of symbols). ``key`` is ``channel:<n>`` (the n-th
+    word of the channel name), ``field:<name>`` (a field of the record), ``channel`` or
+    ``none``. ``schema`` names the record type checked before a record is forwarded (a
+    record that does not decode goes to the dead-letter topic); empty checks only the
+    sequence number. ``configs`` are topic configs (e.g. ``retention.ms``), over
+    ``MIRROR_TOPIC_CONFIGS``.
+    """
+
+    pattern: str
+    topic: str = "{channel}"
+    single_topic: str = ""
+    key: str = "channel:1"
+    partitions: int = 1
+    cleanup_policy: Literal["delete", "compact", "compact,delete"] = "delete"
+    schema: str = ""
+    configs: dict[str, str] = {}
+
+
+DEFAULT_ROUTES: tuple[Route, ...] = (
+    Route(pattern="ticks.*", single_topic="sentio.ticks.v1", schema="TickBatch"),
+    Route(pattern="bars.*.1m", topic="sentio.prices.minute.v1", schema="Bar"),
+    Route(pattern="sentio.signals.minute.v1", topic="{channel}", key="field:symbol",
+          schema="Signal"),
+    Route(pattern="sentio.trades.executed.v1", topic="{channel}", key="field:symbol",
+          schema="ExecutedTrade"),
+    Route(pattern="sentio.positions.state.v1", topic="{channel}", key="field:symbol",
+          cleanup_policy="compact", schema="Position"),
+    Route(pattern="sentio.portfolio.minute.v1", topic="{channel}", key="field:portfolioId",
+          cleanup_policy="compact", schema="Portfolio"),
+    Route(pattern="sentio.heartbeat.v1", topic="{channel}", key="field:runId",
+          cleanup_policy="compact", schema="Heartbeat"),
+    Route(pattern="sentio.deadletter.v1", topic="{channel}", key="field:source",
+          schema="DeadLetter"),
+)
+"""CONTRACT.md's Kafka topics, as routes from their Redis channels."""
 
 
 class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -17,6 +66,113 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     SERVICE: ClassVar[str] = "mirror"
 
     http_port: Annotated[int, Meta(ge=0, le=65535, description="port of the HTTP endpoint")] = 9104
-    patterns: Annotated[list[str], Meta(description="Redis channel patterns to mirror")] = msgspec.field(
-        default_factory=lambda: ["ticks.*", "bars.*.1m", "sentio.*"]
+
+    # -- routing -------------------------------------------------------------------------------
+    routes: Annotated[
+        list[Route], Meta(description="routing table, JSON list of routes; empty = CONTRACT.md's "
+                                      "(see `python -m services.mirror routes`)")
+    ] = msgspec.field(default_factory=list)
+    extra_routes: Annotated[
+        list[Route], Meta(description="routes checked before the table (JSON list)")
+    ] = msgspec.field(default_factory=list)
+    topic_mode: Annotated[
+        str, Meta(description="per-symbol: ticks.<SYM> topics; single: one topic keyed by symbol")
+    ] = "per-symbol"
+    topic_configs: Annotated[
+        dict[str, str], Meta(description='configs of every created topic, JSON (e.g. '
+                                         '{"retention.ms":"-1","retention.bytes":"-1"})')
+    ] = msgspec.field(default_factory=dict)
+    topic_compaction: Annotated[
+        bool, Meta(description="create compacted topics as compact (off: delete, for brokers "
+                               "without compaction)")
+    ] = True
+    topic_replication: Annotated[int, Meta(ge=1, description="replication factor of topics")] = 1
+    deadletter_topic: Annotated[str, Meta(description="Kafka topic of undecodable records")] = (
+        "sentio.deadletter.v1"
     )
+
+    # -- delivery ------------------------------------------------------------------------------
+    consumer_name: Annotated[str, Meta(description="name of the durable Redis positions")] = (
+        "mirror"
+    )
+    start: Annotated[
+        str, Meta(description="where a channel without a stored position starts: earliest, latest")
+    ] = "earliest"
+    shard_index: Annotated[int, Meta(ge=0, description="this instance's shard")] = 0
+    shard_count: Annotated[int, Meta(gt=0, description="shards (split by channel hash)")] = 1
+    batch_max_records: Annotated[int, Meta(gt=0, description="records per produce batch")] = 2_000
+    queue_max_records: Annotated[
+        int, Meta(gt=0, description="pub/sub records queued before falling back on the streams")
+    ] = 20_000
+    max_in_flight_batches: Annotated[
+        int, Meta(gt=0, description="batches sent and not yet acknowledged (backpressure)")
+    ] = 4
+    sweep_interval_ms: Annotated[int, Meta(gt=0, description="stream sweep period")] = 1_000
+    read_count: Annotated[int, Meta(gt=0, description="records per stream read (XRANGE)")] = 1_000
+    linger_ms: Annotated[int, Meta(ge=0, description="Kafka producer linger")] = 5
+    max_batch_bytes: Annotated[int, Meta(gt=0, description="Kafka producer batch size")] = (
+        1_048_576
+    )
+    compression: Annotated[str, Meta(description="Kafka compression: none, gzip, snappy, lz4")] = (
+        "none"
+    )
+    produce_timeout_ms: Annotated[
+        int, Meta(gt=0, description="a produce not acknowledged by then fails and is re-sent")
+    ] = 30_000
+    stall_warn_ms: Annotated[
+        int, Meta(gt=0, description="log when the oldest unacknowledged batch is this old")
+    ] = 5_000
+    retry_initial_ms: Annotated[int, Meta(gt=0, description="first wait after a failure")] = 200
+    retry_max_ms: Annotated[int, Meta(gt=0, description="longest wait between retries")] = 5_000
+    validate: Annotated[
+        bool, Meta(description="decode each record with its route's schema (bad ones -> DLQ)")
+    ] = True
+
+    # -- reconciler ----------------------------------------------------------------------------
+    reconcile_interval_s: Annotated[
+        float, Meta(ge=0, description="reconcile today every so often (0: never, in `run`)")
+    ] = 60.0
+    reconcile_min_age_s: Annotated[
+        float, Meta(ge=0, description="ignore bars that ended less than this long ago")
+    ] = 180.0
+    reconcile_tolerance: Annotated[
+        str, Meta(description="allowed absolute difference: 'exact', '0.001', or per field "
+                              "'open=0.01,vwap=0.0001'")
+    ] = "exact"
+    vendor_tolerance: Annotated[
+        str, Meta(description="tolerance of the check against the vendor's own minute bars")
+    ] = "exact"
+    parity_target_pct: Annotated[
+        float, Meta(ge=0, le=100, description="parity a day needs for the gate")
+    ] = 99.9
+    gate_days: Annotated[
+        int, Meta(gt=0, description="consecutive trading days at target before promotion")
+    ] = 5
+    kafka_bars_topic: Annotated[
+        str, Meta(description="Kafka bars of the shadow builder ({symbol}: one per symbol)")
+    ] = "bars.{symbol}.1m"
+    vendor_channel: Annotated[
+        str, Meta(description="Redis channel of the vendor's minute aggregates (empty: none)")
+    ] = "aggs.{symbol}.1m"
+    parity_topic: Annotated[str, Meta(description="Kafka topic of the parity reports")] = (
+        "sentio.parity.reports.v1"
+    )
+    report_max_listed: Annotated[
+        int, Meta(ge=0, description="mismatches listed per kind in a report")
+    ] = 50
+    kafka_idle_ms: Annotated[
+        int, Meta(gt=0, description="reading a topic ends after this long without records")
+    ] = 1_500
+
+    def __post_init__(self) -> None:
+        choices = {"topic_mode": ("per-symbol", "single"), "start": ("earliest", "latest"),
+                   "compression": ("none", "gzip", "snappy", "lz4", "zstd")}
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"`$.{field}` must be one of {', '.join(allowed)}")
+        if self.shard_index >= self.shard_count:
+            raise ValueError("`$.shard_index` must be below shard_count")
+
+    def table(self) -> list[Route]:
+        """The routing table in effect: extra routes, then the table (default CONTRACT.md's)."""
+        return [*self.extra_routes, *(self.routes or DEFAULT_ROUTES)]

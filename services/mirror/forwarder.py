@@ -1,0 +1,461 @@
+"""The forwarder: Redis channels to Kafka topics, at least once, in per-channel order.
+
+Input is a ``SequencedConsumer`` (pub/sub for latency, gaps and restarts filled from the
+streams, durable positions). Each batch it yields is routed, checked and sent to Kafka
+without awaiting each send; the batch then waits in the in-flight window. The committer
+awaits the oldest batch's acknowledgements and only then commits its positions, so a
+position never moves past a record Kafka has not acknowledged and a crash re-sends
+(duplicates, dropped downstream by (channel, seq)) but never skips.
+
+Backpressure: at most ``max_in_flight_batches`` batches are unacknowledged; when the window
+is full the pump stops taking batches, the consumer's bounded queue fills, and the consumer
+pauses pub/sub and reads the streams once Kafka is back (the stream is the buffer, up to
+its ``MAXLEN``). When a send fails (the broker is unreachable past ``produce_timeout_ms``),
+nothing after the last acknowledged batch is committed: the forwarder waits for what is
+still in the air to settle, rewinds the consumer to the committed positions, and retries
+with backoff until the broker answers; the records are then read again from the streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from libs.common.actors import Actor
+from libs.common.clock import SYSTEM_CLOCK, Clock
+from libs.common.deadletter import dead_letter_counter
+from libs.common.kafka_io import TopicAdmin, TopicSpec, sequence_headers, start_producer
+from libs.common.redis_io import Keys, channel_kind
+from libs.common.reliable import Record, SequencedConsumer, raise_if_cancelled
+from libs.common.schemas import ENCODER, DeadLetter
+from services.mirror.config import MirrorSettings
+from services.mirror.routing import BadRecord, RoutingTable
+
+log = structlog.get_logger("tickmesh.mirror")
+
+
+class MirrorMetrics:
+    """The mirror's own metrics (the consumer's are ``tickmesh_consumer_*``)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.records = Counter("tickmesh_mirror_records",
+                               "Records acknowledged by Kafka", ["kind"], registry=registry)
+        self.ticks = Counter("tickmesh_mirror_ticks", "Trades inside acknowledged tick records",
+                             registry=registry)
+        self.bytes = Counter("tickmesh_mirror_bytes", "Payload bytes acknowledged by Kafka",
+                             registry=registry)
+        self.batches = Counter("tickmesh_mirror_batches", "Batches acknowledged by Kafka",
+                               registry=registry)
+        self.ack_seconds = Histogram(
+            "tickmesh_mirror_ack_seconds", "From sending a batch to its last acknowledgement",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+                     60),
+            registry=registry)
+        self.dead_letters = dead_letter_counter(registry)
+        self.in_flight = Gauge("tickmesh_mirror_in_flight_records",
+                               "Records sent and not yet acknowledged", registry=registry)
+        self.lag_records = Gauge(
+            "tickmesh_mirror_lag_records",
+            "Records published on Redis and not yet acknowledged by Kafka", registry=registry)
+        self.oldest_unacked = Gauge("tickmesh_mirror_oldest_unacked_seconds",
+                                    "Age of the oldest unacknowledged batch", registry=registry)
+        self.falling_behind = Gauge(
+            "tickmesh_mirror_falling_behind",
+            "1 while the mirror is behind (input overflowing, or Kafka stalled or down)",
+            registry=registry)
+        self.kafka_up = Gauge("tickmesh_mirror_kafka_up",
+                              "0 while Kafka is failing or stalled", registry=registry)
+        self.kafka_failures = Counter("tickmesh_mirror_kafka_failures",
+                                      "Failed sends (each followed by a rewind and retry)",
+                                      registry=registry)
+        self.stalls = Counter("tickmesh_mirror_kafka_stalls",
+                              "Times the oldest batch went unacknowledged past stall_warn_ms",
+                              registry=registry)
+        self.topics_created = Counter("tickmesh_mirror_topics_created", "Topics created",
+                                      registry=registry)
+
+
+@dataclass(slots=True)
+class InFlight:
+    """One sent batch waiting for Kafka's acknowledgements."""
+
+    records: list[Record]
+    acks: asyncio.Future[list[object]]
+    sent_at: float
+    kinds: dict[str, int]
+    ticks: int
+    size: int
+    warned: bool = field(default=False)
+
+
+def shard_filter(index: int, count: int):  # type: ignore[no-untyped-def]
+    """A channel filter for shard ``index`` of ``count`` (by CRC-32 of the channel name)."""
+    if count <= 1:
+        return None
+    return lambda channel: zlib.crc32(channel.encode()) % count == index
+
+
+class MirrorActor(Actor[None]):
+    """Mirrors the routed Redis channels to Kafka; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: MirrorSettings,
+        client: aioredis.Redis,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        metrics: MirrorMetrics | None = None,
+    ) -> None:
+        super().__init__("mirror.forwarder", mailbox_size=1, registry=registry)
+        self.settings = settings
+        self.client = client
+        self.registry = registry
+        self.clock = clock
+        self.table = RoutingTable(settings)
+        self.keys = Keys(settings.key_prefix)
+        self.metrics = metrics or MirrorMetrics(registry)
+        self.consumer: SequencedConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.admin = TopicAdmin(settings)
+        self._in_flight: deque[InFlight] = deque()
+        self._room = asyncio.Event()
+        self._work = asyncio.Event()
+        self._broken: BaseException | None = None
+        self._broken_event = asyncio.Event()
+        self._failures = 0
+        self._attempt = 0
+        self._abandoned: list[asyncio.Future[list[object]]] = []
+        self._stalled = False
+        self._down_since = 0.0
+        self._episode_since = 0.0
+        self._episode_max_lag = 0
+        self._episode_start_acked = 0
+        self.acknowledged = 0
+        """Records acknowledged by Kafka since start (this process)."""
+        self.acknowledged_ticks = 0
+        self.metrics.kafka_up.set(1)
+        self.spawn(self._pump, name="mirror.pump")
+        self.spawn(self._commit_loop, name="mirror.committer")
+        self.every(1.0, self._report, name="mirror.report")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        settings = self.settings
+        self._in_flight.clear()
+        self._abandoned.clear()
+        self._broken = None
+        self._broken_event.clear()
+        self._room.set()
+        self.producer = await start_producer(
+            settings, linger_ms=settings.linger_ms, max_batch_size=settings.max_batch_bytes,
+            compression_type=None if settings.compression == "none" else settings.compression,
+            client_id=f"tickmesh-mirror-{settings.effective_run_id()}",
+            request_timeout_ms=settings.produce_timeout_ms,
+        )
+        await self._ensure(self.table.static_specs())
+        await self._ensure([self.table.spec_for_deadletters()])
+        self.consumer = SequencedConsumer(
+            self.client, settings.consumer_name, self.table.patterns, keys=self.keys,
+            start=settings.start, accept=shard_filter(settings.shard_index, settings.shard_count),
+            batch_max=settings.batch_max_records, queue_max=settings.queue_max_records,
+            sweep_interval_s=settings.sweep_interval_ms / 1000,
+            read_count=settings.read_count, registry=self.registry,
+        )
+        await self.consumer.open()
+        # topics of the channels that already have streams, before their first record
+        specs = []
+        for channel in sorted(self.consumer.positions):
+            target = self.table.target(channel)
+            if target is not None:
+                specs.append(target.spec)
+        await self._ensure(specs)
+        self.log.info("mirror.started", channels=len(self.consumer.positions),
+                      committed=sum(self.consumer.committed.values()),
+                      routes=len(self.table.routes), topic_mode=settings.topic_mode)
+
+    async def on_stop(self) -> None:
+        """Flush what was sent, commit what Kafka acknowledged, release the clients."""
+        producer, consumer = self.producer, self.consumer
+        try:
+            if producer is not None and consumer is not None and self._broken is None:
+                try:
+                    await asyncio.wait_for(producer.flush(), self.settings.stop_deadline_s)
+                except (TimeoutError, KafkaError) as exc:
+                    self.log.warning("mirror.flush_failed", error=repr(exc))
+                while self._in_flight and self._in_flight[0].acks.done():
+                    entry = self._in_flight[0]
+                    if any(isinstance(r, BaseException) for r in entry.acks.result()):
+                        break
+                    await self._acknowledged(self._in_flight.popleft())
+        finally:
+            for entry in self._in_flight:
+                entry.acks.cancel()
+            self._in_flight.clear()
+            if consumer is not None:
+                await consumer.close()
+            if producer is not None:
+                await producer.stop()
+            await self.admin.close()
+            self.log.info("mirror.stopped", acknowledged=self.acknowledged)
+
+    # -- topics ------------------------------------------------------------------------------
+
+    async def _ensure(self, specs: list[TopicSpec]) -> None:
+        created = await self.admin.ensure(specs)
+        if created:
+            self.metrics.topics_created.inc(len(created))
+
+    # -- the pump: batches in, sends out -----------------------------------------------------
+
+    async def _pump(self) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        batches = consumer.batches()
+        next_batch: asyncio.Future[list[Record]] | None = None
+        broken = asyncio.ensure_future(self._broken_event.wait())
+        try:
+            while True:
+                raise_if_cancelled()
+                if next_batch is None:
+                    next_batch = asyncio.ensure_future(anext(batches))
+                await asyncio.wait({next_batch, broken}, return_when=asyncio.FIRST_COMPLETED)
+                if self._broken is not None:
+                    await self._recover()
+                    if next_batch.done():
+                        next_batch.result()  # read before the rewind: dropped
+                        next_batch = None
+                    broken = asyncio.ensure_future(self._broken_event.wait())
+                    continue
+                batch = next_batch.result()
+                next_batch = None
+                while len(self._in_flight) >= self.settings.max_in_flight_batches:
+                    self._room.clear()
+                    await self._room.wait()
+                if self._broken is not None:
+                    continue  # the rewind will deliver this batch again
+                failures = self._failures
+                try:
+                    entry = await self._send(batch)
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    self._fail(exc)
+                    continue
+                if self._failures != failures:
+                    self._abandoned.append(entry.acks)  # built before the rewind
+                    continue
+                self._in_flight.append(entry)
+                self.metrics.in_flight.inc(len(entry.records))
+                self._work.set()
+        finally:
+            for future in (next_batch, broken):
+                if future is not None:
+                    future.cancel()
+            await batches.aclose()
+
+    async def _send(self, batch: list[Record]) -> InFlight:
+        assert self.producer is not None
+        producer = self.producer
+        table = self.table
+        outgoing: list[tuple[str, bytes | None, bytes, int, str]] = []
+        new_specs: dict[str, TopicSpec] = {}
+        known = self.admin.known
+        kinds: dict[str, int] = {}
+        ticks = 0
+        size = 0
+        for record in batch:
+            target = table.target(record.channel)
+            if target is None:
+                continue  # a channel no route wants (the consumer's patterns are the routes')
+            if record.seq < 0:
+                outgoing.append(self._dead_letter(record, "the record has no seq field"))
+                continue
+            try:
+                key, count = target.prepare(record.payload)
+            except BadRecord as exc:
+                outgoing.append(self._dead_letter(record, str(exc)))
+                continue
+            if target.topic not in known:
+                new_specs[target.topic] = target.spec
+            outgoing.append((target.topic, key, record.payload, record.seq, record.channel))
+            ticks += count
+            size += len(record.payload)
+            kinds[target.kind] = kinds.get(target.kind, 0) + 1
+        if new_specs:
+            await self._ensure(list(new_specs.values()))
+        futures = []
+        for topic, key, value, seq, channel in outgoing:
+            futures.append(await producer.send(topic, value, key=key,
+                                               headers=sequence_headers(channel, seq)))
+        acks: asyncio.Future[list[object]] = asyncio.gather(*futures, return_exceptions=True)
+        return InFlight(batch, acks, time.monotonic(), kinds, ticks, size)
+
+    def _dead_letter(self, record: Record, error: str) -> tuple[str, bytes | None, bytes, int,
+                                                                   str]:
+        self.metrics.dead_letters.labels("mirror", channel_kind(record.channel)).inc()
+        self.log.warning("mirror.dead_letter", channel=record.channel, seq=record.seq,
+                         error=error[:300], size=len(record.payload))
+        letter = DeadLetter(seq=max(record.seq, 0), source=record.channel, error=error[:2_000],
+                            raw=record.payload, tsMs=self.clock.now_ms(), service="mirror")
+        return (self.settings.deadletter_topic, record.channel.encode(), ENCODER.encode(letter),
+                max(record.seq, 0), record.channel)
+
+    # -- the committer: acknowledgements in order, then positions ----------------------------
+
+    async def _commit_loop(self) -> None:
+        stall_s = self.settings.stall_warn_ms / 1000
+        while True:
+            raise_if_cancelled()
+            if not self._in_flight:
+                self._work.clear()
+                await self._work.wait()
+                continue
+            entry = self._in_flight[0]
+            if not entry.acks.done():
+                await asyncio.wait({entry.acks}, timeout=stall_s)
+                if not entry.acks.done():
+                    self._note_stall(entry)
+                    continue
+            if not self._in_flight or self._in_flight[0] is not entry:
+                continue  # abandoned by a failure meanwhile
+            errors = [r for r in entry.acks.result() if isinstance(r, BaseException)]
+            if errors:
+                self._fail(errors[0])
+                continue
+            self._in_flight.popleft()
+            await self._acknowledged(entry)
+            self._room.set()
+
+    async def _acknowledged(self, entry: InFlight) -> None:
+        assert self.consumer is not None
+        await self.consumer.commit(entry.records)
+        metrics = self.metrics
+        metrics.in_flight.dec(len(entry.records))
+        metrics.ack_seconds.observe(time.monotonic() - entry.sent_at)
+        metrics.batches.inc()
+        for kind, count in entry.kinds.items():
+            metrics.records.labels(kind).inc(count)
+        metrics.ticks.inc(entry.ticks)
+        metrics.bytes.inc(entry.size)
+        self.acknowledged += sum(entry.kinds.values())
+        self.acknowledged_ticks += entry.ticks
+        self._attempt = 0
+        if self._stalled and self._broken is None:
+            self._stalled = False
+            self.metrics.kafka_up.set(1)
+            self.log.info("mirror.kafka_recovered",
+                          down_s=round(time.monotonic() - self._down_since, 3),
+                          action="catching up from the streams")
+
+    def _note_stall(self, entry: InFlight) -> None:
+        if entry.warned:
+            return
+        entry.warned = True
+        self.metrics.stalls.inc()
+        if not self._stalled:
+            self._stalled = True
+            self._down_since = entry.sent_at
+            self.metrics.kafka_up.set(0)
+        self.log.warning("mirror.kafka_stalled",
+                         waiting_s=round(time.monotonic() - entry.sent_at, 3),
+                         in_flight_batches=len(self._in_flight),
+                         in_flight_records=sum(len(e.records) for e in self._in_flight),
+                         action="holding positions; new records wait in the Redis streams")
+
+    def _fail(self, exc: BaseException) -> None:
+        """A send failed: commit nothing more; the pump rewinds and retries."""
+        self._failures += 1
+        if self._broken is None:
+            self._broken = exc
+            self._broken_event.set()
+            self.metrics.kafka_failures.inc()
+            self.metrics.kafka_up.set(0)
+            if not self._stalled:
+                self._stalled = True
+                self._down_since = time.monotonic()
+            self.log.error("mirror.kafka_send_failed", error=repr(exc),
+                           in_flight_batches=len(self._in_flight),
+                           action="rewinding to the committed positions and retrying")
+        self._abandoned.extend(entry.acks for entry in self._in_flight)
+        for entry in self._in_flight:
+            self.metrics.in_flight.dec(len(entry.records))
+        self._in_flight.clear()
+        self._room.set()
+
+    async def _recover(self) -> None:
+        """Wait out what is still in the air, back off, rewind; the next batch is the probe."""
+        assert self.consumer is not None
+        if self._abandoned:
+            await asyncio.wait(self._abandoned)
+            self._abandoned.clear()
+        self._attempt += 1
+        delay_ms = min(self.settings.retry_max_ms,
+                       self.settings.retry_initial_ms * 2 ** min(self._attempt - 1, 16))
+        delay_s = delay_ms / 1000 * random.uniform(0.8, 1.2)
+        self.log.info("mirror.retrying", attempt=self._attempt, delay_s=round(delay_s, 3))
+        await asyncio.sleep(delay_s)
+        self.consumer.rewind()
+        self._broken = None
+        self._broken_event.clear()
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def lag_records(self) -> int:
+        """Records published on Redis and not yet acknowledged by Kafka (approximately)."""
+        consumer = self.consumer
+        if consumer is None:
+            return 0
+        in_flight = sum(len(entry.records) for entry in self._in_flight)
+        return consumer.behind_records + len(consumer._queue) + in_flight
+
+    def oldest_unacked_s(self) -> float:
+        """Age of the oldest unacknowledged batch (0 when none)."""
+        return time.monotonic() - self._in_flight[0].sent_at if self._in_flight else 0.0
+
+    @property
+    def falling_behind(self) -> bool:
+        """True while the input overflows or Kafka is stalled or failing."""
+        consumer = self.consumer
+        return bool(self._stalled or self._broken is not None
+                    or (consumer is not None and consumer.falling_behind))
+
+    def _behind_reason(self) -> str:
+        if self._broken is not None:
+            return "Kafka sends are failing"
+        if self._stalled:
+            return "Kafka is not acknowledging"
+        return "records arrive faster than they are forwarded (reading the streams)"
+
+    async def _report(self) -> None:
+        """Every second: gauges, and one log line when the mirror falls behind or catches up."""
+        lag = self.lag_records()
+        behind = self.falling_behind or lag > self.settings.queue_max_records
+        self.metrics.lag_records.set(lag)
+        self.metrics.oldest_unacked.set(self.oldest_unacked_s())
+        self.metrics.falling_behind.set(1 if behind else 0)
+        now = time.monotonic()
+        if behind and not self._episode_since:
+            self._episode_since = now
+            self._episode_max_lag = lag
+            self._episode_start_acked = self.acknowledged
+            self.log.warning("mirror.falling_behind", reason=self._behind_reason(),
+                             lag_records=lag, in_flight_batches=len(self._in_flight))
+        elif behind:
+            self._episode_max_lag = max(self._episode_max_lag, lag)
+        elif self._episode_since and lag == 0:
+            self.log.info("mirror.caught_up", behind_s=round(now - self._episode_since, 3),
+                          max_lag_records=self._episode_max_lag,
+                          forwarded_meanwhile=self.acknowledged - self._episode_start_acked,
+                          kafka_failures=self._failures,
+                          resubscribes=self.consumer.resubscribes if self.consumer else 0)
+            self._episode_since = 0.0

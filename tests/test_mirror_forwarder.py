@@ -1,0 +1,185 @@
+"""The forwarder in-process against real Redis and the Kafka-protocol broker."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Callable
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from libs.common.kafka_io import read_from_beginning, record_identity
+from libs.common.localstack import TansuBroker
+from libs.common.redis_io import Keys, Publisher
+from libs.common.schemas import DeadLetter, TickBatch, Trade
+from libs.common.settings import load_settings
+from services.mirror.audit import audit
+from services.mirror.config import MirrorSettings
+from services.mirror.forwarder import MirrorActor
+from tests.helpers import eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def ticks(symbol: str, count: int = 3) -> TickBatch:
+    return TickBatch(seq=0, sym=symbol, ticks=[
+        Trade(sym=symbol, p=10.0 + i, s=100, t=1_381_152_600_000 + i) for i in range(count)])
+
+
+def mirror_settings(redis_url: str, kafka_bootstrap: str, name: str, **extra: str
+                    ) -> MirrorSettings:
+    """Settings isolated to one test: its own key prefix, channels, topics and consumer."""
+    env = {
+        "MIRROR_REDIS_URL": redis_url,
+        "MIRROR_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "MIRROR_KEY_PREFIX": f"{name}:",
+        "MIRROR_ROUTES": msgspec.json.encode([
+            {"pattern": f"ticks.{name}*", "schema": "TickBatch",
+             "single_topic": f"single.{name}"},
+        ]).decode(),
+        "MIRROR_DEADLETTER_TOPIC": f"dlq.{name}",
+        "MIRROR_SWEEP_INTERVAL_MS": "200",
+        "MIRROR_KAFKA_IDLE_MS": "1000",
+        "MIRROR_RECONCILE_INTERVAL_S": "0",
+    }
+    env.update({f"MIRROR_{key.upper()}": value for key, value in extra.items()})
+    return load_settings(MirrorSettings, env)
+
+
+class Running:
+    """A MirrorActor started in this event loop."""
+
+    def __init__(self, settings: MirrorSettings, client: aioredis.Redis) -> None:
+        self.registry = CollectorRegistry()
+        self.actor = MirrorActor(settings, client, registry=self.registry)
+
+    async def __aenter__(self) -> MirrorActor:
+        await self.actor.start()
+        return self.actor
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.actor.stop(10)
+
+
+@pytest.fixture
+def name(unique_name: Callable[[str], str]) -> str:
+    return unique_name("M").replace("-", "")[-40:]
+
+
+async def test_every_record_reaches_kafka_in_order_with_key_and_sequence_headers(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
+) -> None:
+    settings = mirror_settings(redis_url, kafka_bootstrap, name)
+    publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
+    channels = [f"ticks.{name}A", f"ticks.{name}B"]
+    for channel in channels:  # published before the mirror starts: read from the streams
+        await publisher.publish_many([(channel, ticks("X"))] * 30)
+    async with Running(settings, redis_client) as mirror:
+        for channel in channels:  # and while it runs: pub/sub
+            await publisher.publish_many([(channel, ticks("X"))] * 30)
+        await eventually(lambda: mirror.acknowledged == 120, timeout=30)
+    for channel in channels:
+        records = []
+        async for chunk in read_from_beginning(settings, [channel]):
+            records.extend(chunk)
+        assert [record_identity(r.headers) for r in records] == [
+            (channel, seq) for seq in range(1, 61)]
+        assert {r.key for r in records} == {channel.split(".")[1].encode()}
+        assert msgspec.json.decode(records[0].value, type=TickBatch).seq == 1
+    result = await audit(settings, redis_client)
+    assert (result.published, result.missing, result.duplicates) == (120, 0, 0)
+
+
+async def test_undecodable_records_go_to_the_dead_letter_topic_and_delivery_goes_on(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
+) -> None:
+    settings = mirror_settings(redis_url, kafka_bootstrap, name)
+    publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
+    channel = f"ticks.{name}"
+    async with Running(settings, redis_client) as mirror:
+        await publisher.publish(channel, ticks("X"))
+        await publisher.publish(channel, b'{"seq":0,"sym":"X","ticks":"not a list"}')
+        await publisher.publish(channel, ticks("X"))
+        await eventually(lambda: mirror.acknowledged == 2, timeout=30)
+        await eventually(lambda: mirror.registry.get_sample_value(
+            "tickmesh_dead_letters_total", {"service": "mirror", "source_kind": "ticks"}) == 1)
+    letters = []
+    async for chunk in read_from_beginning(settings, [settings.deadletter_topic]):
+        letters.extend(chunk)
+    assert len(letters) == 1
+    letter = msgspec.json.decode(letters[0].value, type=DeadLetter)
+    assert (letter.source, letter.seq, letter.service) == (channel, 2, "mirror")
+    assert "TickBatch" in letter.error
+    assert b"not a list" in letter.raw
+    assert letters[0].key == channel.encode()
+    assert base64.b64encode(letter.raw) in letters[0].value  # raw travels as base64
+    result = await audit(settings, redis_client)
+    assert (result.published, result.missing, result.deadLettered) == (3, 0, 1)
+
+
+async def test_a_restart_resumes_after_what_kafka_acknowledged(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
+) -> None:
+    settings = mirror_settings(redis_url, kafka_bootstrap, name)
+    publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
+    channel = f"ticks.{name}"
+    async with Running(settings, redis_client) as mirror:
+        await publisher.publish_many([(channel, ticks("X"))] * 50)
+        await eventually(lambda: mirror.acknowledged == 50, timeout=30)
+    await publisher.publish_many([(channel, ticks("X"))] * 50)  # while it is stopped
+    async with Running(settings, redis_client) as mirror:
+        await eventually(lambda: mirror.acknowledged == 50, timeout=30)
+    result = await audit(settings, redis_client)
+    assert (result.published, result.inKafka, result.missing, result.duplicates) == (
+        100, 100, 0, 0)
+
+
+async def test_single_topic_mode_keys_every_symbol_in_one_topic(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
+) -> None:
+    settings = mirror_settings(redis_url, kafka_bootstrap, name, topic_mode="single")
+    publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
+    async with Running(settings, redis_client) as mirror:
+        await publisher.publish_many([(f"ticks.{name}A", ticks("A"))] * 5
+                                     + [(f"ticks.{name}B", ticks("B"))] * 5)
+        await eventually(lambda: mirror.acknowledged == 10, timeout=30)
+    records = []
+    async for chunk in read_from_beginning(settings, [f"single.{name}"]):
+        records.extend(chunk)
+    assert sorted({r.key for r in records}) == [f"{name}A".encode(), f"{name}B".encode()]
+    assert len(records) == 10
+
+
+async def test_when_kafka_fails_positions_hold_and_everything_arrives_after_it_returns(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str,
+    kafka_broker: TansuBroker, name: str
+) -> None:
+    # a short produce timeout turns the pause into failed sends (not just a stall)
+    settings = mirror_settings(redis_url, kafka_bootstrap, name, produce_timeout_ms="1500",
+                               retry_initial_ms="100", retry_max_ms="500",
+                               stall_warn_ms="500")
+    publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
+    channel = f"ticks.{name}"
+    positions_key = Keys(settings.key_prefix).state(f"positions:{settings.consumer_name}")
+    async with Running(settings, redis_client) as mirror:
+        await publisher.publish_many([(channel, ticks("X"))] * 20)
+        await eventually(lambda: mirror.acknowledged == 20, timeout=30)
+        kafka_broker.pause()
+        try:
+            for _ in range(10):
+                await publisher.publish_many([(channel, ticks("X"))] * 20)
+                await asyncio.sleep(0.3)
+            await eventually(lambda: mirror.registry.get_sample_value(
+                "tickmesh_mirror_kafka_failures_total") >= 1, timeout=20)
+            assert int(await redis_client.hget(positions_key, channel)) <= 20 + 20
+            assert mirror.falling_behind
+        finally:
+            kafka_broker.resume()
+        await eventually(lambda: mirror.acknowledged >= 220 and not mirror.falling_behind,
+                         timeout=60)
+        assert int(await redis_client.hget(positions_key, channel)) == 220
+    result = await audit(settings, redis_client)
+    assert (result.published, result.inKafka, result.missing) == (220, 220, 0)
