@@ -1,0 +1,216 @@
+"""The reconciler against real Redis (bar store, vendor streams) and Kafka (shadow bars)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import date, timedelta
+from pathlib import Path
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from libs.common.barstore import BarStore
+from libs.common.clock import ManualClock, bar_id, ny_epoch_ms, ts_et
+from libs.common.kafka_io import read_from_beginning
+from libs.common.redis_io import Keys, Publisher
+from libs.common.schemas import AggregateBatch, Bar, ParityReport, VendorAggregate, encode
+from libs.common.settings import load_settings
+from libs.common.tickfiles import read_lean_minute_bars
+from services.mirror.config import MirrorSettings
+from services.mirror.reconciler import ParityGauges, Reconciler, ReconcilerActor
+from tests.helpers import eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DAY = date(2013, 10, 7)
+
+
+def env_for(redis_url: str, kafka_bootstrap: str, name: str) -> dict[str, str]:
+    return {
+        "MIRROR_REDIS_URL": redis_url,
+        "MIRROR_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "MIRROR_KEY_PREFIX": f"{name}:",
+        "MIRROR_KAFKA_BARS_TOPIC": f"bars-{name}.{{symbol}}.1m",
+        "MIRROR_PARITY_TOPIC": f"parity-{name}",
+        "MIRROR_KAFKA_IDLE_MS": "1000",
+    }
+
+
+def demo_bars(shared_data: Path, symbol: str, day: date = DEMO_DAY) -> list[Bar]:
+    """The vendor's minute bars of a real day, as our Bar records."""
+    path = shared_data / "minute" / symbol.lower() / f"{day:%Y%m%d}_trade.zip"
+    bars = []
+    for minute in read_lean_minute_bars(path, day):
+        vwap = round((minute.open + minute.high + minute.low + minute.close) / 4, 4)
+        bars.append(Bar(seq=0, symbol=symbol, tsET=ts_et(minute.start_ms),
+                        barId=bar_id(minute.start_ms), open=minute.open, high=minute.high,
+                        low=minute.low, close=minute.close, volume=minute.volume, vwap=vwap,
+                        trades=max(1, minute.volume // 100), startMs=minute.start_ms,
+                        endMs=minute.start_ms + 60_000))
+    return bars
+
+
+def synthetic_bars(symbol: str, day: date, minutes: int = 30) -> list[Bar]:
+    start = ny_epoch_ms(day, 9, 30)
+    return [Bar(seq=0, symbol=symbol, tsET=ts_et(start + m * 60_000),
+                barId=bar_id(start + m * 60_000), open=10.0, high=11.0, low=9.0,
+                close=10.0 + m / 100, volume=100 + m, vwap=10.1, trades=3,
+                startMs=start + m * 60_000, endMs=start + (m + 1) * 60_000)
+            for m in range(minutes)]
+
+
+async def produce_bars(kafka_bootstrap: str, topic_of: Callable[[str], str], bars: list[Bar]
+                       ) -> None:
+    """What the shadow bar builder would have produced."""
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for bar in bars:
+            await producer.send(topic_of(bar.symbol), encode(bar), key=bar.symbol.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def publish_vendor(client: aioredis.Redis, keys: Keys, bars: list[Bar]) -> None:
+    """The vendor's AM aggregates on aggs.<SYM>.1m, one per minute."""
+    publisher = Publisher(client, keys=keys)
+    await publisher.publish_many([
+        (f"aggs.{bar.symbol}.1m", AggregateBatch(seq=0, sym=bar.symbol, aggs=[VendorAggregate(
+            sym=bar.symbol, o=bar.open, h=bar.high, l=bar.low, c=bar.close, v=bar.volume,
+            s=bar.startMs, e=bar.endMs)]))
+        for bar in bars
+    ])
+
+
+@pytest.fixture
+def name(unique_name: Callable[[str], str]) -> str:
+    return unique_name("R").replace("-", "")[-40:]
+
+
+async def test_reconcile_over_an_undisturbed_demo_day_prints_100_percent(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str,
+    shared_data: Path, tmp_path: Path
+) -> None:
+    env = env_for(redis_url, kafka_bootstrap, name)
+    settings = load_settings(MirrorSettings, env)
+    keys = Keys(settings.key_prefix)
+    bars = demo_bars(shared_data, "SPY") + demo_bars(shared_data, "IBM")
+    await BarStore(redis_client, keys).put_many(bars)
+    await produce_bars(kafka_bootstrap, lambda s: f"bars-{name}.{s}.1m", bars)
+    await publish_vendor(redis_client, keys, bars)
+
+    out = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "services.mirror", "reconcile", "--date", "2013-10-07",
+         "--out", str(out), "--quiet"],
+        cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    report = done.stdout
+    first = report.splitlines()
+    assert first[0] == "# Shadow-mode parity — 2013-10-07"
+    assert first[2].startswith(f"**Parity 100 %** (target 99.9 %, at target): "
+                               f"{len(bars):,} of {len(bars):,} symbol-minutes match across "
+                               f"2 symbols")
+    assert "**Agreement 100 %**" in report  # the vendor check
+    assert "Mismatches" not in report and "Missing in" not in report
+    data = msgspec.json.decode(out.read_bytes())
+    assert data["parity"]["totals"]["parityPct"] == 100.0
+    assert data["parity"]["totals"]["matched"] == len(bars)
+
+    published = []
+    async for chunk in read_from_beginning(settings, [settings.parity_topic]):
+        published.extend(chunk)
+    assert [record.key for record in published] == [b"2013-10-07"]
+    record = msgspec.json.decode(published[0].value, type=ParityReport)
+    assert (record.day, record.parityPct, record.matched, record.promotionReady) == (
+        "2013-10-07", 100.0, len(bars), False)  # one day is not five
+
+
+async def test_a_disturbed_day_is_reported_kind_by_kind(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
+) -> None:
+    settings = load_settings(MirrorSettings, env_for(redis_url, kafka_bootstrap, name))
+    keys = Keys(settings.key_prefix)
+    day = DEMO_DAY
+    redis_side = synthetic_bars("AAA", day) + synthetic_bars("BBB", day)
+    kafka_side = list(redis_side)
+    kafka_side[3] = msgspec.structs.replace(kafka_side[3], high=11.5)  # mismatch (AAA 09:33)
+    del kafka_side[10]  # missing in Kafka (AAA 09:40)
+    kafka_side.append(kafka_side[40])  # duplicate (BBB 09:40)
+    kafka_only = synthetic_bars("CCC", day, minutes=2)  # missing in Redis (a whole symbol)
+    await BarStore(redis_client, keys).put_many(redis_side)
+    await produce_bars(kafka_bootstrap, lambda s: f"bars-{name}.{s}.1m", kafka_side + kafka_only)
+
+    registry = CollectorRegistry()
+    reconciler = Reconciler(settings, redis_client, gauges=ParityGauges(registry, 5))
+    report = await reconciler.run(day, min_age_s=0, publish=False)
+    await reconciler.close()
+    totals = report.parity.totals
+    assert (totals.matched, totals.mismatched, totals.missingKafka, totals.missingRedis,
+            totals.duplicates) == (58, 1, 1, 2, 1)
+    assert [p.symbol for p in report.parity.symbols] == ["CCC", "AAA", "BBB"]  # worst first
+    mismatch = report.parity.mismatches[0]
+    assert (mismatch.symbol, mismatch.tsET[11:16], [d.field for d in mismatch.fields]) == (
+        "AAA", "09:33", ["high"])
+    assert [(m.symbol, m.tsET[11:16]) for m in report.parity.missingKafka] == [("AAA", "09:40")]
+    assert [m.symbol for m in report.parity.missingRedis] == ["CCC", "CCC"]
+    assert [(d.symbol, d.copies) for d in report.parity.duplicates] == [("BBB", 2)]
+    assert registry.get_sample_value("tickmesh_parity_percent",
+                                     {"symbol": "CCC", "day": "2013-10-07"}) == 0.0
+    assert registry.get_sample_value("tickmesh_parity_minutes",
+                                     {"day": "2013-10-07", "outcome": "mismatched"}) == 1
+
+
+async def test_five_trading_days_at_target_make_the_gate_ready(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
+) -> None:
+    settings = load_settings(MirrorSettings, env_for(redis_url, kafka_bootstrap, name))
+    keys = Keys(settings.key_prefix)
+    days = [date(2013, 10, 1) + timedelta(days=offset) for offset in range(7)]
+    trading = [day for day in days if day.weekday() < 5]
+    for day in trading:
+        bars = synthetic_bars("AAA", day, minutes=5)
+        await BarStore(redis_client, keys).put_many(bars)
+        await produce_bars(kafka_bootstrap, lambda s: f"bars-{name}.{s}.1m", bars)
+    registry = CollectorRegistry()
+    reconciler = Reconciler(settings, redis_client, gauges=ParityGauges(registry, 5))
+    reports = [await reconciler.run(day, min_age_s=0, publish=False, vendor=False)
+               for day in trading]
+    await reconciler.close()
+    assert [r.gate.ready for r in reports] == [False, False, False, False, True]
+    assert reports[-1].gate.passing == 5
+    assert registry.get_sample_value("tickmesh_parity_promotion_ready") == 1
+    assert registry.get_sample_value("tickmesh_parity_gate_passing_days") == 5
+
+
+async def test_the_timer_ignores_bars_still_in_flight(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
+) -> None:
+    env = env_for(redis_url, kafka_bootstrap, name)
+    env.update({"MIRROR_RECONCILE_INTERVAL_S": "0.2", "MIRROR_RECONCILE_MIN_AGE_S": "120"})
+    settings = load_settings(MirrorSettings, env)
+    keys = Keys(settings.key_prefix)
+    bars = synthetic_bars("AAA", DEMO_DAY, minutes=10)
+    await BarStore(redis_client, keys).put_many(bars)
+    await produce_bars(kafka_bootstrap, lambda s: f"bars-{name}.{s}.1m", bars[:7])
+    # "now" is 09:41:30: bars ending after 09:39:30 may still be in flight
+    clock = ManualClock(ny_epoch_ms(DEMO_DAY, 9, 41) + 30_000)
+    registry = CollectorRegistry()
+    actor = ReconcilerActor(settings, redis_client, registry=registry, clock=clock)
+    await actor.start()
+    try:
+        await eventually(lambda: actor.last_report is not None, timeout=20)
+    finally:
+        await actor.stop()
+    totals = actor.last_report.parity.totals
+    assert (totals.matched, totals.missingKafka, totals.pending) == (7, 2, 1)
+    assert registry.get_sample_value("tickmesh_parity_minutes",
+                                     {"day": "2013-10-07", "outcome": "pending"}) == 1
