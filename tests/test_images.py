@@ -113,15 +113,13 @@ class Container:
     """One ``podman run -d --init --network host`` container, removed at the end."""
 
     def __init__(self, image: str, env: dict[str, str], *, name: str,
-                 entrypoint: list[str] | None = None, args: list[str] | None = None) -> None:
+                 args: list[str] | None = None) -> None:
         self.name = name
         command = ["podman", "run", "-d", "--init", "--network", "host", "--name", name,
                    # no systemd timer here: the HEALTHCHECK is run on demand below
                    "--health-interval", "disable"]
         for key, value in env.items():
             command += ["-e", f"{key}={value}"]
-        if entrypoint:
-            command += ["--entrypoint", json.dumps(entrypoint)]
         command += [image, *(args or [])]
         run(command, timeout=60)
 
@@ -183,11 +181,11 @@ async def test_each_image_runs_answers_health_and_metrics_as_non_root(
     redis_url: str = redis_server.url  # type: ignore[attr-defined]
     bootstrap: str = kafka_broker.bootstrap  # type: ignore[attr-defined]
     sim_port = free_port()
+    # The simulator from the ingest image, as deploy/compose.yaml runs it (`simulate`).
     containers.append(Container(
         f"{PREFIX}ingest:{TAG}", {"SIM_API_KEY": SIM_KEY}, name=f"tickmesh-test-sim-{run_id}",
-        entrypoint=["python", "-m", "services.ingest.simulator"],
-        args=["--host", "127.0.0.1", "--port", str(sim_port), "--synthetic-symbols", "3",
-              "--rate", "30"],
+        args=["simulate", "--host", "127.0.0.1", "--port", str(sim_port),
+              "--synthetic-symbols", "3", "--rate", "30"],
     ))
     ports = {service: free_port() for service in SERVICES}
     by_service: dict[str, Container] = {}
