@@ -292,6 +292,19 @@ async def test_prometheus_scrapes_every_service_key_series(
     await eventually(every_key_series_present, timeout=90, interval=1.0,
                      message=lambda: f"series missing: {missing}\n{diagnose()}")
 
+    # Every query of the Grafana dashboard is valid PromQL for this Prometheus, and the
+    # panels about series that exist by now show data.
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "tickmesh.json").read_text())
+    empty_panels = []
+    for panel in dashboard["panels"]:
+        results = [query(prom_port, target["expr"]) for target in panel.get("targets", [])]
+        if panel.get("targets") and not any(results):
+            empty_panels.append(panel["title"])
+    print(f"\n[prometheus] dashboard panels without data yet: {empty_panels}")
+    for title in ("Services up", "Feed lag", "Ticks/s", "Mirror lag", "Feed connection",
+                  "Actor restarts (per 5 min)", "Dead letters (per 5 min)"):
+        assert title not in empty_panels, f"dashboard panel {title!r} shows nothing"
+
     rules = api(prom_port, "/api/v1/rules")
     loaded = {rule["name"] for group in rules["groups"] for rule in group["rules"]}
     assert "TickmeshServiceDown" in loaded, f"alert rules not loaded: {loaded}"

@@ -28,8 +28,9 @@ ROWS: list[tuple[str, list[Panel]]] = [
             (f'sum by (job, role) (up{{job=~"{SERVICE_JOBS}"}})', "scraped {{job}} {{role}}"),
         ], "1 per running service process; 'scraped' is Prometheus reaching /metrics.", "stat"),
         ("Actor restarts (per 5 min)", "none", [
-            ("sum by (job, role, actor) (increase(tickmesh_actor_restarts_total[5m]))",
-             "{{job}} {{role}} {{actor}}"),
+            # "or ... * 0": a flat zero per service instead of "No data" before any restart
+            (("sum by (job, role, actor) (increase(tickmesh_actor_restarts_total[5m]))"
+             " or sum by (job, role) (tickmesh_up * 0)"), "{{job}} {{role}} {{actor}}"),
         ], ("Supervisor restarts. Past the budget the process exits (70) and the container "
            "restarts it; see the runbook."), "timeseries"),
         ("Actors not running", "none", [
@@ -88,8 +89,8 @@ ROWS: list[tuple[str, list[Panel]]] = [
             ("sum by (kind) (rate(tickmesh_mirror_records_total[1m]))", "{{kind}}"),
         ], "Records acknowledged by Kafka per second, by kind.", "timeseries"),
         ("Dead letters (per 5 min)", "none", [
-            ("sum by (job, service, source_kind) (increase(tickmesh_dead_letters_total[5m]))",
-             "{{service}} {{source_kind}}"),
+            (("sum by (job, service, source_kind) (increase(tickmesh_dead_letters_total[5m]))"
+             " or sum by (job) (tickmesh_up * 0)"), "{{job}} {{service}} {{source_kind}}"),
         ], "Records that failed to decode or validate, sent to the dead-letter stream/topic.",
            "timeseries"),
         ("Consumer gaps and losses (per 5 min)", "none", [
