@@ -1230,7 +1230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(json.dumps(answer))
         return 0
-    args = build_parser().parse_args(args_list)
+    return serve_from_args(build_parser().parse_args(args_list))
+
+
+def serve_from_args(args: argparse.Namespace) -> int:
+    """Serve with parsed ``simulate`` arguments until a signal or the feed's end."""
     try:
         settings = settings_from_args(args)
     except ValueError as exc:

@@ -1,0 +1,314 @@
+"""The whole mesh on one machine, as separate OS processes: for the demo and end-to-end tests.
+
+``Mesh`` starts, against a ``LocalStack``, the Polygon simulator and the services — ingest,
+bars (Redis, primary), bars (Kafka, shadow), engine_bridge and mirror — each as
+``python -m services.<name> run`` with its settings in the environment and its JSON log in a
+file. It waits until the simulator has replayed its feed and the pipeline has settled, then
+reads the figures of the run from the services' ``/metrics`` and from Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from libs.common.localstack import LocalStack, free_port
+
+SIM_KEY = "tickmesh-demo-key"
+
+
+@dataclass
+class MeshOptions:
+    """What the mesh replays and how."""
+
+    workdir: Path
+    data_dir: Path | None = None
+    day: str | None = None
+    symbols: list[str] = field(default_factory=lambda: ["SPY", "IBM", "AIG", "BAC"])
+    speed: float = 0.0
+    synthetic_symbols: int = 20
+    synthetic_rate: int = 5_000
+    duration_s: float = 20.0
+    grace_ms: int = 1_000
+    shadow: bool = True
+    strategy: str = "golden_cross"
+    run_id: str = "demo"
+
+
+@dataclass
+class ServiceProcess:
+    """One running service."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    http_port: int
+    log_path: Path
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Scrape ``/metrics`` into ``{(sample name, labels): value}``."""
+        url = f"http://127.0.0.1:{self.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
+            text = response.read().decode()
+        samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return samples
+
+    def metric_sum(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples whose labels include ``labels``; 0 if unreachable."""
+        try:
+            samples = self.metrics()
+        except OSError:
+            return 0.0
+        return sum(
+            value for (sample, sample_labels), value in samples.items()
+            if sample == name and all(dict(sample_labels).get(k) == v for k, v in labels.items())
+        )
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the service's log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Mesh:
+    """Start, watch and stop the whole mesh."""
+
+    def __init__(self, stack: LocalStack, options: MeshOptions,
+                 python: str = sys.executable) -> None:
+        self.stack = stack
+        self.options = options
+        self.python = python
+        self.services: dict[str, ServiceProcess] = {}
+        self.simulator: subprocess.Popen[bytes] | None = None
+        self.simulator_port = 0
+        options.workdir.mkdir(parents=True, exist_ok=True)
+
+    def _base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "TICKMESH_REDIS_URL": self.stack.redis.url,
+            "TICKMESH_KAFKA_BOOTSTRAP": self.stack.kafka.bootstrap,
+            "TICKMESH_MODE": "sim",
+            "TICKMESH_LOG_FORMAT": "json",
+            "TICKMESH_RUN_ID": self.options.run_id,
+            "TICKMESH_HEARTBEAT_INTERVAL_MS": "1000",
+            "TICKMESH_HTTP_HOST": "127.0.0.1",
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log_path = self.options.workdir / f"{name}.log"
+        log_file = log_path.open("wb")
+        try:
+            return subprocess.Popen(
+                [self.python, *args], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        finally:
+            log_file.close()
+
+    def start_service(self, name: str, module: str, prefix: str,
+                      extra: dict[str, str] | None = None) -> ServiceProcess:
+        """Start ``python -m services.<module> run`` with its settings."""
+        port = free_port()
+        env = self._base_env()
+        env[f"{prefix}HTTP_PORT"] = str(port)
+        env.update(extra or {})
+        process = self._spawn(name, ["-m", f"services.{module}", "run"], env)
+        service = ServiceProcess(name, process, port, self.options.workdir / f"{name}.log")
+        self.services[name] = service
+        return service
+
+    def start_simulator(self) -> None:
+        """Start the Polygon-compatible simulator on a free port."""
+        options = self.options
+        self.simulator_port = free_port()
+        args = ["-m", "services.ingest", "simulate", "--host", "127.0.0.1",
+                "--port", str(self.simulator_port), "--speed", str(options.speed)]
+        if options.data_dir is not None:
+            args += ["--data", str(options.data_dir), "--date", str(options.day),
+                     "--symbols", ",".join(options.symbols), "--exit-when-done"]
+        else:
+            args += ["--synthetic-symbols", str(options.synthetic_symbols),
+                     "--rate", str(options.synthetic_rate), "--duration-s",
+                     str(options.duration_s), "--seed", "7"]
+        env = self._base_env()
+        env["SIM_API_KEY"] = SIM_KEY
+        self.simulator = self._spawn("simulator", args, env)
+
+    def start(self) -> None:
+        """Start everything: consumers first, so nothing relies on catching up."""
+        options = self.options
+        grace = {"BARS_GRACE_MS": str(options.grace_ms)}
+        self.start_service("mirror", "mirror", "MIRROR_")
+        self.start_service("bars", "bars", "BARS_", grace)
+        if options.shadow:
+            self.start_service("bars-shadow", "bars", "BARS_",
+                               {**grace, "BARS_SOURCE": "kafka",
+                                "BARS_KAFKA_GROUP": f"{options.run_id}-shadow"})
+        self.start_service("engine_bridge", "engine_bridge", "BRIDGE_",
+                           {"BRIDGE_STRATEGY": options.strategy})
+        self.start_simulator()
+        self.wait_ready(list(self.services), timeout_s=90)
+        self.start_service("ingest", "ingest", "INGEST_", {
+            "INGEST_POLYGON_URL": f"ws://127.0.0.1:{self.simulator_port}/stocks",
+            "POLYGON_API_KEY": SIM_KEY,
+            "INGEST_SYMBOLS": "*" if options.data_dir is None else ",".join(options.symbols),
+            "INGEST_EVENT_TYPES": "T,AM",
+        })
+        self.wait_ready(["ingest"], timeout_s=60)
+
+    def check_alive(self) -> None:
+        """Raise with the log tail when a service has died."""
+        for service in self.services.values():
+            code = service.process.poll()
+            if code is not None:
+                raise RuntimeError(f"service {service.name} exited with {code}:\n"
+                                   f"{service.log_tail()}")
+
+    def wait_ready(self, names: list[str], timeout_s: float) -> None:
+        """Wait until each named service answers /readyz with 200."""
+        deadline = time.monotonic() + timeout_s
+        pending = set(names)
+        while pending:
+            self.check_alive()
+            for name in sorted(pending):
+                url = f"http://127.0.0.1:{self.services[name].http_port}/readyz"
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310
+                        if response.status == 200:
+                            pending.discard(name)
+                except OSError:
+                    pass
+            if pending and time.monotonic() > deadline:
+                tails = "\n".join(f"--- {n}\n{self.services[n].log_tail()}" for n in pending)
+                raise TimeoutError(f"not ready after {timeout_s:g} s: {sorted(pending)}\n{tails}")
+            time.sleep(0.2)
+
+    def wait_feed_done(self, timeout_s: float) -> None:
+        """Wait for the simulator to finish its feed (it exits when done)."""
+        assert self.simulator is not None
+        deadline = time.monotonic() + timeout_s
+        while self.simulator.poll() is None:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the simulator did not finish within {timeout_s:g} s")
+            time.sleep(0.5)
+
+    def progress(self) -> tuple[float, ...]:
+        """Counters that move while data flows (for settling)."""
+        figures = [
+            self.services["ingest"].metric_sum("tickmesh_ingest_frames_total"),
+            self.services["bars"].metric_sum("tickmesh_bars_published_total"),
+            self.services["mirror"].metric_sum("tickmesh_consumer_records_total", kind="ticks"),
+            self.services["mirror"].metric_sum("tickmesh_consumer_records_total", kind="bars"),
+        ]
+        if "bars-shadow" in self.services:
+            figures.append(self.services["bars-shadow"].metric_sum("tickmesh_bars_published_total"))
+        return tuple(figures)
+
+    def wait_settled(self, quiet_s: float, timeout_s: float) -> None:
+        """Wait until no counter moved for ``quiet_s`` (bars closed, mirror caught up)."""
+        deadline = time.monotonic() + timeout_s
+        last = self.progress()
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < quiet_s:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the mesh did not settle within {timeout_s:g} s")
+            time.sleep(0.5)
+            now = self.progress()
+            if now != last:
+                last, quiet_since = now, time.monotonic()
+
+    def kafka_counts(self, idle_ms: int = 1_500) -> dict[str, int]:
+        """Records per Kafka topic, read from the beginning."""
+        return asyncio.run(count_topic_records(self.stack.kafka.bootstrap, idle_ms))
+
+    def stop(self) -> None:
+        """SIGTERM every process (each drains within its deadline), SIGKILL stragglers."""
+        processes = [s.process for s in self.services.values()]
+        if self.simulator is not None:
+            processes.append(self.simulator)
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for process in processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def count_topic_records(bootstrap: str, idle_ms: int = 1_500,
+                              topics: list[str] | None = None) -> dict[str, int]:
+    """Count the records of every topic (or ``topics``) from the beginning, until idle."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                group_id=None, fetch_max_wait_ms=50, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        names = sorted(topics if topics is not None else await consumer.topics())
+        partitions = [
+            TopicPartition(topic, partition)
+            for topic in names
+            for partition in sorted(consumer.partitions_for_topic(topic) or {0})
+        ]
+        counts = dict.fromkeys(names, 0)
+        if not partitions:
+            return counts
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        while True:
+            fetched = await consumer.getmany(timeout_ms=idle_ms, max_records=10_000)
+            if not fetched:
+                return counts
+            for partition, messages in fetched.items():
+                counts[partition.topic] += len(messages)
+    finally:
+        await consumer.stop()
+
+
+async def read_topic(bootstrap: str, topic: str, idle_ms: int = 1_500,
+                     max_s: float = 60.0) -> list[bytes]:
+    """The record values of ``topic`` from the beginning, until idle or ``max_s`` passed
+    (a topic that never goes idle, such as heartbeats, is read for ``max_s``)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                group_id=None, fetch_max_wait_ms=50)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        partitions = [TopicPartition(topic, p)
+                      for p in sorted(consumer.partitions_for_topic(topic) or {0})]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        values: list[bytes] = []
+        deadline = time.monotonic() + max_s
+        while time.monotonic() < deadline:
+            fetched = await consumer.getmany(timeout_ms=idle_ms, max_records=10_000)
+            if not fetched:
+                return values
+            for messages in fetched.values():
+                values.extend(message.value for message in messages)
+        return values
+    finally:
+        await consumer.stop()

@@ -1,0 +1,100 @@
+"""Sequenced publishing against a real redis-server: seq, stream, pub/sub, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from libs.common.barstore import BarStore
+from libs.common.redis_io import Keys, Publisher, StreamReader, Subscriber, connect_redis, \
+    record_tail, redact_url
+from libs.common.schemas import Bar, TickBatch, Trade, decode, seq_of
+
+pytestmark = pytest.mark.integration
+
+
+def batch(sym: str, price: float = 1.0) -> TickBatch:
+    return TickBatch(0, sym, [Trade(sym, price, 100, 1_381_152_600_000)])
+
+
+async def test_publish_assigns_gapless_per_channel_sequences_in_one_round_trip(
+    redis_client, unique_name  # type: ignore[no-untyped-def]
+) -> None:
+    keys = Keys(unique_name("k") + ":")
+    publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
+    a, b = f"ticks.{unique_name('A')}", f"ticks.{unique_name('B')}"
+    seqs = await publisher.publish_many([(a, batch("A")), (b, batch("B")), (a, batch("A"))])
+    assert seqs == [1, 1, 2]
+    reader = StreamReader(redis_client, keys)
+    records = await reader.read(a)
+    assert [seq for seq, _ in records] == [1, 2]
+    assert [seq_of(payload) for _, payload in records] == [1, 2]
+    assert decode(records[1][1], TickBatch).sym == "A"
+    assert await reader.last_seq(a) == 2 and await reader.first_seq(a) == 1
+    assert await reader.read(a, after_seq=1) == records[1:]
+
+
+@pytest.mark.timeout(10)
+async def test_pubsub_carries_the_same_bytes_as_the_stream(redis_client, unique_name) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(unique_name("k") + ":")
+    publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
+    channel = f"ticks.{unique_name('S')}"
+    async with Subscriber(redis_client, [channel]) as subscriber:
+        await asyncio.sleep(0.05)
+        await publisher.publish(channel, batch("S"))
+        async for message in subscriber.messages(timeout_s=2):
+            if message is None:  # a subscribe confirmation or a quiet second
+                continue
+            assert message[0] == channel
+            assert message[1] == (await StreamReader(redis_client, keys).read(channel))[0][1]
+            break
+
+
+async def test_sequence_survives_a_lost_counter_key(redis_client, unique_name) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(unique_name("k") + ":")
+    publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
+    channel = f"ticks.{unique_name('S')}"
+    await publisher.publish_many([(channel, batch("S"))] * 3)
+    await redis_client.delete(keys.seq(channel))
+    assert await publisher.publish(channel, batch("S")) == 4
+
+
+async def test_stream_is_trimmed_to_its_bound(redis_client, unique_name) -> None:  # type: ignore[no-untyped-def]
+    keys = Keys(unique_name("k") + ":")
+    publisher = Publisher(redis_client, keys=keys, stream_maxlen=10, registry=CollectorRegistry())
+    channel = f"ticks.{unique_name('S')}"
+    for _ in range(20):
+        await publisher.publish_many([(channel, batch("S"))] * 50)
+    length = await redis_client.xlen(keys.stream(channel))
+    assert 10 <= length < 1000
+    assert await StreamReader(redis_client, keys).last_seq(channel) == 1000
+
+
+def test_records_must_start_with_a_zero_seq() -> None:
+    with pytest.raises(ValueError, match="seq"):
+        record_tail(b'{"sym":"SPY"}')
+    assert record_tail(batch("S")).startswith(b',"sym"')
+
+
+async def test_connect_gives_up_with_a_clear_error() -> None:
+    with pytest.raises(ConnectionError, match="unreachable"):
+        await connect_redis("redis://:secret@127.0.0.1:1/0", max_wait_s=0.3)
+
+
+def test_passwords_are_redacted_from_urls() -> None:
+    assert redact_url("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
+
+
+async def test_bar_store_keeps_the_newest_revision(redis_client, unique_name) -> None:  # type: ignore[no-untyped-def]
+    store = BarStore(redis_client, Keys(unique_name("k") + ":"))
+    start = 1_381_154_400_000
+    first = Bar(0, "SPY", "2013-10-07T10:00:00-04:00", 31, 1, 2, 0.5, 1.5, 100, 1.2, 3, start,
+                start + 60_000, 0)
+    revised = Bar(0, "SPY", first.tsET, 31, 1, 2, 0.5, 1.5, 200, 1.2, 4, start, start + 60_000, 1)
+    await store.put_many([revised])
+    await store.put_many([first])  # an older revision arriving late does not win
+    day = await store.day("SPY", __import__("datetime").date(2013, 10, 7))
+    assert day[start].volume == 200 and day[start].revision == 1
+    assert await store.symbols(__import__("datetime").date(2013, 10, 7)) == ["SPY"]
