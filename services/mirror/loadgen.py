@@ -145,8 +145,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         trades = trades[: args.limit]
     records = list(tick_records(trades, args.per_record, args.symbol))
     keys = Keys(args.prefix)
-    started = time.perf_counter()
     async with PipelinedPublisher(args.redis, keys, maxlen=args.maxlen) as publisher:
+        if args.started_file:
+            with open(args.started_file, "w") as marker:
+                marker.write(f"{time.time()}\n")  # wall clock: read by another process
+        started = time.perf_counter()
         for _ in range(args.repeat):
             await publisher.publish(args.channel, iter(records))
     seconds = time.perf_counter() - started
@@ -170,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-record", type=int, default=1, help="trades per record")
     parser.add_argument("--repeat", type=int, default=1, help="publish the day N times")
     parser.add_argument("--maxlen", type=int, default=2_000_000, help="stream MAXLEN")
+    parser.add_argument("--started-file", help="write the wall-clock time of the first "
+                                               "publish here")
     result = asyncio.run(main_async(parser.parse_args(argv)))
     sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
     return 0
