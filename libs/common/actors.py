@@ -25,9 +25,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import structlog
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from libs.common.clock import SYSTEM_CLOCK, Clock
+from libs.common.metrics import metrics_for
 
 log = structlog.get_logger("tickmesh.actors")
 
@@ -74,7 +75,6 @@ class Overflow(enum.Enum):
 class ActorMetrics:
     """Per-actor metrics, labelled by actor name; built once per registry."""
 
-    _by_registry: dict[int, ActorMetrics] = {}
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["actor"]
@@ -110,12 +110,7 @@ class ActorMetrics:
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None = None) -> ActorMetrics:
         """The metrics of ``registry`` (the default registry when None), created once."""
-        registry = registry if registry is not None else REGISTRY
-        metrics = cls._by_registry.get(id(registry))
-        if metrics is None:
-            metrics = cls(registry)
-            cls._by_registry[id(registry)] = metrics
-        return metrics
+        return metrics_for(cls, registry)
 
 
 class _Stop:

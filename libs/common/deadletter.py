@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import structlog
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter
 
 from libs.common.clock import SYSTEM_CLOCK, Clock
+from libs.common.metrics import metrics_for
 from libs.common.redis_io import Publisher
 from libs.common.schemas import DeadLetter
 
@@ -13,18 +14,14 @@ DEAD_LETTER_CHANNEL = "sentio.deadletter.v1"
 
 log = structlog.get_logger("tickmesh.deadletter")
 
-_COUNTERS: dict[int, Counter] = {}
+def _dead_letter_counter(registry: CollectorRegistry) -> Counter:
+    return Counter("tickmesh_dead_letters", "Records sent to the dead-letter stream",
+                   ["service", "source_kind"], registry=registry)
 
 
 def dead_letter_counter(registry: CollectorRegistry | None) -> Counter:
     """``tickmesh_dead_letters_total{service,source_kind}``, created once per registry."""
-    registry = registry if registry is not None else REGISTRY
-    counter = _COUNTERS.get(id(registry))
-    if counter is None:
-        counter = Counter("tickmesh_dead_letters", "Records sent to the dead-letter stream",
-                          ["service", "source_kind"], registry=registry)
-        _COUNTERS[id(registry)] = counter
-    return counter
+    return metrics_for(_dead_letter_counter, registry)
 
 
 class DeadLetters:

@@ -15,16 +15,18 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import msgspec
 import redis.asyncio as aioredis
 import structlog
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from redis.asyncio.client import Pipeline
 from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from libs.common.metrics import metrics_for
 from libs.common.schemas import ENCODER, SEQ_PREFIX
 
 log = structlog.get_logger("tickmesh.redis")
@@ -135,7 +137,6 @@ def redact_url(url: str) -> str:
 class PublishMetrics:
     """Metrics of sequenced publishing; built once per registry."""
 
-    _by_registry: dict[int, PublishMetrics] = {}
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.records = Counter(
@@ -155,14 +156,9 @@ class PublishMetrics:
         )
 
     @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None) -> PublishMetrics:
-        """The metrics of ``registry``, created once."""
-        registry = registry if registry is not None else REGISTRY
-        metrics = cls._by_registry.get(id(registry))
-        if metrics is None:
-            metrics = cls(registry)
-            cls._by_registry[id(registry)] = metrics
-        return metrics
+    def for_registry(cls, registry: CollectorRegistry | None = None) -> PublishMetrics:
+        """The metrics of ``registry`` (the default registry when None), created once."""
+        return metrics_for(cls, registry)
 
 
 def record_tail(record: msgspec.Struct | bytes) -> bytes:
@@ -195,23 +191,34 @@ class Publisher:
         return (await self.publish_many([(channel, record)]))[0]
 
     async def publish_many(
-        self, items: Sequence[tuple[str, msgspec.Struct | bytes]]
+        self,
+        items: Sequence[tuple[str, msgspec.Struct | bytes]],
+        *,
+        transaction: bool = False,
+        also: Callable[[Pipeline], None] | None = None,
     ) -> list[int]:
-        """Publish records in one pipelined round trip; returns their sequence numbers."""
-        if not items:
+        """Publish records in one pipelined round trip; returns their sequence numbers.
+
+        With ``transaction`` the records go in one MULTI/EXEC, together with whatever ``also``
+        queues on the same pipeline (a state write that must happen with them or not at all).
+        A transaction touches several channels' keys, so it needs a single Redis node.
+        """
+        if not items and also is None:
             return []
         keys = self.keys
         maxlen = self.stream_maxlen
         script = self._script
         started = time.perf_counter()
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with self.client.pipeline(transaction=transaction) as pipe:
                 for channel, record in items:
                     await script(
                         keys=[keys.seq(channel), keys.stream(channel)],
                         args=[channel, record_tail(record), maxlen],
                         client=pipe,
                     )
+                if also is not None:
+                    also(pipe)
                 results = await pipe.execute()
         except Exception:
             self.metrics.errors.inc()
@@ -224,7 +231,7 @@ class Publisher:
             kinds[kind] = kinds.get(kind, 0) + 1
         for kind, count in kinds.items():
             self.metrics.records.labels(kind).inc(count)
-        return [int(result) for result in results]
+        return [int(result) for result in results[: len(items)]]
 
 
 class StreamReader:

@@ -32,8 +32,9 @@ from typing import NamedTuple
 
 import redis.asyncio as aioredis
 import structlog
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from libs.common.metrics import metrics_for
 from libs.common.redis_io import RETRIABLE, Keys, StreamReader, channel_kind
 from libs.common.schemas import seq_of
 
@@ -64,7 +65,6 @@ class Record(NamedTuple):
 class ConsumerMetrics:
     """Metrics of sequenced consumers, labelled by consumer name; built once per registry."""
 
-    _by_registry: dict[int, ConsumerMetrics] = {}
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["consumer"]
@@ -107,14 +107,9 @@ class ConsumerMetrics:
             registry=registry)
 
     @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None) -> ConsumerMetrics:
-        """The metrics of ``registry``, created once."""
-        registry = registry if registry is not None else REGISTRY
-        metrics = cls._by_registry.get(id(registry))
-        if metrics is None:
-            metrics = cls(registry)
-            cls._by_registry[id(registry)] = metrics
-        return metrics
+    def for_registry(cls, registry: CollectorRegistry | None = None) -> ConsumerMetrics:
+        """The metrics of ``registry`` (the default registry when None), created once."""
+        return metrics_for(cls, registry)
 
 
 class PositionStore:
