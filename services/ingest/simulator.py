@@ -61,6 +61,7 @@ from services.ingest.protocol import (
     MinuteAggEvent,
     TradeEvent,
 )
+from services.ingest.redact import SERVER_LOGGER, redacting_logger
 
 log = structlog.get_logger("ingest.simulator")
 
@@ -587,6 +588,8 @@ class PolygonSimulator:
             close_timeout=settings.close_timeout_s,
             ping_interval=settings.ping_interval_s,
             max_size=2**20,
+            # websockets logs received frames at DEBUG, the clients' auth (the key) included.
+            logger=redacting_logger(SERVER_LOGGER, settings.api_key),
         )
         log.info("simulator.listening", url=self.url, feed=type(settings.feed).__name__)
         if not settings.start_feed_on_subscribe:
