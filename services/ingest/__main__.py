@@ -1,7 +1,7 @@
 """Ingest: the Polygon WebSocket (live or simulated) or tick files in; ticks on Redis out.
 
 Actors (one hop from here): ``client.FeedReader`` (the socket), ``client.FrameProcessor``
-(decode and publish), and the heartbeat. ``simulate`` runs the Polygon-compatible simulator.
+(decode and publish), plus the heartbeat. ``simulate`` runs the Polygon-compatible simulator.
 """
 
 from __future__ import annotations
@@ -11,36 +11,44 @@ import sys
 
 from libs.common.cli import ServiceCli
 from libs.common.deadletter import DeadLetters
-from libs.common.service import ServiceRuntime, run_main
+from libs.common.service import EXIT_CONFIG, ServiceRuntime, run_main
 from libs.common.wiring import add_heartbeat, connect_runtime_redis, make_publisher
-from services.ingest.client import FeedReader, FrameProcessor, IngestMetrics, subscription_topics
 from services.ingest import simulator as simulator_arguments
+from services.ingest.client import FeedReader, FrameProcessor, IngestMetrics, subscription_topics
 from services.ingest.config import IngestSettings
 
 CLI = ServiceCli("ingest", __doc__.splitlines()[0], IngestSettings)
+
+DEAD_LETTER_SOURCE = "polygon.ws"
+"""``source`` of the dead letters of the socket path."""
 
 
 async def build(runtime: ServiceRuntime) -> None:
     """Create the ingest actors under the runtime's supervisor."""
     settings: IngestSettings = runtime.settings  # type: ignore[assignment]
-    if settings.source != "polygon":
-        raise ValueError(f"INGEST_SOURCE={settings.source!r}: only 'polygon' (live or the "
-                         "simulator's URL) is served by run; use the replay command for files")
-    topics = subscription_topics(settings.symbols, settings.event_types)
+
+    def fatal(reason: str) -> None:
+        # A refused key or an unreadable file: a restart cannot fix it (EX_CONFIG).
+        runtime.fail(reason, EXIT_CONFIG)
+
     client = await connect_runtime_redis(runtime)
     publisher = make_publisher(runtime, client)
     metrics = IngestMetrics(runtime.registry)
+    if settings.source != "polygon":
+        raise ValueError(f"INGEST_SOURCE={settings.source!r}: file replay is not wired yet")
+    topics = subscription_topics(settings.symbols, settings.event_types)
     processor = FrameProcessor(
         publisher, DeadLetters(publisher, "ingest", registry=runtime.registry), metrics,
         queue_size=settings.queue_size, batch_frames=settings.publish_batch_frames,
-        source=settings.polygon_url, lag_warning_ms=settings.lag_warning_ms,
-        queue_warning_ratio=settings.queue_warning_ratio, registry=runtime.registry,
+        source=DEAD_LETTER_SOURCE, lag_warning_ms=settings.lag_warning_ms,
+        registry=runtime.registry,
     )
     reader = FeedReader(
         settings.polygon_url, settings.polygon_api_key, topics, processor, metrics,
-        on_fatal=runtime.fail, initial_delay_s=settings.reconnect_initial_s,
+        on_fatal=fatal, initial_delay_s=settings.reconnect_initial_s,
         max_delay_s=settings.reconnect_max_s,
-        max_connections_delay_s=settings.max_connections_backoff_s, registry=runtime.registry,
+        max_connections_delay_s=settings.max_connections_backoff_s,
+        queue_warning_ratio=settings.queue_warning_ratio, registry=runtime.registry,
     )
     runtime.http.add_readiness("feed", lambda: reader.connected)
     runtime.supervisor.add(processor)
@@ -66,6 +74,5 @@ _simulate_parser = CLI.command(
     "simulate", "serve a Polygon-compatible WebSocket from tick files or synthetic ticks",
     simulate)
 simulator_arguments.add_simulate_arguments(_simulate_parser)
-
 if __name__ == "__main__":
     sys.exit(CLI.main())

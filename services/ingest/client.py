@@ -7,6 +7,11 @@ connection). It reconnects with exponential backoff and jitter, re-authenticates
 re-subscribes; ``auth_failed`` is fatal (one clear log line, the service exits non-zero, no
 hot loop); ``max_connections`` waits longer and says why. Every status is logged and counted.
 
+The edge between them is BLOCK: when the processor's mailbox is full the reader waits, TCP
+backpressure builds up at the server, and nothing is dropped on our side. A warning fires when
+the mailbox passes ``queue_warning_ratio`` of its bound — well before the reader has to wait
+and long before the server's slow-consumer cut-off.
+
 ``FrameProcessor`` decodes frames (bad events go to the dead-letter stream with their raw
 bytes), groups them per (kind, symbol) and publishes one record per (frame, symbol) with the
 sequenced, pipelined publisher, several frames per round trip when it is behind.
@@ -16,55 +21,112 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Final, NamedTuple
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import (
+    ConnectionClosed,
+    ConnectionClosedOK,
+    InvalidHandshake,
+    InvalidURI,
+)
 
 from libs.common.actors import Actor, Overflow
 from libs.common.clock import SYSTEM_CLOCK, Clock
 from libs.common.deadletter import DeadLetters
-from libs.common.redis_io import Publisher
+from libs.common.redis_io import RETRIABLE, Publisher
 from libs.common.settings import Secret
 from services.ingest import protocol
+from services.ingest.protocol import DEFAULT_CHANNELS, ChannelNames, StatusEvent
+from services.ingest.redact import CLIENT_LOGGER, redact, redacting_logger
 
 log = structlog.get_logger("tickmesh.ingest")
 
+# Why a session ended (the ``reason`` label of the reconnect counter), besides the statuses
+# that end one (``END_STATUSES``).
+CONNECT_FAILED: Final = "connect_failed"
+"""No WebSocket: refused, DNS, TLS, an HTTP error, or the open timed out."""
+HANDSHAKE_TIMEOUT: Final = "handshake_timeout"
+"""Connected, but ``connected`` or the auth answer did not come within ``auth_timeout_s``."""
+CONNECTION_LOST: Final = "connection_lost"
+"""Closed abnormally: dropped (1006), a protocol error, or a close without a status."""
+CLOSED: Final = "closed"
+"""The server closed normally (1000/1001) without saying why."""
+
+END_STATUSES: Final = protocol.DISCONNECT_STATUSES | {protocol.AUTH_TIMEOUT}
+"""Statuses after which the server closes the connection (so we reconnect)."""
+_LOUD_STATUSES: Final = END_STATUSES | {protocol.AUTH_FAILED, protocol.ERROR,
+                                        protocol.AUTH_REQUIRED}
+_STATUS_PROBE: Final = b'"status"'
+_JITTER: Final = 0.2
+
+_WHY: Final[dict[str, str]] = {
+    protocol.MAX_CONNECTIONS: "another connection already uses this API key (max_connections); "
+    "waiting longer before trying again: close the other session or raise the plan's limit",
+    protocol.SLOW_CONSUMER: "the server cut us off for reading too slowly (slow_consumer); "
+    "look for ingest.queue_filling warnings before it",
+    protocol.FORCE_DISCONNECT: "the server ended the session (force_disconnect)",
+    protocol.AUTH_TIMEOUT: "the server did not get our auth in time (auth_timeout)",
+}
+
 
 class Frame(NamedTuple):
-    """One WebSocket frame and when it was received (epoch ms)."""
+    """One WebSocket frame: its bytes, when it was received (epoch ms, the records' ``tsInit``)
+    and the same instant on the monotonic clock (for the publish-latency histogram)."""
 
     data: bytes
     received_ms: int
+    received_s: float = 0.0
 
 
 class IngestMetrics:
-    """The ingest service's own metrics."""
+    """The ingest service's own metrics (the actors and the publisher add theirs)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.frames = Counter("tickmesh_ingest_frames", "Frames received", registry=registry)
+        self.frames = Counter("tickmesh_ingest_frames", "Data frames decoded and published",
+                              registry=registry)
+        self.frames_received = Counter(
+            "tickmesh_ingest_frames_received", "Frames read from the socket (statuses included)",
+            registry=registry)
         self.events = Counter("tickmesh_ingest_events", "Events decoded by type", ["type"],
                               registry=registry)
-        self.decode_errors = Counter("tickmesh_ingest_decode_errors",
-                                     "Events or frames that failed to decode", registry=registry)
+        self.decode_errors = Counter(
+            "tickmesh_ingest_decode_errors",
+            "Events or frames that failed to decode (each went to the dead-letter stream)",
+            registry=registry)
         self.statuses = Counter("tickmesh_ingest_statuses", "Status messages by status",
                                 ["status"], registry=registry)
         self.reconnects = Counter("tickmesh_ingest_reconnects", "Reconnects by reason",
                                   ["reason"], registry=registry)
         self.queue_depth = Gauge("tickmesh_ingest_queue_depth",
                                  "Frames waiting between reader and processor", registry=registry)
+        self.queue_capacity = Gauge("tickmesh_ingest_queue_capacity",
+                                    "Bound of the reader-to-processor queue", registry=registry)
+        self.queue_full = Counter(
+            "tickmesh_ingest_queue_full",
+            "Times the reader found the queue full and waited (reading paused)",
+            registry=registry)
+        self.warnings = Counter("tickmesh_ingest_warnings",
+                                "Warnings fired: queue filling, feed lag high", ["kind"],
+                                registry=registry)
         self.feed_lag = Gauge("tickmesh_ingest_feed_lag_seconds",
-                              "Now minus the newest event time of the last frame",
+                              "Now minus the newest event time of the last frames published",
                               registry=registry)
-        self.connected = Gauge("tickmesh_ingest_connected", "1 while authenticated and subscribed",
-                               registry=registry)
+        self.publish_latency = Histogram(
+            "tickmesh_ingest_publish_latency_seconds",
+            "From a frame's receipt to its records being published (queue, decode, Redis)",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                     5.0, 10.0),
+            registry=registry)
+        self.connected = Gauge("tickmesh_ingest_connected",
+                               "1 while authenticated and subscribed", registry=registry)
 
 
 class FatalFeedError(Exception):
-    """A feed condition a reconnect cannot fix (a refused key)."""
+    """A feed condition a reconnect cannot fix (a refused key, a malformed URL)."""
 
 
 class FeedDisconnect(Exception):
@@ -75,8 +137,42 @@ class FeedDisconnect(Exception):
         self.reason = reason
 
 
+async def publish_with_retry(
+    publisher: Publisher,
+    records: list[tuple[str, bytes]],
+    retry_s: float,
+    clock: Clock = SYSTEM_CLOCK,
+    rng: random.Random | None = None,
+) -> None:
+    """``publisher.publish_many(records)``, retrying retriable Redis errors with backoff and
+    jitter for up to ``retry_s``; then the last error is raised.
+
+    A batch whose reply was lost may be published twice (with new sequence numbers): ticks
+    keep their identity (``sym``, ``i``, ``q``) for a consumer that must deduplicate.
+    """
+    deadline = clock.monotonic() + retry_s
+    delay = 0.1
+    rng = rng or random.Random()
+    while True:
+        try:
+            await publisher.publish_many(records)  # type: ignore[arg-type]
+            return
+        except RETRIABLE as exc:
+            if clock.monotonic() + delay > deadline:
+                raise
+            log.warning("ingest.publish_retry", error=type(exc).__name__, detail=str(exc)[:200],
+                        records=len(records), delay_s=round(delay, 2))
+            await asyncio.sleep(delay * rng.uniform(1 - _JITTER, 1 + _JITTER))
+            delay = min(delay * 2, 5.0)
+
+
 class FrameProcessor(Actor[Frame]):
-    """Decodes frames and publishes the records (one per frame and symbol)."""
+    """Decodes frames and publishes the records (one per frame and symbol).
+
+    Takes up to ``batch_frames`` queued frames per Redis round trip. A retriable Redis error
+    is retried with backoff for up to ``publish_retry_s`` while the frames wait (the queue
+    fills, the reader pauses); past that the actor fails and its supervisor takes over.
+    """
 
     def __init__(
         self,
@@ -85,15 +181,15 @@ class FrameProcessor(Actor[Frame]):
         metrics: IngestMetrics,
         *,
         queue_size: int,
-        batch_frames: int,
-        source: str,
-        lag_warning_ms: int,
-        queue_warning_ratio: float,
+        batch_frames: int = 64,
+        source: str = "polygon.ws",
+        lag_warning_ms: int = 5_000,
+        channels: ChannelNames = DEFAULT_CHANNELS,
+        publish_retry_s: float = 30.0,
         registry: CollectorRegistry | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        rng: random.Random | None = None,
     ) -> None:
-        # BLOCK: a full queue pauses the reader (TCP backpressure) rather than dropping data;
-        # the queue warning fires at queue_warning_ratio, well before that happens.
         super().__init__("ingest.processor", mailbox_size=queue_size, overflow=Overflow.BLOCK,
                          registry=registry)
         self.publisher = publisher
@@ -102,79 +198,114 @@ class FrameProcessor(Actor[Frame]):
         self.batch_frames = batch_frames
         self.source = source
         self.lag_warning_ms = lag_warning_ms
-        self.queue_warning = max(1, int(queue_size * queue_warning_ratio))
+        self.channels = channels
+        self.publish_retry_s = publish_retry_s
         self.clock = clock
+        self.rng = rng or random.Random()
         self.lag_ms = 0
         self.ticks_published = 0
-        self._warned_queue = False
+        self.frames_published = 0
         self._warned_lag = False
+        self._events = {kind: metrics.events.labels(kind) for kind in protocol.DATA_KINDS}
+        mailbox = self.mailbox
+        metrics.queue_depth.set_function(lambda: len(mailbox))
+        metrics.queue_capacity.set(queue_size)
 
     async def handle(self, message: Frame) -> None:
         frames = [message, *self.mailbox.take_nowait(self.batch_frames - 1)]
-        depth = len(self.mailbox)
-        self.m.queue_depth.set(depth)
-        self._check_queue(depth)
         records: list[tuple[str, bytes]] = []
+        counts = dict.fromkeys(protocol.DATA_KINDS, 0)
         newest_event_ms = 0
+        decode_frame = protocol.decode_frame
+        split_frame = protocol.split_frame
+        build_records = protocol.build_records
+        channels = self.channels
         for frame in frames:
-            events, bad = protocol.decode_frame(frame.data)
-            self.m.frames.inc()
+            events, bad = decode_frame(frame.data)
             if bad:
-                self.m.decode_errors.inc(len(bad))
-                for item in bad:
-                    await self.dead_letters.send(self.source, item.error, item.raw)
+                await self._dead_letter(bad)
             if not events:
                 continue
-            split = protocol.split_frame(events)
+            split = split_frame(events)
+            # Statuses were counted by the reader, which sees every frame that holds one.
+            split.pop(protocol.STATUS, None)
             for kind, by_symbol in split.items():
-                if kind == protocol.STATUS:
-                    continue
                 count = 0
                 for group in by_symbol.values():
                     count += len(group)
-                    last_t = getattr(group[-1], "t", 0) or getattr(group[-1], "e", 0)
-                    if last_t > newest_event_ms:
-                        newest_event_ms = last_t
-                self.m.events.labels(kind).inc(count)
-                if kind == protocol.TRADES:
-                    self.ticks_published += count
-            records.extend(protocol.build_records(split, frame.received_ms))
+                    last = group[-1]
+                    event_ms = last.e if kind in _AGG_KINDS else last.t  # type: ignore[union-attr]
+                    newest_event_ms = max(newest_event_ms, event_ms)
+                counts[kind] += count
+            records.extend(build_records(split, frame.received_ms, channels))
         if records:
-            await self.publisher.publish_many(records)
+            await self._publish(records)
+        now_s = self.clock.monotonic()
+        observe = self.m.publish_latency.observe
+        for frame in frames:
+            if frame.received_s:
+                observe(max(0.0, now_s - frame.received_s))
+        self.m.frames.inc(len(frames))
+        self.frames_published += len(frames)
+        for kind, count in counts.items():
+            if count:
+                self._events[kind].inc(count)
+        self.ticks_published += counts[protocol.TRADES]
         if newest_event_ms:
             self._check_lag(self.clock.now_ms() - newest_event_ms)
 
-    def _check_queue(self, depth: int) -> None:
-        if depth >= self.queue_warning and not self._warned_queue:
-            self._warned_queue = True
-            log.warning("ingest.queue_filling", depth=depth, capacity=self.mailbox.maxsize,
-                        hint="processing is slower than the feed; the server may cut us off as "
-                             "a slow consumer if this goes on")
-        elif depth < self.queue_warning // 2 and self._warned_queue:
-            self._warned_queue = False
-            log.info("ingest.queue_recovered", depth=depth)
+    async def _dead_letter(self, bad: Sequence[protocol.BadEvent]) -> None:
+        self.m.decode_errors.inc(len(bad))
+        for item in bad:
+            await self.dead_letters.send(self.source, item.error, item.raw)
+
+    async def _publish(self, records: list[tuple[str, bytes]]) -> None:
+        await publish_with_retry(self.publisher, records, self.publish_retry_s, self.clock,
+                                 self.rng)
 
     def _check_lag(self, lag_ms: int) -> None:
         self.lag_ms = lag_ms
         self.m.feed_lag.set(lag_ms / 1000.0)
         if lag_ms > self.lag_warning_ms and not self._warned_lag:
             self._warned_lag = True
-            log.warning("ingest.feed_lag_high", lag_ms=lag_ms, threshold_ms=self.lag_warning_ms)
+            self.m.warnings.labels("lag").inc()
+            log.warning("ingest.feed_lag_high", lag_ms=lag_ms, threshold_ms=self.lag_warning_ms,
+                        hint="events are older than the threshold when published: the feed is "
+                             "delayed, our clock is off, or we are falling behind")
         elif lag_ms < self.lag_warning_ms // 2 and self._warned_lag:
             self._warned_lag = False
             log.info("ingest.feed_lag_recovered", lag_ms=lag_ms)
 
 
-def subscription_topics(symbols: list[str], event_types: list[str]) -> list[str]:
-    """``T.SPY``-style topics for every (event type, symbol); ``*`` subscribes to all."""
+_AGG_KINDS: Final = frozenset({protocol.SECOND_AGGS, protocol.MINUTE_AGGS})
+
+
+def subscription_topics(symbols: Sequence[str], event_types: Sequence[str]) -> list[str]:
+    """``T.SPY``-style topics for every (event type, symbol); ``*`` among the symbols means
+    every symbol (``T.*``). Raises ``ValueError`` on an unknown type or no symbols."""
     unknown = [kind for kind in event_types if kind not in protocol.DATA_KINDS]
     if unknown:
-        raise ValueError(f"unknown Polygon event types {unknown}; use {protocol.DATA_KINDS}")
-    return [f"{kind}.{symbol}" for kind in event_types for symbol in symbols]
+        raise ValueError(f"unknown Polygon event types {unknown}; use {list(protocol.DATA_KINDS)}")
+    if not event_types:
+        raise ValueError("no event types to subscribe to")
+    wanted = [symbol.strip().upper() for symbol in symbols if symbol.strip()]
+    if not wanted:
+        raise ValueError("no symbols to subscribe to (use * for all)")
+    if "*" in wanted:
+        wanted = ["*"]
+    unique = list(dict.fromkeys(wanted))
+    return [f"{kind}.{symbol}" for kind in dict.fromkeys(event_types) for symbol in unique]
 
 
 class FeedReader(Actor[None]):
-    """Owns the WebSocket: connect, auth, subscribe, read; reconnect with backoff."""
+    """Owns the WebSocket: connect, auth, subscribe, read; reconnect with backoff.
+
+    Delays: ``initial_delay_s * 2**(n-1)`` for the n-th consecutive session that delivered no
+    data, capped at ``max_delay_s``, at least ``max_connections_delay_s`` after a
+    ``max_connections`` refusal, each times a jitter factor in [0.8, 1.2]. A session that
+    delivered data resets n. ``auth_failed`` (and a malformed URL) calls ``on_fatal`` once
+    with a clear reason and ends the reader: no retry.
+    """
 
     def __init__(
         self,
@@ -189,6 +320,9 @@ class FeedReader(Actor[None]):
         max_delay_s: float = 30.0,
         max_connections_delay_s: float = 60.0,
         auth_timeout_s: float = 10.0,
+        open_timeout_s: float = 10.0,
+        ping_interval_s: float | None = 20.0,
+        queue_warning_ratio: float = 0.5,
         registry: CollectorRegistry | None = None,
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
@@ -204,112 +338,197 @@ class FeedReader(Actor[None]):
         self.max_delay_s = max_delay_s
         self.max_connections_delay_s = max_connections_delay_s
         self.auth_timeout_s = auth_timeout_s
+        self.open_timeout_s = open_timeout_s
+        self.ping_interval_s = ping_interval_s
+        self.queue_warning_at = max(1, int(processor.mailbox.maxsize * queue_warning_ratio))
         self.clock = clock
         self.rng = rng or random.Random()
         self.delays: list[float] = []
         """Every reconnect delay used, in order."""
+        self.sessions = 0
+        """WebSocket connections opened."""
         self.connected = False
+        """True while authenticated and subscribed."""
+        self.fatal: str | None = None
+        """The reason given to ``on_fatal``, once it was called."""
+        self._warned_queue = False
+        self._warned_full = False
+        self._ws_logger = redacting_logger(CLIENT_LOGGER, api_key)
         self.spawn(self._run, name="ingest.reader.connection")
 
     def __repr__(self) -> str:
         return f"FeedReader(url={self.url!r}, topics={len(self.topics)})"
 
+    def backoff_s(self, failures: int, reason: str) -> float:
+        """Delay before reconnecting after the ``failures``-th consecutive failed session."""
+        delay = min(self.max_delay_s, self.initial_delay_s * 2 ** max(0, failures - 1))
+        if reason == protocol.MAX_CONNECTIONS:
+            delay = max(delay, self.max_connections_delay_s)
+        return delay * self.rng.uniform(1 - _JITTER, 1 + _JITTER)
+
     async def _run(self) -> None:
         failures = 0
         while True:
-            reason, stable = await self._session()
-            self.connected = False
-            self.m.connected.set(0)
+            reason, flowing = await self._session()
+            self._set_connected(False)
             if reason is None:
                 return
-            failures = 0 if stable else failures + 1
-            delay = min(self.max_delay_s, self.initial_delay_s * 2 ** failures)
-            if reason == protocol.MAX_CONNECTIONS:
-                delay = max(delay, self.max_connections_delay_s)
-            delay *= self.rng.uniform(0.8, 1.2)
+            failures = 1 if flowing else failures + 1
+            delay = self.backoff_s(failures, reason)
             self.delays.append(delay)
             self.m.reconnects.labels(reason).inc()
-            log.warning("ingest.reconnecting", reason=reason, delay_s=round(delay, 2),
-                        attempt=failures + 1,
-                        why=("another connection uses this key (max_connections); waiting "
-                             "longer before trying again" if reason == protocol.MAX_CONNECTIONS
-                             else None))
+            log.warning("ingest.reconnecting", reason=reason, delay_s=round(delay, 3),
+                        attempt=failures, why=_WHY.get(reason))
             await asyncio.sleep(delay)
 
+    def _set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        self.m.connected.set(1 if connected else 0)
+
     async def _session(self) -> tuple[str | None, bool]:
-        """One connection's life; returns (reason it ended, whether it got data flowing)."""
+        """One connection's life: (why it ended, None when fatal; whether data flowed)."""
         flowing = False
+        opened = False
         try:
-            async with connect(self.url, max_size=None, max_queue=1024, ping_interval=20,
-                               ping_timeout=20, open_timeout=10, close_timeout=2) as socket:
+            async with connect(
+                self.url, max_size=None, max_queue=256, ping_interval=self.ping_interval_s,
+                ping_timeout=self.ping_interval_s, open_timeout=self.open_timeout_s,
+                close_timeout=2, logger=self._ws_logger,
+            ) as socket:
+                opened = True
+                self.sessions += 1
                 await self._handshake(socket)
-                self.connected = True
-                self.m.connected.set(1)
-                log.info("ingest.subscribed", url=self.url, topics=len(self.topics))
-                processor = self.processor
-                async for data in socket:
-                    payload = data.encode() if isinstance(data, str) else data
-                    if b'"status"' in payload[:40]:
-                        ended = await self._statuses(payload)
+                self._set_connected(True)
+                log.info("ingest.subscribed", url=self.url, topics=len(self.topics),
+                         sample=",".join(self.topics[:5]))
+                frames_received = self.m.frames_received
+                clock = self.clock
+                while True:
+                    payload = await socket.recv(decode=False)
+                    frames_received.inc()
+                    if _STATUS_PROBE in payload:
+                        ended, has_data = await self._status_frame(payload)
+                        flowing = flowing or has_data
                         if ended:
                             return ended, flowing
                         continue
                     flowing = True
-                    await processor.tell(Frame(payload, self.clock.now_ms()))
-            return "closed", flowing
+                    await self._enqueue(Frame(payload, clock.now_ms(), clock.monotonic()))
         except FatalFeedError as exc:
-            self.on_fatal(str(exc))
+            self.fatal = str(exc)
+            log.critical("ingest.fatal", reason=self.fatal)
+            self.on_fatal(self.fatal)
+            return None, flowing
+        except InvalidURI as exc:
+            self.fatal = f"bad feed URL (INGEST_POLYGON_URL): {exc}"
+            log.critical("ingest.fatal", reason=self.fatal)
+            self.on_fatal(self.fatal)
             return None, flowing
         except FeedDisconnect as exc:
             return exc.reason, flowing
-        except (ConnectionClosed, OSError, TimeoutError, InvalidHandshake) as exc:
+        except ConnectionClosedOK:
+            log.warning("ingest.connection_closed", detail="the server closed without a status")
+            return CLOSED, flowing
+        except ConnectionClosed as exc:
             log.warning("ingest.connection_lost", error=type(exc).__name__, detail=str(exc)[:200])
-            return "connection_error", flowing
-        except InvalidURI as exc:
-            self.on_fatal(f"bad feed URL: {exc}")
-            return None, flowing
+            return CONNECTION_LOST, flowing
+        except TimeoutError:
+            if opened:
+                log.warning("ingest.handshake_timeout", timeout_s=self.auth_timeout_s)
+                return HANDSHAKE_TIMEOUT, flowing
+            log.warning("ingest.connect_failed", error="TimeoutError", url=self.url)
+            return CONNECT_FAILED, flowing
+        except (OSError, InvalidHandshake) as exc:
+            reason = CONNECTION_LOST if opened else CONNECT_FAILED
+            log.warning(f"ingest.{reason}", error=type(exc).__name__, detail=str(exc)[:200],
+                        url=self.url)
+            return reason, flowing
 
-    async def _handshake(self, socket) -> None:  # type: ignore[no-untyped-def]
-        async def expect(wanted: set[str]) -> str:
-            while True:
-                frame = await asyncio.wait_for(socket.recv(), self.auth_timeout_s)
-                events, _bad = protocol.decode_frame(frame)
-                for event in events:
-                    if isinstance(event, protocol.StatusEvent):
-                        self._count_status(event)
-                        if event.status in wanted:
-                            return event.status
-                        if event.status in protocol.DISCONNECT_STATUSES:
-                            raise FeedDisconnect(event.status)
+    async def _handshake(self, socket: ClientConnection) -> None:
+        """``connected`` → send auth → ``auth_success`` → send the subscription."""
+        await self._expect(socket, protocol.CONNECTED)
+        try:
+            await socket.send(protocol.encode_auth(self._api_key.reveal()), text=True)
+        except ConnectionClosed:
+            pass  # the server may have said why before closing (auth_timeout): read on
+        await self._expect(socket, protocol.AUTH_SUCCESS)
+        await socket.send(protocol.encode_subscribe(self.topics), text=True)
 
-        await expect({protocol.CONNECTED})
-        await socket.send(protocol.encode_auth(self._api_key.reveal()).decode())
-        status = await expect({protocol.AUTH_SUCCESS, protocol.AUTH_FAILED, protocol.AUTH_TIMEOUT})
-        if status == protocol.AUTH_FAILED:
-            raise FatalFeedError(
-                "the feed refused the API key (auth_failed): check POLYGON_API_KEY and its plan; "
-                "not retrying")
-        if status == protocol.AUTH_TIMEOUT:
-            raise FeedDisconnect(protocol.AUTH_TIMEOUT)
-        await socket.send(protocol.encode_subscribe(self.topics).decode())
+    async def _expect(self, socket: ClientConnection, wanted: str) -> None:
+        """Read until the status ``wanted``; an ending status raises, data is passed on."""
+        while True:
+            payload = await asyncio.wait_for(socket.recv(decode=False), self.auth_timeout_s)
+            self.m.frames_received.inc()
+            if _STATUS_PROBE not in payload:
+                await self._enqueue(Frame(payload, self.clock.now_ms(), self.clock.monotonic()))
+                continue
+            ended, _ = await self._status_frame(payload, wanted)
+            if ended == wanted:
+                return
+            if ended:
+                raise FeedDisconnect(ended)
 
-    def _count_status(self, event: protocol.StatusEvent) -> None:
-        self.m.statuses.labels(event.status).inc()
-        level = "warning" if event.status in protocol.DISCONNECT_STATUSES or \
-            event.status in (protocol.ERROR, protocol.AUTH_REQUIRED) else "info"
-        getattr(log, level)("ingest.status", status=event.status, message=event.message)
+    async def _status_frame(self, payload: bytes, wanted: str = "") -> tuple[str | None, bool]:
+        """Count and log the statuses of a frame; pass any data in it on to the processor.
 
-    async def _statuses(self, payload: bytes) -> str | None:
+        Returns (the status that ends the session or is ``wanted``, whether it held data).
+        Raises ``FatalFeedError`` on ``auth_failed``.
+        """
         events, bad = protocol.decode_frame(payload)
         ended: str | None = None
-        data_events = []
+        has_data = bool(bad)
+        by_status: dict[str, list[StatusEvent]] = {}
         for event in events:
-            if isinstance(event, protocol.StatusEvent):
-                self._count_status(event)
-                if event.status in protocol.DISCONNECT_STATUSES:
-                    ended = event.status
+            if type(event) is StatusEvent:
+                by_status.setdefault(event.status, []).append(event)
             else:
-                data_events.append(event)
-        if data_events or bad:
-            await self.processor.tell(Frame(payload, self.clock.now_ms()))
-        return ended
+                has_data = True
+        for status, group in by_status.items():
+            self._log_statuses(status, group)
+            if status == protocol.AUTH_FAILED:
+                raise FatalFeedError(
+                    "the feed refused the API key (auth_failed: "
+                    f"{self._redact(group[0].message)!r}): check POLYGON_API_KEY and the plan's "
+                    "access to this feed; not retrying")
+            if status == wanted or status in END_STATUSES:
+                ended = ended or status
+        if has_data:
+            await self._enqueue(Frame(payload, self.clock.now_ms(), self.clock.monotonic()))
+        return ended, has_data
+
+    def _redact(self, text: str) -> str:
+        return redact(text, {self._api_key.reveal()} if self._api_key else set())
+
+    def _log_statuses(self, status: str, group: list[StatusEvent]) -> None:
+        self.m.statuses.labels(status).inc(len(group))
+        level = "warning" if status in _LOUD_STATUSES else "info"
+        # One line per status kind and frame: a subscription of 3000 symbols answers with
+        # 3000 ``success`` statuses in one frame.
+        getattr(log, level)("ingest.status", status=status, count=len(group),
+                            message=self._redact(group[0].message)[:200])
+
+    async def _enqueue(self, frame: Frame) -> None:
+        processor = self.processor
+        mailbox = processor.mailbox
+        if not mailbox.put_nowait(frame):
+            self.m.queue_full.inc()
+            if not self._warned_full:
+                self._warned_full = True
+                log.warning("ingest.reader_paused", capacity=mailbox.maxsize,
+                            hint="the queue to the processor is full: reading waits (TCP "
+                                 "backpressure); the server cuts us off as a slow consumer "
+                                 "if this lasts")
+            await processor.tell(frame)
+        depth = len(mailbox)
+        if depth >= self.queue_warning_at:
+            if not self._warned_queue:
+                self._warned_queue = True
+                self.m.warnings.labels("queue").inc()
+                log.warning("ingest.queue_filling", depth=depth, capacity=mailbox.maxsize,
+                            threshold=self.queue_warning_at,
+                            hint="processing is slower than the feed; reading pauses when the "
+                                 "queue is full and the server may then cut us off as a slow "
+                                 "consumer")
+        elif self._warned_queue and depth < self.queue_warning_at // 2:
+            self._warned_queue = self._warned_full = False
+            log.info("ingest.queue_recovered", depth=depth)

@@ -8,6 +8,9 @@ import msgspec
 from msgspec import Meta
 
 from libs.common.settings import CommonSettings, Secret
+from services.ingest.protocol import DATA_KINDS
+
+SOURCES = ("polygon", "files")
 
 
 class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -33,7 +36,9 @@ class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     event_types: Annotated[list[str], Meta(description="Polygon event types: T,Q,A,AM")] = (
         msgspec.field(default_factory=lambda: ["T"])
     )
-    files: Annotated[list[str], Meta(description="tick files to replay when source=files")] = []
+    files: Annotated[list[str], Meta(description="tick files to replay when source=files")] = (
+        msgspec.field(default_factory=list)
+    )
     queue_size: Annotated[int, Meta(gt=0, description="frames buffered between reader and decoder")] = (
         10_000
     )
@@ -47,3 +52,15 @@ class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
         float, Meta(gt=0, description="delay after a max_connections refusal")
     ] = 60.0
     publish_batch_frames: Annotated[int, Meta(gt=0, description="frames per Redis pipeline")] = 64
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"INGEST_SOURCE={self.source!r}: want one of {', '.join(SOURCES)}")
+        unknown = [kind for kind in self.event_types if kind not in DATA_KINDS]
+        if unknown or not self.event_types:
+            raise ValueError(
+                f"INGEST_EVENT_TYPES={','.join(self.event_types)!r}: want some of "
+                f"{','.join(DATA_KINDS)}"
+            )
+        if not self.symbols:
+            raise ValueError("INGEST_SYMBOLS is empty: list symbols, or * for all")
