@@ -476,15 +476,17 @@ def test_topics_cover_a_symbol_list_or_everything_for_the_configured_event_types
         load_settings(IngestSettings, {"INGEST_EVENT_TYPES": "T,LULD"})
     with pytest.raises(SettingsError, match="INGEST_SOURCE"):
         load_settings(IngestSettings, {"INGEST_SOURCE": "kafka"})
+    with pytest.raises(SettingsError, match="INGEST_FILES"):
+        load_settings(IngestSettings, {"INGEST_SOURCE": "files"})
 
 
-def test_the_help_lists_the_run_and_simulate_commands() -> None:
+def test_the_help_lists_the_run_simulate_and_replay_commands() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "services.ingest", "--help"], cwd=REPO, capture_output=True,
         text=True, timeout=30, check=False,
     )
     assert result.returncode == 0, result.stderr
-    for command in ("run", "simulate", "POLYGON_API_KEY"):
+    for command in ("run", "simulate", "replay", "POLYGON_API_KEY", "INGEST_SPEED"):
         assert command in result.stdout, command
 
 

@@ -1,13 +1,17 @@
 """Ingest: the Polygon WebSocket (live or simulated) or tick files in; ticks on Redis out.
 
 Actors (one hop from here): ``client.FeedReader`` (the socket), ``client.FrameProcessor``
-(decode and publish), plus the heartbeat. ``simulate`` runs the Polygon-compatible simulator.
+(decode and publish) and ``replay.FileReplay`` (tick files, ``INGEST_SOURCE=files``), plus
+the heartbeat. ``simulate`` runs the Polygon-compatible simulator; ``replay FILE...`` is
+``run`` with ``INGEST_SOURCE=files``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+import msgspec
 
 from libs.common.cli import ServiceCli
 from libs.common.deadletter import DeadLetters
@@ -16,6 +20,7 @@ from libs.common.wiring import add_heartbeat, connect_runtime_redis, make_publis
 from services.ingest import simulator as simulator_arguments
 from services.ingest.client import FeedReader, FrameProcessor, IngestMetrics, subscription_topics
 from services.ingest.config import IngestSettings
+from services.ingest.replay import FileReplay
 
 CLI = ServiceCli("ingest", __doc__.splitlines()[0], IngestSettings)
 
@@ -34,8 +39,18 @@ async def build(runtime: ServiceRuntime) -> None:
     client = await connect_runtime_redis(runtime)
     publisher = make_publisher(runtime, client)
     metrics = IngestMetrics(runtime.registry)
-    if settings.source != "polygon":
-        raise ValueError(f"INGEST_SOURCE={settings.source!r}: file replay is not wired yet")
+    if settings.source == "files":
+        replay = FileReplay(
+            settings.files, publisher, metrics, on_fatal=fatal,
+            on_done=runtime.supervisor.stop if settings.exit_when_done else None,
+            speed=settings.speed, symbols=settings.symbols,
+            batch_frames=settings.publish_batch_frames, registry=runtime.registry,
+        )
+        runtime.http.add_readiness("files", lambda: replay.loaded)
+        runtime.supervisor.add(replay)
+        add_heartbeat(runtime, publisher, lag_ms=lambda: replay.lag_ms,
+                      status=lambda: "done" if replay.done else "replaying")
+        return
     topics = subscription_topics(settings.symbols, settings.event_types)
     processor = FrameProcessor(
         publisher, DeadLetters(publisher, "ingest", registry=runtime.registry), metrics,
@@ -69,10 +84,38 @@ def simulate(args: argparse.Namespace) -> int:
     return simulator.serve_from_args(args)
 
 
-CLI.command("run", "run ingest against the configured WebSocket (the default)", run)
+def replay(args: argparse.Namespace) -> int:
+    """``replay``: ``run`` with ``INGEST_SOURCE=files`` and the files (and options) given."""
+    settings = CLI.settings()
+    overrides: dict[str, object] = {"source": "files", "files": list(args.files)}
+    if args.speed is not None:
+        overrides["speed"] = args.speed
+    if args.exit_when_done:
+        overrides["exit_when_done"] = True
+    if args.symbols:
+        overrides["symbols"] = [s.strip() for s in args.symbols.split(",") if s.strip()]
+    if overrides.get("speed", 0.0) < 0:  # type: ignore[operator]
+        print("ingest: --speed must be 0 (no pacing) or positive", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_main("ingest", msgspec.structs.replace(settings, **overrides), build)
+
+
+CLI.command("run", "run ingest against the configured WebSocket or files (the default)", run)
 _simulate_parser = CLI.command(
     "simulate", "serve a Polygon-compatible WebSocket from tick files or synthetic ticks",
     simulate)
 simulator_arguments.add_simulate_arguments(_simulate_parser)
+_replay_parser = CLI.command(
+    "replay", "publish the trades of tick files (Lean zips, Polygon flat-file CSVs) without a "
+    "socket", replay)
+_replay_parser.add_argument("files", nargs="+", help="tick files, replayed merged in time order")
+_replay_parser.add_argument("--speed", type=float, default=None,
+                            help="1 real time, 10 faster, 0 no pacing (default: INGEST_SPEED)")
+_replay_parser.add_argument("--symbols", default=None,
+                            help="keep only these symbols, comma separated (default: "
+                                 "INGEST_SYMBOLS)")
+_replay_parser.add_argument("--exit-when-done", action="store_true",
+                            help="exit when every file is published (INGEST_EXIT_WHEN_DONE)")
+
 if __name__ == "__main__":
     sys.exit(CLI.main())

@@ -52,6 +52,12 @@ class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
         float, Meta(gt=0, description="delay after a max_connections refusal")
     ] = 60.0
     publish_batch_frames: Annotated[int, Meta(gt=0, description="frames per Redis pipeline")] = 64
+    speed: Annotated[
+        float, Meta(ge=0, description="file replay pace: 1 real time, 10 faster, 0 no pacing")
+    ] = 1.0
+    exit_when_done: Annotated[
+        bool, Meta(description="file replay: exit (0) when done instead of idling")
+    ] = False
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -64,3 +70,5 @@ class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
             )
         if not self.symbols:
             raise ValueError("INGEST_SYMBOLS is empty: list symbols, or * for all")
+        if self.source == "files" and not self.files:
+            raise ValueError("INGEST_SOURCE=files needs INGEST_FILES (comma separated paths)")

@@ -1,0 +1,202 @@
+"""File replay: ingest reads tick files itself, without a socket (``INGEST_SOURCE=files``).
+
+``FileReplay`` reads every file of ``INGEST_FILES`` with ``libs.common.tickfiles.read_trades``
+(Lean/AlgoSeek trade zips and Polygon flat-file trade CSVs, gzip or plain), keeps the symbols
+asked for, merges the files in time order (stable: equal times keep the order of the files,
+then of the lines), cuts frames exactly as the simulator does (``simulator.frames_of``: one
+``frame_window_ms`` window of event time and one minute per frame, at most
+``frame_max_events`` trades) and publishes them through the same path as the socket's frames
+(``protocol.split_frame`` → ``protocol.build_records`` → the sequenced publisher): one
+``TickBatch`` per (frame, symbol) on ``ticks.<SYM>``, its ticks the same ``T`` events the
+simulator would have sent. A day replayed from files and the same day replayed through the
+simulator therefore publish the same ticks in the same records; only ``tsInit`` differs.
+
+Pacing: frame k is published at ``start + (t_k - t_0) / speed``; ``speed=0`` publishes as fast
+as Redis takes it, up to ``batch_frames`` frames per round trip. ``lag_ms`` (and the feed-lag
+gauge) is how far behind that schedule the replay runs (0 without pacing). When every frame
+is out the actor logs a summary and calls ``on_done`` (the service stops with exit code 0
+when ``INGEST_EXIT_WHEN_DONE`` is set, else idles). After a restart by its supervisor it
+resumes after the last frame it published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import random
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
+from operator import attrgetter
+from pathlib import Path
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from libs.common.actors import Actor
+from libs.common.clock import SYSTEM_CLOCK, Clock
+from libs.common.redis_io import Publisher
+from libs.common.tickfiles import read_trades
+from services.ingest import protocol
+from services.ingest.client import IngestMetrics, publish_with_retry
+from services.ingest.protocol import DEFAULT_CHANNELS, ChannelNames, TradeEvent
+from services.ingest.simulator import frames_of
+
+log = structlog.get_logger("tickmesh.ingest.replay")
+
+_BY_TIME = attrgetter("t")
+
+
+def load_trades(paths: Sequence[str | Path], symbols: Iterable[str] = ("*",)) -> list[TradeEvent]:
+    """The trades of every file, as ``T`` events merged in time order (stable by file order).
+
+    ``symbols`` keeps only those tickers (``*`` keeps all). Each file is sorted by time first
+    (stable), since a flat file is ordered by ticker, then time.
+    """
+    wanted = {symbol.strip().upper() for symbol in symbols if symbol.strip()}
+    keep_all = not wanted or "*" in wanted
+    per_file: list[list[TradeEvent]] = []
+    for path in paths:
+        events = [
+            protocol.as_trade_event(trade)
+            for trade in read_trades(path)
+            if keep_all or trade.sym.upper() in wanted
+        ]
+        events.sort(key=_BY_TIME)
+        per_file.append(events)
+    if len(per_file) == 1:
+        return per_file[0]
+    return list(heapq.merge(*per_file, key=_BY_TIME))
+
+
+class FileReplay(Actor[None]):
+    """Publishes the trades of tick files as the socket path would, paced by ``speed``."""
+
+    def __init__(
+        self,
+        files: Sequence[str | Path],
+        publisher: Publisher,
+        metrics: IngestMetrics,
+        *,
+        on_fatal: Callable[[str], None],
+        on_done: Callable[[], None] | None = None,
+        speed: float = 1.0,
+        symbols: Iterable[str] = ("*",),
+        frame_max_events: int = 100,
+        frame_window_ms: int = 1,
+        batch_frames: int = 64,
+        channels: ChannelNames = DEFAULT_CHANNELS,
+        publish_retry_s: float = 30.0,
+        registry: CollectorRegistry | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        super().__init__("ingest.replay", mailbox_size=1, registry=registry)
+        if speed < 0:
+            raise ValueError(f"speed must be 0 (no pacing) or positive, not {speed}")
+        self.files = [str(path) for path in files]
+        self.publisher = publisher
+        self.m = metrics
+        self.on_fatal = on_fatal
+        self.on_done = on_done
+        self.speed = speed
+        self.symbols = list(symbols)
+        self.frame_max_events = frame_max_events
+        self.frame_window_ms = frame_window_ms
+        self.batch_frames = batch_frames
+        self.channels = channels
+        self.publish_retry_s = publish_retry_s
+        self.clock = clock
+        self.rng = random.Random()
+        self.loaded = False
+        """True once the files are read (readiness)."""
+        self.done = False
+        self.trades_total = 0
+        self.ticks_published = 0
+        self.frames_published = 0
+        self.lag_ms = 0
+        self._frames: list[list[TradeEvent]] | None = None
+        self._next_frame = 0
+        self._started: float | None = None
+        self.spawn(self._run, name="ingest.replay.feed")
+
+    def __repr__(self) -> str:
+        return f"FileReplay(files={len(self.files)}, speed={self.speed:g})"
+
+    async def _run(self) -> None:
+        if self._frames is None:
+            started = time.perf_counter()
+            try:
+                trades = await asyncio.to_thread(load_trades, self.files, self.symbols)
+            except (OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+                reason = f"cannot replay the tick files (INGEST_FILES): {exc}"
+                log.critical("ingest.replay_unreadable", reason=reason)
+                self.on_fatal(reason)
+                return
+            self._frames = list(frames_of(trades, self.frame_max_events, self.frame_window_ms))
+            self.trades_total = len(trades)
+            self.loaded = True
+            log.info("ingest.replay_loaded", files=len(self.files), trades=len(trades),
+                     frames=len(self._frames), symbols=len({t.sym for t in trades}),
+                     seconds=round(time.perf_counter() - started, 2))
+        if not self.done:
+            await self._replay(self._frames)
+            self._finish()
+
+    async def _replay(self, frames: list[list[TradeEvent]]) -> None:
+        start = self._next_frame
+        if start >= len(frames):
+            return
+        loop = asyncio.get_running_loop()
+        speed = self.speed
+        t0 = frames[start][0].t
+        wall0 = loop.time()
+        self._started = time.perf_counter()
+        batch_end = start
+        for index in range(start, len(frames)):
+            if speed > 0:
+                due = wall0 + (frames[index][0].t - t0) / 1000.0 / speed
+                if due > loop.time():
+                    if batch_end > self._next_frame:
+                        await self._publish(frames, batch_end)
+                    wait = due - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                self.lag_ms = max(0, int((loop.time() - due) * 1000))
+                self.m.feed_lag.set(self.lag_ms / 1000.0)
+            batch_end = index + 1
+            if batch_end - self._next_frame >= self.batch_frames:
+                await self._publish(frames, batch_end)
+        if batch_end > self._next_frame:
+            await self._publish(frames, batch_end)
+
+    async def _publish(self, frames: list[list[TradeEvent]], end: int) -> None:
+        """Publish frames ``[self._next_frame, end)`` in one pipelined round trip."""
+        started = time.perf_counter()
+        now_ms = self.clock.now_ms()
+        records: list[tuple[str, bytes]] = []
+        ticks = 0
+        for frame in frames[self._next_frame:end]:
+            records.extend(
+                protocol.build_records(protocol.split_frame(frame), now_ms, self.channels))
+            ticks += len(frame)
+        await publish_with_retry(self.publisher, records, self.publish_retry_s, self.clock,
+                                 self.rng)
+        count = end - self._next_frame
+        self._next_frame = end
+        self.frames_published += count
+        self.ticks_published += ticks
+        self.m.frames.inc(count)
+        self.m.events.labels(protocol.TRADES).inc(ticks)
+        self.m.publish_latency.observe(time.perf_counter() - started)
+
+    def _finish(self) -> None:
+        self.done = True
+        self.lag_ms = 0
+        self.m.feed_lag.set(0)
+        elapsed = time.perf_counter() - self._started if self._started is not None else 0.0
+        log.info("ingest.replay_done", trades=self.ticks_published, frames=self.frames_published,
+                 seconds=round(elapsed, 2),
+                 ticks_per_s=round(self.ticks_published / elapsed) if elapsed > 0 else None,
+                 then="exit" if self.on_done is not None else "idle")
+        if self.on_done is not None:
+            self.on_done()
