@@ -450,6 +450,12 @@ class BarAggregator:
 
     # -- public API --
 
+    def forget(self, symbol: str) -> None:
+        """Drop everything kept for ``symbol`` (open minutes, retained days) without emitting
+        anything: its input moved to another instance (a Kafka rebalance). If it comes back,
+        it starts afresh."""
+        self._symbols.pop(symbol, None)
+
     def add(
         self, trades: Sequence[Trade], now_ms: int | None = None, *, symbol: str | None = None
     ) -> list[Bar]:
@@ -742,7 +748,9 @@ class BarAggregator:
         symbols = self._symbols
         while heap and (watermark is None or heap[0][0] <= watermark):
             _deadline, sym, minute = heapq.heappop(heap)
-            state = symbols[sym]
+            state = symbols.get(sym)
+            if state is None:  # forgotten
+                continue
             acc = state.open.pop(minute, None)
             if acc is None:
                 continue
@@ -761,7 +769,9 @@ class BarAggregator:
             dirty = self._dirty
             self._dirty = {}
             for sym, day_start, minute in dirty:
-                state = symbols[sym]
+                state = symbols.get(sym)
+                if state is None:
+                    continue
                 day = state.days.get(day_start)
                 if day is not None:
                     self._publish_around(state, day, minute, out)

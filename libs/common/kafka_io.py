@@ -103,9 +103,13 @@ def make_consumer(
     enable_auto_commit: bool = False,
     max_poll_records: int = 2_000,
     client_id: str | None = None,
+    partition_assignment_strategy: tuple[type, ...] | None = None,
 ) -> AIOKafkaConsumer:
     """An unstarted consumer with the group timeouts from settings; subscribe by pattern or
-    topics (``pattern`` subscribes with ``consumer.subscribe(pattern=...)`` at start)."""
+    topics (``pattern`` subscribes with ``consumer.subscribe(pattern=...)`` at start).
+    ``partition_assignment_strategy`` replaces aiokafka's default (range) assignors."""
+    extra = {} if partition_assignment_strategy is None else {
+        "partition_assignment_strategy": partition_assignment_strategy}
     consumer = AIOKafkaConsumer(
         *topics,
         bootstrap_servers=settings.kafka_bootstrap,
@@ -119,6 +123,7 @@ def make_consumer(
         max_poll_records=max_poll_records,
         metadata_max_age_ms=5_000,
         client_id=client_id or f"tickmesh-{settings.effective_run_id()}",
+        **extra,
     )
     if pattern is not None:
         consumer.subscribe(pattern=pattern)
