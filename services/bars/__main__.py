@@ -1,8 +1,9 @@
 """Bars: ticks in (Redis, or Kafka in shadow mode); vendor-faithful 1-minute bars out.
 
-Actors (one hop from here): the tick source (``sources.RedisTickSource`` or
-``sources.KafkaTickSource``), the ``builder.BarBuilder`` that owns the aggregation core, and
-the heartbeat. ``backfill`` builds bars offline from tick files with the same core.
+Actors (one hop from here): the ``builder.BarBuilder``, which owns the aggregation core and
+its tick source (``sources.RedisTickSource`` or ``sources.KafkaTickSource``, read by a task of
+the builder), and the heartbeat. ``backfill`` builds bars offline from tick files with the
+same core.
 """
 
 from __future__ import annotations
@@ -11,52 +12,71 @@ import argparse
 import sys
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
 from libs.common import bars as bar_core
 from libs.common.barstore import BarStore
 from libs.common.cli import ServiceCli
 from libs.common.deadletter import DeadLetters
-from libs.common.kafka_io import TopicSpec, ensure_topics, make_consumer, start_consumer, \
-    start_producer
+from libs.common.kafka_io import (
+    TopicAdmin,
+    TopicSpec,
+    make_consumer,
+    start_consumer,
+    start_producer,
+)
 from libs.common.redis_io import Keys, Publisher
 from libs.common.reliable import SequencedConsumer
 from libs.common.schemas import ENCODER, Bar
 from libs.common.service import ServiceRuntime, run_main
 from libs.common.wiring import add_heartbeat, connect_runtime_redis, make_publisher
-from services.bars.builder import BarBuilder, ClosedMinutes, shard_of
+from services.bars.backfill import add_arguments as add_backfill_arguments
+from services.bars.builder import (
+    BarBuilder,
+    BarSink,
+    ClosedMinutes,
+    StreamClosedMinutes,
+    bar_channel,
+    shard_of,
+)
 from services.bars.config import BarsSettings
-from services.bars.sources import KafkaTickSource, RedisTickSource
+from services.bars.sources import (
+    KafkaTickSource,
+    RedisTickSource,
+    symbol_of_tick_channel,
+    topic_pattern,
+)
 
 CLI = ServiceCli("bars", __doc__.splitlines()[0], BarsSettings)
 
-
-def bar_channel(symbol: str) -> str:
-    """The Redis channel and Kafka topic of a symbol's bars."""
-    return f"bars.{symbol}.1m"
+BAR_TOPIC_CONFIGS = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
 
 
-def redis_sink(publisher: Publisher, store: BarStore):  # type: ignore[no-untyped-def]
-    """Publish bars on ``bars.<SYM>.1m`` (pub/sub + stream) and keep them in the bar store."""
+def redis_sink(publisher: Publisher, store: BarStore, closed: ClosedMinutes) -> BarSink:
+    """Keep bars in the bar store, then publish them on ``bars.<SYM>.1m`` (pub/sub + stream).
+
+    The store is written first: a crash in between leaves a bar stored but not published,
+    which the restart publishes (and stores again); the other order could leave a published
+    bar that the store never gets (a restart does not publish it again).
+    """
 
     async def sink(bars: list[Bar]) -> None:
-        await publisher.publish_many([(bar_channel(bar.symbol), bar) for bar in bars])
         await store.put_many(bars)
+        seqs = await publisher.publish_many([(bar_channel(bar.symbol), bar) for bar in bars])
+        for bar, seq in zip(bars, seqs, strict=True):
+            closed.note_published(bar.symbol, seq)
 
     return sink
 
 
-def kafka_sink(settings: BarsSettings, producer: AIOKafkaProducer):  # type: ignore[no-untyped-def]
+def kafka_sink(admin: TopicAdmin, producer: AIOKafkaProducer) -> BarSink:
     """Produce bars to Kafka ``bars.<SYM>.1m`` keyed by symbol, creating topics once."""
-    created: set[str] = set()
 
     async def sink(bars: list[Bar]) -> None:
-        topics = {bar_channel(bar.symbol) for bar in bars} - created
-        if topics:
-            await ensure_topics(settings, [
-                TopicSpec(topic, 1, 1, {"cleanup.policy": "delete", "retention.ms": "-1",
-                                        "retention.bytes": "-1"})
-                for topic in sorted(topics)])
-            created.update(topics)
+        await admin.ensure(
+            TopicSpec(topic, 1, 1, BAR_TOPIC_CONFIGS)
+            for topic in sorted({bar_channel(bar.symbol) for bar in bars})
+        )
         futures = [
             await producer.send(bar_channel(bar.symbol), ENCODER.encode(bar),
                                 key=bar.symbol.encode())
@@ -68,46 +88,69 @@ def kafka_sink(settings: BarsSettings, producer: AIOKafkaProducer):  # type: ign
     return sink
 
 
+def builder_name(settings: BarsSettings) -> str:
+    """The name of the builder's durable state: ``bars-redis-<i>of<n>`` (its stream positions
+    and published marks), ``bars-kafka-<group>`` (its published marks, shared by the group's
+    members since partitions move between them)."""
+    if settings.source == "kafka":
+        return f"bars-kafka-{settings.kafka_group}"
+    return f"bars-redis-{settings.shard_index}of{settings.shard_count}"
+
+
 async def build(runtime: ServiceRuntime) -> None:
-    """Create the bar builder's actors under the runtime's supervisor."""
+    """Create the bar builder (with its tick source) and the heartbeat under the runtime's
+    supervisor."""
     settings: BarsSettings = runtime.settings  # type: ignore[assignment]
     if settings.shard_index >= settings.shard_count:
         raise ValueError(f"BARS_SHARD_INDEX={settings.shard_index} must be below "
                          f"BARS_SHARD_COUNT={settings.shard_count}")
+    if settings.source not in ("redis", "kafka"):
+        raise ValueError(f"BARS_SOURCE must be redis or kafka, not {settings.source!r}")
+    policy = bar_core.get_policy(settings.policy)  # fails fast on a bad name
+    if settings.late_policy not in ("revise", "drop"):
+        raise ValueError(f"BARS_LATE_POLICY must be revise or drop, not {settings.late_policy!r}")
     client = await connect_runtime_redis(runtime)
     keys = Keys(settings.key_prefix)
     publisher = make_publisher(runtime, client)
     dead_letters = DeadLetters(publisher, "bars", registry=runtime.registry)
-    aggregator = bar_core.BarAggregator(
-        bar_core.get_policy(settings.policy), grace_ms=settings.grace_ms,
-        late_policy=settings.late_policy,
-    )
-    name = f"bars-{settings.source}-{settings.shard_index}of{settings.shard_count}"
-    closed = ClosedMinutes(client, keys, name)
+
+    def make_aggregator() -> bar_core.BarAggregator:
+        return bar_core.BarAggregator(policy, grace_ms=settings.grace_ms,
+                                      late_policy=settings.late_policy)
+
+    name = builder_name(settings)
+    builder: BarBuilder
     if settings.source == "redis":
-        sink = redis_sink(publisher, BarStore(client, keys))
-        consumer = SequencedConsumer(
-            client, name, [settings.tick_pattern], keys=keys, registry=runtime.registry,
-            accept=lambda channel: shard_of(channel.split(".")[1], settings.shard_count)
-            == settings.shard_index,
-        )
-        holder: dict[str, RedisTickSource] = {}
 
-        async def commit_redis(safe: dict[str, int]) -> None:
-            await holder["source"].commit(safe)
+        def owned(symbol: str) -> bool:
+            return shard_of(symbol, settings.shard_count) == settings.shard_index
 
-        builder = BarBuilder(f"{name}.builder", aggregator, sink, commit_redis, closed,
+        closed: ClosedMinutes = StreamClosedMinutes(client, keys, name, accept=owned)
+        sink = redis_sink(publisher, BarStore(client, keys), closed)
+
+        def make_redis_consumer() -> SequencedConsumer:
+            return SequencedConsumer(
+                client, name, [settings.tick_pattern], keys=keys, registry=runtime.registry,
+                accept=lambda channel: owned(symbol_of_tick_channel(channel)),
+            )
+
+        source = RedisTickSource(make_redis_consumer, dead_letters)
+        builder = BarBuilder(f"{name}.builder", make_aggregator, source, sink, closed,
                              tick_interval_ms=settings.tick_interval_ms,
-                             registry=runtime.registry, source="redis")
-        holder["source"] = RedisTickSource(f"{name}.source", consumer, builder, dead_letters,
-                                           registry=runtime.registry)
-        runtime.supervisor.add(builder)
-        runtime.supervisor.add(holder["source"])
-    elif settings.source == "kafka":
+                             registry=runtime.registry, source_kind="redis")
+    else:
         producer = await start_producer(settings)
         runtime.on_cleanup(producer.stop)
-        pattern = "^" + settings.tick_pattern.replace(".", r"\.").replace("*", "[^.]+") + "$"
-        kafka_consumer = make_consumer(settings, group_id=settings.kafka_group, pattern=pattern)
+        admin = TopicAdmin(settings)
+        runtime.on_cleanup(admin.close)
+        # round robin: with one topic per symbol (one partition each), the default range
+        # assignor would give every topic's only partition to the same member
+        kafka_consumer = make_consumer(
+            settings, group_id=settings.kafka_group,
+            partition_assignment_strategy=(RoundRobinPartitionAssignor,))
+        kafka_source = KafkaTickSource(kafka_consumer, dead_letters, registry=runtime.registry)
+        kafka_consumer.subscribe(pattern=topic_pattern(settings.tick_pattern),
+                                 listener=kafka_source.listener())
         await start_consumer(kafka_consumer)
         runtime.on_cleanup(kafka_consumer.stop)
 
@@ -116,20 +159,12 @@ async def build(runtime: ServiceRuntime) -> None:
             return True
 
         runtime.http.add_readiness("kafka", kafka_ready)
-        kafka_holder: dict[str, KafkaTickSource] = {}
-
-        async def commit_kafka(safe: dict[str, int]) -> None:
-            await kafka_holder["source"].commit(safe)
-
-        builder = BarBuilder(f"{name}.builder", aggregator, kafka_sink(settings, producer),
-                             commit_kafka, closed, tick_interval_ms=settings.tick_interval_ms,
-                             registry=runtime.registry, source="kafka")
-        kafka_holder["source"] = KafkaTickSource(f"{name}.source", kafka_consumer, builder,
-                                                 dead_letters, registry=runtime.registry)
-        runtime.supervisor.add(builder)
-        runtime.supervisor.add(kafka_holder["source"])
-    else:
-        raise ValueError(f"BARS_SOURCE must be redis or kafka, not {settings.source!r}")
+        closed = ClosedMinutes(client, keys, name)
+        builder = BarBuilder(f"{name}.builder", make_aggregator, kafka_source,
+                             kafka_sink(admin, producer), closed,
+                             tick_interval_ms=settings.tick_interval_ms,
+                             registry=runtime.registry, source_kind="kafka")
+    runtime.supervisor.add(builder)
     add_heartbeat(runtime, publisher, lag_ms=lambda: builder.lag_ms)
 
 
@@ -142,19 +177,15 @@ def backfill(args: argparse.Namespace) -> int:
     """``backfill``: build bars from tick files with the same core."""
     from services.bars.backfill import run_backfill
 
-    summary = run_backfill(args.files, args.policy, args.out, args.grace_ms)
+    summary = run_backfill(args.files, args.policy, args.out, args.grace_ms,
+                           symbols=args.symbols)
     print(summary)
     return 0
 
 
 CLI.command("run", "run the bar builder (the default)", run)
 backfill_parser = CLI.command("backfill", "build bars offline from tick files", backfill)
-backfill_parser.add_argument("--policy", default="algoseek", choices=["algoseek", "polygon", "none"])
-backfill_parser.add_argument("--out", required=True, help="output file, one JSON bar per line")
-backfill_parser.add_argument("--grace-ms", type=int, default=0)
-backfill_parser.add_argument("files", nargs="+", metavar="TICKFILE",
-                             help="Lean trade zips (tick/spy/20131007_trade.zip) or Polygon "
-                                  "flat-file trade CSVs")
+add_backfill_arguments(backfill_parser)
 
 if __name__ == "__main__":
     sys.exit(CLI.main())

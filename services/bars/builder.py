@@ -1,33 +1,50 @@
 """The bar builder actor: ticks in, closed bars out, positions committed only when safe.
 
-One ``BarBuilder`` owns one aggregation core (``libs.common.bars.BarAggregator``) and handles
-two kinds of message from its mailbox, so all aggregation is sequential:
+One ``BarBuilder`` owns one aggregation core (``libs.common.bars.BarAggregator``) and one tick
+source (``sources.RedisTickSource`` or ``sources.KafkaTickSource``), whose reader runs as a
+task of the actor. Its mailbox takes, in order:
 
-- ``TickWork``: decoded tick batches from a source (Redis or Kafka), with their positions;
-- ``WatermarkTick``: sent by its own timer, so quiet symbols' bars close with wall time.
+- ``TickWork``: decoded tick batches from the source, with their positions;
+- ``WatermarkTick``: sent by its own timer, so quiet symbols' bars close with wall time;
+- ``Barrier`` / ``Reassign``: from the Kafka source around a consumer-group rebalance.
 
-A source position is committed only once every tick of the batch at that position is inside
-a published bar, so a crash re-reads exactly the ticks of the minutes still open. Bars that
-were published before a crash are not published again: the last closed minute per symbol is
-kept durably next to the positions.
+Restart safety rests on three rules:
+
+1. a source position is committed only once every tick of the batch at that position sits in
+   a minute that is closed (and its bar published), so a restart re-reads exactly the ticks
+   of the minutes still open, plus at most the part of a closed minute that shared a batch
+   with an open one;
+2. what was published is remembered per symbol (``ClosedMinutes``: the end of the newest
+   published minute, saved after every publication; on the Redis path also recovered from
+   the bars streams, which the publish script writes atomically with pub/sub, so a crash
+   between publishing and saving loses nothing). After a (re)start, a bar whose minute ends
+   at or before that mark is a rebuild of something already published and is not sent
+   again, whatever its revision;
+3. every (re)start of the actor starts from scratch: a fresh core, the source rewound to the
+   committed positions, and work queued by the previous incarnation dropped (it comes again).
 """
 
 from __future__ import annotations
 
+import asyncio
+import heapq
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import redis.asyncio as aioredis
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
-from libs.common.actors import Actor, Overflow
+from libs.common.actors import Actor, ActorState, Overflow
 from libs.common.bars import BarAggregator
-from libs.common.clock import SYSTEM_CLOCK, Clock
-from libs.common.redis_io import Keys
-from libs.common.schemas import Bar, TickBatch
+from libs.common.clock import MINUTE_MS, SYSTEM_CLOCK, Clock
+from libs.common.redis_io import Keys, StreamReader
+from libs.common.schemas import BAR_DECODER, Bar, TickBatch, Trade
+
+if TYPE_CHECKING:
+    from services.bars.sources import TickSource
 
 log = structlog.get_logger("tickmesh.bars")
 
@@ -37,139 +54,446 @@ def shard_of(symbol: str, shard_count: int) -> int:
     return zlib.crc32(symbol.encode()) % shard_count
 
 
-class TickWork(NamedTuple):
-    """Tick batches from a source, each with the source position it came from."""
+def bar_channel(symbol: str) -> str:
+    """The Redis channel and Kafka topic of a symbol's bars."""
+    return f"bars.{symbol}.1m"
 
-    items: Sequence[tuple[str, int, TickBatch]]
-    """(channel, position, batch) in per-channel order."""
+
+def symbol_of_bar_channel(channel: str) -> str:
+    """``bars.BRK.B.1m`` -> ``BRK.B``."""
+    return channel[len("bars.") : -len(".1m")]
+
+
+Item = tuple[str, int, TickBatch]
+"""(channel, position, batch): a tick batch and where it came from."""
+
+
+class TickWork(NamedTuple):
+    """Tick batches from the source, each with the source position it came from."""
+
+    items: Sequence[Item]
+    """In per-channel order."""
+    generation: int
+    """The builder incarnation whose reader delivered them; older ones are dropped."""
 
 
 class WatermarkTick(NamedTuple):
     """Time passed: close what the wall-clock watermark allows."""
 
 
+class Barrier(NamedTuple):
+    """Resolves ``done`` once everything queued before it is handled (published, committed)."""
+
+    done: asyncio.Future[None]
+
+
+class Reassign(NamedTuple):
+    """The source lost these channels (Kafka partitions) to another consumer: forget their
+    symbols; and reload what others published for the symbols it may have gained."""
+
+    lost: frozenset[str]
+    done: asyncio.Future[None]
+
+
+BuilderMessage = TickWork | WatermarkTick | Barrier | Reassign
 BarSink = Callable[[list[Bar]], Awaitable[None]]
-Committer = Callable[[dict[str, int]], Awaitable[None]]
+
+
+def _newest(batch: TickBatch) -> int:
+    return max(tick.t for tick in batch.ticks) if batch.ticks else 0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def merge_by_time(items: Sequence[Item]) -> list[Item]:
+    """Interleave the channels' batches by their first tick time, keeping each channel's order.
+
+    A source reads channel after channel (a sweep of a backlog, one fetch of several Kafka
+    partitions); the core's watermark is shared by all symbols, so feeding one channel's
+    backlog whole before another's would make the other's trades late for no reason.
+    """
+    by_channel: dict[str, list[tuple[int, int, Item]]] = {}
+    for order, item in enumerate(items):
+        batch = item[2]
+        key = batch.ticks[0].t if batch.ticks else -1
+        by_channel.setdefault(item[0], []).append((key, order, item))
+    if len(by_channel) < 2:
+        return list(items)
+    return [entry[2] for entry in heapq.merge(*by_channel.values())]
 
 
 class ClosedMinutes:
-    """The end of the last published minute per symbol, kept durably in a Redis hash."""
+    """What was published, per symbol: the end of the newest published minute.
+
+    Kept in a Redis hash (``<prefix>state:bars:<name>:closed``, field = symbol, value =
+    ``end`` or ``end:seq`` with the sequence of the symbol's last bar on its Redis channel).
+    ``restored`` is the mark loaded at start (or at a Kafka assignment) that the builder
+    compares rebuilt bars with; ``by_symbol`` follows every publication.
+    """
 
     def __init__(self, client: aioredis.Redis | None, keys: Keys, name: str) -> None:
         self.client = client
+        self.keys = keys
         self.key = keys.state(f"bars:{name}:closed")
         self.by_symbol: dict[str, int] = {}
+        self.seqs: dict[str, int] = {}
+        self.restored: dict[str, int] = {}
 
-    async def load(self) -> None:
-        """Read the stored ends."""
-        if self.client is not None:
-            raw = await self.client.hgetall(self.key)
-            self.by_symbol = {symbol.decode(): int(end) for symbol, end in raw.items()}
+    async def _read(self) -> dict[str, tuple[int, int]]:
+        if self.client is None:  # kept in memory only (tests, benchmarks)
+            return {symbol: (end, self.seqs.get(symbol, 0))
+                    for symbol, end in self.by_symbol.items()}
+        raw = await self.client.hgetall(self.key)
+        out: dict[str, tuple[int, int]] = {}
+        for symbol, value in raw.items():
+            end, _, seq = _text(value).partition(":")
+            out[_text(symbol)] = (int(end), int(seq or 0))
+        return out
 
-    async def save(self, changed: dict[str, int]) -> None:
-        """Store new ends."""
-        self.by_symbol.update(changed)
+    async def load(self, keep: Iterable[str] = ()) -> None:
+        """Read the stored marks; the symbols in ``keep`` (still owned, their state in
+        memory is newer) keep theirs."""
+        kept = set(keep)
+        stored = await self._read()
+        stored = await self.recover(stored)
+        for symbol in [s for s in self.by_symbol if s not in kept]:
+            self.by_symbol.pop(symbol, None)
+            self.seqs.pop(symbol, None)
+            self.restored.pop(symbol, None)
+        for symbol, (end, seq) in stored.items():
+            if symbol in kept:
+                continue
+            self.by_symbol[symbol] = end
+            self.seqs[symbol] = seq
+            self.restored[symbol] = end
+
+    async def recover(self, stored: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        """Hook: complete the stored marks from what was published after them."""
+        return stored
+
+    def forget(self, symbols: Iterable[str]) -> None:
+        """Drop the marks of symbols that moved to another instance."""
+        for symbol in symbols:
+            self.by_symbol.pop(symbol, None)
+            self.seqs.pop(symbol, None)
+            self.restored.pop(symbol, None)
+
+    def skip(self, bar: Bar) -> bool:
+        """True when ``bar`` rebuilds a minute published before the last (re)start."""
+        return bar.endMs <= self.restored.get(bar.symbol, 0)
+
+    def note_published(self, symbol: str, seq: int) -> None:
+        """The sink published a bar of ``symbol`` with channel sequence ``seq``."""
+        if seq > self.seqs.get(symbol, 0):
+            self.seqs[symbol] = seq
+
+    async def save(self, bars: Sequence[Bar]) -> None:
+        """Store the marks of the symbols of ``bars``, just published."""
+        changed: dict[str, str] = {}
+        for bar in bars:
+            symbol = bar.symbol
+            if bar.endMs > self.by_symbol.get(symbol, 0):
+                self.by_symbol[symbol] = bar.endMs
+            changed[symbol] = ""
+        for symbol in changed:
+            seq = self.seqs.get(symbol, 0)
+            end = self.by_symbol.get(symbol, 0)
+            changed[symbol] = f"{end}:{seq}" if seq else str(end)
         if self.client is not None and changed:
             await self.client.hset(self.key, mapping=changed)  # type: ignore[arg-type]
 
 
+class StreamClosedMinutes(ClosedMinutes):
+    """``ClosedMinutes`` of the Redis path: also reads the bars streams after the saved
+    sequences, so that bars published just before a crash (and not yet noted in the hash)
+    are known as published, and never sent twice."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, name: str,
+                 accept: Callable[[str], bool] = lambda _symbol: True) -> None:
+        super().__init__(client, keys, name)
+        self.reader = StreamReader(client, keys)
+        self.accept = accept
+        self.recovered = 0
+        """Bars found in the streams that the hash did not know of (at the last load)."""
+
+    async def recover(self, stored: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        out = dict(stored)
+        self.recovered = 0
+        for channel in await self.reader.channels(bar_channel("*")):
+            symbol = symbol_of_bar_channel(channel)
+            if not self.accept(symbol):
+                continue
+            end, seq = out.get(symbol, (0, 0))
+            if not seq:  # nothing saved (a new shard layout): the newest bars tell
+                seq = max(0, await self.reader.last_seq(channel) - 1_000)
+            while True:
+                entries = await self.reader.read(channel, seq, 1_000)
+                if not entries:
+                    break
+                for entry_seq, payload in entries:
+                    try:
+                        bar = BAR_DECODER.decode(payload)
+                    except Exception:  # noqa: BLE001 - not ours to judge; the sequence counts
+                        bar = None
+                    if bar is not None:
+                        end = max(end, bar.endMs)
+                        self.recovered += 1
+                    seq = entry_seq
+            if (end, seq) != out.get(symbol, (0, 0)):
+                out[symbol] = (end, seq)
+        if self.recovered:
+            log.warning("bars.recovered_from_streams", bars=self.recovered,
+                        reason="published before a crash, after the last saved mark")
+        return out
+
+
 class BuilderMetrics:
-    """Metrics of the bar builder."""
+    """Metrics of the bar builder; built once per registry, labelled by source kind."""
 
-    def __init__(self, registry: CollectorRegistry | None, source: str) -> None:
-        kwargs = {"registry": registry} if registry is not None else {}
-        self.ticks = Counter("tickmesh_bars_ticks", "Ticks aggregated", ["source"], **kwargs)
-        self.bars = Counter("tickmesh_bars_published", "Bars published (revision 0)",
-                            ["source"], **kwargs)
-        self.revisions = Counter("tickmesh_bars_revisions", "Corrections published",
-                                 ["source"], **kwargs)
+    _by_registry: ClassVar[dict[int, BuilderMetrics]] = {}
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["source"]
+        self.ticks = Counter("tickmesh_bars_ticks", "Ticks aggregated", labels, registry=registry)
+        self.bars = Counter("tickmesh_bars_published", "Bars published (revision 0)", labels,
+                            registry=registry)
+        self.revisions = Counter("tickmesh_bars_revisions", "Corrections published", labels,
+                                 registry=registry)
         self.republish_skipped = Counter(
-            "tickmesh_bars_republish_skipped", "Bars rebuilt after a restart and not sent again",
-            ["source"], **kwargs)
+            "tickmesh_bars_republish_skipped",
+            "Bars rebuilt after a restart for minutes already published, not sent again",
+            labels, registry=registry)
+        self.ticks_skipped = Counter(
+            "tickmesh_bars_ticks_skipped",
+            "Ticks of minutes published before the last start, read again and not aggregated",
+            labels, registry=registry)
+        self.stale = Counter(
+            "tickmesh_bars_stale_batches",
+            "Tick batches queued before a builder restart, dropped (read again)", labels,
+            registry=registry)
+        self.late = Counter("tickmesh_bars_late_trades",
+                            "Trades for closed minutes (revised or dropped per the policy)",
+                            [*labels, "action"], registry=registry)
+        self.open_minutes = Gauge("tickmesh_bars_open_symbols",
+                                  "Symbols with a minute still open", labels, registry=registry)
         self.lag = Gauge("tickmesh_bars_watermark_lag_ms",
-                         "Wall time minus the event-time watermark", ["source"], **kwargs)
-        self.source = source
+                         "Wall time minus the event-time watermark", labels, registry=registry)
+        self.commits = Counter("tickmesh_bars_commits", "Safe position commits", labels,
+                               registry=registry)
+        self.reassigned = Counter(
+            "tickmesh_bars_reassigned_channels",
+            "Channels (Kafka partitions) lost to another group member; their symbols dropped",
+            labels, registry=registry)
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None) -> BuilderMetrics:
+        """The metrics of ``registry``, created once."""
+        registry = registry if registry is not None else REGISTRY
+        metrics = cls._by_registry.get(id(registry))
+        if metrics is None:
+            metrics = cls(registry)
+            cls._by_registry[id(registry)] = metrics
+        return metrics
 
 
-class BarBuilder(Actor[TickWork | WatermarkTick]):
-    """Aggregates ticks into bars, publishes them through a sink, commits safe positions."""
+class BarBuilder(Actor[BuilderMessage]):
+    """Aggregates a source's ticks into bars, publishes them through a sink, commits the
+    source's positions once safe. See the module docstring for the restart rules."""
 
     def __init__(
         self,
         name: str,
-        aggregator: BarAggregator,
+        make_aggregator: Callable[[], BarAggregator],
+        source: TickSource,
         sink: BarSink,
-        committer: Committer,
         closed: ClosedMinutes,
         *,
         tick_interval_ms: int = 250,
         clock: Clock = SYSTEM_CLOCK,
         registry: CollectorRegistry | None = None,
-        mailbox_size: int = 256,
-        source: str = "redis",
+        mailbox_size: int = 64,
+        source_kind: str = "redis",
     ) -> None:
         super().__init__(name, mailbox_size=mailbox_size, overflow=Overflow.BLOCK,
                          registry=registry)
-        self.aggregator = aggregator
+        self.make_aggregator = make_aggregator
+        self.aggregator = make_aggregator()
+        self.source = source
         self.sink = sink
-        self.committer = committer
         self.closed = closed
         self.clock = clock
-        self.metrics = BuilderMetrics(registry, source)
-        self._source = source
+        self.source_kind = source_kind
+        metrics = BuilderMetrics.for_registry(registry)
+        self.builder_metrics = metrics
+        self._m_ticks = metrics.ticks.labels(source_kind)
+        self._m_bars = metrics.bars.labels(source_kind)
+        self._m_revisions = metrics.revisions.labels(source_kind)
+        self._m_skipped = metrics.republish_skipped.labels(source_kind)
+        self._m_stale = metrics.stale.labels(source_kind)
+        self._m_ticks_skipped = metrics.ticks_skipped.labels(source_kind)
+        self._m_commits = metrics.commits.labels(source_kind)
+        self._m_lag = metrics.lag.labels(source_kind)
+        self._m_open = metrics.open_minutes.labels(source_kind)
+        self._late_seen = (0, 0)
+        self.generation = 0
+        """Incarnation of the actor (each start); work delivered to an older one is dropped."""
         # per channel: (position, newest tick time of the batch, its symbol), oldest first
         self._pending: dict[str, deque[tuple[int, int, str]]] = {}
+        self._last_position: dict[str, int] = {}
+        self._channel_symbols: dict[str, set[str]] = {}
         self.lag_ms = 0
         """Wall time minus the event-time watermark at the last message (for heartbeats)."""
         self.every(tick_interval_ms / 1000.0, self._tick, name=f"{name}.watermark")
+        self.spawn(self._read, name=f"{name}.read")
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     async def on_start(self) -> None:
+        self.generation += 1
+        if self.generation > 1:
+            self.aggregator = self.make_aggregator()
+            self._late_seen = (0, 0)
+        self._pending.clear()
+        self._last_position.clear()
+        self._channel_symbols.clear()
         await self.closed.load()
+        await self.source.open(builder=self, restart=self.generation > 1)
+        log.info("bars.builder_started", actor=self.name, generation=self.generation,
+                 restored_symbols=len(self.closed.restored))
+
+    async def on_stop(self) -> None:
+        await self.source.close()
+        open_symbols = sum(
+            1 for symbol in self.aggregator.symbols() if self.aggregator.open_since(symbol)
+        )
+        log.info("bars.builder_stopped", actor=self.name, open_symbols=open_symbols,
+                 reason="open minutes are rebuilt from the uncommitted ticks at the next start")
+
+    async def _read(self) -> None:
+        generation = self.generation
+
+        async def deliver(items: Sequence[Item]) -> None:
+            await self.tell(TickWork(items, generation))
+
+        await self.source.run(deliver)
 
     async def _tick(self) -> None:
         self.tell_nowait(WatermarkTick())
 
-    async def handle(self, message: TickWork | WatermarkTick) -> None:
+    # -- control from the source (Kafka rebalances) ------------------------------------------
+
+    async def _control(self, make: Callable[[asyncio.Future[None]], BuilderMessage],
+                       timeout_s: float) -> None:
+        if self.state is not ActorState.RUNNING:
+            return  # a (re)start rebuilds everything from the committed positions anyway
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self.tell(make(done))
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(done)
+        except TimeoutError:
+            log.warning("bars.control_timeout", actor=self.name, timeout_s=timeout_s)
+
+    async def barrier(self, timeout_s: float = 10.0) -> None:
+        """Wait until everything delivered so far is handled (bars published, commits done)."""
+        await self._control(Barrier, timeout_s)
+
+    async def reassign(self, lost: Iterable[str], timeout_s: float = 10.0) -> None:
+        """Forget the symbols of ``lost`` channels and reload the others' marks."""
+        lost_set = frozenset(lost)
+        await self._control(lambda done: Reassign(lost_set, done), timeout_s)
+
+    # -- work --------------------------------------------------------------------------------
+
+    async def handle(self, message: BuilderMessage) -> None:
         now = self.clock.now_ms()
         if isinstance(message, WatermarkTick):
             bars = self.aggregator.advance(now)
+        elif isinstance(message, TickWork):
+            if message.generation != self.generation:
+                self._m_stale.inc(len(message.items))
+                return
+            bars = self._add(message.items, now)
+        elif isinstance(message, Barrier):
+            if not message.done.done():
+                message.done.set_result(None)
+            return
         else:
-            bars = []
-            ticks = 0
-            for channel, position, batch in message.items:
-                if batch.ticks:
-                    bars.extend(self.aggregator.add(batch.ticks, now, symbol=batch.sym))
-                    ticks += len(batch.ticks)
-                    newest = max(tick.t for tick in batch.ticks)
-                else:
-                    newest = 0
-                self._pending.setdefault(channel, deque()).append((position, newest, batch.sym))
-            self.metrics.ticks.labels(self._source).inc(ticks)
+            try:
+                await self._reassign(message.lost)
+            finally:
+                if not message.done.done():
+                    message.done.set_result(None)
+            return
         await self._publish(bars)
         await self._commit_safe()
         watermark = self.aggregator.watermark_ms
         if watermark:
             self.lag_ms = max(0, now - watermark)
-            self.metrics.lag.labels(self._source).set(self.lag_ms)
+            self._m_lag.set(self.lag_ms)
+
+    def _add(self, items: Sequence[Item], now: int) -> list[Bar]:
+        aggregator = self.aggregator
+        bars: list[Bar] = []
+        ticks = 0
+        pending = self._pending
+        last_position = self._last_position
+        restored = self.closed.restored
+        for channel, position, batch in merge_by_time(items):
+            if position <= last_position.get(channel, -1):
+                continue  # delivered again (a Kafka partition kept across a rebalance)
+            last_position[channel] = position
+            trades = batch.ticks
+            if trades:
+                mark = restored.get(batch.sym)
+                if mark is not None and trades[0].t < mark + MINUTE_MS:
+                    trades = self._after_mark(trades, mark)
+                if trades:
+                    bars.extend(aggregator.add(trades, now, symbol=batch.sym))
+                    ticks += len(trades)
+            symbols = self._channel_symbols.get(channel)
+            if symbols is None:
+                symbols = self._channel_symbols[channel] = set()
+            symbols.add(batch.sym)
+            queue = pending.get(channel)
+            if queue is None:
+                queue = pending[channel] = deque()
+            queue.append((position, _newest(batch), batch.sym))
+        self._m_ticks.inc(ticks)
+        return bars
+
+    def _after_mark(self, trades: list[Trade], mark: int) -> list[Trade]:
+        """The trades of minutes after ``mark`` (the end of the newest minute published before
+        the last start). Those before are re-read ticks of minutes already published (or
+        late ones for them): aggregated again they would only make partial minutes, which
+        the policy may fold into a neighbour's bar."""
+        kept = [trade for trade in trades if trade.t >= mark]
+        if len(kept) < len(trades):
+            self._m_ticks_skipped.inc(len(trades) - len(kept))
+        return kept
 
     async def _publish(self, bars: list[Bar]) -> None:
+        counters = self.aggregator.counters
+        late = (counters.late_revised, counters.late_dropped)
+        if late != self._late_seen:
+            metric = self.builder_metrics.late
+            metric.labels(self.source_kind, "revised").inc(late[0] - self._late_seen[0])
+            metric.labels(self.source_kind, "dropped").inc(late[1] - self._late_seen[1])
+            self._late_seen = late
         if not bars:
             return
-        fresh: list[Bar] = []
-        ends: dict[str, int] = {}
-        for bar in bars:
-            if bar.revision == 0 and bar.endMs <= self.closed.by_symbol.get(bar.symbol, 0):
-                self.metrics.republish_skipped.labels(self._source).inc()
-                continue
-            fresh.append(bar)
-            if bar.endMs > ends.get(bar.symbol, self.closed.by_symbol.get(bar.symbol, 0)):
-                ends[bar.symbol] = bar.endMs
-        if fresh:
-            await self.sink(fresh)
-            revised = sum(1 for bar in fresh if bar.revision)
-            self.metrics.bars.labels(self._source).inc(len(fresh) - revised)
-            self.metrics.revisions.labels(self._source).inc(revised)
-        await self.closed.save(ends)
+        fresh = [bar for bar in bars if not self.closed.skip(bar)]
+        if len(fresh) < len(bars):
+            self._m_skipped.inc(len(bars) - len(fresh))
+        if not fresh:
+            return
+        await self.sink(fresh)
+        revised = sum(1 for bar in fresh if bar.revision)
+        self._m_bars.inc(len(fresh) - revised)
+        self._m_revisions.inc(revised)
+        await self.closed.save(fresh)
 
     async def _commit_safe(self) -> None:
         """Commit each channel up to the last batch whose ticks all sit in closed minutes."""
@@ -183,7 +507,24 @@ class BarBuilder(Actor[TickWork | WatermarkTick]):
                     break
                 safe[channel] = pending.popleft()[0]
         if safe:
-            await self.committer(safe)
+            await self.source.commit(safe)
+            self._m_commits.inc()
+        self._m_open.set(sum(1 for pending in self._pending.values() if pending))
 
-    async def on_stop(self) -> None:
-        log.info("bars.builder_stopped", open_symbols=len(self._pending))
+    async def _reassign(self, lost: frozenset[str]) -> None:
+        dropped: set[str] = set()
+        for channel in lost:
+            dropped |= self._channel_symbols.pop(channel, set())
+            self._pending.pop(channel, None)
+            self._last_position.pop(channel, None)
+        still_owned = set().union(*self._channel_symbols.values()) if self._channel_symbols \
+            else set()
+        dropped -= still_owned
+        for symbol in dropped:
+            self.aggregator.forget(symbol)
+        self.closed.forget(dropped)
+        await self.closed.load(keep=still_owned)
+        if lost:
+            self.builder_metrics.reassigned.labels(self.source_kind).inc(len(lost))
+        log.info("bars.reassigned", actor=self.name, lost_channels=len(lost),
+                 dropped_symbols=sorted(dropped)[:20], owned_symbols=len(still_owned))

@@ -1,24 +1,40 @@
 """Tick sources of the bar builder: Redis (primary) and Kafka (shadow), one shape each.
 
-A source actor reads, decodes (bad records become dead letters) and hands ``TickWork`` to the
-builder with ``tell``, which blocks while the builder's mailbox is full: backpressure, never
-loss. Each source also gives the builder a committer for its positions.
+A source reads, decodes (bad records become dead letters) and hands batches to the builder
+through ``deliver`` (the builder's ``tell``, which blocks while its mailbox is full:
+backpressure, never loss). The builder owns the source: it ``open``s it at each start
+(``restart=True``: rewind to the committed positions), runs its ``run`` loop as a task of its
+own, ``commit``s positions that are safe and ``close``s it at stop.
+
+Positions are per channel: the Redis channel's sequence number, or ``<topic>#<partition>``'s
+offset on Kafka.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
 import msgspec
 import structlog
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from prometheus_client import CollectorRegistry
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
-from libs.common.actors import Actor
 from libs.common.deadletter import DeadLetters
+from libs.common.kafka_io import SequenceDeduper, record_identity
 from libs.common.reliable import Record, SequencedConsumer
 from libs.common.schemas import TICK_BATCH_DECODER, TickBatch
-from services.bars.builder import BarBuilder, TickWork
+
+if TYPE_CHECKING:
+    from services.bars.builder import BarBuilder, Item
 
 log = structlog.get_logger("tickmesh.bars.sources")
+
+Deliver = Callable[[Sequence["Item"]], Awaitable[None]]
+
+TICKS_PREFIX = "ticks."
 
 
 def decode_batch(payload: bytes) -> TickBatch:
@@ -26,76 +42,263 @@ def decode_batch(payload: bytes) -> TickBatch:
     return TICK_BATCH_DECODER.decode(payload)
 
 
-class RedisTickSource(Actor[None]):
-    """Reads ``ticks.*`` from Redis without loss (``SequencedConsumer``) for one shard."""
+def symbol_of_tick_channel(channel: str) -> str:
+    """``ticks.BRK.B`` -> ``BRK.B`` (the symbol may contain dots)."""
+    return channel.split(".", 1)[1] if "." in channel else channel
 
-    def __init__(self, name: str, consumer: SequencedConsumer, builder: BarBuilder,
-                 dead_letters: DeadLetters, *, registry: CollectorRegistry | None = None) -> None:
-        super().__init__(name, mailbox_size=1, registry=registry)
-        self.consumer = consumer
-        self.builder = builder
-        self.dead_letters = dead_letters
-        self.spawn(self._read, name=f"{name}.read")
+
+def topic_pattern(glob: str) -> str:
+    """The Kafka subscription regex of a channel glob: ``ticks.*`` -> ``^ticks\\..+$``."""
+    return "^" + glob.replace(".", r"\.").replace("*", ".+").replace("?", ".") + "$"
+
+
+class TickSource(Protocol):
+    """What the builder needs from a source."""
+
+    async def open(self, builder: BarBuilder, *, restart: bool) -> None:
+        """Get ready to read; on a restart, from the committed positions."""
+
+    async def run(self, deliver: Deliver) -> None:
+        """Read, decode and deliver forever."""
 
     async def commit(self, safe: dict[str, int]) -> None:
-        """The builder's committer: store positions durably."""
-        await self.consumer.commit(Record(channel, seq, b"") for channel, seq in safe.items())
+        """Durably note positions as done."""
 
-    async def _read(self) -> None:
+    async def close(self) -> None:
+        """Stop reading."""
+
+
+class SourceMetrics:
+    """Metrics of the tick sources; built once per registry."""
+
+    _by_registry: ClassVar[dict[int, SourceMetrics]] = {}
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.duplicates = Counter(
+            "tickmesh_bars_duplicate_batches",
+            "Tick batches dropped as duplicates (same channel and sequence, Kafka source)",
+            registry=registry)
+        self.commit_failures = Counter(
+            "tickmesh_bars_commit_failures",
+            "Kafka offset commits that failed (e.g. during a rebalance); read again later",
+            registry=registry)
+        self.rebalances = Counter("tickmesh_bars_rebalances",
+                                  "Kafka consumer-group assignments received", registry=registry)
+        self.partitions = Gauge("tickmesh_bars_assigned_partitions",
+                                "Kafka partitions assigned to this member", registry=registry)
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None) -> SourceMetrics:
+        """The metrics of ``registry``, created once."""
+        registry = registry if registry is not None else REGISTRY
+        metrics = cls._by_registry.get(id(registry))
+        if metrics is None:
+            metrics = cls(registry)
+            cls._by_registry[id(registry)] = metrics
+        return metrics
+
+
+class RedisTickSource:
+    """Reads ``ticks.*`` from Redis without loss (``SequencedConsumer``) for one shard.
+
+    Each ``open`` builds a new consumer, which starts from the committed positions.
+    """
+
+    def __init__(self, make_consumer: Callable[[], SequencedConsumer],
+                 dead_letters: DeadLetters) -> None:
+        self.make_consumer = make_consumer
+        self.dead_letters = dead_letters
+        self.consumer: SequencedConsumer | None = None
+
+    async def open(self, builder: BarBuilder, *, restart: bool) -> None:
+        """A fresh consumer (positions from the committed ones)."""
+        await self.close()
+        self.consumer = self.make_consumer()
+        await self.consumer.open()
+
+    async def close(self) -> None:
+        """Stop the consumer's pub/sub reader."""
+        consumer, self.consumer = self.consumer, None
+        if consumer is not None:
+            await consumer.close()
+
+    async def commit(self, safe: dict[str, int]) -> None:
+        """Store positions durably (only ever forward)."""
+        if self.consumer is not None:
+            await self.consumer.commit(Record(channel, seq, b"") for channel, seq in safe.items())
+
+    async def run(self, deliver: Deliver) -> None:
+        """Deliver each batch of records, decoded; bad ones to the dead letters."""
+        assert self.consumer is not None, "open() first"
         async for records in self.consumer.batches():
-            items: list[tuple[str, int, TickBatch]] = []
+            items: list[Item] = []
             for record in records:
                 try:
-                    items.append((record.channel, record.seq, decode_batch(record.payload)))
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    batch = decode_batch(record.payload)
+                    symbol = symbol_of_tick_channel(record.channel)
+                    if batch.sym != symbol:
+                        raise ValueError(f"symbol {batch.sym!r} on the channel of {symbol!r}")
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
                     await self.dead_letters.send(record.channel, str(exc), record.payload)
+                    if record.seq > 0:  # its position is done with, like any other
+                        items.append((record.channel, record.seq,
+                                      TickBatch(record.seq, symbol_of_tick_channel(
+                                          record.channel), [])))
+                    continue
+                items.append((record.channel, record.seq, batch))
             if items:
-                await self.builder.tell(TickWork(items))
-
-    async def on_stop(self) -> None:
-        await self.consumer.close()
+                await deliver(items)
 
 
-class KafkaTickSource(Actor[None]):
-    """Reads the mirrored tick topics with a consumer group; drops duplicates by sequence."""
+class KafkaTickSource:
+    """Reads the mirrored tick topics as a member of a consumer group.
 
-    def __init__(self, name: str, consumer: AIOKafkaConsumer, builder: BarBuilder,
-                 dead_letters: DeadLetters, *, registry: CollectorRegistry | None = None) -> None:
-        super().__init__(name, mailbox_size=1, registry=registry)
+    Duplicates (the mirror delivers at least once) are dropped by their identity, the
+    mirror's ``tm-channel``/``tm-seq`` headers (the payload's ``seq`` and symbol when a record
+    has none), with one ``SequenceDeduper`` per partition. Around a rebalance the reader
+    stops (``gate``), the builder finishes what it was given (``barrier``: bars published,
+    offsets committed while the partitions are still ours), and after the assignment it
+    forgets the symbols of the partitions that went to another member (``reassign``); the
+    partitions it keeps restart from their committed offsets, and the dedupers drop what was
+    already aggregated.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer, dead_letters: DeadLetters, *,
+                 registry: CollectorRegistry | None = None, max_records: int = 5_000,
+                 control_timeout_s: float = 10.0) -> None:
         self.consumer = consumer
-        self.builder = builder
         self.dead_letters = dead_letters
-        self.last_seq: dict[str, int] = {}
+        self.max_records = max_records
+        self.control_timeout_s = control_timeout_s
+        self.metrics = SourceMetrics.for_registry(registry)
+        self.dedupers: dict[str, SequenceDeduper] = {}
+        self.assigned: set[str] = set()
+        self.builder: BarBuilder | None = None
+        self.gate = asyncio.Lock()
+        self._gate_held_for_rebalance = False
         self.duplicates = 0
-        self.spawn(self._read, name=f"{name}.read")
+        self.assignments = 0
+
+    def listener(self) -> ConsumerRebalanceListener:
+        """The rebalance listener to subscribe with."""
+        return _Listener(self)
+
+    @staticmethod
+    def channel_of(partition: TopicPartition) -> str:
+        """The position key of a partition: ``<topic>#<partition>``."""
+        return f"{partition.topic}#{partition.partition}"
+
+    async def open(self, builder: BarBuilder, *, restart: bool) -> None:
+        """Bind to the builder; on a restart, rewind the assigned partitions to their
+        committed offsets and forget what the dedupers saw."""
+        self.builder = builder
+        if not restart:
+            return
+        async with self.gate:
+            # what other members published while this one was down or restarting
+            await builder.closed.load()
+            self.dedupers.clear()
+            for partition in sorted(self.consumer.assignment()):
+                committed = await self.consumer.committed(partition)
+                if committed is None:
+                    await self.consumer.seek_to_beginning(partition)
+                else:
+                    self.consumer.seek(partition, committed)
+            log.info("bars.kafka_rewound", partitions=len(self.consumer.assignment()))
+
+    async def close(self) -> None:
+        """Nothing: the consumer lives as long as the process (its group membership too)."""
 
     async def commit(self, safe: dict[str, int]) -> None:
-        """The builder's committer: commit the next offset of each partition."""
-        offsets = {}
+        """Commit the next offset of each partition that is still ours."""
+        offsets: dict[TopicPartition, int] = {}
+        assignment = self.consumer.assignment()
         for channel, offset in safe.items():
             topic, _, partition = channel.rpartition("#")
-            offsets[TopicPartition(topic, int(partition))] = offset + 1
-        await self.consumer.commit(offsets)
+            tp = TopicPartition(topic, int(partition))
+            if tp in assignment:
+                offsets[tp] = offset + 1
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:
+            # A rebalance took the partition or the generation moved on: the next owner reads
+            # from the last committed offset, and what it rebuilds is not published again.
+            self.metrics.commit_failures.inc()
+            log.warning("bars.kafka_commit_failed", error=repr(exc), partitions=len(offsets))
 
-    async def _read(self) -> None:
+    async def run(self, deliver: Deliver) -> None:
+        """Fetch, dedupe, decode and deliver, holding the gate for each round."""
+        consumer = self.consumer
         while True:
-            fetched = await self.consumer.getmany(timeout_ms=200, max_records=5_000)
-            items: list[tuple[str, int, TickBatch]] = []
-            for partition, messages in fetched.items():
-                channel = f"{partition.topic}#{partition.partition}"
-                for message in messages:
-                    try:
-                        batch = decode_batch(message.value)
-                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                        await self.dead_letters.send(partition.topic, str(exc), message.value)
-                        continue
-                    origin = f"{partition.topic}:{batch.sym}"
-                    if batch.seq <= self.last_seq.get(origin, 0):
-                        self.duplicates += 1
-                        # still hand the position on so the offset can be committed
-                        items.append((channel, message.offset, TickBatch(batch.seq, batch.sym, [])))
-                        continue
-                    self.last_seq[origin] = batch.seq
-                    items.append((channel, message.offset, batch))
-            if items:
-                await self.builder.tell(TickWork(items))
+            async with self.gate:
+                fetched = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
+                items: list[Item] = []
+                for partition, messages in fetched.items():
+                    channel = self.channel_of(partition)
+                    deduper = self.dedupers.get(channel)
+                    if deduper is None:
+                        deduper = self.dedupers[channel] = SequenceDeduper()
+                    for message in messages:
+                        items.append(await self._item(channel, deduper, message))
+                if items:
+                    await deliver(items)
+
+    async def _item(self, channel: str, deduper: SequenceDeduper,
+                    message: object) -> Item:
+        value: bytes = message.value  # type: ignore[attr-defined]
+        offset: int = message.offset  # type: ignore[attr-defined]
+        topic = channel.rpartition("#")[0]
+        try:
+            batch = decode_batch(value)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await self.dead_letters.send(topic, str(exc), value)
+            return channel, offset, TickBatch(0, symbol_of_tick_channel(topic), [])
+        identity = record_identity(message.headers)  # type: ignore[attr-defined]
+        if identity is None and batch.seq > 0:
+            identity = (f"{TICKS_PREFIX}{batch.sym}", batch.seq)
+        if identity is not None and not deduper.accept(*identity):
+            self.duplicates += 1
+            self.metrics.duplicates.inc()
+            # its offset is still handed on, so that it can be committed
+            return channel, offset, TickBatch(batch.seq, batch.sym, [])
+        return channel, offset, batch
+
+    async def on_revoked(self) -> None:
+        """Stop reading and let the builder finish (and commit) what it was given."""
+        if not self._gate_held_for_rebalance:
+            await self.gate.acquire()
+            self._gate_held_for_rebalance = True
+        if self.builder is not None:
+            await self.builder.barrier(self.control_timeout_s)
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Forget the partitions that went elsewhere, then read again."""
+        try:
+            channels = {self.channel_of(tp) for tp in assigned}
+            lost = self.assigned - channels
+            for channel in lost:
+                self.dedupers.pop(channel, None)
+            self.assigned = channels
+            self.assignments += 1
+            self.metrics.rebalances.inc()
+            self.metrics.partitions.set(len(channels))
+            log.info("bars.kafka_assigned", partitions=len(channels), lost=len(lost))
+            if self.builder is not None:
+                await self.builder.reassign(lost, self.control_timeout_s)
+        finally:
+            if self._gate_held_for_rebalance:
+                self._gate_held_for_rebalance = False
+                self.gate.release()
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaTickSource) -> None:
+        self.source = source
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.source.on_revoked()
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.source.on_assigned(set(assigned))

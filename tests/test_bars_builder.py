@@ -1,0 +1,192 @@
+"""The bar builder without I/O: safe commits, restarts, rebalances, with a fake source and a
+manual clock.
+
+The integration tests (``test_bars_service.py``) run the same actor against Redis and Kafka;
+these pin the rules on which its restart safety rests, one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from libs.common.bars import BarAggregator
+from libs.common.clock import MINUTE_MS, ManualClock
+from libs.common.redis_io import Keys
+from libs.common.schemas import Bar, TickBatch, Trade
+from services.bars.builder import BarBuilder, ClosedMinutes, Item, TickWork, merge_by_time
+from services.bars.sources import symbol_of_tick_channel, topic_pattern
+
+pytestmark = pytest.mark.timeout(30)
+
+T0 = 1_709_564_400_000  # 2024-03-04 10:00 New York
+GRACE_MS = 1_000
+
+
+def trade(symbol: str, t: int, price: float = 10.0, size: int = 100,
+          conditions: tuple[int, ...] = ()) -> Trade:
+    return Trade(sym=symbol, p=price, s=size, t=t, x=4, c=conditions, z=3)
+
+
+def batch(symbol: str, *times: int, size: int = 100) -> TickBatch:
+    return TickBatch(0, symbol, [trade(symbol, t, size=size) for t in times])
+
+
+class FakeSource:
+    """Delivers what the test puts in; remembers commits and opens."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[list[Item]] = asyncio.Queue()
+        self.committed: dict[str, int] = {}
+        self.opens: list[bool] = []
+
+    async def open(self, builder: BarBuilder, *, restart: bool) -> None:
+        self.opens.append(restart)
+
+    async def run(self, deliver) -> None:  # type: ignore[no-untyped-def]
+        while True:
+            await deliver(await self.queue.get())
+
+    async def commit(self, safe: dict[str, int]) -> None:
+        for channel, position in safe.items():
+            assert position > self.committed.get(channel, -1), "commits only go forward"
+            self.committed[channel] = position
+
+    async def close(self) -> None:
+        pass
+
+
+class Harness:
+    def __init__(self, clock: ManualClock, policy: str = "none") -> None:
+        self.clock = clock
+        self.source = FakeSource()
+        self.published: list[Bar] = []
+        self.closed = ClosedMinutes(None, Keys("test:"), "unit")
+
+        async def sink(bars: list[Bar]) -> None:
+            self.published.extend(bars)
+
+        self.builder = BarBuilder(
+            "unit.builder", lambda: BarAggregator(policy, grace_ms=GRACE_MS, clock=clock),
+            self.source, sink, self.closed, tick_interval_ms=10_000, clock=clock,
+            registry=CollectorRegistry(), source_kind="unit")
+
+    async def deliver(self, *items: Item) -> None:
+        await self.builder.tell(TickWork(list(items), self.builder.generation))
+        await self.builder.barrier()
+
+    async def advance_to(self, now_ms: int) -> None:
+        self.clock.set(now_ms)
+        from services.bars.builder import WatermarkTick
+
+        await self.builder.tell(WatermarkTick())
+        await self.builder.barrier()
+
+    def bars(self) -> list[tuple[str, int, int, int]]:
+        return [(b.symbol, (b.startMs - T0) // MINUTE_MS, b.volume, b.revision)
+                for b in self.published]
+
+
+def test_merge_by_time_interleaves_channels_and_keeps_each_channels_order() -> None:
+    a1, a2, a3 = batch("A", T0 + 1), batch("A", T0 + 50), batch("A", T0 + 20)
+    b1, b2 = batch("B", T0 + 10), batch("B", T0 + 60)
+    items: list[Item] = [("a", 1, a1), ("a", 2, a2), ("a", 3, a3), ("b", 1, b1), ("b", 2, b2)]
+    merged = merge_by_time(items)
+    assert [(c, p) for c, p, _ in merged] == [("a", 1), ("b", 1), ("a", 2), ("a", 3), ("b", 2)]
+    assert merge_by_time(items[:3]) == items[:3]
+
+
+def test_channel_names_and_topic_patterns_allow_dotted_symbols() -> None:
+    assert symbol_of_tick_channel("ticks.BRK.B") == "BRK.B"
+    assert topic_pattern("ticks.*") == r"^ticks\..+$"
+    import re
+
+    assert re.match(topic_pattern("ticks.*"), "ticks.BRK.B")
+    assert not re.match(topic_pattern("ticks.Z1*"), "ticks.Z2A")
+
+
+def test_a_forgotten_symbol_emits_nothing_and_starts_afresh() -> None:
+    aggregator = BarAggregator("none", grace_ms=0)
+    aggregator.add([trade("A", T0 + 5), trade("B", T0 + 6)], 0)
+    aggregator.forget("A")
+    assert aggregator.open_since("A") is None and aggregator.symbols() == ["B"]
+    bars = aggregator.add([trade("B", T0 + MINUTE_MS + 1)], 0)
+    assert [b.symbol for b in bars] == ["B"]
+    aggregator.add([trade("A", T0 + MINUTE_MS + 2, size=7)], 0)
+    (bar,) = [b for b in aggregator.flush() if b.symbol == "A"]
+    assert (bar.startMs, bar.volume) == (T0 + MINUTE_MS, 7)
+
+
+async def test_a_position_is_committed_only_when_all_its_ticks_are_in_published_bars() -> None:
+    clock = ManualClock(10**13)
+    harness = Harness(clock)
+    await harness.builder.start()
+    try:
+        await harness.deliver(("ticks.A", 1, batch("A", T0 + 1_000)))
+        await harness.deliver(("ticks.A", 2, batch("A", T0 + 59_000, T0 + 60_500)))  # straddles
+        await harness.deliver(("ticks.A", 3, batch("A", T0 + 60_800)))
+        assert harness.source.committed == {}  # 10:00 still open (closes at 10:01:01)
+        await harness.deliver(("ticks.A", 4, batch("A", T0 + 61_500)))  # watermark 10:01:02
+        assert harness.bars() == [("A", 0, 200, 0)]
+        assert harness.source.committed == {"ticks.A": 1}  # 2 holds a tick of open 10:01
+        await harness.advance_to(clock.now_ms() + 60_000)  # quiet: wall time closes 10:01
+        assert harness.bars() == [("A", 0, 200, 0), ("A", 1, 300, 0)]
+        assert harness.source.committed == {"ticks.A": 4}
+    finally:
+        await harness.builder.stop()
+
+
+async def test_a_restart_rewinds_drops_stale_work_and_does_not_rebuild_published_minutes() -> None:
+    """After a failure the builder starts afresh: the source is opened with restart=True, work
+    queued by the old incarnation is dropped, and re-read ticks of minutes published before
+    (10:00, which shared a batch with 10:01) are not aggregated or published again. Here the
+    re-read 10:00 trade is a sweep: aggregated alone it would make a price-less 10:00 whose
+    volume the policy folds into 10:01."""
+    clock = ManualClock(10**13)
+    harness = Harness(clock, policy="algoseek")
+    builder = harness.builder
+    await builder.start()
+    straddling = TickBatch(0, "A", [trade("A", T0 + 59_000, conditions=(14, 41)),
+                                    trade("A", T0 + 60_500)])
+    first = [("ticks.A", 1, batch("A", T0 + 1_000)),
+             ("ticks.A", 2, straddling),
+             ("ticks.A", 3, batch("A", T0 + 62_000))]
+    await harness.deliver(*first)
+    assert harness.bars() == [("A", 0, 200, 0)] and harness.source.committed == {"ticks.A": 1}
+    # the actor fails (e.g. its sink), and the supervisor restarts it
+    await builder.tell(TickWork([("ticks.A", 4, batch("A", T0 + 63_000))], builder.generation))
+    builder._escalate(RuntimeError("boom"), where="test")
+    await builder.stop()
+    await builder.start()
+    assert harness.source.opens == [False, True] and builder.generation == 2
+    assert harness.closed.restored == {"A": T0 + MINUTE_MS}
+    await builder.barrier()  # the stale TickWork (position 4) went first, and was dropped
+    # the source re-delivers from the committed position (1) on
+    await harness.deliver(*first[1:], ("ticks.A", 4, batch("A", T0 + 63_000)))
+    await harness.advance_to(clock.now_ms() + 120_000)
+    assert harness.bars() == [("A", 0, 200, 0), ("A", 1, 300, 0)]  # 10:00 not again
+    assert harness.source.committed == {"ticks.A": 4}
+    await builder.stop()
+
+
+async def test_a_lost_partition_is_forgotten_and_a_kept_one_is_not_read_twice() -> None:
+    clock = ManualClock(10**13)
+    harness = Harness(clock)
+    builder = harness.builder
+    await builder.start()
+    try:
+        await harness.deliver(("p#0", 10, batch("A", T0 + 1_000)),
+                              ("p#1", 20, batch("B", T0 + 2_000)))
+        await builder.reassign({"p#0"})  # A went to another member
+        # B's partition restarts at its committed offset: the same position again is ignored
+        await harness.deliver(("p#1", 20, batch("B", T0 + 2_000)),
+                              ("p#1", 21, batch("B", T0 + 3_000)))
+        await harness.advance_to(clock.now_ms() + 120_000)
+        assert harness.bars() == [("B", 0, 200, 0)]
+        assert harness.source.committed == {"p#1": 21}
+    finally:
+        await builder.stop()
+
+
