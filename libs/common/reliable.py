@@ -27,7 +27,7 @@ import asyncio
 import fnmatch
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import NamedTuple
 
 import redis.asyncio as aioredis
@@ -122,7 +122,8 @@ class PositionStore:
     async def load(self) -> dict[str, int]:
         """All committed positions."""
         raw = await self.client.hgetall(self.key)
-        return {channel.decode(): int(seq) for channel, seq in raw.items()}
+        return {(channel.decode() if isinstance(channel, bytes) else channel): int(seq)
+                for channel, seq in raw.items()}
 
     async def save(self, positions: dict[str, int]) -> None:
         """Store positions (only ever forward, guarded in the caller)."""
@@ -309,7 +310,7 @@ class SequencedConsumer:
                     connection.deregister_connect_callback(self._note_resubscribed)
                 try:
                     await pubsub.aclose()
-                except Exception:  # the connection is already broken; nothing to release
+                except Exception:  # noqa: BLE001, S110 - the connection is already broken
                     pass
 
     async def open(self) -> None:
@@ -448,7 +449,7 @@ class SequencedConsumer:
             positions[channel] = seq
         return out
 
-    async def batches(self) -> AsyncIterator[list[Record]]:
+    async def batches(self) -> AsyncGenerator[list[Record], None]:
         """Yield batches of records in per-channel sequence order, forever."""
         if self._subscriber_task is None:
             await self.open()
