@@ -24,12 +24,13 @@ import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from libs.common.actors import Actor
 from libs.common.clock import SYSTEM_CLOCK, Clock
@@ -47,42 +48,89 @@ log = structlog.get_logger("tickmesh.mirror")
 class MirrorMetrics:
     """The mirror's own metrics (the consumer's are ``tickmesh_consumer_*``)."""
 
+    _by_registry: ClassVar[dict[int, MirrorMetrics]] = {}
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None) -> MirrorMetrics:
+        """The metrics of ``registry`` (the default one when None), created once."""
+        registry = registry if registry is not None else REGISTRY
+        metrics = cls._by_registry.get(id(registry))
+        if metrics is None:
+            metrics = cls._by_registry[id(registry)] = cls(registry)
+        return metrics
+
     def __init__(self, registry: CollectorRegistry | None) -> None:
-        self.records = Counter("tickmesh_mirror_records",
-                               "Records acknowledged by Kafka", ["kind"], registry=registry)
-        self.ticks = Counter("tickmesh_mirror_ticks", "Trades inside acknowledged tick records",
-                             registry=registry)
-        self.bytes = Counter("tickmesh_mirror_bytes", "Payload bytes acknowledged by Kafka",
-                             registry=registry)
-        self.batches = Counter("tickmesh_mirror_batches", "Batches acknowledged by Kafka",
-                               registry=registry)
+        self.records = Counter(
+            "tickmesh_mirror_records", "Records acknowledged by Kafka", ["kind"], registry=registry
+        )
+        self.ticks = Counter(
+            "tickmesh_mirror_ticks", "Trades inside acknowledged tick records", registry=registry
+        )
+        self.bytes = Counter(
+            "tickmesh_mirror_bytes", "Payload bytes acknowledged by Kafka", registry=registry
+        )
+        self.batches = Counter(
+            "tickmesh_mirror_batches", "Batches acknowledged by Kafka", registry=registry
+        )
         self.ack_seconds = Histogram(
-            "tickmesh_mirror_ack_seconds", "From sending a batch to its last acknowledgement",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-                     60),
-            registry=registry)
+            "tickmesh_mirror_ack_seconds",
+            "From sending a batch to its last acknowledgement",
+            buckets=(
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                30,
+                60,
+            ),
+            registry=registry,
+        )
         self.dead_letters = dead_letter_counter(registry)
-        self.in_flight = Gauge("tickmesh_mirror_in_flight_records",
-                               "Records sent and not yet acknowledged", registry=registry)
+        self.in_flight = Gauge(
+            "tickmesh_mirror_in_flight_records",
+            "Records sent and not yet acknowledged",
+            registry=registry,
+        )
         self.lag_records = Gauge(
             "tickmesh_mirror_lag_records",
-            "Records published on Redis and not yet acknowledged by Kafka", registry=registry)
-        self.oldest_unacked = Gauge("tickmesh_mirror_oldest_unacked_seconds",
-                                    "Age of the oldest unacknowledged batch", registry=registry)
+            "Records published on Redis and not yet acknowledged by Kafka",
+            registry=registry,
+        )
+        self.oldest_unacked = Gauge(
+            "tickmesh_mirror_oldest_unacked_seconds",
+            "Age of the oldest unacknowledged batch",
+            registry=registry,
+        )
         self.falling_behind = Gauge(
             "tickmesh_mirror_falling_behind",
             "1 while the mirror is behind (input overflowing, or Kafka stalled or down)",
-            registry=registry)
-        self.kafka_up = Gauge("tickmesh_mirror_kafka_up",
-                              "0 while Kafka is failing or stalled", registry=registry)
-        self.kafka_failures = Counter("tickmesh_mirror_kafka_failures",
-                                      "Failed sends (each followed by a rewind and retry)",
-                                      registry=registry)
-        self.stalls = Counter("tickmesh_mirror_kafka_stalls",
-                              "Times the oldest batch went unacknowledged past stall_warn_ms",
-                              registry=registry)
-        self.topics_created = Counter("tickmesh_mirror_topics_created", "Topics created",
-                                      registry=registry)
+            registry=registry,
+        )
+        self.kafka_up = Gauge(
+            "tickmesh_mirror_kafka_up", "0 while Kafka is failing or stalled", registry=registry
+        )
+        self.kafka_failures = Counter(
+            "tickmesh_mirror_kafka_failures",
+            "Failed sends (each followed by a rewind and retry)",
+            registry=registry,
+        )
+        self.stalls = Counter(
+            "tickmesh_mirror_kafka_stalls",
+            "Times the oldest batch went unacknowledged past stall_warn_ms",
+            registry=registry,
+        )
+        self.topics_created = Counter(
+            "tickmesh_mirror_topics_created", "Topics created", registry=registry
+        )
 
 
 @dataclass(slots=True)
@@ -124,7 +172,7 @@ class MirrorActor(Actor[None]):
         self.clock = clock
         self.table = RoutingTable(settings)
         self.keys = Keys(settings.key_prefix)
-        self.metrics = metrics or MirrorMetrics(registry)
+        self.mirror_metrics = metrics or MirrorMetrics.for_registry(registry)
         self.consumer: SequencedConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.admin = TopicAdmin(settings)
@@ -133,7 +181,7 @@ class MirrorActor(Actor[None]):
         self._work = asyncio.Event()
         self._broken: BaseException | None = None
         self._broken_event = asyncio.Event()
-        self._failures = 0
+        self._send_failures = 0
         self._attempt = 0
         self._abandoned: list[asyncio.Future[list[object]]] = []
         self._stalled = False
@@ -144,7 +192,7 @@ class MirrorActor(Actor[None]):
         self.acknowledged = 0
         """Records acknowledged by Kafka since start (this process)."""
         self.acknowledged_ticks = 0
-        self.metrics.kafka_up.set(1)
+        self.mirror_metrics.kafka_up.set(1)
         self.spawn(self._pump, name="mirror.pump")
         self.spawn(self._commit_loop, name="mirror.committer")
         self.every(1.0, self._report, name="mirror.report")
@@ -159,7 +207,9 @@ class MirrorActor(Actor[None]):
         self._broken_event.clear()
         self._room.set()
         self.producer = await start_producer(
-            settings, linger_ms=settings.linger_ms, max_batch_size=settings.max_batch_bytes,
+            settings,
+            linger_ms=settings.linger_ms,
+            max_batch_size=settings.max_batch_bytes,
             compression_type=None if settings.compression == "none" else settings.compression,
             client_id=f"tickmesh-mirror-{settings.effective_run_id()}",
             request_timeout_ms=settings.produce_timeout_ms,
@@ -167,11 +217,17 @@ class MirrorActor(Actor[None]):
         await self._ensure(self.table.static_specs())
         await self._ensure([self.table.spec_for_deadletters()])
         self.consumer = SequencedConsumer(
-            self.client, settings.consumer_name, self.table.patterns, keys=self.keys,
-            start=settings.start, accept=shard_filter(settings.shard_index, settings.shard_count),
-            batch_max=settings.batch_max_records, queue_max=settings.queue_max_records,
+            self.client,
+            settings.consumer_name,
+            self.table.patterns,
+            keys=self.keys,
+            start=settings.start,
+            accept=shard_filter(settings.shard_index, settings.shard_count),
+            batch_max=settings.batch_max_records,
+            queue_max=settings.queue_max_records,
             sweep_interval_s=settings.sweep_interval_ms / 1000,
-            read_count=settings.read_count, registry=self.registry,
+            read_count=settings.read_count,
+            registry=self.registry,
         )
         await self.consumer.open()
         # topics of the channels that already have streams, before their first record
@@ -181,9 +237,13 @@ class MirrorActor(Actor[None]):
             if target is not None:
                 specs.append(target.spec)
         await self._ensure(specs)
-        self.log.info("mirror.started", channels=len(self.consumer.positions),
-                      committed=sum(self.consumer.committed.values()),
-                      routes=len(self.table.routes), topic_mode=settings.topic_mode)
+        self.log.info(
+            "mirror.started",
+            channels=len(self.consumer.positions),
+            committed=sum(self.consumer.committed.values()),
+            routes=len(self.table.routes),
+            topic_mode=settings.topic_mode,
+        )
 
     async def on_stop(self) -> None:
         """Flush what was sent, commit what Kafka acknowledged, release the clients."""
@@ -215,7 +275,7 @@ class MirrorActor(Actor[None]):
     async def _ensure(self, specs: list[TopicSpec]) -> None:
         created = await self.admin.ensure(specs)
         if created:
-            self.metrics.topics_created.inc(len(created))
+            self.mirror_metrics.topics_created.inc(len(created))
 
     # -- the pump: batches in, sends out -----------------------------------------------------
 
@@ -230,7 +290,8 @@ class MirrorActor(Actor[None]):
                 raise_if_cancelled()
                 if next_batch is None:
                     next_batch = asyncio.ensure_future(anext(batches))
-                await asyncio.wait({next_batch, broken}, return_when=asyncio.FIRST_COMPLETED)
+                waiting: set[asyncio.Future[Any]] = {next_batch, broken}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if self._broken is not None:
                     await self._recover()
                     if next_batch.done():
@@ -245,22 +306,24 @@ class MirrorActor(Actor[None]):
                     await self._room.wait()
                 if self._broken is not None:
                     continue  # the rewind will deliver this batch again
-                failures = self._failures
+                failures = self._send_failures
                 try:
                     entry = await self._send(batch)
                 except (KafkaError, OSError, TimeoutError) as exc:
                     self._fail(exc)
                     continue
-                if self._failures != failures:
+                if self._send_failures != failures:
                     self._abandoned.append(entry.acks)  # built before the rewind
                     continue
                 self._in_flight.append(entry)
-                self.metrics.in_flight.inc(len(entry.records))
+                self.mirror_metrics.in_flight.inc(len(entry.records))
                 self._work.set()
         finally:
-            for future in (next_batch, broken):
-                if future is not None:
-                    future.cancel()
+            pending = [future for future in (next_batch, broken) if future is not None]
+            for future in pending:
+                future.cancel()
+            # the generator can only be closed once the step running in next_batch has ended
+            await asyncio.gather(*pending, return_exceptions=True)
             await batches.aclose()
 
     async def _send(self, batch: list[Record]) -> InFlight:
@@ -295,20 +358,36 @@ class MirrorActor(Actor[None]):
             await self._ensure(list(new_specs.values()))
         futures = []
         for topic, key, value, seq, channel in outgoing:
-            futures.append(await producer.send(topic, value, key=key,
-                                               headers=sequence_headers(channel, seq)))
+            futures.append(
+                await producer.send(topic, value, key=key, headers=sequence_headers(channel, seq))
+            )
         acks: asyncio.Future[list[object]] = asyncio.gather(*futures, return_exceptions=True)
         return InFlight(batch, acks, time.monotonic(), kinds, ticks, size)
 
-    def _dead_letter(self, record: Record, error: str) -> tuple[str, bytes | None, bytes, int,
-                                                                   str]:
-        self.metrics.dead_letters.labels("mirror", channel_kind(record.channel)).inc()
-        self.log.warning("mirror.dead_letter", channel=record.channel, seq=record.seq,
-                         error=error[:300], size=len(record.payload))
-        letter = DeadLetter(seq=max(record.seq, 0), source=record.channel, error=error[:2_000],
-                            raw=record.payload, tsMs=self.clock.now_ms(), service="mirror")
-        return (self.settings.deadletter_topic, record.channel.encode(), ENCODER.encode(letter),
-                max(record.seq, 0), record.channel)
+    def _dead_letter(self, record: Record, error: str) -> tuple[str, bytes | None, bytes, int, str]:
+        self.mirror_metrics.dead_letters.labels("mirror", channel_kind(record.channel)).inc()
+        self.log.warning(
+            "mirror.dead_letter",
+            channel=record.channel,
+            seq=record.seq,
+            error=error[:300],
+            size=len(record.payload),
+        )
+        letter = DeadLetter(
+            seq=max(record.seq, 0),
+            source=record.channel,
+            error=error[:2_000],
+            raw=record.payload,
+            tsMs=self.clock.now_ms(),
+            service="mirror",
+        )
+        return (
+            self.settings.deadletter_topic,
+            record.channel.encode(),
+            ENCODER.encode(letter),
+            max(record.seq, 0),
+            record.channel,
+        )
 
     # -- the committer: acknowledgements in order, then positions ----------------------------
 
@@ -339,7 +418,7 @@ class MirrorActor(Actor[None]):
     async def _acknowledged(self, entry: InFlight) -> None:
         assert self.consumer is not None
         await self.consumer.commit(entry.records)
-        metrics = self.metrics
+        metrics = self.mirror_metrics
         metrics.in_flight.dec(len(entry.records))
         metrics.ack_seconds.observe(time.monotonic() - entry.sent_at)
         metrics.batches.inc()
@@ -352,43 +431,50 @@ class MirrorActor(Actor[None]):
         self._attempt = 0
         if self._stalled and self._broken is None:
             self._stalled = False
-            self.metrics.kafka_up.set(1)
-            self.log.info("mirror.kafka_recovered",
-                          down_s=round(time.monotonic() - self._down_since, 3),
-                          action="catching up from the streams")
+            self.mirror_metrics.kafka_up.set(1)
+            self.log.info(
+                "mirror.kafka_recovered",
+                down_s=round(time.monotonic() - self._down_since, 3),
+                action="catching up from the streams",
+            )
 
     def _note_stall(self, entry: InFlight) -> None:
         if entry.warned:
             return
         entry.warned = True
-        self.metrics.stalls.inc()
+        self.mirror_metrics.stalls.inc()
         if not self._stalled:
             self._stalled = True
             self._down_since = entry.sent_at
-            self.metrics.kafka_up.set(0)
-        self.log.warning("mirror.kafka_stalled",
-                         waiting_s=round(time.monotonic() - entry.sent_at, 3),
-                         in_flight_batches=len(self._in_flight),
-                         in_flight_records=sum(len(e.records) for e in self._in_flight),
-                         action="holding positions; new records wait in the Redis streams")
+            self.mirror_metrics.kafka_up.set(0)
+        self.log.warning(
+            "mirror.kafka_stalled",
+            waiting_s=round(time.monotonic() - entry.sent_at, 3),
+            in_flight_batches=len(self._in_flight),
+            in_flight_records=sum(len(e.records) for e in self._in_flight),
+            action="holding positions; new records wait in the Redis streams",
+        )
 
     def _fail(self, exc: BaseException) -> None:
         """A send failed: commit nothing more; the pump rewinds and retries."""
-        self._failures += 1
+        self._send_failures += 1
         if self._broken is None:
             self._broken = exc
             self._broken_event.set()
-            self.metrics.kafka_failures.inc()
-            self.metrics.kafka_up.set(0)
+            self.mirror_metrics.kafka_failures.inc()
+            self.mirror_metrics.kafka_up.set(0)
             if not self._stalled:
                 self._stalled = True
                 self._down_since = time.monotonic()
-            self.log.error("mirror.kafka_send_failed", error=repr(exc),
-                           in_flight_batches=len(self._in_flight),
-                           action="rewinding to the committed positions and retrying")
+            self.log.error(
+                "mirror.kafka_send_failed",
+                error=repr(exc),
+                in_flight_batches=len(self._in_flight),
+                action="rewinding to the committed positions and retrying",
+            )
         self._abandoned.extend(entry.acks for entry in self._in_flight)
         for entry in self._in_flight:
-            self.metrics.in_flight.dec(len(entry.records))
+            self.mirror_metrics.in_flight.dec(len(entry.records))
         self._in_flight.clear()
         self._room.set()
 
@@ -396,11 +482,13 @@ class MirrorActor(Actor[None]):
         """Wait out what is still in the air, back off, rewind; the next batch is the probe."""
         assert self.consumer is not None
         if self._abandoned:
-            await asyncio.wait(self._abandoned)
+            await asyncio.gather(*self._abandoned, return_exceptions=True)
             self._abandoned.clear()
         self._attempt += 1
-        delay_ms = min(self.settings.retry_max_ms,
-                       self.settings.retry_initial_ms * 2 ** min(self._attempt - 1, 16))
+        delay_ms = min(
+            self.settings.retry_max_ms,
+            self.settings.retry_initial_ms * 2 ** min(self._attempt - 1, 16),
+        )
         delay_s = delay_ms / 1000 * random.uniform(0.8, 1.2)
         self.log.info("mirror.retrying", attempt=self._attempt, delay_s=round(delay_s, 3))
         await asyncio.sleep(delay_s)
@@ -426,8 +514,11 @@ class MirrorActor(Actor[None]):
     def falling_behind(self) -> bool:
         """True while the input overflows or Kafka is stalled or failing."""
         consumer = self.consumer
-        return bool(self._stalled or self._broken is not None
-                    or (consumer is not None and consumer.falling_behind))
+        return bool(
+            self._stalled
+            or self._broken is not None
+            or (consumer is not None and consumer.falling_behind)
+        )
 
     def _behind_reason(self) -> str:
         if self._broken is not None:
@@ -440,22 +531,29 @@ class MirrorActor(Actor[None]):
         """Every second: gauges, and one log line when the mirror falls behind or catches up."""
         lag = self.lag_records()
         behind = self.falling_behind or lag > self.settings.queue_max_records
-        self.metrics.lag_records.set(lag)
-        self.metrics.oldest_unacked.set(self.oldest_unacked_s())
-        self.metrics.falling_behind.set(1 if behind else 0)
+        self.mirror_metrics.lag_records.set(lag)
+        self.mirror_metrics.oldest_unacked.set(self.oldest_unacked_s())
+        self.mirror_metrics.falling_behind.set(1 if behind else 0)
         now = time.monotonic()
         if behind and not self._episode_since:
             self._episode_since = now
             self._episode_max_lag = lag
             self._episode_start_acked = self.acknowledged
-            self.log.warning("mirror.falling_behind", reason=self._behind_reason(),
-                             lag_records=lag, in_flight_batches=len(self._in_flight))
+            self.log.warning(
+                "mirror.falling_behind",
+                reason=self._behind_reason(),
+                lag_records=lag,
+                in_flight_batches=len(self._in_flight),
+            )
         elif behind:
             self._episode_max_lag = max(self._episode_max_lag, lag)
         elif self._episode_since and lag == 0:
-            self.log.info("mirror.caught_up", behind_s=round(now - self._episode_since, 3),
-                          max_lag_records=self._episode_max_lag,
-                          forwarded_meanwhile=self.acknowledged - self._episode_start_acked,
-                          kafka_failures=self._failures,
-                          resubscribes=self.consumer.resubscribes if self.consumer else 0)
+            self.log.info(
+                "mirror.caught_up",
+                behind_s=round(now - self._episode_since, 3),
+                max_lag_records=self._episode_max_lag,
+                forwarded_meanwhile=self.acknowledged - self._episode_start_acked,
+                kafka_failures=self._send_failures,
+                resubscribes=self.consumer.resubscribes if self.consumer else 0,
+            )
             self._episode_since = 0.0
