@@ -42,22 +42,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import msgspec  # noqa: E402
-import redis.asyncio as aioredis  # noqa: E402
+import msgspec
+import redis.asyncio as aioredis
 
-from libs.common.localstack import RedisServer, TansuBroker, free_port  # noqa: E402
-from libs.common.redis_io import Keys  # noqa: E402
-from libs.common.settings import load_settings  # noqa: E402
-from services.mirror.audit import audit  # noqa: E402
-from services.mirror.config import MirrorSettings  # noqa: E402
+from libs.common.localstack import RedisServer, TansuBroker, free_port
+from libs.common.redis_io import Keys
+from libs.common.settings import load_settings
+from services.mirror.audit import audit
+from services.mirror.config import MirrorSettings
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
 def data_file() -> Path | None:
-    base = Path(os.environ.get("TICKMESH_DATA") or REPO.parent / "shared" / "data"
-                / "lean-equity-2013-10")
+    base = Path(
+        os.environ.get("TICKMESH_DATA") or REPO.parent / "shared" / "data" / "lean-equity-2013-10"
+    )
     path = base / "tick" / "spy" / "20131007_trade.zip"
     return path if path.exists() else None
 
@@ -77,8 +78,9 @@ def mirror_env(redis_url: str, bootstrap: str, name: str) -> dict[str, str]:
         "MIRROR_HTTP_PORT": str(free_port()),
         "MIRROR_HTTP_HOST": "127.0.0.1",
         "MIRROR_LOG_FORMAT": "json",
-        "MIRROR_ROUTES": msgspec.json.encode([
-            {"pattern": f"ticks.{name}*", "schema": "TickBatch"}]).decode(),
+        "MIRROR_ROUTES": msgspec.json.encode(
+            [{"pattern": f"ticks.{name}*", "schema": "TickBatch"}]
+        ).decode(),
         "MIRROR_DEADLETTER_TOPIC": f"dlq.{name}",
         "MIRROR_RECONCILE_INTERVAL_S": "0",
         "MIRROR_KAFKA_IDLE_MS": "1500",
@@ -96,8 +98,13 @@ class Mirror:
     def start(self) -> float:
         """Start and wait until ready; returns the wall-clock time it became ready."""
         with self.log.open("ab") as out:
-            self.process = subprocess.Popen([PYTHON, "-m", "services.mirror", "run"], cwd=REPO,
-                                            env=self.env, stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [PYTHON, "-m", "services.mirror", "run"],
+                cwd=REPO,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         port = self.env["MIRROR_HTTP_PORT"]
         deadline = time.monotonic() + 60
         while True:
@@ -122,14 +129,40 @@ class Mirror:
                 self.process.kill()
 
 
-def loadgen(redis_url: str, channel: str, prefix: str, per_record: int, repeat: int,
-            started_file: Path | None = None) -> subprocess.Popen[str]:
+def loadgen(
+    redis_url: str,
+    channel: str,
+    prefix: str,
+    per_record: int,
+    repeat: int,
+    started_file: Path | None = None,
+) -> subprocess.Popen[str]:
     marker = ["--started-file", str(started_file)] if started_file else []
     return subprocess.Popen(
-        [PYTHON, "-m", "services.mirror.loadgen", "--redis", redis_url, "--channel", channel,
-         "--prefix", prefix, *source_args(), "--per-record", str(per_record), "--repeat",
-         str(repeat), "--maxlen", "10000000", *marker],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            PYTHON,
+            "-m",
+            "services.mirror.loadgen",
+            "--redis",
+            redis_url,
+            "--channel",
+            channel,
+            "--prefix",
+            prefix,
+            *source_args(),
+            "--per-record",
+            str(per_record),
+            "--repeat",
+            str(repeat),
+            "--maxlen",
+            "10000000",
+            *marker,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen[str]) -> dict[str, object]:
@@ -139,8 +172,9 @@ def finish(process: subprocess.Popen[str]) -> dict[str, object]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-async def wait_acknowledged(redis_url: str, name: str, channel: str, expected: int,
-                            timeout_s: float = 900) -> float:
+async def wait_acknowledged(
+    redis_url: str, name: str, channel: str, expected: int, timeout_s: float = 900
+) -> float:
     """The moment the mirror's committed position reaches ``expected`` (polled every 20 ms)."""
     client = aioredis.Redis.from_url(redis_url)
     key = Keys(f"{name}:").state("positions:mirror")
@@ -158,15 +192,25 @@ async def wait_acknowledged(redis_url: str, name: str, channel: str, expected: i
 
 
 async def audited(redis_url: str, bootstrap: str, name: str, channel: str) -> dict[str, int]:
-    settings = load_settings(MirrorSettings, {k: v for k, v in mirror_env(
-        redis_url, bootstrap, name).items() if k.startswith("MIRROR_")})
+    settings = load_settings(
+        MirrorSettings,
+        {
+            k: v
+            for k, v in mirror_env(redis_url, bootstrap, name).items()
+            if k.startswith("MIRROR_")
+        },
+    )
     client = aioredis.Redis.from_url(redis_url)
     try:
         result = await audit(settings, client, channels=[channel])
     finally:
         await client.aclose()
-    return {"published": result.published, "inKafka": result.inKafka,
-            "missing": result.missing, "duplicates": result.duplicates}
+    return {
+        "published": result.published,
+        "inKafka": result.inKafka,
+        "missing": result.missing,
+        "duplicates": result.duplicates,
+    }
 
 
 def run_naive(redis: RedisServer, kafka: TansuBroker, work: Path) -> dict[str, object]:
@@ -174,10 +218,28 @@ def run_naive(redis: RedisServer, kafka: TansuBroker, work: Path) -> dict[str, o
     channel = f"ticks.{name}SPY"
     ready = work / "naive.ready"
     naive = subprocess.Popen(
-        [PYTHON, "-m", "services.mirror.naive", "--redis", redis.url, "--kafka",
-         kafka.bootstrap, "--pattern", f"ticks.{name}*", "--topic", f"naive.{name}",
-         "--idle-exit-s", "8", "--ready-file", str(ready)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            PYTHON,
+            "-m",
+            "services.mirror.naive",
+            "--redis",
+            redis.url,
+            "--kafka",
+            kafka.bootstrap,
+            "--pattern",
+            f"ticks.{name}*",
+            "--topic",
+            f"naive.{name}",
+            "--idle-exit-s",
+            "8",
+            "--ready-file",
+            str(ready),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while not ready.exists():
         time.sleep(0.05)
     loaded = finish(loadgen(redis.url, channel, f"{name}:", 1, 1))
@@ -185,15 +247,23 @@ def run_naive(redis: RedisServer, kafka: TansuBroker, work: Path) -> dict[str, o
     result = json.loads(out.strip().splitlines()[-1])
     published = int(loaded["published"])  # type: ignore[arg-type]
     lost = published - int(result["distinctSeqs"])
-    return {"scenario": "naive, 1 trade/message", "published": published,
-            "publishPerS": loaded["recordsPerS"], "delivered": result["received"],
-            "lost": lost, "lostPct": round(100 * lost / published, 2),
-            "recordsPerS": result["messagesPerS"], "ticksPerS": result["messagesPerS"],
-            "seconds": result["seconds"], "note": f"re-subscribed {result['reconnects']}x"}
+    return {
+        "scenario": "naive, 1 trade/message",
+        "published": published,
+        "publishPerS": loaded["recordsPerS"],
+        "delivered": result["received"],
+        "lost": lost,
+        "lostPct": round(100 * lost / published, 2),
+        "recordsPerS": result["messagesPerS"],
+        "ticksPerS": result["messagesPerS"],
+        "seconds": result["seconds"],
+        "note": f"re-subscribed {result['reconnects']}x",
+    }
 
 
-def run_mirror_live(redis: RedisServer, kafka: TansuBroker, work: Path, name: str,
-                    per_record: int, repeat: int) -> dict[str, object]:
+def run_mirror_live(
+    redis: RedisServer, kafka: TansuBroker, work: Path, name: str, per_record: int, repeat: int
+) -> dict[str, object]:
     channel = f"ticks.{name}SPY"
     mirror = Mirror(mirror_env(redis.url, kafka.bootstrap, name), work / f"{name}.log")
     mirror.start()
@@ -207,16 +277,23 @@ def run_mirror_live(redis: RedisServer, kafka: TansuBroker, work: Path, name: st
     seconds = done - float(marker.read_text())
     check = asyncio.run(audited(redis.url, kafka.bootstrap, name, channel))
     ticks = int(loaded["trades"])  # type: ignore[arg-type]
-    return {"scenario": f"mirror, {per_record} trade{'s' if per_record > 1 else ''}/record, "
-                        f"live", "published": published, "publishPerS": loaded["recordsPerS"],
-            "delivered": check["inKafka"], "lost": check["missing"],
-            "lostPct": round(100 * check["missing"] / published, 2),
-            "duplicates": check["duplicates"], "seconds": round(seconds, 3),
-            "recordsPerS": round(published / seconds), "ticksPerS": round(ticks / seconds)}
+    return {
+        "scenario": f"mirror, {per_record} trade{'s' if per_record > 1 else ''}/record, live",
+        "published": published,
+        "publishPerS": loaded["recordsPerS"],
+        "delivered": check["inKafka"],
+        "lost": check["missing"],
+        "lostPct": round(100 * check["missing"] / published, 2),
+        "duplicates": check["duplicates"],
+        "seconds": round(seconds, 3),
+        "recordsPerS": round(published / seconds),
+        "ticksPerS": round(ticks / seconds),
+    }
 
 
-def run_mirror_catch_up(redis: RedisServer, kafka: TansuBroker, work: Path, name: str,
-                        per_record: int, repeat: int) -> dict[str, object]:
+def run_mirror_catch_up(
+    redis: RedisServer, kafka: TansuBroker, work: Path, name: str, per_record: int, repeat: int
+) -> dict[str, object]:
     channel = f"ticks.{name}SPY"
     loaded = finish(loadgen(redis.url, channel, f"{name}:", per_record, repeat))
     published = int(loaded["published"])  # type: ignore[arg-type]
@@ -229,25 +306,36 @@ def run_mirror_catch_up(redis: RedisServer, kafka: TansuBroker, work: Path, name
     seconds = done - started
     check = asyncio.run(audited(redis.url, kafka.bootstrap, name, channel))
     ticks = int(loaded["trades"])  # type: ignore[arg-type]
-    return {"scenario": f"mirror, {per_record} trades/record, catch-up",
-            "published": published, "publishPerS": loaded["recordsPerS"],
-            "delivered": check["inKafka"], "lost": check["missing"],
-            "lostPct": round(100 * check["missing"] / published, 2),
-            "duplicates": check["duplicates"], "seconds": round(seconds, 3),
-            "recordsPerS": round(published / seconds), "ticksPerS": round(ticks / seconds)}
+    return {
+        "scenario": f"mirror, {per_record} trades/record, catch-up",
+        "published": published,
+        "publishPerS": loaded["recordsPerS"],
+        "delivered": check["inKafka"],
+        "lost": check["missing"],
+        "lostPct": round(100 * check["missing"] / published, 2),
+        "duplicates": check["duplicates"],
+        "seconds": round(seconds, 3),
+        "recordsPerS": round(published / seconds),
+        "ticksPerS": round(ticks / seconds),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=4,
-                        help="times the day is published in the 100-trade scenarios")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=4,
+        help="times the day is published in the 100-trade scenarios",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-mirror-") as tmp:
         work = Path(tmp)
-        redis = RedisServer(extra_args=["--client-output-buffer-limit", "pubsub", "32mb",
-                                        "8mb", "60"])
+        redis = RedisServer(
+            extra_args=["--client-output-buffer-limit", "pubsub", "32mb", "8mb", "60"]
+        )
         kafka = TansuBroker()
         redis.start()
         kafka.start()
@@ -266,24 +354,34 @@ def main() -> int:
             redis.stop()
     source = data_file()
     print()
-    print(f"input: {'SPY 2013-10-07 (real)' if source else 'synthetic 250,601 trades'}; "
-          f"{platform.python_implementation()} {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-    print(f"{'scenario':<40} {'published':>10} {'in Kafka':>10} {'lost':>14} "
-          f"{'records/s':>10} {'ticks/s':>10}")
+    print(
+        f"input: {'SPY 2013-10-07 (real)' if source else 'synthetic 250,601 trades'}; "
+        f"{platform.python_implementation()} {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"{'scenario':<40} {'published':>10} {'in Kafka':>10} {'lost':>14} "
+        f"{'records/s':>10} {'ticks/s':>10}"
+    )
     for r in results:
         lost = f"{r['lost']:,} ({r['lostPct']} %)"
-        print(f"{r['scenario']:<40} {r['published']:>10,} {r['delivered']:>10,} {lost:>14} "
-              f"{r['recordsPerS']:>10,} {r['ticksPerS']:>10,}")
+        print(
+            f"{r['scenario']:<40} {r['published']:>10,} {r['delivered']:>10,} {lost:>14} "
+            f"{r['recordsPerS']:>10,} {r['ticksPerS']:>10,}"
+        )
     naive = results[0]
     best = max(results[1:], key=lambda r: r["ticksPerS"])  # type: ignore[arg-type,return-value]
     live100 = results[2]
     print()
-    print(f"mirror (100 trades/record, live) vs naive: {live100['ticksPerS']:,} vs "
-          f"{naive['ticksPerS']:,} ticks/s = {live100['ticksPerS'] / naive['ticksPerS']:.1f}x, "
-          f"lost {live100['lost']} vs {naive['lost']:,} ({naive['lostPct']} %)")
-    print(f"best mirror figure: {best['scenario']}: {best['ticksPerS']:,} ticks/s "
-          f"({best['recordsPerS']:,} records/s)")
+    print(
+        f"mirror (100 trades/record, live) vs naive: {live100['ticksPerS']:,} vs "
+        f"{naive['ticksPerS']:,} ticks/s = {live100['ticksPerS'] / naive['ticksPerS']:.1f}x, "
+        f"lost {live100['lost']} vs {naive['lost']:,} ({naive['lostPct']} %)"
+    )
+    print(
+        f"best mirror figure: {best['scenario']}: {best['ticksPerS']:,} ticks/s "
+        f"({best['recordsPerS']:,} records/s)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -25,21 +25,30 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 def ticks(symbol: str, count: int = 3) -> TickBatch:
-    return TickBatch(seq=0, sym=symbol, ticks=[
-        Trade(sym=symbol, p=10.0 + i, s=100, t=1_381_152_600_000 + i) for i in range(count)])
+    return TickBatch(
+        seq=0,
+        sym=symbol,
+        ticks=[Trade(sym=symbol, p=10.0 + i, s=100, t=1_381_152_600_000 + i) for i in range(count)],
+    )
 
 
-def mirror_settings(redis_url: str, kafka_bootstrap: str, name: str, **extra: str
-                    ) -> MirrorSettings:
+def mirror_settings(
+    redis_url: str, kafka_bootstrap: str, name: str, **extra: str
+) -> MirrorSettings:
     """Settings isolated to one test: its own key prefix, channels, topics and consumer."""
     env = {
         "MIRROR_REDIS_URL": redis_url,
         "MIRROR_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "MIRROR_KEY_PREFIX": f"{name}:",
-        "MIRROR_ROUTES": msgspec.json.encode([
-            {"pattern": f"ticks.{name}*", "schema": "TickBatch",
-             "single_topic": f"single.{name}"},
-        ]).decode(),
+        "MIRROR_ROUTES": msgspec.json.encode(
+            [
+                {
+                    "pattern": f"ticks.{name}*",
+                    "schema": "TickBatch",
+                    "single_topic": f"single.{name}",
+                },
+            ]
+        ).decode(),
         "MIRROR_DEADLETTER_TOPIC": f"dlq.{name}",
         "MIRROR_SWEEP_INTERVAL_MS": "200",
         "MIRROR_KAFKA_IDLE_MS": "1000",
@@ -86,7 +95,8 @@ async def test_every_record_reaches_kafka_in_order_with_key_and_sequence_headers
         async for chunk in read_from_beginning(settings, [channel]):
             records.extend(chunk)
         assert [record_identity(r.headers) for r in records] == [
-            (channel, seq) for seq in range(1, 61)]
+            (channel, seq) for seq in range(1, 61)
+        ]
         assert {r.key for r in records} == {channel.split(".")[1].encode()}
         assert msgspec.json.decode(records[0].value, type=TickBatch).seq == 1
     result = await audit(settings, redis_client)
@@ -104,8 +114,14 @@ async def test_undecodable_records_go_to_the_dead_letter_topic_and_delivery_goes
         await publisher.publish(channel, b'{"seq":0,"sym":"X","ticks":"not a list"}')
         await publisher.publish(channel, ticks("X"))
         await eventually(lambda: mirror.acknowledged == 2, timeout=30)
-        await eventually(lambda: mirror.registry.get_sample_value(
-            "tickmesh_dead_letters_total", {"service": "mirror", "source_kind": "ticks"}) == 1)
+        await eventually(
+            lambda: (
+                mirror.registry.get_sample_value(
+                    "tickmesh_dead_letters_total", {"service": "mirror", "source_kind": "ticks"}
+                )
+                == 1
+            )
+        )
     letters = []
     async for chunk in read_from_beginning(settings, [settings.deadletter_topic]):
         letters.extend(chunk)
@@ -133,8 +149,7 @@ async def test_a_restart_resumes_after_what_kafka_acknowledged(
     async with Running(settings, redis_client) as mirror:
         await eventually(lambda: mirror.acknowledged == 50, timeout=30)
     result = await audit(settings, redis_client)
-    assert (result.published, result.inKafka, result.missing, result.duplicates) == (
-        100, 100, 0, 0)
+    assert (result.published, result.inKafka, result.missing, result.duplicates) == (100, 100, 0, 0)
 
 
 async def test_single_topic_mode_keys_every_symbol_in_one_topic(
@@ -143,8 +158,9 @@ async def test_single_topic_mode_keys_every_symbol_in_one_topic(
     settings = mirror_settings(redis_url, kafka_bootstrap, name, topic_mode="single")
     publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
     async with Running(settings, redis_client) as mirror:
-        await publisher.publish_many([(f"ticks.{name}A", ticks("A"))] * 5
-                                     + [(f"ticks.{name}B", ticks("B"))] * 5)
+        await publisher.publish_many(
+            [(f"ticks.{name}A", ticks("A"))] * 5 + [(f"ticks.{name}B", ticks("B"))] * 5
+        )
         await eventually(lambda: mirror.acknowledged == 10, timeout=30)
     records = []
     async for chunk in read_from_beginning(settings, [f"single.{name}"]):
@@ -154,13 +170,22 @@ async def test_single_topic_mode_keys_every_symbol_in_one_topic(
 
 
 async def test_when_kafka_fails_positions_hold_and_everything_arrives_after_it_returns(
-    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str,
-    kafka_broker: TansuBroker, name: str
+    redis_client: aioredis.Redis,
+    redis_url: str,
+    kafka_bootstrap: str,
+    kafka_broker: TansuBroker,
+    name: str,
 ) -> None:
     # a short produce timeout turns the pause into failed sends (not just a stall)
-    settings = mirror_settings(redis_url, kafka_bootstrap, name, produce_timeout_ms="1500",
-                               retry_initial_ms="100", retry_max_ms="500",
-                               stall_warn_ms="500")
+    settings = mirror_settings(
+        redis_url,
+        kafka_bootstrap,
+        name,
+        produce_timeout_ms="1500",
+        retry_initial_ms="100",
+        retry_max_ms="500",
+        stall_warn_ms="500",
+    )
     publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
     channel = f"ticks.{name}"
     positions_key = Keys(settings.key_prefix).state(f"positions:{settings.consumer_name}")
@@ -172,14 +197,19 @@ async def test_when_kafka_fails_positions_hold_and_everything_arrives_after_it_r
             for _ in range(10):
                 await publisher.publish_many([(channel, ticks("X"))] * 20)
                 await asyncio.sleep(0.3)
-            await eventually(lambda: mirror.registry.get_sample_value(
-                "tickmesh_mirror_kafka_failures_total") >= 1, timeout=20)
+            await eventually(
+                lambda: (
+                    mirror.registry.get_sample_value("tickmesh_mirror_kafka_failures_total") >= 1
+                ),
+                timeout=20,
+            )
             assert int(await redis_client.hget(positions_key, channel)) <= 20 + 20
             assert mirror.falling_behind
         finally:
             kafka_broker.resume()
-        await eventually(lambda: mirror.acknowledged >= 220 and not mirror.falling_behind,
-                         timeout=60)
+        await eventually(
+            lambda: mirror.acknowledged >= 220 and not mirror.falling_behind, timeout=60
+        )
         assert int(await redis_client.hget(positions_key, channel)) == 220
     result = await audit(settings, redis_client)
     assert (result.published, result.inKafka, result.missing) == (220, 220, 0)

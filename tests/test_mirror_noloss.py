@@ -52,8 +52,13 @@ class MirrorProcess:
         log = self.log_path.open("ab")
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "services.mirror", "run"], cwd=REPO, env=self.env,
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                [sys.executable, "-m", "services.mirror", "run"],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         finally:
             log.close()
         return self
@@ -61,11 +66,13 @@ class MirrorProcess:
     def ready(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise AssertionError(f"the mirror exited with {self.process.returncode}:\n"
-                                 f"{self.log_tail()}")
+            raise AssertionError(
+                f"the mirror exited with {self.process.returncode}:\n{self.log_tail()}"
+            )
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz",
-                                        timeout=2) as response:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.port}/readyz", timeout=2
+            ) as response:
                 return response.status == 200
         except OSError:
             return False
@@ -111,8 +118,9 @@ def mirror_env(redis_url: str, kafka_bootstrap: str, name: str, **extra: str) ->
         "MIRROR_HTTP_PORT": str(free_port()),
         "MIRROR_HTTP_HOST": "127.0.0.1",
         "MIRROR_LOG_FORMAT": "json",
-        "MIRROR_ROUTES": msgspec.json.encode([
-            {"pattern": f"ticks.{name}*", "schema": "TickBatch"}]).decode(),
+        "MIRROR_ROUTES": msgspec.json.encode(
+            [{"pattern": f"ticks.{name}*", "schema": "TickBatch"}]
+        ).decode(),
         "MIRROR_DEADLETTER_TOPIC": f"dlq.{name}",
         "MIRROR_RECONCILE_INTERVAL_S": "0",
         "MIRROR_HEARTBEAT_INTERVAL_MS": "1000",
@@ -123,8 +131,9 @@ def mirror_env(redis_url: str, kafka_bootstrap: str, name: str, **extra: str) ->
     return env
 
 
-def real_day_records(shared_data: Path, symbols: list[str], per_record: int
-                     ) -> Iterator[tuple[str, TickBatch]]:
+def real_day_records(
+    shared_data: Path, symbols: list[str], per_record: int
+) -> Iterator[tuple[str, TickBatch]]:
     """The day's trades of ``symbols`` as (symbol, TickBatch) in time order across symbols."""
     trades: list[Trade] = []
     for symbol in symbols:
@@ -145,8 +154,13 @@ def real_day_records(shared_data: Path, symbols: list[str], per_record: int
 class PacedPublisher:
     """Publishes (channel, record) pairs in chunks at a steady pace, in the background."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys,
-                 items: list[tuple[str, TickBatch]], duration_s: float) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        items: list[tuple[str, TickBatch]],
+        duration_s: float,
+    ) -> None:
         self.publisher = Publisher(client, keys=keys, stream_maxlen=5_000_000)
         self.items = items
         self.chunk = max(1, len(items) // max(1, int(duration_s / 0.05)))
@@ -156,7 +170,7 @@ class PacedPublisher:
 
     async def _run(self) -> None:
         for start in range(0, len(self.items), self.chunk):
-            chunk = self.items[start:start + self.chunk]
+            chunk = self.items[start : start + self.chunk]
             await self.publisher.publish_many(chunk)
             self.published += len(chunk)
             self.ticks += sum(len(record.ticks) for _, record in chunk)
@@ -182,10 +196,16 @@ async def caught_up(client: aioredis.Redis, name: str, channels: list[str]) -> b
     return True
 
 
-def report(record_property: Callable[[str, object], None], label: str, result: Audit,
-           **more: object) -> None:
-    figures = {"published": result.published, "inKafka": result.inKafka,
-               "missing": result.missing, "duplicates": result.duplicates, **more}
+def report(
+    record_property: Callable[[str, object], None], label: str, result: Audit, **more: object
+) -> None:
+    figures = {
+        "published": result.published,
+        "inKafka": result.inKafka,
+        "missing": result.missing,
+        "duplicates": result.duplicates,
+        **more,
+    }
     record_property(label, json.dumps(figures))
     print(f"\n{label}: {json.dumps(figures)}")
 
@@ -197,12 +217,19 @@ def name(unique_name: Callable[[str], str]) -> str:
 
 @pytest.mark.timeout(240)
 async def test_sigkill_mid_day_and_restart_kafka_holds_every_tick_record(
-    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str,
-    shared_data: Path, tmp_path: Path, record_property: Callable[[str, object], None]
+    redis_client: aioredis.Redis,
+    redis_url: str,
+    kafka_bootstrap: str,
+    name: str,
+    shared_data: Path,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
 ) -> None:
     symbols = ["SPY", "IBM", "AIG", "BAC"]
-    items = [(f"ticks.{name}{symbol}", record)
-             for symbol, record in real_day_records(shared_data, symbols, per_record=50)]
+    items = [
+        (f"ticks.{name}{symbol}", record)
+        for symbol, record in real_day_records(shared_data, symbols, per_record=50)
+    ]
     channels = sorted({channel for channel, _ in items})
     env = mirror_env(redis_url, kafka_bootstrap, name)
     settings = load_settings(MirrorSettings, env)
@@ -210,8 +237,9 @@ async def test_sigkill_mid_day_and_restart_kafka_holds_every_tick_record(
     publisher = None
     try:
         await eventually(mirror.ready, timeout=60)
-        publisher = PacedPublisher(redis_client, Keys(settings.key_prefix), items,
-                                   duration_s=8).start()
+        publisher = PacedPublisher(
+            redis_client, Keys(settings.key_prefix), items, duration_s=8
+        ).start()
         positions_key = Keys(settings.key_prefix).state("positions:mirror")
 
         async def some_mirrored() -> bool:
@@ -224,15 +252,22 @@ async def test_sigkill_mid_day_and_restart_kafka_holds_every_tick_record(
         await asyncio.sleep(1.5)  # records keep coming while no mirror runs
         mirror.start()
         await publisher.done()
-        await eventually(lambda: caught_up(redis_client, name, channels), timeout=120,
-                         message=mirror.log_tail)
+        await eventually(
+            lambda: caught_up(redis_client, name, channels), timeout=120, message=mirror.log_tail
+        )
     finally:
         mirror.stop()
         if publisher is not None and publisher.task is not None:
             publisher.task.cancel()
     result = await audit(settings, redis_client, channels=channels)
-    report(record_property, "sigkill", result, ticks=publisher.ticks,
-           publishedAtKill=killed_at, channels=len(channels))
+    report(
+        record_property,
+        "sigkill",
+        result,
+        ticks=publisher.ticks,
+        publishedAtKill=killed_at,
+        channels=len(channels),
+    )
     assert result.published == len(items)
     assert result.missing == 0, [c.firstMissing for c in result.channels if c.missing]
     assert result.inKafka == result.published
@@ -240,24 +275,33 @@ async def test_sigkill_mid_day_and_restart_kafka_holds_every_tick_record(
 
 @pytest.mark.timeout(240)
 async def test_broker_paused_20s_nothing_is_lost_and_the_mirror_catches_up(
-    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str,
-    kafka_broker: TansuBroker, name: str, shared_data: Path, tmp_path: Path,
-    record_property: Callable[[str, object], None]
+    redis_client: aioredis.Redis,
+    redis_url: str,
+    kafka_bootstrap: str,
+    kafka_broker: TansuBroker,
+    name: str,
+    shared_data: Path,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    items = [(f"ticks.{name}{symbol}", record)
-             for symbol, record in real_day_records(shared_data, ["IBM", "AIG"], per_record=20)]
+    items = [
+        (f"ticks.{name}{symbol}", record)
+        for symbol, record in real_day_records(shared_data, ["IBM", "AIG"], per_record=20)
+    ]
     channels = sorted({channel for channel, _ in items})
     # a small local queue: the records published during the pause overflow it, so the
     # consumer must fall back on the streams as well
-    env = mirror_env(redis_url, kafka_bootstrap, name, stall_warn_ms="2000",
-                     queue_max_records="500")
+    env = mirror_env(
+        redis_url, kafka_bootstrap, name, stall_warn_ms="2000", queue_max_records="500"
+    )
     settings = load_settings(MirrorSettings, env)
     mirror = MirrorProcess(env, tmp_path / "mirror.log").start()
     publisher = None
     try:
         await eventually(mirror.ready, timeout=60)
-        publisher = PacedPublisher(redis_client, Keys(settings.key_prefix), items,
-                                   duration_s=26).start()
+        publisher = PacedPublisher(
+            redis_client, Keys(settings.key_prefix), items, duration_s=26
+        ).start()
         await asyncio.sleep(3)
         kafka_broker.pause()  # SIGSTOP
         paused_at = publisher.published
@@ -267,20 +311,31 @@ async def test_broker_paused_20s_nothing_is_lost_and_the_mirror_catches_up(
             kafka_broker.resume()  # SIGCONT
         resumed_at = publisher.published
         await publisher.done()
-        await eventually(lambda: caught_up(redis_client, name, channels), timeout=120,
-                         message=mirror.log_tail)
-        await eventually(lambda: "mirror.caught_up" in mirror.event_names(), timeout=20,
-                         message=mirror.log_tail)
+        await eventually(
+            lambda: caught_up(redis_client, name, channels), timeout=120, message=mirror.log_tail
+        )
+        await eventually(
+            lambda: "mirror.caught_up" in mirror.event_names(), timeout=20, message=mirror.log_tail
+        )
     finally:
         mirror.stop()
         if publisher is not None and publisher.task is not None:
             publisher.task.cancel()
     result = await audit(settings, redis_client, channels=channels)
     names = mirror.event_names()
-    report(record_property, "broker_paused_20s", result, ticks=publisher.ticks,
-           publishedWhilePaused=resumed_at - paused_at,
-           logged=[n for n in names if n.startswith(("mirror.", "consumer.")) and n not in (
-               "mirror.started", "mirror.stopped", "consumer.opened")])
+    report(
+        record_property,
+        "broker_paused_20s",
+        result,
+        ticks=publisher.ticks,
+        publishedWhilePaused=resumed_at - paused_at,
+        logged=[
+            n
+            for n in names
+            if n.startswith(("mirror.", "consumer."))
+            and n not in ("mirror.started", "mirror.stopped", "consumer.opened")
+        ],
+    )
     assert result.published == len(items)
     assert result.missing == 0, [c.firstMissing for c in result.channels if c.missing]
     assert "mirror.kafka_stalled" in names
@@ -288,12 +343,18 @@ async def test_broker_paused_20s_nothing_is_lost_and_the_mirror_catches_up(
     assert "consumer.falling_behind" in names and "consumer.caught_up" in names
 
 
-def run_overload(shared_data: Path, tmp_path: Path, kafka_bootstrap: str, name: str,
-                 trades: int, repeat: int, timeout_s: float) -> dict[str, object]:
+def run_overload(
+    shared_data: Path,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    name: str,
+    trades: int,
+    repeat: int,
+    timeout_s: float,
+) -> dict[str, object]:
     """SPY trades one per message, pipelined, on a Redis with the default pub/sub limits;
     the naive forwarder and the mirror both subscribed. Returns the figures."""
-    redis = RedisServer(extra_args=["--client-output-buffer-limit", "pubsub", "32mb", "8mb",
-                                    "60"])
+    redis = RedisServer(extra_args=["--client-output-buffer-limit", "pubsub", "32mb", "8mb", "60"])
     redis.start()
     env = mirror_env(redis.url, kafka_bootstrap, name)
     settings = load_settings(MirrorSettings, env)
@@ -308,20 +369,59 @@ def run_overload(shared_data: Path, tmp_path: Path, kafka_bootstrap: str, name: 
             time.sleep(0.2)
         with naive_out.open("wb") as out:
             naive = subprocess.Popen(
-                [sys.executable, "-m", "services.mirror.naive", "--redis", redis.url,
-                 "--kafka", kafka_bootstrap, "--pattern", f"ticks.{name}*",
-                 "--topic", f"naive.{name}", "--idle-exit-s", "8", "--ready-file", str(ready)],
-                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "services.mirror.naive",
+                    "--redis",
+                    redis.url,
+                    "--kafka",
+                    kafka_bootstrap,
+                    "--pattern",
+                    f"ticks.{name}*",
+                    "--topic",
+                    f"naive.{name}",
+                    "--idle-exit-s",
+                    "8",
+                    "--ready-file",
+                    str(ready),
+                ],
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         while not ready.exists():
             assert naive.poll() is None, naive_out.read_text()
             time.sleep(0.1)
         channel = f"ticks.{name}SPY"
         load = subprocess.run(
-            [sys.executable, "-m", "services.mirror.loadgen", "--redis", redis.url,
-             "--channel", channel, "--prefix", settings.key_prefix, "--lean",
-             str(shared_data / "tick" / "spy" / f"{DAY}_trade.zip"), "--limit", str(trades),
-             "--per-record", "1", "--repeat", str(repeat), "--maxlen", "5000000"],
-            cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=True)
+            [
+                sys.executable,
+                "-m",
+                "services.mirror.loadgen",
+                "--redis",
+                redis.url,
+                "--channel",
+                channel,
+                "--prefix",
+                settings.key_prefix,
+                "--lean",
+                str(shared_data / "tick" / "spy" / f"{DAY}_trade.zip"),
+                "--limit",
+                str(trades),
+                "--per-record",
+                "1",
+                "--repeat",
+                str(repeat),
+                "--maxlen",
+                "5000000",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=True,
+        )
         loaded = json.loads(load.stdout.strip().splitlines()[-1])
         naive.wait(timeout_s)
         naive_result = json.loads(naive_out.read_text().strip().splitlines()[-1])
@@ -329,8 +429,12 @@ def run_overload(shared_data: Path, tmp_path: Path, kafka_bootstrap: str, name: 
         async def settle() -> Audit:
             client = aioredis.Redis.from_url(redis.url)
             try:
-                await eventually(lambda: caught_up(client, name, [channel]), timeout=timeout_s,
-                                 interval=0.5, message=mirror.log_tail)
+                await eventually(
+                    lambda: caught_up(client, name, [channel]),
+                    timeout=timeout_s,
+                    interval=0.5,
+                    message=mirror.log_tail,
+                )
                 return await audit(settings, client, channels=[channel])
             finally:
                 await client.aclose()
@@ -344,31 +448,44 @@ def run_overload(shared_data: Path, tmp_path: Path, kafka_bootstrap: str, name: 
     published = loaded["published"]
     lost = published - naive_result["distinctSeqs"]
     return {
-        "published": published, "publishRatePerS": loaded["recordsPerS"],
-        "naive": {"received": naive_result["received"], "lost": lost,
-                  "lostPct": round(100 * lost / published, 2),
-                  "reconnects": naive_result["reconnects"]},
-        "mirror": {"inKafka": result.inKafka, "missing": result.missing,
-                   "duplicates": result.duplicates},
-        "mirrorLog": [event for event in mirror.events()
-                      if str(event.get("event")).startswith(("consumer.", "mirror."))
-                      and event.get("event") not in ("consumer.opened", "mirror.started",
-                                                     "mirror.stopped")],
+        "published": published,
+        "publishRatePerS": loaded["recordsPerS"],
+        "naive": {
+            "received": naive_result["received"],
+            "lost": lost,
+            "lostPct": round(100 * lost / published, 2),
+            "reconnects": naive_result["reconnects"],
+        },
+        "mirror": {
+            "inKafka": result.inKafka,
+            "missing": result.missing,
+            "duplicates": result.duplicates,
+        },
+        "mirrorLog": [
+            event
+            for event in mirror.events()
+            if str(event.get("event")).startswith(("consumer.", "mirror."))
+            and event.get("event") not in ("consumer.opened", "mirror.started", "mirror.stopped")
+        ],
     }
 
 
-def check_overload(figures: dict[str, object], record_property: Callable[[str, object], None],
-                   label: str) -> None:
+def check_overload(
+    figures: dict[str, object], record_property: Callable[[str, object], None], label: str
+) -> None:
     log = figures.pop("mirrorLog")
     record_property(label, json.dumps(figures))
     print(f"\n{label}: {json.dumps(figures)}")
     for event in log:  # type: ignore[attr-defined]
-        print("  mirror log:", json.dumps({k: v for k, v in event.items()
-                                           if k not in ("service", "logger", "level")}))
-    naive, mirror = figures["naive"], figures["mirror"]
-    assert naive["lost"] > 0, "the naive forwarder was not cut: no overload reproduced"  # type: ignore[index]
-    assert mirror["missing"] == 0  # type: ignore[index]
-    assert mirror["inKafka"] == figures["published"]  # type: ignore[index]
+        print(
+            "  mirror log:",
+            json.dumps({k: v for k, v in event.items() if k not in ("service", "logger", "level")}),
+        )
+    naive: dict[str, int] = figures["naive"]  # type: ignore[assignment]
+    mirror: dict[str, int] = figures["mirror"]  # type: ignore[assignment]
+    assert naive["lost"] > 0, "the naive forwarder was not cut: no overload reproduced"
+    assert mirror["missing"] == 0
+    assert mirror["inKafka"] == figures["published"]
     names = [event.get("event") for event in log]  # type: ignore[attr-defined]
     assert "consumer.falling_behind" in names or "consumer.resubscribed" in names
     assert "mirror.caught_up" in names or "consumer.caught_up" in names
@@ -376,20 +493,28 @@ def check_overload(figures: dict[str, object], record_property: Callable[[str, o
 
 @pytest.mark.timeout(300)
 def test_overload_the_naive_forwarder_loses_messages_and_the_mirror_loses_none(
-    kafka_bootstrap: str, name: str, shared_data: Path, tmp_path: Path,
-    record_property: Callable[[str, object], None]
+    kafka_bootstrap: str,
+    name: str,
+    shared_data: Path,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    figures = run_overload(shared_data, tmp_path, kafka_bootstrap, name, trades=0,
-                           repeat=1, timeout_s=240)
+    figures = run_overload(
+        shared_data, tmp_path, kafka_bootstrap, name, trades=0, repeat=1, timeout_s=240
+    )
     check_overload(figures, record_property, "overload")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_overload_soak_one_spy_day_four_times_back_to_back(
-    kafka_bootstrap: str, name: str, shared_data: Path, tmp_path: Path,
-    record_property: Callable[[str, object], None]
+    kafka_bootstrap: str,
+    name: str,
+    shared_data: Path,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    figures = run_overload(shared_data, tmp_path, kafka_bootstrap, name, trades=0, repeat=4,
-                           timeout_s=1500)
+    figures = run_overload(
+        shared_data, tmp_path, kafka_bootstrap, name, trades=0, repeat=4, timeout_s=1500
+    )
     check_overload(figures, record_property, "overload_soak")

@@ -20,18 +20,32 @@ from services.mirror.routing import BadRecord, RoutingTable
 
 
 def table(**env: str) -> RoutingTable:
-    return RoutingTable(load_settings(MirrorSettings, {f"MIRROR_{k.upper()}": v
-                                                       for k, v in env.items()}))
+    return RoutingTable(
+        load_settings(MirrorSettings, {f"MIRROR_{k.upper()}": v for k, v in env.items()})
+    )
 
 
 def seqd(record: msgspec.Struct) -> bytes:
     """Encode as the publisher would have stored it (seq 7)."""
-    return b'{"seq":7' + encode(record)[len(b'{"seq":0'):]
+    return b'{"seq":7' + encode(record)[len(b'{"seq":0') :]
 
 
 TICKS = TickBatch(seq=0, sym="SPY", ticks=[Trade(sym="SPY", p=1.0, s=1, t=1)] * 3)
-BAR = Bar(seq=0, symbol="SPY", tsET="2013-10-07T09:30:00-04:00", barId=1, open=1, high=1,
-          low=1, close=1, volume=1, vwap=1, trades=1, startMs=0, endMs=60_000)
+BAR = Bar(
+    seq=0,
+    symbol="SPY",
+    tsET="2013-10-07T09:30:00-04:00",
+    barId=1,
+    open=1,
+    high=1,
+    low=1,
+    close=1,
+    volume=1,
+    vwap=1,
+    trades=1,
+    startMs=0,
+    endMs=60_000,
+)
 
 
 def test_default_table_is_the_contract() -> None:
@@ -50,17 +64,31 @@ def test_default_table_is_the_contract() -> None:
         target = routes.target(channel)
         assert target is not None, channel
         assert (target.topic, target.static_key, target.spec.configs["cleanup.policy"]) == (
-            topic, static_key, policy), channel
+            topic,
+            static_key,
+            policy,
+        ), channel
     assert routes.target("quotes.SPY") is None  # not in the contract's Kafka topics
     assert routes.target("bars.SPY.1m").topic != "bars.SPY.1m"  # that one is the shadow's
 
 
 def test_keys_come_from_the_record_where_the_contract_says() -> None:
     routes = table()
-    portfolio = Portfolio(seq=0, portfolioId="main", tsET="", barId=1, equity=1, cash=1,
-                          realizedPnl=0, unrealizedPnl=0, exposure=0, openPositions=0)
-    heartbeat = Heartbeat(seq=0, runId="run-1", service="ingest", tsET="", mode="sim",
-                          status="ok", lagMs=0)
+    portfolio = Portfolio(
+        seq=0,
+        portfolioId="main",
+        tsET="",
+        barId=1,
+        equity=1,
+        cash=1,
+        realizedPnl=0,
+        unrealizedPnl=0,
+        exposure=0,
+        openPositions=0,
+    )
+    heartbeat = Heartbeat(
+        seq=0, runId="run-1", service="ingest", tsET="", mode="sim", status="ok", lagMs=0
+    )
     position = Position(symbol="AAPL", shares=100)
     assert routes.target("sentio.portfolio.minute.v1").prepare(seqd(portfolio))[0] == b"main"
     assert routes.target("sentio.heartbeat.v1").prepare(seqd(heartbeat))[0] == b"run-1"
@@ -84,8 +112,11 @@ def test_topic_configs_compaction_switch_and_per_route_retention() -> None:
         extra_routes='[{"pattern":"ticks.*","partitions":3,"configs":{"retention.ms":"86400000"}}]',
     )
     heartbeat = routes.target("sentio.heartbeat.v1").spec
-    assert heartbeat.configs == {"retention.ms": "-1", "retention.bytes": "-1",
-                                 "cleanup.policy": "delete"}
+    assert heartbeat.configs == {
+        "retention.ms": "-1",
+        "retention.bytes": "-1",
+        "cleanup.policy": "delete",
+    }
     ticks = routes.target("ticks.SPY").spec
     assert ticks.partitions == 3
     assert ticks.configs["retention.ms"] == "86400000"

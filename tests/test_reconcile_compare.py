@@ -9,7 +9,7 @@ import pytest
 
 from libs.common.clock import MINUTE_MS, bar_id, ny_epoch_ms, ts_et
 from libs.common.schemas import Bar, VendorAggregate
-from services.mirror.compare import Tolerance, compare_symbol, compare_vendor
+from services.mirror.compare import SymbolComparison, Tolerance, compare_symbol, compare_vendor
 from services.mirror.reconciler import DaySummary, evaluate_gate
 from services.mirror.report import DayReport, build_section, to_json, to_markdown
 
@@ -17,14 +17,36 @@ DAY = date(2013, 10, 7)
 OPEN_MS = ny_epoch_ms(DAY, 9, 30)
 
 
-def bar(symbol: str, minute: int, *, close: float = 100.0, volume: int = 1_000,
-        revision: int = 0, **fields: float) -> Bar:
+def bar(
+    symbol: str,
+    minute: int,
+    *,
+    close: float = 100.0,
+    volume: int = 1_000,
+    revision: int = 0,
+    **fields: float,
+) -> Bar:
     start = OPEN_MS + minute * MINUTE_MS
-    values = dict(open=100.0, high=101.0, low=99.0, close=close, volume=volume, vwap=100.25,
-                  trades=10)
+    values: dict[str, float] = {
+        "open": 100.0,
+        "high": 101.0,
+        "low": 99.0,
+        "close": close,
+        "volume": volume,
+        "vwap": 100.25,
+        "trades": 10,
+    }
     values.update(fields)
-    return Bar(seq=0, symbol=symbol, tsET=ts_et(start), barId=bar_id(start), startMs=start,
-               endMs=start + MINUTE_MS, revision=revision, **values)  # type: ignore[arg-type]
+    return Bar(
+        seq=0,
+        symbol=symbol,
+        tsET=ts_et(start),
+        barId=bar_id(start),
+        startMs=start,
+        endMs=start + MINUTE_MS,
+        revision=revision,
+        **values,
+    )  # type: ignore[arg-type]
 
 
 def day_of(symbol: str, minutes: int = 10) -> dict[int, Bar]:
@@ -36,17 +58,21 @@ def test_identical_sides_match_fully() -> None:
     redis = day_of("SPY")
     result = compare_symbol("SPY", redis, list(redis.values()), Tolerance())
     assert (result.parity.matched, result.parity.compared, result.parity.parityPct) == (
-        10, 10, 100.0)
+        10,
+        10,
+        100.0,
+    )
     assert not (result.mismatches or result.missingKafka or result.missingRedis)
 
 
 def test_planted_problems_of_every_kind_are_found_and_named() -> None:
     redis = day_of("SPY")
     kafka = [b for b in redis.values()]
-    minute = lambda m: OPEN_MS + m * MINUTE_MS  # noqa: E731
+    minute = lambda m: OPEN_MS + m * MINUTE_MS
     # 1. a mismatch in two fields
-    kafka[2] = msgspec.structs.replace(kafka[2], close=kafka[2].close + 0.01,
-                                       volume=kafka[2].volume - 100)
+    kafka[2] = msgspec.structs.replace(
+        kafka[2], close=kafka[2].close + 0.01, volume=kafka[2].volume - 100
+    )
     # 2. missing in Kafka
     del kafka[5]
     # 3. missing in Redis: Kafka has a minute the bar store has not
@@ -61,8 +87,14 @@ def test_planted_problems_of_every_kind_are_found_and_named() -> None:
 
     result = compare_symbol("SPY", redis, kafka, Tolerance())
     parity = result.parity
-    assert (parity.matched, parity.mismatched, parity.missingKafka, parity.missingRedis,
-            parity.duplicates, parity.corrections) == (8, 1, 1, 1, 1, 1)
+    assert (
+        parity.matched,
+        parity.mismatched,
+        parity.missingKafka,
+        parity.missingRedis,
+        parity.duplicates,
+        parity.corrections,
+    ) == (8, 1, 1, 1, 1, 1)
     assert parity.parityPct == round(100 * 8 / 11, 4)
     mismatch = result.mismatches[0]
     assert mismatch.startMs == minute(2) and mismatch.barId == 3
@@ -86,8 +118,10 @@ def test_tolerance_exact_by_default_configurable_per_field() -> None:
     kafka = [msgspec.structs.replace(only, vwap=only.vwap + 0.00005, close=only.close + 0.004)]
     assert compare_symbol("SPY", redis, kafka, Tolerance()).parity.mismatched == 1
     assert compare_symbol("SPY", redis, kafka, Tolerance("0.01")).parity.matched == 1
-    assert compare_symbol("SPY", redis, kafka,
-                          Tolerance("price=0.005,vwap=0.0001")).parity.matched == 1
+    assert (
+        compare_symbol("SPY", redis, kafka, Tolerance("price=0.005,vwap=0.0001")).parity.matched
+        == 1
+    )
     still = compare_symbol("SPY", redis, kafka, Tolerance("vwap=0.0001"))
     assert [d.field for d in still.mismatches[0].fields] == ["close"]
     assert Tolerance("price=0.01,default=1").limits["volume"] == 1
@@ -102,8 +136,7 @@ def test_bars_younger_than_the_minimum_age_are_pending_not_missing() -> None:
     kafka = list(redis.values())[:7]  # the last three are still in flight
     settled = OPEN_MS + 7 * MINUTE_MS
     result = compare_symbol("SPY", redis, kafka, Tolerance(), settled_before_ms=settled)
-    assert (result.parity.matched, result.parity.missingKafka, result.parity.pending) == (
-        7, 0, 3)
+    assert (result.parity.matched, result.parity.missingKafka, result.parity.pending) == (7, 0, 3)
     assert result.parity.parityPct == 100.0
 
 
@@ -134,16 +167,30 @@ def test_listings_are_capped_but_totals_are_complete() -> None:
 def test_vendor_check_compares_our_bars_with_the_vendor_aggregates() -> None:
     redis = day_of("SPY", 3)
     bars = list(redis.values())
-    vendor = {b.startMs: VendorAggregate(sym="SPY", o=b.open, h=b.high, l=b.low, c=b.close,
-                                         v=b.volume, vw=0.0, s=b.startMs, e=b.endMs)
-              for b in bars}
+    vendor = {
+        b.startMs: VendorAggregate(
+            sym="SPY",
+            o=b.open,
+            h=b.high,
+            l=b.low,
+            c=b.close,
+            v=b.volume,
+            vw=0.0,
+            s=b.startMs,
+            e=b.endMs,
+        )
+        for b in bars
+    }
     first = bars[0].startMs
     vendor[first] = msgspec.structs.replace(vendor[first], h=bars[0].high + 0.02)
     extra = OPEN_MS + 50 * MINUTE_MS
     vendor[extra] = VendorAggregate(sym="SPY", o=1, h=1, l=1, c=1, v=1, s=extra, e=extra + 1)
     result = compare_vendor("SPY", redis, vendor, Tolerance())
     assert (result.parity.matched, result.parity.mismatched, result.parity.missingRedis) == (
-        2, 1, 1)
+        2,
+        1,
+        1,
+    )
     assert [d.field for d in result.mismatches[0].fields] == ["high"]  # vw 0: not supplied
     report = _report([compare_symbol("SPY", redis, bars, Tolerance())], vendor=[result])
     markdown = to_markdown(report)
@@ -164,8 +211,9 @@ def test_gate_ready_after_five_consecutive_trading_days_at_target() -> None:
 
 
 def test_gate_not_ready_names_the_failing_and_missing_days() -> None:
-    summaries = {d: _summary(d, 100.0) for d in ("2013-10-01", "2013-10-03", "2013-10-04",
-                                                 "2013-10-07")}
+    summaries = {
+        d: _summary(d, 100.0) for d in ("2013-10-01", "2013-10-03", "2013-10-04", "2013-10-07")
+    }
     summaries["2013-10-03"] = _summary("2013-10-03", 99.5)
     gate = evaluate_gate(DAY, summaries, days=5, target_pct=99.9)
     assert not gate.ready
@@ -184,10 +232,19 @@ def test_gate_skips_a_weekday_without_bars_on_either_side_as_a_holiday() -> None
     assert any("no-trading days" in reason for reason in gate.reasons)
 
 
-def _report(comparisons, *, vendor=None, max_listed: int = 50) -> DayReport:  # type: ignore[no-untyped-def]
+def _report(
+    comparisons: list[SymbolComparison],
+    *,
+    vendor: list[SymbolComparison] | None = None,
+    max_listed: int = 50,
+) -> DayReport:
     return DayReport(
-        day=DAY.isoformat(), generatedAtMs=OPEN_MS, generatedAt=ts_et(OPEN_MS),
-        targetPct=99.9, minAgeS=0, settledBeforeMs=None,
+        day=DAY.isoformat(),
+        generatedAtMs=OPEN_MS,
+        generatedAt=ts_et(OPEN_MS),
+        targetPct=99.9,
+        minAgeS=0,
+        settledBeforeMs=None,
         parity=build_section(comparisons, "exact", max_listed),
         vendor=build_section(vendor, "exact", max_listed) if vendor else None,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -49,25 +50,51 @@ def demo_bars(shared_data: Path, symbol: str, day: date = DEMO_DAY) -> list[Bar]
     bars = []
     for minute in read_lean_minute_bars(path, day):
         vwap = round((minute.open + minute.high + minute.low + minute.close) / 4, 4)
-        bars.append(Bar(seq=0, symbol=symbol, tsET=ts_et(minute.start_ms),
-                        barId=bar_id(minute.start_ms), open=minute.open, high=minute.high,
-                        low=minute.low, close=minute.close, volume=minute.volume, vwap=vwap,
-                        trades=max(1, minute.volume // 100), startMs=minute.start_ms,
-                        endMs=minute.start_ms + 60_000))
+        bars.append(
+            Bar(
+                seq=0,
+                symbol=symbol,
+                tsET=ts_et(minute.start_ms),
+                barId=bar_id(minute.start_ms),
+                open=minute.open,
+                high=minute.high,
+                low=minute.low,
+                close=minute.close,
+                volume=minute.volume,
+                vwap=vwap,
+                trades=max(1, minute.volume // 100),
+                startMs=minute.start_ms,
+                endMs=minute.start_ms + 60_000,
+            )
+        )
     return bars
 
 
 def synthetic_bars(symbol: str, day: date, minutes: int = 30) -> list[Bar]:
     start = ny_epoch_ms(day, 9, 30)
-    return [Bar(seq=0, symbol=symbol, tsET=ts_et(start + m * 60_000),
-                barId=bar_id(start + m * 60_000), open=10.0, high=11.0, low=9.0,
-                close=10.0 + m / 100, volume=100 + m, vwap=10.1, trades=3,
-                startMs=start + m * 60_000, endMs=start + (m + 1) * 60_000)
-            for m in range(minutes)]
+    return [
+        Bar(
+            seq=0,
+            symbol=symbol,
+            tsET=ts_et(start + m * 60_000),
+            barId=bar_id(start + m * 60_000),
+            open=10.0,
+            high=11.0,
+            low=9.0,
+            close=10.0 + m / 100,
+            volume=100 + m,
+            vwap=10.1,
+            trades=3,
+            startMs=start + m * 60_000,
+            endMs=start + (m + 1) * 60_000,
+        )
+        for m in range(minutes)
+    ]
 
 
-async def produce_bars(kafka_bootstrap: str, topic_of: Callable[[str], str], bars: list[Bar]
-                       ) -> None:
+async def produce_bars(
+    kafka_bootstrap: str, topic_of: Callable[[str], str], bars: list[Bar]
+) -> None:
     """What the shadow bar builder would have produced."""
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()
@@ -82,12 +109,30 @@ async def produce_bars(kafka_bootstrap: str, topic_of: Callable[[str], str], bar
 async def publish_vendor(client: aioredis.Redis, keys: Keys, bars: list[Bar]) -> None:
     """The vendor's AM aggregates on aggs.<SYM>.1m, one per minute."""
     publisher = Publisher(client, keys=keys)
-    await publisher.publish_many([
-        (f"aggs.{bar.symbol}.1m", AggregateBatch(seq=0, sym=bar.symbol, aggs=[VendorAggregate(
-            sym=bar.symbol, o=bar.open, h=bar.high, l=bar.low, c=bar.close, v=bar.volume,
-            s=bar.startMs, e=bar.endMs)]))
-        for bar in bars
-    ])
+    await publisher.publish_many(
+        [
+            (
+                f"aggs.{bar.symbol}.1m",
+                AggregateBatch(
+                    seq=0,
+                    sym=bar.symbol,
+                    aggs=[
+                        VendorAggregate(
+                            sym=bar.symbol,
+                            o=bar.open,
+                            h=bar.high,
+                            l=bar.low,
+                            c=bar.close,
+                            v=bar.volume,
+                            s=bar.startMs,
+                            e=bar.endMs,
+                        )
+                    ],
+                ),
+            )
+            for bar in bars
+        ]
+    )
 
 
 @pytest.fixture
@@ -96,8 +141,12 @@ def name(unique_name: Callable[[str], str]) -> str:
 
 
 async def test_reconcile_over_an_undisturbed_demo_day_prints_100_percent(
-    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str,
-    shared_data: Path, tmp_path: Path
+    redis_client: aioredis.Redis,
+    redis_url: str,
+    kafka_bootstrap: str,
+    name: str,
+    shared_data: Path,
+    tmp_path: Path,
 ) -> None:
     env = env_for(redis_url, kafka_bootstrap, name)
     settings = load_settings(MirrorSettings, env)
@@ -108,17 +157,35 @@ async def test_reconcile_over_an_undisturbed_demo_day_prints_100_percent(
     await publish_vendor(redis_client, keys, bars)
 
     out = tmp_path / "report.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "services.mirror", "reconcile", "--date", "2013-10-07",
-         "--out", str(out), "--quiet"],
-        cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=90)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "services.mirror",
+            "reconcile",
+            "--date",
+            "2013-10-07",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     report = done.stdout
     first = report.splitlines()
     assert first[0] == "# Shadow-mode parity — 2013-10-07"
-    assert first[2].startswith(f"**Parity 100 %** (target 99.9 %, at target): "
-                               f"{len(bars):,} of {len(bars):,} symbol-minutes match across "
-                               f"2 symbols")
+    assert first[2].startswith(
+        f"**Parity 100 %** (target 99.9 %, at target): "
+        f"{len(bars):,} of {len(bars):,} symbol-minutes match across "
+        f"2 symbols"
+    )
     assert "**Agreement 100 %**" in report  # the vendor check
     assert "Mismatches" not in report and "Missing in" not in report
     data = msgspec.json.decode(out.read_bytes())
@@ -131,7 +198,11 @@ async def test_reconcile_over_an_undisturbed_demo_day_prints_100_percent(
     assert [record.key for record in published] == [b"2013-10-07"]
     record = msgspec.json.decode(published[0].value, type=ParityReport)
     assert (record.day, record.parityPct, record.matched, record.promotionReady) == (
-        "2013-10-07", 100.0, len(bars), False)  # one day is not five
+        "2013-10-07",
+        100.0,
+        len(bars),
+        False,
+    )  # one day is not five
 
 
 async def test_a_disturbed_day_is_reported_kind_by_kind(
@@ -154,19 +225,33 @@ async def test_a_disturbed_day_is_reported_kind_by_kind(
     report = await reconciler.run(day, min_age_s=0, publish=False)
     await reconciler.close()
     totals = report.parity.totals
-    assert (totals.matched, totals.mismatched, totals.missingKafka, totals.missingRedis,
-            totals.duplicates) == (58, 1, 1, 2, 1)
+    assert (
+        totals.matched,
+        totals.mismatched,
+        totals.missingKafka,
+        totals.missingRedis,
+        totals.duplicates,
+    ) == (58, 1, 1, 2, 1)
     assert [p.symbol for p in report.parity.symbols] == ["CCC", "AAA", "BBB"]  # worst first
     mismatch = report.parity.mismatches[0]
     assert (mismatch.symbol, mismatch.tsET[11:16], [d.field for d in mismatch.fields]) == (
-        "AAA", "09:33", ["high"])
+        "AAA",
+        "09:33",
+        ["high"],
+    )
     assert [(m.symbol, m.tsET[11:16]) for m in report.parity.missingKafka] == [("AAA", "09:40")]
     assert [m.symbol for m in report.parity.missingRedis] == ["CCC", "CCC"]
     assert [(d.symbol, d.copies) for d in report.parity.duplicates] == [("BBB", 2)]
-    assert registry.get_sample_value("tickmesh_parity_percent",
-                                     {"symbol": "CCC", "day": "2013-10-07"}) == 0.0
-    assert registry.get_sample_value("tickmesh_parity_minutes",
-                                     {"day": "2013-10-07", "outcome": "mismatched"}) == 1
+    assert (
+        registry.get_sample_value("tickmesh_parity_percent", {"symbol": "CCC", "day": "2013-10-07"})
+        == 0.0
+    )
+    assert (
+        registry.get_sample_value(
+            "tickmesh_parity_minutes", {"day": "2013-10-07", "outcome": "mismatched"}
+        )
+        == 1
+    )
 
 
 async def test_five_trading_days_at_target_make_the_gate_ready(
@@ -182,8 +267,9 @@ async def test_five_trading_days_at_target_make_the_gate_ready(
         await produce_bars(kafka_bootstrap, lambda s: f"bars-{name}.{s}.1m", bars)
     registry = CollectorRegistry()
     reconciler = Reconciler(settings, redis_client, gauges=ParityGauges(registry, 5))
-    reports = [await reconciler.run(day, min_age_s=0, publish=False, vendor=False)
-               for day in trading]
+    reports = [
+        await reconciler.run(day, min_age_s=0, publish=False, vendor=False) for day in trading
+    ]
     await reconciler.close()
     assert [r.gate.ready for r in reports] == [False, False, False, False, True]
     assert reports[-1].gate.passing == 5
@@ -212,5 +298,9 @@ async def test_the_timer_ignores_bars_still_in_flight(
         await actor.stop()
     totals = actor.last_report.parity.totals
     assert (totals.matched, totals.missingKafka, totals.pending) == (7, 2, 1)
-    assert registry.get_sample_value("tickmesh_parity_minutes",
-                                     {"day": "2013-10-07", "outcome": "pending"}) == 1
+    assert (
+        registry.get_sample_value(
+            "tickmesh_parity_minutes", {"day": "2013-10-07", "outcome": "pending"}
+        )
+        == 1
+    )

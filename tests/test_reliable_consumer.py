@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
+from typing import Self
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,9 +22,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 def tick_record(symbol: str, count: int = 1) -> TickBatch:
     """A small TickBatch with ``count`` trades."""
-    return TickBatch(seq=0, sym=symbol, ticks=[
-        Trade(sym=symbol, p=100.0 + i / 100, s=100, t=1_381_152_600_000 + i) for i in range(count)
-    ])
+    return TickBatch(
+        seq=0,
+        sym=symbol,
+        ticks=[
+            Trade(sym=symbol, p=100.0 + i / 100, s=100, t=1_381_152_600_000 + i)
+            for i in range(count)
+        ],
+    )
 
 
 class Collector:
@@ -42,7 +48,7 @@ class Collector:
             if self.commit:
                 await self.consumer.commit(batch)
 
-    async def __aenter__(self) -> Collector:
+    async def __aenter__(self) -> Self:
         await self.consumer.open()
         self.task = asyncio.create_task(self._run())
         return self
@@ -69,8 +75,14 @@ async def test_delivers_in_order_and_reads_what_was_published_before_it_started(
     publisher = Publisher(redis_client, keys=keys)
     for _ in range(5):
         await publisher.publish(channel, tick_record("A"))
-    consumer = SequencedConsumer(redis_client, "c1", ["ticks.*"], keys=keys,
-                                 sweep_interval_s=0.1, registry=CollectorRegistry())
+    consumer = SequencedConsumer(
+        redis_client,
+        "c1",
+        ["ticks.*"],
+        keys=keys,
+        sweep_interval_s=0.1,
+        registry=CollectorRegistry(),
+    )
     async with Collector(consumer) as collector:
         for _ in range(5):
             await publisher.publish(channel, tick_record("A"))
@@ -83,16 +95,28 @@ async def test_restart_resumes_after_the_committed_position(
 ) -> None:
     channel = f"ticks.{unique_name('B')}"
     publisher = Publisher(redis_client, keys=keys)
-    consumer = SequencedConsumer(redis_client, "c2", ["ticks.*"], keys=keys,
-                                 sweep_interval_s=0.1, registry=CollectorRegistry())
+    consumer = SequencedConsumer(
+        redis_client,
+        "c2",
+        ["ticks.*"],
+        keys=keys,
+        sweep_interval_s=0.1,
+        registry=CollectorRegistry(),
+    )
     async with Collector(consumer) as collector:
         for _ in range(3):
             await publisher.publish(channel, tick_record("B"))
         await eventually(lambda: len(collector.seqs(channel)) == 3)
     for _ in range(4):  # while nobody listens
         await publisher.publish(channel, tick_record("B"))
-    again = SequencedConsumer(redis_client, "c2", ["ticks.*"], keys=keys, sweep_interval_s=0.1,
-                              registry=CollectorRegistry())
+    again = SequencedConsumer(
+        redis_client,
+        "c2",
+        ["ticks.*"],
+        keys=keys,
+        sweep_interval_s=0.1,
+        registry=CollectorRegistry(),
+    )
     async with Collector(again) as collector:
         await eventually(lambda: len(collector.seqs(channel)) == 4)
     assert collector.seqs(channel) == [4, 5, 6, 7]
@@ -103,8 +127,14 @@ async def test_rewind_delivers_again_what_was_not_committed(
 ) -> None:
     channel = f"ticks.{unique_name('C')}"
     publisher = Publisher(redis_client, keys=keys)
-    consumer = SequencedConsumer(redis_client, "c3", ["ticks.*"], keys=keys,
-                                 sweep_interval_s=0.1, registry=CollectorRegistry())
+    consumer = SequencedConsumer(
+        redis_client,
+        "c3",
+        ["ticks.*"],
+        keys=keys,
+        sweep_interval_s=0.1,
+        registry=CollectorRegistry(),
+    )
     await consumer.open()
     batches = consumer.batches()
     try:
@@ -130,8 +160,16 @@ async def test_a_full_queue_pauses_pubsub_and_the_streams_catch_up_without_loss(
     channel = f"ticks.{unique_name('D')}"
     publisher = Publisher(redis_client, keys=keys)
     registry = CollectorRegistry()
-    consumer = SequencedConsumer(redis_client, "c4", ["ticks.*"], keys=keys, queue_max=10,
-                                 batch_max=50, sweep_interval_s=0.2, registry=registry)
+    consumer = SequencedConsumer(
+        redis_client,
+        "c4",
+        ["ticks.*"],
+        keys=keys,
+        queue_max=10,
+        batch_max=50,
+        sweep_interval_s=0.2,
+        registry=registry,
+    )
     delivered: list[Record] = []
     slow = asyncio.Event()
 
@@ -149,10 +187,13 @@ async def test_a_full_queue_pauses_pubsub_and_the_streams_catch_up_without_loss(
             await publisher.publish_many([(channel, tick_record("D"))] * 50)
         await eventually(lambda: consumer.falling_behind, timeout=10)
         slow.set()
-        await eventually(lambda: len(delivered) >= 1000 and not consumer.falling_behind,
-                         timeout=30)
-        await eventually(lambda: registry.get_sample_value(
-            "tickmesh_consumer_pubsub_paused", {"consumer": "c4"}) == 0)
+        await eventually(lambda: len(delivered) >= 1000 and not consumer.falling_behind, timeout=30)
+        await eventually(
+            lambda: (
+                registry.get_sample_value("tickmesh_consumer_pubsub_paused", {"consumer": "c4"})
+                == 0
+            )
+        )
         # pub/sub is back: a new record arrives without waiting for a sweep
         await publisher.publish(channel, tick_record("D"))
         await eventually(lambda: len(delivered) == 1001, timeout=5)
@@ -162,15 +203,16 @@ async def test_a_full_queue_pauses_pubsub_and_the_streams_catch_up_without_loss(
         await consumer.close()
     seqs = [r.seq for r in delivered]
     assert seqs == list(range(1, 1002))
-    assert registry.get_sample_value("tickmesh_consumer_doorbells_dropped_total",
-                                     {"consumer": "c4"}) >= 1
+    assert (
+        registry.get_sample_value("tickmesh_consumer_doorbells_dropped_total", {"consumer": "c4"})
+        >= 1
+    )
 
 
 @pytest.fixture
 def tiny_buffer_redis() -> AsyncIterator[RedisServer]:
     """A Redis that cuts a pub/sub client past 64 kB of unread output."""
-    server = RedisServer(extra_args=["--client-output-buffer-limit", "pubsub", "64kb", "32kb",
-                                     "1"])
+    server = RedisServer(extra_args=["--client-output-buffer-limit", "pubsub", "64kb", "32kb", "1"])
     server.start()
     try:
         yield server
@@ -178,8 +220,9 @@ def tiny_buffer_redis() -> AsyncIterator[RedisServer]:
         server.stop()
 
 
-def publish_from_thread(url: str, keys: Keys, channel: str, record: TickBatch, count: int
-                        ) -> threading.Thread:
+def publish_from_thread(
+    url: str, keys: Keys, channel: str, record: TickBatch, count: int
+) -> threading.Thread:
     """Publish ``count`` copies of ``record`` from another thread (its own event loop)."""
 
     async def publish() -> None:
@@ -197,28 +240,50 @@ def publish_from_thread(url: str, keys: Keys, channel: str, record: TickBatch, c
 
 
 async def test_a_subscriber_cut_by_redis_is_noticed_and_nothing_is_lost(
-    tiny_buffer_redis: RedisServer
+    tiny_buffer_redis: RedisServer,
 ) -> None:
     client = aioredis.Redis.from_url(tiny_buffer_redis.url)
     keys = Keys("tm:")
     registry = CollectorRegistry()
-    consumer = SequencedConsumer(client, "c5", ["ticks.*"], keys=keys, queue_max=1_000_000,
-                                 sweep_interval_s=0.2, pause_pubsub_when_behind=False,
-                                 registry=registry)
+    consumer = SequencedConsumer(
+        client,
+        "c5",
+        ["ticks.*"],
+        keys=keys,
+        queue_max=1_000_000,
+        sweep_interval_s=0.2,
+        pause_pubsub_when_behind=False,
+        registry=registry,
+    )
     sent = 5_000
     try:
         async with Collector(consumer) as collector:
-            thread = publish_from_thread(tiny_buffer_redis.url, keys, "ticks.E",
-                                         tick_record("E", 40), sent)
+            thread = publish_from_thread(
+                tiny_buffer_redis.url, keys, "ticks.E", tick_record("E", 40), sent
+            )
             # the reader's event loop is blocked while megabytes are published to it: Redis
             # cuts the subscriber at its 64 kB limit and redis-py re-subscribes silently
             thread.join(timeout=60)
             await eventually(lambda: len(collector.seqs("ticks.E")) == sent, timeout=30)
-            await eventually(lambda: consumer.resubscribes + (registry.get_sample_value(
-                "tickmesh_consumer_subscriber_errors_total", {"consumer": "c5"}) or 0) >= 1,
-                timeout=5)
+            await eventually(
+                lambda: (
+                    consumer.resubscribes
+                    + (
+                        registry.get_sample_value(
+                            "tickmesh_consumer_subscriber_errors_total", {"consumer": "c5"}
+                        )
+                        or 0
+                    )
+                    >= 1
+                ),
+                timeout=5,
+            )
         assert collector.seqs("ticks.E") == list(range(1, sent + 1))
-        assert (registry.get_sample_value("tickmesh_consumer_backfilled_records_total",
-                                          {"consumer": "c5"}) or 0) > 0
+        assert (
+            registry.get_sample_value(
+                "tickmesh_consumer_backfilled_records_total", {"consumer": "c5"}
+            )
+            or 0
+        ) > 0
     finally:
         await client.aclose()

@@ -17,9 +17,9 @@ import msgspec
 from libs.common.actors import ActorState
 from libs.common.cli import ServiceCli
 from libs.common.logs import configure_logging
+from libs.common.redis_io import connect_redis
 from libs.common.service import EXIT_CONFIG, ServiceRuntime, run_main
 from libs.common.wiring import add_heartbeat, connect_runtime_redis, make_publisher
-from libs.common.redis_io import connect_redis
 from services.mirror.audit import Audit, audit
 from services.mirror.config import MirrorSettings
 from services.mirror.forwarder import MirrorActor
@@ -47,7 +47,8 @@ async def build(runtime: ServiceRuntime) -> None:
     if settings.reconcile_interval_s > 0:
         runtime.supervisor.add(ReconcilerActor(settings, client, registry=runtime.registry))
     add_heartbeat(
-        runtime, publisher,
+        runtime,
+        publisher,
         lag_ms=lambda: int(forwarder.oldest_unacked_s() * 1000),
         status=lambda: "behind" if forwarder.falling_behind else "ok",
     )
@@ -61,8 +62,11 @@ def run(_args: argparse.Namespace) -> int:
 def reconcile(args: argparse.Namespace) -> int:
     """``reconcile``: one parity report, printed (and stored and published unless told not)."""
     settings = _settings()
-    configure_logging("mirror", "warning" if args.quiet else settings.log_level,
-                      "console" if settings.log_format == "auto" else settings.log_format)
+    configure_logging(
+        "mirror",
+        "warning" if args.quiet else settings.log_level,
+        "console" if settings.log_format == "auto" else settings.log_format,
+    )
     try:
         return asyncio.run(reconcile_main(settings, args))
     except ValueError as exc:
@@ -74,8 +78,12 @@ def routes(_args: argparse.Namespace) -> int:
     """``routes``: print the routing table in effect as JSON."""
     settings = _settings()
     table = RoutingTable(settings)
-    sys.stdout.write(msgspec.json.format(msgspec.json.encode(
-        {"topicMode": settings.topic_mode, "routes": table.describe()}), indent=2).decode())
+    sys.stdout.write(
+        msgspec.json.format(
+            msgspec.json.encode({"topicMode": settings.topic_mode, "routes": table.describe()}),
+            indent=2,
+        ).decode()
+    )
     sys.stdout.write("\n")
     return 0
 
@@ -86,11 +94,15 @@ def audit_command(args: argparse.Namespace) -> int:
     configure_logging("mirror", "warning", "console")
 
     async def main() -> Audit:
-        client = await connect_redis(settings.redis_url, max_wait_s=10,
-                                     name="tickmesh-mirror-audit")
+        client = await connect_redis(
+            settings.redis_url, max_wait_s=10, name="tickmesh-mirror-audit"
+        )
         try:
-            channels = ([c.strip() for c in args.channels.split(",") if c.strip()]
-                        if args.channels else None)
+            channels = (
+                [c.strip() for c in args.channels.split(",") if c.strip()]
+                if args.channels
+                else None
+            )
             return await audit(settings, client, channels=channels)
         finally:
             await client.aclose()
@@ -107,12 +119,14 @@ CLI.command(
     "tm-channel/tm-seq headers): published, in Kafka, missing, duplicates; exit 1 if missing",
     audit_command,
 ).add_argument("--channels", help="comma-separated channels (default: every routed channel)")
-add_reconcile_arguments(CLI.command(
-    "reconcile",
-    "compare the Redis bars (bar store) with the Kafka bars (shadow builder) for one day and "
-    "print the parity report; also stored for the promotion gate and published to Kafka",
-    reconcile,
-))
+add_reconcile_arguments(
+    CLI.command(
+        "reconcile",
+        "compare the Redis bars (bar store) with the Kafka bars (shadow builder) for one day and "
+        "print the parity report; also stored for the promotion gate and published to Kafka",
+        reconcile,
+    )
+)
 CLI.command("routes", "print the routing table in effect (JSON)", routes)
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ class Audit(msgspec.Struct):
         return self.missing
 
 
-async def published_counts(client: aioredis.Redis, keys: Keys, channels: Iterable[str]
-                           ) -> dict[str, int]:
+async def published_counts(
+    client: aioredis.Redis, keys: Keys, channels: Iterable[str]
+) -> dict[str, int]:
     """How many records each channel ever got (its sequence counter, else its stream top)."""
     names = sorted(set(channels))
     if not names:
@@ -90,8 +91,9 @@ async def audit(
             topics.add(target.topic)
     seen: dict[str, dict[int, int]] = {channel: {} for channel in published}
     kafka_records = dead = 0
-    async for records in read_from_beginning(settings, sorted(topics),
-                                             idle_ms=settings.kafka_idle_ms):
+    async for records in read_from_beginning(
+        settings, sorted(topics), idle_ms=settings.kafka_idle_ms
+    ):
         for record in records:
             kafka_records += 1
             identity = record_identity(record.headers)
@@ -109,9 +111,12 @@ async def audit(
         held = sum(1 for seq in counts if 1 <= seq <= count)
         missing = [seq for seq in range(1, count + 1) if seq not in counts]
         entry = ChannelAudit(
-            channel=channel, published=count, inKafka=held,
+            channel=channel,
+            published=count,
+            inKafka=held,
             duplicates=sum(copies - 1 for copies in counts.values()),
-            missing=len(missing), firstMissing=missing[:20],
+            missing=len(missing),
+            firstMissing=missing[:20],
         )
         result.channels.append(entry)
         result.published += entry.published

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+
 import msgspec
 from msgspec import Struct
 
@@ -22,7 +23,12 @@ BAR_FIELDS: tuple[str, ...] = ("open", "high", "low", "close", "volume", "vwap",
 """The fields of a bar that must agree."""
 PRICE_FIELDS: tuple[str, ...] = ("open", "high", "low", "close")
 VENDOR_FIELDS: dict[str, str] = {
-    "open": "o", "high": "h", "low": "l", "close": "c", "volume": "v", "vwap": "vw",
+    "open": "o",
+    "high": "h",
+    "low": "l",
+    "close": "c",
+    "volume": "v",
+    "vwap": "vw",
 }
 """Our bar's field -> the vendor aggregate's (Polygon ``AM``); the vendor has no trade count."""
 
@@ -50,12 +56,15 @@ class Tolerance:
             name = name.strip()
             if not sep:
                 raise ValueError(f"tolerance {part!r}: want field=value")
-            fields = PRICE_FIELDS if name == "price" else BAR_FIELDS if name == "default" \
-                else (name,)
+            fields = (
+                PRICE_FIELDS if name == "price" else BAR_FIELDS if name == "default" else (name,)
+            )
             for field in fields:
                 if field not in self.limits:
-                    raise ValueError(f"tolerance: unknown field {name!r} "
-                                     f"(fields: {', '.join(BAR_FIELDS)}, price, default)")
+                    raise ValueError(
+                        f"tolerance: unknown field {name!r} "
+                        f"(fields: {', '.join(BAR_FIELDS)}, price, default)"
+                    )
                 if name == "default" and field in named:
                     continue
                 named[field] = _number(value)
@@ -183,8 +192,9 @@ def collapse(bars: Iterable[Bar]) -> tuple[dict[int, Bar], list[tuple[int, int, 
         kept = latest.get(bar.startMs)
         if kept is None or bar.revision > kept.revision:
             latest[bar.startMs] = bar
-    duplicated = [(start, revision, count) for (start, revision), count in sorted(copies.items())
-                  if count > 1]
+    duplicated = [
+        (start, revision, count) for (start, revision), count in sorted(copies.items()) if count > 1
+    ]
     corrected = sum(1 for seen in revisions.values() if len(seen) > 1)
     return latest, duplicated, corrected
 
@@ -225,13 +235,23 @@ def compare_symbol(
         diffs = [
             FieldDiff(field, float(left), float(right), _diff(left, right))
             for field in BAR_FIELDS
-            if not tolerance.allows(field, left := getattr(ours, field),
-                                    right := getattr(theirs, field))
+            if not tolerance.allows(
+                field, left := getattr(ours, field), right := getattr(theirs, field)
+            )
         ]
         if diffs:
             parity.mismatched += 1
-            result.mismatches.append(Mismatch(symbol, start, ts_et(start), bar_id(start), diffs,
-                                              ours.revision, theirs.revision))
+            result.mismatches.append(
+                Mismatch(
+                    symbol,
+                    start,
+                    ts_et(start),
+                    bar_id(start),
+                    diffs,
+                    ours.revision,
+                    theirs.revision,
+                )
+            )
         else:
             parity.matched += 1
     parity.finish()
@@ -261,7 +281,11 @@ def compare_vendor(
     for start in sorted(set(redis_bars) | set(vendor)):
         ours = redis_bars.get(start)
         theirs = vendor.get(start)
-        end = ours.endMs if ours is not None else theirs.e or start + 60_000  # type: ignore[union-attr]
+        if ours is not None:
+            end = ours.endMs
+        else:
+            assert theirs is not None
+            end = theirs.e or start + 60_000
         if settled_before_ms is not None and end > settled_before_ms:
             parity.pending += 1
             continue
@@ -283,8 +307,9 @@ def compare_vendor(
                 diffs.append(FieldDiff(field, float(left), float(right), _diff(left, right)))
         if diffs:
             parity.mismatched += 1
-            result.mismatches.append(Mismatch(symbol, start, ts_et(start), bar_id(start), diffs,
-                                              ours.revision, 0))
+            result.mismatches.append(
+                Mismatch(symbol, start, ts_et(start), bar_id(start), diffs, ours.revision, 0)
+            )
         else:
             parity.matched += 1
     parity.finish()

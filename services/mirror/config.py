@@ -43,18 +43,39 @@ class Route(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
 DEFAULT_ROUTES: tuple[Route, ...] = (
     Route(pattern="ticks.*", single_topic="sentio.ticks.v1", schema="TickBatch"),
     Route(pattern="bars.*.1m", topic="sentio.prices.minute.v1", schema="Bar"),
-    Route(pattern="sentio.signals.minute.v1", topic="{channel}", key="field:symbol",
-          schema="Signal"),
-    Route(pattern="sentio.trades.executed.v1", topic="{channel}", key="field:symbol",
-          schema="ExecutedTrade"),
-    Route(pattern="sentio.positions.state.v1", topic="{channel}", key="field:symbol",
-          cleanup_policy="compact", schema="Position"),
-    Route(pattern="sentio.portfolio.minute.v1", topic="{channel}", key="field:portfolioId",
-          cleanup_policy="compact", schema="Portfolio"),
-    Route(pattern="sentio.heartbeat.v1", topic="{channel}", key="field:runId",
-          cleanup_policy="compact", schema="Heartbeat"),
-    Route(pattern="sentio.deadletter.v1", topic="{channel}", key="field:source",
-          schema="DeadLetter"),
+    Route(
+        pattern="sentio.signals.minute.v1", topic="{channel}", key="field:symbol", schema="Signal"
+    ),
+    Route(
+        pattern="sentio.trades.executed.v1",
+        topic="{channel}",
+        key="field:symbol",
+        schema="ExecutedTrade",
+    ),
+    Route(
+        pattern="sentio.positions.state.v1",
+        topic="{channel}",
+        key="field:symbol",
+        cleanup_policy="compact",
+        schema="Position",
+    ),
+    Route(
+        pattern="sentio.portfolio.minute.v1",
+        topic="{channel}",
+        key="field:portfolioId",
+        cleanup_policy="compact",
+        schema="Portfolio",
+    ),
+    Route(
+        pattern="sentio.heartbeat.v1",
+        topic="{channel}",
+        key="field:runId",
+        cleanup_policy="compact",
+        schema="Heartbeat",
+    ),
+    Route(
+        pattern="sentio.deadletter.v1", topic="{channel}", key="field:source", schema="DeadLetter"
+    ),
 )
 """CONTRACT.md's Kafka topics, as routes from their Redis channels."""
 
@@ -69,8 +90,11 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
 
     # -- routing -------------------------------------------------------------------------------
     routes: Annotated[
-        list[Route], Meta(description="routing table, JSON list of routes; empty = CONTRACT.md's "
-                                      "(see `python -m services.mirror routes`)")
+        list[Route],
+        Meta(
+            description="routing table, JSON list of routes; empty = CONTRACT.md's "
+            "(see `python -m services.mirror routes`)"
+        ),
     ] = msgspec.field(default_factory=list)
     extra_routes: Annotated[
         list[Route], Meta(description="routes checked before the table (JSON list)")
@@ -79,12 +103,18 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
         str, Meta(description="per-symbol: ticks.<SYM> topics; single: one topic keyed by symbol")
     ] = "per-symbol"
     topic_configs: Annotated[
-        dict[str, str], Meta(description='configs of every created topic, JSON (e.g. '
-                                         '{"retention.ms":"-1","retention.bytes":"-1"})')
+        dict[str, str],
+        Meta(
+            description="configs of every created topic, JSON (e.g. "
+            '{"retention.ms":"-1","retention.bytes":"-1"})'
+        ),
     ] = msgspec.field(default_factory=dict)
     topic_compaction: Annotated[
-        bool, Meta(description="create compacted topics as compact (off: delete, for brokers "
-                               "without compaction)")
+        bool,
+        Meta(
+            description="create compacted topics as compact (off: delete, for brokers "
+            "without compaction)"
+        ),
     ] = True
     topic_replication: Annotated[int, Meta(ge=1, description="replication factor of topics")] = 1
     deadletter_topic: Annotated[str, Meta(description="Kafka topic of undecodable records")] = (
@@ -110,9 +140,7 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     sweep_interval_ms: Annotated[int, Meta(gt=0, description="stream sweep period")] = 1_000
     read_count: Annotated[int, Meta(gt=0, description="records per stream read (XRANGE)")] = 1_000
     linger_ms: Annotated[int, Meta(ge=0, description="Kafka producer linger")] = 5
-    max_batch_bytes: Annotated[int, Meta(gt=0, description="Kafka producer batch size")] = (
-        1_048_576
-    )
+    max_batch_bytes: Annotated[int, Meta(gt=0, description="Kafka producer batch size")] = 1_048_576
     compression: Annotated[str, Meta(description="Kafka compression: none, gzip, snappy, lz4")] = (
         "none"
     )
@@ -136,12 +164,19 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
         float, Meta(ge=0, description="ignore bars that ended less than this long ago")
     ] = 180.0
     reconcile_tolerance: Annotated[
-        str, Meta(description="allowed absolute difference: 'exact', '0.001', or per field "
-                              "'open=0.01,vwap=0.0001'")
+        str,
+        Meta(
+            description="allowed absolute difference: 'exact', '0.001', or per field "
+            "'open=0.01,vwap=0.0001'"
+        ),
     ] = "exact"
     vendor_tolerance: Annotated[
-        str, Meta(description="tolerance of the check against the vendor's own minute bars")
-    ] = "exact"
+        str,
+        Meta(
+            description="tolerance against the vendor's minute bars (Polygon rounds "
+            "VWAP to 4 decimals)"
+        ),
+    ] = "vwap=0.00005"
     parity_target_pct: Annotated[
         float, Meta(ge=0, le=100, description="parity a day needs for the gate")
     ] = 99.9
@@ -165,8 +200,11 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     ] = 1_500
 
     def __post_init__(self) -> None:
-        choices = {"topic_mode": ("per-symbol", "single"), "start": ("earliest", "latest"),
-                   "compression": ("none", "gzip", "snappy", "lz4", "zstd")}
+        choices = {
+            "topic_mode": ("per-symbol", "single"),
+            "start": ("earliest", "latest"),
+            "compression": ("none", "gzip", "snappy", "lz4", "zstd"),
+        }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"`$.{field}` must be one of {', '.join(allowed)}")

@@ -17,6 +17,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from typing import Self
 from urllib.parse import urlparse
 
 import msgspec
@@ -25,20 +26,31 @@ from libs.common.redis_io import _PUBLISH_LUA, Keys, record_tail
 from libs.common.schemas import TickBatch, Trade
 
 
-def synthetic_trades(symbol: str, count: int, start_ms: int = 1_381_152_600_000
-                     ) -> list[Trade]:
+def synthetic_trades(symbol: str, count: int, start_ms: int = 1_381_152_600_000) -> list[Trade]:
     """``count`` plausible trades, one millisecond apart."""
-    return [Trade(sym=symbol, p=round(168.0 + (i % 500) / 100, 2), s=100 * (1 + i % 5),
-                  t=start_ms + i, x=4 + i % 8, c=(14,) if i % 7 == 0 else (), i=str(i + 1),
-                  z=1, q=i + 1) for i in range(count)]
+    return [
+        Trade(
+            sym=symbol,
+            p=round(168.0 + (i % 500) / 100, 2),
+            s=100 * (1 + i % 5),
+            t=start_ms + i,
+            x=4 + i % 8,
+            c=(14,) if i % 7 == 0 else (),
+            i=str(i + 1),
+            z=1,
+            q=i + 1,
+        )
+        for i in range(count)
+    ]
 
 
-def tick_records(trades: Sequence[Trade], per_record: int, symbol: str | None = None
-                 ) -> Iterator[bytes]:
+def tick_records(
+    trades: Sequence[Trade], per_record: int, symbol: str | None = None
+) -> Iterator[bytes]:
     """Encoded TickBatch records (``seq`` 0, for the script) of ``per_record`` trades each."""
     encoder = msgspec.json.Encoder()
     for start in range(0, len(trades), per_record):
-        chunk = list(trades[start:start + per_record])
+        chunk = list(trades[start : start + per_record])
         yield encoder.encode(TickBatch(seq=0, sym=symbol or chunk[0].sym, ticks=chunk))
 
 
@@ -49,8 +61,9 @@ def _bulk(value: bytes) -> bytes:
 class PipelinedPublisher:
     """Raw-RESP pipelined ``EVALSHA`` of the publish script on one connection."""
 
-    def __init__(self, url: str, keys: Keys, *, maxlen: int = 2_000_000,
-                 chunk: int = 2_000, window: int = 4) -> None:
+    def __init__(
+        self, url: str, keys: Keys, *, maxlen: int = 2_000_000, chunk: int = 2_000, window: int = 4
+    ) -> None:
         self.url = url
         self.keys = keys
         self.maxlen = str(maxlen).encode()
@@ -61,10 +74,11 @@ class PipelinedPublisher:
         self._writer: asyncio.StreamWriter | None = None
         self._sha = b""
 
-    async def __aenter__(self) -> PipelinedPublisher:
+    async def __aenter__(self) -> Self:
         parsed = urlparse(self.url)
         self._reader, self._writer = await asyncio.open_connection(
-            parsed.hostname or "127.0.0.1", parsed.port or 6379, limit=2**24)
+            parsed.hostname or "127.0.0.1", parsed.port or 6379, limit=2**24
+        )
         script = _PUBLISH_LUA.encode()
         self._writer.write(b"*3\r\n" + _bulk(b"SCRIPT") + _bulk(b"LOAD") + _bulk(script))
         line = await self._reader.readline()
@@ -79,9 +93,18 @@ class PipelinedPublisher:
             await self._writer.wait_closed()
 
     def _command(self, channel: bytes, seq_key: bytes, stream_key: bytes, tail: bytes) -> bytes:
-        return b"".join((b"*8\r\n$7\r\nEVALSHA\r\n", _bulk(self._sha), b"$1\r\n2\r\n",
-                         _bulk(seq_key), _bulk(stream_key), _bulk(channel), _bulk(tail),
-                         _bulk(self.maxlen)))
+        return b"".join(
+            (
+                b"*8\r\n$7\r\nEVALSHA\r\n",
+                _bulk(self._sha),
+                b"$1\r\n2\r\n",
+                _bulk(seq_key),
+                _bulk(stream_key),
+                _bulk(channel),
+                _bulk(tail),
+                _bulk(self.maxlen),
+            )
+        )
 
     async def _read_replies(self, count: int) -> None:
         assert self._reader is not None
@@ -147,34 +170,41 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     keys = Keys(args.prefix)
     async with PipelinedPublisher(args.redis, keys, maxlen=args.maxlen) as publisher:
         if args.started_file:
-            with open(args.started_file, "w") as marker:
+            with open(args.started_file, "w") as marker:  # noqa: ASYNC230 - a few bytes
                 marker.write(f"{time.time()}\n")  # wall clock: read by another process
         started = time.perf_counter()
         for _ in range(args.repeat):
             await publisher.publish(args.channel, iter(records))
     seconds = time.perf_counter() - started
-    return {"published": publisher.published, "trades": len(trades) * args.repeat,
-            "seconds": round(seconds, 3), "recordsPerS": round(publisher.published / seconds),
-            "ticksPerS": round(len(trades) * args.repeat / seconds)}
+    return {
+        "published": publisher.published,
+        "trades": len(trades) * args.repeat,
+        "seconds": round(seconds, 3),
+        "recordsPerS": round(publisher.published / seconds),
+        "ticksPerS": round(len(trades) * args.repeat / seconds),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(prog="python -m services.mirror.loadgen",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m services.mirror.loadgen", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--redis", required=True, help="Redis URL")
     parser.add_argument("--channel", required=True, help="channel, e.g. ticks.SPY")
     parser.add_argument("--prefix", default="tm:", help="key prefix (TICKMESH_KEY_PREFIX)")
     parser.add_argument("--lean", help="a Lean trade zip to read the trades from")
     parser.add_argument("--symbol", default="SPY", help="symbol in the records")
-    parser.add_argument("--synthetic", type=int, default=100_000,
-                        help="synthetic trades when no --lean file")
+    parser.add_argument(
+        "--synthetic", type=int, default=100_000, help="synthetic trades when no --lean file"
+    )
     parser.add_argument("--limit", type=int, default=0, help="use only the first N trades")
     parser.add_argument("--per-record", type=int, default=1, help="trades per record")
     parser.add_argument("--repeat", type=int, default=1, help="publish the day N times")
     parser.add_argument("--maxlen", type=int, default=2_000_000, help="stream MAXLEN")
-    parser.add_argument("--started-file", help="write the wall-clock time of the first "
-                                               "publish here")
+    parser.add_argument(
+        "--started-file", help="write the wall-clock time of the first publish here"
+    )
     result = asyncio.run(main_async(parser.parse_args(argv)))
     sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
     return 0

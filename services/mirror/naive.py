@@ -27,17 +27,25 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from libs.common.schemas import seq_of
 
 
-async def forward(redis_url: str, kafka_bootstrap: str, pattern: str, topic: str, *,
-                  idle_exit_s: float, ready_file: str | None = None) -> dict[str, object]:
+async def forward(
+    redis_url: str,
+    kafka_bootstrap: str,
+    pattern: str,
+    topic: str,
+    *,
+    idle_exit_s: float,
+    ready_file: str | None = None,
+) -> dict[str, object]:
     """Forward until idle; returns the counts."""
     client = aioredis.Redis.from_url(redis_url)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=5,
-                                max_batch_size=1_048_576)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=5, max_batch_size=1_048_576
+    )
     await producer.start()
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     await pubsub.psubscribe(pattern)
     if ready_file:
-        with open(ready_file, "w") as marker:
+        with open(ready_file, "w") as marker:  # noqa: ASYNC230 - a few bytes, once
             marker.write("ready\n")
     received = 0
     reconnects = 0
@@ -77,16 +85,22 @@ async def forward(redis_url: str, kafka_bootstrap: str, pattern: str, topic: str
         await producer.stop()
         await client.aclose()
     seconds = max(last_at - first_at, 1e-9)
-    return {"received": received, "sent": received, "reconnects": reconnects,
-            "distinctSeqs": len(seqs),
-            "maxSeq": max(seqs) if seqs else 0, "seconds": round(seconds, 3),
-            "messagesPerS": round(received / seconds)}
+    return {
+        "received": received,
+        "sent": received,
+        "reconnects": reconnects,
+        "distinctSeqs": len(seqs),
+        "maxSeq": max(seqs) if seqs else 0,
+        "seconds": round(seconds, 3),
+        "messagesPerS": round(received / seconds),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(prog="python -m services.mirror.naive",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m services.mirror.naive", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--redis", required=True)
     parser.add_argument("--kafka", required=True)
     parser.add_argument("--pattern", required=True)
@@ -94,8 +108,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--idle-exit-s", type=float, default=5.0)
     parser.add_argument("--ready-file", help="written once subscribed")
     args = parser.parse_args(argv)
-    result = asyncio.run(forward(args.redis, args.kafka, args.pattern, args.topic,
-                                 idle_exit_s=args.idle_exit_s, ready_file=args.ready_file))
+    result = asyncio.run(
+        forward(
+            args.redis,
+            args.kafka,
+            args.pattern,
+            args.topic,
+            idle_exit_s=args.idle_exit_s,
+            ready_file=args.ready_file,
+        )
+    )
     sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
     return 0
 

@@ -21,14 +21,13 @@ from pathlib import Path
 import msgspec
 import redis.asyncio as aioredis
 import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Gauge
 
 from libs.common.actors import Actor
 from libs.common.barstore import BarStore
 from libs.common.clock import SYSTEM_CLOCK, Clock, ny_date, parse_day, ts_et
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
-
 from libs.common.kafka_io import (
     TopicAdmin,
     TopicSpec,
@@ -93,8 +92,11 @@ class GateStore:
         if not names:
             return {}
         values = await self.client.hmget(self.key, names)
-        return {name: msgspec.json.decode(value, type=DaySummary)
-                for name, value in zip(names, values, strict=True) if value is not None}
+        return {
+            name: msgspec.json.decode(value, type=DaySummary)
+            for name, value in zip(names, values, strict=True)
+            if value is not None
+        }
 
 
 def evaluate_gate(
@@ -127,8 +129,15 @@ def evaluate_gate(
             else:
                 pct = summary.parityPct
                 passed = pct is not None and pct >= target_pct
-                window.append(GateDay(name, pct, summary.compared, passed,
-                                      "" if passed else f"below {target_pct:g} %"))
+                window.append(
+                    GateDay(
+                        name,
+                        pct,
+                        summary.compared,
+                        passed,
+                        "" if passed else f"below {target_pct:g} %",
+                    )
+                )
         current -= timedelta(days=1)
     window.reverse()
     passing = 0
@@ -139,24 +148,37 @@ def evaluate_gate(
     ready = len(window) == days and all(entry.passed for entry in window)
     reasons: list[str] = []
     if ready:
-        reasons.append(f"{days} consecutive trading days ({window[0].day} to {window[-1].day}) "
-                       f"each at ≥ {target_pct:g} %: Kafka may become the source of truth")
+        reasons.append(
+            f"{days} consecutive trading days ({window[0].day} to {window[-1].day}) "
+            f"each at ≥ {target_pct:g} %: Kafka may become the source of truth"
+        )
     for entry in window:
         if entry.passed:
             continue
         if entry.note == "no report":
             reasons.append(f"{entry.day}: no parity report (the reconciler did not run that day)")
         else:
-            reasons.append(f"{entry.day}: parity {entry.parityPct:.3f} % is below "
-                           f"{target_pct:g} % over {entry.compared:,} symbol-minutes")
+            reasons.append(
+                f"{entry.day}: parity {entry.parityPct:.3f} % is below "
+                f"{target_pct:g} % over {entry.compared:,} symbol-minutes"
+            )
     if len(window) < days:
-        reasons.append(f"only {len(window)} trading days with reports in the last "
-                       f"{lookback_days} days; {days} are needed")
+        reasons.append(
+            f"only {len(window)} trading days with reports in the last "
+            f"{lookback_days} days; {days} are needed"
+        )
     if skipped:
-        reasons.append(f"skipped as no-trading days (no bars on either side): "
-                       f"{', '.join(sorted(skipped))}")
-    return Gate(ready=ready, days=days, targetPct=target_pct, passing=passing, window=window,
-                reasons=reasons)
+        reasons.append(
+            f"skipped as no-trading days (no bars on either side): {', '.join(sorted(skipped))}"
+        )
+    return Gate(
+        ready=ready,
+        days=days,
+        targetPct=target_pct,
+        passing=passing,
+        window=window,
+        reasons=reasons,
+    )
 
 
 class ParityGauges:
@@ -164,22 +186,43 @@ class ParityGauges:
 
     def __init__(self, registry: CollectorRegistry | None, keep_days: int) -> None:
         self.keep_days = keep_days
-        self.symbol_pct = Gauge("tickmesh_parity_percent", "Parity of a symbol on a day",
-                                ["symbol", "day"], registry=registry)
-        self.day_pct = Gauge("tickmesh_parity_day_percent", "Parity of a day over all symbols",
-                             ["day"], registry=registry)
-        self.minutes = Gauge("tickmesh_parity_minutes", "Symbol-minutes by outcome",
-                             ["day", "outcome"], registry=registry)
-        self.vendor_pct = Gauge("tickmesh_parity_vendor_percent",
-                                "Agreement of our bars with the vendor's, per symbol and day",
-                                ["symbol", "day"], registry=registry)
-        self.ready = Gauge("tickmesh_parity_promotion_ready",
-                           "1 when the promotion gate is met", registry=registry)
-        self.passing = Gauge("tickmesh_parity_gate_passing_days",
-                             "Consecutive trading days at target, ending at the last report",
-                             registry=registry)
-        self.last_run = Gauge("tickmesh_parity_last_run_timestamp_seconds",
-                              "When the last report was made", registry=registry)
+        self.symbol_pct = Gauge(
+            "tickmesh_parity_percent",
+            "Parity of a symbol on a day",
+            ["symbol", "day"],
+            registry=registry,
+        )
+        self.day_pct = Gauge(
+            "tickmesh_parity_day_percent",
+            "Parity of a day over all symbols",
+            ["day"],
+            registry=registry,
+        )
+        self.minutes = Gauge(
+            "tickmesh_parity_minutes",
+            "Symbol-minutes by outcome",
+            ["day", "outcome"],
+            registry=registry,
+        )
+        self.vendor_pct = Gauge(
+            "tickmesh_parity_vendor_percent",
+            "Agreement of our bars with the vendor's, per symbol and day",
+            ["symbol", "day"],
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "tickmesh_parity_promotion_ready", "1 when the promotion gate is met", registry=registry
+        )
+        self.passing = Gauge(
+            "tickmesh_parity_gate_passing_days",
+            "Consecutive trading days at target, ending at the last report",
+            registry=registry,
+        )
+        self.last_run = Gauge(
+            "tickmesh_parity_last_run_timestamp_seconds",
+            "When the last report was made",
+            registry=registry,
+        )
         self._labels: dict[str, list[tuple[Gauge, tuple[str, ...]]]] = {}
 
     def update(self, report: DayReport) -> None:
@@ -199,8 +242,14 @@ class ParityGauges:
         totals = report.parity.totals
         if totals.parityPct is not None:
             put(self.day_pct, (day,), totals.parityPct)
-        for outcome in ("matched", "mismatched", "missingKafka", "missingRedis", "duplicates",
-                        "pending"):
+        for outcome in (
+            "matched",
+            "mismatched",
+            "missingKafka",
+            "missingRedis",
+            "duplicates",
+            "pending",
+        ):
             put(self.minutes, (day, outcome), getattr(totals, outcome))
         for parity in report.parity.symbols:
             if parity.parityPct is not None:
@@ -210,7 +259,7 @@ class ParityGauges:
                 if parity.parityPct is not None:
                     put(self.vendor_pct, (parity.symbol, day), parity.parityPct)
         self._labels[day] = owned
-        for old in sorted(self._labels)[:-self.keep_days]:
+        for old in sorted(self._labels)[: -self.keep_days]:
             for gauge, labels in self._labels.pop(old):
                 try:
                     gauge.remove(*labels)
@@ -255,13 +304,17 @@ class Reconciler:
         if "{symbol}" not in template:
             return set()
         prefix, _, suffix = template.partition("{symbol}")
-        return {topic[len(prefix):len(topic) - len(suffix)]
-                for topic in await list_topics(self.settings)
-                if topic.startswith(prefix) and topic.endswith(suffix)
-                and len(topic) > len(prefix) + len(suffix)}
+        return {
+            topic[len(prefix) : len(topic) - len(suffix)]
+            for topic in await list_topics(self.settings)
+            if topic.startswith(prefix)
+            and topic.endswith(suffix)
+            and len(topic) > len(prefix) + len(suffix)
+        }
 
-    async def kafka_bars(self, symbols: Iterable[str] | None, day: date
-                         ) -> tuple[dict[str, list[Bar]], int, int]:
+    async def kafka_bars(
+        self, symbols: Iterable[str] | None, day: date
+    ) -> tuple[dict[str, list[Bar]], int, int]:
         """Kafka bars of ``day`` by symbol (every copy), records read, undecodable records.
 
         ``symbols`` None: every symbol found (the single-topic layout reads all records).
@@ -275,8 +328,9 @@ class Reconciler:
             topics = [template]
         found: dict[str, list[Bar]] = {}
         read = bad = 0
-        async for records in read_from_beginning(self.settings, topics,
-                                                 idle_ms=self.settings.kafka_idle_ms):
+        async for records in read_from_beginning(
+            self.settings, topics, idle_ms=self.settings.kafka_idle_ms
+        ):
             for record in records:
                 read += 1
                 try:
@@ -361,68 +415,114 @@ class Reconciler:
         for symbol in names:
             redis_bars = await self.store.day(symbol, day)
             redis_count += len(redis_bars)
-            comparisons.append(compare_symbol(symbol, redis_bars, kafka.get(symbol, []),
-                                              tolerance, settled_before_ms=settled_before))
+            comparisons.append(
+                compare_symbol(
+                    symbol,
+                    redis_bars,
+                    kafka.get(symbol, []),
+                    tolerance,
+                    settled_before_ms=settled_before,
+                )
+            )
             if vendor:
                 aggregates = await self.vendor_bars(symbol, day)
                 if aggregates is not None:
-                    vendor_comparisons.append(compare_vendor(
-                        symbol, redis_bars, aggregates, vendor_tolerance,
-                        settled_before_ms=settled_before))
+                    vendor_comparisons.append(
+                        compare_vendor(
+                            symbol,
+                            redis_bars,
+                            aggregates,
+                            vendor_tolerance,
+                            settled_before_ms=settled_before,
+                        )
+                    )
         section = build_section(comparisons, tolerance.describe(), max_listed)
         kafka_count = sum(len(bars) for bars in kafka.values())
         report = DayReport(
-            day=day.isoformat(), generatedAtMs=now_ms, generatedAt=ts_et(now_ms),
-            targetPct=settings.parity_target_pct, minAgeS=min_age_s,
-            settledBeforeMs=settled_before, parity=section,
+            day=day.isoformat(),
+            generatedAtMs=now_ms,
+            generatedAt=ts_et(now_ms),
+            targetPct=settings.parity_target_pct,
+            minAgeS=min_age_s,
+            settledBeforeMs=settled_before,
+            parity=section,
             vendor=build_section(vendor_comparisons, vendor_tolerance.describe(), max_listed)
-            if vendor_comparisons else None,
+            if vendor_comparisons
+            else None,
             sources={
                 "redis bar store": f"{redis_count:,} bars ({self.keys.prefix}barstore:*)",
                 "kafka bars": f"{kafka_count:,} bars of the day from {kafka_read:,} records "
-                              f"({settings.kafka_bars_topic})"
-                              + (f", {kafka_bad:,} undecodable" if kafka_bad else ""),
-                "vendor aggregates": (f"{settings.vendor_channel} (Redis streams), "
-                                      f"{len(vendor_comparisons)} symbols")
-                if vendor else "not checked",
+                f"({settings.kafka_bars_topic})"
+                + (f", {kafka_bad:,} undecodable" if kafka_bad else ""),
+                "vendor aggregates": (
+                    f"{settings.vendor_channel} (Redis streams), {len(vendor_comparisons)} symbols"
+                )
+                if vendor
+                else "not checked",
             },
         )
-        summary = DaySummary(report.day, section.totals.parityPct, section.totals.compared,
-                             section.totals.matched, now_ms, kafka_count, redis_count)
+        summary = DaySummary(
+            report.day,
+            section.totals.parityPct,
+            section.totals.compared,
+            section.totals.matched,
+            now_ms,
+            kafka_count,
+            redis_count,
+        )
         if store and not symbols:  # a partial (some symbols) report does not speak for the day
             await self.gate_store.put(summary)
         stored = await self.gate_store.get_many(
-            day - timedelta(days=offset) for offset in range(0, 31))
+            day - timedelta(days=offset) for offset in range(31)
+        )
         if not store or symbols:
             stored[report.day] = summary
-        report.gate = evaluate_gate(day, stored, days=settings.gate_days,
-                                    target_pct=settings.parity_target_pct)
+        report.gate = evaluate_gate(
+            day, stored, days=settings.gate_days, target_pct=settings.parity_target_pct
+        )
         if publish:
             await self.publish(report)
         if self.gauges is not None:
             self.gauges.update(report)
-        log.info("reconcile.report", day=report.day, parity_pct=section.totals.parityPct,
-                 compared=section.totals.compared, mismatched=section.totals.mismatched,
-                 missing_kafka=section.totals.missingKafka,
-                 missing_redis=section.totals.missingRedis,
-                 duplicates=section.totals.duplicates, pending=section.totals.pending,
-                 promotion_ready=report.gate.ready)
+        log.info(
+            "reconcile.report",
+            day=report.day,
+            parity_pct=section.totals.parityPct,
+            compared=section.totals.compared,
+            mismatched=section.totals.mismatched,
+            missing_kafka=section.totals.missingKafka,
+            missing_redis=section.totals.missingRedis,
+            duplicates=section.totals.duplicates,
+            pending=section.totals.pending,
+            promotion_ready=report.gate.ready,
+        )
         return report
 
     async def _producer_ready(self) -> AIOKafkaProducer:
         settings = self.settings
         if self._producer is None:
-            route = Route(pattern=settings.parity_topic, topic=settings.parity_topic,
-                          key="none", cleanup_policy="compact")
+            route = Route(
+                pattern=settings.parity_topic,
+                topic=settings.parity_topic,
+                key="none",
+                cleanup_policy="compact",
+            )
             admin = TopicAdmin(settings)
             try:
-                await admin.ensure([TopicSpec(settings.parity_topic,
-                                              replication_factor=settings.topic_replication,
-                                              configs=topic_configs(route, settings))])
+                await admin.ensure(
+                    [
+                        TopicSpec(
+                            settings.parity_topic,
+                            replication_factor=settings.topic_replication,
+                            configs=topic_configs(route, settings),
+                        )
+                    ]
+                )
             finally:
                 await admin.close()
-            self._producer = await start_producer(settings, client_id="tickmesh-reconciler",
-                                                  max_batch_size=4 * 1_048_576)
+            self._producer = await start_producer(
+                settings, client_id="tickmesh-reconciler", max_batch_size=4 * 1_048_576
+            )
         return self._producer
 
     async def close(self) -> None:
@@ -438,17 +538,21 @@ class Reconciler:
         totals = report.parity.totals
         seq = int(await self.client.incr(self.keys.state("parity:seq")))
         record = ParityReport(
-            seq=seq, day=report.day,
+            seq=seq,
+            day=report.day,
             parityPct=totals.parityPct if totals.parityPct is not None else 0.0,
-            matched=totals.matched, mismatched=totals.mismatched,
-            missingRedis=totals.missingRedis, missingKafka=totals.missingKafka,
+            matched=totals.matched,
+            mismatched=totals.mismatched,
+            missingRedis=totals.missingRedis,
+            missingKafka=totals.missingKafka,
             duplicates=totals.duplicates,
             promotionReady=report.gate.ready if report.gate is not None else False,
             report=report_dict(report),
         )
         try:
-            await producer.send_and_wait(settings.parity_topic, ENCODER.encode(record),
-                                         key=report.day.encode())
+            await producer.send_and_wait(
+                settings.parity_topic, ENCODER.encode(record), key=report.day.encode()
+            )
         except Exception:
             await self.close()  # a fresh producer next time
             raise
@@ -457,11 +561,18 @@ class Reconciler:
 class ReconcilerActor(Actor[None]):
     """Reconciles today on a timer; when the day rolls over, the day that ended once more."""
 
-    def __init__(self, settings: MirrorSettings, client: aioredis.Redis, *,
-                 registry: CollectorRegistry | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        settings: MirrorSettings,
+        client: aioredis.Redis,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         super().__init__("mirror.reconciler", mailbox_size=1, registry=registry)
-        self.reconciler = Reconciler(settings, client, clock=clock,
-                                     gauges=ParityGauges(registry, settings.gate_days))
+        self.reconciler = Reconciler(
+            settings, client, clock=clock, gauges=ParityGauges(registry, settings.gate_days)
+        )
         self.clock = clock
         self.last_day: date | None = None
         self.last_report: DayReport | None = None
@@ -479,37 +590,63 @@ class ReconcilerActor(Actor[None]):
             self.last_report = await self.reconciler.run(today)
             self.last_day = today
         except (OSError, ConnectionError, TimeoutError, KafkaError) as exc:
-            self.log.warning("reconcile.failed", error=repr(exc), retry_s=self.reconciler.
-                             settings.reconcile_interval_s)
+            self.log.warning(
+                "reconcile.failed",
+                error=repr(exc),
+                retry_s=self.reconciler.settings.reconcile_interval_s,
+            )
 
 
 # -- the command line --------------------------------------------------------------------------
 
+
 def add_reconcile_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``reconcile`` subcommand's options."""
-    parser.add_argument("--date", help="New York trading day, YYYY-MM-DD (default: the newest "
-                                       "day in the bar store, else today)")
-    parser.add_argument("--symbols", help="comma-separated symbols (default: every symbol "
-                                          "with bars on either side)")
-    parser.add_argument("--format", choices=("md", "json"), default="md",
-                        help="report format on stdout (default md)")
-    parser.add_argument("--out", help="also write the report to this file (.json: JSON, "
-                                      "else the --format)")
-    parser.add_argument("--tolerance", help="allowed difference: exact, 0.001, or "
-                                            "open=0.01,vwap=0.0001 (default MIRROR_RECONCILE_"
-                                            "TOLERANCE)")
+    parser.add_argument(
+        "--date",
+        help="New York trading day, YYYY-MM-DD (default: the newest "
+        "day in the bar store, else today)",
+    )
+    parser.add_argument(
+        "--symbols", help="comma-separated symbols (default: every symbol with bars on either side)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("md", "json"),
+        default="md",
+        help="report format on stdout (default md)",
+    )
+    parser.add_argument(
+        "--out", help="also write the report to this file (.json: JSON, else the --format)"
+    )
+    parser.add_argument(
+        "--tolerance",
+        help="allowed difference: exact, 0.001, or "
+        "open=0.01,vwap=0.0001 (default MIRROR_RECONCILE_"
+        "TOLERANCE)",
+    )
     parser.add_argument("--vendor-tolerance", help="tolerance against the vendor's bars")
-    parser.add_argument("--min-age-s", type=float,
-                        help="ignore bars that ended less than this long ago (default "
-                             "MIRROR_RECONCILE_MIN_AGE_S; 0 for a past day)")
+    parser.add_argument(
+        "--min-age-s",
+        type=float,
+        help="ignore bars that ended less than this long ago (default "
+        "MIRROR_RECONCILE_MIN_AGE_S; 0 for a past day)",
+    )
     parser.add_argument("--max-listed", type=int, help="entries listed per kind")
     parser.add_argument("--no-vendor", action="store_true", help="skip the vendor check")
-    parser.add_argument("--no-store", action="store_true",
-                        help="do not store the day's result for the promotion gate")
-    parser.add_argument("--no-publish", action="store_true",
-                        help="do not publish to Kafka (MIRROR_PARITY_TOPIC)")
-    parser.add_argument("--fail-below-target", action="store_true",
-                        help="exit 3 when the day's parity is below the target")
+    parser.add_argument(
+        "--no-store",
+        action="store_true",
+        help="do not store the day's result for the promotion gate",
+    )
+    parser.add_argument(
+        "--no-publish", action="store_true", help="do not publish to Kafka (MIRROR_PARITY_TOPIC)"
+    )
+    parser.add_argument(
+        "--fail-below-target",
+        action="store_true",
+        help="exit 3 when the day's parity is below the target",
+    )
     parser.add_argument("--quiet", action="store_true", help="only warnings on stderr")
 
 
@@ -529,9 +666,15 @@ async def reconcile_main(settings: MirrorSettings, args: argparse.Namespace) -> 
         if min_age_s is None and day < ny_date(SYSTEM_CLOCK.now_ms()):
             min_age_s = 0.0  # a past day: nothing is in flight any more
         report = await reconciler.run(
-            day, symbols=symbols, min_age_s=min_age_s, vendor=not args.no_vendor,
-            store=not args.no_store, publish=not args.no_publish, tolerance=tolerance,
-            vendor_tolerance=vendor_tolerance, max_listed=args.max_listed,
+            day,
+            symbols=symbols,
+            min_age_s=min_age_s,
+            vendor=not args.no_vendor,
+            store=not args.no_store,
+            publish=not args.no_publish,
+            tolerance=tolerance,
+            vendor_tolerance=vendor_tolerance,
+            max_listed=args.max_listed,
         )
         await reconciler.close()
     finally:

@@ -92,8 +92,9 @@ def _sort_key(parity: SymbolParity) -> tuple[float, int, str]:
     return (pct, -problems, parity.symbol)
 
 
-def build_section(comparisons: Sequence[SymbolComparison], tolerance: str,
-                  max_listed: int) -> Section:
+def build_section(
+    comparisons: Sequence[SymbolComparison], tolerance: str, max_listed: int
+) -> Section:
     """Totals over the symbols, symbols worst first, listings capped at ``max_listed``."""
     totals = Totals()
     for comparison in comparisons:
@@ -107,11 +108,15 @@ def build_section(comparisons: Sequence[SymbolComparison], tolerance: str,
         totals.pending += parity.pending
     totals.compared = totals.matched + totals.mismatched + totals.missingKafka + totals.missingRedis
     totals.symbols = len(comparisons)
-    totals.parityPct = round(100.0 * totals.matched / totals.compared, 4) if totals.compared \
-        else None
+    totals.parityPct = (
+        round(100.0 * totals.matched / totals.compared, 4) if totals.compared else None
+    )
     ordered = sorted(comparisons, key=lambda comparison: _sort_key(comparison.parity))
     listings: dict[str, list[object]] = {
-        "mismatches": [], "missingKafka": [], "missingRedis": [], "duplicates": []
+        "mismatches": [],
+        "missingKafka": [],
+        "missingRedis": [],
+        "duplicates": [],
     }
     truncated: dict[str, int] = {}
     for kind, items in listings.items():
@@ -124,7 +129,9 @@ def build_section(comparisons: Sequence[SymbolComparison], tolerance: str,
         if total > len(items):
             truncated[kind] = total
     return Section(
-        tolerance=tolerance, totals=totals, symbols=[c.parity for c in ordered],
+        tolerance=tolerance,
+        totals=totals,
+        symbols=[c.parity for c in ordered],
         mismatches=listings["mismatches"],  # type: ignore[arg-type]
         missingKafka=listings["missingKafka"],  # type: ignore[arg-type]
         missingRedis=listings["missingRedis"],  # type: ignore[arg-type]
@@ -146,6 +153,7 @@ def report_dict(report: DayReport) -> dict[str, object]:
 
 
 # -- Markdown ----------------------------------------------------------------------------------
+
 
 def _pct(value: float | None) -> str:
     if value is None:
@@ -176,15 +184,32 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str
     return lines
 
 
-def _section_lines(section: Section, *, left: str, right: str, level: str = "##",
-                   duplicates: bool = True) -> list[str]:
+def _section_lines(
+    section: Section, *, left: str, right: str, level: str = "##", duplicates: bool = True
+) -> list[str]:
     lines: list[str] = []
     totals = section.totals
-    headers = ["symbol", "parity", "matched", "mismatched", f"missing in {right}",
-               f"missing in {left}", "duplicates", "not yet compared"]
+    headers = [
+        "symbol",
+        "parity",
+        "matched",
+        "mismatched",
+        f"missing in {right}",
+        f"missing in {left}",
+        "duplicates",
+        "not yet compared",
+    ]
     symbol_rows = [
-        [p.symbol, _pct(p.parityPct), _num(p.matched), _num(p.mismatched),
-         _num(p.missingKafka), _num(p.missingRedis), _num(p.duplicates), _num(p.pending)]
+        [
+            p.symbol,
+            _pct(p.parityPct),
+            _num(p.matched),
+            _num(p.mismatched),
+            _num(p.missingKafka),
+            _num(p.missingRedis),
+            _num(p.duplicates),
+            _num(p.pending),
+        ]
         for p in section.symbols
     ]
     if not duplicates:
@@ -207,24 +232,39 @@ def _section_lines(section: Section, *, left: str, right: str, level: str = "##"
         rows = []
         for mismatch in section.mismatches:
             for diff in mismatch.fields:
-                rows.append((mismatch.symbol, _minute(mismatch.tsET), mismatch.barId, diff.field,
-                             _num(diff.redis), _num(diff.other), _diff(diff.diff)))
-        lines += _table(["symbol", "minute (ET)", "barId", "field", left, right,
-                         f"{right} − {left}"], rows)
+                rows.append(
+                    (
+                        mismatch.symbol,
+                        _minute(mismatch.tsET),
+                        mismatch.barId,
+                        diff.field,
+                        _num(diff.redis),
+                        _num(diff.other),
+                        _diff(diff.diff),
+                    )
+                )
+        lines += _table(
+            ["symbol", "minute (ET)", "barId", "field", left, right, f"{right} − {left}"], rows
+        )
         lines.append("")
-    for kind, title in (("missingKafka", f"Missing in {right}"),
-                        ("missingRedis", f"Missing in {left}")):
+    for kind, title in (
+        ("missingKafka", f"Missing in {right}"),
+        ("missingRedis", f"Missing in {left}"),
+    ):
         refs: list[MinuteRef] = getattr(section, kind)
         if getattr(totals, kind):
             heading(title, kind, len(refs))
-            lines += _table(["symbol", "minute (ET)", "barId"],
-                            [(ref.symbol, _minute(ref.tsET), ref.barId) for ref in refs])
+            lines += _table(
+                ["symbol", "minute (ET)", "barId"],
+                [(ref.symbol, _minute(ref.tsET), ref.barId) for ref in refs],
+            )
             lines.append("")
     if totals.duplicates:
         heading(f"Duplicates in {right}", "duplicates", len(section.duplicates))
-        lines += _table(["symbol", "minute (ET)", "revision", "copies"],
-                        [(d.symbol, _minute(d.tsET), d.revision, d.copies)
-                         for d in section.duplicates])
+        lines += _table(
+            ["symbol", "minute (ET)", "revision", "copies"],
+            [(d.symbol, _minute(d.tsET), d.revision, d.copies) for d in section.duplicates],
+        )
         lines.append("")
     return lines
 
@@ -235,8 +275,11 @@ def to_markdown(report: DayReport) -> str:
     section = report.parity
     totals = section.totals
     lines = [f"# Shadow-mode parity — {report.day}", ""]
-    verdict = "no bars to compare" if totals.parityPct is None else (
-        "at target" if totals.parityPct >= report.targetPct else "BELOW target")
+    verdict = (
+        "no bars to compare"
+        if totals.parityPct is None
+        else ("at target" if totals.parityPct >= report.targetPct else "BELOW target")
+    )
     lines.append(
         f"**Parity {_pct(totals.parityPct)}** (target {report.targetPct:g} %, {verdict}): "
         f"{totals.matched:,} of {totals.compared:,} symbol-minutes match across "
@@ -247,33 +290,55 @@ def to_markdown(report: DayReport) -> str:
     if report.gate is not None:
         gate = report.gate
         state = "READY" if gate.ready else "NOT READY"
-        lines.append(f"**Promotion gate: {state}** — {gate.passing} of {gate.days} consecutive "
-                     f"trading days at ≥ {gate.targetPct:g} %.")
+        lines.append(
+            f"**Promotion gate: {state}** — {gate.passing} of {gate.days} consecutive "
+            f"trading days at ≥ {gate.targetPct:g} %."
+        )
         lines.append("")
-    lines += _table(["outcome", "symbol-minutes"], [
-        ("matched", _num(totals.matched)),
-        ("mismatched", _num(totals.mismatched)),
-        ("missing in Kafka (Redis only)", _num(totals.missingKafka)),
-        ("missing in Redis (Kafka only)", _num(totals.missingRedis)),
-        ("duplicates in Kafka (extra copies)", _num(totals.duplicates)),
-        ("corrected in Kafka (revisions > 0)", _num(totals.corrections)),
-        (f"not yet compared (ended less than {report.minAgeS:g} s before the report)"
-         if report.minAgeS else "not yet compared (no minimum age)", _num(totals.pending)),
-    ])
+    lines += _table(
+        ["outcome", "symbol-minutes"],
+        [
+            ("matched", _num(totals.matched)),
+            ("mismatched", _num(totals.mismatched)),
+            ("missing in Kafka (Redis only)", _num(totals.missingKafka)),
+            ("missing in Redis (Kafka only)", _num(totals.missingRedis)),
+            ("duplicates in Kafka (extra copies)", _num(totals.duplicates)),
+            ("corrected in Kafka (revisions > 0)", _num(totals.corrections)),
+            (
+                f"not yet compared (ended less than {report.minAgeS:g} s before the report)"
+                if report.minAgeS
+                else "not yet compared (no minimum age)",
+                _num(totals.pending),
+            ),
+        ],
+    )
     lines.append("")
-    lines.append(f"Generated {report.generatedAt}"
-                 + (f"; bars ending after {ts_et(report.settledBeforeMs)} not compared yet"
-                    if report.settledBeforeMs is not None and totals.pending else "") + ".")
+    lines.append(
+        f"Generated {report.generatedAt}"
+        + (
+            f"; bars ending after {ts_et(report.settledBeforeMs)} not compared yet"
+            if report.settledBeforeMs is not None and totals.pending
+            else ""
+        )
+        + "."
+    )
     lines.append("")
     if report.gate is not None:
         gate = report.gate
         lines.append(f"## Promotion gate (last {gate.days} trading days)")
         lines.append("")
-        lines += _table(["day", "parity", "symbol-minutes", "result"], [
-            (d.day, _pct(d.parityPct), _num(d.compared), ("pass" if d.passed else "FAIL")
-             + (f" — {d.note}" if d.note else ""))
-            for d in gate.window
-        ])
+        lines += _table(
+            ["day", "parity", "symbol-minutes", "result"],
+            [
+                (
+                    d.day,
+                    _pct(d.parityPct),
+                    _num(d.compared),
+                    ("pass" if d.passed else "FAIL") + (f" — {d.note}" if d.note else ""),
+                )
+                for d in gate.window
+            ],
+        )
         lines.append("")
         lines += [f"- {reason}" for reason in gate.reasons]
         lines.append("")
@@ -288,8 +353,7 @@ def to_markdown(report: DayReport) -> str:
             f"symbol-minutes; tolerance {vendor.tolerance}. Not part of the promotion gate."
         )
         lines.append("")
-        lines += _section_lines(vendor, left="ours", right="vendor", level="###",
-                                duplicates=False)
+        lines += _section_lines(vendor, left="ours", right="vendor", level="###", duplicates=False)
     sources = report.sources
     if sources:
         lines.append("## Sources")

@@ -85,7 +85,8 @@ def _field_decoder(name: str) -> msgspec.json.Decoder[Any]:
     decoder = _FIELD_DECODERS.get(name)
     if decoder is None:
         struct = msgspec.defstruct(
-            f"KeyField_{name}", [("value", str | int | float | None, None)],
+            f"KeyField_{name}",
+            [("value", str | int | float | None, None)],
             rename={"value": name},
         )
         decoder = _FIELD_DECODERS[name] = msgspec.json.Decoder(struct)
@@ -100,12 +101,19 @@ class RoutingTable:
         self.routes = settings.table()
         for route in self.routes:
             if route.schema and route.schema not in SCHEMAS:
-                raise ValueError(f"route {route.pattern}: unknown schema {route.schema!r} "
-                                 f"(known: {', '.join(sorted(SCHEMAS))})")
-            if not (route.key in ("channel", "none") or route.key.startswith("field:")
-                    or route.key.startswith("channel:")):
-                raise ValueError(f"route {route.pattern}: key must be channel:<n>, "
-                                 f"field:<name>, channel or none, not {route.key!r}")
+                raise ValueError(
+                    f"route {route.pattern}: unknown schema {route.schema!r} "
+                    f"(known: {', '.join(sorted(SCHEMAS))})"
+                )
+            if not (
+                route.key in ("channel", "none")
+                or route.key.startswith("field:")
+                or route.key.startswith("channel:")
+            ):
+                raise ValueError(
+                    f"route {route.pattern}: key must be channel:<n>, "
+                    f"field:<name>, channel or none, not {route.key!r}"
+                )
         self._cache: dict[str, Target | None] = {}
 
     @property
@@ -131,9 +139,12 @@ class RoutingTable:
 
     def spec(self, route: Route, topic: str) -> TopicSpec:
         """The topic to create for ``route``."""
-        return TopicSpec(name=topic, partitions=route.partitions,
-                         replication_factor=self.settings.topic_replication,
-                         configs=topic_configs(route, self.settings))
+        return TopicSpec(
+            name=topic,
+            partitions=route.partitions,
+            replication_factor=self.settings.topic_replication,
+            configs=topic_configs(route, self.settings),
+        )
 
     def target(self, channel: str) -> Target | None:
         """Where ``channel`` goes; None when no route matches (the channel is not mirrored)."""
@@ -158,10 +169,15 @@ class RoutingTable:
             key_field = route.key.split(":", 1)[1]
         schema = SCHEMAS.get(route.schema) if route.schema and self.settings.validate else None
         return Target(
-            channel=channel, route=route, topic=topic, spec=self.spec(route, topic),
-            static_key=static_key, key_field=key_field,
+            channel=channel,
+            route=route,
+            topic=topic,
+            spec=self.spec(route, topic),
+            static_key=static_key,
+            key_field=key_field,
             decoder=DECODERS[schema] if schema is not None else None,
-            counts_ticks=schema is TickBatch, kind=channel.split(".", 1)[0],
+            counts_ticks=schema is TickBatch,
+            kind=channel.split(".", 1)[0],
         )
 
     def spec_for_deadletters(self) -> TopicSpec:
@@ -189,7 +205,10 @@ class RoutingTable:
         for route in self.routes:
             row = msgspec.to_builtins(route)
             row["configsInEffect"] = topic_configs(route, self.settings)
-            row["topicInEffect"] = (route.single_topic if self.settings.topic_mode == "single"
-                                    and route.single_topic else route.topic)
+            row["topicInEffect"] = (
+                route.single_topic
+                if self.settings.topic_mode == "single" and route.single_topic
+                else route.topic
+            )
             rows.append(row)
         return rows
