@@ -9,6 +9,7 @@ from collections.abc import Callable
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from libs.common.kafka_io import read_from_beginning, record_identity
@@ -213,3 +214,34 @@ async def test_when_kafka_fails_positions_hold_and_everything_arrives_after_it_r
         assert int(await redis_client.hget(positions_key, channel)) == 220
     result = await audit(settings, redis_client)
     assert (result.published, result.inKafka, result.missing) == (220, 220, 0)
+
+
+async def test_reading_a_topic_from_the_beginning_ends_while_it_is_still_written(
+    kafka_bootstrap: str, redis_url: str, name: str
+) -> None:
+    # heartbeats are mirrored every second: an "until idle" read would never end
+    settings = mirror_settings(redis_url, kafka_bootstrap, name)
+    topic = f"live.{name}"
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+
+    async def keep_writing() -> None:
+        while True:
+            await producer.send(topic, b"later")
+            await asyncio.sleep(0.2)
+
+    try:
+        for _ in range(50):
+            await producer.send(topic, b"before")
+        await producer.flush()
+        writer = asyncio.create_task(keep_writing())
+        try:
+            values = []
+            async with asyncio.timeout(30):
+                async for chunk in read_from_beginning(settings, [topic]):
+                    values.extend(record.value for record in chunk)
+        finally:
+            writer.cancel()
+    finally:
+        await producer.stop()
+    assert values.count(b"before") == 50  # (an auto-created topic may have several partitions)

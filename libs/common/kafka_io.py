@@ -340,12 +340,19 @@ async def read_from_beginning(
     *,
     idle_ms: int = 1_500,
     max_records: int = 10_000,
+    until_ms: int | None = None,
+    clock_slack_ms: int = 2_000,
 ) -> AsyncIterator[list[ConsumerRecord[bytes, bytes]]]:
-    """Every record of ``topics`` from the beginning, in chunks, until ``idle_ms`` pass empty.
+    """Every record of ``topics`` from the beginning, in chunks, until ``idle_ms`` pass empty
+    or every partition reached a record stamped after ``until_ms``.
 
-    No consumer group (assign + seek_to_beginning), so nothing is committed and nothing
-    relies on ``end_offsets`` (wrong on the embedded broker). Missing topics are skipped.
+    ``until_ms`` defaults to when the read started (plus ``clock_slack_ms`` for clocks that
+    differ between hosts), so a topic still being written to (heartbeats every second) is
+    read up to "now" and the read ends instead of following it forever. No consumer group
+    (assign + seek_to_beginning), so nothing is committed and nothing relies on
+    ``end_offsets`` (wrong on the embedded broker). Missing topics are skipped.
     """
+    cutoff = (until_ms if until_ms is not None else int(time.time() * 1000)) + clock_slack_ms
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
@@ -362,12 +369,23 @@ async def read_from_beginning(
             return
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
-        while True:
-            fetched = await consumer.getmany(timeout_ms=idle_ms, max_records=max_records)
+        reading = set(partitions)
+        while reading:
+            fetched = await consumer.getmany(*reading, timeout_ms=idle_ms,
+                                             max_records=max_records)
             if not fetched:
                 return
-            for messages in fetched.values():
-                yield messages
+            for partition, messages in fetched.items():
+                if partition not in reading:
+                    continue
+                late = next((i for i, m in enumerate(messages) if m.timestamp > cutoff), None)
+                if late is not None:
+                    # a record stamped after the cutoff: this partition is read up to "now"
+                    messages = messages[:late]
+                    reading.discard(partition)
+                    consumer.pause(partition)
+                if messages:
+                    yield messages
     finally:
         await consumer.stop()
 
