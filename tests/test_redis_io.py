@@ -37,6 +37,19 @@ async def test_publish_assigns_gapless_per_channel_sequences_in_one_round_trip(
 
 
 @pytest.mark.timeout(10)
+async def test_interleaved_channels_get_their_own_sequences(
+    redis_client, unique_name  # type: ignore[no-untyped-def]
+) -> None:
+    keys = Keys(unique_name("k") + ":")
+    publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
+    channels = [f"ticks.{unique_name('C')}" for _ in range(3)]
+    items = [(channels[i % 3], batch(f"C{i}")) for i in range(10)]
+    assert await publisher.publish_many(items) == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4]
+    reader = StreamReader(redis_client, keys)
+    first = await reader.read(channels[0])
+    assert [decode(payload, TickBatch).sym for _, payload in first] == ["C0", "C3", "C6", "C9"]
+
+
 async def test_pubsub_carries_the_same_bytes_as_the_stream(redis_client, unique_name) -> None:  # type: ignore[no-untyped-def]
     keys = Keys(unique_name("k") + ":")
     publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
@@ -59,6 +72,11 @@ async def test_sequence_survives_a_lost_counter_key(redis_client, unique_name) -
     await publisher.publish_many([(channel, batch("S"))] * 3)
     await redis_client.delete(keys.seq(channel))
     assert await publisher.publish(channel, batch("S")) == 4
+    await redis_client.delete(keys.seq(channel))
+    assert await publisher.publish_many([(channel, batch("S"))] * 3) == [5, 6, 7]
+    assert await publisher.publish(channel, batch("S")) == 8
+    assert [seq for seq, _ in await StreamReader(redis_client, keys).read(channel)] == list(
+        range(1, 9))
 
 
 async def test_stream_is_trimmed_to_its_bound(redis_client, unique_name) -> None:  # type: ignore[no-untyped-def]
