@@ -8,8 +8,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from libs.common.barstore import BarStore
-from libs.common.redis_io import Keys, Publisher, StreamReader, Subscriber, connect_redis, \
-    record_tail, redact_url
+from libs.common.redis_io import (
+    Keys,
+    Publisher,
+    StreamReader,
+    Subscriber,
+    connect_redis,
+    record_tail,
+    redact_url,
+)
 from libs.common.schemas import Bar, TickBatch, Trade, decode, seq_of
 
 pytestmark = pytest.mark.integration
