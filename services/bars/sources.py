@@ -165,10 +165,11 @@ class KafkaTickSource:
 
     def __init__(self, consumer: AIOKafkaConsumer, dead_letters: DeadLetters, *,
                  registry: CollectorRegistry | None = None, max_records: int = 5_000,
-                 control_timeout_s: float = 10.0) -> None:
+                 deliver_every: int = 100, control_timeout_s: float = 10.0) -> None:
         self.consumer = consumer
         self.dead_letters = dead_letters
         self.max_records = max_records
+        self.deliver_every = deliver_every
         self.control_timeout_s = control_timeout_s
         self.metrics = SourceMetrics.for_registry(registry)
         self.dedupers: dict[str, SequenceDeduper] = {}
@@ -242,6 +243,12 @@ class KafkaTickSource:
                         deduper = self.dedupers[channel] = SequenceDeduper()
                     for message in messages:
                         items.append(await self._item(channel, deduper, message))
+                        if len(items) >= self.deliver_every:
+                            await deliver(items)
+                            items = []
+                            # let the builder aggregate them now: decoded ticks waiting in
+                            # bulk only make the garbage collector's rounds longer
+                            await asyncio.sleep(0)
                 if items:
                     await deliver(items)
 
