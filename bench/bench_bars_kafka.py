@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.setdefault(result.name, []).append(result)
     finally:
         broker.stop()
-    print(f"input: {description}: {count:,} trades in {records:,} records of "
+    print(f"input: {description}: {count:,} trades in {records - 1:,} records of up to "
           f"{BATCH} trades (+1 sentinel) on one Tansu partition")
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cpus, "
           f"load average {os.getloadavg()[0]:.1f}; best of {args.repeat}; group session "

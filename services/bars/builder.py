@@ -276,8 +276,10 @@ class BuilderMetrics:
         self.late = Counter("tickmesh_bars_late_trades",
                             "Trades for closed minutes (revised or dropped per the policy)",
                             [*labels, "action"], registry=registry)
-        self.open_minutes = Gauge("tickmesh_bars_open_symbols",
-                                  "Symbols with a minute still open", labels, registry=registry)
+        self.uncommitted = Gauge(
+            "tickmesh_bars_uncommitted_channels",
+            "Channels with positions not yet safe to commit (a minute still open)", labels,
+            registry=registry)
         self.lag = Gauge("tickmesh_bars_watermark_lag_ms",
                          "Wall time minus the event-time watermark", labels, registry=registry)
         self.commits = Counter("tickmesh_bars_commits", "Safe position commits", labels,
@@ -335,7 +337,7 @@ class BarBuilder(Actor[BuilderMessage]):
         self._m_ticks_skipped = metrics.ticks_skipped.labels(source_kind)
         self._m_commits = metrics.commits.labels(source_kind)
         self._m_lag = metrics.lag.labels(source_kind)
-        self._m_open = metrics.open_minutes.labels(source_kind)
+        self._m_uncommitted = metrics.uncommitted.labels(source_kind)
         self._late_seen = (0, 0)
         self.generation = 0
         """Incarnation of the actor (each start); work delivered to an older one is dropped."""
@@ -539,7 +541,7 @@ class BarBuilder(Actor[BuilderMessage]):
         if safe:
             self._to_commit.update(safe)
             self._commit_wakeup.set()
-        self._m_open.set(sum(1 for pending in self._pending.values() if pending))
+        self._m_uncommitted.set(sum(1 for pending in self._pending.values() if pending))
 
     async def _reassign(self, lost: frozenset[str]) -> None:
         dropped: set[str] = set()
