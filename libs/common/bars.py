@@ -450,12 +450,6 @@ class BarAggregator:
 
     # -- public API --
 
-    def forget(self, symbol: str) -> None:
-        """Drop everything kept for ``symbol`` (open minutes, retained days) without emitting
-        anything: its input moved to another instance (a Kafka rebalance). If it comes back,
-        it starts afresh."""
-        self._symbols.pop(symbol, None)
-
     def add(
         self, trades: Sequence[Trade], now_ms: int | None = None, *, symbol: str | None = None
     ) -> list[Bar]:
@@ -748,9 +742,7 @@ class BarAggregator:
         symbols = self._symbols
         while heap and (watermark is None or heap[0][0] <= watermark):
             _deadline, sym, minute = heapq.heappop(heap)
-            state = symbols.get(sym)
-            if state is None:  # forgotten
-                continue
+            state = symbols[sym]
             acc = state.open.pop(minute, None)
             if acc is None:
                 continue
@@ -769,9 +761,7 @@ class BarAggregator:
             dirty = self._dirty
             self._dirty = {}
             for sym, day_start, minute in dirty:
-                state = symbols.get(sym)
-                if state is None:
-                    continue
+                state = symbols[sym]
                 day = state.days.get(day_start)
                 if day is not None:
                     self._publish_around(state, day, minute, out)
