@@ -16,7 +16,7 @@ from libs.common.bars import BarAggregator
 from libs.common.clock import MINUTE_MS, ManualClock
 from libs.common.redis_io import Keys
 from libs.common.schemas import Bar, TickBatch, Trade
-from services.bars.builder import BarBuilder, ClosedMinutes, Item, TickWork, merge_by_time
+from services.bars.builder import BarBuilder, ClosedMinutes, Item, TickWork
 from services.bars.sources import symbol_of_tick_channel, topic_pattern
 
 pytestmark = pytest.mark.timeout(30)
@@ -89,15 +89,6 @@ class Harness:
                 for b in self.published]
 
 
-def test_merge_by_time_interleaves_channels_and_keeps_each_channels_order() -> None:
-    a1, a2, a3 = batch("A", T0 + 1), batch("A", T0 + 50), batch("A", T0 + 20)
-    b1, b2 = batch("B", T0 + 10), batch("B", T0 + 60)
-    items: list[Item] = [("a", 1, a1), ("a", 2, a2), ("a", 3, a3), ("b", 1, b1), ("b", 2, b2)]
-    merged = merge_by_time(items)
-    assert [(c, p) for c, p, _ in merged] == [("a", 1), ("b", 1), ("a", 2), ("a", 3), ("b", 2)]
-    assert merge_by_time(items[:3]) == items[:3]
-
-
 def test_channel_names_and_topic_patterns_allow_dotted_symbols() -> None:
     assert symbol_of_tick_channel("ticks.BRK.B") == "BRK.B"
     assert topic_pattern("ticks.*") == r"^ticks\..+$"
@@ -107,16 +98,22 @@ def test_channel_names_and_topic_patterns_allow_dotted_symbols() -> None:
     assert not re.match(topic_pattern("ticks.Z1*"), "ticks.Z2A")
 
 
-def test_a_forgotten_symbol_emits_nothing_and_starts_afresh() -> None:
-    aggregator = BarAggregator("none", grace_ms=0)
-    aggregator.add([trade("A", T0 + 5), trade("B", T0 + 6)], 0)
-    aggregator.forget("A")
-    assert aggregator.open_since("A") is None and aggregator.symbols() == ["B"]
-    bars = aggregator.add([trade("B", T0 + MINUTE_MS + 1)], 0)
-    assert [b.symbol for b in bars] == ["B"]
-    aggregator.add([trade("A", T0 + MINUTE_MS + 2, size=7)], 0)
-    (bar,) = [b for b in aggregator.flush() if b.symbol == "A"]
-    assert (bar.startMs, bar.volume) == (T0 + MINUTE_MS, 7)
+async def test_each_symbol_has_its_own_watermark() -> None:
+    """A backlog read channel by channel: A's ticks up to 10:05 first, then B's from 10:01.
+    B's trades are not late (a shared watermark would make them so)."""
+    clock = ManualClock(10**13)
+    harness = Harness(clock)
+    await harness.builder.start()
+    try:
+        await harness.deliver(*[("ticks.A", i, batch("A", T0 + i * 30_000)) for i in range(11)])
+        await harness.deliver(*[("ticks.B", i, batch("B", T0 + 60_000 + i * 30_000))
+                                for i in range(6)])
+        await harness.advance_to(clock.now_ms() + 120_000)
+        assert {b[0] for b in harness.bars() if b[1] == 1} == {"A", "B"}
+        assert all(revision == 0 for *_, revision in harness.bars())
+        assert harness.builder.symbols() == ["A", "B"]
+    finally:
+        await harness.builder.stop()
 
 
 async def test_a_position_is_committed_only_when_all_its_ticks_are_in_published_bars() -> None:
@@ -186,6 +183,13 @@ async def test_a_lost_partition_is_forgotten_and_a_kept_one_is_not_read_twice() 
         await harness.advance_to(clock.now_ms() + 120_000)
         assert harness.bars() == [("B", 0, 200, 0)]
         assert harness.source.committed == {"p#1": 21}
+        # A's partition comes back (the other member left): read again from its committed
+        # offset, it must count once
+        await builder.reassign(set())
+        await harness.deliver(("p#0", 10, batch("A", T0 + 1_000)),
+                              ("p#0", 11, batch("A", T0 + 61_000, size=5)))
+        await harness.advance_to(clock.now_ms() + 120_000)
+        assert harness.bars() == [("B", 0, 200, 0), ("A", 0, 100, 0), ("A", 1, 5, 0)]
     finally:
         await builder.stop()
 

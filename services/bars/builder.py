@@ -1,8 +1,9 @@
 """The bar builder actor: ticks in, closed bars out, positions committed only when safe.
 
-One ``BarBuilder`` owns one aggregation core (``libs.common.bars.BarAggregator``) and one tick
-source (``sources.RedisTickSource`` or ``sources.KafkaTickSource``), whose reader runs as a
-task of the actor. Its mailbox takes, in order:
+One ``BarBuilder`` owns the aggregation cores (``libs.common.bars.BarAggregator``, one per
+symbol, so that each symbol's watermark is its own) and one tick source
+(``sources.RedisTickSource`` or ``sources.KafkaTickSource``), whose reader runs as a task of
+the actor. Its mailbox takes, in order:
 
 - ``TickWork``: decoded tick batches from the source, with their positions;
 - ``WatermarkTick``: sent by its own timer, so quiet symbols' bars close with wall time;
@@ -27,7 +28,6 @@ Restart safety rests on three rules:
 from __future__ import annotations
 
 import asyncio
-import heapq
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -105,23 +105,6 @@ def _newest(batch: TickBatch) -> int:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def merge_by_time(items: Sequence[Item]) -> list[Item]:
-    """Interleave the channels' batches by their first tick time, keeping each channel's order.
-
-    A source reads channel after channel (a sweep of a backlog, one fetch of several Kafka
-    partitions); the core's watermark is shared by all symbols, so feeding one channel's
-    backlog whole before another's would make the other's trades late for no reason.
-    """
-    by_channel: dict[str, list[tuple[int, int, Item]]] = {}
-    for order, item in enumerate(items):
-        batch = item[2]
-        key = batch.ticks[0].t if batch.ticks else -1
-        by_channel.setdefault(item[0], []).append((key, order, item))
-    if len(by_channel) < 2:
-        return list(items)
-    return [entry[2] for entry in heapq.merge(*by_channel.values())]
 
 
 class ClosedMinutes:
@@ -321,7 +304,11 @@ class BarBuilder(Actor[BuilderMessage]):
         super().__init__(name, mailbox_size=mailbox_size, overflow=Overflow.BLOCK,
                          registry=registry)
         self.make_aggregator = make_aggregator
-        self.aggregator = make_aggregator()
+        self.aggregators: dict[str, BarAggregator] = {}
+        """One core per symbol: each symbol's watermark is its own (see ``_aggregator``)."""
+        self._open: set[str] = set()
+        """Symbols with a minute still open (the ones the watermark timer advances)."""
+        self._watermark = 0
         self.source = source
         self.sink = sink
         self.closed = closed
@@ -338,7 +325,6 @@ class BarBuilder(Actor[BuilderMessage]):
         self._m_commits = metrics.commits.labels(source_kind)
         self._m_lag = metrics.lag.labels(source_kind)
         self._m_uncommitted = metrics.uncommitted.labels(source_kind)
-        self._late_seen = (0, 0)
         self.generation = 0
         """Incarnation of the actor (each start); work delivered to an older one is dropped."""
         # per channel: (position, newest tick time of the batch, its symbol), oldest first
@@ -360,9 +346,8 @@ class BarBuilder(Actor[BuilderMessage]):
 
     async def on_start(self) -> None:
         self.generation += 1
-        if self.generation > 1:
-            self.aggregator = self.make_aggregator()
-            self._late_seen = (0, 0)
+        self.aggregators = {}
+        self._open.clear()
         self._pending.clear()
         self._to_commit.clear()
         self._last_position.clear()
@@ -378,10 +363,7 @@ class BarBuilder(Actor[BuilderMessage]):
         except Exception as exc:  # noqa: BLE001 - stopping anyway; the next start re-reads
             log.warning("bars.final_commit_failed", actor=self.name, error=repr(exc))
         await self.source.close()
-        open_symbols = sum(
-            1 for symbol in self.aggregator.symbols() if self.aggregator.open_since(symbol)
-        )
-        log.info("bars.builder_stopped", actor=self.name, open_symbols=open_symbols,
+        log.info("bars.builder_stopped", actor=self.name, open_symbols=len(self._open),
                  reason="open minutes are rebuilt from the uncommitted ticks at the next start")
 
     async def _read(self) -> None:
@@ -439,7 +421,7 @@ class BarBuilder(Actor[BuilderMessage]):
     async def handle(self, message: BuilderMessage) -> None:
         now = self.clock.now_ms()
         if isinstance(message, WatermarkTick):
-            bars = self.aggregator.advance(now)
+            bars = self._advance(now)
         elif isinstance(message, TickWork):
             if message.generation != self.generation:
                 self._m_stale.inc(len(message.items))
@@ -461,19 +443,48 @@ class BarBuilder(Actor[BuilderMessage]):
             return
         await self._publish(bars)
         await self._commit_safe()
-        watermark = self.aggregator.watermark_ms
-        if watermark:
-            self.lag_ms = max(0, now - watermark)
+        if self._watermark:
+            self.lag_ms = max(0, now - self._watermark)
             self._m_lag.set(self.lag_ms)
 
-    def _add(self, items: Sequence[Item], now: int) -> list[Bar]:
-        aggregator = self.aggregator
+    def symbols(self) -> list[str]:
+        """The symbols this builder has aggregated since it started."""
+        return sorted(self.aggregators)
+
+    def _aggregator(self, symbol: str) -> BarAggregator:
+        """The core of ``symbol``, created on its first tick.
+
+        One core per symbol rather than one for all: a core's watermark is the newest tick
+        time it has seen, and a shared one makes whether a trade is late depend on how the
+        source interleaves symbols, which differs between a stream backlog read channel by
+        channel, Kafka partitions fetched side by side, and live pub/sub. Per symbol, it
+        depends on that symbol's own ticks (and wall time) only, the same on every path.
+        """
+        aggregator = self.aggregators.get(symbol)
+        if aggregator is None:
+            aggregator = self.aggregators[symbol] = self.make_aggregator()
+        return aggregator
+
+    def _advance(self, now: int) -> list[Bar]:
         bars: list[Bar] = []
+        for symbol in list(self._open):
+            aggregator = self.aggregators[symbol]
+            closed = aggregator.advance(now)
+            if closed:
+                bars.extend(closed)
+                if aggregator.open_since(symbol) is None:
+                    self._open.discard(symbol)
+            self._watermark = max(self._watermark, aggregator.watermark_ms)
+        return bars
+
+    def _add(self, items: Sequence[Item], now: int) -> list[Bar]:
+        bars: list[Bar] = []
+        late_revised = late_dropped = 0
         ticks = 0
         pending = self._pending
         last_position = self._last_position
         restored = self.closed.restored
-        for channel, position, batch in merge_by_time(items):
+        for channel, position, batch in items:
             if position <= last_position.get(channel, -1):
                 continue  # delivered again (a Kafka partition kept across a rebalance)
             last_position[channel] = position
@@ -483,8 +494,19 @@ class BarBuilder(Actor[BuilderMessage]):
                 if mark is not None and trades[0].t < mark + MINUTE_MS:
                     trades = self._after_mark(trades, mark)
                 if trades:
-                    bars.extend(aggregator.add(trades, now, symbol=batch.sym))
+                    symbol = batch.sym
+                    aggregator = self._aggregator(symbol)
+                    counters = aggregator.counters
+                    revised, dropped = counters.late_revised, counters.late_dropped
+                    bars.extend(aggregator.add(trades, now, symbol=symbol))
+                    late_revised += counters.late_revised - revised
+                    late_dropped += counters.late_dropped - dropped
                     ticks += len(trades)
+                    if aggregator.open_since(symbol) is None:
+                        self._open.discard(symbol)
+                    else:
+                        self._open.add(symbol)
+                    self._watermark = max(self._watermark, aggregator.watermark_ms)
             symbols = self._channel_symbols.get(channel)
             if symbols is None:
                 symbols = self._channel_symbols[channel] = set()
@@ -494,6 +516,10 @@ class BarBuilder(Actor[BuilderMessage]):
                 queue = pending[channel] = deque()
             queue.append((position, _newest(batch), batch.sym))
         self._m_ticks.inc(ticks)
+        if late_revised or late_dropped:
+            late = self.builder_metrics.late
+            late.labels(self.source_kind, "revised").inc(late_revised)
+            late.labels(self.source_kind, "dropped").inc(late_dropped)
         return bars
 
     def _after_mark(self, trades: list[Trade], mark: int) -> list[Trade]:
@@ -507,13 +533,6 @@ class BarBuilder(Actor[BuilderMessage]):
         return kept
 
     async def _publish(self, bars: list[Bar]) -> None:
-        counters = self.aggregator.counters
-        late = (counters.late_revised, counters.late_dropped)
-        if late != self._late_seen:
-            metric = self.builder_metrics.late
-            metric.labels(self.source_kind, "revised").inc(late[0] - self._late_seen[0])
-            metric.labels(self.source_kind, "dropped").inc(late[1] - self._late_seen[1])
-            self._late_seen = late
         if not bars:
             return
         fresh = [bar for bar in bars if not self.closed.skip(bar)]
@@ -530,11 +549,12 @@ class BarBuilder(Actor[BuilderMessage]):
     async def _commit_safe(self) -> None:
         """Commit each channel up to the last batch whose ticks all sit in closed minutes."""
         safe: dict[str, int] = {}
-        open_since = self.aggregator.open_since
+        aggregators = self.aggregators
         for channel, pending in self._pending.items():
             while pending:
                 _position, newest, symbol = pending[0]
-                earliest_open = open_since(symbol)
+                aggregator = aggregators.get(symbol)
+                earliest_open = None if aggregator is None else aggregator.open_since(symbol)
                 if earliest_open is not None and newest >= earliest_open:
                     break
                 safe[channel] = pending.popleft()[0]
@@ -553,7 +573,8 @@ class BarBuilder(Actor[BuilderMessage]):
             else set()
         dropped -= still_owned
         for symbol in dropped:
-            self.aggregator.forget(symbol)
+            self.aggregators.pop(symbol, None)  # its open minutes are the new owner's now
+            self._open.discard(symbol)
         self.closed.forget(dropped)
         await self.closed.load(keep=still_owned)
         if lost:
