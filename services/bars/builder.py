@@ -18,10 +18,10 @@ Restart safety rests on three rules:
 2. what was published is remembered per symbol (``ClosedMinutes``: the end of the newest
    published minute, saved after every publication; on the Redis path also recovered from
    the bars streams, which the publish script writes atomically with pub/sub, so a crash
-   between publishing and saving loses nothing). After a (re)start, a bar whose minute ends
-   at or before that mark is a rebuild of something already published and is not sent
-   again, whatever its revision;
-3. every (re)start of the actor starts from scratch: a fresh core, the source rewound to the
+   between publishing and saving loses nothing). After a (re)start, ticks of minutes at or
+   before that mark are re-read ticks of published minutes and are not aggregated again,
+   and no bar at or before it is sent again, whatever its revision;
+3. every (re)start of the actor starts from scratch: fresh cores, the source rewound to the
    committed positions, and work queued by the previous incarnation dropped (it comes again).
 """
 
@@ -399,9 +399,9 @@ class BarBuilder(Actor[BuilderMessage]):
         if self.state is not ActorState.RUNNING:
             return  # a (re)start rebuilds everything from the committed positions anyway
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self.tell(make(done))
         try:
             async with asyncio.timeout(timeout_s):
+                await self.tell(make(done))
                 await asyncio.shield(done)
         except TimeoutError:
             log.warning("bars.control_timeout", actor=self.name, timeout_s=timeout_s)
