@@ -394,35 +394,26 @@ def run_overload(
             assert naive.poll() is None, naive_out.read_text()
             time.sleep(0.1)
         channel = f"ticks.{name}SPY"
-        load = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "services.mirror.loadgen",
-                "--redis",
-                redis.url,
-                "--channel",
-                channel,
-                "--prefix",
-                settings.key_prefix,
-                "--lean",
-                str(shared_data / "tick" / "spy" / f"{DAY}_trade.zip"),
-                "--limit",
-                str(trades),
-                "--per-record",
-                "1",
-                "--repeat",
-                str(repeat),
-                "--maxlen",
-                "5000000",
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=True,
-        )
-        loaded = json.loads(load.stdout.strip().splitlines()[-1])
+        command = [
+            sys.executable, "-m", "services.mirror.loadgen", "--redis", redis.url,
+            "--channel", channel, "--prefix", settings.key_prefix,
+            "--lean", str(shared_data / "tick" / "spy" / f"{DAY}_trade.zip"),
+            "--limit", str(trades), "--per-record", "1", "--repeat", str(repeat),
+            "--maxlen", "5000000",
+        ]  # fmt: skip
+        load = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            out, err = load.communicate(timeout=timeout_s / 2)
+        except subprocess.TimeoutExpired:
+            load.kill()
+            out, err = load.communicate()
+            raise AssertionError(
+                f"the publisher did not finish in {timeout_s / 2:g} s\n--- its stderr\n{err}"
+                f"\n--- mirror\n{mirror.log_tail()}"
+            ) from None
+        assert load.returncode == 0, err
+        loaded = json.loads(out.strip().splitlines()[-1])
         naive.wait(timeout_s)
         naive_result = json.loads(naive_out.read_text().strip().splitlines()[-1])
 

@@ -547,7 +547,7 @@ class MirrorActor(Actor[None]):
             )
         elif behind:
             self._episode_max_lag = max(self._episode_max_lag, lag)
-        elif self._episode_since and lag == 0:
+        elif self._episode_since and lag <= self.settings.batch_max_records:
             self.log.info(
                 "mirror.caught_up",
                 behind_s=round(now - self._episode_since, 3),

@@ -1,9 +1,8 @@
 """A pipelined publisher of tick records, for the overload test and the benchmark.
 
-It publishes through the project's own sequencing script (``redis_io``: INCR, XADD with id
-``0-<seq>``, PUBLISH, atomically), so what it sends is exactly what ingest would, but it
-writes the ``EVALSHA`` commands as raw RESP in large pipelined chunks: redis-py's command
-packing caps a Python publisher at tens of thousands of records a second, and the point here
+It publishes with the project's own ``Publisher`` (one script call per channel per batch:
+sequence, stream entry ``0-<seq>`` and PUBLISH, atomically), so what it sends is exactly
+what ingest would; it keeps several large batches in flight at once, because the point here
 is to publish faster than a slow subscriber reads.
 
 ``python -m services.mirror.loadgen --redis URL --channel ticks.SPY --lean FILE`` prints one
@@ -18,11 +17,11 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Self
-from urllib.parse import urlparse
 
 import msgspec
+import redis.asyncio as aioredis
 
-from libs.common.redis_io import _PUBLISH_LUA, Keys, record_tail
+from libs.common.redis_io import Keys, Publisher
 from libs.common.schemas import TickBatch, Trade
 
 
@@ -54,104 +53,59 @@ def tick_records(
         yield encoder.encode(TickBatch(seq=0, sym=symbol or chunk[0].sym, ticks=chunk))
 
 
-def _bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(value), value)
-
-
 class PipelinedPublisher:
-    """Raw-RESP pipelined ``EVALSHA`` of the publish script on one connection."""
+    """Publishes records on one channel with ``window`` batches of ``chunk`` in flight."""
 
     def __init__(
-        self, url: str, keys: Keys, *, maxlen: int = 2_000_000, chunk: int = 2_000, window: int = 4
+        self, url: str, keys: Keys, *, maxlen: int = 2_000_000, chunk: int = 5_000, window: int = 3
     ) -> None:
         self.url = url
         self.keys = keys
-        self.maxlen = str(maxlen).encode()
+        self.maxlen = maxlen
         self.chunk = chunk
         self.window = window
         self.published = 0
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._sha = b""
+        self._client: aioredis.Redis | None = None
+        self._publisher: Publisher | None = None
 
     async def __aenter__(self) -> Self:
-        parsed = urlparse(self.url)
-        self._reader, self._writer = await asyncio.open_connection(
-            parsed.hostname or "127.0.0.1", parsed.port or 6379, limit=2**24
-        )
-        script = _PUBLISH_LUA.encode()
-        self._writer.write(b"*3\r\n" + _bulk(b"SCRIPT") + _bulk(b"LOAD") + _bulk(script))
-        line = await self._reader.readline()
-        if not line.startswith(b"$"):
-            raise RuntimeError(f"SCRIPT LOAD failed: {line!r}")
-        self._sha = (await self._reader.readline()).strip()
+        self._client = aioredis.Redis.from_url(self.url, max_connections=self.window + 2)
+        self._publisher = Publisher(self._client, keys=self.keys, stream_maxlen=self.maxlen)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            await self._writer.wait_closed()
-
-    def _command(self, channel: bytes, seq_key: bytes, stream_key: bytes, tail: bytes) -> bytes:
-        return b"".join(
-            (
-                b"*8\r\n$7\r\nEVALSHA\r\n",
-                _bulk(self._sha),
-                b"$1\r\n2\r\n",
-                _bulk(seq_key),
-                _bulk(stream_key),
-                _bulk(channel),
-                _bulk(tail),
-                _bulk(self.maxlen),
-            )
-        )
-
-    async def _read_replies(self, count: int) -> None:
-        assert self._reader is not None
-        for _ in range(count):
-            line = await self._reader.readline()
-            if not line.startswith(b":"):
-                raise RuntimeError(f"publish failed: {line!r}")
+        if self._client is not None:
+            await self._client.aclose()
 
     async def publish(self, channel: str, records: Iterator[bytes]) -> int:
-        """Publish every record on ``channel``; returns how many."""
-        assert self._writer is not None
-        writer = self._writer
-        seq_key = self.keys.seq(channel).encode()
-        stream_key = self.keys.stream(channel).encode()
-        name = channel.encode()
-        room = asyncio.Semaphore(self.window)
-        chunks: asyncio.Queue[int | None] = asyncio.Queue()
+        """Publish every record on ``channel`` in order; returns how many.
 
-        async def read_replies() -> None:
-            while (count := await chunks.get()) is not None:
-                await self._read_replies(count)
-                room.release()
-
-        reader = asyncio.create_task(read_replies())
+        Batches run concurrently on separate connections, each batch's sequence numbers are
+        taken atomically by the script, so a channel's stream stays gap-free (the order of
+        records *between* concurrent batches follows the order Redis ran them).
+        """
+        assert self._publisher is not None
+        publisher = self._publisher
+        in_flight: set[asyncio.Task[list[int]]] = set()
         count = 0
-        buffer: list[bytes] = []
-        try:
-            for record in records:
-                buffer.append(self._command(name, seq_key, stream_key, record_tail(record)))
-                if len(buffer) >= self.chunk:
-                    await room.acquire()
-                    writer.write(b"".join(buffer))
-                    await writer.drain()
-                    chunks.put_nowait(len(buffer))
-                    count += len(buffer)
-                    buffer = []
-            if buffer:
-                await room.acquire()
-                writer.write(b"".join(buffer))
-                await writer.drain()
-                chunks.put_nowait(len(buffer))
-                count += len(buffer)
-            chunks.put_nowait(None)
-            await reader
-        finally:
-            if not reader.done():
-                reader.cancel()
+        batch: list[tuple[str, bytes]] = []
+        for record in records:
+            batch.append((channel, record))
+            if len(batch) >= self.chunk:
+                while len(in_flight) >= self.window:
+                    done, in_flight = await asyncio.wait(
+                        in_flight, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in done:
+                        task.result()
+                in_flight.add(asyncio.create_task(publisher.publish_many(batch)))
+                count += len(batch)
+                batch = []
+        if batch:
+            in_flight.add(asyncio.create_task(publisher.publish_many(batch)))
+            count += len(batch)
+        for task in in_flight:
+            await task
         self.published += count
         return count
 
