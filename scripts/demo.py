@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,9 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _stop_on_signal(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_signal)  # stop the mesh on the way out, not orphan it
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tickmesh-demo-"))
     options = MeshOptions(
         workdir=workdir, data_dir=args.data, day=args.date,
@@ -69,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             mesh.start()
             print("mesh running; replaying the feed ...", flush=True)
             mesh.wait_feed_done(timeout_s=1_800)
+            print("feed replayed; waiting for the last bars to close ...", flush=True)
+            mesh.wait_last_minute_closed()
             mesh.wait_settled(quiet_s=3 + args.grace_ms / 1000, timeout_s=600)
             print_summary(mesh, time.monotonic() - started)
             day = args.date or dt.date.today().isoformat()

@@ -37,8 +37,7 @@ def test_spy_1000_bar_reaches_kafka_with_the_vendor_volume(
         assert spy_1000, f"no SPY 10:00 bar among {len(bars)} bars on Kafka"
         assert spy_1000[-1]["volume"] == 337_771
         assert spy_1000[-1]["barId"] == 31
-        heartbeats = asyncio.run(read_topic(kafka_broker.bootstrap, "sentio.heartbeat.v1",
-                                            max_s=5))
+        heartbeats = asyncio.run(read_topic(kafka_broker.bootstrap, "sentio.heartbeat.v1"))
         services = {msgspec.json.decode(value)["service"] for value in heartbeats}
         assert {"ingest", "bars", "engine_bridge", "mirror"} <= services
     finally:

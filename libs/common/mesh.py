@@ -21,7 +21,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from libs.common.kafka_io import list_topics, read_from_beginning
 from libs.common.localstack import LocalStack, free_port
+from libs.common.settings import CommonSettings
 
 SIM_KEY = "tickmesh-demo-key"
 
@@ -209,6 +211,17 @@ class Mesh:
                 raise TimeoutError(f"the simulator did not finish within {timeout_s:g} s")
             time.sleep(0.5)
 
+    def wait_last_minute_closed(self) -> None:
+        """Synthetic ticks carry wall-clock time: wait until their last minute has ended and
+        its grace passed, so its bars close (replayed days close theirs within the grace)."""
+        if self.options.data_dir is not None:
+            return
+        now = time.time()
+        close_at = now - now % 60 + 60 + self.options.grace_ms / 1000 + 1
+        while time.time() < close_at:
+            self.check_alive()
+            time.sleep(min(1.0, close_at - time.time()))
+
     def progress(self) -> tuple[float, ...]:
         """Counters that move while data flows (for settling)."""
         figures = [
@@ -235,9 +248,9 @@ class Mesh:
             if now != last:
                 last, quiet_since = now, time.monotonic()
 
-    def kafka_counts(self, idle_ms: int = 1_500) -> dict[str, int]:
-        """Records per Kafka topic, read from the beginning."""
-        return asyncio.run(count_topic_records(self.stack.kafka.bootstrap, idle_ms))
+    def kafka_counts(self) -> dict[str, int]:
+        """Records per Kafka topic, read from the beginning up to now."""
+        return asyncio.run(count_topic_records(self.stack.kafka.bootstrap))
 
     def stop(self) -> None:
         """SIGTERM every process (each drains within its deadline), SIGKILL stragglers."""
@@ -256,59 +269,26 @@ class Mesh:
                 process.wait()
 
 
-async def count_topic_records(bootstrap: str, idle_ms: int = 1_500,
-                              topics: list[str] | None = None) -> dict[str, int]:
-    """Count the records of every topic (or ``topics``) from the beginning, until idle."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                group_id=None, fetch_max_wait_ms=50, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        names = sorted(topics if topics is not None else await consumer.topics())
-        partitions = [
-            TopicPartition(topic, partition)
-            for topic in names
-            for partition in sorted(consumer.partitions_for_topic(topic) or {0})
-        ]
-        counts = dict.fromkeys(names, 0)
-        if not partitions:
-            return counts
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        while True:
-            fetched = await consumer.getmany(timeout_ms=idle_ms, max_records=10_000)
-            if not fetched:
-                return counts
-            for partition, messages in fetched.items():
-                counts[partition.topic] += len(messages)
-    finally:
-        await consumer.stop()
+def _kafka_settings(bootstrap: str) -> CommonSettings:
+    return CommonSettings(kafka_bootstrap=bootstrap)
 
 
-async def read_topic(bootstrap: str, topic: str, idle_ms: int = 1_500,
-                     max_s: float = 60.0) -> list[bytes]:
-    """The record values of ``topic`` from the beginning, until idle or ``max_s`` passed
-    (a topic that never goes idle, such as heartbeats, is read for ``max_s``)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+async def count_topic_records(bootstrap: str, topics: list[str] | None = None) -> dict[str, int]:
+    """Records per topic (every topic when ``topics`` is None), read from the beginning up to
+    now (a topic still being written, such as heartbeats, is not followed forever)."""
+    settings = _kafka_settings(bootstrap)
+    if topics is None:
+        topics = sorted(await list_topics(settings))
+    counts = dict.fromkeys(topics, 0)
+    async for chunk in read_from_beginning(settings, topics):
+        for record in chunk:
+            counts[record.topic] += 1
+    return counts
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                group_id=None, fetch_max_wait_ms=50)
-    await consumer.start()
-    try:
-        await consumer.topics()
-        partitions = [TopicPartition(topic, p)
-                      for p in sorted(consumer.partitions_for_topic(topic) or {0})]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        values: list[bytes] = []
-        deadline = time.monotonic() + max_s
-        while time.monotonic() < deadline:
-            fetched = await consumer.getmany(timeout_ms=idle_ms, max_records=10_000)
-            if not fetched:
-                return values
-            for messages in fetched.values():
-                values.extend(message.value for message in messages)
-        return values
-    finally:
-        await consumer.stop()
+
+async def read_topic(bootstrap: str, topic: str) -> list[bytes]:
+    """The record values of ``topic`` from the beginning up to now."""
+    values: list[bytes] = []
+    async for chunk in read_from_beginning(_kafka_settings(bootstrap), [topic]):
+        values.extend(record.value for record in chunk if record.value is not None)
+    return values
