@@ -289,3 +289,13 @@ async def test_take_nowait_takes_a_batch_and_leaves_the_stop_sentinel() -> None:
     actor.tell_nowait(99)
     assert actor.mailbox.take_nowait(10) == [0, 1, 2]
     assert len(actor.mailbox) == 2
+
+
+async def test_a_failure_while_stopping_is_counted_and_the_stop_completes() -> None:
+    registry = CollectorRegistry()
+    actor = Recorder("failstop", registry, mailbox_size=10)
+    await actor.start()
+    actor.tell_nowait("boom")  # handled while stop() drains the mailbox
+    await actor.stop()
+    assert actor.state is ActorState.STOPPED
+    assert sample(registry, "tickmesh_actor_failures_total", "failstop") == 1

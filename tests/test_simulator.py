@@ -549,3 +549,30 @@ async def test_the_file_feed_replays_real_trades_when_the_tick_reader_is_availab
     assert {trade.sym for trade in trades} <= {"IBM", "AIG"}
     assert [t.t for t in trades] == sorted(t.t for t in trades)
     assert all(1_381_132_800_000 <= t.t < 1_381_219_200_000 for t in trades)  # 2013-10-07 UTC
+
+
+def test_file_feed_sends_the_vendors_own_minute_bars_as_am(shared_data) -> None:  # type: ignore[no-untyped-def]
+    from datetime import date
+
+    from services.ingest.simulator import FileFeed, load_vendor_minutes
+
+    feed = FileFeed(data_dir=shared_data, day=date(2013, 10, 7), symbols=("SPY",), speed=0)
+    events = load_vendor_minutes(feed)
+    assert events is not None and len(events) == 828
+    ten = [e for e in events if e.s == 1_381_154_400_000]  # 10:00 ET
+    assert ten[0].v == 337_771 and ten[0].e - ten[0].s == 60_000
+
+
+async def test_vendor_minute_bars_follow_the_trades_of_their_minute() -> None:
+    from services.ingest.protocol import MinuteAggEvent, TradeEvent
+    from services.ingest.simulator import replay_frames
+
+    trades = [TradeEvent(sym="A", p=1.0, s=1, t=t) for t in (0, 30_000, 60_000, 130_000)]
+    vendor = [MinuteAggEvent(sym="A", v=v, s=s, e=s + 60_000)
+              for s, v in ((0, 2), (60_000, 1), (120_000, 1))]
+    frames = [frame async for frame in replay_frames(trades, 0, 100, 1, True, vendor)]
+    kinds = [(type(f[0]).__name__, f[0].s if isinstance(f[0], MinuteAggEvent) else f[0].t)
+             for f in frames]
+    assert kinds == [("TradeEvent", 0), ("TradeEvent", 30_000), ("MinuteAggEvent", 0),
+                     ("TradeEvent", 60_000), ("MinuteAggEvent", 60_000),
+                     ("TradeEvent", 130_000), ("MinuteAggEvent", 120_000)]

@@ -391,6 +391,8 @@ class Actor(Generic[MessageT]):
             return
         self._failures.inc()
         self.log.error("actor.failed", where=where, error=repr(exc), exc_info=exc)
+        if self._state is ActorState.STOPPING:
+            return  # already on its way out; stop() finishes the job and reaches STOPPED
         self._transition(ActorState.FAILED)
         current = asyncio.current_task()
         for task in [*self._tasks, self._loop_task]:

@@ -31,15 +31,16 @@ import asyncio
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import redis.asyncio as aioredis
 import structlog
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from libs.common.actors import Actor, ActorState, Overflow
 from libs.common.bars import BarAggregator
 from libs.common.clock import MINUTE_MS, SYSTEM_CLOCK, Clock
+from libs.common.metrics import metrics_for
 from libs.common.redis_io import Keys, StreamReader
 from libs.common.schemas import BAR_DECODER, Bar, TickBatch, Trade
 
@@ -235,7 +236,6 @@ class StreamClosedMinutes(ClosedMinutes):
 class BuilderMetrics:
     """Metrics of the bar builder; built once per registry, labelled by source kind."""
 
-    _by_registry: ClassVar[dict[int, BuilderMetrics]] = {}
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["source"]
@@ -275,12 +275,7 @@ class BuilderMetrics:
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None) -> BuilderMetrics:
         """The metrics of ``registry``, created once."""
-        registry = registry if registry is not None else REGISTRY
-        metrics = cls._by_registry.get(id(registry))
-        if metrics is None:
-            metrics = cls(registry)
-            cls._by_registry[id(registry)] = metrics
-        return metrics
+        return metrics_for(cls, registry)
 
 
 class BarBuilder(Actor[BuilderMessage]):

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from libs.common.deadletter import DeadLetters
 from libs.common.kafka_io import SequenceDeduper, record_identity
+from libs.common.metrics import metrics_for
 from libs.common.reliable import Record, SequencedConsumer
 from libs.common.schemas import TICK_BATCH_DECODER, TickBatch
 
@@ -71,7 +72,6 @@ class TickSource(Protocol):
 class SourceMetrics:
     """Metrics of the tick sources; built once per registry."""
 
-    _by_registry: ClassVar[dict[int, SourceMetrics]] = {}
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.duplicates = Counter(
@@ -90,12 +90,7 @@ class SourceMetrics:
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None) -> SourceMetrics:
         """The metrics of ``registry``, created once."""
-        registry = registry if registry is not None else REGISTRY
-        metrics = cls._by_registry.get(id(registry))
-        if metrics is None:
-            metrics = cls(registry)
-            cls._by_registry[id(registry)] = metrics
-        return metrics
+        return metrics_for(cls, registry)
 
 
 class RedisTickSource:

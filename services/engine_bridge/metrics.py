@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from libs.common.metrics import metrics_for
 
 
 class BridgeMetrics:
     """Bars in, records out, engine health."""
 
-    _by_registry: ClassVar[dict[int, BridgeMetrics]] = {}
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.bars = Counter(
@@ -81,9 +80,4 @@ class BridgeMetrics:
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None = None) -> BridgeMetrics:
         """The metrics of ``registry`` (the default registry when None), created once."""
-        registry = registry if registry is not None else REGISTRY
-        metrics = cls._by_registry.get(id(registry))
-        if metrics is None:
-            metrics = cls(registry)
-            cls._by_registry[id(registry)] = metrics
-        return metrics
+        return metrics_for(cls, registry)

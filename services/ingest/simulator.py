@@ -315,6 +315,36 @@ class MinuteAggregator:
         return out
 
 
+class VendorMinutes:
+    """``AM`` events from the data vendor's own minute bars (the Lean ``minute/`` files).
+
+    A real feed's ``AM`` is the vendor's aggregate, built by the vendor's rules, so a file feed
+    that has the vendor's bars sends those (without VWAP, which the files lack), each once the
+    feed has moved past its minute. Same interface as ``MinuteAggregator``.
+    """
+
+    def __init__(self, events: Sequence[MinuteAggEvent]) -> None:
+        self._events = sorted(events, key=lambda event: (event.s, event.sym))
+        self._next = 0
+
+    def advance(self, t_ms: int) -> list[MinuteAggEvent]:
+        """The vendor bars of the minutes that ended at or before the minute of ``t_ms``."""
+        minute = t_ms - t_ms % MINUTE_MS
+        start = self._next
+        while self._next < len(self._events) and self._events[self._next].e <= minute:
+            self._next += 1
+        return self._events[start : self._next]
+
+    def add(self, trades: Iterable[Trade]) -> None:
+        """Nothing to account: the vendor already did."""
+
+    def flush(self) -> list[MinuteAggEvent]:
+        """The vendor bars not sent yet."""
+        rest = self._events[self._next :]
+        self._next = len(self._events)
+        return rest
+
+
 # ---- feeds ---------------------------------------------------------------------------------
 
 
@@ -397,6 +427,24 @@ def load_day_trades(feed: FileFeed) -> list[TradeEvent]:
     if len(per_symbol) == 1:
         return per_symbol[0]
     return list(heapq.merge(*per_symbol, key=lambda trade: trade.t))
+
+
+def load_vendor_minutes(feed: FileFeed) -> list[MinuteAggEvent] | None:
+    """The vendor's minute bars of ``feed``'s symbols and day as ``AM`` events, or None when a
+    symbol has no ``minute/<sym>/<yyyymmdd>_trade.zip`` beside its tick file."""
+    from libs.common.tickfiles import read_lean_minute_bars
+
+    events: list[MinuteAggEvent] = []
+    for symbol in feed.symbols:
+        tick_path = find_tick_file(feed.data_dir, symbol, feed.day)
+        minute_path = tick_path.parents[2] / "minute" / tick_path.parent.name / tick_path.name
+        if not minute_path.is_file():
+            return None
+        for bar in read_lean_minute_bars(minute_path, feed.day):
+            events.append(MinuteAggEvent(sym=symbol, v=bar.volume, o=bar.open, c=bar.close,
+                                         h=bar.high, l=bar.low, s=bar.start_ms,
+                                         e=bar.start_ms + MINUTE_MS))
+    return events
 
 
 # ---- sessions ------------------------------------------------------------------------------
@@ -560,6 +608,7 @@ class PolygonSimulator:
         self.feed_done = asyncio.Event()
         self._custom_feed = feed
         self._day_trades: list[TradeEvent] | None = None
+        self._vendor_minutes: list[MinuteAggEvent] | None = None
         self._server: Server | None = None
         self._sessions: dict[int, _Session] = {}
         self._numbers = itertools.count(1)
@@ -573,6 +622,8 @@ class PolygonSimulator:
         settings = self.settings
         if isinstance(settings.feed, FileFeed) and self._custom_feed is None:
             self._day_trades = await asyncio.to_thread(load_day_trades, settings.feed)
+            if settings.minute_aggregates:
+                self._vendor_minutes = await asyncio.to_thread(load_vendor_minutes, settings.feed)
             log.info(
                 "simulator.file_feed_loaded",
                 trades=len(self._day_trades),
@@ -842,6 +893,7 @@ class PolygonSimulator:
                 settings.frame_max_events,
                 settings.frame_window_ms,
                 settings.minute_aggregates,
+                self._vendor_minutes,
             )
         return synthetic_frames(
             SyntheticMarket(settings.feed),
@@ -972,13 +1024,18 @@ async def replay_frames(
     frame_max_events: int,
     window_ms: int,
     minute_aggregates: bool = True,
+    vendor_minutes: Sequence[MinuteAggEvent] | None = None,
 ) -> AsyncIterator[list[Event]]:
     """Frames of time-ordered ``trades`` paced at ``speed`` (0: no pacing), AM frames between.
 
-    Each frame is sent when its first trade is due: ``start + (t - t0) / speed``.
+    Each frame is sent when its first trade is due: ``start + (t - t0) / speed``. The AM
+    events are the vendor's bars when given, else the simulator's own from all trades.
     """
     loop = asyncio.get_running_loop()
-    aggregator = MinuteAggregator() if minute_aggregates else None
+    aggregator: MinuteAggregator | VendorMinutes | None = None
+    if minute_aggregates:
+        aggregator = VendorMinutes(vendor_minutes) if vendor_minutes is not None \
+            else MinuteAggregator()
     if not trades:
         return
     t0 = trades[0].t

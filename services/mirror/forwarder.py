@@ -24,18 +24,19 @@ import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from libs.common.actors import Actor
 from libs.common.clock import SYSTEM_CLOCK, Clock
 from libs.common.deadletter import dead_letter_counter
 from libs.common.kafka_io import TopicAdmin, TopicSpec, sequence_headers, start_producer
+from libs.common.metrics import metrics_for
 from libs.common.redis_io import Keys, channel_kind
 from libs.common.reliable import Record, SequencedConsumer, raise_if_cancelled
 from libs.common.schemas import ENCODER, DeadLetter
@@ -48,16 +49,11 @@ log = structlog.get_logger("tickmesh.mirror")
 class MirrorMetrics:
     """The mirror's own metrics (the consumer's are ``tickmesh_consumer_*``)."""
 
-    _by_registry: ClassVar[dict[int, MirrorMetrics]] = {}
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None) -> MirrorMetrics:
         """The metrics of ``registry`` (the default one when None), created once."""
-        registry = registry if registry is not None else REGISTRY
-        metrics = cls._by_registry.get(id(registry))
-        if metrics is None:
-            metrics = cls._by_registry[id(registry)] = cls(registry)
-        return metrics
+        return metrics_for(cls, registry)
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.records = Counter(
