@@ -58,7 +58,7 @@ class ServiceProcess:
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Scrape ``/metrics`` into ``{(sample name, labels): value}``."""
         url = f"http://127.0.0.1:{self.http_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=5) as response:
             text = response.read().decode()
         samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         for family in text_string_to_metric_families(text):
@@ -98,11 +98,16 @@ class Mesh:
         self.simulator_port = 0
         options.workdir.mkdir(parents=True, exist_ok=True)
 
+    def _kafka_bootstrap(self) -> str:
+        kafka = self.stack.kafka
+        assert kafka is not None, "the mesh needs a LocalStack with Kafka"
+        return kafka.bootstrap
+
     def _base_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update({
             "TICKMESH_REDIS_URL": self.stack.redis.url,
-            "TICKMESH_KAFKA_BOOTSTRAP": self.stack.kafka.bootstrap,
+            "TICKMESH_KAFKA_BOOTSTRAP": self._kafka_bootstrap(),
             "TICKMESH_MODE": "sim",
             "TICKMESH_LOG_FORMAT": "json",
             "TICKMESH_RUN_ID": self.options.run_id,
@@ -191,7 +196,7 @@ class Mesh:
             for name in sorted(pending):
                 url = f"http://127.0.0.1:{self.services[name].http_port}/readyz"
                 try:
-                    with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310
+                    with urllib.request.urlopen(url, timeout=2) as response:
                         if response.status == 200:
                             pending.discard(name)
                 except OSError:
@@ -212,15 +217,21 @@ class Mesh:
             time.sleep(0.5)
 
     def wait_last_minute_closed(self) -> None:
-        """Synthetic ticks carry wall-clock time: wait until their last minute has ended and
-        its grace passed, so its bars close (replayed days close theirs within the grace)."""
-        if self.options.data_dir is not None:
-            return
+        """Wait until every symbol's last minute has closed.
+
+        A quiet symbol's watermark advances with wall time from its last trade, so its last
+        bar closes at most a minute plus the grace after the feed ended (synthetic ticks carry
+        wall-clock time: their last minute ends at the next minute boundary).
+        """
         now = time.time()
-        close_at = now - now % 60 + 60 + self.options.grace_ms / 1000 + 1
+        if self.options.data_dir is None:
+            close_at = now - now % 60 + 60
+        else:
+            close_at = now + 60
+        close_at += self.options.grace_ms / 1000 + 1
         while time.time() < close_at:
             self.check_alive()
-            time.sleep(min(1.0, close_at - time.time()))
+            time.sleep(min(1.0, max(0.0, close_at - time.time())))
 
     def progress(self) -> tuple[float, ...]:
         """Counters that move while data flows (for settling)."""
@@ -250,7 +261,7 @@ class Mesh:
 
     def kafka_counts(self) -> dict[str, int]:
         """Records per Kafka topic, read from the beginning up to now."""
-        return asyncio.run(count_topic_records(self.stack.kafka.bootstrap))
+        return asyncio.run(count_topic_records(self._kafka_bootstrap()))
 
     def stop(self) -> None:
         """SIGTERM every process (each drains within its deadline), SIGKILL stragglers."""
