@@ -282,7 +282,9 @@ class Actor(Generic[MessageT]):
 
     # -- ownership of timers and tasks -------------------------------------------------------
 
-    def every(self, interval_s: float, function: Callable[[], Awaitable[None]], *, name: str) -> None:
+    def every(
+        self, interval_s: float, function: Callable[[], Awaitable[None]], *, name: str
+    ) -> None:
         """Run ``function`` every ``interval_s`` seconds while the actor runs."""
         if interval_s <= 0:
             raise ValueError(f"timer {name} of {self.name} needs a positive interval")
@@ -498,9 +500,9 @@ class Supervisor:
                 finally:
                     stop_waiter.cancel()
                 for future in done:
-                    child = watched[future]
-                    if child is not None and not self._stopping.is_set():
-                        await self._restart(child, future.result())
+                    failed = watched[future]
+                    if failed is not None and not self._stopping.is_set():
+                        await self._restart(failed, future.result())
         finally:
             await self._stop_children()
 

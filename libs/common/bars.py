@@ -25,7 +25,7 @@ The hot path is a per-symbol batch loop with local variables; the policy's class
 trade is cached per distinct condition tuple, so it costs one dict lookup.
 """
 
-# ruff: noqa: PLR1730 - in the hot loops a comparison is cheaper than a max()/min() call
+# The hot loops compare rather than call max()/min(): a comparison is cheaper than a call.
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from itertools import groupby
 from operator import attrgetter
-from typing import Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from libs.common import clock as clock_module
 from libs.common.clock import MINUTE_MS, SYSTEM_CLOCK, Clock, ny_date, ny_midnight_ms, session_for
@@ -118,6 +118,17 @@ class _PolicyBase:
     name = "base"
     fold_unpriced_volume = False
 
+    if TYPE_CHECKING:
+        # Every subclass defines it; declared here only so the checker knows a policy has one.
+        def code(
+            self,
+            conditions: tuple[int, ...],
+            exchange: int,
+            suspicious: bool,
+            regular_session: bool,
+            primary_exchange: int,
+        ) -> int: ...
+
     def classify(
         self,
         conditions: tuple[int, ...],
@@ -128,7 +139,7 @@ class _PolicyBase:
     ) -> Classification:
         """What a trade with these attributes counts for (readable form of ``code``)."""
         return classification_of(
-            self.code(  # type: ignore[attr-defined]
+            self.code(
                 tuple(conditions), exchange, suspicious, regular_session, primary_exchange
             )
         )
@@ -586,6 +597,7 @@ class BarAggregator:
                         o = p
                         ot = t
             else:
+                assert cur is not None  # a trade with no open minute was skipped above
                 cur.open = o
                 cur.open_t = ot
                 cur.high = h
@@ -695,7 +707,7 @@ class BarAggregator:
         t = tr.t
         minute = t - t % MINUTE_MS
         late = acc is None
-        if late:
+        if acc is None:
             acc, late = self._target(state, minute)
             if acc is None:
                 self.counters.too_old_dropped += 1
@@ -762,9 +774,9 @@ class BarAggregator:
             self._dirty = {}
             for sym, day_start, minute in dirty:
                 state = symbols[sym]
-                day = state.days.get(day_start)
-                if day is not None:
-                    self._publish_around(state, day, minute, out)
+                dirty_day = state.days.get(day_start)
+                if dirty_day is not None:
+                    self._publish_around(state, dirty_day, minute, out)
         return out
 
     def _prune(self, state: _Symbol) -> None:

@@ -48,8 +48,11 @@ class ServiceCli:
     def main(self, argv: Sequence[str] | None = None, default: str = "run") -> int:
         """Parse ``argv`` and run the chosen subcommand (``default`` when none is given)."""
         args_list = list(sys.argv[1:] if argv is None else argv)
-        if not args_list or args_list[0] not in self.commands and args_list[0].startswith("-") \
-                and args_list[0] not in ("-h", "--help"):
+        if not args_list or (
+            args_list[0] not in self.commands
+            and args_list[0].startswith("-")
+            and args_list[0] not in ("-h", "--help")
+        ):
             args_list.insert(0, default)
         args = self.parser.parse_args(args_list)
         if args.command is None:

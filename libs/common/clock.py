@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
@@ -186,7 +186,7 @@ def parse_day(text: str) -> date:
 
 def utc_datetime(ts_ms: int) -> datetime:
     """An aware UTC datetime of an epoch-ms time."""
-    return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc)
+    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
 
 
 def trading_days_back(day: date, count: int) -> list[date]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 from libs.common.actors import Actor, Overflow
 from libs.common.clock import SYSTEM_CLOCK, Clock, ts_et
@@ -10,6 +11,9 @@ from libs.common.redis_io import Publisher
 from libs.common.schemas import Heartbeat
 
 HEARTBEAT_CHANNEL = "sentio.heartbeat.v1"
+
+_Mode = Literal["live", "sim", "replay"]
+_MODES: dict[str, _Mode] = {"live": "live", "sim": "sim", "replay": "replay"}
 
 
 class HeartbeatActor(Actor[None]):
@@ -33,7 +37,7 @@ class HeartbeatActor(Actor[None]):
                          **actor_options)  # type: ignore[arg-type]
         self.service = service
         self.run_id = run_id
-        self.mode = mode if mode in ("live", "sim", "replay") else "sim"
+        self.mode: _Mode = _MODES.get(mode, "sim")  # an unknown mode is reported as sim
         self.publisher = publisher
         self.channel = channel
         self.lag_ms = lag_ms

@@ -253,7 +253,7 @@ class _ManagedProcess:
         assert self._workdir is not None
         log_path = self.log_path
         assert log_path is not None
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in _terminate
+        self._log = open(log_path, "wb")  # closed in _terminate
         command = self._command(port, self._workdir)
         in_main_thread = threading.current_thread() is threading.main_thread()
         self._process = subprocess.Popen(

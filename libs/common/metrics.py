@@ -30,4 +30,4 @@ def metrics_for(factory: Callable[[CollectorRegistry], MetricsT],
     if instance is None:
         instance = factory(registry)
         instances[factory] = instance
-    return instance  # type: ignore[no-any-return]
+    return instance

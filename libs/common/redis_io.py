@@ -16,6 +16,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -211,7 +212,7 @@ class Publisher:
         items: Sequence[tuple[str, msgspec.Struct | bytes]],
         *,
         transaction: bool = False,
-        also: Callable[[Pipeline], None] | None = None,
+        also: Callable[[Pipeline], object] | None = None,
     ) -> list[int]:
         """Publish records in one pipelined round trip; returns their sequence numbers.
 
@@ -239,7 +240,7 @@ class Publisher:
             async with self.client.pipeline(transaction=transaction) as pipe:
                 for channels in calls:
                     call_keys: list[str] = []
-                    args: list[object] = [maxlen]
+                    args: list[bytes | str | int] = [maxlen]
                     for channel in channels:
                         tails = by_channel[channel]
                         call_keys += (keys.seq(channel), keys.stream(channel))
@@ -270,6 +271,11 @@ class Publisher:
         return out
 
 
+# One stream entry as this module's clients (bytes replies) return it; redis-py types its replies
+# for both decode modes at once, so they are cast to this at the call.
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
 class StreamReader:
     """Reads a channel's durable stream by sequence number."""
 
@@ -282,19 +288,19 @@ class StreamReader:
     ) -> list[tuple[int, bytes]]:
         """Records with ``after_seq < seq <= upto_seq`` in order, at most ``count``."""
         end = "+" if upto_seq is None else f"0-{upto_seq}"
-        entries = await self.client.xrange(
+        entries = cast(_Entries, await self.client.xrange(
             self.keys.stream(channel), min=f"(0-{after_seq}", max=end, count=count
-        )
+        ))
         return [(int(entry_id.split(b"-")[1]), fields[b"d"]) for entry_id, fields in entries]
 
     async def last_seq(self, channel: str) -> int:
         """The newest sequence in the stream (0 when empty)."""
-        entries = await self.client.xrevrange(self.keys.stream(channel), count=1)
+        entries = cast(_Entries, await self.client.xrevrange(self.keys.stream(channel), count=1))
         return int(entries[0][0].split(b"-")[1]) if entries else 0
 
     async def first_seq(self, channel: str) -> int:
         """The oldest sequence still kept (0 when empty); older ones were trimmed."""
-        entries = await self.client.xrange(self.keys.stream(channel), count=1)
+        entries = cast(_Entries, await self.client.xrange(self.keys.stream(channel), count=1))
         return int(entries[0][0].split(b"-")[1]) if entries else 0
 
     async def channels(self, pattern: str = "*") -> list[str]:

@@ -310,7 +310,7 @@ class SequencedConsumer:
                     connection.deregister_connect_callback(self._note_resubscribed)
                 try:
                     await pubsub.aclose()
-                except Exception:  # noqa: BLE001, S110 - the connection is already broken
+                except Exception:  # the connection is already broken
                     pass
 
     async def open(self) -> None:

@@ -245,8 +245,8 @@ ENCODER = msgspec.json.Encoder()
 DECODERS: dict[type[Struct], msgspec.json.Decoder[Any]] = {
     record_type: msgspec.json.Decoder(record_type) for record_type in RECORD_TYPES
 }
-TICK_BATCH_DECODER: msgspec.json.Decoder[TickBatch] = DECODERS[TickBatch]  # type: ignore[assignment]
-BAR_DECODER: msgspec.json.Decoder[Bar] = DECODERS[Bar]  # type: ignore[assignment]
+TICK_BATCH_DECODER: msgspec.json.Decoder[TickBatch] = DECODERS[TickBatch]
+BAR_DECODER: msgspec.json.Decoder[Bar] = DECODERS[Bar]
 
 
 def encode(record: Struct) -> bytes:
@@ -256,7 +256,7 @@ def encode(record: Struct) -> bytes:
 
 def decode(data: bytes | str, record_type: type[StructT]) -> StructT:
     """Decode JSON bytes into ``record_type`` with its prebuilt decoder."""
-    return DECODERS[record_type].decode(data)  # type: ignore[return-value]
+    return DECODERS[record_type].decode(data)
 
 
 def seq_of(payload: bytes) -> int:

@@ -66,17 +66,17 @@ class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     SERVICE: ClassVar[str] = "common"
 
     redis_url: Annotated[str, Meta(description="Redis URL")] = "redis://127.0.0.1:6379/0"
-    kafka_bootstrap: Annotated[str, Meta(description="Kafka bootstrap servers, comma separated")] = (
-        "127.0.0.1:9092"
-    )
+    kafka_bootstrap: Annotated[
+        str, Meta(description="Kafka bootstrap servers, comma separated")
+    ] = "127.0.0.1:9092"
     http_host: Annotated[str, Meta(description="bind address of /metrics /healthz /readyz")] = (
         "0.0.0.0"
     )
     http_port: Annotated[int, Meta(ge=0, le=65535, description="port of the HTTP endpoint")] = 9100
     log_level: Annotated[str, Meta(description="debug, info, warning or error")] = "info"
-    log_format: Annotated[str, Meta(description="auto (JSON unless a terminal), json or console")] = (
-        "auto"
-    )
+    log_format: Annotated[
+        str, Meta(description="auto (JSON unless a terminal), json or console")
+    ] = "auto"
     run_id: Annotated[str, Meta(description="run id in heartbeats (random when empty)")] = ""
     mode: Annotated[str, Meta(description="live, sim or replay (heartbeat mode)")] = "sim"
     heartbeat_interval_ms: Annotated[int, Meta(gt=0, description="heartbeat period")] = 5_000

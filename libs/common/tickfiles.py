@@ -330,7 +330,7 @@ def _open_text(path: str | Path) -> io.TextIOBase:
         magic = probe.read(2)
     if magic == b"\x1f\x8b":
         return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8", newline="")
-    return p.open("r", encoding="utf-8", newline="")  # type: ignore[return-value]
+    return p.open("r", encoding="utf-8", newline="")
 
 
 def read_polygon_flatfile_trades(
