@@ -219,7 +219,7 @@ class StreamClosedMinutes(ClosedMinutes):
                 for entry_seq, payload in entries:
                     try:
                         bar = BAR_DECODER.decode(payload)
-                    except Exception:  # noqa: BLE001 - not ours to judge; the sequence counts
+                    except Exception:  # not ours to judge; the sequence counts
                         bar = None
                     if bar is not None:
                         end = max(end, bar.endMs)
@@ -355,7 +355,7 @@ class BarBuilder(Actor[BuilderMessage]):
     async def on_stop(self) -> None:
         try:
             await self.flush_commits()  # last: what the drained work made safe
-        except Exception as exc:  # noqa: BLE001 - stopping anyway; the next start re-reads
+        except Exception as exc:  # stopping anyway; the next start re-reads
             log.warning("bars.final_commit_failed", actor=self.name, error=repr(exc))
         await self.source.close()
         log.info("bars.builder_stopped", actor=self.name, open_symbols=len(self._open),

@@ -26,11 +26,13 @@ class BarsSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw_o
     late_policy: Annotated[str, Meta(description="revise (revision+1) or drop late trades")] = (
         "revise"
     )
-    tick_pattern: Annotated[str, Meta(description="Redis channel / Kafka topic pattern of ticks")] = (
-        "ticks.*"
-    )
+    tick_pattern: Annotated[
+        str, Meta(description="Redis channel / Kafka topic pattern of ticks")
+    ] = "ticks.*"
     shard_index: Annotated[int, Meta(ge=0, description="this instance's shard")] = 0
-    shard_count: Annotated[int, Meta(gt=0, description="number of shards (split by symbol hash)")] = 1
+    shard_count: Annotated[
+        int, Meta(gt=0, description="number of shards (split by symbol hash)")
+    ] = 1
     kafka_group: Annotated[str, Meta(description="consumer group of the Kafka source")] = (
         "tickmesh-bars-shadow"
     )

@@ -295,7 +295,7 @@ class KafkaTickSource:
                 self.gate.release()
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Listener(ConsumerRebalanceListener):
     def __init__(self, source: KafkaTickSource) -> None:
         self.source = source
 
