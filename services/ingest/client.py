@@ -155,7 +155,7 @@ async def publish_with_retry(
     rng = rng or random.Random()
     while True:
         try:
-            await publisher.publish_many(records)  # type: ignore[arg-type]
+            await publisher.publish_many(records)
             return
         except RETRIABLE as exc:
             if clock.monotonic() + delay > deadline:

@@ -27,9 +27,9 @@ class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     polygon_url: Annotated[str, Meta(description="WebSocket URL of the feed")] = (
         "wss://socket.polygon.io/stocks"
     )
-    polygon_api_key: Annotated[Secret, Meta(description="Polygon API key (POLYGON_API_KEY only)")] = (
-        Secret("")
-    )
+    polygon_api_key: Annotated[
+        Secret, Meta(description="Polygon API key (POLYGON_API_KEY only)")
+    ] = Secret("")
     symbols: Annotated[list[str], Meta(description="symbols, comma separated; * for all")] = (
         msgspec.field(default_factory=lambda: ["*"])
     )
@@ -39,9 +39,9 @@ class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     files: Annotated[list[str], Meta(description="tick files to replay when source=files")] = (
         msgspec.field(default_factory=list)
     )
-    queue_size: Annotated[int, Meta(gt=0, description="frames buffered between reader and decoder")] = (
-        10_000
-    )
+    queue_size: Annotated[
+        int, Meta(gt=0, description="frames buffered between reader and decoder")
+    ] = 10_000
     lag_warning_ms: Annotated[int, Meta(gt=0, description="feed lag that logs a warning")] = 5_000
     queue_warning_ratio: Annotated[
         float, Meta(gt=0, le=1, description="queue fill that logs a warning")

@@ -51,7 +51,7 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a badly formatted record is not ours to fix
+        except Exception:  # a badly formatted record is not ours to fix
             return True
         cleaned = redact(message, self.secrets)
         if cleaned != message:
