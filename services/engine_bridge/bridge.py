@@ -203,7 +203,7 @@ class BridgeActor(Actor[Any]):
                 records = core.close_gap(engine.restarts)
                 await self.store.publish_and_save(records, core.snapshot(engine.snapshot()))
                 self._count(records)
-        except Exception as exc:  # noqa: BLE001 - shutting down: report, then stop the engine
+        except Exception as exc:  # shutting down: report, then stop the engine
             self.log.error("bridge.final_gap_report_failed", error=repr(exc))
         finally:
             if engine is not None:
