@@ -23,6 +23,7 @@ import random
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,7 +143,7 @@ class InFlight:
     warned: bool = field(default=False)
 
 
-def shard_filter(index: int, count: int):  # type: ignore[no-untyped-def]
+def shard_filter(index: int, count: int) -> Callable[[str], bool] | None:
     """A channel filter for shard ``index`` of ``count`` (by CRC-32 of the channel name)."""
     if count <= 1:
         return None

@@ -684,7 +684,10 @@ async def reconcile_main(settings: MirrorSettings, args: argparse.Namespace) -> 
     sys.stdout.write(rendered + "\n")
     if args.out:
         path = Path(args.out)
-        path.write_text((to_json(report).decode() if path.suffix == ".json" else rendered) + "\n")
+        # the command's last step: nothing else is running on the loop
+        path.write_text(  # noqa: ASYNC240
+            (to_json(report).decode() if path.suffix == ".json" else rendered) + "\n"
+        )
     pct = report.parity.totals.parityPct
     if args.fail_below_target and (pct is None or pct < settings.parity_target_pct):
         return 3
