@@ -423,6 +423,7 @@ class GatedPublisher:
         return await self.real.publish(channel, record)
 
 
+@pytest.mark.timeout(120)
 async def test_a_slow_processor_fills_the_queue_with_a_warning_while_the_reader_keeps_reading(
     redis_client: Any, unique_name: Callable[[str], str]
 ) -> None:
@@ -453,10 +454,10 @@ async def test_a_slow_processor_fills_the_queue_with_a_warning_while_the_reader_
             await asyncio.sleep(0.3)  # let the oldest queued events age past the lag threshold
             before_release = [entry["event"] for entry in logs]
             publisher.gate.set()
-            await eventually(lambda: ingest.ticks >= 500)
+            await eventually(lambda: ingest.ticks >= 500, timeout=30)
             assert ingest.metric("tickmesh_ingest_feed_lag_seconds") > 0
             assert ingest.metric("tickmesh_ingest_warnings_total", kind="lag") == 1
-            await eventually(lambda: len(mailbox) < queue_size // 4)
+            await eventually(lambda: len(mailbox) < queue_size // 4, timeout=30)
     # One warning for the episode (once it drains, falling behind again is a new episode).
     assert before_release.count("ingest.queue_filling") == 1
     assert before_release.count("ingest.reader_paused") == 1
