@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -46,6 +45,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from libs.common.localstack import RedisServer, TansuBroker, free_port
+from libs.common.mesh import ServiceProcess
 from libs.common.redis_io import Keys
 from libs.common.settings import load_settings
 from services.mirror.audit import audit
@@ -87,46 +87,10 @@ def mirror_env(redis_url: str, bootstrap: str, name: str) -> dict[str, str]:
     }
 
 
-class Mirror:
+def mirror_process(env: dict[str, str], log: Path) -> ServiceProcess:
     """The mirror as an OS process."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> float:
-        """Start and wait until ready; returns the wall-clock time it became ready."""
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [PYTHON, "-m", "services.mirror", "run"],
-                cwd=REPO,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        port = self.env["MIRROR_HTTP_PORT"]
-        deadline = time.monotonic() + 60
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mirror exited: {self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return time.time()
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mirror not ready: {self.log.read_text()[-3000:]}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+    return ServiceProcess.service("mirror", "mirror", env, log, int(env["MIRROR_HTTP_PORT"]),
+                                  python=PYTHON, cwd=REPO)
 
 
 def loadgen(
@@ -265,8 +229,8 @@ def run_mirror_live(
     redis: RedisServer, kafka: TansuBroker, work: Path, name: str, per_record: int, repeat: int
 ) -> dict[str, object]:
     channel = f"ticks.{name}SPY"
-    mirror = Mirror(mirror_env(redis.url, kafka.bootstrap, name), work / f"{name}.log")
-    mirror.start()
+    mirror = mirror_process(mirror_env(redis.url, kafka.bootstrap, name), work / f"{name}.log")
+    mirror.start().wait_ready()
     marker = work / f"{name}.started"
     try:
         loaded = finish(loadgen(redis.url, channel, f"{name}:", per_record, repeat, marker))
@@ -297,9 +261,9 @@ def run_mirror_catch_up(
     channel = f"ticks.{name}SPY"
     loaded = finish(loadgen(redis.url, channel, f"{name}:", per_record, repeat))
     published = int(loaded["published"])  # type: ignore[arg-type]
-    mirror = Mirror(mirror_env(redis.url, kafka.bootstrap, name), work / f"{name}.log")
+    mirror = mirror_process(mirror_env(redis.url, kafka.bootstrap, name), work / f"{name}.log")
     try:
-        started = mirror.start()
+        started = mirror.start().wait_ready()
         done = asyncio.run(wait_acknowledged(redis.url, name, channel, published))
     finally:
         mirror.stop()

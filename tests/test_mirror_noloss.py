@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from libs.common.localstack import RedisServer, TansuBroker, free_port
+from libs.common.mesh import ServiceProcess
 from libs.common.redis_io import Keys, Publisher
 from libs.common.schemas import TickBatch, Trade
 from libs.common.settings import load_settings
@@ -39,75 +38,12 @@ REPO = Path(__file__).resolve().parent.parent
 DAY = "20131007"
 
 
-class MirrorProcess:
+def mirror_process(env: dict[str, str], log_path: Path) -> ServiceProcess:
     """``python -m services.mirror run`` with its settings in the environment."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        self.port = int(env["MIRROR_HTTP_PORT"])
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> MirrorProcess:
-        log = self.log_path.open("ab")
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "services.mirror", "run"],
-                cwd=REPO,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            log.close()
-        return self
-
-    def ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(
-                f"the mirror exited with {self.process.returncode}:\n{self.log_tail()}"
-            )
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.port}/readyz", timeout=2
-            ) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL: no drain, no flush, no last commit."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def events(self) -> list[dict[str, object]]:
-        """The JSON log lines."""
-        found = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    found.append(json.loads(line))
-                except ValueError:
-                    pass
-        return found
-
-    def event_names(self) -> list[str]:
-        return [str(event.get("event")) for event in self.events()]
+    return ServiceProcess.service(
+        "mirror", "mirror", {**os.environ, **env, "PYTHONUNBUFFERED": "1"}, log_path,
+        int(env["MIRROR_HTTP_PORT"]), cwd=REPO,
+    )
 
 
 def mirror_env(redis_url: str, kafka_bootstrap: str, name: str, **extra: str) -> dict[str, str]:
@@ -233,7 +169,7 @@ async def test_sigkill_mid_day_and_restart_kafka_holds_every_tick_record(
     channels = sorted({channel for channel, _ in items})
     env = mirror_env(redis_url, kafka_bootstrap, name)
     settings = load_settings(MirrorSettings, env)
-    mirror = MirrorProcess(env, tmp_path / "mirror.log").start()
+    mirror = mirror_process(env, tmp_path / "mirror.log").start()
     publisher = None
     try:
         await eventually(mirror.ready, timeout=60)
@@ -295,7 +231,7 @@ async def test_broker_paused_20s_nothing_is_lost_and_the_mirror_catches_up(
         redis_url, kafka_bootstrap, name, stall_warn_ms="2000", queue_max_records="500"
     )
     settings = load_settings(MirrorSettings, env)
-    mirror = MirrorProcess(env, tmp_path / "mirror.log").start()
+    mirror = mirror_process(env, tmp_path / "mirror.log").start()
     publisher = None
     try:
         await eventually(mirror.ready, timeout=60)
@@ -358,7 +294,7 @@ def run_overload(
     redis.start()
     env = mirror_env(redis.url, kafka_bootstrap, name)
     settings = load_settings(MirrorSettings, env)
-    mirror = MirrorProcess(env, tmp_path / "mirror.log").start()
+    mirror = mirror_process(env, tmp_path / "mirror.log").start()
     naive_out = tmp_path / "naive.json"
     ready = tmp_path / "naive.ready"
     naive = None

@@ -13,7 +13,6 @@ import importlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import pytest
 
 from libs.common.localstack import free_port
+from libs.common.mesh import ServiceProcess
 from libs.common.settings import CommonSettings, env_name
 from tests.helpers import eventually
 
@@ -131,31 +131,10 @@ def prometheus_bin() -> str:
     return shutil.which("prometheus")  # type: ignore[return-value]
 
 
-class Process:
-    """A subprocess logging to a file; stopped with SIGTERM, then SIGKILL."""
-
-    def __init__(self, name: str, command: list[str], env: dict[str, str], logs: Path) -> None:
-        self.name = name
-        self.log_path = logs / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.popen = subprocess.Popen(command, env=env, cwd=ROOT, stdout=self._log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-
-    def tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        self._log.close()
+def start_process(name: str, command: list[str], env: dict[str, str],
+                  logs: Path) -> ServiceProcess:
+    """A started subprocess logging to ``<logs>/<name>.log``."""
+    return ServiceProcess(name, command, env, logs / f"{name}.log", cwd=ROOT).start()
 
 
 def base_env() -> dict[str, str]:
@@ -180,8 +159,8 @@ def api(port: int, path: str) -> Any:
 
 
 @pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
+def processes() -> Iterator[list[ServiceProcess]]:
+    started: list[ServiceProcess] = []
     try:
         yield started
     finally:
@@ -203,7 +182,7 @@ def test_promtool_accepts_the_deployed_config_and_alert_rules(prometheus_bin: st
 
 async def test_prometheus_scrapes_every_service_key_series(
     prometheus_bin: str, redis_server: object, kafka_broker: object, tmp_path: Path,
-    processes: list[Process],
+    processes: list[ServiceProcess],
 ) -> None:
     started = time.monotonic()
     run_id = uuid.uuid4().hex[:8]
@@ -218,7 +197,7 @@ async def test_prometheus_scrapes_every_service_key_series(
         "TICKMESH_HEARTBEAT_INTERVAL_MS": "1000",
     }
     sim_port = free_port()
-    processes.append(Process("simulator", [
+    processes.append(start_process("simulator", [
         python, "-m", "services.ingest.simulator", "--host", "127.0.0.1", "--port", str(sim_port),
         "--synthetic-symbols", "3", "--rate", "60",
     ], {**base_env(), "SIM_API_KEY": SIM_KEY}, tmp_path))
@@ -239,8 +218,8 @@ async def test_prometheus_scrapes_every_service_key_series(
         targets[(job, role)] = port
         env = {**common, env_name(settings_class(service), "http_port"): str(port),
                "TICKMESH_RUN_ID": f"{run_id}-{job}-{role}", **extra}
-        processes.append(Process(f"{job}-{role}", [python, "-m", f"services.{service}", "run"],
-                                 env, tmp_path))
+        command = [python, "-m", f"services.{service}", "run"]
+        processes.append(start_process(f"{job}-{role}", command, env, tmp_path))
 
     prom_port = free_port()
     jobs: dict[str, list[str]] = {}
@@ -256,13 +235,13 @@ async def test_prometheus_scrapes_every_service_key_series(
             for job, entries in jobs.items()
         )
     )
-    processes.append(Process("prometheus", [
+    processes.append(start_process("prometheus", [
         prometheus_bin, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
         f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn",
     ], base_env(), tmp_path))
 
     def diagnose() -> str:
-        return "\n".join(f"--- {p.name} ({'alive' if p.alive() else 'EXITED'})\n{p.tail(1500)}"
+        return "\n".join(f"--- {p.name} ({'alive' if p.alive() else 'EXITED'})\n{p.log_tail(1500)}"
                          for p in processes)
 
     def all_up() -> bool:

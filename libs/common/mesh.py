@@ -10,6 +10,7 @@ reads the figures of the run from the services' ``/metrics`` and from Kafka.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -46,14 +47,116 @@ class MeshOptions:
     run_id: str = "demo"
 
 
-@dataclass
-class ServiceProcess:
-    """One running service."""
+class ProcessExited(RuntimeError):
+    """A process that should be running has exited."""
 
-    name: str
-    process: subprocess.Popen[bytes]
-    http_port: int
-    log_path: Path
+
+class ServiceProcess:
+    """One program run as an OS process, its output in a log file: a service of the mesh (with
+    ``http_port`` for readiness and metrics), the simulator, or any other tool a test runs.
+
+    Stopped with SIGTERM (a service drains within its deadline), then SIGKILL; ``kill`` is
+    the crash a no-loss test wants. ``start`` may be called again after a stop or a kill (the
+    log is appended to).
+    """
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], log_path: Path,
+                 *, http_port: int | None = None, cwd: Path | None = None) -> None:
+        self.name = name
+        self.command = command
+        self.env = env
+        self.log_path = log_path
+        self.http_port = http_port
+        self.cwd = cwd
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def service(cls, name: str, module: str, env: dict[str, str], log_path: Path,
+                http_port: int, *, python: str = sys.executable,
+                cwd: Path | None = None) -> ServiceProcess:
+        """``python -m services.<module> run``."""
+        return cls(name, [python, "-m", f"services.{module}", "run"], env, log_path,
+                   http_port=http_port, cwd=cwd)
+
+    def start(self) -> ServiceProcess:
+        """Start the process."""
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                self.command, env=self.env, cwd=self.cwd, stdout=log_file,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        return self
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.process is not None and self.process.poll() is None
+
+    def ready(self) -> bool:
+        """True when ``/readyz`` answers 200; raises ``ProcessExited`` if it died."""
+        if not self.alive():
+            code = None if self.process is None else self.process.returncode
+            raise ProcessExited(f"{self.name} exited with {code}:\n{self.log_tail()}")
+        url = f"http://127.0.0.1:{self.http_port}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout_s: float = 60.0) -> float:
+        """Wait until ready; returns the wall-clock time it became ready."""
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} not ready after {timeout_s:g} s:\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.05)
+        return time.time()
+
+    def terminate(self) -> None:
+        """Send SIGTERM without waiting (stop many at once, then ``stop`` each)."""
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM, wait up to ``timeout_s``, then SIGKILL."""
+        if self.process is None:
+            return
+        self.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no flush, no last commit."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        """The end of the log."""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def events(self) -> list[dict[str, object]]:
+        """The JSON lines of the log."""
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    found.append(json.loads(line))
+                except ValueError:
+                    pass
+        return found
+
+    def event_names(self) -> list[str]:
+        """The ``event`` of every JSON log line."""
+        return [str(event.get("event")) for event in self.events()]
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Scrape ``/metrics`` into ``{(sample name, labels): value}``."""
@@ -77,13 +180,6 @@ class ServiceProcess:
             if sample == name and all(dict(sample_labels).get(k) == v for k, v in labels.items())
         )
 
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines of the service's log."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
 
 class Mesh:
     """Start, watch and stop the whole mesh."""
@@ -94,7 +190,7 @@ class Mesh:
         self.options = options
         self.python = python
         self.services: dict[str, ServiceProcess] = {}
-        self.simulator: subprocess.Popen[bytes] | None = None
+        self.simulator: ServiceProcess | None = None
         self.simulator_port = 0
         options.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -117,17 +213,6 @@ class Mesh:
         })
         return env
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log_path = self.options.workdir / f"{name}.log"
-        log_file = log_path.open("wb")
-        try:
-            return subprocess.Popen(
-                [self.python, *args], env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        finally:
-            log_file.close()
-
     def start_service(self, name: str, module: str, prefix: str,
                       extra: dict[str, str] | None = None) -> ServiceProcess:
         """Start ``python -m services.<module> run`` with its settings."""
@@ -135,8 +220,8 @@ class Mesh:
         env = self._base_env()
         env[f"{prefix}HTTP_PORT"] = str(port)
         env.update(extra or {})
-        process = self._spawn(name, ["-m", f"services.{module}", "run"], env)
-        service = ServiceProcess(name, process, port, self.options.workdir / f"{name}.log")
+        service = ServiceProcess.service(name, module, env, self.options.workdir / f"{name}.log",
+                                         port, python=self.python).start()
         self.services[name] = service
         return service
 
@@ -155,7 +240,8 @@ class Mesh:
                      str(options.duration_s), "--seed", "7"]
         env = self._base_env()
         env["SIM_API_KEY"] = SIM_KEY
-        self.simulator = self._spawn("simulator", args, env)
+        self.simulator = ServiceProcess("simulator", [self.python, *args], env,
+                                        self.options.workdir / "simulator.log").start()
 
     def start(self) -> None:
         """Start everything: consumers first, so nothing relies on catching up."""
@@ -180,12 +266,10 @@ class Mesh:
         self.wait_ready(["ingest"], timeout_s=60)
 
     def check_alive(self) -> None:
-        """Raise with the log tail when a service has died."""
+        """Raise ``ProcessExited`` with the log tail when a service has died."""
         for service in self.services.values():
-            code = service.process.poll()
-            if code is not None:
-                raise RuntimeError(f"service {service.name} exited with {code}:\n"
-                                   f"{service.log_tail()}")
+            if not service.alive():
+                raise ProcessExited(f"service {service.name} exited:\n{service.log_tail()}")
 
     def wait_ready(self, names: list[str], timeout_s: float) -> None:
         """Wait until each named service answers /readyz with 200."""
@@ -193,14 +277,7 @@ class Mesh:
         pending = set(names)
         while pending:
             self.check_alive()
-            for name in sorted(pending):
-                url = f"http://127.0.0.1:{self.services[name].http_port}/readyz"
-                try:
-                    with urllib.request.urlopen(url, timeout=2) as response:
-                        if response.status == 200:
-                            pending.discard(name)
-                except OSError:
-                    pass
+            pending = {name for name in pending if not self.services[name].ready()}
             if pending and time.monotonic() > deadline:
                 tails = "\n".join(f"--- {n}\n{self.services[n].log_tail()}" for n in pending)
                 raise TimeoutError(f"not ready after {timeout_s:g} s: {sorted(pending)}\n{tails}")
@@ -210,7 +287,7 @@ class Mesh:
         """Wait for the simulator to finish its feed (it exits when done)."""
         assert self.simulator is not None
         deadline = time.monotonic() + timeout_s
-        while self.simulator.poll() is None:
+        while self.simulator.alive():
             self.check_alive()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the simulator did not finish within {timeout_s:g} s")
@@ -265,19 +342,14 @@ class Mesh:
 
     def stop(self) -> None:
         """SIGTERM every process (each drains within its deadline), SIGKILL stragglers."""
-        processes = [s.process for s in self.services.values()]
+        processes = list(self.services.values())
         if self.simulator is not None:
             processes.append(self.simulator)
         for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+            process.terminate()
         deadline = time.monotonic() + 15
         for process in processes:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            process.stop(max(0.1, deadline - time.monotonic()))
 
 
 def _kafka_settings(bootstrap: str) -> CommonSettings:
