@@ -183,8 +183,17 @@ def test_statuses_are_not_records() -> None:
 
 
 def test_dead_letters_carry_source_error_and_raw_bytes_as_base64() -> None:
-    (letter,) = protocol.dead_letters([BadEvent(b"\x00[bad", "boom")], "polygon", 5)
-    encoded = msgspec.json.decode(msgspec.json.encode(letter))
+    from prometheus_client import CollectorRegistry
+
+    from libs.common.clock import ManualClock
+    from libs.common.deadletter import DEAD_LETTER_CHANNEL, DeadLetters
+
+    bad = BadEvent(b"\x00[bad", "boom")
+    letters = DeadLetters(None, "ingest", registry=CollectorRegistry(),  # type: ignore[arg-type]
+                          clock=ManualClock(5))
+    ((channel, payload),) = letters.records("polygon", [(bad.error, bad.raw)])
+    assert channel == DEAD_LETTER_CHANNEL
+    encoded = msgspec.json.decode(payload)
     assert encoded["source"] == "polygon" and encoded["error"] == "boom"
     assert base64.b64decode(encoded["raw"]) == b"\x00[bad" and encoded["service"] == "ingest"
 
@@ -209,7 +218,7 @@ def test_topics_parse_from_comma_lists_with_blanks() -> None:
     assert protocol.split_topic("AM.*") == ("AM", "*")
     assert protocol.split_topic("T.BRK.A") == ("T", "BRK.A")
     for bad in ("AAPL", ".AAPL", "T."):
-        with pytest.raises(ValueError, match="EV.SYMBOL"):
+        with pytest.raises(ValueError, match=r"EV\.SYMBOL"):
             protocol.split_topic(bad)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from libs.common.clock import SYSTEM_CLOCK, Clock
 from libs.common.metrics import metrics_for
 from libs.common.redis_io import Publisher
-from libs.common.schemas import DeadLetter
+from libs.common.schemas import ENCODER, DeadLetter
 
 DEAD_LETTER_CHANNEL = "sentio.deadletter.v1"
 
@@ -36,13 +38,20 @@ class DeadLetters:
         self.channel = channel
         self.counter = dead_letter_counter(registry)
 
+    def records(self, source: str, bad: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """Count and log ``(error, raw)`` inputs and return their dead-letter records, for a
+        caller that publishes them in the same round trip (and retry) as its good records."""
+        kind = source.split(".", 1)[0]
+        self.counter.labels(self.service, kind).inc(len(bad))
+        now = self.clock.now_ms()
+        out = []
+        for error, raw in bad:
+            log.warning("deadletter.sent", source=source, error=error[:300], size=len(raw))
+            letter = DeadLetter(seq=0, source=source, error=error[:2_000], raw=raw, tsMs=now,
+                                service=self.service)
+            out.append((self.channel, ENCODER.encode(letter)))
+        return out
+
     async def send(self, source: str, error: str, raw: bytes) -> None:
         """Record one bad input; processing goes on."""
-        kind = source.split(".", 1)[0]
-        self.counter.labels(self.service, kind).inc()
-        log.warning("deadletter.sent", source=source, error=error[:300], size=len(raw))
-        await self.publisher.publish(
-            self.channel,
-            DeadLetter(seq=0, source=source, error=error[:2_000], raw=raw,
-                       tsMs=self.clock.now_ms(), service=self.service),
-        )
+        await self.publisher.publish_many(self.records(source, [(error, raw)]))

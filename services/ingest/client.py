@@ -223,7 +223,10 @@ class FrameProcessor(Actor[Frame]):
         for frame in frames:
             events, bad = decode_frame(frame.data)
             if bad:
-                await self._dead_letter(bad)
+                # into the same round trip (and retry) as the good records of the batch
+                self.m.decode_errors.inc(len(bad))
+                records.extend(self.dead_letters.records(
+                    self.source, [(item.error, item.raw) for item in bad]))
             if not events:
                 continue
             split = split_frame(events)
@@ -253,11 +256,6 @@ class FrameProcessor(Actor[Frame]):
         self.ticks_published += counts[protocol.TRADES]
         if newest_event_ms:
             self._check_lag(self.clock.now_ms() - newest_event_ms)
-
-    async def _dead_letter(self, bad: Sequence[protocol.BadEvent]) -> None:
-        self.m.decode_errors.inc(len(bad))
-        for item in bad:
-            await self.dead_letters.send(self.source, item.error, item.raw)
 
     async def _publish(self, records: list[tuple[str, bytes]]) -> None:
         await publish_with_retry(self.publisher, records, self.publish_retry_s, self.clock,

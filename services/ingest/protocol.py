@@ -32,7 +32,6 @@ from msgspec import Struct
 
 from libs.common.schemas import (
     AggregateBatch,
-    DeadLetter,
     Quote,
     QuoteBatch,
     TickBatch,
@@ -305,13 +304,6 @@ def records_of_frame(
     """
     events, bad = decode_frame(frame)
     return build_records(split_frame(events), ts_init_ms, channels, strip_event_tag), bad
-
-
-def dead_letters(
-    bad: Sequence[BadEvent], source: str, ts_ms: int, service: str = "ingest"
-) -> list[DeadLetter]:
-    """``DeadLetter`` records (``seq=0``) for rejected inputs; ``raw`` encodes as base64."""
-    return [DeadLetter(0, source, item.error, item.raw, ts_ms, service) for item in bad]
 
 
 # ---- client → server ----------------------------------------------------------------------
