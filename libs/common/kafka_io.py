@@ -9,9 +9,8 @@ relies on ``end_offsets``/``seek_to_end``/compaction being honoured.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -19,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from msgspec import Struct
 
+from libs.common.retry import retry_async
 from libs.common.settings import CommonSettings
 
 log = structlog.get_logger("tickmesh.kafka")
@@ -41,24 +41,14 @@ def is_retriable(exc: BaseException) -> bool:
 
 
 async def _retry_start(
-    what: str, start: object, max_wait_s: float, initial_delay_s: float = 0.2
+    what: str, start: Callable[[], Awaitable[None]], max_wait_s: float,
+    initial_delay_s: float = 0.2,
 ) -> None:
-    deadline = time.monotonic() + max_wait_s
-    delay = initial_delay_s
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            await start()  # type: ignore[operator]
-            return
-        except Exception as exc:
-            if not is_retriable(exc) or time.monotonic() + delay > deadline:
-                raise ConnectionError(f"Kafka {what} could not start after {attempt} attempts: "
-                                      f"{exc!r}") from exc
-            log.warning("kafka.connect_retry", what=what, attempt=attempt,
-                        delay_s=round(delay, 2), error=repr(exc))
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(5.0, delay * 2)
+    try:
+        await retry_async(start, retriable=is_retriable, max_wait_s=max_wait_s,
+                          what=f"kafka {what}", initial_s=initial_delay_s)
+    except Exception as exc:
+        raise ConnectionError(f"Kafka {what} could not start: {exc!r}") from exc
 
 
 async def start_producer(

@@ -12,8 +12,6 @@ sequence and stream live in one cluster slot.
 
 from __future__ import annotations
 
-import asyncio
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import cast
@@ -28,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from libs.common.metrics import metrics_for
+from libs.common.retry import retry_async
 from libs.common.schemas import ENCODER, SEQ_PREFIX
 
 log = structlog.get_logger("tickmesh.redis")
@@ -119,26 +118,14 @@ async def connect_redis(
     client = aioredis.Redis.from_url(
         url, socket_connect_timeout=5, health_check_interval=30, client_name=name
     )
-    deadline = time.monotonic() + max_wait_s
-    delay = initial_delay_s
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            await client.ping()
-            if attempt > 1:
-                log.info("redis.connected", attempts=attempt)
-            return client
-        except RETRIABLE as exc:
-            if time.monotonic() + delay > deadline:
-                await client.aclose()
-                raise ConnectionError(
-                    f"Redis at {redact_url(url)} unreachable after {attempt} attempts: {exc}"
-                ) from exc
-            log.warning("redis.connect_retry", attempt=attempt, delay_s=round(delay, 2),
-                        error=str(exc))
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(max_delay_s, delay * 2)
+    try:
+        await retry_async(client.ping, retriable=lambda exc: isinstance(exc, RETRIABLE),
+                          max_wait_s=max_wait_s, what="redis connect", initial_s=initial_delay_s,
+                          max_s=max_delay_s, url=redact_url(url))
+    except RETRIABLE as exc:
+        await client.aclose()
+        raise ConnectionError(f"Redis at {redact_url(url)} unreachable: {exc}") from exc
+    return client
 
 
 def redact_url(url: str) -> str:

@@ -38,6 +38,7 @@ from libs.common.actors import Actor, Overflow
 from libs.common.clock import SYSTEM_CLOCK, Clock
 from libs.common.deadletter import DeadLetters
 from libs.common.redis_io import RETRIABLE, Publisher
+from libs.common.retry import retry_async
 from libs.common.settings import Secret
 from services.ingest import protocol
 from services.ingest.protocol import DEFAULT_CHANNELS, ChannelNames, StatusEvent
@@ -150,20 +151,10 @@ async def publish_with_retry(
     A batch whose reply was lost may be published twice (with new sequence numbers): ticks
     keep their identity (``sym``, ``i``, ``q``) for a consumer that must deduplicate.
     """
-    deadline = clock.monotonic() + retry_s
-    delay = 0.1
-    rng = rng or random.Random()
-    while True:
-        try:
-            await publisher.publish_many(records)
-            return
-        except RETRIABLE as exc:
-            if clock.monotonic() + delay > deadline:
-                raise
-            log.warning("ingest.publish_retry", error=type(exc).__name__, detail=str(exc)[:200],
-                        records=len(records), delay_s=round(delay, 2))
-            await asyncio.sleep(delay * rng.uniform(1 - _JITTER, 1 + _JITTER))
-            delay = min(delay * 2, 5.0)
+    await retry_async(lambda: publisher.publish_many(records),
+                      retriable=lambda exc: isinstance(exc, RETRIABLE), max_wait_s=retry_s,
+                      what="ingest publish", jitter=_JITTER, clock=clock, rng=rng,
+                      records=len(records))
 
 
 class FrameProcessor(Actor[Frame]):

@@ -1,0 +1,58 @@
+"""Retrying an async operation: exponential backoff with jitter, under a deadline.
+
+The one retry loop of tickmesh (connecting to Redis and Kafka, publishing a batch): retry
+only what ``retriable`` accepts, wait ``initial_s`` doubling up to ``max_s`` with ±``jitter``,
+and when the next wait would pass ``max_wait_s``, raise the last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+
+from libs.common.clock import SYSTEM_CLOCK, Clock
+
+log = structlog.get_logger("tickmesh.retry")
+
+ResultT = TypeVar("ResultT")
+
+
+async def retry_async(
+    operation: Callable[[], Awaitable[ResultT]],
+    *,
+    retriable: Callable[[BaseException], bool],
+    max_wait_s: float,
+    what: str,
+    initial_s: float = 0.1,
+    max_s: float = 5.0,
+    jitter: float = 0.2,
+    clock: Clock = SYSTEM_CLOCK,
+    rng: random.Random | None = None,
+    **context: object,
+) -> ResultT:
+    """``await operation()``, retried as the module says; each retry logs one warning with
+    ``what`` and ``context``. Returns the result; raises the last error past the deadline or
+    at once for an error that is not retriable."""
+    deadline = clock.monotonic() + max_wait_s
+    delay = initial_s
+    rng = rng or random.Random()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            result = await operation()
+        except Exception as exc:
+            if not retriable(exc) or clock.monotonic() + delay > deadline:
+                raise
+            log.warning("retry.waiting", what=what, attempt=attempt, delay_s=round(delay, 2),
+                        error=type(exc).__name__, detail=str(exc)[:200], **context)
+            await asyncio.sleep(delay * rng.uniform(1 - jitter, 1 + jitter))
+            delay = min(max_s, delay * 2)
+            continue
+        if attempt > 1:
+            log.info("retry.succeeded", what=what, attempts=attempt, **context)
+        return result
