@@ -326,6 +326,12 @@ class BarBuilder(Actor[BuilderMessage]):
         self._pending: dict[str, deque[tuple[int, int, str]]] = {}
         self._last_position: dict[str, int] = {}
         self._channel_symbols: dict[str, set[str]] = {}
+        self._symbol_channels: dict[str, set[str]] = {}
+        # channels whose pending head may have become safe: new batches, or a minute of one
+        # of their symbols closed (scanning only these keeps a message O(its own channels))
+        self._dirty: set[str] = set()
+        self._waiting: set[str] = set()
+        """Channels with positions not yet safe to commit."""
         self.lag_ms = 0
         """Wall time minus the event-time watermark at the last message (for heartbeats)."""
         # safe positions waiting to be committed, by a task of their own (a commit is a round
@@ -347,6 +353,9 @@ class BarBuilder(Actor[BuilderMessage]):
         self._to_commit.clear()
         self._last_position.clear()
         self._channel_symbols.clear()
+        self._symbol_channels.clear()
+        self._dirty.clear()
+        self._waiting.clear()
         await self.closed.load()
         await self.source.open(builder=self, restart=self.generation > 1)
         log.info("bars.builder_started", actor=self.name, generation=self.generation,
@@ -464,10 +473,14 @@ class BarBuilder(Actor[BuilderMessage]):
         bars: list[Bar] = []
         for symbol in list(self._open):
             aggregator = self.aggregators[symbol]
+            open_before = aggregator.open_since(symbol)
             closed = aggregator.advance(now)
+            open_after = aggregator.open_since(symbol)
+            if open_after != open_before:
+                self._dirty.update(self._symbol_channels.get(symbol, ()))
             if closed:
                 bars.extend(closed)
-                if aggregator.open_since(symbol) is None:
+                if open_after is None:
                     self._open.discard(symbol)
             self._watermark = max(self._watermark, aggregator.watermark_ms)
         return bars
@@ -505,11 +518,15 @@ class BarBuilder(Actor[BuilderMessage]):
             symbols = self._channel_symbols.get(channel)
             if symbols is None:
                 symbols = self._channel_symbols[channel] = set()
-            symbols.add(batch.sym)
+            if batch.sym not in symbols:
+                symbols.add(batch.sym)
+                self._symbol_channels.setdefault(batch.sym, set()).add(channel)
             queue = pending.get(channel)
             if queue is None:
                 queue = pending[channel] = deque()
             queue.append((position, _newest(batch), batch.sym))
+            self._dirty.add(channel)
+            self._waiting.add(channel)
         self._m_ticks.inc(ticks)
         if late_revised or late_dropped:
             late = self.builder_metrics.late
@@ -545,7 +562,8 @@ class BarBuilder(Actor[BuilderMessage]):
         """Commit each channel up to the last batch whose ticks all sit in closed minutes."""
         safe: dict[str, int] = {}
         aggregators = self.aggregators
-        for channel, pending in self._pending.items():
+        for channel in self._dirty:
+            pending = self._pending.get(channel)
             while pending:
                 _position, newest, symbol = pending[0]
                 aggregator = aggregators.get(symbol)
@@ -553,23 +571,32 @@ class BarBuilder(Actor[BuilderMessage]):
                 if earliest_open is not None and newest >= earliest_open:
                     break
                 safe[channel] = pending.popleft()[0]
+            if not pending:
+                self._waiting.discard(channel)
+        self._dirty.clear()
         if safe:
             self._to_commit.update(safe)
             self._commit_wakeup.set()
-        self._m_uncommitted.set(sum(1 for pending in self._pending.values() if pending))
+        self._m_uncommitted.set(len(self._waiting))
 
     async def _reassign(self, lost: frozenset[str]) -> None:
         dropped: set[str] = set()
         for channel in lost:
-            dropped |= self._channel_symbols.pop(channel, set())
+            symbols = self._channel_symbols.pop(channel, set())
+            for symbol in symbols:
+                self._symbol_channels.get(symbol, set()).discard(channel)
+            dropped |= symbols
             self._pending.pop(channel, None)
             self._last_position.pop(channel, None)
+            self._dirty.discard(channel)
+            self._waiting.discard(channel)
         still_owned = set().union(*self._channel_symbols.values()) if self._channel_symbols \
             else set()
         dropped -= still_owned
         for symbol in dropped:
             self.aggregators.pop(symbol, None)  # its open minutes are the new owner's now
             self._open.discard(symbol)
+            self._symbol_channels.pop(symbol, None)
         self.closed.forget(dropped)
         await self.closed.load(keep=still_owned)
         if lost:
