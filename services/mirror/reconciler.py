@@ -29,8 +29,8 @@ from libs.common.actors import Actor
 from libs.common.barstore import BarStore
 from libs.common.clock import SYSTEM_CLOCK, Clock, ny_date, parse_day, ts_et
 from libs.common.kafka_io import (
-    TopicAdmin,
     TopicSpec,
+    ensure_topics,
     list_topics,
     read_from_beginning,
     start_producer,
@@ -507,19 +507,10 @@ class Reconciler:
                 key="none",
                 cleanup_policy="compact",
             )
-            admin = TopicAdmin(settings)
-            try:
-                await admin.ensure(
-                    [
-                        TopicSpec(
-                            settings.parity_topic,
-                            replication_factor=settings.topic_replication,
-                            configs=topic_configs(route, settings),
-                        )
-                    ]
-                )
-            finally:
-                await admin.close()
+            await ensure_topics(settings, [
+                TopicSpec(settings.parity_topic, replication_factor=settings.topic_replication,
+                          configs=topic_configs(route, settings)),
+            ])
             self._producer = await start_producer(
                 settings, client_id="tickmesh-reconciler", max_batch_size=4 * 1_048_576
             )
