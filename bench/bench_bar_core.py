@@ -18,7 +18,7 @@ Paths:
 Run: ``.venv/bin/python bench/bench_bar_core.py [--repeat 5] [--policy algoseek]``.
 """
 
-# ruff: noqa: PLR1730 - in the hot loops a comparison is cheaper than a max()/min() call
+
 
 from __future__ import annotations
 

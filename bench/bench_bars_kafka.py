@@ -108,11 +108,17 @@ def load_trades() -> tuple[str, list[Trade]]:
 
 
 def settings_for(bootstrap: str, group: str) -> BarsSettings:
-    return BarsSettings(kafka_bootstrap=bootstrap, kafka_group=group, source="kafka",
-                        tick_pattern=TOPIC, grace_ms=GRACE_MS,
-                        kafka_session_timeout_ms=SESSION_MS,
-                        kafka_heartbeat_interval_ms=HEARTBEAT_MS,
-                        kafka_rebalance_timeout_ms=REBALANCE_MS, run_id="bench")
+    return BarsSettings(
+        kafka_bootstrap=bootstrap,
+        kafka_group=group,
+        source="kafka",
+        tick_pattern=TOPIC,
+        grace_ms=GRACE_MS,
+        kafka_session_timeout_ms=SESSION_MS,
+        kafka_heartbeat_interval_ms=HEARTBEAT_MS,
+        kafka_rebalance_timeout_ms=REBALANCE_MS,
+        run_id="bench",
+    )
 
 
 async def produce(bootstrap: str, trades: list[Trade]) -> tuple[int, int]:
@@ -127,15 +133,23 @@ async def produce(bootstrap: str, trades: list[Trade]) -> tuple[int, int]:
     newest = max(trade.t for trade in trades)
     sentinel = Trade("SPY", trades[-1].p, 1, newest + 3_600_000, 4, (), "sentinel", 2)
     batches = [trades[i : i + BATCH] for i in range(0, len(trades), BATCH)] + [[sentinel]]
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all",
-                                max_batch_size=1_048_576, max_request_size=2_097_152)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        linger_ms=20,
+        acks="all",
+        max_batch_size=1_048_576,
+        max_request_size=2_097_152,
+    )
     await producer.start()
     try:
         futures = []
         for seq, ticks in enumerate(batches, 1):
             payload = ENCODER.encode(TickBatch(seq, "SPY", ticks))
-            futures.append(await producer.send(TOPIC, payload, key=b"SPY",
-                                               headers=sequence_headers(TOPIC, seq)))
+            futures.append(
+                await producer.send(
+                    TOPIC, payload, key=b"SPY", headers=sequence_headers(TOPIC, seq)
+                )
+            )
         for future in futures:
             await future
     finally:
@@ -156,8 +170,11 @@ async def run_tickmesh(bootstrap: str, trades: int, last_minute: int, timeout_s:
     first: list[float] = []
     done = asyncio.get_running_loop().create_future()
     collected: list[Bar] = []
-    consumer = make_consumer(settings, group_id=settings.kafka_group,
-                             partition_assignment_strategy=(RoundRobinPartitionAssignor,))
+    consumer = make_consumer(
+        settings,
+        group_id=settings.kafka_group,
+        partition_assignment_strategy=(RoundRobinPartitionAssignor,),
+    )
     source = KafkaTickSource(consumer, _NoDeadLetters(), registry=registry)  # type: ignore[arg-type]
     consumer.subscribe(pattern=topic_pattern(settings.tick_pattern), listener=source.listener())
     getmany = consumer.getmany
@@ -178,8 +195,13 @@ async def run_tickmesh(bootstrap: str, trades: int, last_minute: int, timeout_s:
     builder = BarBuilder(
         "bench.builder",
         lambda: BarAggregator("algoseek", grace_ms=settings.grace_ms),
-        source, sink, ClosedMinutes(None, Keys("bench:"), "bench"),
-        tick_interval_ms=settings.tick_interval_ms, registry=registry, source_kind="kafka")
+        source,
+        sink,
+        ClosedMinutes(None, Keys("bench:"), "bench"),
+        tick_interval_ms=settings.tick_interval_ms,
+        registry=registry,
+        source_kind="kafka",
+    )
     await start_consumer(consumer)
     await builder.start()
     try:
@@ -188,19 +210,30 @@ async def run_tickmesh(bootstrap: str, trades: int, last_minute: int, timeout_s:
     finally:
         await builder.stop()
         await consumer.stop()
-    return Result("tickmesh (KafkaTickSource + BarBuilder, algoseek)", trades, started,
-                  first[0], last_bar, len({(b.symbol, b.startMs) for b in collected}))
+    return Result(
+        "tickmesh (KafkaTickSource + BarBuilder, algoseek)",
+        trades,
+        started,
+        first[0],
+        last_bar,
+        len({(b.symbol, b.startMs) for b in collected}),
+    )
 
 
-async def run_reference(bootstrap: str, trades: int, last_minute: int,
-                        timeout_s: float) -> Result:
+async def run_reference(bootstrap: str, trades: int, last_minute: int, timeout_s: float) -> Result:
     """A plain aiokafka + msgspec loop: decode and a dict of minutes, nothing else."""
     started = time.perf_counter()
     consumer = AIOKafkaConsumer(
-        TOPIC, bootstrap_servers=bootstrap, group_id=f"bench-plain-{uuid.uuid4().hex[:8]}",
-        auto_offset_reset="earliest", enable_auto_commit=False,
-        session_timeout_ms=SESSION_MS, heartbeat_interval_ms=HEARTBEAT_MS,
-        rebalance_timeout_ms=REBALANCE_MS, fetch_max_wait_ms=50)
+        TOPIC,
+        bootstrap_servers=bootstrap,
+        group_id=f"bench-plain-{uuid.uuid4().hex[:8]}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        session_timeout_ms=SESSION_MS,
+        heartbeat_interval_ms=HEARTBEAT_MS,
+        rebalance_timeout_ms=REBALANCE_MS,
+        fetch_max_wait_ms=50,
+    )
     await consumer.start()
     bars: dict[int, list[float]] = {}
     first = 0.0
@@ -229,8 +262,14 @@ async def run_reference(bootstrap: str, trades: int, last_minute: int,
                             bar[4] += trade.s
     finally:
         await consumer.stop()
-    return Result("reference (plain aiokafka + msgspec loop, no rules)", trades, started, first,
-                  last_bar, len(bars) - 1)
+    return Result(
+        "reference (plain aiokafka + msgspec loop, no rules)",
+        trades,
+        started,
+        first,
+        last_bar,
+        len(bars) - 1,
+    )
 
 
 def run_quix(bootstrap: str, trades: int, last_minute: int, timeout_s: float) -> Result:
@@ -249,8 +288,10 @@ def run_quix(bootstrap: str, trades: int, last_minute: int, timeout_s: float) ->
             broker_address=bootstrap,
             consumer_group=f"bench-quix-{uuid.uuid4().hex[:8]}",
             auto_offset_reset="earliest",
-            consumer_extra_config={"session.timeout.ms": SESSION_MS,
-                                   "heartbeat.interval.ms": HEARTBEAT_MS},
+            consumer_extra_config={
+                "session.timeout.ms": SESSION_MS,
+                "heartbeat.interval.ms": HEARTBEAT_MS,
+            },
             state_dir=state_dir,
             use_changelog_topics=False,
             loglevel=logging.WARNING,
@@ -273,8 +314,13 @@ def run_quix(bootstrap: str, trades: int, last_minute: int, timeout_s: float) ->
         sdf = sdf.set_timestamp(lambda value, _key, _timestamp, _headers: value["t"])
         sdf = (
             sdf.tumbling_window(MINUTE_MS, grace_ms=GRACE_MS)
-            .agg(open=agg.Earliest("p"), high=agg.Max("p"), low=agg.Min("p"),
-                 close=agg.Latest("p"), volume=agg.Sum("s"))
+            .agg(
+                open=agg.Earliest("p"),
+                high=agg.Max("p"),
+                low=agg.Min("p"),
+                close=agg.Latest("p"),
+                volume=agg.Sum("s"),
+            )
             .final()
         )
         sdf = sdf.update(collect)
@@ -286,8 +332,14 @@ def run_quix(bootstrap: str, trades: int, last_minute: int, timeout_s: float) ->
             watchdog.cancel()
     if not last:
         raise TimeoutError(f"quixstreams did not emit the last bar within {timeout_s:g} s")
-    return Result("quixstreams (tumbling window OHLCV, no rules)", trades, started, first[0],
-                  last[0], len(windows))
+    return Result(
+        "quixstreams (tumbling window OHLCV, no rules)",
+        trades,
+        started,
+        first[0],
+        last[0],
+        len(windows),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,38 +361,49 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[Result]] = {}
         for _ in range(args.repeat):
             for result in (
-                asyncio.run(run_tickmesh(broker.bootstrap, count, last_minute,
-                                         args.timeout_s)),
-                asyncio.run(run_reference(broker.bootstrap, count, last_minute,
-                                          args.timeout_s)),
-                *([] if args.skip_quix else
-                  [run_quix(broker.bootstrap, count, last_minute, args.timeout_s)]),
+                asyncio.run(run_tickmesh(broker.bootstrap, count, last_minute, args.timeout_s)),
+                asyncio.run(run_reference(broker.bootstrap, count, last_minute, args.timeout_s)),
+                *(
+                    []
+                    if args.skip_quix
+                    else [run_quix(broker.bootstrap, count, last_minute, args.timeout_s)]
+                ),
             ):
                 runs.setdefault(result.name, []).append(result)
     finally:
         broker.stop()
-    print(f"input: {description}: {count:,} trades in {records - 1:,} records of up to "
-          f"{BATCH} trades (+1 sentinel) on one Tansu partition")
-    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cpus, "
-          f"load average {os.getloadavg()[0]:.1f}; best of {args.repeat}; group session "
-          f"{SESSION_MS} ms, grace {GRACE_MS} ms")
-    print(f"{'system':54s} {'bars':>5s} {'first rec -> last bar':>22s} {'ticks/s':>10s} "
-          f"{'end to end':>11s} {'ticks/s':>10s}")
+    print(
+        f"input: {description}: {count:,} trades in {records - 1:,} records of up to "
+        f"{BATCH} trades (+1 sentinel) on one Tansu partition"
+    )
+    print(
+        f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cpus, "
+        f"load average {os.getloadavg()[0]:.1f}; best of {args.repeat}; group session "
+        f"{SESSION_MS} ms, grace {GRACE_MS} ms"
+    )
+    print(
+        f"{'system':54s} {'bars':>5s} {'first rec -> last bar':>22s} {'ticks/s':>10s} "
+        f"{'end to end':>11s} {'ticks/s':>10s}"
+    )
     best: dict[str, Result] = {}
     for name, results in runs.items():
         result = best[name] = min(results, key=lambda r: r.processing_s)
         e2e = min(r.end_to_end_s for r in results)
-        print(f"{name:54s} {result.bars:5d} {result.processing_s:21.3f}s "
-              f"{result.trades / result.processing_s:10,.0f} {e2e:10.3f}s "
-              f"{result.trades / e2e:10,.0f}")
+        print(
+            f"{name:54s} {result.bars:5d} {result.processing_s:21.3f}s "
+            f"{result.trades / result.processing_s:10,.0f} {e2e:10.3f}s "
+            f"{result.trades / e2e:10,.0f}"
+        )
     ours = next(r for n, r in best.items() if n.startswith("tickmesh"))
     quix = next((r for n, r in best.items() if n.startswith("quixstreams")), None)
     if quix is not None:
         quix_e2e = min(r.end_to_end_s for r in runs[quix.name])
         ours_e2e = min(r.end_to_end_s for r in runs[ours.name])
-        print(f"ratio tickmesh / quixstreams: {quix.processing_s / ours.processing_s:.1f}x "
-              f"first record to last bar, {quix_e2e / ours_e2e:.1f}x end to end "
-              f"(target >= 10x)")
+        print(
+            f"ratio tickmesh / quixstreams: {quix.processing_s / ours.processing_s:.1f}x "
+            f"first record to last bar, {quix_e2e / ours_e2e:.1f}x end to end "
+            f"(target >= 10x)"
+        )
     return 0
 
 

@@ -38,8 +38,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.ingest import protocol  # noqa: E402
-from services.ingest.simulator import SyntheticFeed, SyntheticMarket  # noqa: E402
+from services.ingest import protocol
+from services.ingest.simulator import SyntheticFeed, SyntheticMarket
 
 EVENTS_PER_FRAME = 100
 

@@ -52,14 +52,19 @@ from services.ingest import protocol
 from services.ingest.client import Frame, FrameProcessor, IngestMetrics
 
 
-async def publish_pass(client: aioredis.Redis, frames: Sequence[bytes], round_id: str,
-                       batch_frames: int) -> float:
+async def publish_pass(
+    client: aioredis.Redis, frames: Sequence[bytes], round_id: str, batch_frames: int
+) -> float:
     """Seconds for the FrameProcessor to decode and publish every frame (fresh keys)."""
     registry = CollectorRegistry()
     publisher = Publisher(client, keys=Keys(f"bench:{round_id}:"), registry=registry)
     processor = FrameProcessor(
-        publisher, DeadLetters(publisher, "bench", registry=registry), IngestMetrics(registry),
-        queue_size=len(frames) + 1, batch_frames=batch_frames, registry=registry,
+        publisher,
+        DeadLetters(publisher, "bench", registry=registry),
+        IngestMetrics(registry),
+        queue_size=len(frames) + 1,
+        batch_frames=batch_frames,
+        registry=registry,
         lag_warning_ms=10**13,  # the frames carry 2023 event times
     )
     total = len(frames) * EVENTS_PER_FRAME
@@ -88,8 +93,13 @@ def time_sync(function: Callable[[Any], object], inputs: Sequence[Any]) -> float
     return time.perf_counter() - started
 
 
-async def run_async(client: aioredis.Redis, frames_count: int, repeat: int,
-                    symbol_counts: Sequence[int], batch_frames: int) -> list[dict[str, Any]]:
+async def run_async(
+    client: aioredis.Redis,
+    frames_count: int,
+    repeat: int,
+    symbol_counts: Sequence[int],
+    batch_frames: int,
+) -> list[dict[str, Any]]:
     official = official_paths()
     parse = official.get("official parse")
     rows: list[dict[str, Any]] = []
@@ -104,34 +114,42 @@ async def run_async(client: aioredis.Redis, frames_count: int, repeat: int,
             round_id = f"{symbols}-{round_number}-{time.time_ns()}"
             best["ingest decode+publish"] = min(
                 best["ingest decode+publish"],
-                await publish_pass(client, as_bytes, round_id, batch_frames))
+                await publish_pass(client, as_bytes, round_id, batch_frames),
+            )
             await client.flushdb()
             best["ingest decode only"] = min(
                 best["ingest decode only"],
-                time_sync(lambda f: protocol.records_of_frame(f, 0), as_bytes))
+                time_sync(lambda f: protocol.records_of_frame(f, 0), as_bytes),
+            )
             if parse is not None:
                 best["official parse"] = min(best["official parse"], time_sync(parse, as_text))
         ticks = frames_count * EVENTS_PER_FRAME
         reference = best.get("official parse")
         for name, elapsed in best.items():
-            rows.append({
-                "symbols": symbols,
-                "recordsPerFrame": len(records),
-                "path": name,
-                "ticksPerS": ticks / elapsed,
-                "usPerFrame": elapsed / frames_count * 1e6,
-                "ratio": (reference / elapsed) if reference else None,
-            })
+            rows.append(
+                {
+                    "symbols": symbols,
+                    "recordsPerFrame": len(records),
+                    "path": name,
+                    "ticksPerS": ticks / elapsed,
+                    "usPerFrame": elapsed / frames_count * 1e6,
+                    "ratio": (reference / elapsed) if reference else None,
+                }
+            )
     return rows
 
 
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
-    print(f"{'symbols':>7}  {'rec/frame':>9}  {'path':<22} {'ticks/s':>12} {'us/frame':>9} "
-          f"{'x official':>10}")
+    print(
+        f"{'symbols':>7}  {'rec/frame':>9}  {'path':<22} {'ticks/s':>12} {'us/frame':>9} "
+        f"{'x official':>10}"
+    )
     for row in rows:
         ratio = f"{row['ratio']:.1f}x" if row["ratio"] else "-"
-        print(f"{row['symbols']:>7}  {row['recordsPerFrame']:>9}  {row['path']:<22} "
-              f"{row['ticksPerS']:>12,.0f} {row['usPerFrame']:>9.1f} {ratio:>10}")
+        print(
+            f"{row['symbols']:>7}  {row['recordsPerFrame']:>9}  {row['path']:<22} "
+            f"{row['ticksPerS']:>12,.0f} {row['usPerFrame']:>9.1f} {ratio:>10}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,8 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=2_000, help="frames per pass")
     parser.add_argument("--repeat", type=int, default=5, help="rounds; the best pass counts")
     parser.add_argument("--symbols", default="1,10,1000", help="symbol counts, comma separated")
-    parser.add_argument("--batch-frames", type=int, default=64,
-                        help="frames per Redis round trip (INGEST_PUBLISH_BATCH_FRAMES)")
+    parser.add_argument(
+        "--batch-frames",
+        type=int,
+        default=64,
+        help="frames per Redis round trip (INGEST_PUBLISH_BATCH_FRAMES)",
+    )
     parser.add_argument("--cpu", type=int, default=0, help="CPU for this process (-1: no pin)")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead")
     args = parser.parse_args(argv)
@@ -160,8 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         async def go() -> list[dict[str, Any]]:
             client = aioredis.Redis.from_url(server.url)
             try:
-                return await run_async(client, args.frames, args.repeat, symbol_counts,
-                                       args.batch_frames)
+                return await run_async(
+                    client, args.frames, args.repeat, symbol_counts, args.batch_frames
+                )
             finally:
                 await client.aclose()
 
@@ -171,9 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"ingest decode+publish bench: {args.frames} frames x {EVENTS_PER_FRAME} trades, best of "
-          f"{args.repeat}; {args.batch_frames} frames per round trip; {pinned}; "
-          f"Python {platform.python_version()} on {platform.machine()}")
+    print(
+        f"ingest decode+publish bench: {args.frames} frames x {EVENTS_PER_FRAME} trades, best of "
+        f"{args.repeat}; {args.batch_frames} frames per round trip; {pinned}; "
+        f"Python {platform.python_version()} on {platform.machine()}"
+    )
     if not any(row["path"] == "official parse" for row in rows):
         print("(official client not installed: pip install massive)")
     print_table(rows)

@@ -89,8 +89,9 @@ def mirror_env(redis_url: str, bootstrap: str, name: str) -> dict[str, str]:
 
 def mirror_process(env: dict[str, str], log: Path) -> ServiceProcess:
     """The mirror as an OS process."""
-    return ServiceProcess.service("mirror", "mirror", env, log, int(env["MIRROR_HTTP_PORT"]),
-                                  python=PYTHON, cwd=REPO)
+    return ServiceProcess.service(
+        "mirror", "mirror", env, log, int(env["MIRROR_HTTP_PORT"]), python=PYTHON, cwd=REPO
+    )
 
 
 def loadgen(

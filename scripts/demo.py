@@ -30,17 +30,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The demo's flags."""
-    parser = argparse.ArgumentParser(prog="scripts/demo.sh", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="scripts/demo.sh",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--data", type=Path, help="Lean data folder (replays a real day)")
     parser.add_argument("--date", help="day to replay with --data, YYYY-MM-DD")
     parser.add_argument("--symbols", default="SPY,IBM,AIG,BAC", help="symbols of a real day")
-    parser.add_argument("--speed", type=float, default=0.0,
-                        help="replay speed: 1 = real time, 0 = as fast as possible")
+    parser.add_argument(
+        "--speed",
+        type=float,
+        default=0.0,
+        help="replay speed: 1 = real time, 0 = as fast as possible",
+    )
     parser.add_argument("--synthetic-symbols", type=int, default=20)
     parser.add_argument("--rate", type=int, default=5_000, help="synthetic ticks per second")
-    parser.add_argument("--duration-s", type=float, default=20.0,
-                        help="length of the synthetic feed (shortens the demo)")
+    parser.add_argument(
+        "--duration-s",
+        type=float,
+        default=20.0,
+        help="length of the synthetic feed (shortens the demo)",
+    )
     parser.add_argument("--grace-ms", type=int, default=1_000)
     parser.add_argument("--workdir", type=Path, help="where logs go (a temp dir by default)")
     args = parser.parse_args(argv)
@@ -62,10 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_signal)  # stop the mesh on the way out, not orphan it
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tickmesh-demo-"))
     options = MeshOptions(
-        workdir=workdir, data_dir=args.data, day=args.date,
+        workdir=workdir,
+        data_dir=args.data,
+        day=args.date,
         symbols=[s.strip().upper() for s in args.symbols.split(",") if s.strip()],
-        speed=args.speed, synthetic_symbols=args.synthetic_symbols,
-        synthetic_rate=args.rate, duration_s=args.duration_s, grace_ms=args.grace_ms,
+        speed=args.speed,
+        synthetic_symbols=args.synthetic_symbols,
+        synthetic_rate=args.rate,
+        duration_s=args.duration_s,
+        grace_ms=args.grace_ms,
     )
     started = time.monotonic()
     print(f"tickmesh demo: logs in {workdir}", flush=True)
@@ -91,8 +107,11 @@ def print_summary(mesh: Mesh, elapsed_s: float) -> None:
     services = mesh.services
     ticks = services["ingest"].metric_sum("tickmesh_ingest_events_total", type="T")
     bars = services["bars"].metric_sum("tickmesh_bars_published_total")
-    shadow = services["bars-shadow"].metric_sum("tickmesh_bars_published_total") \
-        if "bars-shadow" in services else 0
+    shadow = (
+        services["bars-shadow"].metric_sum("tickmesh_bars_published_total")
+        if "bars-shadow" in services
+        else 0
+    )
     dead = sum(s.metric_sum("tickmesh_dead_letters_total") for s in services.values())
     counts = mesh.kafka_counts()
     print("\n== tickmesh demo summary ==")
@@ -115,11 +134,20 @@ def print_summary(mesh: Mesh, elapsed_s: float) -> None:
 
 def print_reconcile(stack: LocalStack, day: str) -> None:
     """The reconciler's report of the day, when the mirror has one."""
-    env = {**os.environ, "TICKMESH_REDIS_URL": stack.redis.url,
-           "TICKMESH_KAFKA_BOOTSTRAP": stack.kafka.bootstrap, "MIRROR_RECONCILE_MIN_AGE_S": "0"}
+    env = {
+        **os.environ,
+        "TICKMESH_REDIS_URL": stack.redis.url,
+        "TICKMESH_KAFKA_BOOTSTRAP": stack.kafka.bootstrap,
+        "MIRROR_RECONCILE_MIN_AGE_S": "0",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "services.mirror", "reconcile", "--date", day, "--format", "md"],
-        env=env, capture_output=True, text=True, timeout=300, cwd=REPO, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        check=False,
     )
     print("\n== shadow-mode parity (services.mirror reconcile) ==")
     print(result.stdout.strip() or result.stderr.strip()[-2000:])

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the test suite: bootstrap, then pytest. Extra arguments go to pytest.
+# Run the test suite: bootstrap, lint (ruff check, ruff format --check, mypy), then pytest.
+# Extra arguments go to pytest; TICKMESH_SKIP_LINT=1 skips the lint step (local reruns only).
 #
 #   bash scripts/test.sh                      # everything except tests marked slow
 #   TICKMESH_SLOW=1 bash scripts/test.sh      # slow tests too
@@ -15,6 +16,14 @@ select_marker=()
 if [[ "${TICKMESH_SLOW:-0}" != "1" ]]; then
     # A later -m given by the caller wins: pytest keeps the last one.
     select_marker=(-m "not slow")
+fi
+
+# Lint, layout and types first: cheap, and CI runs exactly this script.
+if [[ "${TICKMESH_SKIP_LINT:-0}" != "1" ]]; then
+    lint_paths=(libs services tests bench scripts deploy)
+    .venv/bin/python -m ruff check "${lint_paths[@]}"
+    .venv/bin/python -m ruff format --check "${lint_paths[@]}"
+    .venv/bin/python -m mypy
 fi
 
 status=0

@@ -40,7 +40,7 @@ async def eventually(
             last_value, last_error = result, None
         except AssertionError as error:
             last_error = error
-        except Exception as error:  # noqa: BLE001 - reported on timeout
+        except Exception as error:
             last_error = error
         if time.monotonic() >= deadline:
             break

@@ -217,8 +217,13 @@ async def test_failure_in_a_timer_escalates() -> None:
 async def test_supervisor_restarts_a_failed_child_with_growing_backoff() -> None:
     registry = CollectorRegistry()
     supervisor = Supervisor(
-        "sup", max_restarts=5, window_s=60, backoff_initial_s=0.01, backoff_max_s=1,
-        jitter=0.0, registry=registry,
+        "sup",
+        max_restarts=5,
+        window_s=60,
+        backoff_initial_s=0.01,
+        backoff_max_s=1,
+        jitter=0.0,
+        registry=registry,
     )
     actor = supervisor.add(Recorder("child", registry))
     running = asyncio.create_task(supervisor.run())
@@ -237,8 +242,14 @@ async def test_supervisor_restarts_a_failed_child_with_growing_backoff() -> None
 
 
 def test_backoff_has_jitter_within_bounds_and_a_cap() -> None:
-    supervisor = Supervisor("j", backoff_initial_s=1, backoff_max_s=8, jitter=0.2,
-                            rng=random.Random(1), registry=CollectorRegistry())
+    supervisor = Supervisor(
+        "j",
+        backoff_initial_s=1,
+        backoff_max_s=8,
+        jitter=0.2,
+        rng=random.Random(1),
+        registry=CollectorRegistry(),
+    )
     delays = [supervisor.backoff_s(n) for n in range(6)]
     assert all(0.8 <= d / min(8, 2**n) <= 1.2 for n, d in enumerate(delays))
     assert len({round(d / min(8, 2**n), 6) for n, d in enumerate(delays)}) > 1
@@ -247,8 +258,9 @@ def test_backoff_has_jitter_within_bounds_and_a_cap() -> None:
 
 async def test_supervisor_past_the_budget_raises_and_stops_everything() -> None:
     registry = CollectorRegistry()
-    supervisor = Supervisor("budget", max_restarts=2, window_s=60, backoff_initial_s=0.001,
-                            jitter=0, registry=registry)
+    supervisor = Supervisor(
+        "budget", max_restarts=2, window_s=60, backoff_initial_s=0.001, jitter=0, registry=registry
+    )
     failing = supervisor.add(Recorder("flaky", registry))
     other = supervisor.add(Recorder("other", registry))
     running = asyncio.create_task(supervisor.run())
@@ -267,8 +279,15 @@ async def test_restarts_outside_the_window_do_not_count() -> None:
 
     clock = ManualClock()
     registry = CollectorRegistry()
-    supervisor = Supervisor("window", max_restarts=1, window_s=10, backoff_initial_s=0.001,
-                            jitter=0, clock=clock, registry=registry)
+    supervisor = Supervisor(
+        "window",
+        max_restarts=1,
+        window_s=10,
+        backoff_initial_s=0.001,
+        jitter=0,
+        clock=clock,
+        registry=registry,
+    )
     actor = supervisor.add(Recorder("w", registry))
     running = asyncio.create_task(supervisor.run())
     for _ in range(3):

@@ -25,8 +25,9 @@ T0 = 1_709_564_400_000  # 2024-03-04 10:00 New York
 GRACE_MS = 1_000
 
 
-def trade(symbol: str, t: int, price: float = 10.0, size: int = 100,
-          conditions: tuple[int, ...] = ()) -> Trade:
+def trade(
+    symbol: str, t: int, price: float = 10.0, size: int = 100, conditions: tuple[int, ...] = ()
+) -> Trade:
     return Trade(sym=symbol, p=price, s=size, t=t, x=4, c=conditions, z=3)
 
 
@@ -69,9 +70,16 @@ class Harness:
             self.published.extend(bars)
 
         self.builder = BarBuilder(
-            "unit.builder", lambda: BarAggregator(policy, grace_ms=GRACE_MS, clock=clock),
-            self.source, sink, self.closed, tick_interval_ms=10_000, clock=clock,
-            registry=CollectorRegistry(), source_kind="unit")
+            "unit.builder",
+            lambda: BarAggregator(policy, grace_ms=GRACE_MS, clock=clock),
+            self.source,
+            sink,
+            self.closed,
+            tick_interval_ms=10_000,
+            clock=clock,
+            registry=CollectorRegistry(),
+            source_kind="unit",
+        )
 
     async def deliver(self, *items: Item) -> None:
         await self.builder.tell(TickWork(list(items), self.builder.generation))
@@ -85,8 +93,9 @@ class Harness:
         await self.builder.barrier()
 
     def bars(self) -> list[tuple[str, int, int, int]]:
-        return [(b.symbol, (b.startMs - T0) // MINUTE_MS, b.volume, b.revision)
-                for b in self.published]
+        return [
+            (b.symbol, (b.startMs - T0) // MINUTE_MS, b.volume, b.revision) for b in self.published
+        ]
 
 
 def test_channel_names_and_topic_patterns_allow_dotted_symbols() -> None:
@@ -106,8 +115,9 @@ async def test_each_symbol_has_its_own_watermark() -> None:
     await harness.builder.start()
     try:
         await harness.deliver(*[("ticks.A", i, batch("A", T0 + i * 30_000)) for i in range(11)])
-        await harness.deliver(*[("ticks.B", i, batch("B", T0 + 60_000 + i * 30_000))
-                                for i in range(6)])
+        await harness.deliver(
+            *[("ticks.B", i, batch("B", T0 + 60_000 + i * 30_000)) for i in range(6)]
+        )
         await harness.advance_to(clock.now_ms() + 120_000)
         assert {b[0] for b in harness.bars() if b[1] == 1} == {"A", "B"}
         assert all(revision == 0 for *_, revision in harness.bars())
@@ -145,11 +155,14 @@ async def test_a_restart_rewinds_drops_stale_work_and_does_not_rebuild_published
     harness = Harness(clock, policy="algoseek")
     builder = harness.builder
     await builder.start()
-    straddling = TickBatch(0, "A", [trade("A", T0 + 59_000, conditions=(14, 41)),
-                                    trade("A", T0 + 60_500)])
-    first = [("ticks.A", 1, batch("A", T0 + 1_000)),
-             ("ticks.A", 2, straddling),
-             ("ticks.A", 3, batch("A", T0 + 62_000))]
+    straddling = TickBatch(
+        0, "A", [trade("A", T0 + 59_000, conditions=(14, 41)), trade("A", T0 + 60_500)]
+    )
+    first = [
+        ("ticks.A", 1, batch("A", T0 + 1_000)),
+        ("ticks.A", 2, straddling),
+        ("ticks.A", 3, batch("A", T0 + 62_000)),
+    ]
     await harness.deliver(*first)
     assert harness.bars() == [("A", 0, 200, 0)] and harness.source.committed == {"ticks.A": 1}
     # the actor fails (e.g. its sink), and the supervisor restarts it
@@ -174,23 +187,24 @@ async def test_a_lost_partition_is_forgotten_and_a_kept_one_is_not_read_twice() 
     builder = harness.builder
     await builder.start()
     try:
-        await harness.deliver(("p#0", 10, batch("A", T0 + 1_000)),
-                              ("p#1", 20, batch("B", T0 + 2_000)))
+        await harness.deliver(
+            ("p#0", 10, batch("A", T0 + 1_000)), ("p#1", 20, batch("B", T0 + 2_000))
+        )
         await builder.reassign({"p#0"})  # A went to another member
         # B's partition restarts at its committed offset: the same position again is ignored
-        await harness.deliver(("p#1", 20, batch("B", T0 + 2_000)),
-                              ("p#1", 21, batch("B", T0 + 3_000)))
+        await harness.deliver(
+            ("p#1", 20, batch("B", T0 + 2_000)), ("p#1", 21, batch("B", T0 + 3_000))
+        )
         await harness.advance_to(clock.now_ms() + 120_000)
         assert harness.bars() == [("B", 0, 200, 0)]
         assert harness.source.committed == {"p#1": 21}
         # A's partition comes back (the other member left): read again from its committed
         # offset, it must count once
         await builder.reassign(set())
-        await harness.deliver(("p#0", 10, batch("A", T0 + 1_000)),
-                              ("p#0", 11, batch("A", T0 + 61_000, size=5)))
+        await harness.deliver(
+            ("p#0", 10, batch("A", T0 + 1_000)), ("p#0", 11, batch("A", T0 + 61_000, size=5))
+        )
         await harness.advance_to(clock.now_ms() + 120_000)
         assert harness.bars() == [("B", 0, 200, 0), ("A", 0, 100, 0), ("A", 1, 5, 0)]
     finally:
         await builder.stop()
-
-

@@ -64,14 +64,20 @@ def symbols_for(count: int, shards: int = 1) -> tuple[str, list[str]]:
     candidates = [f"{tag}{chr(ord('A') + i // 26)}{chr(ord('A') + i % 26)}" for i in range(200)]
     chosen: list[str] = []
     for shard in range(shards):  # one per shard first, then whatever comes
-        chosen.append(next(s for s in candidates if shard_of(s, shards) == shard
-                           and s not in chosen))
+        chosen.append(
+            next(s for s in candidates if shard_of(s, shards) == shard and s not in chosen)
+        )
     chosen += [s for s in candidates if s not in chosen][: count - len(chosen)]
     return f"ticks.{tag}*", sorted(chosen)
 
 
-def make_trades(symbols: Sequence[str], start: tuple[int, int], minutes: int,
-                seed: int = 11, per_minute: int = 40) -> list[Trade]:
+def make_trades(
+    symbols: Sequence[str],
+    start: tuple[int, int],
+    minutes: int,
+    seed: int = 11,
+    per_minute: int = 40,
+) -> list[Trade]:
     """Trades of each symbol over ``minutes`` minutes from ``start`` (h, m), by time. A few are
     sweeps (volume only under ``algoseek``); each minute has a trade 200 ms after its start
     and its last one in its last second (59.5 s), so that frames straddle the minutes and the
@@ -83,20 +89,29 @@ def make_trades(symbols: Sequence[str], start: tuple[int, int], minutes: int,
         price = 50.0 + 10 * number
         for minute in range(minutes):
             base = first + minute * MINUTE_MS
-            offsets = sorted([200, *(rng.randrange(500, 59_000) for _ in range(per_minute - 2)),
-                              59_500])
+            offsets = sorted(
+                [200, *(rng.randrange(500, 59_000) for _ in range(per_minute - 2)), 59_500]
+            )
             for index, offset in enumerate(offsets):
                 price = round(max(1.0, price + rng.choice((-0.02, -0.01, 0.0, 0.01, 0.02))), 2)
                 conditions = (14, 41) if rng.random() < 0.15 else ()
-                trades.append(Trade(sym=symbol, p=price, s=rng.choice((100, 200, 300, 50)),
-                                    t=base + offset, x=rng.choice((4, 11, 12)), c=conditions,
-                                    i=f"{minute}-{index}", z=3))
+                trades.append(
+                    Trade(
+                        sym=symbol,
+                        p=price,
+                        s=rng.choice((100, 200, 300, 50)),
+                        t=base + offset,
+                        x=rng.choice((4, 11, 12)),
+                        c=conditions,
+                        i=f"{minute}-{index}",
+                        z=3,
+                    )
+                )
     trades.sort(key=lambda trade: (trade.t, trade.sym))
     return trades
 
 
-def frames(trades: Iterable[Trade], frame_ms: int = 1_000,
-           offset_ms: int = 500) -> list[TickBatch]:
+def frames(trades: Iterable[Trade], frame_ms: int = 1_000, offset_ms: int = 500) -> list[TickBatch]:
     """One batch per symbol and ``frame_ms`` of event time, in time order (a feed's frames).
     Frames start ``offset_ms`` into a second, so the one around a minute's start holds trades
     of both minutes (a batch whose position can only be committed once both are closed)."""
@@ -114,8 +129,9 @@ def frames(trades: Iterable[Trade], frame_ms: int = 1_000,
     return out
 
 
-async def publish(publisher: Publisher, batches: Sequence[TickBatch], chunk: int = 20,
-                  pause_s: float = 0.0) -> list[int]:
+async def publish(
+    publisher: Publisher, batches: Sequence[TickBatch], chunk: int = 20, pause_s: float = 0.0
+) -> list[int]:
     """Publish on ``ticks.<SYM>`` as ingest does; returns the sequences."""
     seqs: list[int] = []
     for index in range(0, len(batches), chunk):
@@ -158,8 +174,9 @@ async def published_bars(client: object, prefix: str, symbols: Iterable[str]) ->
     channel's sequence is gapless."""
     out: list[Bar] = []
     for symbol in symbols:
-        bars = [BAR_DECODER.decode(p)
-                for p in await stream_records(client, prefix, bar_channel(symbol))]
+        bars = [
+            BAR_DECODER.decode(p) for p in await stream_records(client, prefix, bar_channel(symbol))
+        ]
         assert [bar.seq for bar in bars] == list(range(1, len(bars) + 1)), symbol
         out += bars
     return out
@@ -170,13 +187,17 @@ def assert_published_once(bars: Sequence[Bar]) -> None:
     seen: dict[BarKey, list[int]] = {}
     for bar in bars:
         seen.setdefault((bar.symbol, bar.startMs), []).append(bar.revision)
-    twice = {key: revisions for key, revisions in seen.items()
-             if revisions != list(range(len(revisions)))}
+    twice = {
+        key: revisions
+        for key, revisions in seen.items()
+        if revisions != list(range(len(revisions)))
+    }
     assert not twice, f"published twice or out of order: {twice}"
 
 
-async def store_bars(client: object, prefix: str, symbols: Iterable[str],
-                     day: date = DAY) -> dict[BarKey, BarValue]:
+async def store_bars(
+    client: object, prefix: str, symbols: Iterable[str], day: date = DAY
+) -> dict[BarKey, BarValue]:
     store = BarStore(client, Keys(prefix))  # type: ignore[arg-type]
     out: list[Bar] = []
     for symbol in symbols:
@@ -189,11 +210,19 @@ async def store_bars(client: object, prefix: str, symbols: Iterable[str],
 
 def settings_for(redis_url: str, prefix: str, pattern: str, **overrides: object) -> BarsSettings:
     values: dict[str, object] = {
-        "redis_url": redis_url, "key_prefix": prefix, "tick_pattern": pattern,
-        "http_host": "127.0.0.1", "http_port": 0, "grace_ms": GRACE_MS,
-        "tick_interval_ms": 50, "heartbeat_interval_ms": 1_000, "run_id": "test",
-        "kafka_session_timeout_ms": 1_000, "kafka_heartbeat_interval_ms": 200,
-        "kafka_rebalance_timeout_ms": 1_000, "stop_deadline_s": 5.0,
+        "redis_url": redis_url,
+        "key_prefix": prefix,
+        "tick_pattern": pattern,
+        "http_host": "127.0.0.1",
+        "http_port": 0,
+        "grace_ms": GRACE_MS,
+        "tick_interval_ms": 50,
+        "heartbeat_interval_ms": 1_000,
+        "run_id": "test",
+        "kafka_session_timeout_ms": 1_000,
+        "kafka_heartbeat_interval_ms": 200,
+        "kafka_rebalance_timeout_ms": 1_000,
+        "stop_deadline_s": 5.0,
     }
     values.update(overrides)
     return msgspec.convert(values, BarsSettings)
@@ -221,16 +250,18 @@ def metric(runtime: ServiceRuntime, name: str, **labels: str) -> float:
     return runtime.registry.get_sample_value(name, labels) or 0.0
 
 
-async def wait_for_bars(client: object, prefix: str, expected: dict[BarKey, BarValue],
-                        timeout: float = 30.0) -> dict[BarKey, BarValue]:
+async def wait_for_bars(
+    client: object, prefix: str, expected: dict[BarKey, BarValue], timeout: float = 30.0
+) -> dict[BarKey, BarValue]:
     symbols = sorted({symbol for symbol, _ in expected})
 
     async def complete() -> dict[BarKey, BarValue] | None:
         got = as_map(await published_bars(client, prefix, symbols))
         return got if set(got) >= set(expected) else None
 
-    return await eventually(complete, timeout=timeout, interval=0.1,
-                            message=f"bars of {symbols} incomplete")
+    return await eventually(
+        complete, timeout=timeout, interval=0.1, message=f"bars of {symbols} incomplete"
+    )
 
 
 # -- Redis source ------------------------------------------------------------------------------
@@ -272,11 +303,13 @@ async def test_redis_ticks_become_bars_on_the_channels_and_in_the_store(
         assert deadline_s - 0.05 <= waited <= deadline_s + 3.0, (waited, deadline_s)
         builder = builder_of(runtime)
         await eventually(lambda: not any(builder._pending.values()), timeout=5)
-        assert metric(runtime, "tickmesh_dead_letters_total", service="bars",
-                      source_kind="ticks") == 4
+        assert (
+            metric(runtime, "tickmesh_dead_letters_total", service="bars", source_kind="ticks") == 4
+        )
         assert metric(runtime, "tickmesh_bars_published_total", source="redis") == len(expected)
         positions = await redis_client.hgetall(  # type: ignore[attr-defined]
-            Keys(prefix).state("positions:bars-redis-0of1"))
+            Keys(prefix).state("positions:bars-redis-0of1")
+        )
     bars = await published_bars(redis_client, prefix, symbols)
     assert_published_once(bars)
     assert as_map(bars) == expected
@@ -284,11 +317,13 @@ async def test_redis_ticks_become_bars_on_the_channels_and_in_the_store(
     assert all(bar.revision == 0 for bar in bars)  # nothing was late
     assert {bar.tsET[:16] for bar in bars} == {f"2024-03-04T10:0{m}" for m in range(4)}
     assert {bar.barId for bar in bars} == {31, 32, 33, 34}
-    letters = [decode(p, DeadLetter)
-               for p in await stream_records(redis_client, prefix, DEAD_LETTER_CHANNEL)]
+    letters = [
+        decode(p, DeadLetter)
+        for p in await stream_records(redis_client, prefix, DEAD_LETTER_CHANNEL)
+    ]
     assert sorted(letter.source for letter in letters) == sorted(
-        [f"ticks.{symbols[0]}", f"ticks.{symbols[0]}", f"ticks.{symbols[1]}",
-         f"ticks.{symbols[2]}"])
+        [f"ticks.{symbols[0]}", f"ticks.{symbols[0]}", f"ticks.{symbols[1]}", f"ticks.{symbols[2]}"]
+    )
     assert b"not json" in [letter.raw for letter in letters]
     assert int(positions[f"ticks.{symbols[2]}".encode()]) == last_seq
 
@@ -348,8 +383,10 @@ async def test_a_backlog_read_channel_by_channel_is_not_late(
     await publish(Publisher(redis_client, keys=Keys(prefix)), batches, chunk=200)  # type: ignore[arg-type]
     async with service(settings_for(redis_url, prefix, pattern)) as runtime:
         await wait_for_bars(redis_client, prefix, expected)
-        assert metric(runtime, "tickmesh_bars_late_trades_total", source="redis",
-                      action="revised") == 0
+        assert (
+            metric(runtime, "tickmesh_bars_late_trades_total", source="redis", action="revised")
+            == 0
+        )
     bars = await published_bars(redis_client, prefix, symbols)
     assert [bar for bar in bars if bar.revision] == []
     assert as_map(bars) == expected
@@ -375,8 +412,8 @@ def process_env(redis_url: str, prefix: str, pattern: str) -> dict[str, str]:
 async def start_process(env: dict[str, str], log_path: Path) -> asyncio.subprocess.Process:
     with log_path.open("ab") as log:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.bars", "run", cwd=REPO, env=env,
-            stdout=log, stderr=log)
+            sys.executable, "-m", "services.bars", "run", cwd=REPO, env=env, stdout=log, stderr=log
+        )
 
 
 async def test_a_process_killed_mid_minute_restarts_without_losing_or_repeating_a_bar(
@@ -447,19 +484,33 @@ async def test_two_shards_publish_exactly_what_one_instance_publishes(
     async with service(settings_for(redis_url, single, pattern)):
         await publish(Publisher(redis_client, keys=Keys(single)), batches)  # type: ignore[arg-type]
         await wait_for_bars(redis_client, single, expected)
-    shard_settings = [settings_for(redis_url, sharded, pattern, shard_count=2, shard_index=index)
-                      for index in (0, 1)]
+    shard_settings = [
+        settings_for(redis_url, sharded, pattern, shard_count=2, shard_index=index)
+        for index in (0, 1)
+    ]
     async with service(shard_settings[0]) as shard0, service(shard_settings[1]) as shard1:
         await publish(Publisher(redis_client, keys=Keys(sharded)), batches)  # type: ignore[arg-type]
         await wait_for_bars(redis_client, sharded, expected)
-        per_shard = [metric(runtime, "tickmesh_bars_published_total", source="redis")
-                     for runtime in (shard0, shard1)]
-        symbols_seen = [set(builder_of(runtime).symbols())
-                        for runtime in (shard0, shard1)]
+        per_shard = [
+            metric(runtime, "tickmesh_bars_published_total", source="redis")
+            for runtime in (shard0, shard1)
+        ]
+        symbols_seen = [set(builder_of(runtime).symbols()) for runtime in (shard0, shard1)]
 
     def bar_set(bars: Iterable[Bar]) -> set[tuple[object, ...]]:
-        return {(bar.symbol, bar.startMs, bar.open, bar.high, bar.low, bar.close, bar.volume,
-                 bar.revision) for bar in bars}
+        return {
+            (
+                bar.symbol,
+                bar.startMs,
+                bar.open,
+                bar.high,
+                bar.low,
+                bar.close,
+                bar.volume,
+                bar.revision,
+            )
+            for bar in bars
+        }
 
     one = await published_bars(redis_client, single, symbols)
     two = await published_bars(redis_client, sharded, symbols)
@@ -475,8 +526,9 @@ async def test_two_shards_publish_exactly_what_one_instance_publishes(
 # -- Kafka source ------------------------------------------------------------------------------
 
 
-async def produce_like_the_mirror(bootstrap: str, batches: Sequence[TickBatch],
-                                  seqs: Sequence[int], resend: Iterable[int] = ()) -> None:
+async def produce_like_the_mirror(
+    bootstrap: str, batches: Sequence[TickBatch], seqs: Sequence[int], resend: Iterable[int] = ()
+) -> None:
     """Produce each batch (with its Redis sequence) to ``ticks.<SYM>``, keyed by symbol, with
     the mirror's headers; the batches at the indexes in ``resend`` are sent again a little
     later (as after a failed produce request), so they arrive after newer ones."""
@@ -504,8 +556,9 @@ async def produce_like_the_mirror(bootstrap: str, batches: Sequence[TickBatch],
 async def _send(producer: AIOKafkaProducer, batch: TickBatch, seq: int):  # type: ignore[no-untyped-def]
     channel = f"ticks.{batch.sym}"
     payload = ENCODER.encode(msgspec.structs.replace(batch, seq=seq))
-    return await producer.send(channel, payload, key=batch.sym.encode(),
-                               headers=sequence_headers(channel, seq))
+    return await producer.send(
+        channel, payload, key=batch.sym.encode(), headers=sequence_headers(channel, seq)
+    )
 
 
 def numbered(batches: Sequence[TickBatch]) -> list[int]:
@@ -521,16 +574,18 @@ def numbered(batches: Sequence[TickBatch]) -> list[int]:
 async def create_tick_topics(settings: BarsSettings, symbols: Iterable[str]) -> None:
     admin = TopicAdmin(settings)
     try:
-        await admin.ensure(TopicSpec(f"ticks.{symbol}", 1, 1, TICK_TOPIC_CONFIGS)
-                           for symbol in symbols)
+        await admin.ensure(
+            TopicSpec(f"ticks.{symbol}", 1, 1, TICK_TOPIC_CONFIGS) for symbol in symbols
+        )
     finally:
         await admin.close()
 
 
 async def kafka_bars(settings: BarsSettings, symbols: Iterable[str]) -> list[Bar]:
     out: list[Bar] = []
-    async for records in read_from_beginning(settings, [bar_channel(s) for s in symbols],
-                                             idle_ms=500):
+    async for records in read_from_beginning(
+        settings, [bar_channel(s) for s in symbols], idle_ms=500
+    ):
         out += [BAR_DECODER.decode(record.value) for record in records]
     return out
 
@@ -549,9 +604,14 @@ async def test_kafka_ticks_become_kafka_bars_equal_to_the_redis_paths_and_duplic
     expected = expected_bars(trades)
     resend = set(range(3, len(batches), 17))
     redis_settings = settings_for(redis_url, prefix, pattern)
-    kafka_settings = settings_for(redis_url, prefix, pattern, source="kafka",
-                                  kafka_bootstrap=kafka_bootstrap,
-                                  kafka_group=unique_name("group"))  # type: ignore[operator]
+    kafka_settings = settings_for(
+        redis_url,
+        prefix,
+        pattern,
+        source="kafka",
+        kafka_bootstrap=kafka_bootstrap,
+        kafka_group=unique_name("group"),
+    )  # type: ignore[operator]
     await create_tick_topics(kafka_settings, symbols)
     async with service(redis_settings), service(kafka_settings) as shadow:
         source = builder_of(shadow).source
@@ -563,8 +623,12 @@ async def test_kafka_ticks_become_kafka_bars_equal_to_the_redis_paths_and_duplic
         )
         redis_map = await wait_for_bars(redis_client, prefix, expected)
         await eventually(
-            lambda: metric(shadow, "tickmesh_bars_published_total", source="kafka")
-            >= len(expected), timeout=30, message="shadow bars incomplete")
+            lambda: (
+                metric(shadow, "tickmesh_bars_published_total", source="kafka") >= len(expected)
+            ),
+            timeout=30,
+            message="shadow bars incomplete",
+        )
         assert source.duplicates == len(resend)
         assert metric(shadow, "tickmesh_bars_duplicate_batches_total") == len(resend)
     shadow_bars = await kafka_bars(kafka_settings, symbols)
@@ -584,9 +648,14 @@ async def test_two_group_members_split_the_partitions_and_together_build_the_sam
     batches = frames(trades)
     seqs = numbered(batches)
     expected = expected_bars(trades)
-    settings = settings_for(redis_url, prefix, pattern, source="kafka",
-                            kafka_bootstrap=kafka_bootstrap,
-                            kafka_group=unique_name("group"))  # type: ignore[operator]
+    settings = settings_for(
+        redis_url,
+        prefix,
+        pattern,
+        source="kafka",
+        kafka_bootstrap=kafka_bootstrap,
+        kafka_group=unique_name("group"),
+    )  # type: ignore[operator]
     await create_tick_topics(settings, symbols)
     cut = ny_epoch_ms(DAY, 10, 1, 30_000)
     first = sum(1 for b in batches if b.ticks[0].t < cut)
@@ -595,23 +664,37 @@ async def test_two_group_members_split_the_partitions_and_together_build_the_sam
         assert isinstance(source1, KafkaTickSource)
         await eventually(lambda: len(source1.assigned) == len(symbols), timeout=20)
         await produce_like_the_mirror(kafka_bootstrap, batches[:first], seqs[:first])
-        await eventually(lambda: metric(member1, "tickmesh_bars_published_total",
-                                        source="kafka") >= len(symbols), timeout=20)
+        await eventually(
+            lambda: (
+                metric(member1, "tickmesh_bars_published_total", source="kafka") >= len(symbols)
+            ),
+            timeout=20,
+        )
         async with service(settings) as member2:
             source2 = builder_of(member2).source
             assert isinstance(source2, KafkaTickSource)
             await eventually(
-                lambda: source2.assigned and len(source1.assigned) + len(source2.assigned)
-                == len(symbols), timeout=30, message="no rebalance")
+                lambda: (
+                    source2.assigned
+                    and len(source1.assigned) + len(source2.assigned) == len(symbols)
+                ),
+                timeout=30,
+                message="no rebalance",
+            )
             assert source1.assigned and not source1.assigned & source2.assigned
             await produce_like_the_mirror(kafka_bootstrap, batches[first:], seqs[first:])
 
             def published() -> float:
-                return sum(metric(m, "tickmesh_bars_published_total", source="kafka")
-                           for m in (member1, member2))
+                return sum(
+                    metric(m, "tickmesh_bars_published_total", source="kafka")
+                    for m in (member1, member2)
+                )
 
-            await eventually(lambda: published() >= len(expected), timeout=30,
-                             message=lambda: f"{published()} of {len(expected)} bars")
+            await eventually(
+                lambda: published() >= len(expected),
+                timeout=30,
+                message=lambda: f"{published()} of {len(expected)} bars",
+            )
             assert metric(member2, "tickmesh_bars_published_total", source="kafka") > 0
     shadow_bars = await kafka_bars(settings, symbols)
     assert_published_once(shadow_bars)
@@ -622,8 +705,7 @@ async def test_two_group_members_split_the_partitions_and_together_build_the_sam
 
 
 async def test_a_real_spy_day_through_redis_equals_the_backfill(
-    redis_url: str, redis_client: object, unique_name: object, shared_data: Path,
-    tmp_path: Path
+    redis_url: str, redis_client: object, unique_name: object, shared_data: Path, tmp_path: Path
 ) -> None:
     """SPY 2013-10-07 (250,601 trades) published in batches of 100 trades: the bar store ends
     with exactly the bars ``backfill`` writes for the same file."""
@@ -633,8 +715,11 @@ async def test_a_real_spy_day_through_redis_equals_the_backfill(
     zip_path = shared_data / "tick" / "spy" / "20131007_trade.zip"
     out = tmp_path / "spy.jsonl"
     run_backfill([zip_path], "algoseek", out)
-    backfilled = [msgspec.convert({"seq": 0, **msgspec.json.decode(line)}, Bar)
-                  for line in out.read_bytes().splitlines() if line]
+    backfilled = [
+        msgspec.convert({"seq": 0, **msgspec.json.decode(line)}, Bar)
+        for line in out.read_bytes().splitlines()
+        if line
+    ]
     trades = read_lean_trades(zip_path)
     batches = [TickBatch(0, "SPY", trades[i : i + 100]) for i in range(0, len(trades), 100)]
     prefix = f"{unique_name('spy')}:"  # type: ignore[operator]
@@ -648,8 +733,10 @@ async def test_a_real_spy_day_through_redis_equals_the_backfill(
             return got if set(got) >= set(expected) else None
 
         await eventually(stored, timeout=60, interval=0.2)
-        await eventually(lambda: metric(runtime, "tickmesh_bars_ticks_total", source="redis")
-                         == len(trades), timeout=10)
+        await eventually(
+            lambda: metric(runtime, "tickmesh_bars_ticks_total", source="redis") == len(trades),
+            timeout=10,
+        )
         await asyncio.sleep(0.5)  # a late revision would come now
     assert await store_bars(redis_client, prefix, ["SPY"], SPY_DAY) == expected
     assert len(expected) == 828

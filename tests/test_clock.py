@@ -7,7 +7,13 @@ from datetime import date
 import pytest
 
 from libs.common.clock import (
-    ManualClock, bar_id, ny_epoch_ms, parse_day, session_for, trading_days_back, ts_et,
+    ManualClock,
+    bar_id,
+    ny_epoch_ms,
+    parse_day,
+    session_for,
+    trading_days_back,
+    ts_et,
     ts_et_minute,
 )
 
@@ -24,8 +30,12 @@ def test_regular_open_is_bar_one_and_1430_is_301() -> None:
 
 @pytest.mark.parametrize(
     ("day", "offset"),
-    [(date(2013, 10, 7), "-04:00"), (date(2013, 11, 4), "-05:00"), (date(2025, 3, 10), "-04:00"),
-     (date(2025, 3, 7), "-05:00")],
+    [
+        (date(2013, 10, 7), "-04:00"),
+        (date(2013, 11, 4), "-05:00"),
+        (date(2025, 3, 10), "-04:00"),
+        (date(2025, 3, 7), "-05:00"),
+    ],
 )
 def test_ts_et_carries_the_new_york_offset_of_the_day(day: date, offset: str) -> None:
     assert ts_et(ny_epoch_ms(day, 9, 30)) == f"{day.isoformat()}T09:30:00{offset}"
@@ -50,7 +60,8 @@ def test_dst_change_day_has_a_23_hour_calendar() -> None:
 
 def test_ts_et_minute_floors_to_the_minute() -> None:
     assert ts_et_minute(ny_epoch_ms(date(2013, 10, 7), 10, 0, 59_999)) == (
-        "2013-10-07T10:00:00-04:00")
+        "2013-10-07T10:00:00-04:00"
+    )
 
 
 def test_manual_clock_moves_only_forward() -> None:

@@ -51,6 +51,7 @@ sync_env = _load_tool("sync_env")
 
 # --- reading deploy/ ---------------------------------------------------------------------------
 
+
 @cache
 def env_file() -> dict[str, str]:
     return sync_env.read_env(DEPLOY / ".env")
@@ -111,8 +112,10 @@ def image_of(service: str) -> str:
 def containers_of(service: str) -> dict[str, dict[str, Any]]:
     """Compose services that run ``service``: its image, its entrypoint, the ``run`` command."""
     return {
-        name: spec for name, spec in compose_services().items()
-        if spec.get("image") == image_of(service) and "entrypoint" not in spec
+        name: spec
+        for name, spec in compose_services().items()
+        if spec.get("image") == image_of(service)
+        and "entrypoint" not in spec
         and spec.get("command", ["run"])[:1] == ["run"]
     }
 
@@ -153,12 +156,17 @@ def exec_form(instruction: str, path: Path) -> list[str]:
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    joined = re.sub(r"\\\n", " ", "\n".join(
-        line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")
-    ))
+    joined = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(
+            line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")
+        ),
+    )
     return [
         (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
-        for line in (raw.strip() for raw in joined.splitlines()) if line
+        for line in (raw.strip() for raw in joined.splitlines())
+        if line
     ]
 
 
@@ -178,6 +186,7 @@ def metric_base(name: str) -> str:
 
 # --- the checks --------------------------------------------------------------------------------
 
+
 def test_config_module_holds_the_settings_class_the_service_cli_parses() -> None:
     for service in service_names():
         main = importlib.import_module(f"services.{service}.__main__")
@@ -186,9 +195,13 @@ def test_config_module_holds_the_settings_class_the_service_cli_parses() -> None
 
 def test_env_file_sets_every_setting_of_every_service() -> None:
     missing = {
-        service: [env_name(cls, field) for field in cls.__struct_fields__
-                  if not field_is_set(cls, field, env_file())]
-        for service in service_names() for cls in [settings_class(service)]
+        service: [
+            env_name(cls, field)
+            for field in cls.__struct_fields__
+            if not field_is_set(cls, field, env_file())
+        ]
+        for service in service_names()
+        for cls in [settings_class(service)]
     }
     missing = {service: names for service, names in missing.items() if names}
     assert not missing, (
@@ -204,9 +217,10 @@ def test_env_file_holds_no_variable_that_nothing_reads() -> None:
     prefixes = {SHARED_PREFIX, *(cls.ENV_PREFIX for cls in classes)}
     names = set(env_file())
     unread = sorted(
-        name for name in names - read - set(sync_env.COMPOSE_ONLY)
-        if name.startswith(tuple(prefixes)) or name in {
-            alias for cls in classes for alias in cls.ENV_NAMES.values()}
+        name
+        for name in names - read - set(sync_env.COMPOSE_ONLY)
+        if name.startswith(tuple(prefixes))
+        or name in {alias for cls in classes for alias in cls.ENV_NAMES.values()}
     )
     assert not unread, f"deploy/.env sets variables no service reads: {unread}"
     assert sync_env.main(["--check"]) == 0, "deploy/.env is out of step with sync_env.py"
@@ -219,8 +233,11 @@ def test_every_service_runs_in_compose_and_parses_its_environment() -> None:
         cls = settings_class(service)
         for name, spec in containers.items():
             env = environment_of(spec)
-            unset = [env_name(cls, field) for field in cls.__struct_fields__
-                     if not field_is_set(cls, field, env)]
+            unset = [
+                env_name(cls, field)
+                for field in cls.__struct_fields__
+                if not field_is_set(cls, field, env)
+            ]
             assert not unset, f"{name}: not set: {unset}"
             try:
                 load_settings(cls, env)
@@ -231,8 +248,9 @@ def test_every_service_runs_in_compose_and_parses_its_environment() -> None:
 def test_ports_healthchecks_and_scrape_targets_match_each_service_http_port() -> None:
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {
-        job["job_name"]: {target for config in job.get("static_configs", [])
-                          for target in config["targets"]}
+        job["job_name"]: {
+            target for config in job.get("static_configs", []) for target in config["targets"]
+        }
         for job in scrape["scrape_configs"]
     }
     for service in service_names():
@@ -254,7 +272,9 @@ def test_ports_healthchecks_and_scrape_targets_match_each_service_http_port() ->
 def test_secrets_reach_only_the_services_that_read_them() -> None:
     classes = {service: settings_class(service) for service in service_names()}
     secrets = {
-        env_name(cls, field) for cls in classes.values() for field in cls.__struct_fields__
+        env_name(cls, field)
+        for cls in classes.values()
+        for field in cls.__struct_fields__
         if sync_env.defaults(cls)[field].__class__ is Secret
     }
     assert secrets, "expected at least the Polygon key"
@@ -283,8 +303,8 @@ def test_dockerfile_is_multi_stage_non_root_with_exec_form_healthcheck(service: 
     instructions = dockerfile_instructions(path)
     stages = [i for i, (op, _) in enumerate(instructions) if op == "FROM"]
     assert len(stages) >= 2, "multi-stage: a build stage and a runtime stage"
-    runtime = instructions[stages[-1]:]
-    build = instructions[stages[0]:stages[-1]]
+    runtime = instructions[stages[-1] :]
+    build = instructions[stages[0] : stages[-1]]
     installs = [args for op, args in build if op == "RUN" and "pip install" in args]
     assert any(re.search(r"pip install\b.*\s\.(\s|$)", args) for args in installs), (
         "the build stage installs the package from the repo root (pip install .)"
@@ -306,7 +326,8 @@ def test_dockerfile_is_multi_stage_non_root_with_exec_form_healthcheck(service: 
 
 def test_dockerignore_lets_in_everything_the_dockerfiles_copy() -> None:
     allowed = [
-        line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.startswith("!")
     ]
     for service in service_names():
@@ -343,8 +364,11 @@ def test_image_pins_agree_with_pyproject() -> None:
                 f"{requirement.specifier}: the image build would fail; regenerate the pins"
             )
     if unpinned:
-        warnings.warn(f"image build resolves {unpinned} unpinned; regenerate "
-                      "deploy/constraints.txt (deploy/tools/constraints.py)", stacklevel=1)
+        warnings.warn(
+            f"image build resolves {unpinned} unpinned; regenerate "
+            "deploy/constraints.txt (deploy/tools/constraints.py)",
+            stacklevel=1,
+        )
 
 
 def dashboard() -> dict[str, Any]:
@@ -361,30 +385,41 @@ def dashboard_panels() -> list[dict[str, Any]]:
 
 def test_dashboard_and_alerts_query_only_metrics_the_code_defines() -> None:
     defined = source_metric_names()
-    queries = [target["expr"] for panel in dashboard_panels()
-               for target in panel.get("targets", [])]
+    queries = [
+        target["expr"] for panel in dashboard_panels() for target in panel.get("targets", [])
+    ]
     assert queries, "the dashboard has no queries"
     alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
     queries += [rule["expr"] for group in alerts["groups"] for rule in group["rules"]]
     used = {name for query in queries for name in re.findall(r"\btickmesh_[a-z0-9_]+", query)}
-    unknown = sorted(name for name in used
-                     if name not in defined and metric_base(name) not in defined)
+    unknown = sorted(
+        name for name in used if name not in defined and metric_base(name) not in defined
+    )
     assert not unknown, f"queries name metrics no code defines: {unknown}"
 
 
 def test_dashboard_covers_the_operating_signals_and_uses_the_provisioned_datasource() -> None:
     provisioned = yaml.safe_load(
-        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
     uid = provisioned["datasources"][0]["uid"]
     titles = " | ".join(panel.get("title", "").lower() for panel in dashboard_panels())
-    for topic in ("feed lag", "ticks/s", "bars per minute", "mirror lag", "dead letters",
-                  "parity", "actor restarts"):
+    for topic in (
+        "feed lag",
+        "ticks/s",
+        "bars per minute",
+        "mirror lag",
+        "dead letters",
+        "parity",
+        "actor restarts",
+    ):
         assert topic in titles, f"no dashboard panel about {topic!r}"
     for panel in dashboard_panels():
         if panel.get("targets"):
             assert panel["datasource"]["uid"] == uid, panel.get("title")
     provider = yaml.safe_load(
-        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "tickmesh.yml").read_text())
+        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "tickmesh.yml").read_text()
+    )
     path = provider["providers"][0]["options"]["path"]
     mounts = compose_services()["grafana"]["volumes"]
     assert f"./grafana/dashboards:{path}:ro" in mounts
@@ -402,7 +437,8 @@ def test_every_alert_points_at_a_runbook_section_that_exists() -> None:
     runbook = (ROOT / "docs" / "runbook.md").read_text()
     anchors = {
         re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
-        for line in runbook.splitlines() if line.startswith("## ")
+        for line in runbook.splitlines()
+        if line.startswith("## ")
     }
     alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
     for rule in (rule for group in alerts["groups"] for rule in group["rules"]):

@@ -44,8 +44,10 @@ def settings_class(service: str) -> type[CommonSettings]:
 
     module = importlib.import_module(f"services.{service}.config")
     return next(
-        value for value in vars(module).values()
-        if isinstance(value, type) and issubclass(value, CommonSettings)
+        value
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, CommonSettings)
         and value.__module__ == module.__name__
     )
 
@@ -53,8 +55,9 @@ def settings_class(service: str) -> type[CommonSettings]:
 def run(
     command: list[str], *, timeout: float, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(command, check=False, capture_output=True, text=True,
-                            timeout=timeout, cwd=ROOT)
+    result = subprocess.run(
+        command, check=False, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} exited {result.returncode}\n"
@@ -79,8 +82,14 @@ def built_images() -> Built:
     if not shutil.which("podman") and not shutil.which("apt-get"):
         pytest.skip("no podman and no apt-get to install it")
     started = time.monotonic()
-    setup = subprocess.run([str(ROOT / "deploy" / "podman-setup.sh")], check=False,
-                           capture_output=True, text=True, timeout=900, cwd=ROOT)
+    setup = subprocess.run(
+        [str(ROOT / "deploy" / "podman-setup.sh")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     if setup.returncode == 2:  # the script's "cannot on this machine"
         pytest.skip(f"podman setup impossible here: {setup.stderr.strip()[-500:]}")
     if setup.returncode != 0 and not shutil.which("podman"):
@@ -90,9 +99,13 @@ def built_images() -> Built:
 
     started = time.monotonic()
     build = subprocess.run(
-        [str(ROOT / "deploy" / "build-images.sh"), *SERVICES], check=False,
-        capture_output=True, text=True,
-        timeout=900, cwd=ROOT, env={**os.environ, "TAG": TAG, "PREFIX": PREFIX},
+        [str(ROOT / "deploy" / "build-images.sh"), *SERVICES],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "TAG": TAG, "PREFIX": PREFIX},
     )
     assert build.returncode == 0, f"deploy/build-images.sh failed:\n{build.stderr[-6000:]}"
     build_s = time.monotonic() - started
@@ -100,8 +113,11 @@ def built_images() -> Built:
     for line in build.stdout.splitlines():
         parts = line.split()
         if len(parts) >= 6 and parts[0].startswith(PREFIX):
-            size = int(run(["podman", "image", "inspect", "--format", "{{.Size}}", parts[0]],
-                           timeout=30).stdout.strip())
+            size = int(
+                run(
+                    ["podman", "image", "inspect", "--format", "{{.Size}}", parts[0]], timeout=30
+                ).stdout.strip()
+            )
             images[parts[0]] = (size, float(parts[5]))
     print(f"\n[images] setup {setup_s:.1f} s, build {build_s:.1f} s")
     for image, (size, seconds) in images.items():
@@ -112,12 +128,23 @@ def built_images() -> Built:
 class Container:
     """One ``podman run -d --init --network host`` container, removed at the end."""
 
-    def __init__(self, image: str, env: dict[str, str], *, name: str,
-                 args: list[str] | None = None) -> None:
+    def __init__(
+        self, image: str, env: dict[str, str], *, name: str, args: list[str] | None = None
+    ) -> None:
         self.name = name
-        command = ["podman", "run", "-d", "--init", "--network", "host", "--name", name,
-                   # no systemd timer here: the HEALTHCHECK is run on demand below
-                   "--health-interval", "disable"]
+        command = [
+            "podman",
+            "run",
+            "-d",
+            "--init",
+            "--network",
+            "host",
+            "--name",
+            name,
+            # no systemd timer here: the HEALTHCHECK is run on demand below
+            "--health-interval",
+            "disable",
+        ]
         for key, value in env.items():
             command += ["-e", f"{key}={value}"]
         command += [image, *(args or [])]
@@ -128,8 +155,11 @@ class Container:
         return result.stdout + result.stderr
 
     def running(self) -> bool:
-        result = run(["podman", "inspect", "--format", "{{.State.Running}}", self.name],
-                     timeout=30, check=False)
+        result = run(
+            ["podman", "inspect", "--format", "{{.State.Running}}", self.name],
+            timeout=30,
+            check=False,
+        )
         return result.stdout.strip() == "true"
 
     def remove(self) -> None:
@@ -144,8 +174,16 @@ def http_get(port: int, path: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def service_env(service: str, port: int, *, redis_url: str, kafka_bootstrap: str,
-                key_prefix: str, sim_port: int, run_id: str) -> dict[str, str]:
+def service_env(
+    service: str,
+    port: int,
+    *,
+    redis_url: str,
+    kafka_bootstrap: str,
+    key_prefix: str,
+    sim_port: int,
+    run_id: str,
+) -> dict[str, str]:
     cls = settings_class(service)
     env = {
         "TICKMESH_REDIS_URL": redis_url,
@@ -174,7 +212,9 @@ def containers() -> Iterator[list[Container]]:
 
 
 async def test_each_image_runs_answers_health_and_metrics_as_non_root(
-    built_images: Built, redis_server: object, kafka_broker: object,
+    built_images: Built,
+    redis_server: object,
+    kafka_broker: object,
     containers: list[Container],
 ) -> None:
     run_id = uuid.uuid4().hex[:8]
@@ -182,19 +222,41 @@ async def test_each_image_runs_answers_health_and_metrics_as_non_root(
     bootstrap: str = kafka_broker.bootstrap  # type: ignore[attr-defined]
     sim_port = free_port()
     # The simulator from the ingest image, as deploy/compose.yaml runs it (`simulate`).
-    containers.append(Container(
-        f"{PREFIX}ingest:{TAG}", {"SIM_API_KEY": SIM_KEY}, name=f"tickmesh-test-sim-{run_id}",
-        args=["simulate", "--host", "127.0.0.1", "--port", str(sim_port),
-              "--synthetic-symbols", "3", "--rate", "30"],
-    ))
+    containers.append(
+        Container(
+            f"{PREFIX}ingest:{TAG}",
+            {"SIM_API_KEY": SIM_KEY},
+            name=f"tickmesh-test-sim-{run_id}",
+            args=[
+                "simulate",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(sim_port),
+                "--synthetic-symbols",
+                "3",
+                "--rate",
+                "30",
+            ],
+        )
+    )
     ports = {service: free_port() for service in SERVICES}
     by_service: dict[str, Container] = {}
     for service in SERVICES:
-        env = service_env(service, ports[service], redis_url=redis_url,
-                          kafka_bootstrap=bootstrap, key_prefix=f"tmimg{run_id}:",
-                          sim_port=sim_port, run_id=run_id)
-        container = Container(f"{PREFIX}{service}:{TAG}", env,
-                              name=f"tickmesh-test-{service.replace('_', '-')}-{run_id}")
+        env = service_env(
+            service,
+            ports[service],
+            redis_url=redis_url,
+            kafka_bootstrap=bootstrap,
+            key_prefix=f"tmimg{run_id}:",
+            sim_port=sim_port,
+            run_id=run_id,
+        )
+        container = Container(
+            f"{PREFIX}{service}:{TAG}",
+            env,
+            name=f"tickmesh-test-{service.replace('_', '-')}-{run_id}",
+        )
         containers.append(container)
         by_service[service] = container
 
@@ -205,8 +267,12 @@ async def test_each_image_runs_answers_health_and_metrics_as_non_root(
             assert container.running(), f"container exited:\n{container.logs()}"
             return http_get(port, "/healthz")[0] == 200
 
-        await eventually(healthy, timeout=30, interval=0.25,
-                         message=lambda c=container: f"{c.name}: no /healthz\n{c.logs()}")
+        await eventually(
+            healthy,
+            timeout=30,
+            interval=0.25,
+            message=lambda c=container: f"{c.name}: no /healthz\n{c.logs()}",
+        )
         status, metrics = http_get(port, "/metrics")
         assert status == 200 and "tickmesh_up 1.0" in metrics, f"{service}: {metrics[:500]}"
         assert f'service="{service}"' in metrics, f"{service}: tickmesh_service_info missing"
@@ -220,12 +286,18 @@ async def test_each_image_runs_answers_health_and_metrics_as_non_root(
     # The simulator feeds the ingest image: trades decoded and published on Redis.
     def ingest_flowing() -> bool:
         _, metrics = http_get(ports["ingest"], "/metrics")
-        return any(line.startswith('tickmesh_ingest_events_total{type="T"}')
-                   and float(line.split()[-1]) > 0 for line in metrics.splitlines())
+        return any(
+            line.startswith('tickmesh_ingest_events_total{type="T"}')
+            and float(line.split()[-1]) > 0
+            for line in metrics.splitlines()
+        )
 
-    await eventually(ingest_flowing, timeout=30, interval=0.5,
-                     message=lambda: f"no trades through the ingest image\n"
-                                     f"{by_service['ingest'].logs()}")
+    await eventually(
+        ingest_flowing,
+        timeout=30,
+        interval=0.5,
+        message=lambda: f"no trades through the ingest image\n{by_service['ingest'].logs()}",
+    )
 
 
 def test_images_are_built_as_declared(built_images: Built) -> None:

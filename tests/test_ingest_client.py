@@ -125,17 +125,33 @@ async def running_ingest(
     used = publisher(real) if publisher is not None else real
     metrics = IngestMetrics(registry)
     processor = FrameProcessor(
-        used, DeadLetters(real, "ingest", registry=registry), metrics,
-        queue_size=queue_size, batch_frames=batch_frames, source=DEAD_LETTER_SOURCE,
-        lag_warning_ms=lag_warning_ms, registry=registry,
+        used,
+        DeadLetters(real, "ingest", registry=registry),
+        metrics,
+        queue_size=queue_size,
+        batch_frames=batch_frames,
+        source=DEAD_LETTER_SOURCE,
+        lag_warning_ms=lag_warning_ms,
+        registry=registry,
     )
     fatal: list[str] = []
-    options: dict[str, Any] = {"initial_delay_s": 0.05, "max_delay_s": 1.0,
-                               "max_connections_delay_s": 0.5, "auth_timeout_s": 3.0}
+    options: dict[str, Any] = {
+        "initial_delay_s": 0.05,
+        "max_delay_s": 1.0,
+        "max_connections_delay_s": 0.5,
+        "auth_timeout_s": 3.0,
+    }
     options.update(reader_options)
     reader = FeedReader(
-        url, Secret(key), list(topics), processor, metrics, on_fatal=fatal.append,
-        queue_warning_ratio=queue_warning_ratio, registry=registry, rng=random.Random(5),
+        url,
+        Secret(key),
+        list(topics),
+        processor,
+        metrics,
+        on_fatal=fatal.append,
+        queue_warning_ratio=queue_warning_ratio,
+        registry=registry,
+        rng=random.Random(5),
         **options,
     )
     await processor.start()
@@ -169,9 +185,10 @@ async def test_trades_flow_to_ticks_channels_with_gapless_seqs_and_the_stream_ho
                 received.setdefault(message["channel"].decode(), []).append(message["data"])
 
     try:
-        async with simulator(max_events=total) as sim, running_ingest(
-            sim.url, redis_client, unique_name("tm")
-        ) as ingest:
+        async with (
+            simulator(max_events=total) as sim,
+            running_ingest(sim.url, redis_client, unique_name("tm")) as ingest,
+        ):
             async with asyncio.timeout(20):
                 await listen()
             await eventually(lambda: ingest.ticks == total)
@@ -204,9 +221,10 @@ async def test_statuses_are_logged_and_counted_by_kind_and_only_subscribed_symbo
 ) -> None:
     topics = ("T.S0001", "T.S0002", "Q.S0001")
     with structlog.testing.capture_logs() as logs:
-        async with simulator() as sim, running_ingest(
-            sim.url, redis_client, unique_name("tm"), topics=topics
-        ) as ingest:
+        async with (
+            simulator() as sim,
+            running_ingest(sim.url, redis_client, unique_name("tm"), topics=topics) as ingest,
+        ):
             await eventually(lambda: ingest.ticks >= 100)
             assert ingest.status("connected") == 1
             assert ingest.status("auth_success") == 1
@@ -216,29 +234,37 @@ async def test_statuses_are_logged_and_counted_by_kind_and_only_subscribed_symbo
             assert set(await ingest.streams.channels("ticks.*")) == {"ticks.S0001", "ticks.S0002"}
     lines = [entry for entry in logs if entry["event"] == "ingest.status"]
     assert {(entry["status"], entry["count"]) for entry in lines} == {
-        ("connected", 1), ("auth_success", 1), ("success", 3)}
+        ("connected", 1),
+        ("auth_success", 1),
+        ("success", 3),
+    }
 
 
 async def test_an_error_status_is_counted_and_logged_and_the_session_goes_on(
     redis_client: Any, unique_name: Callable[[str], str]
 ) -> None:
     with structlog.testing.capture_logs() as logs:
-        async with simulator() as sim, running_ingest(
-            sim.url, redis_client, unique_name("tm"), topics=("T.S0001", "LULD.S0001")
-        ) as ingest:
+        async with (
+            simulator() as sim,
+            running_ingest(
+                sim.url, redis_client, unique_name("tm"), topics=("T.S0001", "LULD.S0001")
+            ) as ingest,
+        ):
             await eventually(lambda: ingest.status("error") == 1 and ingest.ticks >= 50)
             assert ingest.status("success") == 1 and ingest.reconnects() == 0
-    error = next(entry for entry in logs
-                 if entry["event"] == "ingest.status" and entry["status"] == "error")
+    error = next(
+        entry for entry in logs if entry["event"] == "ingest.status" and entry["status"] == "error"
+    )
     assert error["log_level"] == "warning" and "LULD.S0001" in error["message"]
 
 
 async def test_auth_failed_is_fatal_once_with_a_clear_message_and_never_retried(
     redis_client: Any, unique_name: Callable[[str], str]
 ) -> None:
-    async with simulator() as sim, running_ingest(
-        sim.url, redis_client, unique_name("tm"), key="not-the-key-8812"
-    ) as ingest:
+    async with (
+        simulator() as sim,
+        running_ingest(sim.url, redis_client, unique_name("tm"), key="not-the-key-8812") as ingest,
+    ):
         await eventually(lambda: ingest.fatal)
         # No hot loop: well past several initial delays, still one attempt and no reconnect.
         await asyncio.sleep(0.5)
@@ -256,9 +282,10 @@ async def test_auth_timeout_reconnects_with_growing_delays_until_auth_succeeds(
     redis_client: Any, unique_name: Callable[[str], str]
 ) -> None:
     # auth_timeout_s=0: the simulator answers every connection with auth_timeout at once.
-    async with simulator(auth_timeout_s=0.0) as sim, running_ingest(
-        sim.url, redis_client, unique_name("tm")
-    ) as ingest:
+    async with (
+        simulator(auth_timeout_s=0.0) as sim,
+        running_ingest(sim.url, redis_client, unique_name("tm")) as ingest,
+    ):
         await eventually(lambda: ingest.reconnects("auth_timeout") >= 3)
         assert ingest.status("auth_timeout") >= 3 and not ingest.fatal
         delays = ingest.reader.delays[:3]
@@ -279,31 +306,43 @@ async def test_max_connections_backs_off_longer_and_says_why(
             assert b"auth_success" in await other.recv(decode=False)
             with structlog.testing.capture_logs() as logs:
                 async with running_ingest(
-                    sim.url, redis_client, unique_name("tm"),
-                    initial_delay_s=0.05, max_connections_delay_s=0.5,
+                    sim.url,
+                    redis_client,
+                    unique_name("tm"),
+                    initial_delay_s=0.05,
+                    max_connections_delay_s=0.5,
                 ) as ingest:
                     await eventually(lambda: ingest.reconnects("max_connections") >= 1)
                     assert 0.4 <= ingest.reader.delays[0] <= 0.6, ingest.reader.delays
                     await other.close()
                     await eventually(lambda: ingest.ticks >= 100)
         assert ingest.status("max_connections") >= 1
-        why = [entry for entry in logs if entry["event"] == "ingest.reconnecting"
-               and entry["reason"] == "max_connections"]
+        why = [
+            entry
+            for entry in logs
+            if entry["event"] == "ingest.reconnecting" and entry["reason"] == "max_connections"
+        ]
         assert why and "another connection already uses this API key" in why[0]["why"]
         assert why[0]["log_level"] == "warning"
 
 
 @pytest.mark.parametrize(
     ("fault", "reason"),
-    [("slow_consumer", "slow_consumer"), ("force_disconnect", "force_disconnect"),
-     ("drop", CONNECTION_LOST)],
+    [
+        ("slow_consumer", "slow_consumer"),
+        ("force_disconnect", "force_disconnect"),
+        ("drop", CONNECTION_LOST),
+    ],
 )
 async def test_a_disconnect_reconnects_reauthenticates_resubscribes_and_data_resumes(
     fault: str, reason: str, redis_client: Any, unique_name: Callable[[str], str]
 ) -> None:
-    async with simulator() as sim, running_ingest(
-        sim.url, redis_client, unique_name("tm"), topics=("T.S0001", "T.S0002")
-    ) as ingest:
+    async with (
+        simulator() as sim,
+        running_ingest(
+            sim.url, redis_client, unique_name("tm"), topics=("T.S0001", "T.S0002")
+        ) as ingest,
+    ):
         await eventually(lambda: ingest.ticks >= 50)
         assert sim.inject(fault) == 1
         await eventually(lambda: ingest.reconnects(reason) == 1)
@@ -324,9 +363,12 @@ async def test_a_disconnect_reconnects_reauthenticates_resubscribes_and_data_res
 async def test_delays_grow_while_every_session_is_dropped_before_data_flows(
     redis_client: Any, unique_name: Callable[[str], str]
 ) -> None:
-    async with simulator(custom_feed=idle_feed()) as sim, running_ingest(
-        sim.url, redis_client, unique_name("tm"), initial_delay_s=0.05, max_delay_s=2.0
-    ) as ingest:
+    async with (
+        simulator(custom_feed=idle_feed()) as sim,
+        running_ingest(
+            sim.url, redis_client, unique_name("tm"), initial_delay_s=0.05, max_delay_s=2.0
+        ) as ingest,
+    ):
 
         async def drop_every_subscribed_session() -> None:
             while True:
@@ -355,8 +397,9 @@ async def test_reconnect_delays_grow_while_the_server_is_down_and_data_resumes_a
     port = first.port
     second: PolygonSimulator | None = None
     try:
-        async with running_ingest(first.url, redis_client, unique_name("tm"),
-                                  initial_delay_s=0.05, max_delay_s=2.0) as ingest:
+        async with running_ingest(
+            first.url, redis_client, unique_name("tm"), initial_delay_s=0.05, max_delay_s=2.0
+        ) as ingest:
             await eventually(lambda: ingest.ticks >= 50)
             await first.stop()
             await eventually(lambda: len(ingest.reader.delays) >= 5, timeout=15)
@@ -380,15 +423,18 @@ async def test_reconnect_delays_grow_while_the_server_is_down_and_data_resumes_a
 async def test_malformed_frames_go_to_the_dead_letter_with_raw_bytes_and_good_trades_flow(
     redis_client: Any, unique_name: Callable[[str], str]
 ) -> None:
-    async with simulator(custom_feed=idle_feed()) as sim, running_ingest(
-        sim.url, redis_client, unique_name("tm"), topics=("T.ZMAL",)
-    ) as ingest:
+    async with (
+        simulator(custom_feed=idle_feed()) as sim,
+        running_ingest(sim.url, redis_client, unique_name("tm"), topics=("T.ZMAL",)) as ingest,
+    ):
         await eventually(lambda: ingest.status("success") == 1)
         assert sim.inject("malformed") == 1
         await eventually(lambda: ingest.ticks == 3)
         await eventually(lambda: ingest.metric("tickmesh_ingest_decode_errors_total") == 5)
-        assert ingest.metric("tickmesh_dead_letters_total", service="ingest",
-                             source_kind="polygon") == 5
+        assert (
+            ingest.metric("tickmesh_dead_letters_total", service="ingest", source_kind="polygon")
+            == 5
+        )
         stored = await ingest.streams.read(DEAD_LETTER_CHANNEL)
         letters = [msgspec.json.decode(payload, type=DeadLetter) for _, payload in stored]
         assert [seq for seq, _ in stored] == [1, 2, 3, 4, 5]
@@ -399,10 +445,13 @@ async def test_malformed_frames_go_to_the_dead_letter_with_raw_bytes_and_good_tr
         assert raws[1].startswith(b'{"ev":"T","sym":"ZMAL"')  # not an array: the whole frame
         assert raws[2].startswith(b'{"ev":"XYZ"')  # the unknown event alone
         assert b'"malformed-bad-2"' in raws[3] and b'"p":"abc"' in raws[4]
-        (_, payload), = await ingest.streams.read("ticks.ZMAL")
+        ((_, payload),) = await ingest.streams.read("ticks.ZMAL")
         batch = msgspec.json.decode(payload, type=TickBatch)
         assert [tick.i for tick in batch.ticks] == [
-            "malformed-good-1", "malformed-good-3", "malformed-good-5"]
+            "malformed-good-1",
+            "malformed-good-3",
+            "malformed-good-5",
+        ]
         assert ingest.reader.connected and ingest.reconnects() == 0
 
 
@@ -435,10 +484,19 @@ async def test_a_slow_processor_fills_the_queue_with_a_warning_while_the_reader_
 
     queue_size = 8
     with structlog.testing.capture_logs() as logs:
-        async with simulator() as sim, running_ingest(
-            sim.url, redis_client, unique_name("tm"), queue_size=queue_size, batch_frames=1,
-            publisher=wrap, queue_warning_ratio=0.5, lag_warning_ms=100,
-        ) as ingest:
+        async with (
+            simulator() as sim,
+            running_ingest(
+                sim.url,
+                redis_client,
+                unique_name("tm"),
+                queue_size=queue_size,
+                batch_frames=1,
+                publisher=wrap,
+                queue_warning_ratio=0.5,
+                lag_warning_ms=100,
+            ) as ingest,
+        ):
             publisher = gated[0]
             mailbox = ingest.processor.mailbox
             # The processor holds one frame, stuck in its first round trip; the reader goes
@@ -490,11 +548,16 @@ async def test_a_retriable_redis_error_is_retried_and_the_frames_are_published_o
     real = Publisher(redis_client, keys=keys, registry=registry)
     flaky = FlakyPublisher(real, failures=2)
     processor = FrameProcessor(
-        flaky, DeadLetters(real, "ingest", registry=registry),  # type: ignore[arg-type]
-        IngestMetrics(registry), queue_size=10, registry=registry,
+        flaky,
+        DeadLetters(real, "ingest", registry=registry),  # type: ignore[arg-type]
+        IngestMetrics(registry),
+        queue_size=10,
+        registry=registry,
     )
-    trades = [TradeEvent("ZRTY", 10.0 + n, 100, 1_700_000_000_000 + n, 4, (), str(n), 3, n)
-              for n in range(5)]
+    trades = [
+        TradeEvent("ZRTY", 10.0 + n, 100, 1_700_000_000_000 + n, 4, (), str(n), 3, n)
+        for n in range(5)
+    ]
     await processor.start()
     try:
         for trade in trades:
@@ -510,7 +573,11 @@ def test_topics_cover_a_symbol_list_or_everything_for_the_configured_event_types
     assert subscription_topics(["*"], ["T"]) == ["T.*"]
     assert subscription_topics(["spy", "*", "IBM"], ["T", "AM"]) == ["T.*", "AM.*"]
     assert subscription_topics(["spy", "IBM", "SPY"], ["T", "AM"]) == [
-        "T.SPY", "T.IBM", "AM.SPY", "AM.IBM"]
+        "T.SPY",
+        "T.IBM",
+        "AM.SPY",
+        "AM.IBM",
+    ]
     with pytest.raises(ValueError, match="unknown Polygon event types"):
         subscription_topics(["SPY"], ["T", "LULD"])
     settings = load_settings(IngestSettings, {"INGEST_SYMBOLS": "*", "INGEST_EVENT_TYPES": "T,Q"})
@@ -525,8 +592,12 @@ def test_topics_cover_a_symbol_list_or_everything_for_the_configured_event_types
 
 def test_the_help_lists_the_run_simulate_and_replay_commands() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "services.ingest", "--help"], cwd=REPO, capture_output=True,
-        text=True, timeout=30, check=False,
+        [sys.executable, "-m", "services.ingest", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     for command in ("run", "simulate", "replay", "POLYGON_API_KEY", "INGEST_SPEED"):
@@ -566,28 +637,42 @@ def json_logs() -> Iterator[io.StringIO]:
 
 
 async def test_the_api_key_never_appears_in_logs_metrics_reprs_or_errors(
-    redis_client: Any, unique_name: Callable[[str], str], json_logs: io.StringIO,
+    redis_client: Any,
+    unique_name: Callable[[str], str],
+    json_logs: io.StringIO,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings = load_settings(IngestSettings, {"POLYGON_API_KEY": LEAK_KEY})
     assert settings.polygon_api_key.reveal() == LEAK_KEY
-    shown = [repr(settings), str(settings), str(public_view(settings)),
-             repr(settings.polygon_api_key), f"{settings.polygon_api_key}",
-             repr(protocol.ClientAction("auth", LEAK_KEY)),
-             str(protocol.ClientAction("auth", LEAK_KEY))]
+    shown = [
+        repr(settings),
+        str(settings),
+        str(public_view(settings)),
+        repr(settings.polygon_api_key),
+        f"{settings.polygon_api_key}",
+        repr(protocol.ClientAction("auth", LEAK_KEY)),
+        str(protocol.ClientAction("auth", LEAK_KEY)),
+    ]
     async with simulator(api_key=Secret(LEAK_KEY)) as sim:
-        async with running_ingest(sim.url, redis_client, unique_name("tm"),
-                                  key=LEAK_KEY) as ingest:
+        async with running_ingest(sim.url, redis_client, unique_name("tm"), key=LEAK_KEY) as ingest:
             await eventually(lambda: ingest.ticks >= 50)
             sim.inject("drop")  # a reconnect authenticates again
             await eventually(lambda: ingest.status("auth_success") == 2)
-            shown += [repr(ingest.reader), repr(vars(ingest.reader)), repr(ingest.processor),
-                      generate_latest(ingest.registry).decode()]
-        async with running_ingest(sim.url, redis_client, unique_name("tm"),
-                                  key=WRONG_KEY) as refused:
+            shown += [
+                repr(ingest.reader),
+                repr(vars(ingest.reader)),
+                repr(ingest.processor),
+                generate_latest(ingest.registry).decode(),
+            ]
+        async with running_ingest(
+            sim.url, redis_client, unique_name("tm"), key=WRONG_KEY
+        ) as refused:
             await eventually(lambda: refused.fatal)
-            shown += [*refused.fatal, repr(refused.reader),
-                      generate_latest(refused.registry).decode()]
+            shown += [
+                *refused.fatal,
+                repr(refused.reader),
+                generate_latest(refused.registry).decode(),
+            ]
     captured = capsys.readouterr()
     logged = json_logs.getvalue()
     # The capture is real: websockets' own frame logs and ours are in it.
@@ -619,8 +704,14 @@ async def test_the_service_exits_non_zero_on_a_refused_key_with_a_clear_line_and
             "INGEST_RECONNECT_INITIAL_S": "0.05",
         }
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.ingest", "run", cwd=REPO, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "services.ingest",
+            "run",
+            cwd=REPO,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         async with asyncio.timeout(40):
             out, err = await process.communicate()

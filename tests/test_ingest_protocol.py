@@ -189,8 +189,12 @@ def test_dead_letters_carry_source_error_and_raw_bytes_as_base64() -> None:
     from libs.common.deadletter import DEAD_LETTER_CHANNEL, DeadLetters
 
     bad = BadEvent(b"\x00[bad", "boom")
-    letters = DeadLetters(None, "ingest", registry=CollectorRegistry(),  # type: ignore[arg-type]
-                          clock=ManualClock(5))
+    letters = DeadLetters(
+        None,
+        "ingest",
+        registry=CollectorRegistry(),  # type: ignore[arg-type]
+        clock=ManualClock(5),
+    )
     ((channel, payload),) = letters.records("polygon", [(bad.error, bad.raw)])
     assert channel == DEAD_LETTER_CHANNEL
     encoded = msgspec.json.decode(payload)

@@ -37,7 +37,9 @@ OPEN_MS = 34_200_000  # 09:30 New York, in ms since midnight
 FLAGS = ("1", "1", "1", "21", "80000000", "2001")  # regular, sweep, odd lot, extended hours
 
 
-def write_lean_zip(root: Path, symbol: str, rows: list[tuple[int, int, int, str, str, int]]) -> Path:
+def write_lean_zip(
+    root: Path, symbol: str, rows: list[tuple[int, int, int, str, str, int]]
+) -> Path:
     """A Lean trade zip: ``root/tick/<sym>/<day>_trade.zip`` holding one headerless CSV."""
     directory = root / "tick" / symbol.lower()
     directory.mkdir(parents=True, exist_ok=True)
@@ -57,25 +59,41 @@ def synthetic_rows(seed: int, count: int, span_ms: int = 150_000) -> list[tuple[
     rows = []
     for ms in times:
         price += rng.choice((-100, 0, 100))
-        rows.append((ms, price, rng.choice((100, 200, 37, 500)), rng.choice("NPQZD"),
-                     rng.choice(FLAGS), int(rng.random() < 0.02)))
+        rows.append(
+            (
+                ms,
+                price,
+                rng.choice((100, 200, 37, 500)),
+                rng.choice("NPQZD"),
+                rng.choice(FLAGS),
+                int(rng.random() < 0.02),
+            )
+        )
     return rows
 
 
 def day_files(root: Path) -> list[Path]:
-    return [write_lean_zip(root, "ZQA", synthetic_rows(1, 400)),
-            write_lean_zip(root, "ZQB", synthetic_rows(2, 300))]
+    return [
+        write_lean_zip(root, "ZQA", synthetic_rows(1, 400)),
+        write_lean_zip(root, "ZQB", synthetic_rows(2, 300)),
+    ]
 
 
-def make_replay(files: list[Path], redis_client: Any, prefix: str, **options: Any
-                ) -> tuple[FileReplay, CollectorRegistry, StreamReader, list[str]]:
+def make_replay(
+    files: list[Path], redis_client: Any, prefix: str, **options: Any
+) -> tuple[FileReplay, CollectorRegistry, StreamReader, list[str]]:
     registry = CollectorRegistry()
     keys = Keys(f"{prefix}:")
     fatal: list[str] = []
     options.setdefault("speed", 0)
-    replay = FileReplay(files, Publisher(redis_client, keys=keys, registry=registry),
-                        IngestMetrics(registry), on_fatal=fatal.append, registry=registry,
-                        **options)
+    replay = FileReplay(
+        files,
+        Publisher(redis_client, keys=keys, registry=registry),
+        IngestMetrics(registry),
+        on_fatal=fatal.append,
+        registry=registry,
+        **options,
+    )
     return replay, registry, StreamReader(redis_client, keys), fatal
 
 
@@ -117,17 +135,23 @@ async def test_a_replayed_day_publishes_one_record_per_frame_and_symbol_with_eve
         batches = [msgspec.json.decode(payload, type=TickBatch) for payload in payloads]
         assert [batch.ticks for batch in batches] == [
             [Trade(*(getattr(t, f) for f in Trade.__struct_fields__)) for t in group]
-            for group in expected[channel]]
-    by_symbol = {sym: read_lean_trades(path) for sym, path in zip(("ZQA", "ZQB"), files,
-                                                                     strict=True)}
+            for group in expected[channel]
+        ]
+    by_symbol = {
+        sym: read_lean_trades(path) for sym, path in zip(("ZQA", "ZQB"), files, strict=True)
+    }
     for sym, trades in by_symbol.items():
-        replayed = [tick for payload in records[f"ticks.{sym}"]
-                    for tick in msgspec.json.decode(payload, type=TickBatch).ticks]
+        replayed = [
+            tick
+            for payload in records[f"ticks.{sym}"]
+            for tick in msgspec.json.decode(payload, type=TickBatch).ticks
+        ]
         assert replayed == trades  # every trade, in file order, as the reader gives it
     assert replay.ticks_published == 700 == replay.trades_total
     assert registry.get_sample_value("tickmesh_ingest_events_total", {"type": "T"}) == 700
     assert registry.get_sample_value("tickmesh_ingest_frames_total") == len(
-        list(frames_of(merged, 100, 1)))
+        list(frames_of(merged, 100, 1))
+    )
 
 
 async def test_a_file_replay_and_a_simulator_replay_of_a_day_publish_the_same_ticks(
@@ -142,16 +166,20 @@ async def test_a_file_replay_and_a_simulator_replay_of_a_day_publish_the_same_ti
     finally:
         await replay.stop()
     feed = FileFeed(tmp_path, parse_day(DAY), ("ZQA", "ZQB"), speed=0)
-    async with PolygonSimulator(replace(SIM, feed=feed)) as sim, running_ingest(
-        sim.url, redis_client, unique_name("sim"), topics=("T.ZQA", "T.ZQB")
-    ) as ingest:
+    async with (
+        PolygonSimulator(replace(SIM, feed=feed)) as sim,
+        running_ingest(
+            sim.url, redis_client, unique_name("sim"), topics=("T.ZQA", "T.ZQB")
+        ) as ingest,
+    ):
         await eventually(lambda: ingest.ticks == 700)
         from_socket = await published(ingest.streams)
     assert set(from_files) == set(from_socket) == {"ticks.ZQA", "ticks.ZQB"}
     for channel in from_files:
         # Same records (frame and symbol boundaries), byte for byte but for seq and tsInit.
         assert [ticks_part(p) for p in from_files[channel]] == [
-            ticks_part(p) for p in from_socket[channel]]
+            ticks_part(p) for p in from_socket[channel]
+        ]
 
 
 async def test_the_replay_is_paced_by_event_time_at_the_given_speed(
@@ -177,9 +205,15 @@ async def test_the_replay_is_paced_by_event_time_at_the_given_speed(
 def test_files_merge_in_time_order_stable_by_file_then_line_and_keep_the_asked_symbols(
     tmp_path: Path,
 ) -> None:
-    lean = write_lean_zip(tmp_path, "ZQA", [(OPEN_MS + 5, 1_000_000, 100, "N", "1", 0),
-                                             (OPEN_MS + 5, 1_000_100, 100, "N", "1", 0),
-                                             (OPEN_MS + 9, 1_000_200, 100, "N", "1", 0)])
+    lean = write_lean_zip(
+        tmp_path,
+        "ZQA",
+        [
+            (OPEN_MS + 5, 1_000_000, 100, "N", "1", 0),
+            (OPEN_MS + 5, 1_000_100, 100, "N", "1", 0),
+            (OPEN_MS + 9, 1_000_200, 100, "N", "1", 0),
+        ],
+    )
     base_ns = (1_381_152_600_000) * 1_000_000  # 2013-10-07 09:30 New York, as SIP ns
     flat = tmp_path / "2013-10-07.csv.gz"
     rows = [  # a flat file is sorted by ticker, then time
@@ -194,19 +228,31 @@ def test_files_merge_in_time_order_stable_by_file_then_line_and_keep_the_asked_s
             handle.write(",".join(str(value) for value in row) + "\n")
     merged = load_trades([lean, flat])
     assert [(t.sym, t.i) for t in merged] == [
-        ("ZQD", "d1"), ("ZQA", "1"), ("ZQA", "2"), ("ZQC", "c1"), ("ZQD", "d2"),
-        ("ZQA", "3"), ("ZQC", "c2")]
+        ("ZQD", "d1"),
+        ("ZQA", "1"),
+        ("ZQA", "2"),
+        ("ZQC", "c1"),
+        ("ZQD", "d2"),
+        ("ZQA", "3"),
+        ("ZQC", "c2"),
+    ]
     assert all(type(t) is protocol.TradeEvent for t in merged)
     assert merged[-1].c == (37,) and merged[-1].q == 2
     assert [t.sym for t in load_trades([lean, flat], ["zqc", "ZQA"])] == [
-        "ZQA", "ZQA", "ZQC", "ZQA", "ZQC"]
+        "ZQA",
+        "ZQA",
+        "ZQC",
+        "ZQA",
+        "ZQC",
+    ]
 
 
 async def test_an_unreadable_file_is_fatal_with_the_setting_named(
     tmp_path: Path, redis_client: Any, unique_name: Callable[[str], str]
 ) -> None:
-    replay, _, _, fatal = make_replay([tmp_path / "missing_trade.zip"], redis_client,
-                                      unique_name("tm"))
+    replay, _, _, fatal = make_replay(
+        [tmp_path / "missing_trade.zip"], redis_client, unique_name("tm")
+    )
     await replay.start()
     try:
         await eventually(lambda: fatal)
@@ -218,9 +264,14 @@ async def test_an_unreadable_file_is_fatal_with_the_setting_named(
 
 async def run_service(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.ingest", *args, cwd=REPO,
+        sys.executable,
+        "-m",
+        "services.ingest",
+        *args,
+        cwd=REPO,
         env={**os.environ, "INGEST_HTTP_PORT": "0", "INGEST_HTTP_HOST": "127.0.0.1", **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     async with asyncio.timeout(40):
         out, _ = await process.communicate()
@@ -233,16 +284,28 @@ async def test_the_service_replays_files_from_its_settings_and_exits_when_done(
 ) -> None:
     files = day_files(tmp_path)
     prefix = unique_name("tm")
-    code, output = await run_service(["run"], {
-        "INGEST_REDIS_URL": redis_url, "INGEST_KEY_PREFIX": f"{prefix}:",
-        "INGEST_SOURCE": "files", "INGEST_FILES": ",".join(str(path) for path in files),
-        "INGEST_SPEED": "0", "INGEST_EXIT_WHEN_DONE": "true",
-    })
+    code, output = await run_service(
+        ["run"],
+        {
+            "INGEST_REDIS_URL": redis_url,
+            "INGEST_KEY_PREFIX": f"{prefix}:",
+            "INGEST_SOURCE": "files",
+            "INGEST_FILES": ",".join(str(path) for path in files),
+            "INGEST_SPEED": "0",
+            "INGEST_EXIT_WHEN_DONE": "true",
+        },
+    )
     assert code == 0, output[-3_000:]
     assert "ingest.replay_done" in output
     records = await published(StreamReader(redis_client, Keys(f"{prefix}:")))
-    assert sum(len(msgspec.json.decode(p, type=TickBatch).ticks)
-               for payloads in records.values() for p in payloads) == 700
+    assert (
+        sum(
+            len(msgspec.json.decode(p, type=TickBatch).ticks)
+            for payloads in records.values()
+            for p in payloads
+        )
+        == 700
+    )
 
 
 async def test_the_replay_command_takes_files_and_options(
@@ -257,8 +320,10 @@ async def test_the_replay_command_takes_files_and_options(
     assert code == 0, output[-3_000:]
     records = await published(StreamReader(redis_client, Keys(f"{prefix}:")))
     assert set(records) == {"ticks.ZQB"}
-    code, output = await run_service(["replay", str(tmp_path / "nope_trade.zip"),
-                                      "--exit-when-done"], {"INGEST_REDIS_URL": redis_url})
+    code, output = await run_service(
+        ["replay", str(tmp_path / "nope_trade.zip"), "--exit-when-done"],
+        {"INGEST_REDIS_URL": redis_url},
+    )
     assert code == 78 and "INGEST_FILES" in output, output[-3_000:]
 
 
@@ -266,8 +331,9 @@ async def test_the_real_spy_day_replays_every_tick(
     shared_data: Path, redis_client: Any, unique_name: Callable[[str], str]
 ) -> None:
     path = shared_data / "tick" / "spy" / f"{DAY}_trade.zip"
-    replay, registry, streams, _ = make_replay([path], redis_client, unique_name("tm"),
-                                               batch_frames=256)
+    replay, registry, streams, _ = make_replay(
+        [path], redis_client, unique_name("tm"), batch_frames=256
+    )
     await replay.start()
     try:
         await eventually(lambda: replay.done, timeout=50)

@@ -72,12 +72,12 @@ def test_redis_server_passes_extra_args_and_stops_its_process() -> None:
 
 
 def test_redis_server_with_bad_config_fails_with_its_log() -> None:
-    with pytest.raises(LocalStackError, match="(?s)exited with code.*Bad directive"):
+    with pytest.raises(LocalStackError, match=r"(?s)exited with code.*Bad directive"):
         RedisServer(extra_args=["--no-such-directive", "1"]).start()
 
 
 def test_server_refuses_a_port_another_server_holds(redis_server: RedisServer) -> None:
-    with pytest.raises(LocalStackError, match="(?i)address already in use"):
+    with pytest.raises(LocalStackError, match=r"(?i)address already in use"):
         RedisServer(port=redis_server.port, startup_timeout_s=5).start()
 
 

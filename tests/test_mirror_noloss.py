@@ -41,8 +41,12 @@ DAY = "20131007"
 def mirror_process(env: dict[str, str], log_path: Path) -> ServiceProcess:
     """``python -m services.mirror run`` with its settings in the environment."""
     return ServiceProcess.service(
-        "mirror", "mirror", {**os.environ, **env, "PYTHONUNBUFFERED": "1"}, log_path,
-        int(env["MIRROR_HTTP_PORT"]), cwd=REPO,
+        "mirror",
+        "mirror",
+        {**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        log_path,
+        int(env["MIRROR_HTTP_PORT"]),
+        cwd=REPO,
     )
 
 

@@ -43,22 +43,32 @@ KEY_SERIES: dict[str, list[tuple[str, str]]] = {
     "ingest": [
         ('tickmesh_ingest_connected{job="ingest"} == 1', "subscribed to the feed"),
         ('tickmesh_ingest_events_total{job="ingest",type="T"} > 0', "trades decoded"),
-        ('tickmesh_redis_records_published_total{job="ingest",kind="ticks"} > 0',
-         "tick records published on Redis"),
+        (
+            'tickmesh_redis_records_published_total{job="ingest",kind="ticks"} > 0',
+            "tick records published on Redis",
+        ),
         ('tickmesh_ingest_feed_lag_seconds{job="ingest"} >= 0', "feed lag measured"),
     ],
     "bars": [
-        ('tickmesh_bars_ticks_total{job="bars",role="primary",source="redis"} > 0',
-         "ticks aggregated from Redis"),
+        (
+            'tickmesh_bars_ticks_total{job="bars",role="primary",source="redis"} > 0',
+            "ticks aggregated from Redis",
+        ),
         ('tickmesh_bars_watermark_lag_ms{job="bars",role="primary"} >= 0', "watermark lag"),
-        ('tickmesh_consumer_records_total{job="bars",role="primary"} > 0',
-         "ticks read without loss (sequenced consumer)"),
+        (
+            'tickmesh_consumer_records_total{job="bars",role="primary"} > 0',
+            "ticks read without loss (sequenced consumer)",
+        ),
     ],
     "bars-shadow": [
-        ('tickmesh_bars_watermark_lag_ms{job="bars",role="shadow",source="kafka"} >= 0',
-         "the shadow builder runs on Kafka"),
-        ('tickmesh_bars_ticks_total{job="bars",role="shadow",source="kafka"} > 0',
-         "ticks mirrored to Kafka reach the shadow builder"),
+        (
+            'tickmesh_bars_watermark_lag_ms{job="bars",role="shadow",source="kafka"} >= 0',
+            "the shadow builder runs on Kafka",
+        ),
+        (
+            'tickmesh_bars_ticks_total{job="bars",role="shadow",source="kafka"} > 0',
+            "ticks mirrored to Kafka reach the shadow builder",
+        ),
     ],
     "engine_bridge": [
         ('tickmesh_bridge_pending_minutes{job="engine_bridge"} >= 0', "minute buckets tracked"),
@@ -76,21 +86,23 @@ COMMON_SERIES = [
     ("tickmesh_up{%s} == 1", "the service runs"),
     ("tickmesh_actor_running{%s} == 1", "its actors run"),
     ("tickmesh_service_info{%s}", "its identity"),
-    ('tickmesh_redis_records_published_total{kind="sentio.heartbeat.v1",%s} > 0',
-     "its heartbeats"),
+    ('tickmesh_redis_records_published_total{kind="sentio.heartbeat.v1",%s} > 0', "its heartbeats"),
 ]
 
 
 def settings_class(service: str) -> type[CommonSettings]:
     module = importlib.import_module(f"services.{service}.config")
     return next(
-        value for value in vars(module).values()
-        if isinstance(value, type) and issubclass(value, CommonSettings)
+        value
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, CommonSettings)
         and value.__module__ == module.__name__
     )
 
 
 # --- Prometheus on this machine -----------------------------------------------------------------
+
 
 def install_prometheus() -> str | None:
     """Install Debian's prometheus if it is missing; the reason it cannot, or None."""
@@ -108,11 +120,13 @@ def install_prometheus() -> str | None:
         policy.chmod(0o755)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
-        for command in (["apt-get", "update", "-qq"],
-                        ["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                         "prometheus"]):
-            result = subprocess.run(command, check=False, capture_output=True, text=True,
-                                    env=env, timeout=600)
+        for command in (
+            ["apt-get", "update", "-qq"],
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
+        ):
+            result = subprocess.run(
+                command, check=False, capture_output=True, text=True, env=env, timeout=600
+            )
             if result.returncode != 0:
                 return f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}"
     finally:
@@ -131,8 +145,7 @@ def prometheus_bin() -> str:
     return shutil.which("prometheus")  # type: ignore[return-value]
 
 
-def start_process(name: str, command: list[str], env: dict[str, str],
-                  logs: Path) -> ServiceProcess:
+def start_process(name: str, command: list[str], env: dict[str, str], logs: Path) -> ServiceProcess:
     """A started subprocess logging to ``<logs>/<name>.log``."""
     return ServiceProcess(name, command, env, logs / f"{name}.log", cwd=ROOT).start()
 
@@ -171,17 +184,23 @@ def processes() -> Iterator[list[ServiceProcess]]:
 def test_promtool_accepts_the_deployed_config_and_alert_rules(prometheus_bin: str) -> None:
     promtool = shutil.which("promtool")
     assert promtool, "promtool comes with Debian's prometheus package"
-    for command in (["check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
-                    ["check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")]):
-        result = subprocess.run([promtool, *command], check=False, capture_output=True,
-                                text=True, timeout=60)
+    for command in (
+        ["check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
+        ["check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
+    ):
+        result = subprocess.run(
+            [promtool, *command], check=False, capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, (
             f"promtool {' '.join(command)}:\n{result.stdout}{result.stderr}"
         )
 
 
 async def test_prometheus_scrapes_every_service_key_series(
-    prometheus_bin: str, redis_server: object, kafka_broker: object, tmp_path: Path,
+    prometheus_bin: str,
+    redis_server: object,
+    kafka_broker: object,
+    tmp_path: Path,
     processes: list[ServiceProcess],
 ) -> None:
     started = time.monotonic()
@@ -197,18 +216,42 @@ async def test_prometheus_scrapes_every_service_key_series(
         "TICKMESH_HEARTBEAT_INTERVAL_MS": "1000",
     }
     sim_port = free_port()
-    processes.append(start_process("simulator", [
-        python, "-m", "services.ingest.simulator", "--host", "127.0.0.1", "--port", str(sim_port),
-        "--synthetic-symbols", "3", "--rate", "60",
-    ], {**base_env(), "SIM_API_KEY": SIM_KEY}, tmp_path))
+    processes.append(
+        start_process(
+            "simulator",
+            [
+                python,
+                "-m",
+                "services.ingest.simulator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(sim_port),
+                "--synthetic-symbols",
+                "3",
+                "--rate",
+                "60",
+            ],
+            {**base_env(), "SIM_API_KEY": SIM_KEY},
+            tmp_path,
+        )
+    )
 
     # (job, role, service, extra env): the four services and the shadow bar builder.
     instances = [
-        ("ingest", "primary", "ingest", {"INGEST_POLYGON_URL": f"ws://127.0.0.1:{sim_port}",
-                                          "POLYGON_API_KEY": SIM_KEY}),
+        (
+            "ingest",
+            "primary",
+            "ingest",
+            {"INGEST_POLYGON_URL": f"ws://127.0.0.1:{sim_port}", "POLYGON_API_KEY": SIM_KEY},
+        ),
         ("bars", "primary", "bars", {}),
-        ("bars", "shadow", "bars", {"BARS_SOURCE": "kafka",
-                                    "BARS_KAFKA_GROUP": f"bars-shadow-{run_id}"}),
+        (
+            "bars",
+            "shadow",
+            "bars",
+            {"BARS_SOURCE": "kafka", "BARS_KAFKA_GROUP": f"bars-shadow-{run_id}"},
+        ),
         ("engine_bridge", "primary", "engine_bridge", {}),
         ("mirror", "primary", "mirror", {}),
     ]
@@ -216,8 +259,12 @@ async def test_prometheus_scrapes_every_service_key_series(
     for job, role, service, extra in instances:
         port = free_port()
         targets[(job, role)] = port
-        env = {**common, env_name(settings_class(service), "http_port"): str(port),
-               "TICKMESH_RUN_ID": f"{run_id}-{job}-{role}", **extra}
+        env = {
+            **common,
+            env_name(settings_class(service), "http_port"): str(port),
+            "TICKMESH_RUN_ID": f"{run_id}-{job}-{role}",
+            **extra,
+        }
         command = [python, "-m", f"services.{service}", "run"]
         processes.append(start_process(f"{job}-{role}", command, env, tmp_path))
 
@@ -225,24 +272,38 @@ async def test_prometheus_scrapes_every_service_key_series(
     jobs: dict[str, list[str]] = {}
     for (job, role), port in targets.items():
         jobs.setdefault(job, []).append(
-            f'      - targets: ["127.0.0.1:{port}"]\n        labels: {{role: {role}}}')
+            f'      - targets: ["127.0.0.1:{port}"]\n        labels: {{role: {role}}}'
+        )
     config = tmp_path / "prometheus.yml"
     (tmp_path / "alerts.yml").write_text((DEPLOY / "prometheus" / "alerts.yml").read_text())
     config.write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\n"
-        "rule_files: [alerts.yml]\nscrape_configs:\n" + "".join(
+        "rule_files: [alerts.yml]\nscrape_configs:\n"
+        + "".join(
             f"  - job_name: {job}\n    static_configs:\n" + "\n".join(entries) + "\n"
             for job, entries in jobs.items()
         )
     )
-    processes.append(start_process("prometheus", [
-        prometheus_bin, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn",
-    ], base_env(), tmp_path))
+    processes.append(
+        start_process(
+            "prometheus",
+            [
+                prometheus_bin,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+                "--log.level=warn",
+            ],
+            base_env(),
+            tmp_path,
+        )
+    )
 
     def diagnose() -> str:
-        return "\n".join(f"--- {p.name} ({'alive' if p.alive() else 'EXITED'})\n{p.log_tail(1500)}"
-                         for p in processes)
+        return "\n".join(
+            f"--- {p.name} ({'alive' if p.alive() else 'EXITED'})\n{p.log_tail(1500)}"
+            for p in processes
+        )
 
     def all_up() -> bool:
         for process in processes:
@@ -250,15 +311,19 @@ async def test_prometheus_scrapes_every_service_key_series(
         result = query(prom_port, "up")
         return len(result) == len(targets) and all(r["value"][1] == "1" for r in result)
 
-    await eventually(all_up, timeout=60, interval=0.5,
-                     message=lambda: f"not every target is up\n{diagnose()}")
+    await eventually(
+        all_up, timeout=60, interval=0.5, message=lambda: f"not every target is up\n{diagnose()}"
+    )
     up_after = time.monotonic() - started
 
-    checks: list[tuple[str, str]] = [(promql, why) for series in KEY_SERIES.values()
-                                     for promql, why in series]
+    checks: list[tuple[str, str]] = [
+        (promql, why) for series in KEY_SERIES.values() for promql, why in series
+    ]
     for job, role in targets:
-        checks += [(promql % f'job="{job}",role="{role}"', f"{job}/{role}: {why}")
-                   for promql, why in COMMON_SERIES]
+        checks += [
+            (promql % f'job="{job}",role="{role}"', f"{job}/{role}: {why}")
+            for promql, why in COMMON_SERIES
+        ]
     missing: list[str] = []
 
     def every_key_series_present() -> bool:
@@ -268,14 +333,25 @@ async def test_prometheus_scrapes_every_service_key_series(
                 missing.append(f"{promql}  ({why})")
         return not missing
 
-    await eventually(every_key_series_present, timeout=90, interval=1.0,
-                     message=lambda: f"series missing: {missing}\n{diagnose()}")
+    await eventually(
+        every_key_series_present,
+        timeout=90,
+        interval=1.0,
+        message=lambda: f"series missing: {missing}\n{diagnose()}",
+    )
 
     # Every query of the Grafana dashboard is valid PromQL for this Prometheus, and the
     # panels about series that exist by now show data.
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "tickmesh.json").read_text())
-    must_show = ("Services up", "Feed lag", "Ticks/s", "Mirror lag", "Feed connection",
-                 "Actor restarts (per 5 min)", "Dead letters (per 5 min)")
+    must_show = (
+        "Services up",
+        "Feed lag",
+        "Ticks/s",
+        "Mirror lag",
+        "Feed connection",
+        "Actor restarts (per 5 min)",
+        "Dead letters (per 5 min)",
+    )
     empty_panels: list[str] = []
 
     def key_panels_show_data() -> bool:
@@ -287,21 +363,32 @@ async def test_prometheus_scrapes_every_service_key_series(
                 empty_panels.append(panel["title"])
         return not set(must_show) & set(empty_panels)
 
-    await eventually(key_panels_show_data, timeout=45, interval=1.0,
-                     message=lambda: f"dashboard panels showing nothing: {empty_panels}")
+    await eventually(
+        key_panels_show_data,
+        timeout=45,
+        interval=1.0,
+        message=lambda: f"dashboard panels showing nothing: {empty_panels}",
+    )
     print(f"\n[prometheus] dashboard panels without data yet: {empty_panels}")
 
     rules = api(prom_port, "/api/v1/rules")
     loaded = {rule["name"] for group in rules["groups"] for rule in group["rules"]}
     assert "TickmeshServiceDown" in loaded, f"alert rules not loaded: {loaded}"
-    names = sorted(n for n in api(prom_port, "/api/v1/label/__name__/values")
-                   if n.startswith("tickmesh_"))
+    names = sorted(
+        n for n in api(prom_port, "/api/v1/label/__name__/values") if n.startswith("tickmesh_")
+    )
     by_job = {
-        job: sorted({r["metric"]["__name__"] for r in query(
-            prom_port, f'{{job="{job}",__name__=~"tickmesh_.+"}}')})
+        job: sorted(
+            {
+                r["metric"]["__name__"]
+                for r in query(prom_port, f'{{job="{job}",__name__=~"tickmesh_.+"}}')
+            }
+        )
         for job in {job for job, _ in targets}
     }
-    print(f"\n[prometheus] all targets up after {up_after:.1f} s, every key series after "
-          f"{time.monotonic() - started:.1f} s; {len(names)} tickmesh series names scraped")
+    print(
+        f"\n[prometheus] all targets up after {up_after:.1f} s, every key series after "
+        f"{time.monotonic() - started:.1f} s; {len(names)} tickmesh series names scraped"
+    )
     for job, job_names in sorted(by_job.items()):
         print(f"[prometheus] {job}: {' '.join(job_names)}")

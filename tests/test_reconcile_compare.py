@@ -68,7 +68,10 @@ def test_identical_sides_match_fully() -> None:
 def test_planted_problems_of_every_kind_are_found_and_named() -> None:
     redis = day_of("SPY")
     kafka = [b for b in redis.values()]
-    minute = lambda m: OPEN_MS + m * MINUTE_MS
+
+    def minute(m: int) -> int:
+        return OPEN_MS + m * MINUTE_MS
+
     # 1. a mismatch in two fields
     kafka[2] = msgspec.structs.replace(
         kafka[2], close=kafka[2].close + 0.01, volume=kafka[2].volume - 100

@@ -27,7 +27,8 @@ def batch(sym: str, price: float = 1.0) -> TickBatch:
 
 
 async def test_publish_assigns_gapless_per_channel_sequences_in_one_round_trip(
-    redis_client, unique_name  # type: ignore[no-untyped-def]
+    redis_client,
+    unique_name,  # type: ignore[no-untyped-def]
 ) -> None:
     keys = Keys(unique_name("k") + ":")
     publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
@@ -45,7 +46,8 @@ async def test_publish_assigns_gapless_per_channel_sequences_in_one_round_trip(
 
 @pytest.mark.timeout(10)
 async def test_interleaved_channels_get_their_own_sequences(
-    redis_client, unique_name  # type: ignore[no-untyped-def]
+    redis_client,
+    unique_name,  # type: ignore[no-untyped-def]
 ) -> None:
     keys = Keys(unique_name("k") + ":")
     publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
@@ -83,7 +85,8 @@ async def test_sequence_survives_a_lost_counter_key(redis_client, unique_name) -
     assert await publisher.publish_many([(channel, batch("S"))] * 3) == [5, 6, 7]
     assert await publisher.publish(channel, batch("S")) == 8
     assert [seq for seq, _ in await StreamReader(redis_client, keys).read(channel)] == list(
-        range(1, 9))
+        range(1, 9)
+    )
 
 
 async def test_stream_is_trimmed_to_its_bound(redis_client, unique_name) -> None:  # type: ignore[no-untyped-def]
@@ -115,8 +118,22 @@ def test_passwords_are_redacted_from_urls() -> None:
 async def test_bar_store_keeps_the_newest_revision(redis_client, unique_name) -> None:  # type: ignore[no-untyped-def]
     store = BarStore(redis_client, Keys(unique_name("k") + ":"))
     start = 1_381_154_400_000
-    first = Bar(0, "SPY", "2013-10-07T10:00:00-04:00", 31, 1, 2, 0.5, 1.5, 100, 1.2, 3, start,
-                start + 60_000, 0)
+    first = Bar(
+        0,
+        "SPY",
+        "2013-10-07T10:00:00-04:00",
+        31,
+        1,
+        2,
+        0.5,
+        1.5,
+        100,
+        1.2,
+        3,
+        start,
+        start + 60_000,
+        0,
+    )
     revised = Bar(0, "SPY", first.tsET, 31, 1, 2, 0.5, 1.5, 200, 1.2, 4, start, start + 60_000, 1)
     await store.put_many([revised])
     await store.put_many([first])  # an older revision arriving late does not win

@@ -7,8 +7,22 @@ import pytest
 
 from libs.common import schemas
 from libs.common.schemas import (
-    AggregateBatch, Bar, DeadLetter, ExecutedTrade, Heartbeat, ParityReport, Portfolio,
-    Position, Quote, QuoteBatch, Signal, TickBatch, Trade, VendorAggregate, decode, encode,
+    AggregateBatch,
+    Bar,
+    DeadLetter,
+    ExecutedTrade,
+    Heartbeat,
+    ParityReport,
+    Portfolio,
+    Position,
+    Quote,
+    QuoteBatch,
+    Signal,
+    TickBatch,
+    Trade,
+    VendorAggregate,
+    decode,
+    encode,
     seq_of,
 )
 
@@ -18,12 +32,43 @@ CONTRACT_POSITION = (
 )
 
 EXAMPLES: list[msgspec.Struct] = [
-    TickBatch(7, "SPY", [Trade("SPY", 167.41, 100, 1381152600123, x=11, c=(14, 41), i="9",
-                               z=2, q=3, suspicious=True)], tsInit=5),
+    TickBatch(
+        7,
+        "SPY",
+        [
+            Trade(
+                "SPY",
+                167.41,
+                100,
+                1381152600123,
+                x=11,
+                c=(14, 41),
+                i="9",
+                z=2,
+                q=3,
+                suspicious=True,
+            )
+        ],
+        tsInit=5,
+    ),
     QuoteBatch(1, "SPY", [Quote("SPY", bx=11, bp=1.0, bs=2, ax=12, ap=1.1, as_=3, t=5)]),
     AggregateBatch(2, "SPY", [VendorAggregate("SPY", v=10, o=1, c=2, h=3, l=0.5, s=1, e=2)]),
-    Bar(3, "SPY", "2013-10-07T10:00:00-04:00", 31, 1.0, 2.0, 0.5, 1.5, 337771, 1.2, 90,
-        1381154400000, 1381154460000, 1),
+    Bar(
+        3,
+        "SPY",
+        "2013-10-07T10:00:00-04:00",
+        31,
+        1.0,
+        2.0,
+        0.5,
+        1.5,
+        337771,
+        1.2,
+        90,
+        1381154400000,
+        1381154460000,
+        1,
+    ),
     Signal(4, "SPY", "2013-10-07T10:00:00-04:00", 31, "BULLISH", 80.0, "golden_cross"),
     ExecutedTrade(5, "SPY", "t", 31, "BUY", 100, 1.0, 0.9, 1.2, "entry", "T1"),
     Position(6, "SPY", "t", 31, 2, 100, 1.0, 1.1, 10.0, 0.9, 1.2),
@@ -50,7 +95,11 @@ def test_sequenced_records_start_with_seq(record: msgspec.Struct) -> None:
 def test_contract_example_position_decodes_unchanged() -> None:
     position = decode(CONTRACT_POSITION, Position)
     assert (position.symbol, position.tsET, position.barId, position.barsHeld) == (
-        "AAPL", "2025-10-27T14:30:00-04:00", 301, 15)
+        "AAPL",
+        "2025-10-27T14:30:00-04:00",
+        301,
+        15,
+    )
     assert (position.shares, position.entryPrice, position.unrealizedPnl) == (100, 150.25, 255.0)
     as_json = msgspec.json.decode(CONTRACT_POSITION)
     reencoded = msgspec.json.decode(encode(position))

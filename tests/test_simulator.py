@@ -568,11 +568,21 @@ async def test_vendor_minute_bars_follow_the_trades_of_their_minute() -> None:
     from services.ingest.simulator import replay_frames
 
     trades = [TradeEvent(sym="A", p=1.0, s=1, t=t) for t in (0, 30_000, 60_000, 130_000)]
-    vendor = [MinuteAggEvent(sym="A", v=v, s=s, e=s + 60_000)
-              for s, v in ((0, 2), (60_000, 1), (120_000, 1))]
+    vendor = [
+        MinuteAggEvent(sym="A", v=v, s=s, e=s + 60_000)
+        for s, v in ((0, 2), (60_000, 1), (120_000, 1))
+    ]
     frames = [frame async for frame in replay_frames(trades, 0, 100, 1, True, vendor)]
-    kinds = [(type(f[0]).__name__, f[0].s if isinstance(f[0], MinuteAggEvent) else f[0].t)
-             for f in frames]
-    assert kinds == [("TradeEvent", 0), ("TradeEvent", 30_000), ("MinuteAggEvent", 0),
-                     ("TradeEvent", 60_000), ("MinuteAggEvent", 60_000),
-                     ("TradeEvent", 130_000), ("MinuteAggEvent", 120_000)]
+    kinds = [
+        (type(f[0]).__name__, f[0].s if isinstance(f[0], MinuteAggEvent) else f[0].t)
+        for f in frames
+    ]
+    assert kinds == [
+        ("TradeEvent", 0),
+        ("TradeEvent", 30_000),
+        ("MinuteAggEvent", 0),
+        ("TradeEvent", 60_000),
+        ("MinuteAggEvent", 60_000),
+        ("TradeEvent", 130_000),
+        ("MinuteAggEvent", 120_000),
+    ]

@@ -23,8 +23,12 @@ def settings_class(service: str) -> type[CommonSettings]:
     """The settings Struct of ``services.<service>.config``."""
     module = importlib.import_module(f"services.{service}.config")
     for value in vars(module).values():
-        if isinstance(value, type) and issubclass(value, CommonSettings) \
-                and value is not CommonSettings and value.__module__ == module.__name__:
+        if (
+            isinstance(value, type)
+            and issubclass(value, CommonSettings)
+            and value is not CommonSettings
+            and value.__module__ == module.__name__
+        ):
             return value
     raise LookupError(f"no settings class in services.{service}.config")
 

@@ -63,16 +63,20 @@ COMPOSE_ONLY: dict[str, tuple[str, str]] = {
     "TICKMESH_IMAGE_TAG": ("latest", "image tag of the four services"),
     "TICKMESH_BASE_IMAGE": (
         "localhost/tickmesh-python:bookworm",
-        ("base of `docker compose build` (docker.io/library/python:3.11-slim-bookworm with "
-         "Docker Hub)"),
+        (
+            "base of `docker compose build` (docker.io/library/python:3.11-slim-bookworm with "
+            "Docker Hub)"
+        ),
     ),
     "GRAFANA_ADMIN_PASSWORD": ("tickmesh", "Grafana's admin password (change it)"),
 }
 
+
 def service_names() -> list[str]:
     """Every service package that can be run (``services/<name>/__main__.py``)."""
     return sorted(
-        path.parent.name for path in (ROOT / "services").glob("*/__main__.py")
+        path.parent.name
+        for path in (ROOT / "services").glob("*/__main__.py")
         if not path.parent.name.startswith("_")
     )
 
@@ -81,8 +85,10 @@ def settings_class(service: str) -> type[CommonSettings]:
     """The settings Struct defined in ``services.<service>.config``."""
     module = importlib.import_module(f"services.{service}.config")
     found = [
-        value for value in vars(module).values()
-        if isinstance(value, type) and issubclass(value, CommonSettings)
+        value
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, CommonSettings)
         and value.__module__ == module.__name__
     ]
     if len(found) != 1:
@@ -139,13 +145,17 @@ def sections(classes: dict[str, type[CommonSettings]]) -> Iterator[tuple[str, li
     """The file's sections: shared settings, then each service's own."""
     common = defaults(CommonSettings)
     shared = [
-        Entry(f"{CommonSettings.ENV_PREFIX}{field.upper()}",
-              env_text(CommonSettings, field, common[field]),
-              description(CommonSettings, field))
+        Entry(
+            f"{CommonSettings.ENV_PREFIX}{field.upper()}",
+            env_text(CommonSettings, field, common[field]),
+            description(CommonSettings, field),
+        )
         for field in CommonSettings.__struct_fields__
         # A shared setting every service overrides (http_port) is set per service instead.
-        if not all(defaults(cls)[field] != common[field] or field in cls.ENV_NAMES
-                   for cls in classes.values())
+        if not all(
+            defaults(cls)[field] != common[field] or field in cls.ENV_NAMES
+            for cls in classes.values()
+        )
     ]
     yield "shared by every service (a service's own prefix overrides one for that service)", shared
     for name, cls in classes.items():
@@ -155,8 +165,13 @@ def sections(classes: dict[str, type[CommonSettings]]) -> Iterator[tuple[str, li
             shared_field = field in common and field not in cls.ENV_NAMES
             if shared_field and own_defaults[field] == common[field]:
                 continue
-            entries.append(Entry(env_name(cls, field), env_text(cls, field, own_defaults[field]),
-                                 description(cls, field)))
+            entries.append(
+                Entry(
+                    env_name(cls, field),
+                    env_text(cls, field, own_defaults[field]),
+                    description(cls, field),
+                )
+            )
         yield f"{name} ({cls.ENV_PREFIX}*)", entries
 
 
@@ -228,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in missing:
         print(f"sync_env: {'missing' if args.check else 'adding'} {name}", file=sys.stderr)
     for name in stale:
-        print(f"sync_env: {'stale' if args.check else 'dropping'} {name} (nothing reads it)",
-              file=sys.stderr)
+        print(
+            f"sync_env: {'stale' if args.check else 'dropping'} {name} (nothing reads it)",
+            file=sys.stderr,
+        )
     if args.check:
         return 1 if missing or stale else 0
     args.env_file.write_text(render(classes, current))

@@ -75,11 +75,12 @@ class Overflow(enum.Enum):
 class ActorMetrics:
     """Per-actor metrics, labelled by actor name; built once per registry."""
 
-
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["actor"]
         self.mailbox_depth = Gauge(
-            "tickmesh_actor_mailbox_depth", "Messages waiting in the mailbox", labels,
+            "tickmesh_actor_mailbox_depth",
+            "Messages waiting in the mailbox",
+            labels,
             registry=registry,
         )
         self.mailbox_capacity = Gauge(
@@ -89,18 +90,24 @@ class ActorMetrics:
             "tickmesh_actor_messages_handled", "Messages handled", labels, registry=registry
         )
         self.failures = Counter(
-            "tickmesh_actor_failures", "Failures escalated to the supervisor", labels,
+            "tickmesh_actor_failures",
+            "Failures escalated to the supervisor",
+            labels,
             registry=registry,
         )
         self.restarts = Counter(
             "tickmesh_actor_restarts", "Restarts by the supervisor", labels, registry=registry
         )
         self.shed = Counter(
-            "tickmesh_actor_messages_shed", "Messages dropped by a full SHED mailbox", labels,
+            "tickmesh_actor_messages_shed",
+            "Messages dropped by a full SHED mailbox",
+            labels,
             registry=registry,
         )
         self.spilled = Counter(
-            "tickmesh_actor_messages_spilled", "Messages spilled by a full SPILL mailbox", labels,
+            "tickmesh_actor_messages_spilled",
+            "Messages spilled by a full SPILL mailbox",
+            labels,
             registry=registry,
         )
         self.state = Gauge(
@@ -255,9 +262,7 @@ class Actor(Generic[MessageT]):
     ) -> None:
         self.name = name
         self.metrics = ActorMetrics.for_registry(registry)
-        self.mailbox: Mailbox[MessageT] = Mailbox(
-            name, mailbox_size, overflow, self.metrics, spill
-        )
+        self.mailbox: Mailbox[MessageT] = Mailbox(name, mailbox_size, overflow, self.metrics, spill)
         self.log = log.bind(actor=name)
         self._state = ActorState.NEW
         self._timers: list[tuple[str, float, Callable[[], Awaitable[None]]]] = []

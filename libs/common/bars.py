@@ -139,9 +139,7 @@ class _PolicyBase:
     ) -> Classification:
         """What a trade with these attributes counts for (readable form of ``code``)."""
         return classification_of(
-            self.code(
-                tuple(conditions), exchange, suspicious, regular_session, primary_exchange
-            )
+            self.code(tuple(conditions), exchange, suspicious, regular_session, primary_exchange)
         )
 
     def depends_on_exchange(self, conditions: tuple[int, ...]) -> bool:

@@ -31,8 +31,9 @@ return 1
 class BarStore:
     """Read and write the bar store."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys | None = None,
-                 ttl_s: int = 14 * 86_400) -> None:
+    def __init__(
+        self, client: aioredis.Redis, keys: Keys | None = None, ttl_s: int = 14 * 86_400
+    ) -> None:
         self.client = client
         self.keys = keys or Keys()
         self.ttl_s = ttl_s
@@ -48,8 +49,9 @@ class BarStore:
             count = 0
             for bar in bars:
                 key = self.key(bar.symbol, ny_date(bar.startMs))
-                await self._put(keys=[key], args=[bar.startMs, bar.revision, ENCODER.encode(bar)],
-                                client=pipe)
+                await self._put(
+                    keys=[key], args=[bar.startMs, bar.revision, ENCODER.encode(bar)], client=pipe
+                )
                 pipe.expire(key, self.ttl_s)
                 count += 1
             if count:

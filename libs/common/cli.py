@@ -30,7 +30,9 @@ class ServiceCli:
     def command(self, name: str, help_text: str, run: Command) -> argparse.ArgumentParser:
         """Add a subcommand; returns its parser so arguments can be added."""
         parser = self.subparsers.add_parser(
-            name, help=help_text, description=help_text,
+            name,
+            help=help_text,
+            description=help_text,
             epilog=describe_settings(self.settings_cls),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )

@@ -16,9 +16,14 @@ DEAD_LETTER_CHANNEL = "sentio.deadletter.v1"
 
 log = structlog.get_logger("tickmesh.deadletter")
 
+
 def _dead_letter_counter(registry: CollectorRegistry) -> Counter:
-    return Counter("tickmesh_dead_letters", "Records sent to the dead-letter stream",
-                   ["service", "source_kind"], registry=registry)
+    return Counter(
+        "tickmesh_dead_letters",
+        "Records sent to the dead-letter stream",
+        ["service", "source_kind"],
+        registry=registry,
+    )
 
 
 def dead_letter_counter(registry: CollectorRegistry | None) -> Counter:
@@ -29,9 +34,15 @@ def dead_letter_counter(registry: CollectorRegistry | None) -> Counter:
 class DeadLetters:
     """Sends dead letters to the Redis dead-letter channel (mirrored to Kafka) and counts."""
 
-    def __init__(self, publisher: Publisher, service: str, *,
-                 registry: CollectorRegistry | None = None, clock: Clock = SYSTEM_CLOCK,
-                 channel: str = DEAD_LETTER_CHANNEL) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        service: str,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        channel: str = DEAD_LETTER_CHANNEL,
+    ) -> None:
         self.publisher = publisher
         self.service = service
         self.clock = clock
@@ -47,8 +58,9 @@ class DeadLetters:
         out = []
         for error, raw in bad:
             log.warning("deadletter.sent", source=source, error=error[:300], size=len(raw))
-            letter = DeadLetter(seq=0, source=source, error=error[:2_000], raw=raw, tsMs=now,
-                                service=self.service)
+            letter = DeadLetter(
+                seq=0, source=source, error=error[:2_000], raw=raw, tsMs=now, service=self.service
+            )
             out.append((self.channel, ENCODER.encode(letter)))
         return out
 

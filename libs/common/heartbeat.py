@@ -33,8 +33,12 @@ class HeartbeatActor(Actor[None]):
         clock: Clock = SYSTEM_CLOCK,
         **actor_options: object,
     ) -> None:
-        super().__init__(f"{service}.heartbeat", mailbox_size=1, overflow=Overflow.SHED,
-                         **actor_options)  # type: ignore[arg-type]
+        super().__init__(
+            f"{service}.heartbeat",
+            mailbox_size=1,
+            overflow=Overflow.SHED,
+            **actor_options,  # type: ignore[arg-type]
+        )
         self.service = service
         self.run_id = run_id
         self.mode: _Mode = _MODES.get(mode, "sim")  # an unknown mode is reported as sim
@@ -55,8 +59,14 @@ class HeartbeatActor(Actor[None]):
         await self.publisher.publish(
             self.channel,
             Heartbeat(
-                seq=0, runId=self.run_id, service=self.service, tsET=ts_et(now),
-                mode=self.mode, status=self.status(), lagMs=int(self.lag_ms()), tsMs=now,
+                seq=0,
+                runId=self.run_id,
+                service=self.service,
+                tsET=ts_et(now),
+                mode=self.mode,
+                status=self.status(),
+                lagMs=int(self.lag_ms()),
+                tsMs=now,
             ),
         )
         self.sent += 1

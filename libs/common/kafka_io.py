@@ -41,12 +41,19 @@ def is_retriable(exc: BaseException) -> bool:
 
 
 async def _retry_start(
-    what: str, start: Callable[[], Awaitable[None]], max_wait_s: float,
+    what: str,
+    start: Callable[[], Awaitable[None]],
+    max_wait_s: float,
     initial_delay_s: float = 0.2,
 ) -> None:
     try:
-        await retry_async(start, retriable=is_retriable, max_wait_s=max_wait_s,
-                          what=f"kafka {what}", initial_s=initial_delay_s)
+        await retry_async(
+            start,
+            retriable=is_retriable,
+            max_wait_s=max_wait_s,
+            what=f"kafka {what}",
+            initial_s=initial_delay_s,
+        )
     except Exception as exc:
         raise ConnectionError(f"Kafka {what} could not start: {exc!r}") from exc
 
@@ -98,8 +105,11 @@ def make_consumer(
     """An unstarted consumer with the group timeouts from settings; subscribe by pattern or
     topics (``pattern`` subscribes with ``consumer.subscribe(pattern=...)`` at start).
     ``partition_assignment_strategy`` replaces aiokafka's default (range) assignors."""
-    extra = {} if partition_assignment_strategy is None else {
-        "partition_assignment_strategy": partition_assignment_strategy}
+    extra = (
+        {}
+        if partition_assignment_strategy is None
+        else {"partition_assignment_strategy": partition_assignment_strategy}
+    )
     consumer = AIOKafkaConsumer(
         *topics,
         bootstrap_servers=settings.kafka_bootstrap,
@@ -136,8 +146,9 @@ async def ensure_topics(
     wanted = {spec.name: spec for spec in specs}
     if not wanted:
         return []
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
-                                request_timeout_ms=30_000)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=30_000
+    )
     await _retry_start("admin", admin.start, max_wait_s)
     try:
         existing = set(await admin.list_topics())
@@ -271,8 +282,9 @@ class TopicAdmin:
 
     async def _client(self) -> AIOKafkaAdminClient:
         if self._admin is None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap,
-                                        request_timeout_ms=30_000)
+            admin = AIOKafkaAdminClient(
+                bootstrap_servers=self.settings.kafka_bootstrap, request_timeout_ms=30_000
+            )
             try:
                 await _retry_start("admin", admin.start, self.max_wait_s)
             except BaseException:
@@ -307,8 +319,12 @@ class TopicAdmin:
 
 async def _create(admin: AIOKafkaAdminClient, missing: list[TopicSpec]) -> list[str]:
     new_topics = [
-        NewTopic(name=spec.name, num_partitions=spec.partitions,
-                 replication_factor=spec.replication_factor, topic_configs=dict(spec.configs))
+        NewTopic(
+            name=spec.name,
+            num_partitions=spec.partitions,
+            replication_factor=spec.replication_factor,
+            topic_configs=dict(spec.configs),
+        )
         for spec in missing
     ]
     try:
@@ -318,8 +334,10 @@ async def _create(admin: AIOKafkaAdminClient, missing: list[TopicSpec]) -> list[
     for error in getattr(response, "topic_errors", ()):
         topic, code = error[0], error[1]
         if code not in (0, TopicAlreadyExistsError.errno):
-            raise RuntimeError(f"creating Kafka topic {topic} failed: error code {code} "
-                               f"{error[2] if len(error) > 2 else ''}")
+            raise RuntimeError(
+                f"creating Kafka topic {topic} failed: error code {code} "
+                f"{error[2] if len(error) > 2 else ''}"
+            )
     log.info("kafka.topics_created", topics=[spec.name for spec in missing])
     return [spec.name for spec in missing]
 
@@ -343,10 +361,14 @@ async def read_from_beginning(
     ``end_offsets`` (wrong on the embedded broker). Missing topics are skipped.
     """
     cutoff = (until_ms if until_ms is not None else int(time.time() * 1000)) + clock_slack_ms
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
-                                enable_auto_commit=False, auto_offset_reset="earliest",
-                                fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
-                                max_partition_fetch_bytes=8 * 1_048_576)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+        max_partition_fetch_bytes=8 * 1_048_576,
+    )
     await start_consumer(consumer)
     try:
         existing = await consumer.topics()
@@ -361,8 +383,7 @@ async def read_from_beginning(
         await consumer.seek_to_beginning(*partitions)
         reading = set(partitions)
         while reading:
-            fetched = await consumer.getmany(*reading, timeout_ms=idle_ms,
-                                             max_records=max_records)
+            fetched = await consumer.getmany(*reading, timeout_ms=idle_ms, max_records=max_records)
             if not fetched:
                 return
             for partition, messages in fetched.items():

@@ -60,8 +60,16 @@ class ServiceProcess:
     log is appended to).
     """
 
-    def __init__(self, name: str, command: list[str], env: dict[str, str], log_path: Path,
-                 *, http_port: int | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        *,
+        http_port: int | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.command = command
         self.env = env
@@ -71,19 +79,38 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def service(cls, name: str, module: str, env: dict[str, str], log_path: Path,
-                http_port: int, *, python: str = sys.executable,
-                cwd: Path | None = None) -> ServiceProcess:
+    def service(
+        cls,
+        name: str,
+        module: str,
+        env: dict[str, str],
+        log_path: Path,
+        http_port: int,
+        *,
+        python: str = sys.executable,
+        cwd: Path | None = None,
+    ) -> ServiceProcess:
         """``python -m services.<module> run``."""
-        return cls(name, [python, "-m", f"services.{module}", "run"], env, log_path,
-                   http_port=http_port, cwd=cwd)
+        return cls(
+            name,
+            [python, "-m", f"services.{module}", "run"],
+            env,
+            log_path,
+            http_port=http_port,
+            cwd=cwd,
+        )
 
     def start(self) -> ServiceProcess:
         """Start the process."""
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(
-                self.command, env=self.env, cwd=self.cwd, stdout=log_file,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                self.command,
+                env=self.env,
+                cwd=self.cwd,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         return self
 
@@ -108,8 +135,9 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout_s
         while not self.ready():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} not ready after {timeout_s:g} s:\n"
-                                   f"{self.log_tail()}")
+                raise TimeoutError(
+                    f"{self.name} not ready after {timeout_s:g} s:\n{self.log_tail()}"
+                )
             time.sleep(0.05)
         return time.time()
 
@@ -176,7 +204,8 @@ class ServiceProcess:
         except OSError:
             return 0.0
         return sum(
-            value for (sample, sample_labels), value in samples.items()
+            value
+            for (sample, sample_labels), value in samples.items()
             if sample == name and all(dict(sample_labels).get(k) == v for k, v in labels.items())
         )
 
@@ -184,8 +213,9 @@ class ServiceProcess:
 class Mesh:
     """Start, watch and stop the whole mesh."""
 
-    def __init__(self, stack: LocalStack, options: MeshOptions,
-                 python: str = sys.executable) -> None:
+    def __init__(
+        self, stack: LocalStack, options: MeshOptions, python: str = sys.executable
+    ) -> None:
         self.stack = stack
         self.options = options
         self.python = python
@@ -201,27 +231,31 @@ class Mesh:
 
     def _base_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "TICKMESH_REDIS_URL": self.stack.redis.url,
-            "TICKMESH_KAFKA_BOOTSTRAP": self._kafka_bootstrap(),
-            "TICKMESH_MODE": "sim",
-            "TICKMESH_LOG_FORMAT": "json",
-            "TICKMESH_RUN_ID": self.options.run_id,
-            "TICKMESH_HEARTBEAT_INTERVAL_MS": "1000",
-            "TICKMESH_HTTP_HOST": "127.0.0.1",
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "TICKMESH_REDIS_URL": self.stack.redis.url,
+                "TICKMESH_KAFKA_BOOTSTRAP": self._kafka_bootstrap(),
+                "TICKMESH_MODE": "sim",
+                "TICKMESH_LOG_FORMAT": "json",
+                "TICKMESH_RUN_ID": self.options.run_id,
+                "TICKMESH_HEARTBEAT_INTERVAL_MS": "1000",
+                "TICKMESH_HTTP_HOST": "127.0.0.1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         return env
 
-    def start_service(self, name: str, module: str, prefix: str,
-                      extra: dict[str, str] | None = None) -> ServiceProcess:
+    def start_service(
+        self, name: str, module: str, prefix: str, extra: dict[str, str] | None = None
+    ) -> ServiceProcess:
         """Start ``python -m services.<module> run`` with its settings."""
         port = free_port()
         env = self._base_env()
         env[f"{prefix}HTTP_PORT"] = str(port)
         env.update(extra or {})
-        service = ServiceProcess.service(name, module, env, self.options.workdir / f"{name}.log",
-                                         port, python=self.python).start()
+        service = ServiceProcess.service(
+            name, module, env, self.options.workdir / f"{name}.log", port, python=self.python
+        ).start()
         self.services[name] = service
         return service
 
@@ -229,19 +263,43 @@ class Mesh:
         """Start the Polygon-compatible simulator on a free port."""
         options = self.options
         self.simulator_port = free_port()
-        args = ["-m", "services.ingest", "simulate", "--host", "127.0.0.1",
-                "--port", str(self.simulator_port), "--speed", str(options.speed)]
+        args = [
+            "-m",
+            "services.ingest",
+            "simulate",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.simulator_port),
+            "--speed",
+            str(options.speed),
+        ]
         if options.data_dir is not None:
-            args += ["--data", str(options.data_dir), "--date", str(options.day),
-                     "--symbols", ",".join(options.symbols), "--exit-when-done"]
+            args += [
+                "--data",
+                str(options.data_dir),
+                "--date",
+                str(options.day),
+                "--symbols",
+                ",".join(options.symbols),
+                "--exit-when-done",
+            ]
         else:
-            args += ["--synthetic-symbols", str(options.synthetic_symbols),
-                     "--rate", str(options.synthetic_rate), "--duration-s",
-                     str(options.duration_s), "--seed", "7"]
+            args += [
+                "--synthetic-symbols",
+                str(options.synthetic_symbols),
+                "--rate",
+                str(options.synthetic_rate),
+                "--duration-s",
+                str(options.duration_s),
+                "--seed",
+                "7",
+            ]
         env = self._base_env()
         env["SIM_API_KEY"] = SIM_KEY
-        self.simulator = ServiceProcess("simulator", [self.python, *args], env,
-                                        self.options.workdir / "simulator.log").start()
+        self.simulator = ServiceProcess(
+            "simulator", [self.python, *args], env, self.options.workdir / "simulator.log"
+        ).start()
 
     def start(self) -> None:
         """Start everything: consumers first, so nothing relies on catching up."""
@@ -250,19 +308,28 @@ class Mesh:
         self.start_service("mirror", "mirror", "MIRROR_")
         self.start_service("bars", "bars", "BARS_", grace)
         if options.shadow:
-            self.start_service("bars-shadow", "bars", "BARS_",
-                               {**grace, "BARS_SOURCE": "kafka",
-                                "BARS_KAFKA_GROUP": f"{options.run_id}-shadow"})
-        self.start_service("engine_bridge", "engine_bridge", "BRIDGE_",
-                           {"BRIDGE_STRATEGY": options.strategy})
+            self.start_service(
+                "bars-shadow",
+                "bars",
+                "BARS_",
+                {**grace, "BARS_SOURCE": "kafka", "BARS_KAFKA_GROUP": f"{options.run_id}-shadow"},
+            )
+        self.start_service(
+            "engine_bridge", "engine_bridge", "BRIDGE_", {"BRIDGE_STRATEGY": options.strategy}
+        )
         self.start_simulator()
         self.wait_ready(list(self.services), timeout_s=90)
-        self.start_service("ingest", "ingest", "INGEST_", {
-            "INGEST_POLYGON_URL": f"ws://127.0.0.1:{self.simulator_port}/stocks",
-            "POLYGON_API_KEY": SIM_KEY,
-            "INGEST_SYMBOLS": "*" if options.data_dir is None else ",".join(options.symbols),
-            "INGEST_EVENT_TYPES": "T,AM",
-        })
+        self.start_service(
+            "ingest",
+            "ingest",
+            "INGEST_",
+            {
+                "INGEST_POLYGON_URL": f"ws://127.0.0.1:{self.simulator_port}/stocks",
+                "POLYGON_API_KEY": SIM_KEY,
+                "INGEST_SYMBOLS": "*" if options.data_dir is None else ",".join(options.symbols),
+                "INGEST_EVENT_TYPES": "T,AM",
+            },
+        )
         self.wait_ready(["ingest"], timeout_s=60)
 
     def check_alive(self) -> None:

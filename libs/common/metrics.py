@@ -21,8 +21,9 @@ _INSTANCES: weakref.WeakKeyDictionary[CollectorRegistry, dict[Any, Any]] = (
 )
 
 
-def metrics_for(factory: Callable[[CollectorRegistry], MetricsT],
-                registry: CollectorRegistry | None) -> MetricsT:
+def metrics_for(
+    factory: Callable[[CollectorRegistry], MetricsT], registry: CollectorRegistry | None
+) -> MetricsT:
     """``factory(registry)``, created the first time and the same object afterwards."""
     registry = registry if registry is not None else REGISTRY
     instances = _INSTANCES.setdefault(registry, {})

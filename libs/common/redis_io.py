@@ -119,9 +119,15 @@ async def connect_redis(
         url, socket_connect_timeout=5, health_check_interval=30, client_name=name
     )
     try:
-        await retry_async(client.ping, retriable=lambda exc: isinstance(exc, RETRIABLE),
-                          max_wait_s=max_wait_s, what="redis connect", initial_s=initial_delay_s,
-                          max_s=max_delay_s, url=redact_url(url))
+        await retry_async(
+            client.ping,
+            retriable=lambda exc: isinstance(exc, RETRIABLE),
+            max_wait_s=max_wait_s,
+            what="redis connect",
+            initial_s=initial_delay_s,
+            max_s=max_delay_s,
+            url=redact_url(url),
+        )
     except RETRIABLE as exc:
         await client.aclose()
         raise ConnectionError(f"Redis at {redact_url(url)} unreachable: {exc}") from exc
@@ -141,17 +147,19 @@ def redact_url(url: str) -> str:
 class PublishMetrics:
     """Metrics of sequenced publishing; built once per registry."""
 
-
     def __init__(self, registry: CollectorRegistry) -> None:
         self.records = Counter(
-            "tickmesh_redis_records_published", "Records published (pub/sub + stream)",
-            ["kind"], registry=registry,
+            "tickmesh_redis_records_published",
+            "Records published (pub/sub + stream)",
+            ["kind"],
+            registry=registry,
         )
         self.batches = Counter(
             "tickmesh_redis_publish_batches", "Pipelined publish round trips", registry=registry
         )
         self.latency = Histogram(
-            "tickmesh_redis_publish_seconds", "Latency of one pipelined publish",
+            "tickmesh_redis_publish_seconds",
+            "Latency of one pipelined publish",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=registry,
         )
@@ -275,9 +283,12 @@ class StreamReader:
     ) -> list[tuple[int, bytes]]:
         """Records with ``after_seq < seq <= upto_seq`` in order, at most ``count``."""
         end = "+" if upto_seq is None else f"0-{upto_seq}"
-        entries = cast(_Entries, await self.client.xrange(
-            self.keys.stream(channel), min=f"(0-{after_seq}", max=end, count=count
-        ))
+        entries = cast(
+            _Entries,
+            await self.client.xrange(
+                self.keys.stream(channel), min=f"(0-{after_seq}", max=end, count=count
+            ),
+        )
         return [(int(entry_id.split(b"-")[1]), fields[b"d"]) for entry_id, fields in entries]
 
     async def last_seq(self, channel: str) -> int:

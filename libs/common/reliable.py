@@ -65,46 +65,75 @@ class Record(NamedTuple):
 class ConsumerMetrics:
     """Metrics of sequenced consumers, labelled by consumer name; built once per registry."""
 
-
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["consumer"]
-        self.delivered = Counter("tickmesh_consumer_records", "Records delivered in order",
-                                 [*labels, "kind"], registry=registry)
-        self.from_stream = Counter("tickmesh_consumer_backfilled_records",
-                                   "Records read from the stream (gaps, sweeps, catch-up)",
-                                   labels, registry=registry)
-        self.gaps = Counter("tickmesh_consumer_gaps", "Sequence gaps seen on pub/sub", labels,
-                            registry=registry)
-        self.duplicates = Counter("tickmesh_consumer_duplicates", "Duplicate records dropped",
-                                  labels, registry=registry)
-        self.lost = Counter("tickmesh_consumer_lost_records",
-                            "Records trimmed from the stream before they were read", labels,
-                            registry=registry)
+        self.delivered = Counter(
+            "tickmesh_consumer_records",
+            "Records delivered in order",
+            [*labels, "kind"],
+            registry=registry,
+        )
+        self.from_stream = Counter(
+            "tickmesh_consumer_backfilled_records",
+            "Records read from the stream (gaps, sweeps, catch-up)",
+            labels,
+            registry=registry,
+        )
+        self.gaps = Counter(
+            "tickmesh_consumer_gaps", "Sequence gaps seen on pub/sub", labels, registry=registry
+        )
+        self.duplicates = Counter(
+            "tickmesh_consumer_duplicates", "Duplicate records dropped", labels, registry=registry
+        )
+        self.lost = Counter(
+            "tickmesh_consumer_lost_records",
+            "Records trimmed from the stream before they were read",
+            labels,
+            registry=registry,
+        )
         self.doorbells_dropped = Counter(
             "tickmesh_consumer_doorbells_dropped",
             "Pub/sub messages dropped by a full local queue (read from the stream instead)",
-            labels, registry=registry)
-        self.behind = Gauge("tickmesh_consumer_behind_records",
-                            "Records in the streams not yet delivered (at the last sweep)",
-                            labels, registry=registry)
-        self.disconnects = Counter("tickmesh_consumer_subscriber_errors",
-                                   "Pub/sub connection errors", labels, registry=registry)
+            labels,
+            registry=registry,
+        )
+        self.behind = Gauge(
+            "tickmesh_consumer_behind_records",
+            "Records in the streams not yet delivered (at the last sweep)",
+            labels,
+            registry=registry,
+        )
+        self.disconnects = Counter(
+            "tickmesh_consumer_subscriber_errors",
+            "Pub/sub connection errors",
+            labels,
+            registry=registry,
+        )
         self.resubscribes = Counter(
             "tickmesh_consumer_resubscribes",
             "Pub/sub connections lost and re-established (e.g. cut by Redis at its output-buffer "
-            "limit); what was sent meanwhile is read from the streams", labels, registry=registry)
+            "limit); what was sent meanwhile is read from the streams",
+            labels,
+            registry=registry,
+        )
         self.pubsub_paused = Gauge(
             "tickmesh_consumer_pubsub_paused",
             "1 while pub/sub is paused because the consumer fell behind (reading the streams)",
-            labels, registry=registry)
+            labels,
+            registry=registry,
+        )
         self.falling_behind = Gauge(
             "tickmesh_consumer_falling_behind",
-            "1 from when the consumer could not keep up until it caught up again", labels,
-            registry=registry)
+            "1 from when the consumer could not keep up until it caught up again",
+            labels,
+            registry=registry,
+        )
         self.rewinds = Counter(
             "tickmesh_consumer_rewinds",
-            "Rewinds to the committed positions (the caller's downstream write failed)", labels,
-            registry=registry)
+            "Rewinds to the committed positions (the caller's downstream write failed)",
+            labels,
+            registry=registry,
+        )
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None = None) -> ConsumerMetrics:
@@ -122,8 +151,10 @@ class PositionStore:
     async def load(self) -> dict[str, int]:
         """All committed positions."""
         raw = await self.client.hgetall(self.key)
-        return {(channel.decode() if isinstance(channel, bytes) else channel): int(seq)
-                for channel, seq in raw.items()}
+        return {
+            (channel.decode() if isinstance(channel, bytes) else channel): int(seq)
+            for channel, seq in raw.items()
+        }
 
     async def save(self, positions: dict[str, int]) -> None:
         """Store positions (only ever forward, guarded in the caller)."""
@@ -227,16 +258,22 @@ class SequencedConsumer:
         self._behind_since = time.monotonic()
         self._behind_max = self.behind_records
         self._behind_backfilled = 0
-        self.log.warning("consumer.falling_behind", reason=reason, queued=len(self._queue),
-                         action="reading from the streams until caught up")
+        self.log.warning(
+            "consumer.falling_behind",
+            reason=reason,
+            queued=len(self._queue),
+            action="reading from the streams until caught up",
+        )
 
     def _caught_up(self) -> None:
         self.falling_behind = False
         self._m_falling_behind.set(0)
-        self.log.info("consumer.caught_up",
-                      behind_s=round(time.monotonic() - self._behind_since, 3),
-                      max_behind_records=self._behind_max,
-                      backfilled_records=self._behind_backfilled)
+        self.log.info(
+            "consumer.caught_up",
+            behind_s=round(time.monotonic() - self._behind_since, 3),
+            max_behind_records=self._behind_max,
+            backfilled_records=self._behind_backfilled,
+        )
         if self._pubsub_paused:
             self._pubsub_paused = False
             self._m_paused.set(0)
@@ -246,10 +283,12 @@ class SequencedConsumer:
         """redis-py reconnected and re-subscribed by itself: messages may have been lost."""
         self.resubscribes += 1
         self._m_resubscribes.inc()
-        self.log.warning("consumer.resubscribed",
-                         reason="the pub/sub connection was lost (Redis cuts a subscriber "
-                                "past its output-buffer limit) and re-established",
-                         action="reading what was sent meanwhile from the streams")
+        self.log.warning(
+            "consumer.resubscribed",
+            reason="the pub/sub connection was lost (Redis cuts a subscriber "
+            "past its output-buffer limit) and re-established",
+            action="reading what was sent meanwhile from the streams",
+        )
         self._last_sweep = 0.0
         self._wakeup.set()
 
@@ -292,8 +331,10 @@ class SequencedConsumer:
                     if self.pause_pubsub_when_behind:
                         self._pubsub_paused = True
                         self._m_paused.set(1)
-                        self.log.info("consumer.pubsub_paused",
-                                      reason="fell behind; reading the streams until caught up")
+                        self.log.info(
+                            "consumer.pubsub_paused",
+                            reason="fell behind; reading the streams until caught up",
+                        )
                         resumed = True  # (once the sweeps have caught up)
                         break
             except asyncio.CancelledError:
@@ -317,8 +358,7 @@ class SequencedConsumer:
         """Load committed positions and start the pub/sub reader."""
         self.committed = await self.store.load()
         self.positions = dict(self.committed)
-        self._subscriber_task = asyncio.create_task(self._read_pubsub(),
-                                                    name=f"{self.name}.pubsub")
+        self._subscriber_task = asyncio.create_task(self._read_pubsub(), name=f"{self.name}.pubsub")
         async with asyncio.timeout(30):
             await self.subscribed.wait()
         await self._discover()
@@ -347,8 +387,13 @@ class SequencedConsumer:
 
     def _note_lost(self, channel: str, after: int, missing: int) -> None:
         self._m_lost.inc(missing)
-        self.log.error("consumer.records_lost", channel=channel, after=after, missing=missing,
-                       reason="trimmed from the stream before they were read")
+        self.log.error(
+            "consumer.records_lost",
+            channel=channel,
+            after=after,
+            missing=missing,
+            reason="trimmed from the stream before they were read",
+        )
 
     async def _read_range(
         self, channel: str, after: int, upto: int | None, limit: int

@@ -48,8 +48,15 @@ async def retry_async(
         except Exception as exc:
             if not retriable(exc) or clock.monotonic() + delay > deadline:
                 raise
-            log.warning("retry.waiting", what=what, attempt=attempt, delay_s=round(delay, 2),
-                        error=type(exc).__name__, detail=str(exc)[:200], **context)
+            log.warning(
+                "retry.waiting",
+                what=what,
+                attempt=attempt,
+                delay_s=round(delay, 2),
+                error=type(exc).__name__,
+                detail=str(exc)[:200],
+                **context,
+            )
             await asyncio.sleep(delay * rng.uniform(1 - jitter, 1 + jitter))
             delay = min(max_s, delay * 2)
             continue

@@ -48,8 +48,9 @@ class ServiceRuntime:
         )
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
         info = InfoMetric("tickmesh_service", "Service identity", registry=self.registry)
-        info.info({"service": service, "run_id": settings.effective_run_id(),
-                   "mode": settings.mode})
+        info.info(
+            {"service": service, "run_id": settings.effective_run_id(), "mode": settings.mode}
+        )
         self.up = Gauge("tickmesh_up", "1 while the service runs", registry=self.registry)
         self.exit_code = EXIT_OK
 

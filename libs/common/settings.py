@@ -80,9 +80,7 @@ class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     run_id: Annotated[str, Meta(description="run id in heartbeats (random when empty)")] = ""
     mode: Annotated[str, Meta(description="live, sim or replay (heartbeat mode)")] = "sim"
     heartbeat_interval_ms: Annotated[int, Meta(gt=0, description="heartbeat period")] = 5_000
-    stream_maxlen: Annotated[int, Meta(gt=0, description="entries kept per Redis stream")] = (
-        200_000
-    )
+    stream_maxlen: Annotated[int, Meta(gt=0, description="entries kept per Redis stream")] = 200_000
     key_prefix: Annotated[str, Meta(description="prefix of tickmesh's own Redis keys")] = "tm:"
     kafka_enable_idempotence: Annotated[
         bool, Meta(description="idempotent Kafka producer (off for brokers without it)")

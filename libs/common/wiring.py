@@ -27,8 +27,12 @@ async def connect_runtime_redis(runtime: ServiceRuntime) -> aioredis.Redis:
 def make_publisher(runtime: ServiceRuntime, client: aioredis.Redis) -> Publisher:
     """The service's sequenced publisher, on the runtime's registry."""
     settings = runtime.settings
-    return Publisher(client, keys=Keys(settings.key_prefix), stream_maxlen=settings.stream_maxlen,
-                     registry=runtime.registry)
+    return Publisher(
+        client,
+        keys=Keys(settings.key_prefix),
+        stream_maxlen=settings.stream_maxlen,
+        registry=runtime.registry,
+    )
 
 
 def add_heartbeat(
@@ -41,8 +45,13 @@ def add_heartbeat(
     """Add the heartbeat actor every service runs."""
     settings = runtime.settings
     actor = HeartbeatActor(
-        runtime.service, settings.effective_run_id(), settings.mode, publisher,
-        interval_ms=settings.heartbeat_interval_ms, lag_ms=lag_ms, status=status,
+        runtime.service,
+        settings.effective_run_id(),
+        settings.mode,
+        publisher,
+        interval_ms=settings.heartbeat_interval_ms,
+        lag_ms=lag_ms,
+        status=status,
         registry=runtime.registry,
     )
     runtime.supervisor.add(actor)

@@ -79,8 +79,9 @@ def kafka_sink(admin: TopicAdmin, producer: AIOKafkaProducer) -> BarSink:
             for topic in sorted({bar_channel(bar.symbol) for bar in bars})
         )
         futures = [
-            await producer.send(bar_channel(bar.symbol), ENCODER.encode(bar),
-                                key=bar.symbol.encode())
+            await producer.send(
+                bar_channel(bar.symbol), ENCODER.encode(bar), key=bar.symbol.encode()
+            )
             for bar in bars
         ]
         for future in futures:
@@ -103,8 +104,10 @@ async def build(runtime: ServiceRuntime) -> None:
     supervisor."""
     settings: BarsSettings = runtime.settings  # type: ignore[assignment]
     if settings.shard_index >= settings.shard_count:
-        raise ValueError(f"BARS_SHARD_INDEX={settings.shard_index} must be below "
-                         f"BARS_SHARD_COUNT={settings.shard_count}")
+        raise ValueError(
+            f"BARS_SHARD_INDEX={settings.shard_index} must be below "
+            f"BARS_SHARD_COUNT={settings.shard_count}"
+        )
     if settings.source not in ("redis", "kafka"):
         raise ValueError(f"BARS_SOURCE must be redis or kafka, not {settings.source!r}")
     policy = bar_core.get_policy(settings.policy)  # fails fast on a bad name
@@ -116,8 +119,9 @@ async def build(runtime: ServiceRuntime) -> None:
     dead_letters = DeadLetters(publisher, "bars", registry=runtime.registry)
 
     def make_aggregator() -> bar_core.BarAggregator:
-        return bar_core.BarAggregator(policy, grace_ms=settings.grace_ms,
-                                      late_policy=settings.late_policy)
+        return bar_core.BarAggregator(
+            policy, grace_ms=settings.grace_ms, late_policy=settings.late_policy
+        )
 
     name = builder_name(settings)
     builder: BarBuilder
@@ -131,14 +135,25 @@ async def build(runtime: ServiceRuntime) -> None:
 
         def make_redis_consumer() -> SequencedConsumer:
             return SequencedConsumer(
-                client, name, [settings.tick_pattern], keys=keys, registry=runtime.registry,
+                client,
+                name,
+                [settings.tick_pattern],
+                keys=keys,
+                registry=runtime.registry,
                 accept=lambda channel: owned(symbol_of_tick_channel(channel)),
             )
 
         source = RedisTickSource(make_redis_consumer, dead_letters)
-        builder = BarBuilder(f"{name}.builder", make_aggregator, source, sink, closed,
-                             tick_interval_ms=settings.tick_interval_ms,
-                             registry=runtime.registry, source_kind="redis")
+        builder = BarBuilder(
+            f"{name}.builder",
+            make_aggregator,
+            source,
+            sink,
+            closed,
+            tick_interval_ms=settings.tick_interval_ms,
+            registry=runtime.registry,
+            source_kind="redis",
+        )
     else:
         producer = await start_producer(settings)
         runtime.on_cleanup(producer.stop)
@@ -147,11 +162,14 @@ async def build(runtime: ServiceRuntime) -> None:
         # round robin: with one topic per symbol (one partition each), the default range
         # assignor would give every topic's only partition to the same member
         kafka_consumer = make_consumer(
-            settings, group_id=settings.kafka_group,
-            partition_assignment_strategy=(RoundRobinPartitionAssignor,))
+            settings,
+            group_id=settings.kafka_group,
+            partition_assignment_strategy=(RoundRobinPartitionAssignor,),
+        )
         kafka_source = KafkaTickSource(kafka_consumer, dead_letters, registry=runtime.registry)
-        kafka_consumer.subscribe(pattern=topic_pattern(settings.tick_pattern),
-                                 listener=kafka_source.listener())
+        kafka_consumer.subscribe(
+            pattern=topic_pattern(settings.tick_pattern), listener=kafka_source.listener()
+        )
         await start_consumer(kafka_consumer)
         runtime.on_cleanup(kafka_consumer.stop)
 
@@ -161,10 +179,16 @@ async def build(runtime: ServiceRuntime) -> None:
 
         runtime.http.add_readiness("kafka", kafka_ready)
         closed = ClosedMinutes(client, keys, name)
-        builder = BarBuilder(f"{name}.builder", make_aggregator, kafka_source,
-                             kafka_sink(admin, producer), closed,
-                             tick_interval_ms=settings.tick_interval_ms,
-                             registry=runtime.registry, source_kind="kafka")
+        builder = BarBuilder(
+            f"{name}.builder",
+            make_aggregator,
+            kafka_source,
+            kafka_sink(admin, producer),
+            closed,
+            tick_interval_ms=settings.tick_interval_ms,
+            registry=runtime.registry,
+            source_kind="kafka",
+        )
     runtime.supervisor.add(builder)
     add_heartbeat(runtime, publisher, lag_ms=lambda: builder.lag_ms)
 
@@ -187,8 +211,7 @@ def backfill(args: argparse.Namespace) -> int:
     """``backfill``: build bars from tick files with the same core."""
     from services.bars.backfill import run_backfill
 
-    summary = run_backfill(args.files, args.policy, args.out, args.grace_ms,
-                           symbols=args.symbols)
+    summary = run_backfill(args.files, args.policy, args.out, args.grace_ms, symbols=args.symbols)
     print(summary)
     return 0
 

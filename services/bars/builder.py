@@ -127,8 +127,9 @@ class ClosedMinutes:
 
     async def _read(self) -> dict[str, tuple[int, int]]:
         if self.client is None:  # kept in memory only (tests, benchmarks)
-            return {symbol: (end, self.seqs.get(symbol, 0))
-                    for symbol, end in self.by_symbol.items()}
+            return {
+                symbol: (end, self.seqs.get(symbol, 0)) for symbol, end in self.by_symbol.items()
+            }
         raw = await self.client.hgetall(self.key)
         out: dict[str, tuple[int, int]] = {}
         for symbol, value in raw.items():
@@ -194,8 +195,13 @@ class StreamClosedMinutes(ClosedMinutes):
     sequences, so that bars published just before a crash (and not yet noted in the hash)
     are known as published, and never sent twice."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, name: str,
-                 accept: Callable[[str], bool] = lambda _symbol: True) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        name: str,
+        accept: Callable[[str], bool] = lambda _symbol: True,
+    ) -> None:
         super().__init__(client, keys, name)
         self.reader = StreamReader(client, keys)
         self.accept = accept
@@ -228,49 +234,71 @@ class StreamClosedMinutes(ClosedMinutes):
             if (end, seq) != out.get(symbol, (0, 0)):
                 out[symbol] = (end, seq)
         if self.recovered:
-            log.warning("bars.recovered_from_streams", bars=self.recovered,
-                        reason="published before a crash, after the last saved mark")
+            log.warning(
+                "bars.recovered_from_streams",
+                bars=self.recovered,
+                reason="published before a crash, after the last saved mark",
+            )
         return out
 
 
 class BuilderMetrics:
     """Metrics of the bar builder; built once per registry, labelled by source kind."""
 
-
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["source"]
         self.ticks = Counter("tickmesh_bars_ticks", "Ticks aggregated", labels, registry=registry)
-        self.bars = Counter("tickmesh_bars_published", "Bars published (revision 0)", labels,
-                            registry=registry)
-        self.revisions = Counter("tickmesh_bars_revisions", "Corrections published", labels,
-                                 registry=registry)
+        self.bars = Counter(
+            "tickmesh_bars_published", "Bars published (revision 0)", labels, registry=registry
+        )
+        self.revisions = Counter(
+            "tickmesh_bars_revisions", "Corrections published", labels, registry=registry
+        )
         self.republish_skipped = Counter(
             "tickmesh_bars_republish_skipped",
             "Bars rebuilt after a restart for minutes already published, not sent again",
-            labels, registry=registry)
+            labels,
+            registry=registry,
+        )
         self.ticks_skipped = Counter(
             "tickmesh_bars_ticks_skipped",
             "Ticks of minutes published before the last start, read again and not aggregated",
-            labels, registry=registry)
+            labels,
+            registry=registry,
+        )
         self.stale = Counter(
             "tickmesh_bars_stale_batches",
-            "Tick batches queued before a builder restart, dropped (read again)", labels,
-            registry=registry)
-        self.late = Counter("tickmesh_bars_late_trades",
-                            "Trades for closed minutes (revised or dropped per the policy)",
-                            [*labels, "action"], registry=registry)
+            "Tick batches queued before a builder restart, dropped (read again)",
+            labels,
+            registry=registry,
+        )
+        self.late = Counter(
+            "tickmesh_bars_late_trades",
+            "Trades for closed minutes (revised or dropped per the policy)",
+            [*labels, "action"],
+            registry=registry,
+        )
         self.uncommitted = Gauge(
             "tickmesh_bars_uncommitted_channels",
-            "Channels with positions not yet safe to commit (a minute still open)", labels,
-            registry=registry)
-        self.lag = Gauge("tickmesh_bars_watermark_lag_ms",
-                         "Wall time minus the event-time watermark", labels, registry=registry)
-        self.commits = Counter("tickmesh_bars_commits", "Safe position commits", labels,
-                               registry=registry)
+            "Channels with positions not yet safe to commit (a minute still open)",
+            labels,
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "tickmesh_bars_watermark_lag_ms",
+            "Wall time minus the event-time watermark",
+            labels,
+            registry=registry,
+        )
+        self.commits = Counter(
+            "tickmesh_bars_commits", "Safe position commits", labels, registry=registry
+        )
         self.reassigned = Counter(
             "tickmesh_bars_reassigned_channels",
             "Channels (Kafka partitions) lost to another group member; their symbols dropped",
-            labels, registry=registry)
+            labels,
+            registry=registry,
+        )
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None) -> BuilderMetrics:
@@ -296,8 +324,9 @@ class BarBuilder(Actor[BuilderMessage]):
         mailbox_size: int = 64,
         source_kind: str = "redis",
     ) -> None:
-        super().__init__(name, mailbox_size=mailbox_size, overflow=Overflow.BLOCK,
-                         registry=registry)
+        super().__init__(
+            name, mailbox_size=mailbox_size, overflow=Overflow.BLOCK, registry=registry
+        )
         self.make_aggregator = make_aggregator
         self.aggregators: dict[str, BarAggregator] = {}
         """One core per symbol: each symbol's watermark is its own (see ``_aggregator``)."""
@@ -358,8 +387,12 @@ class BarBuilder(Actor[BuilderMessage]):
         self._waiting.clear()
         await self.closed.load()
         await self.source.open(builder=self, restart=self.generation > 1)
-        log.info("bars.builder_started", actor=self.name, generation=self.generation,
-                 restored_symbols=len(self.closed.restored))
+        log.info(
+            "bars.builder_started",
+            actor=self.name,
+            generation=self.generation,
+            restored_symbols=len(self.closed.restored),
+        )
 
     async def on_stop(self) -> None:
         try:
@@ -367,8 +400,12 @@ class BarBuilder(Actor[BuilderMessage]):
         except Exception as exc:  # stopping anyway; the next start re-reads
             log.warning("bars.final_commit_failed", actor=self.name, error=repr(exc))
         await self.source.close()
-        log.info("bars.builder_stopped", actor=self.name, open_symbols=len(self._open),
-                 reason="open minutes are rebuilt from the uncommitted ticks at the next start")
+        log.info(
+            "bars.builder_stopped",
+            actor=self.name,
+            open_symbols=len(self._open),
+            reason="open minutes are rebuilt from the uncommitted ticks at the next start",
+        )
 
     async def _read(self) -> None:
         generation = self.generation
@@ -398,8 +435,9 @@ class BarBuilder(Actor[BuilderMessage]):
 
     # -- control from the source (Kafka rebalances) ------------------------------------------
 
-    async def _control(self, make: Callable[[asyncio.Future[None]], BuilderMessage],
-                       timeout_s: float) -> None:
+    async def _control(
+        self, make: Callable[[asyncio.Future[None]], BuilderMessage], timeout_s: float
+    ) -> None:
         if self.state is not ActorState.RUNNING:
             return  # a (re)start rebuilds everything from the committed positions anyway
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -590,8 +628,9 @@ class BarBuilder(Actor[BuilderMessage]):
             self._last_position.pop(channel, None)
             self._dirty.discard(channel)
             self._waiting.discard(channel)
-        still_owned = set().union(*self._channel_symbols.values()) if self._channel_symbols \
-            else set()
+        still_owned = (
+            set().union(*self._channel_symbols.values()) if self._channel_symbols else set()
+        )
         dropped -= still_owned
         for symbol in dropped:
             self.aggregators.pop(symbol, None)  # its open minutes are the new owner's now
@@ -601,5 +640,10 @@ class BarBuilder(Actor[BuilderMessage]):
         await self.closed.load(keep=still_owned)
         if lost:
             self.builder_metrics.reassigned.labels(self.source_kind).inc(len(lost))
-        log.info("bars.reassigned", actor=self.name, lost_channels=len(lost),
-                 dropped_symbols=sorted(dropped)[:20], owned_symbols=len(still_owned))
+        log.info(
+            "bars.reassigned",
+            actor=self.name,
+            lost_channels=len(lost),
+            dropped_symbols=sorted(dropped)[:20],
+            owned_symbols=len(still_owned),
+        )

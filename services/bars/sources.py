@@ -72,20 +72,27 @@ class TickSource(Protocol):
 class SourceMetrics:
     """Metrics of the tick sources; built once per registry."""
 
-
     def __init__(self, registry: CollectorRegistry) -> None:
         self.duplicates = Counter(
             "tickmesh_bars_duplicate_batches",
             "Tick batches dropped as duplicates (same channel and sequence, Kafka source)",
-            registry=registry)
+            registry=registry,
+        )
         self.commit_failures = Counter(
             "tickmesh_bars_commit_failures",
             "Kafka offset commits that failed (e.g. during a rebalance); read again later",
-            registry=registry)
-        self.rebalances = Counter("tickmesh_bars_rebalances",
-                                  "Kafka consumer-group assignments received", registry=registry)
-        self.partitions = Gauge("tickmesh_bars_assigned_partitions",
-                                "Kafka partitions assigned to this member", registry=registry)
+            registry=registry,
+        )
+        self.rebalances = Counter(
+            "tickmesh_bars_rebalances",
+            "Kafka consumer-group assignments received",
+            registry=registry,
+        )
+        self.partitions = Gauge(
+            "tickmesh_bars_assigned_partitions",
+            "Kafka partitions assigned to this member",
+            registry=registry,
+        )
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None) -> SourceMetrics:
@@ -99,8 +106,9 @@ class RedisTickSource:
     Each ``open`` builds a new consumer, which starts from the committed positions.
     """
 
-    def __init__(self, make_consumer: Callable[[], SequencedConsumer],
-                 dead_letters: DeadLetters) -> None:
+    def __init__(
+        self, make_consumer: Callable[[], SequencedConsumer], dead_letters: DeadLetters
+    ) -> None:
         self.make_consumer = make_consumer
         self.dead_letters = dead_letters
         self.consumer: SequencedConsumer | None = None
@@ -136,9 +144,13 @@ class RedisTickSource:
                 except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
                     await self.dead_letters.send(record.channel, str(exc), record.payload)
                     if record.seq > 0:  # its position is done with, like any other
-                        items.append((record.channel, record.seq,
-                                      TickBatch(record.seq, symbol_of_tick_channel(
-                                          record.channel), [])))
+                        items.append(
+                            (
+                                record.channel,
+                                record.seq,
+                                TickBatch(record.seq, symbol_of_tick_channel(record.channel), []),
+                            )
+                        )
                     continue
                 items.append((record.channel, record.seq, batch))
             if items:
@@ -158,9 +170,16 @@ class KafkaTickSource:
     already aggregated.
     """
 
-    def __init__(self, consumer: AIOKafkaConsumer, dead_letters: DeadLetters, *,
-                 registry: CollectorRegistry | None = None, max_records: int = 5_000,
-                 deliver_every: int = 100, control_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        dead_letters: DeadLetters,
+        *,
+        registry: CollectorRegistry | None = None,
+        max_records: int = 5_000,
+        deliver_every: int = 100,
+        control_timeout_s: float = 10.0,
+    ) -> None:
         self.consumer = consumer
         self.dead_letters = dead_letters
         self.max_records = max_records
@@ -247,8 +266,7 @@ class KafkaTickSource:
                 if items:
                     await deliver(items)
 
-    async def _item(self, channel: str, deduper: SequenceDeduper,
-                    message: object) -> Item:
+    async def _item(self, channel: str, deduper: SequenceDeduper, message: object) -> Item:
         value: bytes = message.value  # type: ignore[attr-defined]
         offset: int = message.offset  # type: ignore[attr-defined]
         topic = channel.rpartition("#")[0]

@@ -10,7 +10,6 @@ from libs.common.metrics import metrics_for
 class BridgeMetrics:
     """Bars in, records out, engine health."""
 
-
     def __init__(self, registry: CollectorRegistry) -> None:
         self.bars = Counter(
             "tickmesh_bridge_bars",

@@ -41,35 +41,58 @@ async def build(runtime: ServiceRuntime) -> None:
     metrics = IngestMetrics(runtime.registry)
     if settings.source == "files":
         replay = FileReplay(
-            settings.files, publisher, metrics, on_fatal=fatal,
+            settings.files,
+            publisher,
+            metrics,
+            on_fatal=fatal,
             on_done=runtime.supervisor.stop if settings.exit_when_done else None,
-            speed=settings.speed, symbols=settings.symbols,
-            batch_frames=settings.publish_batch_frames, registry=runtime.registry,
+            speed=settings.speed,
+            symbols=settings.symbols,
+            batch_frames=settings.publish_batch_frames,
+            registry=runtime.registry,
         )
         runtime.http.add_readiness("files", lambda: replay.loaded)
         runtime.supervisor.add(replay)
-        add_heartbeat(runtime, publisher, lag_ms=lambda: replay.lag_ms,
-                      status=lambda: "done" if replay.done else "replaying")
+        add_heartbeat(
+            runtime,
+            publisher,
+            lag_ms=lambda: replay.lag_ms,
+            status=lambda: "done" if replay.done else "replaying",
+        )
         return
     topics = subscription_topics(settings.symbols, settings.event_types)
     processor = FrameProcessor(
-        publisher, DeadLetters(publisher, "ingest", registry=runtime.registry), metrics,
-        queue_size=settings.queue_size, batch_frames=settings.publish_batch_frames,
-        source=DEAD_LETTER_SOURCE, lag_warning_ms=settings.lag_warning_ms,
+        publisher,
+        DeadLetters(publisher, "ingest", registry=runtime.registry),
+        metrics,
+        queue_size=settings.queue_size,
+        batch_frames=settings.publish_batch_frames,
+        source=DEAD_LETTER_SOURCE,
+        lag_warning_ms=settings.lag_warning_ms,
         registry=runtime.registry,
     )
     reader = FeedReader(
-        settings.polygon_url, settings.polygon_api_key, topics, processor, metrics,
-        on_fatal=fatal, initial_delay_s=settings.reconnect_initial_s,
+        settings.polygon_url,
+        settings.polygon_api_key,
+        topics,
+        processor,
+        metrics,
+        on_fatal=fatal,
+        initial_delay_s=settings.reconnect_initial_s,
         max_delay_s=settings.reconnect_max_s,
         max_connections_delay_s=settings.max_connections_backoff_s,
-        queue_warning_ratio=settings.queue_warning_ratio, registry=runtime.registry,
+        queue_warning_ratio=settings.queue_warning_ratio,
+        registry=runtime.registry,
     )
     runtime.http.add_readiness("feed", lambda: reader.connected)
     runtime.supervisor.add(processor)
     runtime.supervisor.add(reader)
-    add_heartbeat(runtime, publisher, lag_ms=lambda: processor.lag_ms,
-                  status=lambda: "ok" if reader.connected else "disconnected")
+    add_heartbeat(
+        runtime,
+        publisher,
+        lag_ms=lambda: processor.lag_ms,
+        status=lambda: "ok" if reader.connected else "disconnected",
+    )
 
 
 def run(_args: argparse.Namespace) -> int:
@@ -102,20 +125,31 @@ def replay(args: argparse.Namespace) -> int:
 
 CLI.command("run", "run ingest against the configured WebSocket or files (the default)", run)
 _simulate_parser = CLI.command(
-    "simulate", "serve a Polygon-compatible WebSocket from tick files or synthetic ticks",
-    simulate)
+    "simulate", "serve a Polygon-compatible WebSocket from tick files or synthetic ticks", simulate
+)
 simulator_arguments.add_simulate_arguments(_simulate_parser)
 _replay_parser = CLI.command(
-    "replay", "publish the trades of tick files (Lean zips, Polygon flat-file CSVs) without a "
-    "socket", replay)
+    "replay",
+    "publish the trades of tick files (Lean zips, Polygon flat-file CSVs) without a socket",
+    replay,
+)
 _replay_parser.add_argument("files", nargs="+", help="tick files, replayed merged in time order")
-_replay_parser.add_argument("--speed", type=float, default=None,
-                            help="1 real time, 10 faster, 0 no pacing (default: INGEST_SPEED)")
-_replay_parser.add_argument("--symbols", default=None,
-                            help="keep only these symbols, comma separated (default: "
-                                 "INGEST_SYMBOLS)")
-_replay_parser.add_argument("--exit-when-done", action="store_true",
-                            help="exit when every file is published (INGEST_EXIT_WHEN_DONE)")
+_replay_parser.add_argument(
+    "--speed",
+    type=float,
+    default=None,
+    help="1 real time, 10 faster, 0 no pacing (default: INGEST_SPEED)",
+)
+_replay_parser.add_argument(
+    "--symbols",
+    default=None,
+    help="keep only these symbols, comma separated (default: INGEST_SYMBOLS)",
+)
+_replay_parser.add_argument(
+    "--exit-when-done",
+    action="store_true",
+    help="exit when every file is published (INGEST_EXIT_WHEN_DONE)",
+)
 
 if __name__ == "__main__":
     sys.exit(CLI.main())

@@ -59,8 +59,11 @@ CLOSED: Final = "closed"
 
 END_STATUSES: Final = protocol.DISCONNECT_STATUSES | {protocol.AUTH_TIMEOUT}
 """Statuses after which the server closes the connection (so we reconnect)."""
-_LOUD_STATUSES: Final = END_STATUSES | {protocol.AUTH_FAILED, protocol.ERROR,
-                                        protocol.AUTH_REQUIRED}
+_LOUD_STATUSES: Final = END_STATUSES | {
+    protocol.AUTH_FAILED,
+    protocol.ERROR,
+    protocol.AUTH_REQUIRED,
+}
 _STATUS_PROBE: Final = b'"status"'
 _JITTER: Final = 0.2
 
@@ -87,43 +90,78 @@ class IngestMetrics:
     """The ingest service's own metrics (the actors and the publisher add theirs)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.frames = Counter("tickmesh_ingest_frames", "Data frames decoded and published",
-                              registry=registry)
+        self.frames = Counter(
+            "tickmesh_ingest_frames", "Data frames decoded and published", registry=registry
+        )
         self.frames_received = Counter(
-            "tickmesh_ingest_frames_received", "Frames read from the socket (statuses included)",
-            registry=registry)
-        self.events = Counter("tickmesh_ingest_events", "Events decoded by type", ["type"],
-                              registry=registry)
+            "tickmesh_ingest_frames_received",
+            "Frames read from the socket (statuses included)",
+            registry=registry,
+        )
+        self.events = Counter(
+            "tickmesh_ingest_events", "Events decoded by type", ["type"], registry=registry
+        )
         self.decode_errors = Counter(
             "tickmesh_ingest_decode_errors",
             "Events or frames that failed to decode (each went to the dead-letter stream)",
-            registry=registry)
-        self.statuses = Counter("tickmesh_ingest_statuses", "Status messages by status",
-                                ["status"], registry=registry)
-        self.reconnects = Counter("tickmesh_ingest_reconnects", "Reconnects by reason",
-                                  ["reason"], registry=registry)
-        self.queue_depth = Gauge("tickmesh_ingest_queue_depth",
-                                 "Frames waiting between reader and processor", registry=registry)
-        self.queue_capacity = Gauge("tickmesh_ingest_queue_capacity",
-                                    "Bound of the reader-to-processor queue", registry=registry)
+            registry=registry,
+        )
+        self.statuses = Counter(
+            "tickmesh_ingest_statuses", "Status messages by status", ["status"], registry=registry
+        )
+        self.reconnects = Counter(
+            "tickmesh_ingest_reconnects", "Reconnects by reason", ["reason"], registry=registry
+        )
+        self.queue_depth = Gauge(
+            "tickmesh_ingest_queue_depth",
+            "Frames waiting between reader and processor",
+            registry=registry,
+        )
+        self.queue_capacity = Gauge(
+            "tickmesh_ingest_queue_capacity",
+            "Bound of the reader-to-processor queue",
+            registry=registry,
+        )
         self.queue_full = Counter(
             "tickmesh_ingest_queue_full",
             "Times the reader found the queue full and waited (reading paused)",
-            registry=registry)
-        self.warnings = Counter("tickmesh_ingest_warnings",
-                                "Warnings fired: queue filling, feed lag high", ["kind"],
-                                registry=registry)
-        self.feed_lag = Gauge("tickmesh_ingest_feed_lag_seconds",
-                              "Now minus the newest event time of the last frames published",
-                              registry=registry)
+            registry=registry,
+        )
+        self.warnings = Counter(
+            "tickmesh_ingest_warnings",
+            "Warnings fired: queue filling, feed lag high",
+            ["kind"],
+            registry=registry,
+        )
+        self.feed_lag = Gauge(
+            "tickmesh_ingest_feed_lag_seconds",
+            "Now minus the newest event time of the last frames published",
+            registry=registry,
+        )
         self.publish_latency = Histogram(
             "tickmesh_ingest_publish_latency_seconds",
             "From a frame's receipt to its records being published (queue, decode, Redis)",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                     5.0, 10.0),
-            registry=registry)
-        self.connected = Gauge("tickmesh_ingest_connected",
-                               "1 while authenticated and subscribed", registry=registry)
+            buckets=(
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1.0,
+                2.5,
+                5.0,
+                10.0,
+            ),
+            registry=registry,
+        )
+        self.connected = Gauge(
+            "tickmesh_ingest_connected", "1 while authenticated and subscribed", registry=registry
+        )
 
 
 class FatalFeedError(Exception):
@@ -151,10 +189,16 @@ async def publish_with_retry(
     A batch whose reply was lost may be published twice (with new sequence numbers): ticks
     keep their identity (``sym``, ``i``, ``q``) for a consumer that must deduplicate.
     """
-    await retry_async(lambda: publisher.publish_many(records),
-                      retriable=lambda exc: isinstance(exc, RETRIABLE), max_wait_s=retry_s,
-                      what="ingest publish", jitter=_JITTER, clock=clock, rng=rng,
-                      records=len(records))
+    await retry_async(
+        lambda: publisher.publish_many(records),
+        retriable=lambda exc: isinstance(exc, RETRIABLE),
+        max_wait_s=retry_s,
+        what="ingest publish",
+        jitter=_JITTER,
+        clock=clock,
+        rng=rng,
+        records=len(records),
+    )
 
 
 class FrameProcessor(Actor[Frame]):
@@ -181,8 +225,9 @@ class FrameProcessor(Actor[Frame]):
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
     ) -> None:
-        super().__init__("ingest.processor", mailbox_size=queue_size, overflow=Overflow.BLOCK,
-                         registry=registry)
+        super().__init__(
+            "ingest.processor", mailbox_size=queue_size, overflow=Overflow.BLOCK, registry=registry
+        )
         self.publisher = publisher
         self.dead_letters = dead_letters
         self.m = metrics
@@ -216,8 +261,9 @@ class FrameProcessor(Actor[Frame]):
             if bad:
                 # into the same round trip (and retry) as the good records of the batch
                 self.m.decode_errors.inc(len(bad))
-                records.extend(self.dead_letters.records(
-                    self.source, [(item.error, item.raw) for item in bad]))
+                records.extend(
+                    self.dead_letters.records(self.source, [(item.error, item.raw) for item in bad])
+                )
             if not events:
                 continue
             split = split_frame(events)
@@ -249,8 +295,9 @@ class FrameProcessor(Actor[Frame]):
             self._check_lag(self.clock.now_ms() - newest_event_ms)
 
     async def _publish(self, records: list[tuple[str, bytes]]) -> None:
-        await publish_with_retry(self.publisher, records, self.publish_retry_s, self.clock,
-                                 self.rng)
+        await publish_with_retry(
+            self.publisher, records, self.publish_retry_s, self.clock, self.rng
+        )
 
     def _check_lag(self, lag_ms: int) -> None:
         self.lag_ms = lag_ms
@@ -258,9 +305,13 @@ class FrameProcessor(Actor[Frame]):
         if lag_ms > self.lag_warning_ms and not self._warned_lag:
             self._warned_lag = True
             self.m.warnings.labels("lag").inc()
-            log.warning("ingest.feed_lag_high", lag_ms=lag_ms, threshold_ms=self.lag_warning_ms,
-                        hint="events are older than the threshold when published: the feed is "
-                             "delayed, our clock is off, or we are falling behind")
+            log.warning(
+                "ingest.feed_lag_high",
+                lag_ms=lag_ms,
+                threshold_ms=self.lag_warning_ms,
+                hint="events are older than the threshold when published: the feed is "
+                "delayed, our clock is off, or we are falling behind",
+            )
         elif lag_ms < self.lag_warning_ms // 2 and self._warned_lag:
             self._warned_lag = False
             log.info("ingest.feed_lag_recovered", lag_ms=lag_ms)
@@ -366,8 +417,13 @@ class FeedReader(Actor[None]):
             delay = self.backoff_s(failures, reason)
             self.delays.append(delay)
             self.m.reconnects.labels(reason).inc()
-            log.warning("ingest.reconnecting", reason=reason, delay_s=round(delay, 3),
-                        attempt=failures, why=_WHY.get(reason))
+            log.warning(
+                "ingest.reconnecting",
+                reason=reason,
+                delay_s=round(delay, 3),
+                attempt=failures,
+                why=_WHY.get(reason),
+            )
             await asyncio.sleep(delay)
 
     def _set_connected(self, connected: bool) -> None:
@@ -380,16 +436,25 @@ class FeedReader(Actor[None]):
         opened = False
         try:
             async with connect(
-                self.url, max_size=None, max_queue=256, ping_interval=self.ping_interval_s,
-                ping_timeout=self.ping_interval_s, open_timeout=self.open_timeout_s,
-                close_timeout=2, logger=self._ws_logger,
+                self.url,
+                max_size=None,
+                max_queue=256,
+                ping_interval=self.ping_interval_s,
+                ping_timeout=self.ping_interval_s,
+                open_timeout=self.open_timeout_s,
+                close_timeout=2,
+                logger=self._ws_logger,
             ) as socket:
                 opened = True
                 self.sessions += 1
                 await self._handshake(socket)
                 self._set_connected(True)
-                log.info("ingest.subscribed", url=self.url, topics=len(self.topics),
-                         sample=",".join(self.topics[:5]))
+                log.info(
+                    "ingest.subscribed",
+                    url=self.url,
+                    topics=len(self.topics),
+                    sample=",".join(self.topics[:5]),
+                )
                 frames_received = self.m.frames_received
                 clock = self.clock
                 while True:
@@ -429,8 +494,9 @@ class FeedReader(Actor[None]):
             return CONNECT_FAILED, flowing
         except (OSError, InvalidHandshake) as exc:
             reason = CONNECTION_LOST if opened else CONNECT_FAILED
-            log.warning(f"ingest.{reason}", error=type(exc).__name__, detail=str(exc)[:200],
-                        url=self.url)
+            log.warning(
+                f"ingest.{reason}", error=type(exc).__name__, detail=str(exc)[:200], url=self.url
+            )
             return reason, flowing
 
     async def _handshake(self, socket: ClientConnection) -> None:
@@ -478,7 +544,8 @@ class FeedReader(Actor[None]):
                 raise FatalFeedError(
                     "the feed refused the API key (auth_failed: "
                     f"{self._redact(group[0].message)!r}): check POLYGON_API_KEY and the plan's "
-                    "access to this feed; not retrying")
+                    "access to this feed; not retrying"
+                )
             if status == wanted or status in END_STATUSES:
                 ended = ended or status
         if has_data:
@@ -493,8 +560,12 @@ class FeedReader(Actor[None]):
         level = "warning" if status in _LOUD_STATUSES else "info"
         # One line per status kind and frame: a subscription of 3000 symbols answers with
         # 3000 ``success`` statuses in one frame.
-        getattr(log, level)("ingest.status", status=status, count=len(group),
-                            message=self._redact(group[0].message)[:200])
+        getattr(log, level)(
+            "ingest.status",
+            status=status,
+            count=len(group),
+            message=self._redact(group[0].message)[:200],
+        )
 
     async def _enqueue(self, frame: Frame) -> None:
         processor = self.processor
@@ -503,21 +574,28 @@ class FeedReader(Actor[None]):
             self.m.queue_full.inc()
             if not self._warned_full:
                 self._warned_full = True
-                log.warning("ingest.reader_paused", capacity=mailbox.maxsize,
-                            hint="the queue to the processor is full: reading waits (TCP "
-                                 "backpressure); the server cuts us off as a slow consumer "
-                                 "if this lasts")
+                log.warning(
+                    "ingest.reader_paused",
+                    capacity=mailbox.maxsize,
+                    hint="the queue to the processor is full: reading waits (TCP "
+                    "backpressure); the server cuts us off as a slow consumer "
+                    "if this lasts",
+                )
             await processor.tell(frame)
         depth = len(mailbox)
         if depth >= self.queue_warning_at:
             if not self._warned_queue:
                 self._warned_queue = True
                 self.m.warnings.labels("queue").inc()
-                log.warning("ingest.queue_filling", depth=depth, capacity=mailbox.maxsize,
-                            threshold=self.queue_warning_at,
-                            hint="processing is slower than the feed; reading pauses when the "
-                                 "queue is full and the server may then cut us off as a slow "
-                                 "consumer")
+                log.warning(
+                    "ingest.queue_filling",
+                    depth=depth,
+                    capacity=mailbox.maxsize,
+                    threshold=self.queue_warning_at,
+                    hint="processing is slower than the feed; reading pauses when the "
+                    "queue is full and the server may then cut us off as a slow "
+                    "consumer",
+                )
         elif self._warned_queue and depth < self.queue_warning_at // 2:
             self._warned_queue = self._warned_full = False
             log.info("ingest.queue_recovered", depth=depth)

@@ -135,9 +135,14 @@ class FileReplay(Actor[None]):
             self._frames = list(frames_of(trades, self.frame_max_events, self.frame_window_ms))
             self.trades_total = len(trades)
             self.loaded = True
-            log.info("ingest.replay_loaded", files=len(self.files), trades=len(trades),
-                     frames=len(self._frames), symbols=len({t.sym for t in trades}),
-                     seconds=round(time.perf_counter() - started, 2))
+            log.info(
+                "ingest.replay_loaded",
+                files=len(self.files),
+                trades=len(trades),
+                frames=len(self._frames),
+                symbols=len({t.sym for t in trades}),
+                seconds=round(time.perf_counter() - started, 2),
+            )
         if not self.done:
             await self._replay(self._frames)
             self._finish()
@@ -175,12 +180,14 @@ class FileReplay(Actor[None]):
         now_ms = self.clock.now_ms()
         records: list[tuple[str, bytes]] = []
         ticks = 0
-        for frame in frames[self._next_frame:end]:
+        for frame in frames[self._next_frame : end]:
             records.extend(
-                protocol.build_records(protocol.split_frame(frame), now_ms, self.channels))
+                protocol.build_records(protocol.split_frame(frame), now_ms, self.channels)
+            )
             ticks += len(frame)
-        await publish_with_retry(self.publisher, records, self.publish_retry_s, self.clock,
-                                 self.rng)
+        await publish_with_retry(
+            self.publisher, records, self.publish_retry_s, self.clock, self.rng
+        )
         count = end - self._next_frame
         self._next_frame = end
         self.frames_published += count
@@ -194,9 +201,13 @@ class FileReplay(Actor[None]):
         self.lag_ms = 0
         self.m.feed_lag.set(0)
         elapsed = time.perf_counter() - self._started if self._started is not None else 0.0
-        log.info("ingest.replay_done", trades=self.ticks_published, frames=self.frames_published,
-                 seconds=round(elapsed, 2),
-                 ticks_per_s=round(self.ticks_published / elapsed) if elapsed > 0 else None,
-                 then="exit" if self.on_done is not None else "idle")
+        log.info(
+            "ingest.replay_done",
+            trades=self.ticks_published,
+            frames=self.frames_published,
+            seconds=round(elapsed, 2),
+            ticks_per_s=round(self.ticks_published / elapsed) if elapsed > 0 else None,
+            then="exit" if self.on_done is not None else "idle",
+        )
         if self.on_done is not None:
             self.on_done()

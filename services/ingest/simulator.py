@@ -441,9 +441,18 @@ def load_vendor_minutes(feed: FileFeed) -> list[MinuteAggEvent] | None:
         if not minute_path.is_file():
             return None
         for bar in read_lean_minute_bars(minute_path, feed.day):
-            events.append(MinuteAggEvent(sym=symbol, v=bar.volume, o=bar.open, c=bar.close,
-                                         h=bar.high, l=bar.low, s=bar.start_ms,
-                                         e=bar.start_ms + MINUTE_MS))
+            events.append(
+                MinuteAggEvent(
+                    sym=symbol,
+                    v=bar.volume,
+                    o=bar.open,
+                    c=bar.close,
+                    h=bar.high,
+                    l=bar.low,
+                    s=bar.start_ms,
+                    e=bar.start_ms + MINUTE_MS,
+                )
+            )
     return events
 
 
@@ -1035,8 +1044,9 @@ async def replay_frames(
     loop = asyncio.get_running_loop()
     aggregator: MinuteAggregator | VendorMinutes | None = None
     if minute_aggregates:
-        aggregator = VendorMinutes(vendor_minutes) if vendor_minutes is not None \
-            else MinuteAggregator()
+        aggregator = (
+            VendorMinutes(vendor_minutes) if vendor_minutes is not None else MinuteAggregator()
+        )
     if not trades:
         return
     t0 = trades[0].t

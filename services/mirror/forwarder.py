@@ -50,7 +50,6 @@ log = structlog.get_logger("tickmesh.mirror")
 class MirrorMetrics:
     """The mirror's own metrics (the consumer's are ``tickmesh_consumer_*``)."""
 
-
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None) -> MirrorMetrics:
         """The metrics of ``registry`` (the default one when None), created once."""

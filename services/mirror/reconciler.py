@@ -507,10 +507,16 @@ class Reconciler:
                 key="none",
                 cleanup_policy="compact",
             )
-            await ensure_topics(settings, [
-                TopicSpec(settings.parity_topic, replication_factor=settings.topic_replication,
-                          configs=topic_configs(route, settings)),
-            ])
+            await ensure_topics(
+                settings,
+                [
+                    TopicSpec(
+                        settings.parity_topic,
+                        replication_factor=settings.topic_replication,
+                        configs=topic_configs(route, settings),
+                    ),
+                ],
+            )
             self._producer = await start_producer(
                 settings, client_id="tickmesh-reconciler", max_batch_size=4 * 1_048_576
             )
