@@ -18,8 +18,6 @@ Paths:
 Run: ``.venv/bin/python bench/bench_bar_core.py [--repeat 5] [--policy algoseek]``.
 """
 
-
-
 from __future__ import annotations
 
 import argparse
