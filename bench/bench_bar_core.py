@@ -32,8 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from libs.common.bars import BarAggregator
-from libs.common.clock import ManualClock, ny_epoch_ms, parse_day
+from libs.common.market.aggregator import BarAggregator
+from libs.common.market.sessions import ny_epoch_ms, parse_day
+from libs.common.runtime.clock import ManualClock
 from libs.common.schemas import Trade
 
 
@@ -80,7 +81,7 @@ def load_trades() -> tuple[str, list[Trade]]:
     """(description, trades) of the benchmark day."""
     path = data_dir() / "tick" / "spy" / "20131008_trade.zip"
     if path.is_file():
-        from libs.common.tickfiles import read_lean_trades
+        from libs.common.market.tickfiles import read_lean_trades
 
         return f"real SPY 2013-10-08 ({path})", read_lean_trades(path)
     return "synthetic SPY-like day (shared data absent)", synthetic_day()

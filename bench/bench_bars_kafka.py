@@ -52,17 +52,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from prometheus_client import CollectorRegistry
 
-from libs.common.bars import BarAggregator
-from libs.common.clock import MINUTE_MS
-from libs.common.kafka_io import (
+from devstack.localstack import TansuBroker
+from libs.common.io.kafka_io import (
     TopicAdmin,
     TopicSpec,
     make_consumer,
     sequence_headers,
     start_consumer,
 )
-from libs.common.localstack import TansuBroker
-from libs.common.redis_io import Keys
+from libs.common.market.aggregator import BarAggregator
+from libs.common.market.sessions import MINUTE_MS
+from libs.common.names import Keys
 from libs.common.schemas import ENCODER, TICK_BATCH_DECODER, Bar, TickBatch, Trade
 from services.bars.builder import BarBuilder, ClosedMinutes
 from services.bars.config import BarsSettings
@@ -101,7 +101,7 @@ def load_trades() -> tuple[str, list[Trade]]:
 
     path = data_dir() / "tick" / "spy" / "20131007_trade.zip"
     if path.is_file():
-        from libs.common.tickfiles import read_lean_trades
+        from libs.common.market.tickfiles import read_lean_trades
 
         return f"real SPY 2013-10-07 ({path})", read_lean_trades(path)
     return "synthetic SPY-like day (shared data absent)", synthetic_day(count=250_601)

@@ -45,9 +45,10 @@ import structlog
 from bench_ingest_decode import EVENTS_PER_FRAME, make_frames, official_paths
 from prometheus_client import CollectorRegistry
 
-from libs.common.deadletter import DeadLetters
-from libs.common.localstack import RedisServer
-from libs.common.redis_io import Keys, Publisher
+from devstack.localstack import RedisServer
+from libs.common.io.deadletter import DeadLetters
+from libs.common.io.redis_io import Publisher
+from libs.common.names import Keys
 from services.ingest import protocol
 from services.ingest.client import Frame, FrameProcessor, IngestMetrics
 

@@ -44,10 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import msgspec
 import redis.asyncio as aioredis
 
-from libs.common.localstack import RedisServer, TansuBroker, free_port
-from libs.common.mesh import ServiceProcess
-from libs.common.redis_io import Keys
-from libs.common.settings import load_settings
+from devstack.localstack import RedisServer, TansuBroker, free_port
+from devstack.mesh import ServiceProcess
+from libs.common.names import Keys
+from libs.common.runtime.settings import load_settings
 from services.mirror.audit import audit
 from services.mirror.config import MirrorSettings
 

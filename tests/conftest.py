@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from libs.common.localstack import RedisServer, TansuBroker
+from devstack.localstack import RedisServer, TansuBroker
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "lean-equity-2013-10"
 

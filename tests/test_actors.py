@@ -8,7 +8,7 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry
 
-from libs.common.actors import (
+from libs.common.runtime.actors import (
     TRANSITIONS,
     Actor,
     ActorState,
@@ -275,7 +275,7 @@ async def test_supervisor_past_the_budget_raises_and_stops_everything() -> None:
 
 
 async def test_restarts_outside_the_window_do_not_count() -> None:
-    from libs.common.clock import ManualClock
+    from libs.common.runtime.clock import ManualClock
 
     clock = ManualClock()
     registry = CollectorRegistry()

@@ -6,21 +6,21 @@ from datetime import date
 
 import pytest
 
-from libs.common import clock
-from libs.common.bars import (
+from libs.common.market import sessions as clock
+from libs.common.market.aggregator import BarAggregator, build_bars
+from libs.common.market.policies import (
     EVERYTHING,
     HIGH_LOW,
     IGNORED,
     OPEN_CLOSE,
     VOLUME,
     AlgoseekPolicy,
-    BarAggregator,
     Classification,
     NonePolicy,
-    build_bars,
     get_policy,
 )
-from libs.common.clock import ManualClock, ny_epoch_ms
+from libs.common.market.sessions import ny_epoch_ms
+from libs.common.runtime.clock import ManualClock
 from libs.common.schemas import Bar, Trade
 
 DAY = date(2013, 10, 7)  # EDT
@@ -474,7 +474,7 @@ def test_the_closing_print_is_dropped_when_the_bar_closed_and_late_trades_are_dr
 
 
 def test_the_polygon_policy_follows_polygons_condition_table() -> None:
-    pytest.importorskip("libs.common.conditions_table")
+    pytest.importorskip("libs.common.market.conditions_table")
     policy = get_policy("polygon")
     assert policy.classify(()) == Classification(True, True, True)
     assert policy.classify((14,)) == Classification(True, True, True)  # ISO updates everything
@@ -487,7 +487,7 @@ def test_the_polygon_policy_follows_polygons_condition_table() -> None:
 
 
 def test_the_polygon_policy_drops_a_minute_without_price_eligible_trades() -> None:
-    pytest.importorskip("libs.common.conditions_table")
+    pytest.importorskip("libs.common.market.conditions_table")
     agg, _ = aggregator("polygon", grace_ms=0)
     bars = agg.add([trade(at(10, 0, 1), 10.0), trade(at(10, 1, 1), 10.5, s=35, c=(37,))], now_ms=0)
     bars += agg.add([trade(at(10, 2, 1), 10.6)], now_ms=0)
@@ -497,7 +497,7 @@ def test_the_polygon_policy_drops_a_minute_without_price_eligible_trades() -> No
 
 
 def test_a_high_low_only_trade_moves_high_and_low_but_not_open_or_close() -> None:
-    pytest.importorskip("libs.common.conditions_table")
+    pytest.importorskip("libs.common.market.conditions_table")
     trades = [
         trade(at(10, 0, 1), 10.0),
         trade(at(10, 0, 2), 12.0, c=(10,)),

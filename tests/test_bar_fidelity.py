@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from libs.common.bars import BarAggregator, build_bars
-from libs.common.clock import ManualClock
+from libs.common.market.aggregator import BarAggregator, build_bars
+from libs.common.market.tickfiles import read_lean_minute_bars, read_lean_trades
+from libs.common.runtime.clock import ManualClock
 from libs.common.schemas import TICK_BATCH_DECODER, Bar, Trade
-from libs.common.tickfiles import read_lean_minute_bars, read_lean_trades
 
 THRESHOLD_PCT = 99.9
 

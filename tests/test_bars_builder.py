@@ -12,9 +12,10 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from libs.common.bars import BarAggregator
-from libs.common.clock import MINUTE_MS, ManualClock
-from libs.common.redis_io import Keys
+from libs.common.market.aggregator import BarAggregator
+from libs.common.market.sessions import MINUTE_MS
+from libs.common.names import Keys
+from libs.common.runtime.clock import ManualClock
 from libs.common.schemas import Bar, TickBatch, Trade
 from services.bars.builder import BarBuilder, ClosedMinutes, Item, TickWork
 from services.bars.sources import symbol_of_tick_channel, topic_pattern

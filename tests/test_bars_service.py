@@ -28,14 +28,15 @@ import msgspec
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from libs.common.bars import build_bars
-from libs.common.barstore import BarStore
-from libs.common.clock import MINUTE_MS, ny_epoch_ms
-from libs.common.deadletter import DEAD_LETTER_CHANNEL
-from libs.common.kafka_io import TopicAdmin, TopicSpec, read_from_beginning, sequence_headers
-from libs.common.redis_io import Keys, Publisher
+from libs.common import names
+from libs.common.io.barstore import BarStore
+from libs.common.io.kafka_io import TopicAdmin, TopicSpec, read_from_beginning, sequence_headers
+from libs.common.io.redis_io import Publisher
+from libs.common.market.aggregator import build_bars
+from libs.common.market.sessions import MINUTE_MS, ny_epoch_ms
+from libs.common.names import Keys
+from libs.common.runtime.service import ServiceRuntime
 from libs.common.schemas import BAR_DECODER, ENCODER, Bar, DeadLetter, TickBatch, Trade, decode
-from libs.common.service import ServiceRuntime
 from services.bars.__main__ import build
 from services.bars.builder import BarBuilder, bar_channel, shard_of
 from services.bars.config import BarsSettings
@@ -319,7 +320,7 @@ async def test_redis_ticks_become_bars_on_the_channels_and_in_the_store(
     assert {bar.barId for bar in bars} == {31, 32, 33, 34}
     letters = [
         decode(p, DeadLetter)
-        for p in await stream_records(redis_client, prefix, DEAD_LETTER_CHANNEL)
+        for p in await stream_records(redis_client, prefix, names.DEAD_LETTERS)
     ]
     assert sorted(letter.source for letter in letters) == sorted(
         [f"ticks.{symbols[0]}", f"ticks.{symbols[0]}", f"ticks.{symbols[1]}", f"ticks.{symbols[2]}"]
@@ -709,7 +710,7 @@ async def test_a_real_spy_day_through_redis_equals_the_backfill(
 ) -> None:
     """SPY 2013-10-07 (250,601 trades) published in batches of 100 trades: the bar store ends
     with exactly the bars ``backfill`` writes for the same file."""
-    from libs.common.tickfiles import read_lean_trades
+    from libs.common.market.tickfiles import read_lean_trades
     from services.bars.backfill import run_backfill
 
     zip_path = shared_data / "tick" / "spy" / "20131007_trade.zip"

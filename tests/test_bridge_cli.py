@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.common.settings import SettingsError, load_settings
+from libs.common.runtime.settings import SettingsError, load_settings
 from services.engine_bridge.config import BridgeSettings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,8 +12,9 @@ import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
-from libs.common.actors import Supervisor
-from libs.common.redis_io import Keys, Publisher
+from libs.common.io.redis_io import Publisher
+from libs.common.names import Keys
+from libs.common.runtime.actors import Supervisor
 from libs.common.schemas import Bar, ExecutedTrade, Heartbeat, Portfolio, Position, Signal, decode
 from services.engine_bridge.backtest import backtest_bars, run_info, traded_bars
 from services.engine_bridge.config import BridgeSettings
@@ -112,7 +113,7 @@ def test_replay_files_that_break_the_format_are_refused_with_the_line(tmp_path: 
 
 
 def test_replay_speed_comes_from_the_contracts_variable() -> None:
-    from libs.common.settings import load_settings
+    from libs.common.runtime.settings import load_settings
 
     settings = load_settings(BridgeSettings, {"REPLAY_SPEED_MS": "60000"})
     assert settings.replay_speed_ms == 60_000

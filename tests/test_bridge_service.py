@@ -18,10 +18,11 @@ import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
-from libs.common.actors import Supervisor
-from libs.common.clock import MINUTE_MS, ny_epoch_ms
-from libs.common.heartbeat import HeartbeatActor
-from libs.common.redis_io import Keys, Publisher
+from libs.common.io.heartbeat import HeartbeatActor
+from libs.common.io.redis_io import Publisher
+from libs.common.market.sessions import MINUTE_MS, ny_epoch_ms
+from libs.common.names import Keys
+from libs.common.runtime.actors import Supervisor
 from libs.common.schemas import Bar, Heartbeat, Position, decode, encode
 from services.engine_bridge.backtest import backtest_bars
 from services.engine_bridge.bridge import BridgeActor

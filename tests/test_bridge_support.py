@@ -16,8 +16,9 @@ from pathlib import Path
 
 import msgspec
 
-from libs.common.clock import MINUTE_MS, bar_id, ny_epoch_ms, ts_et_minute
-from libs.common.redis_io import Keys, Publisher, StreamReader
+from libs.common.io.redis_io import Publisher, StreamReader
+from libs.common.market.sessions import MINUTE_MS, bar_id, ny_epoch_ms, ts_et_minute
+from libs.common.names import Keys
 from libs.common.schemas import Bar, decode
 from services.engine_bridge.config import BridgeSettings
 from services.engine_bridge.datasets import read_bars_jsonl, read_vendor_minute_bars

@@ -6,8 +6,7 @@ from datetime import date
 
 import pytest
 
-from libs.common.clock import (
-    ManualClock,
+from libs.common.market.sessions import (
     bar_id,
     ny_epoch_ms,
     parse_day,
@@ -16,6 +15,7 @@ from libs.common.clock import (
     ts_et,
     ts_et_minute,
 )
+from libs.common.runtime.clock import ManualClock
 
 
 def test_regular_open_is_bar_one_and_1430_is_301() -> None:

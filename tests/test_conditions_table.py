@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from libs.common import conditions_table as ct
-from libs.common.conditions_table import UpdateRule
+from libs.common.market import conditions_table as ct
+from libs.common.market.conditions_table import UpdateRule
 
 # The team's shared reference sample (outside the repo); TICKMESH_CONDITIONS_SAMPLE overrides.
 SAMPLE = Path(

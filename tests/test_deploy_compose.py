@@ -23,7 +23,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is in the test extra: pip install -e .[test]")
 
-from libs.common.settings import (
+from libs.common.runtime.settings import (
     CommonSettings,
     Secret,
     SettingsError,

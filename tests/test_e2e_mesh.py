@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 
-from libs.common.mesh import Mesh, MeshOptions, read_topic
+from devstack.mesh import Mesh, MeshOptions, read_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

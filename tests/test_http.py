@@ -6,7 +6,7 @@ import asyncio
 
 from prometheus_client import CollectorRegistry, Counter
 
-from libs.common.http import HealthServer
+from libs.common.runtime.http import HealthServer
 
 
 async def get(port: int, path: str) -> tuple[int, bytes]:

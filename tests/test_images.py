@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from libs.common.localstack import free_port
-from libs.common.settings import CommonSettings, env_name
+from devstack.localstack import free_port
+from libs.common.runtime.settings import CommonSettings, env_name
 from tests.helpers import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(900)]

@@ -27,12 +27,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from websockets.asyncio.client import connect
 
-from libs.common.deadletter import DEAD_LETTER_CHANNEL, DeadLetters
-from libs.common.logs import configure_logging
-from libs.common.redis_io import Keys, Publisher, StreamReader
+from libs.common import names
+from libs.common.io.deadletter import DeadLetters
+from libs.common.io.redis_io import Publisher, StreamReader
+from libs.common.names import Keys
+from libs.common.runtime.logs import configure_logging
+from libs.common.runtime.service import EXIT_CONFIG
+from libs.common.runtime.settings import Secret, SettingsError, load_settings, public_view
 from libs.common.schemas import DeadLetter, TickBatch
-from libs.common.service import EXIT_CONFIG
-from libs.common.settings import Secret, SettingsError, load_settings, public_view
 from services.ingest import protocol
 from services.ingest.client import (
     CLOSED,
@@ -435,7 +437,7 @@ async def test_malformed_frames_go_to_the_dead_letter_with_raw_bytes_and_good_tr
             ingest.metric("tickmesh_dead_letters_total", service="ingest", source_kind="polygon")
             == 5
         )
-        stored = await ingest.streams.read(DEAD_LETTER_CHANNEL)
+        stored = await ingest.streams.read(names.DEAD_LETTERS)
         letters = [msgspec.json.decode(payload, type=DeadLetter) for _, payload in stored]
         assert [seq for seq, _ in stored] == [1, 2, 3, 4, 5]
         assert {letter.source for letter in letters} == {DEAD_LETTER_SOURCE}

@@ -185,8 +185,9 @@ def test_statuses_are_not_records() -> None:
 def test_dead_letters_carry_source_error_and_raw_bytes_as_base64() -> None:
     from prometheus_client import CollectorRegistry
 
-    from libs.common.clock import ManualClock
-    from libs.common.deadletter import DEAD_LETTER_CHANNEL, DeadLetters
+    from libs.common import names
+    from libs.common.io.deadletter import DeadLetters
+    from libs.common.runtime.clock import ManualClock
 
     bad = BadEvent(b"\x00[bad", "boom")
     letters = DeadLetters(
@@ -196,7 +197,7 @@ def test_dead_letters_carry_source_error_and_raw_bytes_as_base64() -> None:
         clock=ManualClock(5),
     )
     ((channel, payload),) = letters.records("polygon", [(bad.error, bad.raw)])
-    assert channel == DEAD_LETTER_CHANNEL
+    assert channel == names.DEAD_LETTERS
     encoded = msgspec.json.decode(payload)
     assert encoded["source"] == "polygon" and encoded["error"] == "boom"
     assert base64.b64decode(encoded["raw"]) == b"\x00[bad" and encoded["service"] == "ingest"

@@ -18,10 +18,11 @@ import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
-from libs.common.clock import parse_day
-from libs.common.redis_io import Keys, Publisher, StreamReader
+from libs.common.io.redis_io import Publisher, StreamReader
+from libs.common.market.sessions import parse_day
+from libs.common.market.tickfiles import FLATFILE_TRADE_COLUMNS, read_lean_trades
+from libs.common.names import Keys
 from libs.common.schemas import TickBatch, Trade
-from libs.common.tickfiles import FLATFILE_TRADE_COLUMNS, read_lean_trades
 from services.ingest import protocol
 from services.ingest.client import IngestMetrics
 from services.ingest.replay import FileReplay, load_trades

@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
-from libs.common.localstack import (
+from devstack.localstack import (
     LocalStack,
     LocalStackError,
     RedisServer,

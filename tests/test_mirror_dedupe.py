@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from libs.common.kafka_io import (
-    HEADER_CHANNEL,
-    HEADER_SEQ,
-    SequenceDeduper,
-    record_identity,
-    sequence_headers,
-)
+from libs.common.io.kafka_io import SequenceDeduper, record_identity, sequence_headers
+from libs.common.names import HEADER_CHANNEL, HEADER_SEQ
 
 
 def test_duplicates_are_dropped_and_counted() -> None:

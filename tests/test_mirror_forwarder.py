@@ -12,11 +12,12 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from libs.common.kafka_io import read_from_beginning, record_identity
-from libs.common.localstack import TansuBroker
-from libs.common.redis_io import Keys, Publisher
+from devstack.localstack import TansuBroker
+from libs.common.io.kafka_io import read_from_beginning, record_identity
+from libs.common.io.redis_io import Publisher
+from libs.common.names import Keys
+from libs.common.runtime.settings import load_settings
 from libs.common.schemas import DeadLetter, TickBatch, Trade
-from libs.common.settings import load_settings
 from services.mirror.audit import audit
 from services.mirror.config import MirrorSettings
 from services.mirror.forwarder import MirrorActor

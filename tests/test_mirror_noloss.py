@@ -22,12 +22,13 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from libs.common.localstack import RedisServer, TansuBroker, free_port
-from libs.common.mesh import ServiceProcess
-from libs.common.redis_io import Keys, Publisher
+from devstack.localstack import RedisServer, TansuBroker, free_port
+from devstack.mesh import ServiceProcess
+from libs.common.io.redis_io import Publisher
+from libs.common.market.tickfiles import read_lean_trades
+from libs.common.names import Keys
+from libs.common.runtime.settings import load_settings
 from libs.common.schemas import TickBatch, Trade
-from libs.common.settings import load_settings
-from libs.common.tickfiles import read_lean_trades
 from services.mirror.audit import Audit, audit
 from services.mirror.config import MirrorSettings
 from tests.helpers import eventually

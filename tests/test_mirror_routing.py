@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from libs.common.runtime.settings import SettingsError, load_settings
 from libs.common.schemas import (
     Bar,
     Heartbeat,
@@ -14,7 +15,6 @@ from libs.common.schemas import (
     Trade,
     encode,
 )
-from libs.common.settings import SettingsError, load_settings
 from services.mirror.config import MirrorSettings
 from services.mirror.routing import BadRecord, RoutingTable
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from libs.common.settings import Secret
+from libs.common.runtime.settings import Secret
 from services.ingest.protocol import Event, TradeEvent
 from services.ingest.simulator import (
     PolygonSimulator,

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from libs.common.localstack import free_port
-from libs.common.mesh import ServiceProcess
-from libs.common.settings import CommonSettings, env_name
+from devstack.localstack import free_port
+from devstack.mesh import ServiceProcess
+from libs.common.runtime.settings import CommonSettings, env_name
 from tests.helpers import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

@@ -7,7 +7,7 @@ from datetime import date
 import msgspec
 import pytest
 
-from libs.common.clock import MINUTE_MS, bar_id, ny_epoch_ms, ts_et
+from libs.common.market.sessions import MINUTE_MS, bar_id, ny_epoch_ms, ts_et
 from libs.common.schemas import Bar, VendorAggregate
 from services.mirror.compare import SymbolComparison, Tolerance, compare_symbol, compare_vendor
 from services.mirror.reconciler import DaySummary, evaluate_gate

@@ -16,13 +16,15 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from libs.common.barstore import BarStore
-from libs.common.clock import ManualClock, bar_id, ny_epoch_ms, ts_et
-from libs.common.kafka_io import read_from_beginning
-from libs.common.redis_io import Keys, Publisher
+from libs.common.io.barstore import BarStore
+from libs.common.io.kafka_io import read_from_beginning
+from libs.common.io.redis_io import Publisher
+from libs.common.market.sessions import bar_id, ny_epoch_ms, ts_et
+from libs.common.market.tickfiles import read_lean_minute_bars
+from libs.common.names import Keys
+from libs.common.runtime.clock import ManualClock
+from libs.common.runtime.settings import load_settings
 from libs.common.schemas import AggregateBatch, Bar, ParityReport, VendorAggregate, encode
-from libs.common.settings import load_settings
-from libs.common.tickfiles import read_lean_minute_bars
 from services.mirror.config import MirrorSettings
 from services.mirror.reconciler import ParityGauges, Reconciler, ReconcilerActor
 from tests.helpers import eventually

@@ -7,9 +7,8 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from libs.common.barstore import BarStore
-from libs.common.redis_io import (
-    Keys,
+from libs.common.io.barstore import BarStore
+from libs.common.io.redis_io import (
     Publisher,
     StreamReader,
     Subscriber,
@@ -17,6 +16,7 @@ from libs.common.redis_io import (
     record_tail,
     redact_url,
 )
+from libs.common.names import Keys
 from libs.common.schemas import Bar, TickBatch, Trade, decode, seq_of
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,10 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from libs.common.localstack import RedisServer
-from libs.common.redis_io import Keys, Publisher
-from libs.common.reliable import Record, SequencedConsumer
+from devstack.localstack import RedisServer
+from libs.common.io.redis_io import Publisher
+from libs.common.io.reliable import Record, SequencedConsumer
+from libs.common.names import Keys
 from libs.common.schemas import TickBatch, Trade
 from tests.helpers import eventually
 

@@ -7,7 +7,7 @@ from typing import Annotated, ClassVar
 import pytest
 from msgspec import Meta
 
-from libs.common.settings import (
+from libs.common.runtime.settings import (
     CommonSettings,
     Secret,
     SettingsError,

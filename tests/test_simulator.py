@@ -17,7 +17,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from libs.common.settings import Secret
+from libs.common.runtime.settings import Secret
 from services.ingest import protocol
 from services.ingest.protocol import MinuteAggEvent, TradeEvent, decode_frame
 from services.ingest.simulator import (
@@ -533,10 +533,9 @@ async def test_the_key_never_appears_in_log_lines() -> None:
 
 
 async def test_the_file_feed_replays_real_trades_when_the_tick_reader_is_available() -> None:
-    pytest.importorskip("libs.common.tickfiles", reason="libs.common.tickfiles not landed yet")
     from pathlib import Path
 
-    from libs.common.clock import parse_day
+    from libs.common.market.sessions import parse_day
     from services.ingest.simulator import FileFeed
 
     data = Path(__file__).resolve().parents[2] / "shared" / "data"

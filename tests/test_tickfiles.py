@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from libs.common.clock import ny_epoch_ms, ny_midnight_ms
-from libs.common.conditions_table import condition_names
-from libs.common.tickfiles import (
+from libs.common.market.conditions_table import condition_names
+from libs.common.market.sessions import ny_epoch_ms, ny_midnight_ms
+from libs.common.market.tickfiles import (
     LEAN_EXCHANGE_TO_POLYGON,
     LEAN_FLAG_TO_POLYGON,
     MinuteBar,

@@ -14,7 +14,7 @@ import importlib
 import sys
 import urllib.request
 
-from libs.common.settings import CommonSettings, load_settings
+from libs.common.runtime.settings import CommonSettings, load_settings
 
 UNSPECIFIED = ("", "0.0.0.0", "::")
 

@@ -28,13 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from libs.common.settings import (
-    CommonSettings,
-    Secret,
-    _description,
-    _field_type,
-    env_name,
-)
+from libs.common.runtime.settings import CommonSettings, Secret, _description, _field_type, env_name
 
 ENV_FILE = ROOT / "deploy" / ".env"
 

@@ -15,22 +15,23 @@ import sys
 from aiokafka import AIOKafkaProducer
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
-from libs.common import bars as bar_core
-from libs.common.barstore import BarStore
-from libs.common.cli import ServiceCli
-from libs.common.deadletter import DeadLetters
-from libs.common.kafka_io import (
+from libs.common.io.barstore import BarStore
+from libs.common.io.deadletter import DeadLetters
+from libs.common.io.kafka_io import (
     TopicAdmin,
     TopicSpec,
     make_consumer,
     start_consumer,
     start_producer,
 )
-from libs.common.redis_io import Keys, Publisher
-from libs.common.reliable import SequencedConsumer
+from libs.common.io.redis_io import Publisher
+from libs.common.io.reliable import SequencedConsumer
+from libs.common.io.wiring import add_heartbeat, connect_runtime_redis, make_publisher
+from libs.common.market import aggregator as bar_core
+from libs.common.names import Keys
+from libs.common.runtime.cli import ServiceCli
+from libs.common.runtime.service import ServiceRuntime, run_main
 from libs.common.schemas import ENCODER, Bar
-from libs.common.service import ServiceRuntime, run_main
-from libs.common.wiring import add_heartbeat, connect_runtime_redis, make_publisher
 from services.bars.backfill import add_arguments as add_backfill_arguments
 from services.bars.builder import (
     BarBuilder,

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import msgspec
 
-from libs.common.bars import POLICIES, BarAggregator, BarCounters, get_policy
-from libs.common.clock import ManualClock
+from libs.common.market.aggregator import BarAggregator, BarCounters
+from libs.common.market.policies import POLICIES, get_policy
+from libs.common.market.tickfiles import read_lean_trades, read_polygon_flatfile_trades
+from libs.common.runtime.clock import ManualClock
 from libs.common.schemas import Bar, Trade
-from libs.common.tickfiles import read_lean_trades, read_polygon_flatfile_trades
 
 BATCH_SIZE = 1_000
 """Trades per ``add`` call: the size of a burst of live tick batches."""

@@ -1,6 +1,6 @@
 """The bar builder actor: ticks in, closed bars out, positions committed only when safe.
 
-One ``BarBuilder`` owns the aggregation cores (``libs.common.bars.BarAggregator``, one per
+One ``BarBuilder`` owns the aggregation cores (``libs.common.market.aggregator.BarAggregator``, one per
 symbol, so that each symbol's watermark is its own) and one tick source
 (``sources.RedisTickSource`` or ``sources.KafkaTickSource``), whose reader runs as a task of
 the actor. Its mailbox takes, in order:
@@ -37,11 +37,13 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from libs.common.actors import Actor, ActorState, Overflow
-from libs.common.bars import BarAggregator
-from libs.common.clock import MINUTE_MS, SYSTEM_CLOCK, Clock
-from libs.common.metrics import metrics_for
-from libs.common.redis_io import Keys, StreamReader
+from libs.common.io.redis_io import StreamReader
+from libs.common.market.aggregator import BarAggregator
+from libs.common.market.sessions import MINUTE_MS
+from libs.common.names import Keys
+from libs.common.runtime.actors import Actor, ActorState, Overflow
+from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
+from libs.common.runtime.metrics import metrics_for
 from libs.common.schemas import BAR_DECODER, Bar, TickBatch, Trade
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar
 
 from msgspec import Meta
 
-from libs.common.settings import CommonSettings
+from libs.common.runtime.settings import CommonSettings
 
 
 class BarsSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):

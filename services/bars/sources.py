@@ -22,10 +22,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from libs.common.deadletter import DeadLetters
-from libs.common.kafka_io import SequenceDeduper, record_identity
-from libs.common.metrics import metrics_for
-from libs.common.reliable import Record, SequencedConsumer
+from libs.common.io.deadletter import DeadLetters
+from libs.common.io.kafka_io import SequenceDeduper, record_identity
+from libs.common.io.reliable import Record, SequencedConsumer
+from libs.common.runtime.metrics import metrics_for
 from libs.common.schemas import TICK_BATCH_DECODER, TickBatch
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 Actors (one hop from here): the bridge (``bridge.BridgeActor``: input consumer, core, engine
 — built-in ``strategies`` or ``external``), or the replay (``replay.ReplayActor``) when
-``BRIDGE_ENGINE=replay``; the heartbeat (``libs.common.heartbeat``).
+``BRIDGE_ENGINE=replay``; the heartbeat (``libs.common.io.heartbeat``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import msgspec
 
-from libs.common.cli import ServiceCli
-from libs.common.service import EXIT_CONFIG, ServiceRuntime, run_main
-from libs.common.settings import SettingsError
-from libs.common.wiring import add_heartbeat, connect_runtime_redis, make_publisher
+from libs.common.io.wiring import add_heartbeat, connect_runtime_redis, make_publisher
+from libs.common.runtime.cli import ServiceCli
+from libs.common.runtime.service import EXIT_CONFIG, ServiceRuntime, run_main
+from libs.common.runtime.settings import SettingsError
 from services.engine_bridge.config import BridgeSettings
 
 CLI = ServiceCli("engine_bridge", __doc__.splitlines()[0], BridgeSettings)

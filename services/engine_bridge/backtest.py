@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 from msgspec import Struct
 
-from libs.common.clock import bar_id, ts_et_minute
+from libs.common.market.sessions import bar_id, ts_et_minute
 from libs.common.schemas import Bar, ExecutedTrade, Portfolio, Signal
 from services.engine_bridge.bridge import core_config_from
 from services.engine_bridge.config import BridgeSettings

@@ -23,11 +23,12 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from libs.common.actors import Actor, Overflow
-from libs.common.clock import SYSTEM_CLOCK, Clock, ts_et_minute
-from libs.common.deadletter import DeadLetters
-from libs.common.redis_io import Publisher
-from libs.common.reliable import Record, SequencedConsumer
+from libs.common.io.deadletter import DeadLetters
+from libs.common.io.redis_io import Publisher
+from libs.common.io.reliable import Record, SequencedConsumer
+from libs.common.market.sessions import ts_et_minute
+from libs.common.runtime.actors import Actor, Overflow
+from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.schemas import BAR_DECODER, ExecutedTrade, Signal
 from services.engine_bridge.broker import BrokerConfig
 from services.engine_bridge.config import BridgeSettings

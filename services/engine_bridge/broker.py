@@ -20,7 +20,7 @@ import math
 
 from msgspec import Struct
 
-from libs.common.clock import bar_id
+from libs.common.market.sessions import bar_id
 from libs.common.schemas import Bar
 from services.engine_bridge.model import BrokerState, Order, PositionState
 

@@ -7,7 +7,7 @@ from typing import Annotated, ClassVar
 import msgspec
 from msgspec import Meta
 
-from libs.common.settings import CommonSettings
+from libs.common.runtime.settings import CommonSettings
 
 ENGINES = ("builtin", "external", "replay")
 STRATEGIES = ("golden_cross", "zscore")
@@ -151,7 +151,7 @@ class BridgeSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
 
     def validate(self) -> BridgeSettings:
         """Check the cross-field rules the types cannot; returns self for chaining."""
-        from libs.common.settings import SettingsError
+        from libs.common.runtime.settings import SettingsError
 
         if self.engine not in ENGINES:
             raise SettingsError(f"BRIDGE_ENGINE={self.engine!r}: want one of {', '.join(ENGINES)}")

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 from msgspec import Struct
 
-from libs.common.clock import bar_id, ny_date, ts_et_minute
+from libs.common.market.sessions import bar_id, ny_date, ts_et_minute
 from libs.common.schemas import Bar, ExecutedTrade, Portfolio, Position, Signal
 from services.engine_bridge.broker import BrokerConfig, Fill, PaperBroker
 from services.engine_bridge.model import (

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import msgspec
 
-from libs.common.clock import MINUTE_MS, bar_id, ny_midnight_ms, parse_day, ts_et_minute
+from libs.common.market.sessions import MINUTE_MS, bar_id, ny_midnight_ms, parse_day, ts_et_minute
 from libs.common.schemas import BAR_DECODER, SEQ_PREFIX, Bar
 
 _ENCODER = msgspec.json.Encoder()

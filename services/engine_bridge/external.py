@@ -27,7 +27,7 @@ import msgspec
 import structlog
 from msgspec import Struct
 
-from libs.common.clock import SYSTEM_CLOCK, Clock
+from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.schemas import Bar
 from services.engine_bridge.model import (
     EngineInput,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from libs.common.metrics import metrics_for
+from libs.common.runtime.metrics import metrics_for
 
 
 class BridgeMetrics:

@@ -30,17 +30,10 @@ import msgspec
 from msgspec import Struct
 from prometheus_client import CollectorRegistry
 
-from libs.common.actors import Actor, Overflow
-from libs.common.clock import (
-    MINUTE_MS,
-    SYSTEM_CLOCK,
-    Clock,
-    bar_id,
-    floor_minute,
-    ts_et,
-    ts_et_minute,
-)
-from libs.common.redis_io import Publisher
+from libs.common.io.redis_io import Publisher
+from libs.common.market.sessions import MINUTE_MS, bar_id, floor_minute, ts_et, ts_et_minute
+from libs.common.runtime.actors import Actor, Overflow
+from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.schemas import Bar, ExecutedTrade, Heartbeat, Signal
 from services.engine_bridge.broker import BrokerConfig, PaperBroker
 from services.engine_bridge.core import (

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import msgspec
 import redis.asyncio as aioredis
 
-from libs.common.redis_io import Keys, Publisher
+from libs.common.io.redis_io import Publisher
+from libs.common.names import Keys
 from services.engine_bridge.model import STATE_DECODER, STATE_ENCODER, BridgeState
 
 

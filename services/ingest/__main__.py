@@ -13,10 +13,10 @@ import sys
 
 import msgspec
 
-from libs.common.cli import ServiceCli
-from libs.common.deadletter import DeadLetters
-from libs.common.service import EXIT_CONFIG, ServiceRuntime, run_main
-from libs.common.wiring import add_heartbeat, connect_runtime_redis, make_publisher
+from libs.common.io.deadletter import DeadLetters
+from libs.common.io.wiring import add_heartbeat, connect_runtime_redis, make_publisher
+from libs.common.runtime.cli import ServiceCli
+from libs.common.runtime.service import EXIT_CONFIG, ServiceRuntime, run_main
 from services.ingest import simulator as simulator_arguments
 from services.ingest.client import FeedReader, FrameProcessor, IngestMetrics, subscription_topics
 from services.ingest.config import IngestSettings

@@ -34,12 +34,12 @@ from websockets.exceptions import (
     InvalidURI,
 )
 
-from libs.common.actors import Actor, Overflow
-from libs.common.clock import SYSTEM_CLOCK, Clock
-from libs.common.deadletter import DeadLetters
-from libs.common.redis_io import RETRIABLE, Publisher
-from libs.common.retry import retry_async
-from libs.common.settings import Secret
+from libs.common.io.deadletter import DeadLetters
+from libs.common.io.redis_io import RETRIABLE, Publisher
+from libs.common.runtime.actors import Actor, Overflow
+from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
+from libs.common.runtime.retry import retry_async
+from libs.common.runtime.settings import Secret
 from services.ingest import protocol
 from services.ingest.protocol import DEFAULT_CHANNELS, ChannelNames, StatusEvent
 from services.ingest.redact import CLIENT_LOGGER, redact, redacting_logger

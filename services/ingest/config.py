@@ -7,7 +7,7 @@ from typing import Annotated, ClassVar
 import msgspec
 from msgspec import Meta
 
-from libs.common.settings import CommonSettings, Secret
+from libs.common.runtime.settings import CommonSettings, Secret
 from services.ingest.protocol import DATA_KINDS
 
 SOURCES = ("polygon", "files")

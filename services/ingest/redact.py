@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Final
 
-from libs.common.settings import Secret
+from libs.common.runtime.settings import Secret
 
 AUTH_MARKER: Final = '"action":"auth"'
 """How an auth message starts on the wire (``ClientAction`` encodes ``action`` first)."""

@@ -1,6 +1,6 @@
 """File replay: ingest reads tick files itself, without a socket (``INGEST_SOURCE=files``).
 
-``FileReplay`` reads every file of ``INGEST_FILES`` with ``libs.common.tickfiles.read_trades``
+``FileReplay`` reads every file of ``INGEST_FILES`` with ``tickfiles.read_trades``
 (Lean/AlgoSeek trade zips and Polygon flat-file trade CSVs, gzip or plain), keeps the symbols
 asked for, merges the files in time order (stable: equal times keep the order of the files,
 then of the lines), cuts frames exactly as the simulator does (``simulator.frames_of``: one
@@ -33,10 +33,10 @@ from pathlib import Path
 import structlog
 from prometheus_client import CollectorRegistry
 
-from libs.common.actors import Actor
-from libs.common.clock import SYSTEM_CLOCK, Clock
-from libs.common.redis_io import Publisher
-from libs.common.tickfiles import read_trades
+from libs.common.io.redis_io import Publisher
+from libs.common.market.tickfiles import read_trades
+from libs.common.runtime.actors import Actor
+from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from services.ingest import protocol
 from services.ingest.client import IngestMetrics, publish_with_retry
 from services.ingest.protocol import DEFAULT_CHANNELS, ChannelNames, TradeEvent

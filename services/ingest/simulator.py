@@ -8,7 +8,7 @@ topic; ``auth_required`` for a subscription before auth; a limit of authenticate
 per key (``max_connections``); and, like Polygon, ``slow_consumer`` for a client whose send
 buffer stays above a threshold.
 
-Feeds: replay of one day of real trades (``libs.common.tickfiles.read_lean_trades``) for some
+Feeds: replay of one day of real trades (``libs.common.market.tickfiles.read_lean_trades``) for some
 symbols, merged in time order at a speed factor, with the simulator's own ``AM`` minute
 aggregates; or synthetic trades for N symbols at a target rate, deterministic for a seed. The
 feed starts when the first client subscribes, so a test or a demo never misses the beginning.
@@ -49,9 +49,9 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from libs.common.clock import MINUTE_MS, parse_day
+from libs.common.market.sessions import MINUTE_MS, parse_day
+from libs.common.runtime.settings import Secret
 from libs.common.schemas import Trade
-from libs.common.settings import Secret
 from services.ingest import protocol
 from services.ingest.protocol import (
     DATA_KINDS,
@@ -418,7 +418,7 @@ def find_tick_file(data_dir: Path, symbol: str, day: date) -> Path:
 
 def load_day_trades(feed: FileFeed) -> list[TradeEvent]:
     """Read ``feed``'s symbols for its day and merge them in time order (stable by symbol)."""
-    from libs.common.tickfiles import read_lean_trades  # the tick-file reader lands separately
+    from libs.common.market.tickfiles import read_lean_trades
 
     per_symbol = []
     for symbol in feed.symbols:
@@ -432,7 +432,7 @@ def load_day_trades(feed: FileFeed) -> list[TradeEvent]:
 def load_vendor_minutes(feed: FileFeed) -> list[MinuteAggEvent] | None:
     """The vendor's minute bars of ``feed``'s symbols and day as ``AM`` events, or None when a
     symbol has no ``minute/<sym>/<yyyymmdd>_trade.zip`` beside its tick file."""
-    from libs.common.tickfiles import read_lean_minute_bars
+    from libs.common.market.tickfiles import read_lean_minute_bars
 
     events: list[MinuteAggEvent] = []
     for symbol in feed.symbols:
@@ -1311,7 +1311,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"simulator: {exc}", file=sys.stderr)
         return 2
-    from libs.common.logs import configure_logging
+    from libs.common.runtime.logs import configure_logging
 
     configure_logging("ingest-simulator")
     try:

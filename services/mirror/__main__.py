@@ -1,7 +1,7 @@
 """Mirror: every Redis channel in the routing table to Kafka, without loss; parity reports.
 
 Actors (one hop from here): the forwarder (``forwarder.MirrorActor``), the reconciler on a
-timer (``reconciler.ReconcilerActor``) and the heartbeat (``libs.common.heartbeat``).
+timer (``reconciler.ReconcilerActor``) and the heartbeat (``libs.common.io.heartbeat``).
 Subcommands: ``run`` (the default), ``reconcile`` (one report on demand), ``routes`` (the
 routing table in effect), ``audit`` (does Kafka hold every record Redis published?).
 """
@@ -14,12 +14,12 @@ import sys
 
 import msgspec
 
-from libs.common.actors import ActorState
-from libs.common.cli import ServiceCli
-from libs.common.logs import configure_logging
-from libs.common.redis_io import connect_redis
-from libs.common.service import EXIT_CONFIG, ServiceRuntime, run_main
-from libs.common.wiring import add_heartbeat, connect_runtime_redis, make_publisher
+from libs.common.io.redis_io import connect_redis
+from libs.common.io.wiring import add_heartbeat, connect_runtime_redis, make_publisher
+from libs.common.runtime.actors import ActorState
+from libs.common.runtime.cli import ServiceCli
+from libs.common.runtime.logs import configure_logging
+from libs.common.runtime.service import EXIT_CONFIG, ServiceRuntime, run_main
 from services.mirror.audit import Audit, audit
 from services.mirror.config import MirrorSettings
 from services.mirror.forwarder import MirrorActor

@@ -14,8 +14,9 @@ from collections.abc import Iterable
 import msgspec
 import redis.asyncio as aioredis
 
-from libs.common.kafka_io import read_from_beginning, record_identity
-from libs.common.redis_io import Keys, StreamReader
+from libs.common.io.kafka_io import read_from_beginning, record_identity
+from libs.common.io.redis_io import StreamReader
+from libs.common.names import Keys
 from services.mirror.config import MirrorSettings
 from services.mirror.routing import RoutingTable
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 import msgspec
 from msgspec import Struct
 
-from libs.common.clock import bar_id, ts_et
+from libs.common.market.sessions import bar_id, ts_et
 from libs.common.schemas import Bar, VendorAggregate
 
 BAR_FIELDS: tuple[str, ...] = ("open", "high", "low", "close", "volume", "vwap", "trades")

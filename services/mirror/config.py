@@ -13,7 +13,7 @@ from typing import Annotated, ClassVar, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from libs.common.settings import CommonSettings
+from libs.common.runtime.settings import CommonSettings
 
 
 class Route(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -33,13 +33,13 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from libs.common.actors import Actor
-from libs.common.clock import SYSTEM_CLOCK, Clock
-from libs.common.deadletter import dead_letter_counter
-from libs.common.kafka_io import TopicAdmin, TopicSpec, sequence_headers, start_producer
-from libs.common.metrics import metrics_for
-from libs.common.redis_io import Keys, channel_kind
-from libs.common.reliable import Record, SequencedConsumer, raise_if_cancelled
+from libs.common.io.deadletter import dead_letter_counter
+from libs.common.io.kafka_io import TopicAdmin, TopicSpec, sequence_headers, start_producer
+from libs.common.io.reliable import Record, SequencedConsumer, raise_if_cancelled
+from libs.common.names import Keys, channel_kind
+from libs.common.runtime.actors import Actor
+from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
+from libs.common.runtime.metrics import metrics_for
 from libs.common.schemas import ENCODER, DeadLetter
 from services.mirror.config import MirrorSettings
 from services.mirror.routing import BadRecord, RoutingTable

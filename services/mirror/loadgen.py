@@ -21,7 +21,8 @@ from typing import Self
 import msgspec
 import redis.asyncio as aioredis
 
-from libs.common.redis_io import Keys, Publisher
+from libs.common.io.redis_io import Publisher
+from libs.common.names import Keys
 from libs.common.schemas import TickBatch, Trade
 
 
@@ -113,7 +114,7 @@ class PipelinedPublisher:
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     """Build the records and publish them ``--repeat`` times back to back."""
     if args.lean:
-        from libs.common.tickfiles import read_lean_trades
+        from libs.common.market.tickfiles import read_lean_trades
 
         trades = read_lean_trades(args.lean)
     else:

@@ -25,17 +25,19 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Gauge
 
-from libs.common.actors import Actor
-from libs.common.barstore import BarStore
-from libs.common.clock import SYSTEM_CLOCK, Clock, ny_date, parse_day, ts_et
-from libs.common.kafka_io import (
+from libs.common.io.barstore import BarStore
+from libs.common.io.kafka_io import (
     TopicSpec,
     ensure_topics,
     list_topics,
     read_from_beginning,
     start_producer,
 )
-from libs.common.redis_io import Keys, StreamReader, connect_redis
+from libs.common.io.redis_io import StreamReader, connect_redis
+from libs.common.market.sessions import ny_date, parse_day, ts_et
+from libs.common.names import Keys
+from libs.common.runtime.actors import Actor
+from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.schemas import (
     BAR_DECODER,
     DECODERS,

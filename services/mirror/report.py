@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import msgspec
 from msgspec import Struct
 
-from libs.common.clock import ts_et
+from libs.common.market.sessions import ts_et
 from services.mirror.compare import (
     Duplicate,
     MinuteRef,

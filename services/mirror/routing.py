@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from libs.common.kafka_io import TopicSpec
+from libs.common.io.kafka_io import TopicSpec
 from libs.common.schemas import DECODERS, RECORD_TYPES, TickBatch
 from services.mirror.config import MirrorSettings, Route
 

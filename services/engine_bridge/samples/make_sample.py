@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from libs.common.clock import MINUTE_MS, bar_id, ny_epoch_ms, ts_et_minute
+from libs.common.market.sessions import MINUTE_MS, bar_id, ny_epoch_ms, ts_et_minute
 from libs.common.schemas import Bar
 from services.engine_bridge.backtest import backtest_bars, run_info, traded_bars
 from services.engine_bridge.config import BridgeSettings

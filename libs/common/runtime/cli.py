@@ -6,8 +6,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from libs.common.service import EXIT_CONFIG
-from libs.common.settings import CommonSettings, SettingsError, describe_settings, load_settings
+from libs.common.runtime.service import EXIT_CONFIG
+from libs.common.runtime.settings import (
+    CommonSettings,
+    SettingsError,
+    describe_settings,
+    load_settings,
+)
 
 Command = Callable[[argparse.Namespace], int]
 

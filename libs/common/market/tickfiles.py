@@ -31,7 +31,7 @@ from datetime import date
 from pathlib import Path
 from typing import NamedTuple
 
-from libs.common.clock import ny_midnight_ms, parse_day
+from libs.common.market.sessions import ny_midnight_ms, parse_day
 from libs.common.schemas import Trade
 
 # --- reference data ---------------------------------------------------------------------------

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from libs.common.actors import Actor, Overflow
-from libs.common.clock import SYSTEM_CLOCK, Clock, ts_et
-from libs.common.redis_io import Publisher
+from libs.common import names
+from libs.common.io.redis_io import Publisher
+from libs.common.market.sessions import ts_et
+from libs.common.runtime.actors import Actor, Overflow
+from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.schemas import Heartbeat
-
-HEARTBEAT_CHANNEL = "sentio.heartbeat.v1"
 
 _Mode = Literal["live", "sim", "replay"]
 _MODES: dict[str, _Mode] = {"live": "live", "sim": "sim", "replay": "replay"}
@@ -29,7 +29,7 @@ class HeartbeatActor(Actor[None]):
         interval_ms: int,
         lag_ms: Callable[[], int] = lambda: 0,
         status: Callable[[], str] = lambda: "ok",
-        channel: str = HEARTBEAT_CHANNEL,
+        channel: str = names.HEARTBEAT,
         clock: Clock = SYSTEM_CLOCK,
         **actor_options: object,
     ) -> None:

@@ -68,8 +68,8 @@ class Combined(NamedTuple):
 
 
 def data_file() -> Traversable:
-    """The packaged JSON file (a resource of ``libs.common``)."""
-    return resources.files(__package__ or "libs.common").joinpath("data").joinpath(DATA_FILE)
+    """The packaged JSON file (a resource of ``libs.common.market``)."""
+    return resources.files(__package__ or "libs.common.market").joinpath("data").joinpath(DATA_FILE)
 
 
 @cache

@@ -1,4 +1,4 @@
-"""Time: an injectable clock and the New York session calendar.
+"""The New York trading day: sessions, minutes, ``tsET`` and ``barId``.
 
 All stored timestamps are UTC epoch milliseconds. App-facing payloads also carry ``tsET``,
 ISO-8601 in America/New_York with its offset. ``barId`` counts regular-session minutes from
@@ -8,76 +8,12 @@ below (pre-market) and above 390 (after hours), so the number still orders the d
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from typing import Protocol
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 NEW_YORK = ZoneInfo("America/New_York")
 MINUTE_MS = 60_000
-DAY_MS = 86_400_000
-
-
-class Clock(Protocol):
-    """Wall time source; inject a ``ManualClock`` in tests."""
-
-    def now_ms(self) -> int:
-        """Epoch milliseconds, UTC."""
-        ...
-
-    def monotonic(self) -> float:
-        """Seconds from an arbitrary origin, never going backwards."""
-        ...
-
-
-class SystemClock:
-    """The real clock."""
-
-    def now_ms(self) -> int:
-        """Epoch milliseconds from the system clock."""
-        return time.time_ns() // 1_000_000
-
-    def monotonic(self) -> float:
-        """``time.monotonic()``."""
-        return time.monotonic()
-
-
-class ManualClock:
-    """A clock that moves only when told to; for tests of time-driven logic."""
-
-    def __init__(self, start_ms: int = 0) -> None:
-        self._now_ms = start_ms
-        self._monotonic = 0.0
-
-    def now_ms(self) -> int:
-        """The current manual time."""
-        return self._now_ms
-
-    def monotonic(self) -> float:
-        """Seconds advanced since creation."""
-        return self._monotonic
-
-    def advance(self, ms: int) -> None:
-        """Move time forward by ``ms`` milliseconds."""
-        if ms < 0:
-            raise ValueError("a clock never goes backwards")
-        self._now_ms += ms
-        self._monotonic += ms / 1000.0
-
-    def set(self, now_ms: int) -> None:
-        """Jump to ``now_ms`` (not earlier than now)."""
-        self.advance(now_ms - self._now_ms)
-
-
-SYSTEM_CLOCK = SystemClock()
-
-
-async def sleep_until_next(period_s: float, clock: Clock = SYSTEM_CLOCK) -> None:
-    """Sleep to the next multiple of ``period_s`` of wall time (aligned timers)."""
-    now = clock.now_ms() / 1000.0
-    await asyncio.sleep(period_s - (now % period_s))
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,11 +118,6 @@ def parse_day(text: str) -> date:
         return datetime.strptime(cleaned, "%Y%m%d").date()
     except ValueError:
         raise ValueError(f"not a date (want YYYY-MM-DD): {text!r}") from None
-
-
-def utc_datetime(ts_ms: int) -> datetime:
-    """An aware UTC datetime of an epoch-ms time."""
-    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
 
 
 def trading_days_back(day: date, count: int) -> list[date]:

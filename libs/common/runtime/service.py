@@ -18,10 +18,10 @@ import structlog
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Info as InfoMetric
 
-from libs.common.actors import RestartBudgetExceeded, Supervisor
-from libs.common.http import HealthServer
-from libs.common.logs import configure_logging
-from libs.common.settings import CommonSettings, public_view
+from libs.common.runtime.actors import RestartBudgetExceeded, Supervisor
+from libs.common.runtime.http import HealthServer
+from libs.common.runtime.logs import configure_logging
+from libs.common.runtime.settings import CommonSettings, public_view
 
 log = structlog.get_logger("tickmesh.service")
 

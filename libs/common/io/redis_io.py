@@ -6,8 +6,8 @@ script: ``INCR`` the channel's sequence, ``XADD`` to the stream with the entry i
 and ``PUBLISH`` the same bytes. The stream id therefore *is* the sequence, so a consumer that
 saw a gap reads exactly the missing range with ``XRANGE``, and a consumer that restarts reads
 from its last sequence on. Records are encoded with ``seq`` as their first field set to 0;
-the script splices the real number in. Keys use a hash tag of the channel, so a channel's
-sequence and stream live in one cluster slot.
+the script splices the real number in. Keys (``libs.common.names.Keys``) use a hash
+tag of the channel, so a channel's sequence and stream live in one cluster slot.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from libs.common.metrics import metrics_for
-from libs.common.retry import retry_async
+from libs.common.names import Keys, channel_kind
+from libs.common.runtime.metrics import metrics_for
+from libs.common.runtime.retry import retry_async
 from libs.common.schemas import ENCODER, SEQ_PREFIX
 
 log = structlog.get_logger("tickmesh.redis")
@@ -73,37 +74,6 @@ for c = 1, #KEYS / 2 do
 end
 return seqs
 """
-
-
-def channel_kind(channel: str) -> str:
-    """A low-cardinality label for a channel: ``ticks``, ``bars``, or the sentio name."""
-    if channel.startswith("sentio."):
-        return channel
-    return channel.split(".", 1)[0]
-
-
-class Keys:
-    """Names of tickmesh's Redis keys under a prefix."""
-
-    def __init__(self, prefix: str = "tm:") -> None:
-        self.prefix = prefix
-
-    def seq(self, channel: str) -> str:
-        """The sequence counter of ``channel``."""
-        return f"{self.prefix}seq:{{{channel}}}"
-
-    def stream(self, channel: str) -> str:
-        """The durable stream of ``channel``."""
-        return f"{self.prefix}stream:{{{channel}}}"
-
-    def channel_of_stream(self, key: str | bytes) -> str:
-        """The channel a stream key belongs to."""
-        text = key.decode() if isinstance(key, bytes) else key
-        return text[len(self.prefix) + len("stream:{") : -1]
-
-    def state(self, name: str) -> str:
-        """A key for a service's own durable state (positions, offsets)."""
-        return f"{self.prefix}state:{name}"
 
 
 async def connect_redis(

@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-from libs.common.heartbeat import HeartbeatActor
-from libs.common.redis_io import Keys, Publisher, connect_redis
-from libs.common.service import ServiceRuntime
+from libs.common.io.heartbeat import HeartbeatActor
+from libs.common.io.redis_io import Publisher, connect_redis
+from libs.common.names import Keys
+from libs.common.runtime.service import ServiceRuntime
 
 
 async def connect_runtime_redis(runtime: ServiceRuntime) -> aioredis.Redis:

@@ -27,8 +27,8 @@ from typing import Any, Generic, TypeVar
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from libs.common.clock import SYSTEM_CLOCK, Clock
-from libs.common.metrics import metrics_for
+from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
+from libs.common.runtime.metrics import metrics_for
 
 log = structlog.get_logger("tickmesh.actors")
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from libs.common.kafka_io import list_topics, read_from_beginning
-from libs.common.localstack import LocalStack, free_port
-from libs.common.settings import CommonSettings
+from devstack.localstack import LocalStack, free_port
+from libs.common.io.kafka_io import list_topics, read_from_beginning
+from libs.common.runtime.settings import CommonSettings
 
 SIM_KEY = "tickmesh-demo-key"
 

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import structlog
 
-from libs.common.clock import SYSTEM_CLOCK, Clock
+from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 
 log = structlog.get_logger("tickmesh.retry")
 

@@ -18,8 +18,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from msgspec import Struct
 
-from libs.common.retry import retry_async
-from libs.common.settings import CommonSettings
+from libs.common.names import HEADER_CHANNEL, HEADER_SEQ
+from libs.common.runtime.retry import retry_async
+from libs.common.runtime.settings import CommonSettings
 
 log = structlog.get_logger("tickmesh.kafka")
 
@@ -161,11 +162,6 @@ async def ensure_topics(
 
 
 # -- the mirror's record identity, and deduplication for consumers ---------------------------
-
-HEADER_CHANNEL = "tm-channel"
-"""Kafka header naming the Redis channel a mirrored record came from."""
-HEADER_SEQ = "tm-seq"
-"""Kafka header holding the record's per-channel sequence number (decimal ASCII)."""
 
 
 def sequence_headers(channel: str, seq: int) -> list[tuple[str, bytes]]:

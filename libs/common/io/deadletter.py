@@ -7,12 +7,11 @@ from collections.abc import Sequence
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
-from libs.common.clock import SYSTEM_CLOCK, Clock
-from libs.common.metrics import metrics_for
-from libs.common.redis_io import Publisher
+from libs.common import names
+from libs.common.io.redis_io import Publisher
+from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
+from libs.common.runtime.metrics import metrics_for
 from libs.common.schemas import ENCODER, DeadLetter
-
-DEAD_LETTER_CHANNEL = "sentio.deadletter.v1"
 
 log = structlog.get_logger("tickmesh.deadletter")
 
@@ -41,7 +40,7 @@ class DeadLetters:
         *,
         registry: CollectorRegistry | None = None,
         clock: Clock = SYSTEM_CLOCK,
-        channel: str = DEAD_LETTER_CHANNEL,
+        channel: str = names.DEAD_LETTERS,
     ) -> None:
         self.publisher = publisher
         self.service = service

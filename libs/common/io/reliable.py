@@ -34,8 +34,9 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from libs.common.metrics import metrics_for
-from libs.common.redis_io import RETRIABLE, Keys, StreamReader, channel_kind
+from libs.common.io.redis_io import RETRIABLE, StreamReader
+from libs.common.names import Keys, channel_kind
+from libs.common.runtime.metrics import metrics_for
 from libs.common.schemas import seq_of
 
 log = structlog.get_logger("tickmesh.reliable")

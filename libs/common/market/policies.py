@@ -1,0 +1,268 @@
+"""Condition policies: what each trade counts for in a 1-minute bar.
+
+A policy maps a trade's conditions, exchange, suspicious flag and session phase (and the
+symbol's primary listing) to a classification code: bits of ``OPEN_CLOSE``, ``HIGH_LOW`` and
+``VOLUME``, or one of the auction codes. Policies are pure, so the aggregator caches each
+answer (``libs.common.market.aggregator``). The rules and their evidence are in
+``docs/bars.md`` and ``docs/conditions.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
+
+# --- classification codes ---------------------------------------------------------------------
+
+OPEN_CLOSE = 1
+HIGH_LOW = 2
+VOLUME = 4
+EVERYTHING = OPEN_CLOSE | HIGH_LOW | VOLUME
+IGNORED = 0
+OPENING_AUCTION = 8
+"""The primary listing's opening auction print: it is the open of the session's first bar."""
+CLOSING_AUCTION = 16
+"""The primary listing's closing auction print: it is the close of the session's last bar."""
+BY_EXCHANGE = 32
+"""Cache marker: this condition tuple's classification depends on the exchange."""
+
+
+class Classification(NamedTuple):
+    """What a trade counts for under a policy."""
+
+    counts_for_open_close: bool
+    counts_for_high_low: bool
+    counts_for_volume: bool
+    auction: Literal["", "open", "close"] = ""
+
+
+def classification_of(code: int) -> Classification:
+    """The readable form of a classification code."""
+    if code & OPENING_AUCTION:
+        return Classification(True, True, True, "open")
+    if code & CLOSING_AUCTION:
+        return Classification(True, True, True, "close")
+    return Classification(bool(code & OPEN_CLOSE), bool(code & HIGH_LOW), bool(code & VOLUME))
+
+
+# --- policies ---------------------------------------------------------------------------------
+
+
+class ConditionPolicy(Protocol):
+    """Decides what each trade counts for. Implementations must be pure functions of their
+    arguments so that the core may cache the answer."""
+
+    name: str
+    fold_unpriced_volume: bool
+    """True: the volume of a minute without any open/close-eligible trade goes to the previous
+    bar of the day (to the next one when there is none); False: no bar, volume dropped."""
+
+    def code(
+        self,
+        conditions: tuple[int, ...],
+        exchange: int,
+        suspicious: bool,
+        regular_session: bool,
+        primary_exchange: int,
+    ) -> int:
+        """The classification code (bits of ``OPEN_CLOSE``, ``HIGH_LOW``, ``VOLUME``, or one
+        of ``OPENING_AUCTION``/``CLOSING_AUCTION``) of one trade."""
+        ...
+
+    def depends_on_exchange(self, conditions: tuple[int, ...]) -> bool:
+        """Whether ``code`` looks at the exchange (or primary listing) for these conditions."""
+        ...
+
+    def primary_exchange(self, symbol: str, tape: int) -> int:
+        """Polygon id of ``symbol``'s primary listing exchange (0 when unknown)."""
+        ...
+
+
+class _PolicyBase:
+    name = "base"
+    fold_unpriced_volume = False
+
+    if TYPE_CHECKING:
+        # Every subclass defines it; declared here only so the checker knows a policy has one.
+        def code(
+            self,
+            conditions: tuple[int, ...],
+            exchange: int,
+            suspicious: bool,
+            regular_session: bool,
+            primary_exchange: int,
+        ) -> int: ...
+
+    def classify(
+        self,
+        conditions: tuple[int, ...],
+        exchange: int = 0,
+        suspicious: bool = False,
+        regular_session: bool = True,
+        primary_exchange: int = 0,
+    ) -> Classification:
+        """What a trade with these attributes counts for (readable form of ``code``)."""
+        return classification_of(
+            self.code(tuple(conditions), exchange, suspicious, regular_session, primary_exchange)
+        )
+
+    def depends_on_exchange(self, conditions: tuple[int, ...]) -> bool:
+        """Whether the exchange matters for these conditions (not by default)."""
+        return False
+
+    def primary_exchange(self, symbol: str, tape: int) -> int:
+        """Primary listing from the reference table of ``tickfiles``, else from the tape."""
+        from libs.common.market.tickfiles import primary_exchange_id
+
+        return primary_exchange_id(symbol, tape)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class NonePolicy(_PolicyBase):
+    """Plain OHLCV: every trade counts for everything, whatever its conditions."""
+
+    name = "none"
+
+    def code(
+        self,
+        conditions: tuple[int, ...],
+        exchange: int,
+        suspicious: bool,
+        regular_session: bool,
+        primary_exchange: int,
+    ) -> int:
+        """Always ``EVERYTHING``."""
+        return EVERYTHING
+
+
+class AlgoseekPolicy(_PolicyBase):
+    """The rule of AlgoSeek's minute bars (the vendor of Lean's US-equity data), found from the
+    data; evidence in ``docs/bars.md``. Works on Polygon condition ids (``docs/conditions.md``).
+
+    * suspicious prints, and official open/close reports, count for nothing;
+    * an opening (closing) print counts only if it is the primary listing exchange's: the first
+      one of the day opens the session's first bar when it prints within that minute, the first
+      closing print closes the session's last bar (15:59) whenever it prints; the others, and
+      every other venue's opening/closing prints (e.g. Nasdaq's cross in a NYSE stock), count
+      for nothing;
+    * any other trade counts for volume, and for price (open, high, low, close) unless it
+      carries an excluding condition (Intermarket Sweep, Trade Thru Exempt, Odd Lot) and none
+      of the including ones (Regular, Cash, Next Day, Seller, Form T / Extended Hours); Trade
+      Thru Exempt alone implies Regular, which Polygon's feed does not send;
+    * a minute with volume but no price-eligible trade has no bar of its own: its volume goes
+      to the previous bar of the day.
+    """
+
+    name = "algoseek"
+    fold_unpriced_volume = True
+
+    INCLUDING = frozenset({0, 7, 20, 29, 12, 13})
+    """Regular Sale, Cash Sale, Next Day, Seller, Form T/Extended Hours, Extended Hours (Sold
+    Out Of Sequence)."""
+    EXCLUDING = frozenset({14, 41, 37})
+    """Intermarket Sweep, Trade Thru Exempt, Odd Lot Trade."""
+    OPENING = frozenset({25, 17})
+    """Opening Prints (CTA), Market Center Opening Trade (UTP)."""
+    CLOSING = frozenset({8, 19})
+    """Closing Prints (CTA), Market Center Closing Trade (UTP)."""
+    OFFICIAL = frozenset({15, 16})
+    """Market Center Official Close / Open: reports of the auction, not trades."""
+    IMPLIED_REGULAR = frozenset({41})
+    """Polygon's feed leaves the Regular condition out: a trade whose only condition is Trade
+    Thru Exempt is a regular sale that is trade-through exempt (AlgoSeek: Regular + TTE)."""
+
+    def code(
+        self,
+        conditions: tuple[int, ...],
+        exchange: int,
+        suspicious: bool,
+        regular_session: bool,
+        primary_exchange: int,
+    ) -> int:
+        """See the class docstring."""
+        if suspicious:
+            return IGNORED
+        kinds = frozenset(conditions)
+        if kinds & self.OFFICIAL:
+            return IGNORED
+        if kinds & self.OPENING:
+            return OPENING_AUCTION if exchange == primary_exchange else IGNORED
+        if kinds & self.CLOSING:
+            return CLOSING_AUCTION if exchange == primary_exchange else IGNORED
+        if kinds & self.INCLUDING or not kinds & self.EXCLUDING or kinds <= self.IMPLIED_REGULAR:
+            return EVERYTHING
+        return VOLUME
+
+    def depends_on_exchange(self, conditions: tuple[int, ...]) -> bool:
+        """Opening and closing prints depend on the exchange being the primary listing."""
+        kinds = frozenset(conditions)
+        return bool(kinds & (self.OPENING | self.CLOSING)) and not kinds & self.OFFICIAL
+
+
+class PolygonPolicy(_PolicyBase):
+    """Polygon's consolidated update rules (``conditions_table.polygon_rules``): a trade updates
+    a field only if all its conditions allow it; unknown ids restrict nothing. Outside the
+    regular session Form T (12) does not restrict prices (Polygon's extended-hours minute bars
+    take prices from Form T trades). Suspicious prints count for nothing. A minute without an
+    open/close-eligible trade has no bar, as Polygon emits none."""
+
+    name = "polygon"
+    fold_unpriced_volume = False
+
+    def __init__(self, kind: str = "consolidated") -> None:
+        from libs.common.market.conditions_table import FORM_T_EXTENDED_HOURS, combine_rules
+
+        self._combine = combine_rules
+        self._kind = kind
+        self._extended_ignore = frozenset({FORM_T_EXTENDED_HOURS})
+
+    def code(
+        self,
+        conditions: tuple[int, ...],
+        exchange: int,
+        suspicious: bool,
+        regular_session: bool,
+        primary_exchange: int,
+    ) -> int:
+        """AND of the conditions' consolidated rules."""
+        if suspicious:
+            return IGNORED
+        ignore = frozenset() if regular_session else self._extended_ignore
+        rule = self._combine(conditions, self._kind, ignore=ignore).rule
+        return (
+            (OPEN_CLOSE if rule.updates_open_close else 0)
+            | (HIGH_LOW if rule.updates_high_low else 0)
+            | (VOLUME if rule.updates_volume else 0)
+        )
+
+
+POLICIES: dict[str, Callable[[], _PolicyBase]] = {
+    "algoseek": AlgoseekPolicy,
+    "polygon": PolygonPolicy,
+    "none": NonePolicy,
+}
+
+
+def get_policy(name: str) -> _PolicyBase:
+    """A policy by name: ``algoseek``, ``polygon`` or ``none``."""
+    try:
+        factory = POLICIES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown bar policy {name!r}; expected one of {sorted(POLICIES)}"
+        ) from None
+    return factory()
+
+
+__all__ = [
+    "POLICIES",
+    "AlgoseekPolicy",
+    "Classification",
+    "ConditionPolicy",
+    "NonePolicy",
+    "PolygonPolicy",
+    "classification_of",
+    "get_policy",
+]
