@@ -1,4 +1,5 @@
-"""Unit tests of the actor runtime: lifecycle table, mailboxes, supervision, stop, metrics."""
+"""Unit tests of the runtime: lifecycle table, components, mailboxes, incarnations, supervision,
+backoff and restart budget, stop, metrics."""
 
 from __future__ import annotations
 
@@ -8,15 +9,12 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry
 
-from libs.common.runtime.actors import (
-    TRANSITIONS,
-    Actor,
-    ActorState,
-    InvalidTransition,
-    Overflow,
-    RestartBudgetExceeded,
-    Supervisor,
-)
+from libs.common.runtime.actors import Actor, Overflow
+from libs.common.runtime.backoff import Backoff, RestartBudget
+from libs.common.runtime.clock import ManualClock
+from libs.common.runtime.lifecycle import TRANSITIONS, Component, InvalidTransition
+from libs.common.runtime.lifecycle import State as ActorState
+from libs.common.runtime.supervisor import RestartBudgetExceeded, Supervisor
 
 
 def sample(registry: CollectorRegistry, name: str, actor: str) -> float:
@@ -242,18 +240,86 @@ async def test_supervisor_restarts_a_failed_child_with_growing_backoff() -> None
 
 
 def test_backoff_has_jitter_within_bounds_and_a_cap() -> None:
-    supervisor = Supervisor(
-        "j",
-        backoff_initial_s=1,
-        backoff_max_s=8,
-        jitter=0.2,
-        rng=random.Random(1),
-        registry=CollectorRegistry(),
-    )
-    delays = [supervisor.backoff_s(n) for n in range(6)]
+    backoff = Backoff(1, 8, jitter=0.2, rng=random.Random(1))
+    delays = [backoff.delay_s(n) for n in range(6)]
     assert all(0.8 <= d / min(8, 2**n) <= 1.2 for n, d in enumerate(delays))
     assert len({round(d / min(8, 2**n), 6) for n, d in enumerate(delays)}) > 1
     assert max(delays) <= 8 * 1.2
+
+
+def test_backoff_floor_counting_and_reset() -> None:
+    backoff = Backoff(0.5, 30, jitter=0)
+    assert [backoff.next_s() for _ in range(4)] == [0.5, 1.0, 2.0, 4.0]
+    assert backoff.attempts == 4
+    assert backoff.delay_s(0, floor_s=60) == 60  # e.g. after a max_connections refusal
+    backoff.reset()
+    assert backoff.next_s() == 0.5
+    assert Backoff(1, 5, jitter=0).delay_s(10_000) == 5  # no overflow far out
+
+
+def test_restart_budget_counts_within_its_window_on_the_injected_clock() -> None:
+    clock = ManualClock()
+    budget = RestartBudget(2, 60, clock=clock)
+    assert not budget.exhausted()
+    budget.spend()
+    clock.advance(10_000)
+    budget.spend()
+    assert budget.exhausted() and budget.recent() == 2
+    clock.advance(55_000)  # the first restart is now 65 s old
+    assert not budget.exhausted() and budget.recent() == 1
+
+
+class Ticker(Component):
+    """A component with a timer and a task, no mailbox."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__("ticker", registry=registry)
+        self.ticks = 0
+        self.loops = 0
+        self.every(0.01, self.tick, name="ticker.timer")
+        self.spawn(self.loop, name="ticker.loop")
+
+    async def tick(self) -> None:
+        self.ticks += 1
+
+    async def loop(self) -> None:
+        while True:
+            self.loops += 1
+            await asyncio.sleep(0.01)
+
+
+async def test_a_component_runs_timers_and_tasks_without_a_mailbox() -> None:
+    registry = CollectorRegistry()
+    ticker = Ticker(registry)
+    assert not hasattr(ticker, "mailbox")
+    await ticker.start()
+    await asyncio.sleep(0.1)
+    await ticker.stop()
+    assert ticker.ticks >= 3 and ticker.loops >= 3 and ticker.incarnation == 1
+    before = (ticker.ticks, ticker.loops)
+    await asyncio.sleep(0.05)
+    assert (ticker.ticks, ticker.loops) == before  # nothing runs after stop
+    await ticker.start()
+    assert ticker.incarnation == 2
+    await ticker.stop()
+
+
+async def test_a_restart_drops_what_the_old_incarnation_posted_and_keeps_what_was_told() -> None:
+    registry = CollectorRegistry()
+    actor = Recorder("incarnations", registry, mailbox_size=10)
+    await actor.start()
+    await actor.tell(("slow", 0.2))  # keeps the loop busy while more is queued
+    await asyncio.sleep(0.01)
+    await actor.post("posted-by-1")
+    await actor.tell("told")
+    actor._escalate(RuntimeError("boom"), where="test")  # the loop is cancelled mid-message
+    await actor.stop()
+    await actor.start()
+    await actor.post("posted-by-2")
+    await actor.stop()
+    assert "posted-by-1" not in actor.seen
+    assert actor.seen[-2:] == ["told", "posted-by-2"]
+    assert sample(registry, "tickmesh_actor_messages_stale_total", "incarnations") == 1
 
 
 async def test_supervisor_past_the_budget_raises_and_stops_everything() -> None:
@@ -306,7 +372,7 @@ async def test_take_nowait_takes_a_batch_and_leaves_the_stop_sentinel() -> None:
         actor.tell_nowait(i)
     actor.mailbox.put_stop()
     actor.tell_nowait(99)
-    assert actor.mailbox.take_nowait(10) == [0, 1, 2]
+    assert actor.take_nowait(10) == [0, 1, 2]
     assert len(actor.mailbox) == 2
 
 

@@ -29,6 +29,8 @@ from libs.common.runtime.settings import (
     SettingsError,
     env_name,
     load_settings,
+    setting_paths,
+    settings_info,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,7 +199,7 @@ def test_env_file_sets_every_setting_of_every_service() -> None:
     missing = {
         service: [
             env_name(cls, field)
-            for field in cls.__struct_fields__
+            for field in setting_paths(cls)
             if not field_is_set(cls, field, env_file())
         ]
         for service in service_names()
@@ -212,7 +214,7 @@ def test_env_file_sets_every_setting_of_every_service() -> None:
 
 def test_env_file_holds_no_variable_that_nothing_reads() -> None:
     classes = [settings_class(service) for service in service_names()]
-    read = {env_name(cls, field) for cls in classes for field in cls.__struct_fields__}
+    read = {env_name(cls, field) for cls in classes for field in setting_paths(cls)}
     read |= {f"{SHARED_PREFIX}{field.upper()}" for field in CommonSettings.__struct_fields__}
     prefixes = {SHARED_PREFIX, *(cls.ENV_PREFIX for cls in classes)}
     names = set(env_file())
@@ -235,7 +237,7 @@ def test_every_service_runs_in_compose_and_parses_its_environment() -> None:
             env = environment_of(spec)
             unset = [
                 env_name(cls, field)
-                for field in cls.__struct_fields__
+                for field in setting_paths(cls)
                 if not field_is_set(cls, field, env)
             ]
             assert not unset, f"{name}: not set: {unset}"
@@ -272,10 +274,10 @@ def test_ports_healthchecks_and_scrape_targets_match_each_service_http_port() ->
 def test_secrets_reach_only_the_services_that_read_them() -> None:
     classes = {service: settings_class(service) for service in service_names()}
     secrets = {
-        env_name(cls, field)
+        info.variable
         for cls in classes.values()
-        for field in cls.__struct_fields__
-        if sync_env.defaults(cls)[field].__class__ is Secret
+        for info in settings_info(cls)
+        if info.type is Secret
     }
     assert secrets, "expected at least the Polygon key"
     for service, cls in classes.items():
@@ -320,7 +322,7 @@ def test_dockerfile_is_multi_stage_non_root_with_exec_form_healthcheck(service: 
     assert exec_form("HEALTHCHECK", path) == [*HEALTHCHECK[1:], service]
     assert exec_form("ENTRYPOINT", path) == ["python", "-m", f"services.{service}"]
     assert exec_form("CMD", path) == ["run"]
-    default_port = sync_env.defaults(settings_class(service))["http_port"]
+    default_port = settings_class(service)().http_port
     assert [args for op, args in runtime if op == "EXPOSE"] == [str(default_port)]
 
 

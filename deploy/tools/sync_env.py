@@ -20,7 +20,6 @@ import importlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from libs.common.runtime.settings import CommonSettings, Secret, _description, _field_type, env_name
+from libs.common.runtime.settings import CommonSettings, Secret, SettingInfo, settings_info
 
 ENV_FILE = ROOT / "deploy" / ".env"
 
@@ -95,36 +94,18 @@ def settings_classes() -> dict[str, type[CommonSettings]]:
     return {name: settings_class(name) for name in service_names()}
 
 
-def defaults(cls: type[CommonSettings]) -> dict[str, Any]:
-    """Field -> default value (``msgspec.NODEFAULT`` when required)."""
-    fields = cls.__struct_fields__
-    offset = len(fields) - len(cls.__struct_defaults__)
-    values: dict[str, Any] = {field: msgspec.NODEFAULT for field in fields[:offset]}
-    for index, field in enumerate(fields[offset:]):
-        value = cls.__struct_defaults__[index]
-        if isinstance(value, msgspec._core.Factory):
-            value = value.factory()
-        values[field] = value
-    return values
-
-
-def env_text(cls: type[CommonSettings], field: str, value: Any) -> str:
+def env_text(info: SettingInfo) -> str:
     """A default as the variable's text, in the form ``load_settings`` parses back to it."""
-    field_type = _field_type(cls, field)
+    field_type, value = info.type, info.default
     if value is msgspec.NODEFAULT or field_type is Secret:
         return ""
     if field_type is bool:
         return "true" if value else "false"
-    if field_type in (tuple[str, ...], list[str]):
-        return ",".join(str(item) for item in value)
-    if field_type in (str, int, float):
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return ",".join(value)
+    if isinstance(value, (str, int, float)):
         return str(value)
     return msgspec.json.encode(value).decode()  # everything else is parsed as JSON
-
-
-def description(cls: type[CommonSettings], field: str) -> str:
-    """The field's description (``Annotated[..., Meta(description=...)]``)."""
-    return _description(cls, field)
 
 
 class Entry(msgspec.Struct, frozen=True):
@@ -137,35 +118,25 @@ class Entry(msgspec.Struct, frozen=True):
 
 def sections(classes: dict[str, type[CommonSettings]]) -> Iterator[tuple[str, list[Entry]]]:
     """The file's sections: shared settings, then each service's own."""
-    common = defaults(CommonSettings)
+    common = {info.path: info for info in settings_info(CommonSettings)}
+    own = {name: {info.path: info for info in settings_info(cls)} for name, cls in classes.items()}
     shared = [
-        Entry(
-            f"{CommonSettings.ENV_PREFIX}{field.upper()}",
-            env_text(CommonSettings, field, common[field]),
-            description(CommonSettings, field),
-        )
-        for field in CommonSettings.__struct_fields__
+        Entry(info.variable, env_text(info), info.description)
+        for path, info in common.items()
         # A shared setting every service overrides (http_port) is set per service instead.
         if not all(
-            defaults(cls)[field] != common[field] or field in cls.ENV_NAMES
-            for cls in classes.values()
+            own[name][path].default != info.default or path in cls.ENV_NAMES
+            for name, cls in classes.items()
         )
     ]
     yield "shared by every service (a service's own prefix overrides one for that service)", shared
     for name, cls in classes.items():
-        own_defaults = defaults(cls)
         entries = []
-        for field in cls.__struct_fields__:
-            shared_field = field in common and field not in cls.ENV_NAMES
-            if shared_field and own_defaults[field] == common[field]:
+        for path, info in own[name].items():
+            shared_field = path in common and path not in cls.ENV_NAMES
+            if shared_field and info.default == common[path].default:
                 continue
-            entries.append(
-                Entry(
-                    env_name(cls, field),
-                    env_text(cls, field, own_defaults[field]),
-                    description(cls, field),
-                )
-            )
+            entries.append(Entry(info.variable, env_text(info), info.description))
         yield f"{name} ({cls.ENV_PREFIX}*)", entries
 
 

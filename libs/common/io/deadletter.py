@@ -31,11 +31,13 @@ def dead_letter_counter(registry: CollectorRegistry | None) -> Counter:
 
 
 class DeadLetters:
-    """Sends dead letters to the Redis dead-letter channel (mirrored to Kafka) and counts."""
+    """Builds, counts and logs dead letters; sends them to the Redis dead-letter channel
+    (mirrored to Kafka), or hands the encoded letter to a caller that writes it elsewhere
+    (the mirror writes its own to the Kafka dead-letter topic)."""
 
     def __init__(
         self,
-        publisher: Publisher,
+        publisher: Publisher | None,
         service: str,
         *,
         registry: CollectorRegistry | None = None,
@@ -48,21 +50,28 @@ class DeadLetters:
         self.channel = channel
         self.counter = dead_letter_counter(registry)
 
-    def records(self, source: str, bad: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-        """Count and log ``(error, raw)`` inputs and return their dead-letter records, for a
-        caller that publishes them in the same round trip (and retry) as its good records."""
-        kind = source.split(".", 1)[0]
-        self.counter.labels(self.service, kind).inc(len(bad))
-        now = self.clock.now_ms()
-        out = []
-        for error, raw in bad:
-            log.warning("deadletter.sent", source=source, error=error[:300], size=len(raw))
-            letter = DeadLetter(
-                seq=0, source=source, error=error[:2_000], raw=raw, tsMs=now, service=self.service
+    def letter(self, source: str, error: str, raw: bytes, *, seq: int = 0) -> bytes:
+        """Count and log one bad input and return its encoded dead letter."""
+        self.counter.labels(self.service, names.channel_kind(source)).inc()
+        log.warning("deadletter.sent", source=source, error=error[:300], size=len(raw))
+        return ENCODER.encode(
+            DeadLetter(
+                seq=seq,
+                source=source,
+                error=error[:2_000],
+                raw=raw,
+                tsMs=self.clock.now_ms(),
+                service=self.service,
             )
-            out.append((self.channel, ENCODER.encode(letter)))
-        return out
+        )
+
+    def records(self, source: str, bad: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """The dead-letter records of ``(error, raw)`` inputs, for a caller that publishes
+        them in the same round trip (and retry) as its good records."""
+        return [(self.channel, self.letter(source, error, raw)) for error, raw in bad]
 
     async def send(self, source: str, error: str, raw: bytes) -> None:
         """Record one bad input; processing goes on."""
+        if self.publisher is None:
+            raise RuntimeError("these dead letters have no publisher: use letter()")
         await self.publisher.publish_many(self.records(source, [(error, raw)]))

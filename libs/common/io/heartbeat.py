@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+
+from prometheus_client import CollectorRegistry
 
 from libs.common import names
 from libs.common.io.redis_io import Publisher
 from libs.common.market.sessions import ts_et
-from libs.common.runtime.actors import Actor, Overflow
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
+from libs.common.runtime.lifecycle import Component
+from libs.common.runtime.settings import Mode
 from libs.common.schemas import Heartbeat
 
-_Mode = Literal["live", "sim", "replay"]
-_MODES: dict[str, _Mode] = {"live": "live", "sim": "sim", "replay": "replay"}
 
-
-class HeartbeatActor(Actor[None]):
+class HeartbeatSender(Component):
     """Publishes a heartbeat every ``interval_ms`` with the service's status and lag."""
 
     def __init__(
         self,
         service: str,
         run_id: str,
-        mode: str,
+        mode: Mode,
         publisher: Publisher,
         *,
         interval_ms: int,
@@ -31,17 +30,12 @@ class HeartbeatActor(Actor[None]):
         status: Callable[[], str] = lambda: "ok",
         channel: str = names.HEARTBEAT,
         clock: Clock = SYSTEM_CLOCK,
-        **actor_options: object,
+        registry: CollectorRegistry | None = None,
     ) -> None:
-        super().__init__(
-            f"{service}.heartbeat",
-            mailbox_size=1,
-            overflow=Overflow.SHED,
-            **actor_options,  # type: ignore[arg-type]
-        )
+        super().__init__(f"{service}.heartbeat", registry=registry)
         self.service = service
         self.run_id = run_id
-        self.mode: _Mode = _MODES.get(mode, "sim")  # an unknown mode is reported as sim
+        self.mode = mode
         self.publisher = publisher
         self.channel = channel
         self.lag_ms = lag_ms

@@ -131,6 +131,11 @@ def make_consumer(
     return consumer
 
 
+def topic_regex(glob: str) -> str:
+    """The subscription regex of a channel glob: ``ticks.*`` -> ``^ticks\\..+$``."""
+    return "^" + glob.replace(".", r"\.").replace("*", ".+").replace("?", ".") + "$"
+
+
 async def start_consumer(consumer: AIOKafkaConsumer, *, max_wait_s: float = 60.0) -> None:
     """Start ``consumer``, retrying the connection with backoff."""
     await _retry_start("consumer", consumer.start, max_wait_s)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Generic
+
+import msgspec
 
 from libs.common.runtime.service import EXIT_CONFIG
 from libs.common.runtime.settings import (
-    CommonSettings,
     SettingsError,
+    SettingsT,
     describe_settings,
     load_settings,
 )
@@ -17,10 +20,10 @@ from libs.common.runtime.settings import (
 Command = Callable[[argparse.Namespace], int]
 
 
-class ServiceCli:
+class ServiceCli(Generic[SettingsT]):
     """``python -m services.<name> <subcommand>``: argparse with a shared shape."""
 
-    def __init__(self, service: str, description: str, settings_cls: type[CommonSettings]) -> None:
+    def __init__(self, service: str, description: str, settings_cls: type[SettingsT]) -> None:
         self.service = service
         self.settings_cls = settings_cls
         self.parser = argparse.ArgumentParser(
@@ -32,23 +35,30 @@ class ServiceCli:
         self.subparsers = self.parser.add_subparsers(dest="command", metavar="COMMAND")
         self.commands: dict[str, Command] = {}
 
-    def command(self, name: str, help_text: str, run: Command) -> argparse.ArgumentParser:
-        """Add a subcommand; returns its parser so arguments can be added."""
+    def command(
+        self, name: str, help_text: str, run: Command, *, aliases: Sequence[str] = ()
+    ) -> argparse.ArgumentParser:
+        """Add a subcommand (also known by ``aliases``); returns its parser so arguments can
+        be added."""
         parser = self.subparsers.add_parser(
             name,
+            aliases=list(aliases),
             help=help_text,
             description=help_text,
             epilog=describe_settings(self.settings_cls),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        self.commands[name] = run
+        for command in (name, *aliases):
+            self.commands[command] = run
         return parser
 
-    def settings(self) -> CommonSettings:
-        """Load this service's settings, exiting with a clear message when malformed."""
+    def settings(self, **overrides: object) -> SettingsT:
+        """Load this service's settings (with ``overrides`` from the command line, checked
+        like the rest), exiting with a clear message when malformed."""
         try:
-            return load_settings(self.settings_cls)
-        except SettingsError as exc:
+            settings = load_settings(self.settings_cls)
+            return msgspec.structs.replace(settings, **overrides) if overrides else settings
+        except (SettingsError, msgspec.ValidationError) as exc:
             print(f"{self.service}: bad setting: {exc}", file=sys.stderr)
             sys.exit(EXIT_CONFIG)
 

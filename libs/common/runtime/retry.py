@@ -1,8 +1,8 @@
-"""Retrying an async operation: exponential backoff with jitter, under a deadline.
+"""Retrying an async operation under a deadline, with the one ``Backoff``.
 
-The one retry loop of tickmesh (connecting to Redis and Kafka, publishing a batch): retry
-only what ``retriable`` accepts, wait ``initial_s`` doubling up to ``max_s`` with ±``jitter``,
-and when the next wait would pass ``max_wait_s``, raise the last error.
+The retry loop of tickmesh (connecting to Redis and Kafka, publishing a batch): retry only
+what ``retriable`` accepts, wait as ``Backoff`` says (``initial_s`` doubling up to ``max_s``,
+±``jitter``), and when the next wait would pass ``max_wait_s``, raise the last error.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import structlog
 
+from libs.common.runtime.backoff import Backoff
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 
 log = structlog.get_logger("tickmesh.retry")
@@ -38,27 +39,26 @@ async def retry_async(
     ``what`` and ``context``. Returns the result; raises the last error past the deadline or
     at once for an error that is not retriable."""
     deadline = clock.monotonic() + max_wait_s
-    delay = initial_s
-    rng = rng or random.Random()
+    backoff = Backoff(initial_s, max_s, jitter=jitter, rng=rng)
     attempt = 0
     while True:
         attempt += 1
         try:
             result = await operation()
         except Exception as exc:
-            if not retriable(exc) or clock.monotonic() + delay > deadline:
+            base_s = backoff.base_s(attempt - 1)
+            if not retriable(exc) or clock.monotonic() + base_s > deadline:
                 raise
             log.warning(
                 "retry.waiting",
                 what=what,
                 attempt=attempt,
-                delay_s=round(delay, 2),
+                delay_s=round(base_s, 2),
                 error=type(exc).__name__,
                 detail=str(exc)[:200],
                 **context,
             )
-            await asyncio.sleep(delay * rng.uniform(1 - jitter, 1 + jitter))
-            delay = min(max_s, delay * 2)
+            await asyncio.sleep(backoff.delay_s(attempt - 1))
             continue
         if attempt > 1:
             log.info("retry.succeeded", what=what, attempts=attempt, **context)

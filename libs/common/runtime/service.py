@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from collections.abc import Awaitable, Callable
+from typing import Generic
 
 import structlog
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Info as InfoMetric
 
-from libs.common.runtime.actors import RestartBudgetExceeded, Supervisor
 from libs.common.runtime.http import HealthServer
 from libs.common.runtime.logs import configure_logging
-from libs.common.runtime.settings import CommonSettings, public_view
+from libs.common.runtime.settings import SettingsT, public_view
+from libs.common.runtime.supervisor import RestartBudgetExceeded, Supervisor
 
 log = structlog.get_logger("tickmesh.service")
 
@@ -31,10 +31,10 @@ EXIT_RESTART_BUDGET = 70
 EXIT_CONFIG = 78
 
 
-class ServiceRuntime:
-    """The process-wide pieces of one service."""
+class ServiceRuntime(Generic[SettingsT]):
+    """The process-wide pieces of one service, typed by its settings class."""
 
-    def __init__(self, service: str, settings: CommonSettings) -> None:
+    def __init__(self, service: str, settings: SettingsT) -> None:
         self.service = service
         self.settings = settings
         self.registry = CollectorRegistry()
@@ -105,14 +105,14 @@ class ServiceRuntime:
 
 def run_main(
     service: str,
-    settings: CommonSettings,
-    build: Callable[[ServiceRuntime], Awaitable[None]],
+    settings: SettingsT,
+    build: Callable[[ServiceRuntime[SettingsT]], Awaitable[None]],
 ) -> int:
     """Configure logging, build the actors with ``build`` and serve; returns the exit code."""
     configure_logging(service, settings.log_level, settings.log_format)
 
     async def main() -> int:
-        runtime = ServiceRuntime(service, settings)
+        runtime: ServiceRuntime[SettingsT] = ServiceRuntime(service, settings)
         try:
             await build(runtime)
         except Exception as exc:
@@ -126,10 +126,3 @@ def run_main(
         return asyncio.run(main())
     except KeyboardInterrupt:
         return EXIT_OK
-
-
-def exit_with(code: int) -> None:
-    """Flush and exit with ``code``."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    sys.exit(code)

@@ -4,7 +4,14 @@ A field ``grace_ms`` of a service whose prefix is ``BARS_`` is read from ``BARS_
 the settings every service shares (``CommonSettings``) fall back on ``TICKMESH_<NAME>`` so one
 ``.env`` can set them for the whole mesh. A field may name its own variable through
 ``ENV_NAMES`` (the Polygon key comes from ``POLYGON_API_KEY`` only). Descriptions live in
-``Annotated[..., msgspec.Meta(description=...)]`` and feed ``--help``.
+``Annotated[..., msgspec.Meta(description=...)]`` and feed ``--help``; a choice is a
+``Literal[...]``, validated by msgspec and listed by ``--help``.
+
+A service with many settings groups them (``SettingsGroup``: a nested Struct whose fields are
+still read from flat variables, ``BRIDGE_SLIPPAGE_BPS`` for ``broker.slippage_bps``), so the
+code that uses a group takes it whole. Rules between fields live in one place, the settings
+class's ``check``, which runs on every construction and raises ``SettingsError`` naming the
+variable.
 
 Parsing fails fast with the variable's name. Secrets are ``Secret`` values: their repr and str
 are masked, so a settings object can be logged whole.
@@ -13,9 +20,20 @@ are masked, so a settings object can be logged whole.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
+from typing import (
+    Annotated,
+    Any,
+    ClassVar,
+    Literal,
+    NamedTuple,
+    TypeVar,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import msgspec
 from msgspec import Meta, Struct
@@ -58,6 +76,20 @@ class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
 
+Mode = Literal["live", "sim", "replay"]
+"""What a service reports in its heartbeats (CONTRACT.md's modes)."""
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+
+
+class SettingsGroup(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Related settings kept together; each field ``f`` is read from the variable
+    ``<service prefix><ENV_TEMPLATE with f>`` (upper case), or from ``ENV_NAMES[f]``."""
+
+    ENV_TEMPLATE: ClassVar[str] = "{field}"
+    ENV_NAMES: ClassVar[dict[str, str]] = {}
+
+
 class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Settings every service has (variables fall back on ``TICKMESH_<NAME>``)."""
 
@@ -73,12 +105,10 @@ class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         "0.0.0.0"
     )
     http_port: Annotated[int, Meta(ge=0, le=65535, description="port of the HTTP endpoint")] = 9100
-    log_level: Annotated[str, Meta(description="debug, info, warning or error")] = "info"
-    log_format: Annotated[
-        str, Meta(description="auto (JSON unless a terminal), json or console")
-    ] = "auto"
+    log_level: Annotated[LogLevel, Meta(description="log level")] = "info"
+    log_format: Annotated[LogFormat, Meta(description="auto: JSON unless a terminal")] = "auto"
     run_id: Annotated[str, Meta(description="run id in heartbeats (random when empty)")] = ""
-    mode: Annotated[str, Meta(description="live, sim or replay (heartbeat mode)")] = "sim"
+    mode: Annotated[Mode, Meta(description="heartbeat mode")] = "sim"
     heartbeat_interval_ms: Annotated[int, Meta(gt=0, description="heartbeat period")] = 5_000
     stream_maxlen: Annotated[int, Meta(gt=0, description="entries kept per Redis stream")] = 200_000
     key_prefix: Annotated[str, Meta(description="prefix of tickmesh's own Redis keys")] = "tm:"
@@ -95,6 +125,19 @@ class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     restart_window_s: Annotated[float, Meta(gt=0, description="restart budget window")] = 60.0
     stop_deadline_s: Annotated[float, Meta(gt=0, description="drain deadline at shutdown")] = 10.0
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """The rules between fields that types cannot state; raise ``self.invalid(...)``.
+        Runs on every construction (loading, ``msgspec.structs.replace``, tests)."""
+
+    @classmethod
+    def invalid(cls, field: str, message: str) -> SettingsError:
+        """The error for a bad ``field`` (``group.field`` inside a group), naming its
+        variable."""
+        return SettingsError(f"{env_name(cls, field)}: {message}")
+
     def effective_run_id(self) -> str:
         """``run_id`` or a random one, fixed for the life of this process."""
         if self.run_id:
@@ -109,11 +152,75 @@ _RANDOM_RUN_ID: str | None = None
 
 SettingsT = TypeVar("SettingsT", bound=CommonSettings)
 _COMMON_FIELDS = frozenset(CommonSettings.__struct_fields__)
+_OWN_ERROR = re.compile(r"^[A-Z][A-Z0-9_]*[:=]")
+_ERROR_PATH = re.compile(r"`\$\.([\w.]+)[^`]*`")
+
+
+def _group_of(cls: type[Struct], field: str) -> type[SettingsGroup] | None:
+    field_type = _field_type(cls, field)
+    if isinstance(field_type, type) and issubclass(field_type, SettingsGroup):
+        return field_type
+    return None
 
 
 def env_name(cls: type[CommonSettings], field: str) -> str:
-    """The environment variable that sets ``field`` of ``cls``."""
+    """The environment variable that sets ``field`` of ``cls`` (``group.field`` in a group)."""
+    head, _, sub = field.partition(".")
+    group = _group_of(cls, head) if sub else None
+    if group is not None:
+        if sub in group.ENV_NAMES:
+            return group.ENV_NAMES[sub]
+        return f"{cls.ENV_PREFIX}{group.ENV_TEMPLATE.format(field=sub).upper()}"
     return cls.ENV_NAMES.get(field, f"{cls.ENV_PREFIX}{field.upper()}")
+
+
+class SettingInfo(NamedTuple):
+    """One setting of a settings class, as ``--help``, ``deploy/.env`` and tests see it."""
+
+    path: str
+    """The field's name, or ``group.field`` inside a group."""
+    variable: str
+    type: Any
+    """The field's type (without ``Annotated``)."""
+    default: Any
+    """The default value (``msgspec.NODEFAULT`` when the setting is required)."""
+    description: str
+
+
+def _default(info: msgspec.structs.FieldInfo) -> Any:
+    if info.default is not msgspec.NODEFAULT:
+        return info.default
+    if info.default_factory is not msgspec.NODEFAULT:
+        return info.default_factory()
+    return msgspec.NODEFAULT
+
+
+def settings_info(cls: type[CommonSettings]) -> list[SettingInfo]:
+    """Every setting of ``cls`` in declaration order, group members in place of their group."""
+    out: list[SettingInfo] = []
+    for info in msgspec.structs.fields(cls):
+        group = _group_of(cls, info.name)
+        owner: type[Struct] = cls if group is None else group
+        members = [(info.name, info)] if group is None else [
+            (f"{info.name}.{member.name}", member) for member in msgspec.structs.fields(group)
+        ]
+        for path, member in members:
+            leaf = member.name
+            out.append(
+                SettingInfo(
+                    path,
+                    env_name(cls, path),
+                    _field_type(owner, leaf),
+                    _default(member),
+                    _description(owner, leaf),
+                )
+            )
+    return out
+
+
+def setting_paths(cls: type[CommonSettings]) -> list[str]:
+    """Every setting of ``cls``: a field's name, or ``group.field`` inside a group."""
+    return [info.path for info in settings_info(cls)]
 
 
 def _field_type(cls: type[Struct], field: str) -> Any:
@@ -131,10 +238,14 @@ def _description(cls: type[Struct], field: str) -> str:
     return ""
 
 
+def _is_text(field_type: Any) -> bool:
+    return field_type is str or get_origin(field_type) is Literal
+
+
 def _parse_value(raw: str, field_type: Any) -> Any:
     if field_type is Secret:
         return Secret(raw)
-    if field_type in (tuple[str, ...], list[str]):
+    if get_origin(field_type) in (list, tuple) and _is_text(get_args(field_type)[0]):
         return [part.strip() for part in raw.split(",") if part.strip()]
     if field_type is bool:
         lowered = raw.strip().lower()
@@ -143,7 +254,7 @@ def _parse_value(raw: str, field_type: Any) -> Any:
         if lowered in ("0", "false", "no", "off", ""):
             return False
         raise ValueError(f"not a boolean: {raw!r}")
-    if field_type in (str, int, float):
+    if field_type in (str, int, float) or get_origin(field_type) is Literal:
         return raw
     return msgspec.json.decode(raw)
 
@@ -156,68 +267,97 @@ def _dec_hook(field_type: type, value: Any) -> Any:
     raise NotImplementedError(f"no conversion to {field_type}")
 
 
+def _read(
+    cls: type[CommonSettings], environ: Mapping[str, str], field: str, owner: type[Struct]
+) -> tuple[bool, Any]:
+    """(found, value) of one field of ``owner`` (the settings class or one of its groups)."""
+    name = env_name(cls, field)
+    raw = environ.get(name)
+    leaf = field.rpartition(".")[2]
+    if raw is None and owner is cls and leaf in _COMMON_FIELDS and leaf not in cls.ENV_NAMES:
+        raw = environ.get(f"{CommonSettings.ENV_PREFIX}{leaf.upper()}")
+    if raw is None:
+        return False, None
+    try:
+        return True, _parse_value(raw, _field_type(owner, leaf))
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+
+
 def load_settings(cls: type[SettingsT], environ: Mapping[str, str] | None = None) -> SettingsT:
     """Parse ``cls`` from the environment, failing fast with the variable's name."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for field in cls.__struct_fields__:
-        name = env_name(cls, field)
-        raw = environ.get(name)
-        if raw is None and field in _COMMON_FIELDS and field not in cls.ENV_NAMES:
-            raw = environ.get(f"{CommonSettings.ENV_PREFIX}{field.upper()}")
-        if raw is None:
+        group = _group_of(cls, field)
+        if group is None:
+            found, value = _read(cls, environ, field, cls)
+            if found:
+                values[field] = value
             continue
-        field_type = _field_type(cls, field)
-        try:
-            values[field] = _parse_value(raw, field_type)
-        except ValueError as exc:
-            raise SettingsError(f"{name}: {exc}") from None
+        members: dict[str, Any] = {}
+        for member in group.__struct_fields__:
+            found, value = _read(cls, environ, f"{field}.{member}", group)
+            if found:
+                members[member] = value
+        if members:
+            values[field] = members
     try:
         return msgspec.convert(values, cls, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         message = str(exc)
-        for field in cls.__struct_fields__:
-            if f"`$.{field}`" in message:
-                shown = "<secret>" if _field_type(cls, field) is Secret else values.get(field)
+        if _OWN_ERROR.match(message):  # raised by a ``check``: it names its variable
+            raise SettingsError(message.split(" - at ")[0]) from None
+        path = _ERROR_PATH.search(message)
+        if path is not None:
+            field = path.group(1)
+            head, _, sub = field.partition(".")
+            owner: type[Struct] = _group_of(cls, head) or cls if sub else cls
+            leaf = sub or head
+            if leaf in owner.__struct_fields__:
+                secret = _field_type(owner, leaf) is Secret
+                shown = values.get(head, {}).get(sub) if sub else values.get(head)
                 raise SettingsError(
-                    f"{env_name(cls, field)}={shown!r}: {message.split(' - at ')[0]}"
+                    f"{env_name(cls, field)}={'<secret>' if secret else shown!r}: "
+                    f"{message.split(' - at ')[0]}"
                 ) from None
         raise SettingsError(f"{cls.__name__}: {message}") from None
 
 
+def _type_name(field_type: Any) -> str:
+    if get_origin(field_type) is Literal:
+        return "|".join(str(choice) for choice in get_args(field_type))
+    if field_type is Secret:
+        return "secret"
+    if get_origin(field_type) is list:
+        return "list"
+    return getattr(field_type, "__name__", str(field_type))
+
+
 def describe_settings(cls: type[CommonSettings]) -> str:
     """A help text listing every setting: variable, type, default, description."""
-    offset = len(cls.__struct_fields__) - len(cls.__struct_defaults__)
-    defaults = {
-        field: cls.__struct_defaults__[index - offset]
-        for index, field in enumerate(cls.__struct_fields__)
-        if index >= offset
-    }
     lines = [f"settings (environment variables; shared ones also as {CommonSettings.ENV_PREFIX}*):"]
-    for field in cls.__struct_fields__:
-        field_type = _field_type(cls, field)
-        type_name = getattr(field_type, "__name__", str(field_type))
-        if field in defaults:
-            default = defaults[field]
-            if isinstance(default, msgspec._core.Factory):
-                default = default.factory()
-            if default is msgspec.NODEFAULT:
-                shown = "(required)"
-            elif isinstance(default, Secret):
-                shown = "(secret)"
-            else:
-                shown = f"default {default!r}"
-        else:
+    for info in settings_info(cls):
+        if info.default is msgspec.NODEFAULT:
             shown = "(required)"
+        elif isinstance(info.default, Secret):
+            shown = "(secret)"
+        else:
+            shown = f"default {info.default!r}"
         lines.append(
-            f"  {env_name(cls, field):<40} {type_name:<8} {shown:<28} {_description(cls, field)}"
+            f"  {info.variable:<40} {_type_name(info.type):<8} {shown:<28} {info.description}"
         )
     return "\n".join(lines)
 
 
+def _public(value: Any) -> Any:
+    if isinstance(value, Secret):
+        return repr(value)
+    if isinstance(value, SettingsGroup):
+        return {field: _public(getattr(value, field)) for field in value.__struct_fields__}
+    return value
+
+
 def public_view(settings: CommonSettings) -> dict[str, Any]:
     """The settings as a dict safe to log (secrets masked by their repr)."""
-    return {
-        field: repr(value) if isinstance(value, Secret) else value
-        for field, value in ((f, getattr(settings, f)) for f in settings.__struct_fields__)
-    }
+    return {field: _public(getattr(settings, field)) for field in settings.__struct_fields__}
