@@ -59,14 +59,16 @@ from libs.common.io.kafka_io import (
     make_consumer,
     sequence_headers,
     start_consumer,
+    topic_regex,
 )
 from libs.common.market.aggregator import BarAggregator
 from libs.common.market.sessions import MINUTE_MS
 from libs.common.names import Keys
 from libs.common.schemas import ENCODER, TICK_BATCH_DECODER, Bar, TickBatch, Trade
-from services.bars.builder import BarBuilder, ClosedMinutes
+from services.bars.builder import BarBuilder
 from services.bars.config import BarsSettings
-from services.bars.sources import KafkaTickSource, topic_pattern
+from services.bars.kafka_source import KafkaTickSource
+from services.bars.marks import ClosedMinutes
 
 TOPIC = "ticks.SPY"
 BATCH = 100
@@ -176,7 +178,7 @@ async def run_tickmesh(bootstrap: str, trades: int, last_minute: int, timeout_s:
         partition_assignment_strategy=(RoundRobinPartitionAssignor,),
     )
     source = KafkaTickSource(consumer, _NoDeadLetters(), registry=registry)  # type: ignore[arg-type]
-    consumer.subscribe(pattern=topic_pattern(settings.tick_pattern), listener=source.listener())
+    consumer.subscribe(pattern=topic_regex(settings.tick_pattern), listener=source.listener())
     getmany = consumer.getmany
 
     async def timed_getmany(*args: Any, **kwargs: Any) -> Any:

@@ -12,13 +12,15 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry
 
+from libs.common.io.kafka_io import topic_regex
 from libs.common.market.aggregator import BarAggregator
 from libs.common.market.sessions import MINUTE_MS
 from libs.common.names import Keys
 from libs.common.runtime.clock import ManualClock
 from libs.common.schemas import Bar, TickBatch, Trade
-from services.bars.builder import BarBuilder, ClosedMinutes, Item, TickWork
-from services.bars.sources import symbol_of_tick_channel, topic_pattern
+from services.bars.builder import BarBuilder, TickWork
+from services.bars.marks import ClosedMinutes
+from services.bars.source import Item, tick_symbol
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -83,7 +85,7 @@ class Harness:
         )
 
     async def deliver(self, *items: Item) -> None:
-        await self.builder.tell(TickWork(list(items), self.builder.generation))
+        await self.builder.post(TickWork(list(items)))
         await self.builder.barrier()
 
     async def advance_to(self, now_ms: int) -> None:
@@ -100,12 +102,12 @@ class Harness:
 
 
 def test_channel_names_and_topic_patterns_allow_dotted_symbols() -> None:
-    assert symbol_of_tick_channel("ticks.BRK.B") == "BRK.B"
-    assert topic_pattern("ticks.*") == r"^ticks\..+$"
+    assert tick_symbol("ticks.BRK.B") == "BRK.B"
+    assert topic_regex("ticks.*") == r"^ticks\..+$"
     import re
 
-    assert re.match(topic_pattern("ticks.*"), "ticks.BRK.B")
-    assert not re.match(topic_pattern("ticks.Z1*"), "ticks.Z2A")
+    assert re.match(topic_regex("ticks.*"), "ticks.BRK.B")
+    assert not re.match(topic_regex("ticks.Z1*"), "ticks.Z2A")
 
 
 async def test_each_symbol_has_its_own_watermark() -> None:
@@ -167,11 +169,11 @@ async def test_a_restart_rewinds_drops_stale_work_and_does_not_rebuild_published
     await harness.deliver(*first)
     assert harness.bars() == [("A", 0, 200, 0)] and harness.source.committed == {"ticks.A": 1}
     # the actor fails (e.g. its sink), and the supervisor restarts it
-    await builder.tell(TickWork([("ticks.A", 4, batch("A", T0 + 63_000))], builder.generation))
+    await builder.post(TickWork([("ticks.A", 4, batch("A", T0 + 63_000))]))
     builder._escalate(RuntimeError("boom"), where="test")
     await builder.stop()
     await builder.start()
-    assert harness.source.opens == [False, True] and builder.generation == 2
+    assert harness.source.opens == [False, True] and builder.incarnation == 2
     assert harness.closed.restored == {"A": T0 + MINUTE_MS}
     await builder.barrier()  # the stale TickWork (position 4) went first, and was dropped
     # the source re-delivers from the committed position (1) on

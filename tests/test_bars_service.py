@@ -38,9 +38,24 @@ from libs.common.names import Keys
 from libs.common.runtime.service import ServiceRuntime
 from libs.common.schemas import BAR_DECODER, ENCODER, Bar, DeadLetter, TickBatch, Trade, decode
 from services.bars.__main__ import build
-from services.bars.builder import BarBuilder, bar_channel, shard_of
+from services.bars.builder import BarBuilder
+from services.bars.kafka_source import KafkaTickSource
+
+
+def shard_of(symbol: str, shard_count: int) -> int:
+    """The shard of ``symbol`` among ``shard_count`` (as ``BarsSettings.owns`` decides)."""
+    return next(
+        index
+        for index in range(shard_count)
+        if BarsSettings(shard_index=index, shard_count=shard_count).owns(symbol)
+    )
+
+
+def bar_channel(symbol: str) -> str:
+    return names.channel(names.BARS, symbol)
+
+
 from services.bars.config import BarsSettings
-from services.bars.sources import KafkaTickSource
 from tests.helpers import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -344,7 +359,7 @@ async def test_a_crash_between_publishing_and_saving_publishes_nothing_twice(
     crash_minute = ny_epoch_ms(DAY, 10, 1)
     failed: list[int] = []
     async with service(settings_for(redis_url, prefix, pattern)) as runtime:
-        runtime.supervisor.backoff_initial_s = 0.05
+        runtime.supervisor.backoff.initial_s = 0.05
         builder = builder_of(runtime)
         real_sink = builder.sink
 
@@ -357,7 +372,7 @@ async def test_a_crash_between_publishing_and_saving_publishes_nothing_twice(
         builder.sink = sink_that_dies_once
         await publish(publisher, frames(trades), pause_s=0.01)
         await wait_for_bars(redis_client, prefix, expected)
-        assert failed and builder.generation == 2
+        assert failed and builder.incarnation == 2
         assert metric(runtime, "tickmesh_actor_restarts_total", actor=builder.name) == 1
         # the re-read ticks of 10:00 and 10:01 (published) are not aggregated again
         assert metric(runtime, "tickmesh_bars_ticks_skipped_total", source="redis") >= 1

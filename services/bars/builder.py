@@ -1,6 +1,6 @@
 """The bar builder actor: ticks in, closed bars out, positions committed only when safe.
 
-One ``BarBuilder`` owns the aggregation cores (``libs.common.market.aggregator.BarAggregator``, one per
+One ``BarBuilder`` owns the aggregation cores (``aggregator.BarAggregator``, one per
 symbol, so that each symbol's watermark is its own) and one tick source
 (``sources.RedisTickSource`` or ``sources.KafkaTickSource``), whose reader runs as a task of
 the actor. Its mailbox takes, in order:
@@ -21,63 +21,40 @@ Restart safety rests on three rules:
    between publishing and saving loses nothing). After a (re)start, ticks of minutes at or
    before that mark are re-read ticks of published minutes and are not aggregated again,
    and no bar at or before it is sent again, whatever its revision;
-3. every (re)start of the actor starts from scratch: fresh cores, the source rewound to the
-   committed positions, and work queued by the previous incarnation dropped (it comes again).
+3. every (re)start of the actor starts from scratch: fresh cores and the source rewound to the
+   committed positions; what the reader posted for the previous incarnation is dropped by the
+   runtime (it comes again).
 """
 
 from __future__ import annotations
 
 import asyncio
-import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
-import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from libs.common.io.redis_io import StreamReader
 from libs.common.market.aggregator import BarAggregator
 from libs.common.market.sessions import MINUTE_MS
-from libs.common.names import Keys
-from libs.common.runtime.actors import Actor, ActorState, Overflow
+from libs.common.runtime.actors import Actor, Overflow
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
+from libs.common.runtime.lifecycle import State
 from libs.common.runtime.metrics import metrics_for
-from libs.common.schemas import BAR_DECODER, Bar, TickBatch, Trade
-
-if TYPE_CHECKING:
-    from services.bars.sources import TickSource
+from libs.common.schemas import Bar, TickBatch, Trade
+from services.bars.marks import ClosedMinutes
+from services.bars.source import BarSink, Item, TickSource
 
 log = structlog.get_logger("tickmesh.bars")
 
 
-def shard_of(symbol: str, shard_count: int) -> int:
-    """The shard that owns ``symbol`` (stable across processes and restarts)."""
-    return zlib.crc32(symbol.encode()) % shard_count
-
-
-def bar_channel(symbol: str) -> str:
-    """The Redis channel and Kafka topic of a symbol's bars."""
-    return f"bars.{symbol}.1m"
-
-
-def symbol_of_bar_channel(channel: str) -> str:
-    """``bars.BRK.B.1m`` -> ``BRK.B``."""
-    return channel[len("bars.") : -len(".1m")]
-
-
-Item = tuple[str, int, TickBatch]
-"""(channel, position, batch): a tick batch and where it came from."""
-
-
 class TickWork(NamedTuple):
-    """Tick batches from the source, each with the source position it came from."""
+    """Tick batches from the source, each with the source position it came from (posted by
+    the builder's own reader, so a restart drops what an earlier incarnation read)."""
 
     items: Sequence[Item]
     """In per-channel order."""
-    generation: int
-    """The builder incarnation whose reader delivered them; older ones are dropped."""
 
 
 class WatermarkTick(NamedTuple):
@@ -99,149 +76,10 @@ class Reassign(NamedTuple):
 
 
 BuilderMessage = TickWork | WatermarkTick | Barrier | Reassign
-BarSink = Callable[[list[Bar]], Awaitable[None]]
 
 
 def _newest(batch: TickBatch) -> int:
     return max(tick.t for tick in batch.ticks) if batch.ticks else 0
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-class ClosedMinutes:
-    """What was published, per symbol: the end of the newest published minute.
-
-    Kept in a Redis hash (``<prefix>state:bars:<name>:closed``, field = symbol, value =
-    ``end`` or ``end:seq`` with the sequence of the symbol's last bar on its Redis channel).
-    ``restored`` is the mark loaded at start (or at a Kafka assignment) that the builder
-    compares rebuilt bars with; ``by_symbol`` follows every publication.
-    """
-
-    def __init__(self, client: aioredis.Redis | None, keys: Keys, name: str) -> None:
-        self.client = client
-        self.keys = keys
-        self.key = keys.state(f"bars:{name}:closed")
-        self.by_symbol: dict[str, int] = {}
-        self.seqs: dict[str, int] = {}
-        self.restored: dict[str, int] = {}
-
-    async def _read(self) -> dict[str, tuple[int, int]]:
-        if self.client is None:  # kept in memory only (tests, benchmarks)
-            return {
-                symbol: (end, self.seqs.get(symbol, 0)) for symbol, end in self.by_symbol.items()
-            }
-        raw = await self.client.hgetall(self.key)
-        out: dict[str, tuple[int, int]] = {}
-        for symbol, value in raw.items():
-            end, _, seq = _text(value).partition(":")
-            out[_text(symbol)] = (int(end), int(seq or 0))
-        return out
-
-    async def load(self, keep: Iterable[str] = ()) -> None:
-        """Read the stored marks; the symbols in ``keep`` (still owned, their state in
-        memory is newer) keep theirs."""
-        kept = set(keep)
-        stored = await self._read()
-        stored = await self.recover(stored)
-        for symbol in [s for s in self.by_symbol if s not in kept]:
-            self.by_symbol.pop(symbol, None)
-            self.seqs.pop(symbol, None)
-            self.restored.pop(symbol, None)
-        for symbol, (end, seq) in stored.items():
-            if symbol in kept:
-                continue
-            self.by_symbol[symbol] = end
-            self.seqs[symbol] = seq
-            self.restored[symbol] = end
-
-    async def recover(self, stored: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
-        """Hook: complete the stored marks from what was published after them."""
-        return stored
-
-    def forget(self, symbols: Iterable[str]) -> None:
-        """Drop the marks of symbols that moved to another instance."""
-        for symbol in symbols:
-            self.by_symbol.pop(symbol, None)
-            self.seqs.pop(symbol, None)
-            self.restored.pop(symbol, None)
-
-    def skip(self, bar: Bar) -> bool:
-        """True when ``bar`` rebuilds a minute published before the last (re)start."""
-        return bar.endMs <= self.restored.get(bar.symbol, 0)
-
-    def note_published(self, symbol: str, seq: int) -> None:
-        """The sink published a bar of ``symbol`` with channel sequence ``seq``."""
-        if seq > self.seqs.get(symbol, 0):
-            self.seqs[symbol] = seq
-
-    async def save(self, bars: Sequence[Bar]) -> None:
-        """Store the marks of the symbols of ``bars``, just published."""
-        changed: dict[str, str] = {}
-        for bar in bars:
-            symbol = bar.symbol
-            if bar.endMs > self.by_symbol.get(symbol, 0):
-                self.by_symbol[symbol] = bar.endMs
-            changed[symbol] = ""
-        for symbol in changed:
-            seq = self.seqs.get(symbol, 0)
-            end = self.by_symbol.get(symbol, 0)
-            changed[symbol] = f"{end}:{seq}" if seq else str(end)
-        if self.client is not None and changed:
-            await self.client.hset(self.key, mapping=changed)  # type: ignore[arg-type]
-
-
-class StreamClosedMinutes(ClosedMinutes):
-    """``ClosedMinutes`` of the Redis path: also reads the bars streams after the saved
-    sequences, so that bars published just before a crash (and not yet noted in the hash)
-    are known as published, and never sent twice."""
-
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        keys: Keys,
-        name: str,
-        accept: Callable[[str], bool] = lambda _symbol: True,
-    ) -> None:
-        super().__init__(client, keys, name)
-        self.reader = StreamReader(client, keys)
-        self.accept = accept
-        self.recovered = 0
-        """Bars found in the streams that the hash did not know of (at the last load)."""
-
-    async def recover(self, stored: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
-        out = dict(stored)
-        self.recovered = 0
-        for channel in await self.reader.channels(bar_channel("*")):
-            symbol = symbol_of_bar_channel(channel)
-            if not self.accept(symbol):
-                continue
-            end, seq = out.get(symbol, (0, 0))
-            if not seq:  # nothing saved (a new shard layout): the newest bars tell
-                seq = max(0, await self.reader.last_seq(channel) - 1_000)
-            while True:
-                entries = await self.reader.read(channel, seq, 1_000)
-                if not entries:
-                    break
-                for entry_seq, payload in entries:
-                    try:
-                        bar = BAR_DECODER.decode(payload)
-                    except Exception:  # not ours to judge; the sequence counts
-                        bar = None
-                    if bar is not None:
-                        end = max(end, bar.endMs)
-                        self.recovered += 1
-                    seq = entry_seq
-            if (end, seq) != out.get(symbol, (0, 0)):
-                out[symbol] = (end, seq)
-        if self.recovered:
-            log.warning(
-                "bars.recovered_from_streams",
-                bars=self.recovered,
-                reason="published before a crash, after the last saved mark",
-            )
-        return out
 
 
 class BuilderMetrics:
@@ -265,12 +103,6 @@ class BuilderMetrics:
         self.ticks_skipped = Counter(
             "tickmesh_bars_ticks_skipped",
             "Ticks of minutes published before the last start, read again and not aggregated",
-            labels,
-            registry=registry,
-        )
-        self.stale = Counter(
-            "tickmesh_bars_stale_batches",
-            "Tick batches queued before a builder restart, dropped (read again)",
             labels,
             registry=registry,
         )
@@ -346,13 +178,10 @@ class BarBuilder(Actor[BuilderMessage]):
         self._m_bars = metrics.bars.labels(source_kind)
         self._m_revisions = metrics.revisions.labels(source_kind)
         self._m_skipped = metrics.republish_skipped.labels(source_kind)
-        self._m_stale = metrics.stale.labels(source_kind)
         self._m_ticks_skipped = metrics.ticks_skipped.labels(source_kind)
         self._m_commits = metrics.commits.labels(source_kind)
         self._m_lag = metrics.lag.labels(source_kind)
         self._m_uncommitted = metrics.uncommitted.labels(source_kind)
-        self.generation = 0
-        """Incarnation of the actor (each start); work delivered to an older one is dropped."""
         # per channel: (position, newest tick time of the batch, its symbol), oldest first
         self._pending: dict[str, deque[tuple[int, int, str]]] = {}
         self._last_position: dict[str, int] = {}
@@ -377,7 +206,6 @@ class BarBuilder(Actor[BuilderMessage]):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def on_start(self) -> None:
-        self.generation += 1
         self.aggregators = {}
         self._open.clear()
         self._pending.clear()
@@ -388,11 +216,11 @@ class BarBuilder(Actor[BuilderMessage]):
         self._dirty.clear()
         self._waiting.clear()
         await self.closed.load()
-        await self.source.open(builder=self, restart=self.generation > 1)
+        await self.source.open(builder=self, restart=self.incarnation > 1)
         log.info(
             "bars.builder_started",
             actor=self.name,
-            generation=self.generation,
+            incarnation=self.incarnation,
             restored_symbols=len(self.closed.restored),
         )
 
@@ -410,10 +238,8 @@ class BarBuilder(Actor[BuilderMessage]):
         )
 
     async def _read(self) -> None:
-        generation = self.generation
-
         async def deliver(items: Sequence[Item]) -> None:
-            await self.tell(TickWork(items, generation))
+            await self.post(TickWork(items))
 
         await self.source.run(deliver)
 
@@ -440,7 +266,7 @@ class BarBuilder(Actor[BuilderMessage]):
     async def _control(
         self, make: Callable[[asyncio.Future[None]], BuilderMessage], timeout_s: float
     ) -> None:
-        if self.state is not ActorState.RUNNING:
+        if self.state is not State.RUNNING:
             return  # a (re)start rebuilds everything from the committed positions anyway
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
@@ -467,9 +293,6 @@ class BarBuilder(Actor[BuilderMessage]):
         if isinstance(message, WatermarkTick):
             bars = self._advance(now)
         elif isinstance(message, TickWork):
-            if message.generation != self.generation:
-                self._m_stale.inc(len(message.items))
-                return
             bars = self._add(message.items, now)
         elif isinstance(message, Barrier):
             try:

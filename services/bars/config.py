@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+import zlib
+from typing import Annotated, ClassVar, Literal
 
 from msgspec import Meta
 
+from libs.common import names
 from libs.common.runtime.settings import CommonSettings
 
 
@@ -16,19 +18,21 @@ class BarsSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw_o
     SERVICE: ClassVar[str] = "bars"
 
     http_port: Annotated[int, Meta(ge=0, le=65535, description="port of the HTTP endpoint")] = 9102
-    source: Annotated[str, Meta(description="redis (primary) or kafka (shadow)")] = "redis"
-    policy: Annotated[str, Meta(description="condition policy: algoseek, polygon or none")] = (
-        "algoseek"
-    )
+    source: Annotated[
+        Literal["redis", "kafka"], Meta(description="redis (primary) or kafka (shadow)")
+    ] = "redis"
+    policy: Annotated[
+        Literal["algoseek", "polygon", "none"], Meta(description="condition policy")
+    ] = "algoseek"
     grace_ms: Annotated[int, Meta(ge=0, description="wait after a minute ends before closing")] = (
         2_000
     )
-    late_policy: Annotated[str, Meta(description="revise (revision+1) or drop late trades")] = (
-        "revise"
-    )
+    late_policy: Annotated[
+        Literal["revise", "drop"], Meta(description="revise (revision+1) or drop late trades")
+    ] = "revise"
     tick_pattern: Annotated[
         str, Meta(description="Redis channel / Kafka topic pattern of ticks")
-    ] = "ticks.*"
+    ] = names.TICKS_PATTERN
     shard_index: Annotated[int, Meta(ge=0, description="this instance's shard")] = 0
     shard_count: Annotated[
         int, Meta(gt=0, description="number of shards (split by symbol hash)")
@@ -37,3 +41,20 @@ class BarsSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw_o
         "tickmesh-bars-shadow"
     )
     tick_interval_ms: Annotated[int, Meta(gt=0, description="watermark timer period")] = 250
+
+    def check(self) -> None:
+        if self.shard_index >= self.shard_count:
+            raise self.invalid("shard_index", f"must be below BARS_SHARD_COUNT={self.shard_count}")
+
+    def owns(self, symbol: str) -> bool:
+        """True when ``symbol`` is this instance's shard (stable across processes and
+        restarts: CRC-32 of the symbol)."""
+        return zlib.crc32(symbol.encode()) % self.shard_count == self.shard_index
+
+    def state_name(self) -> str:
+        """The name of the builder's durable state: ``bars-redis-<i>of<n>`` (its stream
+        positions and published marks), ``bars-kafka-<group>`` (its published marks, shared
+        by the group's members since partitions move between them)."""
+        if self.source == "kafka":
+            return f"bars-kafka-{self.kafka_group}"
+        return f"bars-redis-{self.shard_index}of{self.shard_count}"

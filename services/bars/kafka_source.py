@@ -1,20 +1,8 @@
-"""Tick sources of the bar builder: Redis (primary) and Kafka (shadow), one shape each.
-
-A source reads, decodes (bad records become dead letters) and hands batches to the builder
-through ``deliver`` (the builder's ``tell``, which blocks while its mailbox is full:
-backpressure, never loss). The builder owns the source: it ``open``s it at each start
-(``restart=True``: rewind to the committed positions), runs its ``run`` loop as a task of its
-own, ``commit``s positions that are safe and ``close``s it at stop.
-
-Positions are per channel: the Redis channel's sequence number, or ``<topic>#<partition>``'s
-offset on Kafka.
-"""
+"""The shadow tick source: the mirrored tick topics from Kafka, as a consumer-group member."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import structlog
@@ -22,51 +10,14 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from libs.common import names
 from libs.common.io.deadletter import DeadLetters
 from libs.common.io.kafka_io import SequenceDeduper, record_identity
-from libs.common.io.reliable import Record, SequencedConsumer
 from libs.common.runtime.metrics import metrics_for
-from libs.common.schemas import TICK_BATCH_DECODER, TickBatch
-
-if TYPE_CHECKING:
-    from services.bars.builder import BarBuilder, Item
+from libs.common.schemas import TickBatch
+from services.bars.source import BuilderControl, Deliver, Item, decode_batch, tick_symbol
 
 log = structlog.get_logger("tickmesh.bars.sources")
-
-Deliver = Callable[[Sequence["Item"]], Awaitable[None]]
-
-TICKS_PREFIX = "ticks."
-
-
-def decode_batch(payload: bytes) -> TickBatch:
-    """Decode one tick record, raising ``msgspec.DecodeError`` / ``ValidationError``."""
-    return TICK_BATCH_DECODER.decode(payload)
-
-
-def symbol_of_tick_channel(channel: str) -> str:
-    """``ticks.BRK.B`` -> ``BRK.B`` (the symbol may contain dots)."""
-    return channel.split(".", 1)[1] if "." in channel else channel
-
-
-def topic_pattern(glob: str) -> str:
-    """The Kafka subscription regex of a channel glob: ``ticks.*`` -> ``^ticks\\..+$``."""
-    return "^" + glob.replace(".", r"\.").replace("*", ".+").replace("?", ".") + "$"
-
-
-class TickSource(Protocol):
-    """What the builder needs from a source."""
-
-    async def open(self, builder: BarBuilder, *, restart: bool) -> None:
-        """Get ready to read; on a restart, from the committed positions."""
-
-    async def run(self, deliver: Deliver) -> None:
-        """Read, decode and deliver forever."""
-
-    async def commit(self, safe: dict[str, int]) -> None:
-        """Durably note positions as done."""
-
-    async def close(self) -> None:
-        """Stop reading."""
 
 
 class SourceMetrics:
@@ -100,63 +51,6 @@ class SourceMetrics:
         return metrics_for(cls, registry)
 
 
-class RedisTickSource:
-    """Reads ``ticks.*`` from Redis without loss (``SequencedConsumer``) for one shard.
-
-    Each ``open`` builds a new consumer, which starts from the committed positions.
-    """
-
-    def __init__(
-        self, make_consumer: Callable[[], SequencedConsumer], dead_letters: DeadLetters
-    ) -> None:
-        self.make_consumer = make_consumer
-        self.dead_letters = dead_letters
-        self.consumer: SequencedConsumer | None = None
-
-    async def open(self, builder: BarBuilder, *, restart: bool) -> None:
-        """A fresh consumer (positions from the committed ones)."""
-        await self.close()
-        self.consumer = self.make_consumer()
-        await self.consumer.open()
-
-    async def close(self) -> None:
-        """Stop the consumer's pub/sub reader."""
-        consumer, self.consumer = self.consumer, None
-        if consumer is not None:
-            await consumer.close()
-
-    async def commit(self, safe: dict[str, int]) -> None:
-        """Store positions durably (only ever forward)."""
-        if self.consumer is not None:
-            await self.consumer.commit(Record(channel, seq, b"") for channel, seq in safe.items())
-
-    async def run(self, deliver: Deliver) -> None:
-        """Deliver each batch of records, decoded; bad ones to the dead letters."""
-        assert self.consumer is not None, "open() first"
-        async for records in self.consumer.batches():
-            items: list[Item] = []
-            for record in records:
-                try:
-                    batch = decode_batch(record.payload)
-                    symbol = symbol_of_tick_channel(record.channel)
-                    if batch.sym != symbol:
-                        raise ValueError(f"symbol {batch.sym!r} on the channel of {symbol!r}")
-                except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-                    await self.dead_letters.send(record.channel, str(exc), record.payload)
-                    if record.seq > 0:  # its position is done with, like any other
-                        items.append(
-                            (
-                                record.channel,
-                                record.seq,
-                                TickBatch(record.seq, symbol_of_tick_channel(record.channel), []),
-                            )
-                        )
-                    continue
-                items.append((record.channel, record.seq, batch))
-            if items:
-                await deliver(items)
-
-
 class KafkaTickSource:
     """Reads the mirrored tick topics as a member of a consumer group.
 
@@ -188,7 +82,7 @@ class KafkaTickSource:
         self.metrics = SourceMetrics.for_registry(registry)
         self.dedupers: dict[str, SequenceDeduper] = {}
         self.assigned: set[str] = set()
-        self.builder: BarBuilder | None = None
+        self.builder: BuilderControl | None = None
         self.gate = asyncio.Lock()
         self._gate_held_for_rebalance = False
         self.duplicates = 0
@@ -203,7 +97,7 @@ class KafkaTickSource:
         """The position key of a partition: ``<topic>#<partition>``."""
         return f"{partition.topic}#{partition.partition}"
 
-    async def open(self, builder: BarBuilder, *, restart: bool) -> None:
+    async def open(self, builder: BuilderControl, *, restart: bool) -> None:
         """Bind to the builder; on a restart, rewind the assigned partitions to their
         committed offsets and forget what the dedupers saw."""
         self.builder = builder
@@ -274,10 +168,10 @@ class KafkaTickSource:
             batch = decode_batch(value)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self.dead_letters.send(topic, str(exc), value)
-            return channel, offset, TickBatch(0, symbol_of_tick_channel(topic), [])
+            return channel, offset, TickBatch(0, tick_symbol(topic), [])
         identity = record_identity(message.headers)  # type: ignore[attr-defined]
         if identity is None and batch.seq > 0:
-            identity = (f"{TICKS_PREFIX}{batch.sym}", batch.seq)
+            identity = (names.channel(names.TICKS, batch.sym), batch.seq)
         if identity is not None and not deduper.accept(*identity):
             self.duplicates += 1
             self.metrics.duplicates.inc()

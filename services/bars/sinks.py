@@ -1,0 +1,54 @@
+"""Where the bar builder's bars go: Redis (primary) or Kafka (shadow)."""
+
+from __future__ import annotations
+
+from aiokafka import AIOKafkaProducer
+
+from libs.common import names
+from libs.common.io.barstore import BarStore
+from libs.common.io.kafka_io import TopicAdmin, TopicSpec
+from libs.common.io.redis_io import Publisher
+from libs.common.schemas import ENCODER, Bar
+from services.bars.marks import ClosedMinutes
+from services.bars.source import BarSink
+
+BAR_TOPIC_CONFIGS = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+
+
+def redis_sink(publisher: Publisher, store: BarStore, closed: ClosedMinutes) -> BarSink:
+    """Keep bars in the bar store, then publish them on ``bars.<SYM>.1m`` (pub/sub + stream).
+
+    The store is written first: a crash in between leaves a bar stored but not published,
+    which the restart publishes (and stores again); the other order could leave a published
+    bar that the store never gets (a restart does not publish it again).
+    """
+
+    async def sink(bars: list[Bar]) -> None:
+        await store.put_many(bars)
+        seqs = await publisher.publish_many(
+            [(names.channel(names.BARS, bar.symbol), bar) for bar in bars]
+        )
+        for bar, seq in zip(bars, seqs, strict=True):
+            closed.note_published(bar.symbol, seq)
+
+    return sink
+
+
+def kafka_sink(admin: TopicAdmin, producer: AIOKafkaProducer) -> BarSink:
+    """Produce bars to Kafka ``bars.<SYM>.1m`` keyed by symbol, creating topics once."""
+
+    async def sink(bars: list[Bar]) -> None:
+        topics = sorted({names.channel(names.BARS, bar.symbol) for bar in bars})
+        await admin.ensure(TopicSpec(topic, 1, 1, BAR_TOPIC_CONFIGS) for topic in topics)
+        futures = [
+            await producer.send(
+                names.channel(names.BARS, bar.symbol),
+                ENCODER.encode(bar),
+                key=bar.symbol.encode(),
+            )
+            for bar in bars
+        ]
+        for future in futures:
+            await future
+
+    return sink
