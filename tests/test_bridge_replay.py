@@ -14,12 +14,12 @@ from prometheus_client import CollectorRegistry
 
 from libs.common.io.redis_io import Publisher
 from libs.common.names import Keys
-from libs.common.runtime.actors import Supervisor
+from libs.common.runtime.supervisor import Supervisor
 from libs.common.schemas import Bar, ExecutedTrade, Heartbeat, Portfolio, Position, Signal, decode
 from services.engine_bridge.backtest import backtest_bars, run_info, traded_bars
 from services.engine_bridge.config import BridgeSettings
 from services.engine_bridge.replay import (
-    ReplayActor,
+    OutputReplay,
     ReplayBook,
     ReplayFormatError,
     export_replay,
@@ -59,13 +59,13 @@ def test_the_sample_replays_its_own_trades_and_ends_at_its_summary() -> None:
 
 
 def test_the_sample_is_what_the_synthetic_feed_makes_today(tmp_path: Path) -> None:
-    from services.engine_bridge.samples.make_sample import main
+    from devstack.bridge_sample import main
 
     main(tmp_path)
     for name in ("results.json", "trades.jsonl"):
         assert (tmp_path / name).read_bytes() == (SAMPLES / name).read_bytes(), (
             f"{name} differs from what the synthetic feed makes now; if the simulator changed "
-            "on purpose, run: python -m services.engine_bridge.samples.make_sample"
+            "on purpose, run: python -m devstack.bridge_sample"
         )
 
 
@@ -116,8 +116,8 @@ def test_replay_speed_comes_from_the_contracts_variable() -> None:
     from libs.common.runtime.settings import load_settings
 
     settings = load_settings(BridgeSettings, {"REPLAY_SPEED_MS": "60000"})
-    assert settings.replay_speed_ms == 60_000
-    assert load_settings(BridgeSettings, {}).replay_speed_ms == 60
+    assert settings.replay.speed_ms == 60_000
+    assert load_settings(BridgeSettings, {}).replay.speed_ms == 60
 
 
 async def test_replay_publishes_one_minute_bucket_every_replay_speed_ms(
@@ -130,7 +130,7 @@ async def test_replay_publishes_one_minute_bucket_every_replay_speed_ms(
     registry = CollectorRegistry()
     supervisor = Supervisor("replay-test", registry=registry)
     done = asyncio.Event()
-    actor = ReplayActor(
+    actor = OutputReplay(
         run,
         minutes,
         publisher,

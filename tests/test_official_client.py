@@ -23,7 +23,7 @@ from services.ingest.simulator import (
     PolygonSimulator,
     SimulatorSettings,
     SyntheticFeed,
-    replay_frames,
+    file_frames,
 )
 
 massive = pytest.importorskip("massive", reason="the official client is in the test extra")
@@ -111,7 +111,7 @@ async def test_the_official_client_parses_minute_aggregates_and_ignores_the_exte
     ]
 
     async def feed() -> AsyncIterator[list[Event]]:
-        async for frame in replay_frames(trades, 0, 100, 1):
+        async for frame in file_frames(trades, 0, 100, 1):
             yield frame
 
     async with PolygonSimulator(replace(SETTINGS), feed=feed()) as sim:

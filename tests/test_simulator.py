@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from libs.common.runtime.settings import Secret
 from services.ingest import protocol
+from services.ingest.framing import frames_of
 from services.ingest.protocol import MinuteAggEvent, TradeEvent, decode_frame
 from services.ingest.simulator import (
     Fault,
@@ -28,10 +29,9 @@ from services.ingest.simulator import (
     SyntheticFeed,
     SyntheticMarket,
     add_simulate_arguments,
-    frames_of,
+    file_frames,
     inject_remote,
     malformed_frames,
-    replay_frames,
     run_simulator,
     settings_from_args,
 )
@@ -335,7 +335,7 @@ def test_minute_aggregates_come_from_all_trades_of_the_closed_minute() -> None:
 
 async def test_a_replay_at_speed_zero_sends_trades_and_am_between_minutes() -> None:
     trades = [trade("A", 60_000), trade("B", 60_000), trade("A", 61_000), trade("A", 120_500)]
-    frames = [frame async for frame in replay_frames(trades, 0, 100, 1)]
+    frames = [frame async for frame in file_frames(trades, 0, 100, 1)]
     kinds = [[type(event).__name__ for event in frame] for frame in frames]
     assert kinds == [
         ["TradeEvent", "TradeEvent"],
@@ -350,7 +350,7 @@ async def test_a_replay_at_speed_one_paces_by_event_time() -> None:
     trades = [trade("A", 1_000), trade("A", 1_150), trade("A", 1_300)]
     started = time.monotonic()
     stamps = []
-    async for _ in replay_frames(trades, 1.0, 100, 1, minute_aggregates=False):
+    async for _ in file_frames(trades, 1.0, 100, 1, minute_aggregates=False):
         stamps.append(time.monotonic() - started)
     assert stamps[0] < 0.1 and 0.12 < stamps[1] < 0.6 and 0.27 < stamps[2] < 0.9
 
@@ -564,14 +564,14 @@ def test_file_feed_sends_the_vendors_own_minute_bars_as_am(shared_data) -> None:
 
 async def test_vendor_minute_bars_follow_the_trades_of_their_minute() -> None:
     from services.ingest.protocol import MinuteAggEvent, TradeEvent
-    from services.ingest.simulator import replay_frames
+    from services.ingest.simulator import file_frames
 
     trades = [TradeEvent(sym="A", p=1.0, s=1, t=t) for t in (0, 30_000, 60_000, 130_000)]
     vendor = [
         MinuteAggEvent(sym="A", v=v, s=s, e=s + 60_000)
         for s, v in ((0, 2), (60_000, 1), (120_000, 1))
     ]
-    frames = [frame async for frame in replay_frames(trades, 0, 100, 1, True, vendor)]
+    frames = [frame async for frame in file_frames(trades, 0, 100, 1, True, vendor)]
     kinds = [
         (type(f[0]).__name__, f[0].s if isinstance(f[0], MinuteAggEvent) else f[0].t)
         for f in frames

@@ -1,7 +1,7 @@
 """Ingest: the Polygon WebSocket (live or simulated) or tick files in; ticks on Redis out.
 
 Actors (one hop from here): ``client.FeedReader`` (the socket), ``client.FrameProcessor``
-(decode and publish) and ``replay.FileReplay`` (tick files, ``INGEST_SOURCE=files``), plus
+(decode and publish) and ``files.TickFileSource`` (tick files, ``INGEST_SOURCE=files``), plus
 the heartbeat. ``simulate`` runs the Polygon-compatible simulator; ``replay FILE...`` is
 ``run`` with ``INGEST_SOURCE=files``.
 """
@@ -11,16 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-import msgspec
-
 from libs.common.io.deadletter import DeadLetters
 from libs.common.io.wiring import add_heartbeat, connect_runtime_redis, make_publisher
 from libs.common.runtime.cli import ServiceCli
 from libs.common.runtime.service import EXIT_CONFIG, ServiceRuntime, run_main
-from services.ingest import simulator as simulator_arguments
 from services.ingest.client import FeedReader, FrameProcessor, IngestMetrics, subscription_topics
 from services.ingest.config import IngestSettings
-from services.ingest.replay import FileReplay
+from services.ingest.files import TickFileSource
+from services.ingest.simulator.cli import add_simulate_arguments, serve_from_args
 
 CLI = ServiceCli("ingest", __doc__.splitlines()[0], IngestSettings)
 
@@ -28,9 +26,9 @@ DEAD_LETTER_SOURCE = "polygon.ws"
 """``source`` of the dead letters of the socket path."""
 
 
-async def build(runtime: ServiceRuntime) -> None:
-    """Create the ingest actors under the runtime's supervisor."""
-    settings: IngestSettings = runtime.settings  # type: ignore[assignment]
+async def build(runtime: ServiceRuntime[IngestSettings]) -> None:
+    """Create the ingest components under the runtime's supervisor."""
+    settings = runtime.settings
 
     def fatal(reason: str) -> None:
         # A refused key or an unreadable file: a restart cannot fix it (EX_CONFIG).
@@ -40,7 +38,7 @@ async def build(runtime: ServiceRuntime) -> None:
     publisher = make_publisher(runtime, client)
     metrics = IngestMetrics(runtime.registry)
     if settings.source == "files":
-        replay = FileReplay(
+        files = TickFileSource(
             settings.files,
             publisher,
             metrics,
@@ -51,13 +49,13 @@ async def build(runtime: ServiceRuntime) -> None:
             batch_frames=settings.publish_batch_frames,
             registry=runtime.registry,
         )
-        runtime.http.add_readiness("files", lambda: replay.loaded)
-        runtime.supervisor.add(replay)
+        runtime.http.add_readiness("files", lambda: files.loaded)
+        runtime.supervisor.add(files)
         add_heartbeat(
             runtime,
             publisher,
-            lag_ms=lambda: replay.lag_ms,
-            status=lambda: "done" if replay.done else "replaying",
+            lag_ms=lambda: files.lag_ms,
+            status=lambda: "done" if files.done else "reading",
         )
         return
     topics = subscription_topics(settings.symbols, settings.event_types)
@@ -102,14 +100,11 @@ def run(_args: argparse.Namespace) -> int:
 
 def simulate(args: argparse.Namespace) -> int:
     """``simulate``: serve the Polygon protocol from tick files or synthetic ticks."""
-    from services.ingest import simulator
-
-    return simulator.serve_from_args(args)
+    return serve_from_args(args)
 
 
-def replay(args: argparse.Namespace) -> int:
-    """``replay``: ``run`` with ``INGEST_SOURCE=files`` and the files (and options) given."""
-    settings = CLI.settings()
+def files(args: argparse.Namespace) -> int:
+    """``files``: ``run`` with ``INGEST_SOURCE=files`` and the files (and options) given."""
     overrides: dict[str, object] = {"source": "files", "files": list(args.files)}
     if args.speed is not None:
         overrides["speed"] = args.speed
@@ -117,35 +112,33 @@ def replay(args: argparse.Namespace) -> int:
         overrides["exit_when_done"] = True
     if args.symbols:
         overrides["symbols"] = [s.strip() for s in args.symbols.split(",") if s.strip()]
-    if overrides.get("speed", 0.0) < 0:  # type: ignore[operator]
-        print("ingest: --speed must be 0 (no pacing) or positive", file=sys.stderr)
-        return EXIT_CONFIG
-    return run_main("ingest", msgspec.structs.replace(settings, **overrides), build)
+    return run_main("ingest", CLI.settings(**overrides), build)
 
 
 CLI.command("run", "run ingest against the configured WebSocket or files (the default)", run)
 _simulate_parser = CLI.command(
     "simulate", "serve a Polygon-compatible WebSocket from tick files or synthetic ticks", simulate
 )
-simulator_arguments.add_simulate_arguments(_simulate_parser)
-_replay_parser = CLI.command(
-    "replay",
+add_simulate_arguments(_simulate_parser)
+_files_parser = CLI.command(
+    "files",
     "publish the trades of tick files (Lean zips, Polygon flat-file CSVs) without a socket",
-    replay,
+    files,
+    aliases=["replay"],
 )
-_replay_parser.add_argument("files", nargs="+", help="tick files, replayed merged in time order")
-_replay_parser.add_argument(
+_files_parser.add_argument("files", nargs="+", help="tick files, merged in time order")
+_files_parser.add_argument(
     "--speed",
     type=float,
     default=None,
     help="1 real time, 10 faster, 0 no pacing (default: INGEST_SPEED)",
 )
-_replay_parser.add_argument(
+_files_parser.add_argument(
     "--symbols",
     default=None,
     help="keep only these symbols, comma separated (default: INGEST_SYMBOLS)",
 )
-_replay_parser.add_argument(
+_files_parser.add_argument(
     "--exit-when-done",
     action="store_true",
     help="exit when every file is published (INGEST_EXIT_WHEN_DONE)",

@@ -37,7 +37,9 @@ from websockets.exceptions import (
 from libs.common.io.deadletter import DeadLetters
 from libs.common.io.redis_io import RETRIABLE, Publisher
 from libs.common.runtime.actors import Actor, Overflow
+from libs.common.runtime.backoff import Backoff
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
+from libs.common.runtime.lifecycle import Component
 from libs.common.runtime.retry import retry_async
 from libs.common.runtime.settings import Secret
 from services.ingest import protocol
@@ -230,7 +232,7 @@ class FrameProcessor(Actor[Frame]):
         )
         self.publisher = publisher
         self.dead_letters = dead_letters
-        self.m = metrics
+        self.ingest_metrics = metrics
         self.batch_frames = batch_frames
         self.source = source
         self.lag_warning_ms = lag_warning_ms
@@ -248,7 +250,7 @@ class FrameProcessor(Actor[Frame]):
         metrics.queue_capacity.set(queue_size)
 
     async def handle(self, message: Frame) -> None:
-        frames = [message, *self.mailbox.take_nowait(self.batch_frames - 1)]
+        frames = [message, *self.take_nowait(self.batch_frames - 1)]
         records: list[tuple[str, bytes]] = []
         counts = dict.fromkeys(protocol.DATA_KINDS, 0)
         newest_event_ms = 0
@@ -260,7 +262,7 @@ class FrameProcessor(Actor[Frame]):
             events, bad = decode_frame(frame.data)
             if bad:
                 # into the same round trip (and retry) as the good records of the batch
-                self.m.decode_errors.inc(len(bad))
+                self.ingest_metrics.decode_errors.inc(len(bad))
                 records.extend(
                     self.dead_letters.records(self.source, [(item.error, item.raw) for item in bad])
                 )
@@ -281,11 +283,11 @@ class FrameProcessor(Actor[Frame]):
         if records:
             await self._publish(records)
         now_s = self.clock.monotonic()
-        observe = self.m.publish_latency.observe
+        observe = self.ingest_metrics.publish_latency.observe
         for frame in frames:
             if frame.received_s:
                 observe(max(0.0, now_s - frame.received_s))
-        self.m.frames.inc(len(frames))
+        self.ingest_metrics.frames.inc(len(frames))
         self.frames_published += len(frames)
         for kind, count in counts.items():
             if count:
@@ -301,10 +303,10 @@ class FrameProcessor(Actor[Frame]):
 
     def _check_lag(self, lag_ms: int) -> None:
         self.lag_ms = lag_ms
-        self.m.feed_lag.set(lag_ms / 1000.0)
+        self.ingest_metrics.feed_lag.set(lag_ms / 1000.0)
         if lag_ms > self.lag_warning_ms and not self._warned_lag:
             self._warned_lag = True
-            self.m.warnings.labels("lag").inc()
+            self.ingest_metrics.warnings.labels("lag").inc()
             log.warning(
                 "ingest.feed_lag_high",
                 lag_ms=lag_ms,
@@ -337,7 +339,7 @@ def subscription_topics(symbols: Sequence[str], event_types: Sequence[str]) -> l
     return [f"{kind}.{symbol}" for kind in dict.fromkeys(event_types) for symbol in unique]
 
 
-class FeedReader(Actor[None]):
+class FeedReader(Component):
     """Owns the WebSocket: connect, auth, subscribe, read; reconnect with backoff.
 
     Delays: ``initial_delay_s * 2**(n-1)`` for the n-th consecutive session that delivered no
@@ -367,22 +369,20 @@ class FeedReader(Actor[None]):
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
     ) -> None:
-        super().__init__("ingest.reader", mailbox_size=1, registry=registry)
+        super().__init__("ingest.reader", registry=registry)
         self.url = url
         self._api_key = api_key
         self.topics = topics
         self.processor = processor
-        self.m = metrics
+        self.ingest_metrics = metrics
         self.on_fatal = on_fatal
-        self.initial_delay_s = initial_delay_s
-        self.max_delay_s = max_delay_s
+        self.backoff = Backoff(initial_delay_s, max_delay_s, jitter=_JITTER, rng=rng)
         self.max_connections_delay_s = max_connections_delay_s
         self.auth_timeout_s = auth_timeout_s
         self.open_timeout_s = open_timeout_s
         self.ping_interval_s = ping_interval_s
         self.queue_warning_at = max(1, int(processor.mailbox.maxsize * queue_warning_ratio))
         self.clock = clock
-        self.rng = rng or random.Random()
         self.delays: list[float] = []
         """Every reconnect delay used, in order."""
         self.sessions = 0
@@ -401,10 +401,8 @@ class FeedReader(Actor[None]):
 
     def backoff_s(self, failures: int, reason: str) -> float:
         """Delay before reconnecting after the ``failures``-th consecutive failed session."""
-        delay = min(self.max_delay_s, self.initial_delay_s * 2 ** max(0, failures - 1))
-        if reason == protocol.MAX_CONNECTIONS:
-            delay = max(delay, self.max_connections_delay_s)
-        return delay * self.rng.uniform(1 - _JITTER, 1 + _JITTER)
+        floor_s = self.max_connections_delay_s if reason == protocol.MAX_CONNECTIONS else 0.0
+        return self.backoff.delay_s(failures - 1, floor_s=floor_s)
 
     async def _run(self) -> None:
         failures = 0
@@ -416,7 +414,7 @@ class FeedReader(Actor[None]):
             failures = 1 if flowing else failures + 1
             delay = self.backoff_s(failures, reason)
             self.delays.append(delay)
-            self.m.reconnects.labels(reason).inc()
+            self.ingest_metrics.reconnects.labels(reason).inc()
             log.warning(
                 "ingest.reconnecting",
                 reason=reason,
@@ -428,7 +426,7 @@ class FeedReader(Actor[None]):
 
     def _set_connected(self, connected: bool) -> None:
         self.connected = connected
-        self.m.connected.set(1 if connected else 0)
+        self.ingest_metrics.connected.set(1 if connected else 0)
 
     async def _session(self) -> tuple[str | None, bool]:
         """One connection's life: (why it ended, None when fatal; whether data flowed)."""
@@ -455,7 +453,7 @@ class FeedReader(Actor[None]):
                     topics=len(self.topics),
                     sample=",".join(self.topics[:5]),
                 )
-                frames_received = self.m.frames_received
+                frames_received = self.ingest_metrics.frames_received
                 clock = self.clock
                 while True:
                     payload = await socket.recv(decode=False)
@@ -513,7 +511,7 @@ class FeedReader(Actor[None]):
         """Read until the status ``wanted``; an ending status raises, data is passed on."""
         while True:
             payload = await asyncio.wait_for(socket.recv(decode=False), self.auth_timeout_s)
-            self.m.frames_received.inc()
+            self.ingest_metrics.frames_received.inc()
             if _STATUS_PROBE not in payload:
                 await self._enqueue(Frame(payload, self.clock.now_ms(), self.clock.monotonic()))
                 continue
@@ -556,7 +554,7 @@ class FeedReader(Actor[None]):
         return redact(text, {self._api_key.reveal()} if self._api_key else set())
 
     def _log_statuses(self, status: str, group: list[StatusEvent]) -> None:
-        self.m.statuses.labels(status).inc(len(group))
+        self.ingest_metrics.statuses.labels(status).inc(len(group))
         level = "warning" if status in _LOUD_STATUSES else "info"
         # One line per status kind and frame: a subscription of 3000 symbols answers with
         # 3000 ``success`` statuses in one frame.
@@ -571,7 +569,7 @@ class FeedReader(Actor[None]):
         processor = self.processor
         mailbox = processor.mailbox
         if not mailbox.put_nowait(frame):
-            self.m.queue_full.inc()
+            self.ingest_metrics.queue_full.inc()
             if not self._warned_full:
                 self._warned_full = True
                 log.warning(
@@ -586,7 +584,7 @@ class FeedReader(Actor[None]):
         if depth >= self.queue_warning_at:
             if not self._warned_queue:
                 self._warned_queue = True
-                self.m.warnings.labels("queue").inc()
+                self.ingest_metrics.warnings.labels("queue").inc()
                 log.warning(
                     "ingest.queue_filling",
                     depth=depth,

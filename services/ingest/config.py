@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta
 
 from libs.common.runtime.settings import CommonSettings, Secret
-from services.ingest.protocol import DATA_KINDS
 
-SOURCES = ("polygon", "files")
+EventType = Literal["T", "Q", "A", "AM"]
+"""Polygon's stock event types (``protocol.DATA_KINDS``)."""
 
 
 class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -21,9 +21,9 @@ class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     SERVICE: ClassVar[str] = "ingest"
 
     http_port: Annotated[int, Meta(ge=0, le=65535, description="port of the HTTP endpoint")] = 9101
-    source: Annotated[str, Meta(description="polygon (WebSocket, live or sim) or files")] = (
-        "polygon"
-    )
+    source: Annotated[
+        Literal["polygon", "files"], Meta(description="polygon: the WebSocket (live or sim)")
+    ] = "polygon"
     polygon_url: Annotated[str, Meta(description="WebSocket URL of the feed")] = (
         "wss://socket.polygon.io/stocks"
     )
@@ -33,7 +33,7 @@ class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     symbols: Annotated[list[str], Meta(description="symbols, comma separated; * for all")] = (
         msgspec.field(default_factory=lambda: ["*"])
     )
-    event_types: Annotated[list[str], Meta(description="Polygon event types: T,Q,A,AM")] = (
+    event_types: Annotated[list[EventType], Meta(description="Polygon event types")] = (
         msgspec.field(default_factory=lambda: ["T"])
     )
     files: Annotated[list[str], Meta(description="tick files to replay when source=files")] = (
@@ -59,16 +59,10 @@ class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
         bool, Meta(description="file replay: exit (0) when done instead of idling")
     ] = False
 
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"INGEST_SOURCE={self.source!r}: want one of {', '.join(SOURCES)}")
-        unknown = [kind for kind in self.event_types if kind not in DATA_KINDS]
-        if unknown or not self.event_types:
-            raise ValueError(
-                f"INGEST_EVENT_TYPES={','.join(self.event_types)!r}: want some of "
-                f"{','.join(DATA_KINDS)}"
-            )
+    def check(self) -> None:
+        if not self.event_types:
+            raise self.invalid("event_types", "empty: list some of T,Q,A,AM")
         if not self.symbols:
-            raise ValueError("INGEST_SYMBOLS is empty: list symbols, or * for all")
+            raise self.invalid("symbols", "empty: list symbols, or * for all")
         if self.source == "files" and not self.files:
-            raise ValueError("INGEST_SOURCE=files needs INGEST_FILES (comma separated paths)")
+            raise self.invalid("files", "INGEST_SOURCE=files needs tick files, comma separated")

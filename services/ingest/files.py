@@ -1,19 +1,19 @@
-"""File replay: ingest reads tick files itself, without a socket (``INGEST_SOURCE=files``).
+"""The tick-file source: ingest reads tick files itself, without a socket (``INGEST_SOURCE=files``).
 
-``FileReplay`` reads every file of ``INGEST_FILES`` with ``tickfiles.read_trades``
+``TickFileSource`` reads every file of ``INGEST_FILES`` with ``tickfiles.read_trades``
 (Lean/AlgoSeek trade zips and Polygon flat-file trade CSVs, gzip or plain), keeps the symbols
 asked for, merges the files in time order (stable: equal times keep the order of the files,
-then of the lines), cuts frames exactly as the simulator does (``simulator.frames_of``: one
+then of the lines), cuts frames exactly as the simulator does (``framing.frames_of``: one
 ``frame_window_ms`` window of event time and one minute per frame, at most
 ``frame_max_events`` trades) and publishes them through the same path as the socket's frames
 (``protocol.split_frame`` → ``protocol.build_records`` → the sequenced publisher): one
 ``TickBatch`` per (frame, symbol) on ``ticks.<SYM>``, its ticks the same ``T`` events the
-simulator would have sent. A day replayed from files and the same day replayed through the
+simulator would have sent. A day read from files and the same day sent through the
 simulator therefore publish the same ticks in the same records; only ``tsInit`` differs.
 
 Pacing: frame k is published at ``start + (t_k - t_0) / speed``; ``speed=0`` publishes as fast
 as Redis takes it, up to ``batch_frames`` frames per round trip. ``lag_ms`` (and the feed-lag
-gauge) is how far behind that schedule the replay runs (0 without pacing). When every frame
+gauge) is how far behind that schedule the source runs (0 without pacing). When every frame
 is out the actor logs a summary and calls ``on_done`` (the service stops with exit code 0
 when ``INGEST_EXIT_WHEN_DONE`` is set, else idles). After a restart by its supervisor it
 resumes after the last frame it published.
@@ -35,14 +35,14 @@ from prometheus_client import CollectorRegistry
 
 from libs.common.io.redis_io import Publisher
 from libs.common.market.tickfiles import read_trades
-from libs.common.runtime.actors import Actor
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
+from libs.common.runtime.lifecycle import Component
 from services.ingest import protocol
 from services.ingest.client import IngestMetrics, publish_with_retry
+from services.ingest.framing import frames_of
 from services.ingest.protocol import DEFAULT_CHANNELS, ChannelNames, TradeEvent
-from services.ingest.simulator import frames_of
 
-log = structlog.get_logger("tickmesh.ingest.replay")
+log = structlog.get_logger("tickmesh.ingest.files")
 
 _BY_TIME = attrgetter("t")
 
@@ -69,7 +69,7 @@ def load_trades(paths: Sequence[str | Path], symbols: Iterable[str] = ("*",)) ->
     return list(heapq.merge(*per_file, key=_BY_TIME))
 
 
-class FileReplay(Actor[None]):
+class TickFileSource(Component):
     """Publishes the trades of tick files as the socket path would, paced by ``speed``."""
 
     def __init__(
@@ -90,12 +90,12 @@ class FileReplay(Actor[None]):
         registry: CollectorRegistry | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        super().__init__("ingest.replay", mailbox_size=1, registry=registry)
+        super().__init__("ingest.files", registry=registry)
         if speed < 0:
             raise ValueError(f"speed must be 0 (no pacing) or positive, not {speed}")
         self.files = [str(path) for path in files]
         self.publisher = publisher
-        self.m = metrics
+        self.ingest_metrics = metrics
         self.on_fatal = on_fatal
         self.on_done = on_done
         self.speed = speed
@@ -117,10 +117,10 @@ class FileReplay(Actor[None]):
         self._frames: list[list[TradeEvent]] | None = None
         self._next_frame = 0
         self._started: float | None = None
-        self.spawn(self._run, name="ingest.replay.feed")
+        self.spawn(self._run, name="ingest.files.feed")
 
     def __repr__(self) -> str:
-        return f"FileReplay(files={len(self.files)}, speed={self.speed:g})"
+        return f"TickFileSource(files={len(self.files)}, speed={self.speed:g})"
 
     async def _run(self) -> None:
         if self._frames is None:
@@ -128,15 +128,15 @@ class FileReplay(Actor[None]):
             try:
                 trades = await asyncio.to_thread(load_trades, self.files, self.symbols)
             except (OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
-                reason = f"cannot replay the tick files (INGEST_FILES): {exc}"
-                log.critical("ingest.replay_unreadable", reason=reason)
+                reason = f"cannot read the tick files (INGEST_FILES): {exc}"
+                log.critical("ingest.files_unreadable", reason=reason)
                 self.on_fatal(reason)
                 return
             self._frames = list(frames_of(trades, self.frame_max_events, self.frame_window_ms))
             self.trades_total = len(trades)
             self.loaded = True
             log.info(
-                "ingest.replay_loaded",
+                "ingest.files_loaded",
                 files=len(self.files),
                 trades=len(trades),
                 frames=len(self._frames),
@@ -144,10 +144,10 @@ class FileReplay(Actor[None]):
                 seconds=round(time.perf_counter() - started, 2),
             )
         if not self.done:
-            await self._replay(self._frames)
+            await self._publish_paced(self._frames)
             self._finish()
 
-    async def _replay(self, frames: list[list[TradeEvent]]) -> None:
+    async def _publish_paced(self, frames: list[list[TradeEvent]]) -> None:
         start = self._next_frame
         if start >= len(frames):
             return
@@ -167,7 +167,7 @@ class FileReplay(Actor[None]):
                     if wait > 0:
                         await asyncio.sleep(wait)
                 self.lag_ms = max(0, int((loop.time() - due) * 1000))
-                self.m.feed_lag.set(self.lag_ms / 1000.0)
+                self.ingest_metrics.feed_lag.set(self.lag_ms / 1000.0)
             batch_end = index + 1
             if batch_end - self._next_frame >= self.batch_frames:
                 await self._publish(frames, batch_end)
@@ -192,17 +192,17 @@ class FileReplay(Actor[None]):
         self._next_frame = end
         self.frames_published += count
         self.ticks_published += ticks
-        self.m.frames.inc(count)
-        self.m.events.labels(protocol.TRADES).inc(ticks)
-        self.m.publish_latency.observe(time.perf_counter() - started)
+        self.ingest_metrics.frames.inc(count)
+        self.ingest_metrics.events.labels(protocol.TRADES).inc(ticks)
+        self.ingest_metrics.publish_latency.observe(time.perf_counter() - started)
 
     def _finish(self) -> None:
         self.done = True
         self.lag_ms = 0
-        self.m.feed_lag.set(0)
+        self.ingest_metrics.feed_lag.set(0)
         elapsed = time.perf_counter() - self._started if self._started is not None else 0.0
         log.info(
-            "ingest.replay_done",
+            "ingest.files_done",
             trades=self.ticks_published,
             frames=self.frames_published,
             seconds=round(elapsed, 2),

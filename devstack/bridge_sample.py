@@ -1,15 +1,15 @@
-"""Make the sample replay files from the synthetic feed (developer tool, not run by the service).
+"""Make the engine bridge's sample replay files from the synthetic feed (a developer tool).
 
 The synthetic feed is the Polygon simulator's own generator (``SyntheticMarket``, seeded, so
 the trades are always the same); its minute aggregator turns the trades into minute bars,
 which go through the built-in golden-cross strategy and the paper broker with the bridge's
 default settings (shorter moving averages, so a short sample trades). The outputs are
-exported as ``results.json`` + ``trades.jsonl`` next to this file:
+exported as ``results.json`` + ``trades.jsonl`` into ``services/engine_bridge/samples``:
 
-    .venv/bin/python -m services.engine_bridge.samples.make_sample
+    .venv/bin/python -m devstack.bridge_sample
 
-Importing the ingest service's simulator from here is deliberate and limited to this tool:
-the bridge service itself never imports another service.
+It lives in the dev harness because it joins two services (the ingest simulator's feed, the
+bridge's backtest); the services themselves never import each other.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from services.engine_bridge.backtest import backtest_bars, run_info, traded_bars
 from services.engine_bridge.config import BridgeSettings
 from services.engine_bridge.replay import export_replay
 
+SAMPLES = Path(__file__).resolve().parent.parent / "services" / "engine_bridge" / "samples"
 SAMPLE_DAY = date(2025, 10, 27)
 SYMBOLS = 2
 MINUTES = 90
@@ -78,8 +79,7 @@ def sample_settings() -> BridgeSettings:
     return msgspec.convert(
         {
             "strategy": "golden_cross",
-            "golden_fast_window": 5,
-            "golden_slow_window": 15,
+            "golden": {"fast_window": 5, "slow_window": 15},
             "portfolio_id": "sample",
             "symbols": ["S0001", "S0002"],
         },
@@ -87,7 +87,7 @@ def sample_settings() -> BridgeSettings:
     )
 
 
-def main(out_dir: Path = Path(__file__).parent) -> None:
+def main(out_dir: Path = SAMPLES) -> None:
     """Write the sample next to this file."""
     settings = sample_settings()
     bars = synthetic_bars()
@@ -97,9 +97,7 @@ def main(out_dir: Path = Path(__file__).parent) -> None:
         f"synthetic feed (services.ingest.simulator.SyntheticMarket seed={SEED}, "
         f"{SYMBOLS} symbols, {TRADES_PER_SECOND} trades/s), {MINUTES} minutes"
     )
-    run = run_info(
-        settings, traded, source, created_by="python -m services.engine_bridge.samples.make_sample"
-    )
+    run = run_info(settings, traded, source, created_by="python -m devstack.bridge_sample")
     export_replay(out_dir, run, traded, outputs)
     print(msgspec.json.encode(summary).decode())
 

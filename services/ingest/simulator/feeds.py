@@ -1,0 +1,257 @@
+"""What the simulator sends: synthetic trades, a day of tick files, malformed frames, each as
+an async source of frames."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import date
+from pathlib import Path
+
+import structlog
+
+from libs.common.market.sessions import MINUTE_MS
+from services.ingest import protocol
+from services.ingest.framing import frames_of
+from services.ingest.protocol import (
+    Event,
+    MinuteAggEvent,
+    TradeEvent,
+)
+from services.ingest.simulator.minutes import MinuteAggregator, VendorMinutes
+from services.ingest.simulator.settings import (
+    INTERMARKET_SWEEP,
+    ODD_LOT,
+    SYNTHETIC_EXCHANGES,
+    FileFeed,
+    SyntheticFeed,
+)
+
+log = structlog.get_logger("ingest.simulator")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class SyntheticMarket:
+    """Deterministic synthetic trades for ``settings.symbols`` symbols (see ``SyntheticFeed``)."""
+
+    def __init__(self, settings: SyntheticFeed) -> None:
+        self.settings = settings
+        width = max(4, len(str(settings.symbols)))
+        self.symbols = [f"S{index:0{width}d}" for index in range(1, settings.symbols + 1)]
+        self._rng = random.Random(settings.seed)
+        rng = self._rng
+        self._prices = {sym: round(rng.uniform(10.0, 500.0), 2) for sym in self.symbols}
+        self._tapes = {sym: 1 + index % 3 for index, sym in enumerate(self.symbols)}
+        self._seqs = dict.fromkeys(self.symbols, 0)
+        weights = [1.0 / (rank + 1) for rank in range(len(self.symbols))]
+        self._cum_weights = list(itertools.accumulate(weights))
+        self._trade_ids = itertools.count(1)
+
+    def trades(self, count: int, t_ms: int) -> list[TradeEvent]:
+        """The next ``count`` trades, all stamped ``t_ms``."""
+        rng = self._rng
+        settings = self.settings
+        odd = settings.odd_lot_ratio
+        sweep = odd + settings.sweep_ratio
+        prices = self._prices
+        seqs = self._seqs
+        out = []
+        conditions: tuple[int, ...]
+        for sym in rng.choices(self.symbols, cum_weights=self._cum_weights, k=count):
+            price = max(0.01, round(prices[sym] * (1.0 + rng.gauss(0.0, 0.0005)), 2))
+            prices[sym] = price
+            seqs[sym] += rng.randint(1, 4)
+            draw = rng.random()
+            if draw < odd:
+                size, conditions = rng.randint(1, 99), (ODD_LOT,)
+            elif draw < sweep:
+                size, conditions = 100 * rng.randint(1, 20), (INTERMARKET_SWEEP,)
+            else:
+                size, conditions = 100 * rng.choice((1, 1, 1, 2, 3, 5, 10)), ()
+            out.append(
+                TradeEvent(
+                    sym,
+                    price,
+                    size,
+                    t_ms,
+                    rng.choice(SYNTHETIC_EXCHANGES),
+                    conditions,
+                    str(next(self._trade_ids)),
+                    self._tapes[sym],
+                    seqs[sym],
+                )
+            )
+        return out
+
+
+def find_tick_file(data_dir: Path, symbol: str, day: date) -> Path:
+    """The tick file of ``symbol`` on ``day``: ``<data_dir>/**/tick/<sym>/<yyyymmdd>_trade.zip``."""
+    name = f"{day:%Y%m%d}_trade.zip"
+    direct = data_dir / "tick" / symbol.lower() / name
+    if direct.is_file():
+        return direct
+    found = sorted(data_dir.glob(f"**/tick/{symbol.lower()}/{name}"))
+    if not found:
+        raise FileNotFoundError(
+            f"no tick file for {symbol} on {day} under {data_dir} (looked for tick/"
+            f"{symbol.lower()}/{name})"
+        )
+    return found[0]
+
+
+def load_day_trades(feed: FileFeed) -> list[TradeEvent]:
+    """Read ``feed``'s symbols for its day and merge them in time order (stable by symbol)."""
+    from libs.common.market.tickfiles import read_lean_trades
+
+    per_symbol = []
+    for symbol in feed.symbols:
+        path = find_tick_file(feed.data_dir, symbol, feed.day)
+        per_symbol.append([protocol.as_trade_event(trade) for trade in read_lean_trades(path)])
+    if len(per_symbol) == 1:
+        return per_symbol[0]
+    return list(heapq.merge(*per_symbol, key=lambda trade: trade.t))
+
+
+def load_vendor_minutes(feed: FileFeed) -> list[MinuteAggEvent] | None:
+    """The vendor's minute bars of ``feed``'s symbols and day as ``AM`` events, or None when a
+    symbol has no ``minute/<sym>/<yyyymmdd>_trade.zip`` beside its tick file."""
+    from libs.common.market.tickfiles import read_lean_minute_bars
+
+    events: list[MinuteAggEvent] = []
+    for symbol in feed.symbols:
+        tick_path = find_tick_file(feed.data_dir, symbol, feed.day)
+        minute_path = tick_path.parents[2] / "minute" / tick_path.parent.name / tick_path.name
+        if not minute_path.is_file():
+            return None
+        for bar in read_lean_minute_bars(minute_path, feed.day):
+            events.append(
+                MinuteAggEvent(
+                    sym=symbol,
+                    v=bar.volume,
+                    o=bar.open,
+                    c=bar.close,
+                    h=bar.high,
+                    l=bar.low,
+                    s=bar.start_ms,
+                    e=bar.start_ms + MINUTE_MS,
+                )
+            )
+    return events
+
+
+def malformed_frames(symbol: str, t_ms: int) -> list[bytes]:
+    """The frames of one ``malformed`` round, in order.
+
+    1. truncated JSON; 2. a trade object not wrapped in an array; 3. an array with an unknown
+    ``ev``; 4. an array of five trades where the 2nd lacks ``p`` and the 4th has ``p`` as a
+    string — the 1st, 3rd and 5th are good.
+    """
+    good = [
+        TradeEvent(symbol, 100.0 + n, 100, t_ms, 4, (), f"malformed-good-{n}", 3, n)
+        for n in (1, 3, 5)
+    ]
+    encoded = [protocol.encode_events([event])[1:-1] for event in good]
+    missing = b'{"ev":"T","sym":"%s","s":100,"t":%d,"i":"malformed-bad-2"}' % (
+        symbol.encode(),
+        t_ms,
+    )
+    ill_typed = b'{"ev":"T","sym":"%s","p":"abc","s":100,"t":%d,"i":"malformed-bad-4"}' % (
+        symbol.encode(),
+        t_ms,
+    )
+    mixed = b"[" + b",".join([encoded[0], missing, encoded[1], ill_typed, encoded[2]]) + b"]"
+    return [
+        b'[{"ev":"T","sym":"%s","p":1' % symbol.encode(),
+        b'{"ev":"T","sym":"%s","p":1.0,"s":100,"t":%d}' % (symbol.encode(), t_ms),
+        b'[{"ev":"XYZ","sym":"%s","t":%d}]' % (symbol.encode(), t_ms),
+        mixed,
+    ]
+
+
+async def file_frames(
+    trades: Sequence[TradeEvent],
+    speed: float,
+    frame_max_events: int,
+    window_ms: int,
+    minute_aggregates: bool = True,
+    vendor_minutes: Sequence[MinuteAggEvent] | None = None,
+) -> AsyncIterator[list[Event]]:
+    """Frames of time-ordered ``trades`` paced at ``speed`` (0: no pacing), AM frames between.
+
+    Each frame is sent when its first trade is due: ``start + (t - t0) / speed``. The AM
+    events are the vendor's bars when given, else the simulator's own from all trades.
+    """
+    loop = asyncio.get_running_loop()
+    aggregator: MinuteAggregator | VendorMinutes | None = None
+    if minute_aggregates:
+        aggregator = (
+            VendorMinutes(vendor_minutes) if vendor_minutes is not None else MinuteAggregator()
+        )
+    if not trades:
+        return
+    t0 = trades[0].t
+    wall0 = loop.time()
+    for frame in frames_of(trades, frame_max_events, window_ms):
+        t_ms = frame[0].t
+        if speed > 0:
+            delay = wall0 + (t_ms - t0) / 1000.0 / speed - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        if aggregator is not None:
+            closed = aggregator.advance(t_ms)
+            if closed:
+                yield list(closed)
+            aggregator.add(frame)
+        yield list(frame)
+    if aggregator is not None:
+        closed = aggregator.flush()
+        if closed:
+            yield list(closed)
+
+
+async def synthetic_frames(
+    market: SyntheticMarket,
+    rate_per_s: float,
+    frame_max_events: int,
+    minute_aggregates: bool = True,
+    clock_ms: Callable[[], int] = _now_ms,
+) -> AsyncIterator[list[Event]]:
+    """Endless frames of synthetic trades at ``rate_per_s`` in total, stamped with wall time.
+
+    When it falls behind (a slow client paused it) it catches up by at most one second's worth.
+    """
+    loop = asyncio.get_running_loop()
+    aggregator = MinuteAggregator() if minute_aggregates else None
+    start = loop.time()
+    emitted = 0
+    while True:
+        now = loop.time()
+        due = math.floor((now - start) * rate_per_s) - emitted
+        if due > max(1, rate_per_s):
+            skipped = due - max(1, int(rate_per_s))
+            emitted += skipped
+            due -= skipped
+        if due <= 0:
+            await asyncio.sleep(max(0.001, (emitted + 1) / rate_per_s - (now - start)))
+            continue
+        t_ms = clock_ms()
+        if aggregator is not None:
+            closed = aggregator.advance(t_ms)
+            if closed:
+                yield list(closed)
+        while due > 0:
+            count = min(due, frame_max_events)
+            frame = market.trades(count, t_ms)
+            if aggregator is not None:
+                aggregator.add(frame)
+            emitted += count
+            due -= count
+            yield list(frame)

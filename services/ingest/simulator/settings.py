@@ -1,0 +1,137 @@
+"""The simulator's settings, faults and wire constants (Polygon's wording)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date
+from enum import StrEnum
+from pathlib import Path
+from typing import Final
+
+import structlog
+
+from libs.common.runtime.settings import Secret
+from services.ingest import protocol
+
+log = structlog.get_logger("ingest.simulator")
+
+KEY_ENV: Final = "SIM_API_KEY"
+DEFAULT_KEY: Final = "tickmesh-sim"
+"""Key accepted when neither ``--key`` nor ``SIM_API_KEY`` is set (a local simulator only)."""
+CONTROL_PREFIX: Final = "/control/"
+CONTROL_KEY_HEADER: Final = "X-Sim-Key"
+
+# Polygon's wording where it is documented (docs/simulator.md says which).
+MSG_CONNECTED: Final = "Connected Successfully"
+MSG_AUTHENTICATED: Final = "authenticated"
+MSG_AUTH_FAILED: Final = "authentication failed"
+MSG_AUTH_TIMEOUT: Final = "No authentication request received."
+MSG_AUTH_REQUIRED: Final = "authentication required"
+MSG_MAX_CONNECTIONS: Final = "Maximum number of connections exceeded."
+MSG_FORCE_DISCONNECT: Final = "Forced disconnect."
+MSG_SLOW_CONSUMER: Final = "Slow consumer: server-side buffer full, disconnecting."
+
+# Close codes: 1008 (policy violation) for the server's protocol-level refusals.
+CLOSE_POLICY: Final = 1008
+CLOSE_GOING_AWAY: Final = 1001
+
+ODD_LOT: Final = 37
+"""Polygon trade condition id of an odd-lot trade (used by the synthetic feed)."""
+INTERMARKET_SWEEP: Final = 14
+SYNTHETIC_EXCHANGES: Final = (1, 2, 3, 4, 7, 8, 10, 11, 12, 15, 17, 19, 21)
+
+
+class Fault(StrEnum):
+    """Faults the simulator injects on command."""
+
+    DROP = "drop"
+    """Abort the TCP connection without a close frame."""
+    SLOW_CONSUMER = "slow_consumer"
+    """Send the ``slow_consumer`` status and close."""
+    MAX_CONNECTIONS = "max_connections"
+    """Send the ``max_connections`` status and close."""
+    FORCE_DISCONNECT = "force_disconnect"
+    """Send the ``force_disconnect`` status and close."""
+    MALFORMED = "malformed"
+    """Send bad JSON, a non-array, an unknown ``ev`` and a frame mixing good and bad trades."""
+
+
+_DISCONNECT_STATUS: Final[dict[Fault, tuple[str, str]]] = {
+    Fault.SLOW_CONSUMER: (protocol.SLOW_CONSUMER, MSG_SLOW_CONSUMER),
+    Fault.MAX_CONNECTIONS: (protocol.MAX_CONNECTIONS, MSG_MAX_CONNECTIONS),
+    Fault.FORCE_DISCONNECT: (protocol.FORCE_DISCONNECT, MSG_FORCE_DISCONNECT),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SyntheticFeed:
+    """Synthetic trades: ``symbols`` names S0001.., ``rate_per_s`` trades a second in total.
+
+    Symbols are drawn with Zipf-like weights (the first ones are busiest); prices random-walk
+    from a seeded start; about ``odd_lot_ratio`` of the trades are odd lots (condition 37) and
+    ``sweep_ratio`` intermarket sweeps (14); the rest are regular (no conditions, as Polygon
+    sends them). The sequence of trades is fixed by ``seed``; their timestamps are wall time.
+    """
+
+    symbols: int = 10
+    rate_per_s: float = 1_000.0
+    seed: int = 1
+    odd_lot_ratio: float = 0.05
+    sweep_ratio: float = 0.03
+
+    def __post_init__(self) -> None:
+        if self.symbols < 1:
+            raise ValueError(f"synthetic symbols must be at least 1, not {self.symbols}")
+        if not self.rate_per_s > 0:
+            raise ValueError(f"synthetic rate must be positive, not {self.rate_per_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class FileFeed:
+    """Replay of one day of real trades for ``symbols`` from the tick files under ``data_dir``.
+
+    ``speed`` 1 is real time, 10 ten times faster, 0 as fast as the clients take them.
+    """
+
+    data_dir: Path
+    day: date
+    symbols: tuple[str, ...]
+    speed: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.symbols:
+            raise ValueError("a file feed needs at least one symbol")
+        if self.speed < 0:
+            raise ValueError(f"speed must be 0 (as fast as possible) or positive, not {self.speed}")
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorSettings:
+    """Everything the simulator needs; the key is a ``Secret`` and never shown."""
+
+    api_key: Secret = field(default_factory=lambda: Secret(DEFAULT_KEY))
+    host: str = "127.0.0.1"
+    port: int = 8765
+    feed: SyntheticFeed | FileFeed = field(default_factory=SyntheticFeed)
+    max_connections: int = 1
+    auth_timeout_s: float = 10.0
+    frame_max_events: int = 100
+    frame_window_ms: int = 1
+    minute_aggregates: bool = True
+    duration_s: float | None = None
+    max_events: int | None = None
+    start_feed_on_subscribe: bool = True
+    slow_consumer_buffer_bytes: int = 4 * 1024 * 1024
+    slow_consumer_after_s: float | None = 5.0
+    close_timeout_s: float = 2.0
+    ping_interval_s: float | None = 20.0
+    control: bool = True
+    exit_when_feed_done: bool = False
+
+    def __post_init__(self) -> None:
+        if self.frame_max_events < 1:
+            raise ValueError(f"frame_max_events must be at least 1, not {self.frame_max_events}")
+        if self.frame_window_ms < 1:
+            raise ValueError(f"frame_window_ms must be at least 1, not {self.frame_window_ms}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {self.max_connections}")
