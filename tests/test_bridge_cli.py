@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.common.runtime.settings import SettingsError, load_settings
+from libs.common.runtime.settings import SettingsError, SettingsGroup, env_name, load_settings
 from services.engine_bridge.config import BridgeSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,14 +27,28 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def every_variable(cls: type[BridgeSettings]) -> list[str]:
+    """Every environment variable of ``cls``, groups included."""
+    out = []
+    for field in cls.__struct_fields__:
+        value = getattr(cls(), field)
+        if isinstance(value, SettingsGroup):
+            out += [env_name(cls, f"{field}.{member}") for member in value.__struct_fields__]
+        else:
+            out.append(env_name(cls, field))
+    return out
+
+
 def test_help_lists_the_subcommands_and_every_setting() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
     for command in ("run", "replay", "backtest"):
         assert command in result.stdout
-    for field in BridgeSettings.__struct_fields__:
-        name = "REPLAY_SPEED_MS" if field == "replay_speed_ms" else f"BRIDGE_{field.upper()}"
+    for name in every_variable(BridgeSettings):
         assert name in result.stdout, name
+    for name in ("BRIDGE_SLIPPAGE_BPS", "BRIDGE_SIGNALS_CHANNEL", "BRIDGE_GOLDEN_FAST_WINDOW"):
+        assert name in result.stdout, name  # grouped settings keep their flat variables
+    assert "REPLAY_SPEED_MS" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -51,9 +65,8 @@ def test_help_lists_the_subcommands_and_every_setting() -> None:
 def test_inconsistent_settings_fail_fast_naming_the_variable(
     env: dict[str, str], message: str
 ) -> None:
-    settings = load_settings(BridgeSettings, env)
     with pytest.raises(SettingsError, match=message):
-        settings.validate()
+        load_settings(BridgeSettings, env)
 
 
 def test_a_bad_setting_exits_with_the_configuration_code() -> None:
@@ -73,9 +86,9 @@ def test_settings_parse_from_the_environment() -> None:
             "BRIDGE_EXTERNAL_COMMAND": "engine --fast",
         },
     )
-    assert settings.symbols == ["SPY", "IBM"] and settings.stop_pct == 0.25
-    assert settings.allow_short and settings.replay_speed_ms == 0
-    assert settings.validate() is settings
+    assert settings.symbols == ["SPY", "IBM"] and settings.broker.stop_pct == 0.25
+    assert settings.broker.allow_short and settings.replay.speed_ms == 0
+    assert settings.external.command == "engine --fast"
 
 
 def test_backtest_prints_the_figures_of_a_bar_file(tmp_path: Path, shared_data: Path) -> None:

@@ -47,7 +47,7 @@ def golden_entry(settings: BridgeSettings, shared_data: Path) -> dict[str, Any]:
             "positions": sum(isinstance(r, Position) for r in records),
             "portfolio": len(portfolios),
         },
-        "endOfDayPnl": round(portfolios[-1].equity - settings.initial_cash, 2),
+        "endOfDayPnl": round(portfolios[-1].equity - settings.broker.initial_cash, 2),
         "trades": [msgspec.to_builtins(r) for r in records if isinstance(r, ExecutedTrade)],
         "signals": [msgspec.to_builtins(r) for r in records if isinstance(r, Signal)][:5],
         "firstPortfolio": msgspec.to_builtins(portfolios[0]),

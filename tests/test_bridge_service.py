@@ -18,11 +18,11 @@ import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
-from libs.common.io.heartbeat import HeartbeatActor
+from libs.common.io.heartbeat import HeartbeatSender
 from libs.common.io.redis_io import Publisher
 from libs.common.market.sessions import MINUTE_MS, ny_epoch_ms
 from libs.common.names import Keys
-from libs.common.runtime.actors import Supervisor
+from libs.common.runtime.supervisor import Supervisor
 from libs.common.schemas import Bar, Heartbeat, Position, decode, encode
 from services.engine_bridge.backtest import backtest_bars
 from services.engine_bridge.bridge import BridgeActor
@@ -65,14 +65,14 @@ async def published(client: object, prefix: str) -> dict[str, list[bytes]]:
 
 async def run_bridge_until(
     client: object, prefix: str, bars: list[Bar], minutes: int, **overrides: object
-) -> tuple[BridgeActor, HeartbeatActor, dict[str, list[bytes]]]:
+) -> tuple[BridgeActor, HeartbeatSender, dict[str, list[bytes]]]:
     """Run a bridge in-process until ``minutes`` portfolio snapshots are out."""
     settings = settings_for(prefix, **overrides)
     publisher = Publisher(client, keys=Keys(prefix))  # type: ignore[arg-type]
     registry = CollectorRegistry()
     supervisor = Supervisor("bridge-test", registry=registry)
     bridge = BridgeActor(settings, client, publisher, registry=registry)  # type: ignore[arg-type]
-    heartbeat = HeartbeatActor(
+    heartbeat = HeartbeatSender(
         "engine_bridge",
         "test",
         "sim",
@@ -173,8 +173,7 @@ async def test_an_external_engine_crash_is_reported_on_the_gaps_channel(
             series("SPY", [100.0 + i for i in range(8)]),
             8,
             engine="external",
-            external_command=f"{sys.executable} {script}",
-            external_backoff_initial_ms=10,
+            external={"command": f"{sys.executable} {script}", "backoff_initial_ms": 10},
         )
     finally:
         del os.environ["TEST_ENGINE"]
@@ -271,9 +270,11 @@ async def test_an_engine_past_its_budget_fails_the_actor_and_the_gap_survives_th
             series("SPY", [100.0 + i for i in range(8)]),
             8,
             engine="external",
-            external_command=f"{sys.executable} {script}",
-            external_backoff_initial_ms=10,
-            external_max_restarts=1,
+            external={
+                "command": f"{sys.executable} {script}",
+                "backoff_initial_ms": 10,
+                "max_restarts": 1,
+            },
         )
     finally:
         del os.environ["TEST_ENGINE"]

@@ -20,7 +20,7 @@ from libs.common.runtime.settings import load_settings
 from libs.common.schemas import DeadLetter, TickBatch, Trade
 from services.mirror.audit import audit
 from services.mirror.config import MirrorSettings
-from services.mirror.forwarder import MirrorActor
+from services.mirror.forwarder import Forwarder
 from tests.helpers import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -61,13 +61,13 @@ def mirror_settings(
 
 
 class Running:
-    """A MirrorActor started in this event loop."""
+    """A Forwarder started in this event loop."""
 
     def __init__(self, settings: MirrorSettings, client: aioredis.Redis) -> None:
         self.registry = CollectorRegistry()
-        self.actor = MirrorActor(settings, client, registry=self.registry)
+        self.actor = Forwarder(settings, client, registry=self.registry)
 
-    async def __aenter__(self) -> MirrorActor:
+    async def __aenter__(self) -> Forwarder:
         await self.actor.start()
         return self.actor
 

@@ -10,7 +10,7 @@ import pytest
 from libs.common.market.sessions import MINUTE_MS, bar_id, ny_epoch_ms, ts_et
 from libs.common.schemas import Bar, VendorAggregate
 from services.mirror.compare import SymbolComparison, Tolerance, compare_symbol, compare_vendor
-from services.mirror.reconciler import DaySummary, evaluate_gate
+from services.mirror.gate import DaySummary, evaluate_gate
 from services.mirror.report import DayReport, build_section, to_json, to_markdown
 
 DAY = date(2013, 10, 7)

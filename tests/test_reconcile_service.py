@@ -26,7 +26,8 @@ from libs.common.runtime.clock import ManualClock
 from libs.common.runtime.settings import load_settings
 from libs.common.schemas import AggregateBatch, Bar, ParityReport, VendorAggregate, encode
 from services.mirror.config import MirrorSettings
-from services.mirror.reconciler import ParityGauges, Reconciler, ReconcilerActor
+from services.mirror.gauges import ParityGauges
+from services.mirror.reconciler import Reconciler, ScheduledReconciler
 from tests.helpers import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -292,7 +293,7 @@ async def test_the_timer_ignores_bars_still_in_flight(
     # "now" is 09:41:30: bars ending after 09:39:30 may still be in flight
     clock = ManualClock(ny_epoch_ms(DEMO_DAY, 9, 41) + 30_000)
     registry = CollectorRegistry()
-    actor = ReconcilerActor(settings, redis_client, registry=registry, clock=clock)
+    actor = ScheduledReconciler(settings, redis_client, registry=registry, clock=clock)
     await actor.start()
     try:
         await eventually(lambda: actor.last_report is not None, timeout=20)

@@ -1,7 +1,7 @@
 """Engine bridge: closed bars in; signals, trades, positions, portfolio and heartbeats out.
 
 Actors (one hop from here): the bridge (``bridge.BridgeActor``: input consumer, core, engine
-— built-in ``strategies`` or ``external``), or the replay (``replay.ReplayActor``) when
+— built-in ``strategies`` or ``external``), or the replay (``replay.OutputReplay``) when
 ``BRIDGE_ENGINE=replay``; the heartbeat (``libs.common.io.heartbeat``).
 """
 
@@ -16,53 +16,40 @@ import msgspec
 
 from libs.common.io.wiring import add_heartbeat, connect_runtime_redis, make_publisher
 from libs.common.runtime.cli import ServiceCli
-from libs.common.runtime.service import EXIT_CONFIG, ServiceRuntime, run_main
-from libs.common.runtime.settings import SettingsError
+from libs.common.runtime.service import ServiceRuntime, run_main
 from services.engine_bridge.config import BridgeSettings
 
 CLI = ServiceCli("engine_bridge", __doc__.splitlines()[0], BridgeSettings)
 
 
-def checked(settings: BridgeSettings) -> BridgeSettings:
-    """``settings`` after the cross-field checks; replay runs report mode ``replay``."""
-    try:
-        settings.validate()
-    except SettingsError as exc:
-        print(f"engine_bridge: bad setting: {exc}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
+def for_mode(settings: BridgeSettings) -> BridgeSettings:
+    """``settings``, with the heartbeat mode ``replay`` when the engine is the replay."""
     if settings.engine == "replay" and settings.mode != "replay":
-        settings = msgspec.structs.replace(settings, mode="replay")
+        return msgspec.structs.replace(settings, mode="replay")
     return settings
 
 
 def build_for(
     settings: BridgeSettings, *, exit_when_done: bool = False
-) -> Callable[[ServiceRuntime], Awaitable[None]]:
+) -> Callable[[ServiceRuntime[BridgeSettings]], Awaitable[None]]:
     """The ``build`` of ``run_main`` for these settings."""
 
-    async def build(runtime: ServiceRuntime) -> None:
+    async def build(runtime: ServiceRuntime[BridgeSettings]) -> None:
         client = await connect_runtime_redis(runtime)
         publisher = make_publisher(runtime, client)
         if settings.engine == "replay":
-            from services.engine_bridge.core import Channels
             from services.engine_bridge.metrics import BridgeMetrics
-            from services.engine_bridge.replay import ReplayActor, load_replay
+            from services.engine_bridge.replay import OutputReplay, load_replay
 
-            run, minutes = load_replay(settings.replay_results_path, settings.replay_trades_path)
+            run, minutes = load_replay(settings.replay.results_path, settings.replay.trades_path)
             metrics = BridgeMetrics.for_registry(runtime.registry)
-            replay = ReplayActor(
+            replay = OutputReplay(
                 run,
                 minutes,
                 publisher,
-                speed_ms=settings.replay_speed_ms,
-                bars_channel=settings.replay_bars_channel,
-                channels=Channels(
-                    signals=settings.signals_channel,
-                    trades=settings.trades_channel,
-                    positions=settings.positions_channel,
-                    portfolio=settings.portfolio_channel,
-                    gaps=settings.gaps_channel,
-                ),
+                speed_ms=settings.replay.speed_ms,
+                bars_channel=settings.replay.bars_channel,
+                channels=settings.channels,
                 # the run's own portfolioId unless BRIDGE_PORTFOLIO_ID names another
                 portfolio_id=None if settings.portfolio_id == "paper" else settings.portfolio_id,
                 run_id=settings.effective_run_id(),
@@ -84,21 +71,23 @@ def build_for(
 
 def run(_args: argparse.Namespace) -> int:
     """``run``: serve until stopped."""
-    settings = checked(CLI.settings())  # type: ignore[arg-type]
+    settings = for_mode(CLI.settings())
     return run_main("engine_bridge", settings, build_for(settings))
 
 
 def replay(args: argparse.Namespace) -> int:
     """``replay``: play results.json + trades.jsonl once, then exit."""
-    settings: BridgeSettings = CLI.settings()  # type: ignore[assignment]
-    changes: dict[str, object] = {"engine": "replay"}
+    base = CLI.settings()
+    changes: dict[str, object] = {}
     if args.results:
-        changes["replay_results_path"] = args.results
+        changes["results_path"] = args.results
     if args.trades:
-        changes["replay_trades_path"] = args.trades
+        changes["trades_path"] = args.trades
     if args.speed_ms is not None:
-        changes["replay_speed_ms"] = args.speed_ms
-    settings = checked(msgspec.structs.replace(settings, **changes))
+        changes["speed_ms"] = args.speed_ms
+    settings = for_mode(
+        CLI.settings(engine="replay", replay=msgspec.structs.replace(base.replay, **changes))
+    )
     return run_main("engine_bridge", settings, build_for(settings, exit_when_done=not args.stay))
 
 
@@ -106,10 +95,10 @@ def backtest(args: argparse.Namespace) -> int:
     """``backtest``: run bars from files through the built-in strategy, offline."""
     from services.engine_bridge.backtest import backtest_files
 
-    settings: BridgeSettings = CLI.settings()  # type: ignore[assignment]
+    overrides: dict[str, object] = {"engine": "builtin"}
     if args.strategy:
-        settings = msgspec.structs.replace(settings, strategy=args.strategy)
-    settings = checked(msgspec.structs.replace(settings, engine="builtin"))
+        overrides["strategy"] = args.strategy
+    settings = CLI.settings(**overrides)
     summary = backtest_files(
         settings,
         bars_files=[Path(path) for path in args.bars],

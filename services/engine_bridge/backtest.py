@@ -69,7 +69,7 @@ def summarize(settings: BridgeSettings, bars: Sequence[Bar], outputs: Outputs) -
     trades = [record for _, record in outputs if isinstance(record, ExecutedTrade)]
     portfolios = [record for _, record in outputs if isinstance(record, Portfolio)]
     final = portfolios[-1] if portfolios else None
-    end_equity = final.equity if final is not None else settings.initial_cash
+    end_equity = final.equity if final is not None else settings.broker.initial_cash
     return Summary(
         strategy=settings.strategy,
         symbols=sorted({bar.symbol for bar in bars}),
@@ -82,7 +82,7 @@ def summarize(settings: BridgeSettings, bars: Sequence[Bar], outputs: Outputs) -
         realizedPnl=final.realizedPnl if final is not None else 0.0,
         commissions=round(sum(trade.commission for trade in trades), 4),
         endEquity=end_equity,
-        pnl=round(end_equity - settings.initial_cash, 2),
+        pnl=round(end_equity - settings.broker.initial_cash, 2),
         records=len(outputs),
         sha256=hashlib.sha256(encode_outputs(outputs)).hexdigest(),
     )
@@ -145,25 +145,27 @@ def run_info(
     created_by: str = "python -m services.engine_bridge backtest",
 ) -> RunInfo:
     """The ``run`` block of results.json for a backtest of ``bars`` with ``settings``."""
+    broker = settings.broker
     params: dict[str, object] = {
-        "slippageBps": settings.slippage_bps,
-        "commissionPerShare": settings.commission_per_share,
-        "stopPct": settings.stop_pct,
-        "targetPct": settings.target_pct,
-        "sizing": settings.sizing,
-        "sharesPerTrade": settings.shares_per_trade,
-        "notionalPerTrade": settings.notional_per_trade,
+        "slippageBps": broker.slippage_bps,
+        "commissionPerShare": broker.commission_per_share,
+        "stopPct": broker.stop_pct,
+        "targetPct": broker.target_pct,
+        "sizing": broker.sizing,
+        "sharesPerTrade": broker.shares_per_trade,
+        "notionalPerTrade": broker.notional_per_trade,
     }
     if settings.strategy == "golden_cross":
         params.update(
-            fastWindow=settings.golden_fast_window, slowWindow=settings.golden_slow_window
+            fastWindow=settings.golden.fast_window, slowWindow=settings.golden.slow_window
         )
     else:
+        zscore = settings.zscore
         params.update(
-            returnWindow=settings.zscore_return_window,
-            window=settings.zscore_window,
-            entry=settings.zscore_entry,
-            exit=settings.zscore_exit,
+            returnWindow=zscore.return_window,
+            window=zscore.window,
+            entry=zscore.entry,
+            exit=zscore.exit,
         )
     symbols = sorted({bar.symbol for bar in bars})
     day = ts_et_minute(bars[0].startMs)[:10] if bars else ""
@@ -173,7 +175,7 @@ def run_info(
         strategy=settings.strategy,
         portfolioId=settings.portfolio_id,
         symbols=symbols,
-        initialCash=settings.initial_cash,
+        initialCash=settings.broker.initial_cash,
         start=ts_et_minute(bars[0].startMs) if bars else "",
         end=ts_et_minute(bars[-1].startMs) if bars else "",
         params=params,

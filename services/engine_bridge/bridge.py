@@ -30,9 +30,8 @@ from libs.common.market.sessions import ts_et_minute
 from libs.common.runtime.actors import Actor, Overflow
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.schemas import BAR_DECODER, ExecutedTrade, Signal
-from services.engine_bridge.broker import BrokerConfig
 from services.engine_bridge.config import BridgeSettings
-from services.engine_bridge.core import BridgeCore, Bucket, Channels, CoreConfig
+from services.engine_bridge.core import BridgeCore, Bucket, CoreConfig
 from services.engine_bridge.engines import Engine, engine_name, make_engine
 from services.engine_bridge.metrics import BridgeMetrics
 from services.engine_bridge.model import EngineGap
@@ -48,25 +47,8 @@ def core_config_from(settings: BridgeSettings) -> CoreConfig:
         bucket_timeout_ms=settings.bucket_timeout_ms,
         extended_hours=settings.extended_hours,
         flatten_at_close=settings.flatten_at_close,
-        broker=BrokerConfig(
-            initial_cash=settings.initial_cash,
-            sizing=settings.sizing,
-            shares_per_trade=settings.shares_per_trade,
-            notional_per_trade=settings.notional_per_trade,
-            slippage_bps=settings.slippage_bps,
-            commission_per_share=settings.commission_per_share,
-            commission_min=settings.commission_min,
-            stop_pct=settings.stop_pct,
-            target_pct=settings.target_pct,
-            allow_short=settings.allow_short,
-        ),
-        channels=Channels(
-            signals=settings.signals_channel,
-            trades=settings.trades_channel,
-            positions=settings.positions_channel,
-            portfolio=settings.portfolio_channel,
-            gaps=settings.gaps_channel,
-        ),
+        broker=settings.broker,
+        channels=settings.channels,
     )
 
 
@@ -78,9 +60,9 @@ TICK = _Tick()
 
 
 class InputBatch(NamedTuple):
-    """Records from the consumer of one incarnation (``generation``) of the actor."""
+    """Records from the actor's own input consumer (posted: a restart drops what an earlier
+    incarnation read and did not commit, and the new consumer delivers it again, in order)."""
 
-    generation: int
     records: list[Record]
 
 
@@ -125,8 +107,6 @@ class BridgeActor(Actor[Any]):
         self.restored = False
         self.minutes_done = 0
         self._unsaved_minute = False
-        self.generation = 0
-        """Incarnation of the actor (each start); batches of an older one are dropped."""
         self.spawn(self._read_input, name="engine_bridge.input")
         self.every(tick_interval_s, self._tick, name="engine_bridge.tick")
 
@@ -156,7 +136,6 @@ class BridgeActor(Actor[Any]):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def on_start(self) -> None:
-        self.generation += 1
         self._unsaved_minute = False
         state = await self.store.load()
         self.core = BridgeCore(self.config, state)
@@ -216,9 +195,8 @@ class BridgeActor(Actor[Any]):
 
     async def _read_input(self) -> None:
         assert self.consumer is not None  # owned tasks start after on_start
-        generation = self.generation
         async for batch in self.consumer.batches():
-            await self.tell(InputBatch(generation, batch))
+            await self.post(InputBatch(batch))
 
     async def _tick(self) -> None:
         self.bridge_metrics.lag.set(self.lag_ms() / 1000.0)
@@ -233,12 +211,6 @@ class BridgeActor(Actor[Any]):
         now_ms = self.clock.now_ms()
         batch: list[Record] | None = None
         if isinstance(message, InputBatch):
-            if message.generation != self.generation:
-                # Delivered before a restart and never committed: the new consumer delivers
-                # these bars again, in order. Offering them now would put later minutes
-                # ahead of the ones lost with the failed batch.
-                self.bridge_metrics.bars.labels("stale").inc(len(message.records))
-                return
             batch = message.records
         offered = await self._offer(core, batch, now_ms) if batch else False
         processed = await self._drain(core, now_ms)

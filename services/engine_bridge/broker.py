@@ -17,27 +17,45 @@ reads a clock. Rules (``docs/engine_bridge.md`` has the long form):
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 from libs.common.market.sessions import bar_id
+from libs.common.runtime.settings import SettingsGroup
 from libs.common.schemas import Bar
 from services.engine_bridge.model import BrokerState, Order, PositionState
 
 
-class BrokerConfig(Struct, frozen=True, kw_only=True):
-    """How the paper broker sizes, fills and charges."""
+class BrokerConfig(SettingsGroup, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How the paper broker sizes, fills and charges (the ``BRIDGE_*`` broker settings)."""
 
-    initial_cash: float = 100_000.0
-    sizing: str = "shares"
-    shares_per_trade: int = 100
-    notional_per_trade: float = 10_000.0
-    slippage_bps: float = 1.0
-    commission_per_share: float = 0.005
-    commission_min: float = 0.0
-    stop_pct: float = 0.5
-    target_pct: float = 1.0
-    allow_short: bool = False
+    initial_cash: Annotated[float, Meta(gt=0, description="starting cash of the portfolio")] = (
+        100_000.0
+    )
+    sizing: Annotated[
+        Literal["shares", "notional"], Meta(description="fixed share count or fixed dollars")
+    ] = "shares"
+    shares_per_trade: Annotated[int, Meta(gt=0, description="sizing=shares: shares per entry")] = (
+        100
+    )
+    notional_per_trade: Annotated[
+        float, Meta(gt=0, description="sizing=notional: dollars per entry")
+    ] = 10_000.0
+    slippage_bps: Annotated[
+        float, Meta(ge=0, description="fill price moved against us, in bps")
+    ] = 1.0
+    commission_per_share: Annotated[float, Meta(ge=0, description="commission per share")] = 0.005
+    commission_min: Annotated[float, Meta(ge=0, description="minimum commission per fill")] = 0.0
+    stop_pct: Annotated[float, Meta(ge=0, description="stop distance from entry, % (0: none)")] = (
+        0.5
+    )
+    target_pct: Annotated[
+        float, Meta(ge=0, description="target distance from entry, % (0: none)")
+    ] = 1.0
+    allow_short: Annotated[bool, Meta(description="let a SELL open or grow a short position")] = (
+        False
+    )
 
 
 class Fill(Struct, frozen=True):

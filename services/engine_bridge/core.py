@@ -27,10 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Annotated, ClassVar
 
-from msgspec import Struct
+from msgspec import Meta, Struct
 
+from libs.common import names
 from libs.common.market.sessions import bar_id, ny_date, ts_et_minute
+from libs.common.runtime.settings import SettingsGroup
 from libs.common.schemas import Bar, ExecutedTrade, Portfolio, Position, Signal
 from services.engine_bridge.broker import BrokerConfig, Fill, PaperBroker
 from services.engine_bridge.model import (
@@ -48,14 +51,16 @@ LAST_REGULAR_BAR = 390
 """barId of 15:59 ET, the last regular-session minute."""
 
 
-class Channels(Struct, frozen=True, kw_only=True):
-    """Where each kind of record goes."""
+class Channels(SettingsGroup, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where each kind of record goes (``BRIDGE_<KIND>_CHANNEL``)."""
 
-    signals: str = "sentio.signals.minute.v1"
-    trades: str = "sentio.trades.executed.v1"
-    positions: str = "sentio.positions.state.v1"
-    portfolio: str = "sentio.portfolio.minute.v1"
-    gaps: str = "sentio.engine.gaps.v1"
+    ENV_TEMPLATE: ClassVar[str] = "{field}_channel"
+
+    signals: Annotated[str, Meta(description="channel of signals")] = names.SIGNALS
+    trades: Annotated[str, Meta(description="channel of executed trades")] = names.TRADES
+    positions: Annotated[str, Meta(description="channel of positions")] = names.POSITIONS
+    portfolio: Annotated[str, Meta(description="channel of portfolio snapshots")] = names.PORTFOLIO
+    gaps: Annotated[str, Meta(description="channel of engine gap reports")] = names.ENGINE_GAPS
 
 
 class CoreConfig(Struct, frozen=True, kw_only=True):

@@ -6,7 +6,7 @@ the open positions) and returns signals and orders. Three engines exist:
 - built-in strategies (``strategies.BuiltinEngine``: golden cross, z-score), synchronous and
   wrapped here so the actor can await them like any other;
 - the external engine (``external.ExternalEngine``), a subprocess speaking JSON lines;
-- the replay engine (``replay.ReplayActor``), which does not decide anything: it plays an
+- the replay engine (``replay.OutputReplay``), which does not decide anything: it plays an
   engine's recorded outputs, so it is an actor of its own rather than an ``Engine``.
 """
 
@@ -88,17 +88,18 @@ def make_engine(settings: BridgeSettings, **external_options: Any) -> Engine:
     if settings.engine == "builtin":
         return BuiltinAdapter(make_builtin(settings))
     if settings.engine == "external":
+        external = settings.external
         return ExternalEngine(
-            settings.external_command,
+            external.command,
             portfolio_id=settings.portfolio_id,
             symbols=settings.symbols,
-            timeout_ms=settings.external_timeout_ms,
-            start_timeout_ms=settings.external_start_timeout_ms,
-            max_timeouts=settings.external_max_timeouts,
-            max_restarts=settings.external_max_restarts,
-            restart_window_s=settings.external_restart_window_s,
-            backoff_initial_ms=settings.external_backoff_initial_ms,
-            backoff_max_ms=settings.external_backoff_max_ms,
+            timeout_ms=external.timeout_ms,
+            start_timeout_ms=external.start_timeout_ms,
+            max_timeouts=external.max_timeouts,
+            max_restarts=external.max_restarts,
+            restart_window_s=external.restart_window_s,
+            backoff_initial_ms=external.backoff_initial_ms,
+            backoff_max_ms=external.backoff_max_ms,
             **external_options,
         )
     raise ValueError(f"engine {settings.engine!r} is not a deciding engine")

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import os
 import shlex
-from collections import deque
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -27,6 +26,7 @@ import msgspec
 import structlog
 from msgspec import Struct
 
+from libs.common.runtime.backoff import Backoff, RestartBudget
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.schemas import Bar
 from services.engine_bridge.model import (
@@ -141,10 +141,8 @@ class ExternalEngine:
         self.timeout_s = timeout_ms / 1000.0
         self.start_timeout_s = start_timeout_ms / 1000.0
         self.max_timeouts = max_timeouts
-        self.max_restarts = max_restarts
-        self.restart_window_s = restart_window_s
-        self.backoff_initial_s = backoff_initial_ms / 1000.0
-        self.backoff_max_s = backoff_max_ms / 1000.0
+        self.budget = RestartBudget(max_restarts, restart_window_s, clock=clock)
+        self.backoff = Backoff(backoff_initial_ms / 1000.0, backoff_max_ms / 1000.0, jitter=0.0)
         self.env = env
         self.clock = clock
         self.name = "external"
@@ -161,7 +159,6 @@ class ExternalEngine:
         self._tasks: list[asyncio.Task[None]] = []
         self._next_id = 0
         self._consecutive_timeouts = 0
-        self._restart_times: deque[float] = deque()
         self._down_since: float | None = None
         self._positions: list[PositionView] = []
         self._started = False
@@ -401,20 +398,19 @@ class ExternalEngine:
     async def _restart(self) -> str:
         """Restart after the backoff; '' when running again, else the reason of the gap."""
         now = self.clock.monotonic()
-        times = self._restart_times
-        while times and now - times[0] > self.restart_window_s:
-            times.popleft()
-        if len(times) >= self.max_restarts:
+        budget = self.budget
+        recent = budget.recent()
+        if budget.exhausted():
             raise EngineFailed(
-                f"external engine {self.command[0]!r} restarted {len(times)} times within "
-                f"{self.restart_window_s:g} s (budget {self.max_restarts})"
+                f"external engine {self.command[0]!r} restarted {recent} times within "
+                f"{budget.window_s:g} s (budget {budget.max_restarts})"
             )
-        delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** len(times))
+        delay = self.backoff.delay_s(recent)
         down_since = self._down_since if self._down_since is not None else now
         wait = down_since + delay - now
         if wait > 0:
             await asyncio.sleep(wait)
-        times.append(self.clock.monotonic())
+        budget.spend()
         self.restarts += 1
         self._consecutive_timeouts = 0
         if self._on_restart is not None:

@@ -14,7 +14,7 @@ class BridgeMetrics:
         self.bars = Counter(
             "tickmesh_bridge_bars",
             "Bars received, by what became of them "
-            "(pending, correction, duplicate, late, outside, ignored, undecodable, stale)",
+            "(pending, correction, duplicate, late, outside, ignored, undecodable)",
             ["outcome"],
             registry=registry,
         )

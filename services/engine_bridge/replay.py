@@ -30,10 +30,11 @@ import msgspec
 from msgspec import Struct
 from prometheus_client import CollectorRegistry
 
+from libs.common import names
 from libs.common.io.redis_io import Publisher
 from libs.common.market.sessions import MINUTE_MS, bar_id, floor_minute, ts_et, ts_et_minute
-from libs.common.runtime.actors import Actor, Overflow
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
+from libs.common.runtime.lifecycle import Component
 from libs.common.schemas import Bar, ExecutedTrade, Heartbeat, Signal
 from services.engine_bridge.broker import BrokerConfig, PaperBroker
 from services.engine_bridge.core import (
@@ -234,7 +235,7 @@ class ReplayBook:
         self,
         run: RunInfo,
         channels: Channels = DEFAULT_CHANNELS,
-        bars_channel: str = "bars.{symbol}.1m",
+        bars_channel: str = names.BARS,
         portfolio_id: str | None = None,
     ) -> None:
         self.run = run
@@ -334,7 +335,7 @@ class ReplayBook:
         return records
 
 
-class ReplayActor(Actor[None]):
+class OutputReplay(Component):
     """Publishes replay minutes on a fixed pace; see the module docstring."""
 
     def __init__(
@@ -345,18 +346,16 @@ class ReplayActor(Actor[None]):
         *,
         speed_ms: int,
         channels: Channels = DEFAULT_CHANNELS,
-        bars_channel: str = "bars.{symbol}.1m",
+        bars_channel: str = names.BARS,
         portfolio_id: str | None = None,
         run_id: str = "replay",
-        heartbeat_channel: str = "sentio.heartbeat.v1",
+        heartbeat_channel: str = names.HEARTBEAT,
         clock: Clock = SYSTEM_CLOCK,
         on_done: Callable[[], None] | None = None,
         on_minute: Callable[[int], None] | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        super().__init__(
-            "engine_bridge.replay", mailbox_size=1, overflow=Overflow.SHED, registry=registry
-        )
+        super().__init__("engine_bridge.replay", registry=registry)
         self.book = ReplayBook(run, channels, bars_channel, portfolio_id)
         self.minutes = list(minutes)
         self.publisher = publisher

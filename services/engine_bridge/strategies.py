@@ -223,12 +223,8 @@ class BuiltinEngine:
 def make_strategy(name: str, settings: Any) -> Strategy:
     """The built-in strategy ``name`` with its parameters from the bridge settings."""
     if name == "golden_cross":
-        return GoldenCross(settings.golden_fast_window, settings.golden_slow_window)
+        return GoldenCross(settings.golden.fast_window, settings.golden.slow_window)
     if name == "zscore":
-        return ZScore(
-            settings.zscore_return_window,
-            settings.zscore_window,
-            settings.zscore_entry,
-            settings.zscore_exit,
-        )
+        zscore = settings.zscore
+        return ZScore(zscore.return_window, zscore.window, zscore.entry, zscore.exit)
     raise ValueError(f"unknown built-in strategy {name!r}")

@@ -1,7 +1,7 @@
 """Mirror: every Redis channel in the routing table to Kafka, without loss; parity reports.
 
-Actors (one hop from here): the forwarder (``forwarder.MirrorActor``), the reconciler on a
-timer (``reconciler.ReconcilerActor``) and the heartbeat (``libs.common.io.heartbeat``).
+Components (one hop from here): the forwarder (``forwarder.Forwarder``), the reconciler on a
+timer (``reconciler.ScheduledReconciler``) and the heartbeat (``libs.common.io.heartbeat``).
 Subcommands: ``run`` (the default), ``reconcile`` (one report on demand), ``routes`` (the
 routing table in effect), ``audit`` (does Kafka hold every record Redis published?).
 """
@@ -16,36 +16,30 @@ import msgspec
 
 from libs.common.io.redis_io import connect_redis
 from libs.common.io.wiring import add_heartbeat, connect_runtime_redis, make_publisher
-from libs.common.runtime.actors import ActorState
 from libs.common.runtime.cli import ServiceCli
+from libs.common.runtime.lifecycle import State
 from libs.common.runtime.logs import configure_logging
 from libs.common.runtime.service import EXIT_CONFIG, ServiceRuntime, run_main
 from services.mirror.audit import Audit, audit
 from services.mirror.config import MirrorSettings
-from services.mirror.forwarder import MirrorActor
-from services.mirror.reconciler import ReconcilerActor, add_reconcile_arguments, reconcile_main
+from services.mirror.forwarder import Forwarder
+from services.mirror.reconcile_cli import add_reconcile_arguments, reconcile_main
+from services.mirror.reconciler import ScheduledReconciler
 from services.mirror.routing import RoutingTable
 
 CLI = ServiceCli("mirror", __doc__.splitlines()[0], MirrorSettings)
 
 
-def _settings() -> MirrorSettings:
-    settings = CLI.settings()
-    assert isinstance(settings, MirrorSettings)
-    return settings
-
-
-async def build(runtime: ServiceRuntime) -> None:
-    """Create the mirror's actors under the runtime's supervisor."""
+async def build(runtime: ServiceRuntime[MirrorSettings]) -> None:
+    """Create the mirror's components under the runtime's supervisor."""
     settings = runtime.settings
-    assert isinstance(settings, MirrorSettings)
     client = await connect_runtime_redis(runtime)
     publisher = make_publisher(runtime, client)
-    forwarder = MirrorActor(settings, client, registry=runtime.registry)
+    forwarder = Forwarder(settings, client, registry=runtime.registry)
     runtime.supervisor.add(forwarder)
-    runtime.http.add_readiness("forwarder", lambda: forwarder.state is ActorState.RUNNING)
+    runtime.http.add_readiness("forwarder", lambda: forwarder.state is State.RUNNING)
     if settings.reconcile_interval_s > 0:
-        runtime.supervisor.add(ReconcilerActor(settings, client, registry=runtime.registry))
+        runtime.supervisor.add(ScheduledReconciler(settings, client, registry=runtime.registry))
     add_heartbeat(
         runtime,
         publisher,
@@ -56,12 +50,12 @@ async def build(runtime: ServiceRuntime) -> None:
 
 def run(_args: argparse.Namespace) -> int:
     """``run``: serve until stopped."""
-    return run_main("mirror", _settings(), build)
+    return run_main("mirror", CLI.settings(), build)
 
 
 def reconcile(args: argparse.Namespace) -> int:
     """``reconcile``: one parity report, printed (and stored and published unless told not)."""
-    settings = _settings()
+    settings = CLI.settings()
     configure_logging(
         "mirror",
         "warning" if args.quiet else settings.log_level,
@@ -76,7 +70,7 @@ def reconcile(args: argparse.Namespace) -> int:
 
 def routes(_args: argparse.Namespace) -> int:
     """``routes``: print the routing table in effect as JSON."""
-    settings = _settings()
+    settings = CLI.settings()
     table = RoutingTable(settings)
     sys.stdout.write(
         msgspec.json.format(
@@ -90,7 +84,7 @@ def routes(_args: argparse.Namespace) -> int:
 
 def audit_command(args: argparse.Namespace) -> int:
     """``audit``: does Kafka hold every record Redis published on the routed channels?"""
-    settings = _settings()
+    settings = CLI.settings()
     configure_logging("mirror", "warning", "console")
 
     async def main() -> Audit:

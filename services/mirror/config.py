@@ -100,7 +100,8 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
         list[Route], Meta(description="routes checked before the table (JSON list)")
     ] = msgspec.field(default_factory=list)
     topic_mode: Annotated[
-        str, Meta(description="per-symbol: ticks.<SYM> topics; single: one topic keyed by symbol")
+        Literal["per-symbol", "single"],
+        Meta(description="per-symbol: ticks.<SYM> topics; single: one topic keyed by symbol"),
     ] = "per-symbol"
     topic_configs: Annotated[
         dict[str, str],
@@ -126,7 +127,8 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
         "mirror"
     )
     start: Annotated[
-        str, Meta(description="where a channel without a stored position starts: earliest, latest")
+        Literal["earliest", "latest"],
+        Meta(description="where a channel without a stored position starts"),
     ] = "earliest"
     shard_index: Annotated[int, Meta(ge=0, description="this instance's shard")] = 0
     shard_count: Annotated[int, Meta(gt=0, description="shards (split by channel hash)")] = 1
@@ -141,9 +143,9 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     read_count: Annotated[int, Meta(gt=0, description="records per stream read (XRANGE)")] = 1_000
     linger_ms: Annotated[int, Meta(ge=0, description="Kafka producer linger")] = 5
     max_batch_bytes: Annotated[int, Meta(gt=0, description="Kafka producer batch size")] = 1_048_576
-    compression: Annotated[str, Meta(description="Kafka compression: none, gzip, snappy, lz4")] = (
-        "none"
-    )
+    compression: Annotated[
+        Literal["none", "gzip", "snappy", "lz4", "zstd"], Meta(description="Kafka compression")
+    ] = "none"
     produce_timeout_ms: Annotated[
         int, Meta(gt=0, description="a produce not acknowledged by then fails and is re-sent")
     ] = 30_000
@@ -199,17 +201,11 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
         int, Meta(gt=0, description="reading a topic ends after this long without records")
     ] = 1_500
 
-    def __post_init__(self) -> None:
-        choices = {
-            "topic_mode": ("per-symbol", "single"),
-            "start": ("earliest", "latest"),
-            "compression": ("none", "gzip", "snappy", "lz4", "zstd"),
-        }
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"`$.{field}` must be one of {', '.join(allowed)}")
+    def check(self) -> None:
         if self.shard_index >= self.shard_count:
-            raise ValueError("`$.shard_index` must be below shard_count")
+            raise self.invalid(
+                "shard_index", f"must be below MIRROR_SHARD_COUNT={self.shard_count}"
+            )
 
     def table(self) -> list[Route]:
         """The routing table in effect: extra routes, then the table (default CONTRACT.md's)."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -33,14 +32,14 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from libs.common.io.deadletter import dead_letter_counter
+from libs.common.io.deadletter import DeadLetters, dead_letter_counter
 from libs.common.io.kafka_io import TopicAdmin, TopicSpec, sequence_headers, start_producer
 from libs.common.io.reliable import Record, SequencedConsumer, raise_if_cancelled
-from libs.common.names import Keys, channel_kind
-from libs.common.runtime.actors import Actor
+from libs.common.names import Keys
+from libs.common.runtime.backoff import Backoff
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
+from libs.common.runtime.lifecycle import Component
 from libs.common.runtime.metrics import metrics_for
-from libs.common.schemas import ENCODER, DeadLetter
 from services.mirror.config import MirrorSettings
 from services.mirror.routing import BadRecord, RoutingTable
 
@@ -149,7 +148,7 @@ def shard_filter(index: int, count: int) -> Callable[[str], bool] | None:
     return lambda channel: zlib.crc32(channel.encode()) % count == index
 
 
-class MirrorActor(Actor[None]):
+class Forwarder(Component):
     """Mirrors the routed Redis channels to Kafka; see the module docstring."""
 
     def __init__(
@@ -160,8 +159,9 @@ class MirrorActor(Actor[None]):
         registry: CollectorRegistry | None = None,
         clock: Clock = SYSTEM_CLOCK,
         metrics: MirrorMetrics | None = None,
+        rng: random.Random | None = None,
     ) -> None:
-        super().__init__("mirror.forwarder", mailbox_size=1, registry=registry)
+        super().__init__("mirror.forwarder", registry=registry)
         self.settings = settings
         self.client = client
         self.registry = registry
@@ -178,7 +178,10 @@ class MirrorActor(Actor[None]):
         self._broken: BaseException | None = None
         self._broken_event = asyncio.Event()
         self._send_failures = 0
-        self._attempt = 0
+        self.backoff = Backoff(
+            settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000, jitter=0.2, rng=rng
+        )
+        self.dead_letters = DeadLetters(None, "mirror", registry=registry, clock=clock)
         self._abandoned: list[asyncio.Future[list[object]]] = []
         self._stalled = False
         self._down_since = 0.0
@@ -358,30 +361,16 @@ class MirrorActor(Actor[None]):
                 await producer.send(topic, value, key=key, headers=sequence_headers(channel, seq))
             )
         acks: asyncio.Future[list[object]] = asyncio.gather(*futures, return_exceptions=True)
-        return InFlight(batch, acks, time.monotonic(), kinds, ticks, size)
+        return InFlight(batch, acks, self.clock.monotonic(), kinds, ticks, size)
 
     def _dead_letter(self, record: Record, error: str) -> tuple[str, bytes | None, bytes, int, str]:
-        self.mirror_metrics.dead_letters.labels("mirror", channel_kind(record.channel)).inc()
-        self.log.warning(
-            "mirror.dead_letter",
-            channel=record.channel,
-            seq=record.seq,
-            error=error[:300],
-            size=len(record.payload),
-        )
-        letter = DeadLetter(
-            seq=max(record.seq, 0),
-            source=record.channel,
-            error=error[:2_000],
-            raw=record.payload,
-            tsMs=self.clock.now_ms(),
-            service="mirror",
-        )
+        seq = max(record.seq, 0)
+        letter = self.dead_letters.letter(record.channel, error, record.payload, seq=seq)
         return (
             self.settings.deadletter_topic,
             record.channel.encode(),
-            ENCODER.encode(letter),
-            max(record.seq, 0),
+            letter,
+            seq,
             record.channel,
         )
 
@@ -416,7 +405,7 @@ class MirrorActor(Actor[None]):
         await self.consumer.commit(entry.records)
         metrics = self.mirror_metrics
         metrics.in_flight.dec(len(entry.records))
-        metrics.ack_seconds.observe(time.monotonic() - entry.sent_at)
+        metrics.ack_seconds.observe(self.clock.monotonic() - entry.sent_at)
         metrics.batches.inc()
         for kind, count in entry.kinds.items():
             metrics.records.labels(kind).inc(count)
@@ -424,13 +413,13 @@ class MirrorActor(Actor[None]):
         metrics.bytes.inc(entry.size)
         self.acknowledged += sum(entry.kinds.values())
         self.acknowledged_ticks += entry.ticks
-        self._attempt = 0
+        self.backoff.reset()
         if self._stalled and self._broken is None:
             self._stalled = False
             self.mirror_metrics.kafka_up.set(1)
             self.log.info(
                 "mirror.kafka_recovered",
-                down_s=round(time.monotonic() - self._down_since, 3),
+                down_s=round(self.clock.monotonic() - self._down_since, 3),
                 action="catching up from the streams",
             )
 
@@ -445,7 +434,7 @@ class MirrorActor(Actor[None]):
             self.mirror_metrics.kafka_up.set(0)
         self.log.warning(
             "mirror.kafka_stalled",
-            waiting_s=round(time.monotonic() - entry.sent_at, 3),
+            waiting_s=round(self.clock.monotonic() - entry.sent_at, 3),
             in_flight_batches=len(self._in_flight),
             in_flight_records=sum(len(e.records) for e in self._in_flight),
             action="holding positions; new records wait in the Redis streams",
@@ -461,7 +450,7 @@ class MirrorActor(Actor[None]):
             self.mirror_metrics.kafka_up.set(0)
             if not self._stalled:
                 self._stalled = True
-                self._down_since = time.monotonic()
+                self._down_since = self.clock.monotonic()
             self.log.error(
                 "mirror.kafka_send_failed",
                 error=repr(exc),
@@ -480,13 +469,8 @@ class MirrorActor(Actor[None]):
         if self._abandoned:
             await asyncio.gather(*self._abandoned, return_exceptions=True)
             self._abandoned.clear()
-        self._attempt += 1
-        delay_ms = min(
-            self.settings.retry_max_ms,
-            self.settings.retry_initial_ms * 2 ** min(self._attempt - 1, 16),
-        )
-        delay_s = delay_ms / 1000 * random.uniform(0.8, 1.2)
-        self.log.info("mirror.retrying", attempt=self._attempt, delay_s=round(delay_s, 3))
+        delay_s = self.backoff.next_s()
+        self.log.info("mirror.retrying", attempt=self.backoff.attempts, delay_s=round(delay_s, 3))
         await asyncio.sleep(delay_s)
         self.consumer.rewind()
         self._broken = None
@@ -504,7 +488,7 @@ class MirrorActor(Actor[None]):
 
     def oldest_unacked_s(self) -> float:
         """Age of the oldest unacknowledged batch (0 when none)."""
-        return time.monotonic() - self._in_flight[0].sent_at if self._in_flight else 0.0
+        return self.clock.monotonic() - self._in_flight[0].sent_at if self._in_flight else 0.0
 
     @property
     def falling_behind(self) -> bool:
@@ -530,7 +514,7 @@ class MirrorActor(Actor[None]):
         self.mirror_metrics.lag_records.set(lag)
         self.mirror_metrics.oldest_unacked.set(self.oldest_unacked_s())
         self.mirror_metrics.falling_behind.set(1 if behind else 0)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if behind and not self._episode_since:
             self._episode_since = now
             self._episode_max_lag = lag

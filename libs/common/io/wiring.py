@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-from libs.common.io.heartbeat import HeartbeatActor
+from libs.common.io.heartbeat import HeartbeatSender
 from libs.common.io.redis_io import Publisher, connect_redis
 from libs.common.names import Keys
 from libs.common.runtime.service import ServiceRuntime
@@ -42,10 +42,10 @@ def add_heartbeat(
     *,
     lag_ms: Callable[[], int] = lambda: 0,
     status: Callable[[], str] = lambda: "ok",
-) -> HeartbeatActor:
+) -> HeartbeatSender:
     """Add the heartbeat actor every service runs."""
     settings = runtime.settings
-    actor = HeartbeatActor(
+    actor = HeartbeatSender(
         runtime.service,
         settings.effective_run_id(),
         settings.mode,

@@ -1,0 +1,136 @@
+"""The promotion gate: N consecutive trading days, each at the parity target.
+
+Each day's report leaves a ``DaySummary`` in one Redis hash (``GateStore``);
+``evaluate_gate`` reads the window ending at a day and says whether Kafka may become the
+source of truth, and why not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date, timedelta
+
+import msgspec
+import redis.asyncio as aioredis
+
+from libs.common.names import Keys
+from libs.common.schemas import ENCODER
+from services.mirror.report import Gate, GateDay
+
+
+class DaySummary(msgspec.Struct, frozen=True):
+    """What the gate keeps of a day's report."""
+
+    day: str
+    parityPct: float | None
+    compared: int
+    matched: int
+    generatedAtMs: int
+    kafkaBars: int = 0
+    redisBars: int = 0
+
+
+class GateStore:
+    """The day summaries the gate reads, in one Redis hash (field = day)."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.key = keys.state("parity:days")
+
+    async def put(self, summary: DaySummary) -> None:
+        """Store (replace) one day's summary."""
+        await self.client.hset(self.key, summary.day, ENCODER.encode(summary))
+
+    async def get_many(self, days: Iterable[date]) -> dict[str, DaySummary]:
+        """The summaries of ``days`` that exist."""
+        names = [day.isoformat() for day in days]
+        if not names:
+            return {}
+        values = await self.client.hmget(self.key, names)
+        return {
+            name: msgspec.json.decode(value, type=DaySummary)
+            for name, value in zip(names, values, strict=True)
+            if value is not None
+        }
+
+
+def evaluate_gate(
+    day: date,
+    summaries: dict[str, DaySummary],
+    *,
+    days: int,
+    target_pct: float,
+    lookback_days: int = 30,
+) -> Gate:
+    """Promotion readiness at ``day``: the last ``days`` trading days each at ``target_pct``.
+
+    Trading days are weekdays; a weekday whose report found no bars on either side is taken
+    for a market holiday and skipped (the window reaches further back); a weekday without a
+    report fails (the reconciler did not run). The window is consecutive: one failing day
+    anywhere in it means not ready.
+    """
+    window: list[GateDay] = []
+    current = day
+    oldest = day - timedelta(days=lookback_days)
+    skipped: list[str] = []
+    while len(window) < days and current >= oldest:
+        if current.weekday() < 5:
+            name = current.isoformat()
+            summary = summaries.get(name)
+            if summary is None:
+                window.append(GateDay(name, None, 0, False, "no report"))
+            elif summary.compared == 0:
+                skipped.append(name)
+            else:
+                pct = summary.parityPct
+                passed = pct is not None and pct >= target_pct
+                window.append(
+                    GateDay(
+                        name,
+                        pct,
+                        summary.compared,
+                        passed,
+                        "" if passed else f"below {target_pct:g} %",
+                    )
+                )
+        current -= timedelta(days=1)
+    window.reverse()
+    passing = 0
+    for entry in reversed(window):  # consecutive passing days ending at ``day``
+        if not entry.passed:
+            break
+        passing += 1
+    ready = len(window) == days and all(entry.passed for entry in window)
+    reasons: list[str] = []
+    if ready:
+        reasons.append(
+            f"{days} consecutive trading days ({window[0].day} to {window[-1].day}) "
+            f"each at ≥ {target_pct:g} %: Kafka may become the source of truth"
+        )
+    for entry in window:
+        if entry.passed:
+            continue
+        if entry.note == "no report":
+            reasons.append(f"{entry.day}: no parity report (the reconciler did not run that day)")
+        else:
+            reasons.append(
+                f"{entry.day}: parity {entry.parityPct:.3f} % is below "
+                f"{target_pct:g} % over {entry.compared:,} symbol-minutes"
+            )
+    if len(window) < days:
+        reasons.append(
+            f"only {len(window)} trading days with reports in the last "
+            f"{lookback_days} days; {days} are needed"
+        )
+    if skipped:
+        reasons.append(
+            f"skipped as no-trading days (no bars on either side): {', '.join(sorted(skipped))}"
+        )
+    return Gate(
+        ready=ready,
+        days=days,
+        targetPct=target_pct,
+        passing=passing,
+        window=window,
+        reasons=reasons,
+    )

@@ -1,0 +1,161 @@
+"""Reading what the reconciler compares: the Redis bars (bar store), the Kafka bars (the
+shadow builder's topics) and the vendor's minute aggregates (Redis streams), for one day."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date
+
+import msgspec
+import redis.asyncio as aioredis
+
+from libs.common import names
+from libs.common.io.barstore import BarStore
+from libs.common.io.kafka_io import list_topics, read_from_beginning
+from libs.common.io.redis_io import StreamReader
+from libs.common.market.sessions import ny_date
+from libs.common.names import Keys
+from libs.common.schemas import BAR_DECODER, DECODERS, AggregateBatch, Bar, VendorAggregate
+from services.mirror.config import MirrorSettings
+
+AGGREGATE_DECODER = DECODERS[AggregateBatch]
+
+
+@dataclass
+class DaySides:
+    """Everything one day's report compares, read once."""
+
+    day: date
+    symbols: list[str]
+    redis: dict[str, dict[int, Bar]] = field(default_factory=dict)
+    """Per symbol: the bar store's bar of each minute (its newest revision)."""
+    kafka: dict[str, list[Bar]] = field(default_factory=dict)
+    vendor: dict[str, dict[int, VendorAggregate]] = field(default_factory=dict)
+    """Per symbol whose feed has the vendor's aggregates."""
+    vendor_checked: bool = False
+    kafka_records: int = 0
+    kafka_undecodable: int = 0
+
+    @property
+    def redis_count(self) -> int:
+        """Redis bars of the day."""
+        return sum(len(bars) for bars in self.redis.values())
+
+    @property
+    def kafka_count(self) -> int:
+        """Kafka bars of the day (every copy)."""
+        return sum(len(bars) for bars in self.kafka.values())
+
+
+class SideReader:
+    """Reads the sides of a day."""
+
+    def __init__(self, settings: MirrorSettings, client: aioredis.Redis) -> None:
+        self.settings = settings
+        self.client = client
+        self.keys = Keys(settings.key_prefix)
+        self.store = BarStore(client, self.keys)
+
+    async def collect(self, day: date, symbols: list[str] | None, *, vendor: bool) -> DaySides:
+        """Every side of ``day`` for ``symbols`` (None: every symbol with bars on a side)."""
+        if symbols:
+            wanted = sorted(set(symbols))
+            kafka, read, bad = await self.kafka_bars(wanted, day)
+        else:
+            kafka, read, bad = await self.kafka_bars(None, day)
+            wanted = sorted(set(await self.store.symbols(day)) | set(kafka))
+        sides = DaySides(day, wanted, kafka=kafka, kafka_records=read, kafka_undecodable=bad)
+        sides.vendor_checked = vendor
+        for symbol in wanted:
+            sides.redis[symbol] = await self.store.day(symbol, day)
+            if vendor:
+                aggregates = await self.vendor_bars(symbol, day)
+                if aggregates is not None:
+                    sides.vendor[symbol] = aggregates
+        return sides
+
+    def _bars_topic(self, symbol: str) -> str:
+        return names.channel(self.settings.kafka_bars_topic, symbol)
+
+    async def kafka_symbols(self) -> set[str]:
+        """Symbols that have a Kafka bars topic (per-symbol topics only)."""
+        template = self.settings.kafka_bars_topic
+        if "{symbol}" not in template:
+            return set()
+        prefix, _, suffix = template.partition("{symbol}")
+        return {
+            topic[len(prefix) : len(topic) - len(suffix)]
+            for topic in await list_topics(self.settings)
+            if topic.startswith(prefix)
+            and topic.endswith(suffix)
+            and len(topic) > len(prefix) + len(suffix)
+        }
+
+    async def kafka_bars(
+        self, symbols: Iterable[str] | None, day: date
+    ) -> tuple[dict[str, list[Bar]], int, int]:
+        """Kafka bars of ``day`` by symbol (every copy), records read, undecodable records.
+
+        ``symbols`` None: every symbol found (the single-topic layout reads all records).
+        """
+        wanted = None if symbols is None else set(symbols)
+        template = self.settings.kafka_bars_topic
+        if "{symbol}" in template:
+            names = wanted if wanted is not None else await self.kafka_symbols()
+            topics = sorted(self._bars_topic(symbol) for symbol in names)
+        else:
+            topics = [template]
+        found: dict[str, list[Bar]] = {}
+        read = bad = 0
+        async for records in read_from_beginning(
+            self.settings, topics, idle_ms=self.settings.kafka_idle_ms
+        ):
+            for record in records:
+                read += 1
+                try:
+                    bar = BAR_DECODER.decode(record.value)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    bad += 1
+                    continue
+                if (wanted is None or bar.symbol in wanted) and ny_date(bar.startMs) == day:
+                    found.setdefault(bar.symbol, []).append(bar)
+        return found, read, bad
+
+    async def vendor_bars(self, symbol: str, day: date) -> dict[int, VendorAggregate] | None:
+        """The vendor's minute aggregates of ``symbol`` on ``day`` by start (None: no stream)."""
+        template = self.settings.vendor_channel
+        if not template:
+            return None
+        channel = template.replace("{symbol}", symbol)
+        reader = StreamReader(self.client, self.keys)
+        if not await self.client.exists(self.keys.stream(channel)):
+            return None
+        found: dict[int, VendorAggregate] = {}
+        cursor = 0
+        while True:
+            entries = await reader.read(channel, cursor, 1_000)
+            if not entries:
+                break
+            cursor = entries[-1][0]
+            for _, payload in entries:
+                try:
+                    batch = AGGREGATE_DECODER.decode(payload)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue
+                for aggregate in batch.aggs:
+                    if aggregate.s and ny_date(aggregate.s) == day:
+                        found[aggregate.s] = aggregate
+        return found
+
+    async def latest_day(self) -> date | None:
+        """The newest day that has bars in the bar store (for a default date)."""
+        pattern = f"{self.keys.prefix}barstore:{{*}}:*"
+        newest: date | None = None
+        async for key in self.client.scan_iter(match=pattern, count=1000):
+            try:
+                found = date.fromisoformat(key.decode().rsplit(":", 1)[1])
+            except ValueError:
+                continue
+            newest = found if newest is None or found > newest else newest
+        return newest
