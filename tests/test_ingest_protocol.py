@@ -173,7 +173,7 @@ def test_build_records_can_strip_the_event_tag_from_ticks_with_the_same_content(
 
 def test_channel_templates_are_configurable() -> None:
     events, _ = decode_frame(frame(TRADE_AAPL))
-    channels = protocol.ChannelNames(trades="t.{sym}.v2")
+    channels = protocol.ChannelNames(trades="t.{symbol}.v2")
     assert build_records(split_frame(events), 1, channels)[0][0] == "t.AAPL.v2"
 
 

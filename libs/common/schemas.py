@@ -23,7 +23,8 @@ class Trade(Struct, frozen=True, omit_defaults=True):
     """One trade print, with Polygon's field names (``T`` event without ``ev``).
 
     ``c`` holds Polygon trade-condition ids. ``suspicious`` marks a print the data vendor
-    judged suspicious (only known for vendor tick files). ``ts_init`` is when tickmesh saw it.
+    judged suspicious (only known for vendor tick files). When tickmesh saw it is the
+    record's ``tsInit`` (``TickBatch``), one per feed frame.
     """
 
     sym: str

@@ -111,12 +111,12 @@ class CoreStats:
         return asdict(self)
 
 
-def r2(value: float) -> float:
+def money(value: float) -> float:
     """Money, rounded to cents (``+ 0.0`` turns ``-0.0`` into ``0.0``)."""
     return round(value, 2) + 0.0
 
 
-def r4(value: float) -> float:
+def price4(value: float) -> float:
     """Prices, rounded to 1/10000."""
     return round(value, 4) + 0.0
 
@@ -149,7 +149,7 @@ def position_records(
                         barsHeld=0,
                         shares=0,
                         entryPrice=0.0,
-                        lastPrice=r4(bar.close) if bar is not None else None,
+                        lastPrice=price4(bar.close) if bar is not None else None,
                         unrealizedPnl=0.0,
                     ),
                 )
@@ -165,11 +165,15 @@ def position_records(
                     barId=minute_bar_id,
                     barsHeld=position.barsHeld,
                     shares=position.shares,
-                    entryPrice=r4(position.entryPrice),
-                    lastPrice=r4(position.lastPrice),
-                    unrealizedPnl=r2((position.lastPrice - position.entryPrice) * position.shares),
-                    stopPrice=None if position.stopPrice is None else r4(position.stopPrice),
-                    targetPrice=None if position.targetPrice is None else r4(position.targetPrice),
+                    entryPrice=price4(position.entryPrice),
+                    lastPrice=price4(position.lastPrice),
+                    unrealizedPnl=money(
+                        (position.lastPrice - position.entryPrice) * position.shares
+                    ),
+                    stopPrice=None if position.stopPrice is None else price4(position.stopPrice),
+                    targetPrice=None
+                    if position.targetPrice is None
+                    else price4(position.targetPrice),
                 ),
             )
         )
@@ -184,11 +188,11 @@ def portfolio_record(broker: PaperBroker, portfolio_id: str, minute_ms: int) -> 
         portfolioId=portfolio_id,
         tsET=ts_et_minute(minute_ms),
         barId=bar_id(minute_ms),
-        equity=r2(broker.equity()),
-        cash=r2(state.cash),
-        realizedPnl=r2(state.realizedPnl),
-        unrealizedPnl=r2(broker.unrealized()),
-        exposure=r2(broker.exposure()),
+        equity=money(broker.equity()),
+        cash=money(state.cash),
+        realizedPnl=money(state.realizedPnl),
+        unrealizedPnl=money(broker.unrealized()),
+        exposure=money(broker.exposure()),
         openPositions=len(state.positions),
     )
 
@@ -202,13 +206,13 @@ def trade_record(fill: Fill, minute_ms: int, trade_id: str) -> ExecutedTrade:
         barId=bar_id(minute_ms),
         action=fill.action,  # type: ignore[arg-type]
         shares=fill.shares,
-        price=r4(fill.price),
-        stopPrice=None if fill.stopPrice is None else r4(fill.stopPrice),
-        targetPrice=None if fill.targetPrice is None else r4(fill.targetPrice),
+        price=price4(fill.price),
+        stopPrice=None if fill.stopPrice is None else price4(fill.stopPrice),
+        targetPrice=None if fill.targetPrice is None else price4(fill.targetPrice),
         reason=fill.reason,
         tradeId=trade_id,
-        realizedPnl=r2(fill.realizedPnl),
-        commission=r4(fill.commission),
+        realizedPnl=money(fill.realizedPnl),
+        commission=price4(fill.commission),
     )
 
 

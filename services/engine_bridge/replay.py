@@ -40,10 +40,10 @@ from services.engine_bridge.broker import BrokerConfig, PaperBroker
 from services.engine_bridge.core import (
     Channels,
     Outputs,
+    money,
     portfolio_record,
     position_records,
-    r2,
-    r4,
+    price4,
 )
 
 DEFAULT_CHANNELS = Channels()
@@ -156,7 +156,7 @@ def line_time_ms(line: ReplayLine) -> int:
 
 def price_bar_to_bar(symbol: str, price: PriceBar) -> Bar:
     """A ``price_data`` entry as the contract's bar (vwap defaults to the typical price)."""
-    typical = r4((price.high + price.low + price.close) / 3)
+    typical = price4((price.high + price.low + price.close) / 3)
     vwap = price.vwap if price.vwap is not None else typical
     return Bar(
         seq=0,
@@ -316,13 +316,13 @@ class ReplayBook:
                         barId=bar_id(start),
                         action=line.action,
                         shares=line.shares,
-                        price=r4(line.price),
+                        price=price4(line.price),
                         stopPrice=line.stopPrice,
                         targetPrice=line.targetPrice,
                         reason=line.reason,
                         tradeId=trade_id,
-                        realizedPnl=r2(fill.realizedPnl),
-                        commission=r4(line.commission),
+                        realizedPnl=money(fill.realizedPnl),
+                        commission=price4(line.commission),
                     ),
                 )
             )
@@ -515,9 +515,9 @@ def export_replay(
         summary=Summary(
             signals=signals,
             trades=trades,
-            realizedPnl=r2(realized),
-            commissions=r4(commissions),
-            endEquity=r2(end_equity),
+            realizedPnl=money(realized),
+            commissions=price4(commissions),
+            endEquity=money(end_equity),
         ),
     )
     results_path = out / "results.json"

@@ -30,6 +30,7 @@ from typing import Final, NamedTuple, TypeAlias
 import msgspec
 from msgspec import Struct
 
+from libs.common import names
 from libs.common.schemas import (
     AggregateBatch,
     Quote,
@@ -203,27 +204,25 @@ def split_frame(events: Iterable[Event]) -> FrameSplit:
 
 
 class ChannelNames(Struct, frozen=True):
-    """Redis channel templates of the records ingest publishes (CONTRACT.md defaults).
+    """Redis channel templates of the records ingest publishes (``libs.common.names``).
 
-    Each template holds ``{sym}`` exactly once.
+    Each template holds ``{symbol}`` exactly once.
     """
 
-    trades: str = "ticks.{sym}"
-    quotes: str = "quotes.{sym}"
-    second_aggs: str = "aggs.{sym}.1s"
-    minute_aggs: str = "aggs.{sym}.1m"
+    trades: str = names.TICKS
+    quotes: str = names.QUOTES
+    second_aggs: str = names.SECOND_AGGS
+    minute_aggs: str = names.MINUTE_AGGS
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:
             template = getattr(self, name)
-            if template.count("{sym}") != 1:
-                raise ValueError(f"channel template {name}={template!r} needs one {{sym}}")
+            if template.count("{symbol}") != 1:
+                raise ValueError(f"channel template {name}={template!r} needs one {{symbol}}")
 
 
-def _template_parts(template: str) -> tuple[str, str]:
-    # Concatenation is several times cheaper than str.format, once per record.
-    prefix, _, suffix = template.partition("{sym}")
-    return prefix, suffix
+# Concatenating the parts is several times cheaper than str.format, once per record.
+_template_parts = names.template_parts
 
 
 DEFAULT_CHANNELS: Final = ChannelNames()

@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from libs.common import names
 from libs.common.runtime.settings import CommonSettings
 
 
@@ -41,41 +42,19 @@ class Route(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
 
 
 DEFAULT_ROUTES: tuple[Route, ...] = (
-    Route(pattern="ticks.*", single_topic="sentio.ticks.v1", schema="TickBatch"),
-    Route(pattern="bars.*.1m", topic="sentio.prices.minute.v1", schema="Bar"),
+    Route(pattern=names.TICKS_PATTERN, single_topic=names.TICKS_SINGLE_TOPIC, schema="TickBatch"),
+    Route(pattern=names.BARS_PATTERN, topic=names.PRICES_TOPIC, schema="Bar"),
+    Route(pattern=names.SIGNALS, key="field:symbol", schema="Signal"),
+    Route(pattern=names.TRADES, key="field:symbol", schema="ExecutedTrade"),
+    Route(pattern=names.POSITIONS, key="field:symbol", cleanup_policy="compact", schema="Position"),
     Route(
-        pattern="sentio.signals.minute.v1", topic="{channel}", key="field:symbol", schema="Signal"
-    ),
-    Route(
-        pattern="sentio.trades.executed.v1",
-        topic="{channel}",
-        key="field:symbol",
-        schema="ExecutedTrade",
-    ),
-    Route(
-        pattern="sentio.positions.state.v1",
-        topic="{channel}",
-        key="field:symbol",
-        cleanup_policy="compact",
-        schema="Position",
-    ),
-    Route(
-        pattern="sentio.portfolio.minute.v1",
-        topic="{channel}",
+        pattern=names.PORTFOLIO,
         key="field:portfolioId",
         cleanup_policy="compact",
         schema="Portfolio",
     ),
-    Route(
-        pattern="sentio.heartbeat.v1",
-        topic="{channel}",
-        key="field:runId",
-        cleanup_policy="compact",
-        schema="Heartbeat",
-    ),
-    Route(
-        pattern="sentio.deadletter.v1", topic="{channel}", key="field:source", schema="DeadLetter"
-    ),
+    Route(pattern=names.HEARTBEAT, key="field:runId", cleanup_policy="compact", schema="Heartbeat"),
+    Route(pattern=names.DEAD_LETTERS, key="field:source", schema="DeadLetter"),
 )
 """CONTRACT.md's Kafka topics, as routes from their Redis channels."""
 
@@ -119,7 +98,7 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     ] = True
     topic_replication: Annotated[int, Meta(ge=1, description="replication factor of topics")] = 1
     deadletter_topic: Annotated[str, Meta(description="Kafka topic of undecodable records")] = (
-        "sentio.deadletter.v1"
+        names.DEAD_LETTERS
     )
 
     # -- delivery ------------------------------------------------------------------------------
@@ -187,12 +166,12 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     ] = 5
     kafka_bars_topic: Annotated[
         str, Meta(description="Kafka bars of the shadow builder ({symbol}: one per symbol)")
-    ] = "bars.{symbol}.1m"
+    ] = names.BARS
     vendor_channel: Annotated[
         str, Meta(description="Redis channel of the vendor's minute aggregates (empty: none)")
-    ] = "aggs.{symbol}.1m"
+    ] = names.MINUTE_AGGS
     parity_topic: Annotated[str, Meta(description="Kafka topic of the parity reports")] = (
-        "sentio.parity.reports.v1"
+        names.PARITY_TOPIC
     )
     report_max_listed: Annotated[
         int, Meta(ge=0, description="mismatches listed per kind in a report")
