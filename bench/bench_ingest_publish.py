@@ -51,6 +51,7 @@ from libs.common.io.redis_io import Publisher
 from libs.common.names import Keys
 from services.ingest import protocol
 from services.ingest.client import Frame, FrameProcessor, IngestMetrics
+from services.ingest.publishing import FeedPublisher
 
 
 async def publish_pass(
@@ -60,7 +61,7 @@ async def publish_pass(
     registry = CollectorRegistry()
     publisher = Publisher(client, keys=Keys(f"bench:{round_id}:"), registry=registry)
     processor = FrameProcessor(
-        publisher,
+        FeedPublisher(publisher, registry=registry),
         DeadLetters(publisher, "bench", registry=registry),
         IngestMetrics(registry),
         queue_size=len(frames) + 1,

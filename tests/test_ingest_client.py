@@ -34,7 +34,7 @@ from libs.common.names import Keys
 from libs.common.runtime.logs import configure_logging
 from libs.common.runtime.service import EXIT_CONFIG
 from libs.common.runtime.settings import Secret, SettingsError, load_settings, public_view
-from libs.common.schemas import DeadLetter, TickBatch
+from libs.common.schemas import DeadLetter, FeedGap, TickBatch, decode
 from services.ingest import protocol
 from services.ingest.client import (
     CLOSED,
@@ -48,6 +48,7 @@ from services.ingest.client import (
 )
 from services.ingest.config import IngestSettings
 from services.ingest.protocol import Event, TradeEvent
+from services.ingest.publishing import FeedPublisher
 from services.ingest.simulator import PolygonSimulator, SimulatorSettings, SyntheticFeed
 from tests.helpers import eventually
 
@@ -127,7 +128,7 @@ async def running_ingest(
     used = publisher(real) if publisher is not None else real
     metrics = IngestMetrics(registry)
     processor = FrameProcessor(
-        used,
+        FeedPublisher(used, registry=registry),
         DeadLetters(real, "ingest", registry=registry),
         metrics,
         queue_size=queue_size,
@@ -360,6 +361,14 @@ async def test_a_disconnect_reconnects_reauthenticates_resubscribes_and_data_res
         for channel in channels:  # one publisher across both sessions: still gapless
             seqs = [seq for seq, _ in await ingest.streams.read(channel, count=100_000)]
             assert seqs == list(range(1, len(seqs) + 1))
+        # the time the socket was down is a gap: opened with the feed's time at the
+        # disconnect, closed at the first trade after it
+        gaps = [decode(p, FeedGap) for _, p in await ingest.streams.read(names.FEED_GAPS)]
+        assert [g.status for g in gaps] == ["open", "closed"], gaps
+        opened, closed = gaps
+        assert opened.gapId == closed.gapId and opened.cause == closed.cause == reason
+        assert 0 < closed.startMs <= closed.endMs
+        assert ingest.metric("tickmesh_ingest_gaps_total", cause=reason) == 1
 
 
 async def test_delays_grow_while_every_session_is_dropped_before_data_flows(
@@ -449,7 +458,7 @@ async def test_malformed_frames_go_to_the_dead_letter_with_raw_bytes_and_good_tr
         assert b'"malformed-bad-2"' in raws[3] and b'"p":"abc"' in raws[4]
         ((_, payload),) = await ingest.streams.read("ticks.ZMAL")
         batch = msgspec.json.decode(payload, type=TickBatch)
-        assert [tick.i for tick in batch.ticks] == [
+        assert [tick.i.rsplit("-", 1)[0] for tick in batch.ticks] == [
             "malformed-good-1",
             "malformed-good-3",
             "malformed-good-5",
@@ -465,10 +474,10 @@ class GatedPublisher:
         self.gate = asyncio.Event()
         self.waiting = 0
 
-    async def publish_many(self, items: Any) -> list[int]:
+    async def publish_many(self, items: Any, **options: Any) -> list[int]:
         self.waiting += 1
         await self.gate.wait()
-        return await self.real.publish_many(items)
+        return await self.real.publish_many(items, **options)
 
     async def publish(self, channel: str, record: Any) -> int:
         return await self.real.publish(channel, record)
@@ -535,11 +544,11 @@ class FlakyPublisher:
         self.failures = failures
         self.calls = 0
 
-    async def publish_many(self, items: Any) -> list[int]:
+    async def publish_many(self, items: Any, **options: Any) -> list[int]:
         self.calls += 1
         if self.calls <= self.failures:
             raise RedisConnectionError("connection reset (injected)")
-        return await self.real.publish_many(items)
+        return await self.real.publish_many(items, **options)
 
 
 async def test_a_retriable_redis_error_is_retried_and_the_frames_are_published_once(
@@ -550,8 +559,8 @@ async def test_a_retriable_redis_error_is_retried_and_the_frames_are_published_o
     real = Publisher(redis_client, keys=keys, registry=registry)
     flaky = FlakyPublisher(real, failures=2)
     processor = FrameProcessor(
-        flaky,
-        DeadLetters(real, "ingest", registry=registry),  # type: ignore[arg-type]
+        FeedPublisher(flaky, registry=registry),  # type: ignore[arg-type]
+        DeadLetters(real, "ingest", registry=registry),
         IngestMetrics(registry),
         queue_size=10,
         registry=registry,

@@ -27,6 +27,7 @@ from services.ingest import protocol
 from services.ingest.client import IngestMetrics
 from services.ingest.files import TickFileSource, load_trades
 from services.ingest.framing import frames_of
+from services.ingest.publishing import FeedPublisher
 from services.ingest.simulator import FileFeed, PolygonSimulator
 from tests.helpers import eventually
 from tests.test_ingest_client import SIM, running_ingest
@@ -90,7 +91,7 @@ def make_replay(
     options.setdefault("speed", 0)
     replay = TickFileSource(
         files,
-        Publisher(redis_client, keys=keys, registry=registry),
+        FeedPublisher(Publisher(redis_client, keys=keys, registry=registry), registry=registry),
         IngestMetrics(registry),
         on_fatal=fatal.append,
         registry=registry,

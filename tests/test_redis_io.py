@@ -140,3 +140,22 @@ async def test_bar_store_keeps_the_newest_revision(redis_client, unique_name) ->
     day = await store.day("SPY", __import__("datetime").date(2013, 10, 7))
     assert day[start].volume == 200 and day[start].revision == 1
     assert await store.symbols(__import__("datetime").date(2013, 10, 7)) == ["SPY"]
+
+
+async def test_a_batch_published_again_with_its_token_is_applied_once(
+    redis_client,
+    unique_name,  # type: ignore[no-untyped-def]
+) -> None:
+    """A retry after a lost reply sends the same batch again: nothing is added twice, and the
+    retry gets the sequences of the first attempt."""
+    prefix = unique_name("tok") + ":"
+    publisher = Publisher(redis_client, keys=Keys(prefix))
+    records = [("ticks.A", b'{"seq":0,"n":1}'), ("ticks.B", b'{"seq":0,"n":2}')]
+    records.append(("ticks.A", b'{"seq":0,"n":3}'))
+    first = await publisher.publish_many(records, token="batch-1")
+    again = await publisher.publish_many(records, token="batch-1")
+    other = await publisher.publish_many(records[:1], token="batch-2")
+    assert first == again == [1, 1, 2] and other == [3]
+    reader = StreamReader(redis_client, Keys(prefix))
+    assert [seq for seq, _ in await reader.read("ticks.A")] == [1, 2, 3]
+    assert [seq for seq, _ in await reader.read("ticks.B")] == [1]

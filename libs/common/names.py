@@ -30,6 +30,12 @@ HEARTBEAT: Final = "sentio.heartbeat.v1"
 DEAD_LETTERS: Final = "sentio.deadletter.v1"
 ENGINE_GAPS: Final = "sentio.engine.gaps.v1"
 """Engine gap reports of the engine bridge (an addition, ``docs/contract.md``)."""
+LEDGER: Final = "sentio.ledger.v1"
+"""The source ledger: unique trades per symbol-minute, as ingest published them."""
+PROGRESS: Final = "sentio.progress.v1"
+"""Progress marks: the feed's time and each tick channel's sequence at that time."""
+FEED_GAPS: Final = "sentio.gaps.v1"
+"""Feed gaps: when the feed was not read, for which symbols, why, and what filled them."""
 
 TICKS_PATTERN: Final = "ticks.*"
 BARS_PATTERN: Final = "bars.*.1m"
@@ -105,6 +111,10 @@ class Keys:
     def stream(self, channel: str) -> str:
         """The durable stream of ``channel``."""
         return f"{self.prefix}stream:{{{channel}}}"
+
+    def token(self, channel: str) -> str:
+        """The token of the last batch published on ``channel`` (retries apply once)."""
+        return f"{self.prefix}token:{{{channel}}}"
 
     def channel_of_stream(self, key: str | bytes) -> str:
         """The channel a stream key belongs to."""

@@ -37,6 +37,14 @@ class Trade(Struct, frozen=True, omit_defaults=True):
     z: int = 0
     q: int = 0
     suspicious: bool = False
+    trfi: int | None = None
+    """The trade reporting facility of an off-exchange print (Polygon's ``trfi``)."""
+    trft: int | None = None
+
+    def identity(self) -> str:
+        """The vendor's identity of this trade within its symbol and day: Polygon's ``i`` is
+        unique per ticker, exchange and TRF, so those qualify it (``x:trfi:i``)."""
+        return f"{self.x}:{self.trfi or ''}:{self.i}"
 
 
 class Quote(Struct, frozen=True, omit_defaults=True):
@@ -224,6 +232,72 @@ class ParityReport(Struct, frozen=True):
     report: dict[str, Any] = {}
 
 
+class LedgerEntry(Struct, frozen=True, array_like=True):
+    """What the feed gave ingest for one symbol-minute since the previous ledger record:
+    ``[sym, minuteMs, trades, volume, firstQ, lastQ]`` (the vendor's sequence range, 0 when
+    the feed has none)."""
+
+    sym: str
+    minuteMs: int
+    trades: int
+    volume: int
+    firstQ: int = 0
+    lastQ: int = 0
+
+
+class Ledger(Struct, frozen=True):
+    """Record on ``sentio.ledger.v1``: the unique trades ingest published with the same
+    round trip, counted per symbol-minute (deltas: a consumer sums them)."""
+
+    seq: int
+    source: str
+    entries: list[LedgerEntry]
+    duplicates: int = 0
+    """Trades of that round trip dropped as already published (same identity)."""
+    tsMs: int = 0
+
+
+class Progress(Struct, frozen=True):
+    """Record on ``sentio.progress.v1``: how far the feed has been published.
+
+    Everything the feed gave ingest up to ``feedTimeMs`` (event time) is on Redis: on each
+    tick channel up to ``ticks[channel]`` (its sequence number). ``idle`` says the feed has
+    sent nothing for a while (the end of a replayed day): what is up to ``feedTimeMs`` is all
+    there is. ``live`` says ``feedTimeMs`` follows the wall clock of a connected live feed.
+    """
+
+    seq: int
+    source: str
+    feedTimeMs: int
+    ticks: dict[str, int]
+    idle: bool = False
+    live: bool = False
+    connected: bool = True
+    tsMs: int = 0
+
+
+class FeedGap(Struct, frozen=True):
+    """Record on ``sentio.gaps.v1``: a time the feed was not read (or may have lost trades).
+
+    Published when the gap opens (``endMs`` 0) and again when it closes. ``startMs`` and
+    ``endMs`` are event times: the feed's time when reading stopped and when it resumed.
+    ``status``: ``open``, ``closed`` (nothing filled it), ``backfilled`` or ``unfilled``.
+    """
+
+    seq: int
+    gapId: str
+    source: str
+    cause: str
+    symbols: list[str]
+    startMs: int
+    endMs: int = 0
+    status: str = "open"
+    openedAtMs: int = 0
+    closedAtMs: int = 0
+    backfilled: int = 0
+    detail: str = ""
+
+
 StructT = TypeVar("StructT", bound=Struct)
 
 RECORD_TYPES: tuple[type[Struct], ...] = (
@@ -238,6 +312,9 @@ RECORD_TYPES: tuple[type[Struct], ...] = (
     Heartbeat,
     DeadLetter,
     ParityReport,
+    Ledger,
+    Progress,
+    FeedGap,
 )
 
 ENCODER = msgspec.json.Encoder()

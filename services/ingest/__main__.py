@@ -12,12 +12,14 @@ import argparse
 import sys
 
 from libs.common.io.deadletter import DeadLetters
+from libs.common.io.redis_io import StreamReader
 from libs.common.io.wiring import add_heartbeat, connect_runtime_redis, make_publisher
 from libs.common.runtime.cli import ServiceCli
 from libs.common.runtime.service import EXIT_CONFIG, ServiceRuntime, run_main
 from services.ingest.client import FeedReader, FrameProcessor, IngestMetrics, subscription_topics
 from services.ingest.config import IngestSettings
 from services.ingest.files import TickFileSource
+from services.ingest.publishing import FeedPublisher, ProgressMarker
 from services.ingest.simulator.cli import add_simulate_arguments, serve_from_args
 
 CLI = ServiceCli("ingest", __doc__.splitlines()[0], IngestSettings)
@@ -37,10 +39,18 @@ async def build(runtime: ServiceRuntime[IngestSettings]) -> None:
     client = await connect_runtime_redis(runtime)
     publisher = make_publisher(runtime, client)
     metrics = IngestMetrics(runtime.registry)
+    feed = FeedPublisher(
+        publisher,
+        retry_s=settings.publish_retry_s,
+        symbols=list(settings.symbols),
+        registry=runtime.registry,
+    )
+    await feed.resume_after_restart(StreamReader(client, publisher.keys))
+    await feed.publish_gap()
     if settings.source == "files":
         files = TickFileSource(
             settings.files,
-            publisher,
+            feed,
             metrics,
             on_fatal=fatal,
             on_done=runtime.supervisor.stop if settings.exit_when_done else None,
@@ -51,6 +61,14 @@ async def build(runtime: ServiceRuntime[IngestSettings]) -> None:
         )
         runtime.http.add_readiness("files", lambda: files.loaded)
         runtime.supervisor.add(files)
+        runtime.supervisor.add(
+            ProgressMarker(
+                feed,
+                interval_ms=settings.progress_interval_ms,
+                idle_after_ms=settings.idle_after_ms,
+                registry=runtime.registry,
+            )
+        )
         add_heartbeat(
             runtime,
             publisher,
@@ -60,7 +78,7 @@ async def build(runtime: ServiceRuntime[IngestSettings]) -> None:
         return
     topics = subscription_topics(settings.symbols, settings.event_types)
     processor = FrameProcessor(
-        publisher,
+        feed,
         DeadLetters(publisher, "ingest", registry=runtime.registry),
         metrics,
         queue_size=settings.queue_size,
@@ -85,6 +103,16 @@ async def build(runtime: ServiceRuntime[IngestSettings]) -> None:
     runtime.http.add_readiness("feed", lambda: reader.connected)
     runtime.supervisor.add(processor)
     runtime.supervisor.add(reader)
+    runtime.supervisor.add(
+        ProgressMarker(
+            feed,
+            interval_ms=settings.progress_interval_ms,
+            idle_after_ms=settings.idle_after_ms,
+            live=settings.mode == "live",
+            connected=lambda: reader.connected,
+            registry=runtime.registry,
+        )
+    )
     add_heartbeat(
         runtime,
         publisher,

@@ -35,15 +35,14 @@ from websockets.exceptions import (
 )
 
 from libs.common.io.deadletter import DeadLetters
-from libs.common.io.redis_io import RETRIABLE, Publisher
 from libs.common.runtime.actors import Actor, Overflow
 from libs.common.runtime.backoff import Backoff
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.lifecycle import Component
-from libs.common.runtime.retry import retry_async
 from libs.common.runtime.settings import Secret
 from services.ingest import protocol
 from services.ingest.protocol import DEFAULT_CHANNELS, ChannelNames, StatusEvent
+from services.ingest.publishing import FeedPublisher
 from services.ingest.redact import CLIENT_LOGGER, redact, redacting_logger
 
 log = structlog.get_logger("tickmesh.ingest")
@@ -86,6 +85,14 @@ class Frame(NamedTuple):
     data: bytes
     received_ms: int
     received_s: float = 0.0
+
+
+class Disconnected(NamedTuple):
+    """Sent by the reader after the last frame of a session that ended: the processor opens a
+    feed gap once it has published everything read before it."""
+
+    cause: str
+    detail: str = ""
 
 
 class IngestMetrics:
@@ -178,33 +185,9 @@ class FeedDisconnect(Exception):
         self.reason = reason
 
 
-async def publish_with_retry(
-    publisher: Publisher,
-    records: list[tuple[str, bytes]],
-    retry_s: float,
-    clock: Clock = SYSTEM_CLOCK,
-    rng: random.Random | None = None,
-) -> None:
-    """``publisher.publish_many(records)``, retrying retriable Redis errors with backoff and
-    jitter for up to ``retry_s``; then the last error is raised.
-
-    A batch whose reply was lost may be published twice (with new sequence numbers): ticks
-    keep their identity (``sym``, ``i``, ``q``) for a consumer that must deduplicate.
-    """
-    await retry_async(
-        lambda: publisher.publish_many(records),
-        retriable=lambda exc: isinstance(exc, RETRIABLE),
-        max_wait_s=retry_s,
-        what="ingest publish",
-        jitter=_JITTER,
-        clock=clock,
-        rng=rng,
-        records=len(records),
-    )
-
-
-class FrameProcessor(Actor[Frame]):
-    """Decodes frames and publishes the records (one per frame and symbol).
+class FrameProcessor(Actor[Frame | Disconnected]):
+    """Decodes frames and publishes the records (one per frame and symbol) through the
+    ``FeedPublisher`` (identity, ledger, gaps, batch tokens).
 
     Takes up to ``batch_frames`` queued frames per Redis round trip. A retriable Redis error
     is retried with backoff for up to ``publish_retry_s`` while the frames wait (the queue
@@ -213,7 +196,7 @@ class FrameProcessor(Actor[Frame]):
 
     def __init__(
         self,
-        publisher: Publisher,
+        feed: FeedPublisher,
         dead_letters: DeadLetters,
         metrics: IngestMetrics,
         *,
@@ -222,24 +205,20 @@ class FrameProcessor(Actor[Frame]):
         source: str = "polygon.ws",
         lag_warning_ms: int = 5_000,
         channels: ChannelNames = DEFAULT_CHANNELS,
-        publish_retry_s: float = 30.0,
         registry: CollectorRegistry | None = None,
         clock: Clock = SYSTEM_CLOCK,
-        rng: random.Random | None = None,
     ) -> None:
         super().__init__(
             "ingest.processor", mailbox_size=queue_size, overflow=Overflow.BLOCK, registry=registry
         )
-        self.publisher = publisher
+        self.feed = feed
         self.dead_letters = dead_letters
         self.ingest_metrics = metrics
         self.batch_frames = batch_frames
         self.source = source
         self.lag_warning_ms = lag_warning_ms
         self.channels = channels
-        self.publish_retry_s = publish_retry_s
         self.clock = clock
-        self.rng = rng or random.Random()
         self.lag_ms = 0
         self.ticks_published = 0
         self.frames_published = 0
@@ -249,9 +228,25 @@ class FrameProcessor(Actor[Frame]):
         metrics.queue_depth.set_function(lambda: len(mailbox))
         metrics.queue_capacity.set(queue_size)
 
-    async def handle(self, message: Frame) -> None:
-        frames = [message, *self.take_nowait(self.batch_frames - 1)]
+    async def handle(self, message: Frame | Disconnected) -> None:
+        batch = [message, *self.take_nowait(self.batch_frames - 1)]
+        frames: list[Frame] = []
+        for item in batch:
+            if type(item) is Disconnected:
+                await self._publish_frames(frames)
+                frames = []
+                self.feed.open_gap(item.cause, detail=item.detail)
+                await self.feed.publish_gap()
+            else:
+                frames.append(item)  # type: ignore[arg-type]
+        await self._publish_frames(frames)
+
+    async def _publish_frames(self, frames: list[Frame]) -> None:
+        if not frames:
+            return
         records: list[tuple[str, bytes]] = []
+        first_trade_ms = 0
+        admit = self.feed.admit
         counts = dict.fromkeys(protocol.DATA_KINDS, 0)
         newest_event_ms = 0
         decode_frame = protocol.decode_frame
@@ -271,6 +266,12 @@ class FrameProcessor(Actor[Frame]):
             split = split_frame(events)
             # Statuses were counted by the reader, which sees every frame that holds one.
             split.pop(protocol.STATUS, None)
+            admit(split)
+            if not first_trade_ms and protocol.TRADES in split:
+                first_trade_ms = min(
+                    group[0].t  # type: ignore[union-attr]
+                    for group in split[protocol.TRADES].values()
+                )
             for kind, by_symbol in split.items():
                 count = 0
                 for group in by_symbol.values():
@@ -281,7 +282,7 @@ class FrameProcessor(Actor[Frame]):
                 counts[kind] += count
             records.extend(build_records(split, frame.received_ms, channels))
         if records:
-            await self._publish(records)
+            await self.feed.publish(records, first_trade_ms=first_trade_ms)
         now_s = self.clock.monotonic()
         observe = self.ingest_metrics.publish_latency.observe
         for frame in frames:
@@ -295,11 +296,6 @@ class FrameProcessor(Actor[Frame]):
         self.ticks_published += counts[protocol.TRADES]
         if newest_event_ms:
             self._check_lag(self.clock.now_ms() - newest_event_ms)
-
-    async def _publish(self, records: list[tuple[str, bytes]]) -> None:
-        await publish_with_retry(
-            self.publisher, records, self.publish_retry_s, self.clock, self.rng
-        )
 
     def _check_lag(self, lag_ms: int) -> None:
         self.lag_ms = lag_ms
@@ -408,6 +404,11 @@ class FeedReader(Component):
         failures = 0
         while True:
             reason, flowing = await self._session()
+            if self.connected:
+                # after the frames of the session: the processor opens the gap in order
+                await self.processor.tell(
+                    Disconnected(reason or "stopped", detail=_WHY.get(reason or "", ""))
+                )
             self._set_connected(False)
             if reason is None:
                 return

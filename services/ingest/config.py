@@ -55,6 +55,15 @@ class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     speed: Annotated[
         float, Meta(ge=0, description="file replay pace: 1 real time, 10 faster, 0 no pacing")
     ] = 1.0
+    publish_retry_s: Annotated[
+        float, Meta(gt=0, description="retry a failed Redis publish this long, then fail")
+    ] = 30.0
+    progress_interval_ms: Annotated[
+        int, Meta(gt=0, description="period of the progress marks (sentio.progress.v1)")
+    ] = 500
+    idle_after_ms: Annotated[
+        int, Meta(gt=0, description="no feed data this long: the marks say idle (replays)")
+    ] = 2_000
     exit_when_done: Annotated[
         bool, Meta(description="file replay: exit (0) when done instead of idling")
     ] = False

@@ -22,8 +22,8 @@ resumes after the last frame it published.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
-import random
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
@@ -33,14 +33,14 @@ from pathlib import Path
 import structlog
 from prometheus_client import CollectorRegistry
 
-from libs.common.io.redis_io import Publisher
 from libs.common.market.tickfiles import read_trades
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.lifecycle import Component
 from services.ingest import protocol
-from services.ingest.client import IngestMetrics, publish_with_retry
+from services.ingest.client import IngestMetrics
 from services.ingest.framing import frames_of
 from services.ingest.protocol import DEFAULT_CHANNELS, ChannelNames, TradeEvent
+from services.ingest.publishing import FeedPublisher
 
 log = structlog.get_logger("tickmesh.ingest.files")
 
@@ -75,7 +75,7 @@ class TickFileSource(Component):
     def __init__(
         self,
         files: Sequence[str | Path],
-        publisher: Publisher,
+        feed: FeedPublisher,
         metrics: IngestMetrics,
         *,
         on_fatal: Callable[[str], None],
@@ -86,7 +86,6 @@ class TickFileSource(Component):
         frame_window_ms: int = 1,
         batch_frames: int = 64,
         channels: ChannelNames = DEFAULT_CHANNELS,
-        publish_retry_s: float = 30.0,
         registry: CollectorRegistry | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
@@ -94,7 +93,10 @@ class TickFileSource(Component):
         if speed < 0:
             raise ValueError(f"speed must be 0 (no pacing) or positive, not {speed}")
         self.files = [str(path) for path in files]
-        self.publisher = publisher
+        self.feed = feed
+        digest = hashlib.sha256("\n".join(self.files).encode()).hexdigest()[:16]
+        self.position_key = feed.publisher.keys.state(f"ingest:files:{digest}")
+        """Frames of these files already published (resumed after a process restart)."""
         self.ingest_metrics = metrics
         self.on_fatal = on_fatal
         self.on_done = on_done
@@ -104,9 +106,7 @@ class TickFileSource(Component):
         self.frame_window_ms = frame_window_ms
         self.batch_frames = batch_frames
         self.channels = channels
-        self.publish_retry_s = publish_retry_s
         self.clock = clock
-        self.rng = random.Random()
         self.loaded = False
         """True once the files are read (readiness)."""
         self.done = False
@@ -134,6 +134,10 @@ class TickFileSource(Component):
                 return
             self._frames = list(frames_of(trades, self.frame_max_events, self.frame_window_ms))
             self.trades_total = len(trades)
+            stored = await self.feed.publisher.client.get(self.position_key)
+            if stored:
+                self._next_frame = min(int(stored), len(self._frames))
+                log.info("ingest.files_resumed", frame=self._next_frame, frames=len(self._frames))
             self.loaded = True
             log.info(
                 "ingest.files_loaded",
@@ -180,13 +184,16 @@ class TickFileSource(Component):
         now_ms = self.clock.now_ms()
         records: list[tuple[str, bytes]] = []
         ticks = 0
+        first_trade_ms = 0
         for frame in frames[self._next_frame : end]:
-            records.extend(
-                protocol.build_records(protocol.split_frame(frame), now_ms, self.channels)
-            )
+            split = protocol.split_frame(frame)
+            self.feed.admit(split)
+            records.extend(protocol.build_records(split, now_ms, self.channels))
             ticks += len(frame)
-        await publish_with_retry(
-            self.publisher, records, self.publish_retry_s, self.clock, self.rng
+            first_trade_ms = first_trade_ms or frame[0].t
+        key = self.position_key
+        await self.feed.publish(
+            records, first_trade_ms=first_trade_ms, also=lambda pipe: pipe.set(key, end)
         )
         count = end - self._next_frame
         self._next_frame = end

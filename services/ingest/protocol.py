@@ -65,11 +65,8 @@ DISCONNECT_STATUSES: Final = frozenset({MAX_CONNECTIONS, FORCE_DISCONNECT, SLOW_
 class TradeEvent(Trade, tag_field="ev", tag=TRADES, frozen=True, gc=False):
     """Polygon ``T``: one trade. ``t`` is SIP time in epoch ms; ``i`` the trade id (a string).
 
-    Inherits ``sym p s t x c i z q suspicious`` from ``Trade``; adds the TRF fields.
+    Every field is ``Trade``'s (``sym p s t x c i z q suspicious trfi trft``).
     """
-
-    trfi: int | None = None
-    trft: int | None = None
 
 
 class QuoteEvent(Quote, tag_field="ev", tag=QUOTES, frozen=True, gc=False):

@@ -55,8 +55,12 @@ DEFAULT_ROUTES: tuple[Route, ...] = (
     ),
     Route(pattern=names.HEARTBEAT, key="field:runId", cleanup_policy="compact", schema="Heartbeat"),
     Route(pattern=names.DEAD_LETTERS, key="field:source", schema="DeadLetter"),
+    Route(pattern=names.LEDGER, key="field:source", schema="Ledger"),
+    Route(pattern=names.PROGRESS, key="field:source", schema="Progress"),
+    Route(pattern=names.FEED_GAPS, key="field:gapId", schema="FeedGap"),
 )
-"""CONTRACT.md's Kafka topics, as routes from their Redis channels."""
+"""CONTRACT.md's Kafka topics, as routes from their Redis channels, and the additions of
+``docs/contract.md`` (source ledger, progress marks, feed gaps)."""
 
 
 class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -37,39 +37,63 @@ RETRIABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 
 _PLACEHOLDER = SEQ_PREFIX + b"0"
 
-# For each channel c (1-based) of the call: KEYS[2c-1] its sequence key, KEYS[2c] its stream.
-# ARGV[1] stream max length, then per channel: its name, its record count n, and n records,
-# each after its '{"seq":0'. Each channel's records get consecutive sequences (one INCRBY),
-# go to its stream and to pub/sub. Returns every sequence, in argument order.
+# For each channel c (1-based) of the call: KEYS[3c-2] its sequence key, KEYS[3c-1] its stream,
+# KEYS[3c] its last-batch token key. ARGV[1] stream max length, ARGV[2] the batch token ('' for
+# none), then per channel: its name, its record count n, and n records, each after its
+# '{"seq":0'. Each channel's records get consecutive sequences (one INCRBY), go to its stream
+# and to pub/sub. A batch whose token the channel already applied (a retry after a lost reply)
+# is not applied again: its sequences are returned as they were. Returns every sequence, in
+# argument order.
 _PUBLISH_LUA = """
 local maxlen = ARGV[1]
+local token = ARGV[2]
 local seqs = {}
-local a = 2
-for c = 1, #KEYS / 2 do
-  local seq_key, stream = KEYS[2 * c - 1], KEYS[2 * c]
+local a = 3
+for c = 1, #KEYS / 3 do
+  local seq_key, stream, token_key = KEYS[3 * c - 2], KEYS[3 * c - 1], KEYS[3 * c]
   local channel, count = ARGV[a], tonumber(ARGV[a + 1])
   a = a + 2
-  local seq = redis.call('INCRBY', seq_key, count) - count + 1
-  for i = 1, count do
-    local tail = ARGV[a]
-    a = a + 1
-    local payload = '{"seq":' .. seq .. tail
-    local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '0-' .. seq, 'd', payload)
-    if type(ok) == 'table' and ok.err then
-      -- the sequence key was lost but the stream survived: continue after the stream's top
-      local info = redis.call('XINFO', 'STREAM', stream)
-      for j = 1, #info, 2 do
-        if info[j] == 'last-generated-id' then
-          seq = tonumber(string.match(info[j + 1], '-(%d+)$')) + 1
-        end
-      end
-      redis.call('SET', seq_key, seq + count - i)
-      payload = '{"seq":' .. seq .. tail
-      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '0-' .. seq, 'd', payload)
+  local applied = nil
+  if token ~= '' then
+    local previous = redis.call('GET', token_key)
+    if previous then
+      local previous_token, first = string.match(previous, '^(.*)@(%d+)$')
+      if previous_token == token then applied = tonumber(first) end
     end
-    redis.call('PUBLISH', channel, payload)
-    seqs[#seqs + 1] = seq
-    seq = seq + 1
+  end
+  if applied then
+    for i = 1, count do
+      seqs[#seqs + 1] = applied + i - 1
+    end
+    a = a + count
+  else
+    local seq = redis.call('INCRBY', seq_key, count) - count + 1
+    local first = seq
+    for i = 1, count do
+      local tail = ARGV[a]
+      a = a + 1
+      local payload = '{"seq":' .. seq .. tail
+      local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '0-' .. seq, 'd', payload)
+      if type(ok) == 'table' and ok.err then
+        -- the sequence key was lost but the stream survived: continue after the stream's top
+        local info = redis.call('XINFO', 'STREAM', stream)
+        for j = 1, #info, 2 do
+          if info[j] == 'last-generated-id' then
+            seq = tonumber(string.match(info[j + 1], '-(%d+)$')) + 1
+          end
+        end
+        if i == 1 then first = seq end
+        redis.call('SET', seq_key, seq + count - i)
+        payload = '{"seq":' .. seq .. tail
+        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '0-' .. seq, 'd', payload)
+      end
+      redis.call('PUBLISH', channel, payload)
+      seqs[#seqs + 1] = seq
+      seq = seq + 1
+    end
+    if token ~= '' then
+      redis.call('SET', token_key, token .. '@' .. first, 'EX', 3600)
+    end
   end
 end
 return seqs
@@ -178,8 +202,12 @@ class Publisher:
         *,
         transaction: bool = False,
         also: Callable[[Pipeline], object] | None = None,
+        token: str = "",
     ) -> list[int]:
         """Publish records in one pipelined round trip; returns their sequence numbers.
+
+        With a ``token`` (unique per batch), publishing the same batch again (a retry after a
+        reply was lost) applies nothing twice and returns the same sequences.
 
         With ``transaction`` the records go in one MULTI/EXEC, together with whatever ``also``
         queues on the same pipeline (a state write that must happen with them or not at all).
@@ -205,10 +233,14 @@ class Publisher:
             async with self.client.pipeline(transaction=transaction) as pipe:
                 for channels in calls:
                     call_keys: list[str] = []
-                    args: list[bytes | str | int] = [maxlen]
+                    args: list[bytes | str | int] = [maxlen, token]
                     for channel in channels:
                         tails = by_channel[channel]
-                        call_keys += (keys.seq(channel), keys.stream(channel))
+                        call_keys += (
+                            keys.seq(channel),
+                            keys.stream(channel),
+                            keys.token(channel),
+                        )
                         args += (channel, len(tails), *tails)
                     await script(keys=call_keys, args=args, client=pipe)
                 if also is not None:

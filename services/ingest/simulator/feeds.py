@@ -147,6 +147,10 @@ def load_vendor_minutes(feed: FileFeed) -> list[MinuteAggEvent] | None:
     return events
 
 
+_ROUNDS = itertools.count(1)
+"""Each good trade of a malformed round gets an id of its own (a trade id is unique)."""
+
+
 def malformed_frames(symbol: str, t_ms: int) -> list[bytes]:
     """The frames of one ``malformed`` round, in order.
 
@@ -155,7 +159,7 @@ def malformed_frames(symbol: str, t_ms: int) -> list[bytes]:
     string — the 1st, 3rd and 5th are good.
     """
     good = [
-        TradeEvent(symbol, 100.0 + n, 100, t_ms, 4, (), f"malformed-good-{n}", 3, n)
+        TradeEvent(symbol, 100.0 + n, 100, t_ms, 4, (), f"malformed-good-{n}-{next(_ROUNDS)}", 3, n)
         for n in (1, 3, 5)
     ]
     encoded = [protocol.encode_events([event])[1:-1] for event in good]

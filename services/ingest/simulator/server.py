@@ -82,6 +82,8 @@ class PolygonSimulator:
         self.settings = settings
         self.stats = SimulatorStats()
         self.feed_done = asyncio.Event()
+        self.feed_time_ms = 0
+        """The newest event time of the trades sent (the feed's own clock)."""
         self._custom_feed = feed
         self._day_trades: list[TradeEvent] | None = None
         self._vendor_minutes: list[MinuteAggEvent] | None = None
@@ -196,7 +198,9 @@ class PolygonSimulator:
             targets = [s for s in live if s.authed]
             for session in targets:
                 for _ in range(max(count, 1)):
-                    for frame in malformed_frames(_session_symbol(session), _now_ms()):
+                    # stamped with the feed's own time (a replayed day's), never the host's
+                    stamp = self.feed_time_ms or _now_ms()
+                    for frame in malformed_frames(_session_symbol(session), stamp):
                         session.enqueue(frame)
         else:
             targets = live if count == 0 else live[:count]
@@ -411,6 +415,8 @@ class PolygonSimulator:
         ``slow_consumer`` and is closed (``None``: wait as long as it takes).
         """
         kinds = frozenset(KIND_OF[type(event)] for event in events)
+        if TRADES in kinds:
+            self.feed_time_ms = max(self.feed_time_ms, events[-1].t)  # type: ignore[union-attr]
         whole: bytes | None = None
         for session in self._sessions.values():
             if not session.authed or session.closing:
