@@ -384,3 +384,53 @@ async def test_a_failure_while_stopping_is_counted_and_the_stop_completes() -> N
     await actor.stop()
     assert actor.state is ActorState.STOPPED
     assert sample(registry, "tickmesh_actor_failures_total", "failstop") == 1
+
+
+class Outage(RuntimeError):
+    """Stands for a dependency's connection error in these unit tests."""
+
+
+class Dependent(Recorder):
+    """Fails on start while ``down`` (the dependency is unreachable)."""
+
+    down = 0
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        if Dependent.down > 0:
+            Dependent.down -= 1
+            raise Outage("connection refused")
+
+
+async def test_a_dependency_outage_is_ridden_out_without_spending_the_budget() -> None:
+    registry = CollectorRegistry()
+    supervisor = Supervisor(
+        "outage",
+        max_restarts=1,
+        window_s=60,
+        backoff_initial_s=0.001,
+        jitter=0,
+        registry=registry,
+        classify_outage=lambda exc: "redis" if isinstance(exc, Outage) else None,
+        outage_max_s=0.01,
+    )
+    child = Dependent("dependent", registry)
+    supervisor.add(child)
+    running = asyncio.ensure_future(supervisor.run())
+    await asyncio.sleep(0.05)
+    Dependent.down = 6  # far past the budget of one restart
+    child._escalate(Outage("connection reset"), where="test")
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if child.state is ActorState.RUNNING and Dependent.down == 0:
+            break
+    assert child.state is ActorState.RUNNING and not running.done()
+    labels = {"dependency": "redis"}
+    assert registry.get_sample_value("tickmesh_dependency_up", labels) == 1
+    assert registry.get_sample_value("tickmesh_dependency_outages_total", labels) == 1
+    assert (registry.get_sample_value("tickmesh_dependency_down_seconds_total", labels) or 0) > 0
+    child._escalate(RuntimeError("a bug"), where="test")  # real failures still count
+    await asyncio.sleep(0.05)
+    child._escalate(RuntimeError("a bug again"), where="test")
+    with pytest.raises(RestartBudgetExceeded):
+        await asyncio.wait_for(running, 5)

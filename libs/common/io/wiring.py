@@ -7,6 +7,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 
 from libs.common.io.heartbeat import HeartbeatSender
+from libs.common.io.outages import dependency_of
 from libs.common.io.redis_io import Publisher, connect_redis
 from libs.common.names import Keys
 from libs.common.runtime.service import ServiceRuntime
@@ -15,6 +16,8 @@ from libs.common.runtime.service import ServiceRuntime
 async def connect_runtime_redis(runtime: ServiceRuntime) -> aioredis.Redis:
     """Connect to the service's Redis, register readiness and cleanup."""
     settings = runtime.settings
+    # Redis or Kafka unreachable is an outage the supervisor rides out, not a failure
+    runtime.supervisor.classify_outage = dependency_of
     client = await connect_redis(settings.redis_url, name=f"tickmesh-{runtime.service}")
 
     async def redis_ready() -> bool:

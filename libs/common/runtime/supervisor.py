@@ -5,26 +5,65 @@ child fails it is stopped, and started again (a new incarnation) after the ``Bac
 for the restarts in the window; past the ``RestartBudget`` the supervisor stops everything
 and raises ``RestartBudgetExceeded``, so the process exits non-zero and the outer supervisor
 (Docker, Kubernetes) takes over.
+
+A failure that ``classify_outage`` attributes to a dependency (Redis or Kafka unreachable:
+a restart, a pause) is an outage, not the child's fault: it does not spend the budget. The
+child is started again after a backoff capped at ``outage_max_s`` for as long as the outage
+lasts; the outage is logged once when it begins and once when the child runs again, and
+measured (``tickmesh_dependency_up``, ``tickmesh_dependency_outages_total``,
+``tickmesh_dependency_down_seconds_total``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from libs.common.runtime.backoff import Backoff, RestartBudget
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
-from libs.common.runtime.lifecycle import Component, RuntimeMetrics
+from libs.common.runtime.lifecycle import Component, RuntimeMetrics, State
+from libs.common.runtime.metrics import metrics_for
 
 log = structlog.get_logger("tickmesh.runtime")
 
 
 class RestartBudgetExceeded(RuntimeError):
     """A child failed more often than the supervisor's budget allows."""
+
+
+class OutageMetrics:
+    """Dependency outages seen by a supervisor; built once per registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["dependency"]
+        self.up = Gauge(
+            "tickmesh_dependency_up",
+            "0 while a dependency is unreachable",
+            labels,
+            registry=registry,
+        )
+        self.outages = Counter(
+            "tickmesh_dependency_outages",
+            "Outages of a dependency ridden out",
+            labels,
+            registry=registry,
+        )
+        self.down_seconds = Counter(
+            "tickmesh_dependency_down_seconds",
+            "Seconds a dependency was unreachable (until the component ran again)",
+            labels,
+            registry=registry,
+        )
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None) -> OutageMetrics:
+        """The metrics of ``registry``, created once."""
+        return metrics_for(cls, registry)
 
 
 class Supervisor:
@@ -43,6 +82,8 @@ class Supervisor:
         clock: Clock = SYSTEM_CLOCK,
         registry: CollectorRegistry | None = None,
         rng: random.Random | None = None,
+        classify_outage: Callable[[BaseException], str | None] | None = None,
+        outage_max_s: float = 5.0,
     ) -> None:
         self.name = name
         self.max_restarts = max_restarts
@@ -53,6 +94,12 @@ class Supervisor:
         self._clock = clock
         self._metrics = RuntimeMetrics.for_registry(registry)
         self._budgets: dict[str, RestartBudget] = {}
+        self.classify_outage = classify_outage
+        """Which dependency an error says is down (None: a real failure)."""
+        self.outage_backoff = Backoff(backoff_initial_s, outage_max_s, jitter=jitter, rng=rng)
+        self._outage_metrics = OutageMetrics.for_registry(registry)
+        self._down: dict[str, float] = {}
+        """Dependency -> when its outage began (monotonic), while it lasts."""
         self._stopping = asyncio.Event()
         self.log = log.bind(supervisor=name)
         self.delays: list[float] = []
@@ -89,6 +136,10 @@ class Supervisor:
             await self._stop_children()
 
     async def _restart(self, child: Component, error: BaseException) -> None:
+        dependency = self.classify_outage(error) if self.classify_outage is not None else None
+        if dependency is not None:
+            await self._ride_out(child, dependency, error)
+            return
         budget = self._budgets[child.name]
         recent = budget.recent()
         if budget.exhausted():
@@ -116,6 +167,41 @@ class Supervisor:
             return
         self._metrics.restarts.labels(child.name).inc()
         await child.start()
+
+    async def _ride_out(self, child: Component, dependency: str, error: BaseException) -> None:
+        """Restart ``child`` after an outage of ``dependency``, without spending its budget."""
+        now = self._clock.monotonic()
+        if dependency not in self._down:
+            self._down[dependency] = now
+            self.outage_backoff.reset()
+            self._outage_metrics.up.labels(dependency).set(0)
+            self._outage_metrics.outages.labels(dependency).inc()
+            self.log.warning(
+                "supervisor.dependency_down",
+                dependency=dependency,
+                actor=child.name,
+                error=repr(error),
+                action="waiting for it with backoff; the budget is not spent",
+            )
+        delay = self.outage_backoff.next_s()
+        self.delays.append(delay)
+        await child.stop(self.stop_deadline_s)
+        await asyncio.sleep(delay)
+        if self._stopping.is_set():
+            return
+        self._metrics.restarts.labels(child.name).inc()
+        await child.start()
+        if child.state is State.RUNNING and dependency in self._down:
+            down_s = self._clock.monotonic() - self._down.pop(dependency)
+            self._outage_metrics.up.labels(dependency).set(1)
+            self._outage_metrics.down_seconds.labels(dependency).inc(down_s)
+            self.log.warning(
+                "supervisor.dependency_back",
+                dependency=dependency,
+                actor=child.name,
+                down_s=round(down_s, 3),
+                attempts=self.outage_backoff.attempts,
+            )
 
     def stop(self) -> None:
         """Ask the supervisor to stop its children (what a signal handler calls)."""
