@@ -215,6 +215,71 @@ async def test_sigkill_mid_day_and_restart_kafka_holds_every_tick_record(
 
 
 @pytest.mark.timeout(240)
+async def test_sigkill_with_sends_in_flight_loses_nothing_and_writes_nothing_twice(
+    redis_client: aioredis.Redis,
+    redis_url: str,
+    kafka_bootstrap: str,
+    kafka_broker: TansuBroker,
+    name: str,
+    shared_data: Path,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """The broker stops acknowledging (SIGSTOP) while the mirror sends, so batches are in the
+    air when the mirror is SIGKILLed; the broker then wakes up and writes what it had
+    received. The restarted mirror reads back what Kafka holds past its committed positions
+    and sends only the rest: every record once, none twice."""
+    items = [
+        (f"ticks.{name}{symbol}", record)
+        for symbol, record in real_day_records(shared_data, ["IBM", "AIG"], per_record=20)
+    ]
+    channels = sorted({channel for channel, _ in items})
+    env = mirror_env(redis_url, kafka_bootstrap, name)
+    settings = load_settings(MirrorSettings, env)
+    mirror = mirror_process(env, tmp_path / "mirror.log").start()
+    publisher = None
+    in_flight = 0.0
+    try:
+        await eventually(mirror.ready, timeout=60)
+        publisher = PacedPublisher(
+            redis_client, Keys(settings.key_prefix), items, duration_s=10
+        ).start()
+        await asyncio.sleep(2)
+        kafka_broker.pause()  # SIGSTOP: sends stay unacknowledged
+        try:
+            await eventually(
+                lambda: mirror.metric_sum("tickmesh_mirror_in_flight_records") > 0, timeout=20
+            )
+            in_flight = mirror.metric_sum("tickmesh_mirror_in_flight_records")
+            mirror.kill()  # with those batches in the air
+        finally:
+            kafka_broker.resume()
+        await asyncio.sleep(1)
+        mirror.start()
+        await publisher.done()
+        await eventually(
+            lambda: caught_up(redis_client, name, channels), timeout=120, message=mirror.log_tail
+        )
+    finally:
+        mirror.stop()
+        if publisher is not None and publisher.task is not None:
+            publisher.task.cancel()
+    result = await audit(settings, redis_client, channels=channels)
+    landed = [e for e in mirror.events() if e.get("event") == "mirror.read_back"]
+    report(
+        record_property,
+        "sigkill_in_flight",
+        result,
+        inFlightAtKill=in_flight,
+        readBack=[e.get("landed") for e in landed],
+    )
+    assert in_flight > 0
+    assert result.published == len(items)
+    assert result.missing == 0, [c.firstMissing for c in result.channels if c.missing]
+    assert result.duplicates == 0, [(c.channel, c.duplicates) for c in result.channels]
+
+
+@pytest.mark.timeout(240)
 async def test_broker_paused_20s_nothing_is_lost_and_the_mirror_catches_up(
     redis_client: aioredis.Redis,
     redis_url: str,

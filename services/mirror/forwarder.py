@@ -28,7 +28,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -41,6 +41,7 @@ from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.lifecycle import Component
 from libs.common.runtime.metrics import metrics_for
 from services.mirror.config import MirrorSettings
+from services.mirror.landed import OffsetStore, read_landed, starts_for
 from services.mirror.routing import BadRecord, RoutingTable
 
 log = structlog.get_logger("tickmesh.mirror")
@@ -123,6 +124,12 @@ class MirrorMetrics:
             "Times the oldest batch went unacknowledged past stall_warn_ms",
             registry=registry,
         )
+        self.already_landed = Counter(
+            "tickmesh_mirror_already_landed",
+            "Records re-read after a restart or a failed send that Kafka already held (not sent "
+            "again)",
+            registry=registry,
+        )
         self.topics_created = Counter(
             "tickmesh_mirror_topics_created", "Topics created", registry=registry
         )
@@ -182,6 +189,13 @@ class Forwarder(Component):
             settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000, jitter=0.2, rng=rng
         )
         self.dead_letters = DeadLetters(None, "mirror", registry=registry, clock=clock)
+        self.offsets = OffsetStore(client, self.keys, settings.consumer_name)
+        self.acked_offsets: dict[TopicPartition, int] = {}
+        """The newest offset Kafka acknowledged per partition (saved with each commit)."""
+        self._written: set[str] = set()
+        """Topics sent to since the last read-back."""
+        self.landed: set[tuple[str, int]] = set()
+        """Records Kafka already holds past the committed positions: not sent again."""
         self._abandoned: list[asyncio.Future[list[object]]] = []
         self._stalled = False
         self._down_since = 0.0
@@ -236,6 +250,13 @@ class Forwarder(Component):
             if target is not None:
                 specs.append(target.spec)
         await self._ensure(specs)
+        self.acked_offsets = await self.offsets.load()
+        self._written = {tp.topic for tp in self.acked_offsets}
+        for channel, committed in self.consumer.committed.items():
+            target = self.table.target(channel)
+            if target is not None and committed == 0:
+                self._written.add(target.topic)
+        await self._read_back()
         self.log.info(
             "mirror.started",
             channels=len(self.consumer.positions),
@@ -335,6 +356,7 @@ class Forwarder(Component):
         kinds: dict[str, int] = {}
         ticks = 0
         size = 0
+        landed = self.landed
         for record in batch:
             target = table.target(record.channel)
             if target is None:
@@ -347,8 +369,12 @@ class Forwarder(Component):
             except BadRecord as exc:
                 outgoing.append(self._dead_letter(record, str(exc)))
                 continue
+            if landed and (record.channel, record.seq) in landed:
+                self.mirror_metrics.already_landed.inc()
+                continue  # Kafka holds it from before the restart or failure
             if target.topic not in known:
                 new_specs[target.topic] = target.spec
+            self._written.add(target.topic)
             outgoing.append((target.topic, key, record.payload, record.seq, record.channel))
             ticks += count
             size += len(record.payload)
@@ -403,6 +429,14 @@ class Forwarder(Component):
     async def _acknowledged(self, entry: InFlight) -> None:
         assert self.consumer is not None
         await self.consumer.commit(entry.records)
+        changed: dict[TopicPartition, int] = {}
+        acked = self.acked_offsets
+        for metadata in entry.acks.result():
+            tp = TopicPartition(metadata.topic, metadata.partition)  # type: ignore[attr-defined]
+            offset = metadata.offset  # type: ignore[attr-defined]
+            if offset > acked.get(tp, -1):
+                acked[tp] = changed[tp] = offset
+        await self.offsets.save(changed)
         metrics = self.mirror_metrics
         metrics.in_flight.dec(len(entry.records))
         metrics.ack_seconds.observe(self.clock.monotonic() - entry.sent_at)
@@ -472,9 +506,24 @@ class Forwarder(Component):
         delay_s = self.backoff.next_s()
         self.log.info("mirror.retrying", attempt=self.backoff.attempts, delay_s=round(delay_s, 3))
         await asyncio.sleep(delay_s)
+        try:
+            await self._read_back()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            self.log.warning("mirror.read_back_failed", error=repr(exc), action="retrying")
+            self._broken_event.set()  # still broken: recover again after the backoff
+            return
         self.consumer.rewind()
         self._broken = None
         self._broken_event.clear()
+
+    async def _read_back(self) -> None:
+        """Collect what Kafka holds past the committed positions (``landed``)."""
+        partitions: list[TopicPartition] = []
+        for topic in sorted(self._written):
+            count = next((t.spec.partitions for t in self.table.targets() if t.topic == topic), 1)
+            partitions.extend(TopicPartition(topic, index) for index in range(count))
+        self.landed = await read_landed(self.settings, starts_for(partitions, self.acked_offsets))
+        self._written = set()
 
     # -- reporting ---------------------------------------------------------------------------
 

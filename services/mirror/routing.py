@@ -180,6 +180,10 @@ class RoutingTable:
             kind=channel.split(".", 1)[0],
         )
 
+    def targets(self) -> list[Target]:
+        """The targets resolved so far."""
+        return [target for target in self._cache.values() if target is not None]
+
     def spec_for_deadletters(self) -> TopicSpec:
         """The dead-letter topic (keyed by source, delete), unless a route already makes it."""
         topic = self.settings.deadletter_topic
