@@ -370,8 +370,10 @@ class Forwarder(Component):
                 outgoing.append(self._dead_letter(record, str(exc)))
                 continue
             if landed and (record.channel, record.seq) in landed:
+                # Kafka holds it from before the restart or failure: count it as acknowledged
                 self.mirror_metrics.already_landed.inc()
-                continue  # Kafka holds it from before the restart or failure
+                kinds[target.kind] = kinds.get(target.kind, 0) + 1
+                continue
             if target.topic not in known:
                 new_specs[target.topic] = target.spec
             self._written.add(target.topic)
