@@ -1,6 +1,8 @@
 """The one bar-aggregation core: trades in, closed 1-minute bars (and corrections) out.
 
-The condition policies it applies live in ``libs.common.market.policies``.
+The condition policies it applies live in ``libs.common.market.policies``; the per-minute
+accumulator, the day of closed minutes and the bar derived from them in
+``libs.common.market.accumulator``.
 
 Used three ways: the bars service reading ticks from Redis, the same service reading ticks
 from Kafka (shadow), and the offline backfill. Semantics (details and evidence in
@@ -32,7 +34,6 @@ trade is cached per distinct condition tuple, so it costs one dict lookup.
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_left, insort
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -40,6 +41,7 @@ from itertools import groupby
 from operator import attrgetter
 from typing import Literal
 
+from libs.common.market.accumulator import Day, Minute, apply_trade, same_bar, with_revision
 from libs.common.market.policies import (
     BY_EXCHANGE,
     CLOSING_AUCTION,
@@ -53,95 +55,29 @@ from libs.common.market.policies import (
     _PolicyBase,
     get_policy,
 )
-from libs.common.market.sessions import MINUTE_MS, ny_date, ny_midnight_ms, session_for, ts_et
+from libs.common.market.sessions import MINUTE_MS, ny_date, ny_midnight_ms, session_for
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock, ManualClock
 from libs.common.schemas import Bar, Trade
 
 LatePolicy = Literal["revise", "drop"]
 
-_NO_OPEN_TIME = 1 << 62
-_FORCED_OPEN_TIME = -(1 << 62)
 _SYMBOL = attrgetter("sym")
 
 
 # --- state ------------------------------------------------------------------------------------
 
 
-class _Day:
-    """One New York day of one symbol: its session and its closed minutes."""
-
-    __slots__ = (
-        "close_ms",
-        "closed",
-        "closing_seen",
-        "end",
-        "open_ms",
-        "opening_seen",
-        "order",
-        "published",
-        "start",
-    )
-
-    def __init__(self, start: int, end: int, open_ms: int, close_ms: int) -> None:
-        self.start = start
-        self.end = end
-        self.open_ms = open_ms
-        self.close_ms = close_ms
-        self.closed: dict[int, _Minute] = {}
-        self.order: list[int] = []
-        self.published: dict[int, Bar] = {}
-        self.opening_seen = False
-        self.closing_seen = False
-
-
-class _Minute:
-    """Accumulator of one symbol-minute."""
-
-    __slots__ = (
-        "close",
-        "close_t",
-        "day",
-        "high",
-        "low",
-        "open",
-        "open_t",
-        "pv",
-        "pv_volume",
-        "regular",
-        "start",
-        "trades",
-        "volume",
-    )
-
-    def __init__(self, start: int, day: _Day) -> None:
-        self.start = start
-        self.day = day
-        self.regular = day.open_ms <= start < day.close_ms
-        self.open = 0.0
-        self.open_t = _NO_OPEN_TIME
-        self.high = float("-inf")
-        self.low = float("inf")
-        self.close = 0.0
-        self.close_t = -1
-        self.volume = 0
-        self.pv = 0.0
-        self.pv_volume = 0
-        self.trades = 0
-
-    @property
-    def priced(self) -> bool:
-        return self.close_t >= 0
-
-
 class _Symbol:
+    """One symbol's open minutes and retained days."""
+
     __slots__ = ("day", "days", "open", "primary", "sym")
 
     def __init__(self, sym: str, primary: int) -> None:
         self.sym = sym
         self.primary = primary
-        self.open: dict[int, _Minute] = {}
-        self.days: dict[int, _Day] = {}
-        self.day: _Day | None = None
+        self.open: dict[int, Minute] = {}
+        self.days: dict[int, Day] = {}
+        self.day: Day | None = None
 
 
 @dataclass
@@ -282,7 +218,7 @@ class BarAggregator:
         state = self._state(sym, trades[0])
         fast = self._fast
         get = fast[1].get
-        cur: _Minute | None = None
+        cur: Minute | None = None
         start = end = 0
         newest = -1
         ignored = 0
@@ -403,7 +339,7 @@ class BarAggregator:
         self.counters.trades_ignored_by_policy += ignored
         return newest
 
-    def _day_of(self, state: _Symbol, minute: int) -> _Day | None:
+    def _day_of(self, state: _Symbol, minute: int) -> Day | None:
         day = state.day
         if day is not None and day.start <= minute < day.end:
             return day
@@ -415,7 +351,7 @@ class BarAggregator:
         if day is not None and start < day.start:
             return None
         session = session_for(calendar_day)
-        new = _Day(
+        new = Day(
             start,
             ny_midnight_ms(calendar_day + timedelta(days=1)),
             session.open_ms,
@@ -425,7 +361,7 @@ class BarAggregator:
         state.day = new
         return new
 
-    def _open_minute(self, state: _Symbol, minute: int) -> _Minute | None:
+    def _open_minute(self, state: _Symbol, minute: int) -> Minute | None:
         """The open accumulator of ``minute``, created if new; None if the trade is late."""
         acc = state.open.get(minute)
         if acc is not None:
@@ -436,11 +372,11 @@ class BarAggregator:
         day = self._day_of(state, minute)
         if day is None or minute in day.closed:
             return None
-        acc = state.open[minute] = _Minute(minute, day)
+        acc = state.open[minute] = Minute(minute, day)
         heapq.heappush(self._heap, (deadline, state.sym, minute))
         return acc
 
-    def _target(self, state: _Symbol, minute: int) -> tuple[_Minute | None, bool]:
+    def _target(self, state: _Symbol, minute: int) -> tuple[Minute | None, bool]:
         """(accumulator, is_late) of ``minute``; (None, True) if it can take no trade."""
         acc = self._open_minute(state, minute)
         if acc is not None:
@@ -450,7 +386,7 @@ class BarAggregator:
             return None, True
         acc = day.closed.get(minute)
         if acc is None:
-            acc = _Minute(minute, day)
+            acc = Minute(minute, day)
         return acc, True
 
     def _code(self, state: _Symbol, tr: Trade, regular: bool) -> int:
@@ -471,7 +407,7 @@ class BarAggregator:
                 )
         return code
 
-    def _slow(self, state: _Symbol, tr: Trade, acc: _Minute | None) -> None:
+    def _slow(self, state: _Symbol, tr: Trade, acc: Minute | None) -> None:
         """Everything the hot loop does not: policy misses, suspicious prints, auction prints
         and late trades. ``acc`` is the trade's open minute (None when late)."""
         t = tr.t
@@ -507,13 +443,12 @@ class BarAggregator:
         if code == IGNORED:
             self.counters.trades_ignored_by_policy += 1
             return
-        _apply(acc, tr, code)
+        apply_trade(acc, tr, code)
         if late:
             self.counters.late_revised += 1
             day = acc.day
             if acc.start not in day.closed:
-                day.closed[acc.start] = acc
-                insort(day.order, acc.start)
+                day.close(acc)
             self._dirty[(state.sym, day.start, acc.start)] = None
 
     # -- closing and publishing --
@@ -529,8 +464,7 @@ class BarAggregator:
             if acc is None:
                 continue
             day = acc.day
-            day.closed[minute] = acc
-            insort(day.order, minute)
+            day.close(acc)
             if not acc.priced and acc.volume:
                 if self._fold:
                     self.counters.unpriced_minutes_folded += 1
@@ -558,95 +492,42 @@ class BarAggregator:
             if not any(minute < end for minute in state.open):
                 del state.days[start]
 
-    def _publish_closed(self, state: _Symbol, day: _Day, acc: _Minute, out: list[Bar]) -> None:
+    def _publish_closed(self, state: _Symbol, day: Day, acc: Minute, out: list[Bar]) -> None:
         """Publish what closing ``acc`` changes: its own bar, or (folding policies) the bar its
         volume folds into; a neighbour only when it closed out of order."""
-        order = day.order
-        if not self._fold or (acc.priced and order[-1] == acc.start):
+        if not self._fold or (acc.priced and day.order[-1] == acc.start):
             self._publish(state, day, acc.start, out)
         else:
             self._publish_around(state, day, acc.start, out)
 
-    def _publish_around(self, state: _Symbol, day: _Day, minute: int, out: list[Bar]) -> None:
+    def _publish_around(self, state: _Symbol, day: Day, minute: int, out: list[Bar]) -> None:
         if not self._fold:
             self._publish(state, day, minute, out)
             return
-        order = day.order
-        closed = day.closed
-        index = bisect_left(order, minute)
-        before = index - 1
-        while before >= 0 and not closed[order[before]].priced:
-            before -= 1
-        after = index + 1
-        while after < len(order) and not closed[order[after]].priced:
-            after += 1
-        if before >= 0:
-            self._publish(state, day, order[before], out)
+        before, after = day.priced_neighbours(minute)
+        if before is not None:
+            self._publish(state, day, before, out)
         self._publish(state, day, minute, out)
-        if after < len(order):
-            self._publish(state, day, order[after], out)
+        if after is not None:
+            self._publish(state, day, after, out)
 
-    def _publish(self, state: _Symbol, day: _Day, minute: int, out: list[Bar]) -> None:
-        bar = self._derive(state, day, minute)
+    def _publish(self, state: _Symbol, day: Day, minute: int, out: list[Bar]) -> None:
+        bar = day.bar(state.sym, minute, self._fold)
         if bar is None:
             return
         old = day.published.get(minute)
         if old is None:
             self.counters.bars_published += 1
-        elif _same_bar(old, bar):
+        elif same_bar(old, bar):
             return
         elif not self._revise:
             self.counters.revisions_suppressed += 1
             return
         else:
-            bar = _with_revision(bar, old.revision + 1)
+            bar = with_revision(bar, old.revision + 1)
             self.counters.revisions_published += 1
         day.published[minute] = bar
         out.append(bar)
-
-    def _derive(self, state: _Symbol, day: _Day, minute: int) -> Bar | None:
-        acc = day.closed[minute]
-        if not acc.priced:
-            return None
-        volume = acc.volume
-        trades = acc.trades
-        if self._fold:
-            order = day.order
-            closed = day.closed
-            index = bisect_left(order, minute)
-            after = index + 1
-            while after < len(order) and not closed[order[after]].priced:
-                volume += closed[order[after]].volume
-                trades += closed[order[after]].trades
-                after += 1
-            before = index - 1
-            carried_volume = carried_trades = 0
-            while before >= 0 and not closed[order[before]].priced:
-                carried_volume += closed[order[before]].volume
-                carried_trades += closed[order[before]].trades
-                before -= 1
-            if before < 0:
-                volume += carried_volume
-                trades += carried_trades
-        high = max(acc.high, acc.open, acc.close)
-        low = min(acc.low, acc.open, acc.close)
-        vwap = round(acc.pv / acc.pv_volume, 6) if acc.pv_volume else acc.close
-        return Bar(
-            seq=0,
-            symbol=state.sym,
-            tsET=ts_et(minute),
-            barId=(minute - day.open_ms) // MINUTE_MS + 1,
-            open=acc.open,
-            high=high,
-            low=low,
-            close=acc.close,
-            volume=volume,
-            vwap=vwap,
-            trades=trades,
-            startMs=minute,
-            endMs=minute + MINUTE_MS,
-            revision=0,
-        )
 
     # -- introspection --
 
@@ -663,56 +544,6 @@ class BarAggregator:
         for day in state.days.values():
             out.update(day.published)
         return dict(sorted(out.items()))
-
-
-def _apply(acc: _Minute, tr: Trade, code: int) -> None:
-    """One trade into an accumulator (the slow path's version of the hot loop)."""
-    t = tr.t
-    p = tr.p
-    s = tr.s
-    auction = code & (OPENING_AUCTION | CLOSING_AUCTION)
-    if auction:
-        code = EVERYTHING
-    if code:
-        acc.trades += 1
-    if code & VOLUME:
-        acc.volume += s
-    if code & HIGH_LOW:
-        if p > acc.high:
-            acc.high = p
-        if p < acc.low:
-            acc.low = p
-        if code & VOLUME:
-            acc.pv += p * s
-            acc.pv_volume += s
-    if code & OPEN_CLOSE:
-        if t >= acc.close_t:
-            acc.close = p
-            acc.close_t = t
-        if t < acc.open_t:
-            acc.open = p
-            acc.open_t = t
-    if auction == OPENING_AUCTION:
-        acc.open = p
-        acc.open_t = _FORCED_OPEN_TIME
-
-
-def _same_bar(a: Bar, b: Bar) -> bool:
-    return (
-        a.open == b.open
-        and a.high == b.high
-        and a.low == b.low
-        and a.close == b.close
-        and a.volume == b.volume
-        and a.vwap == b.vwap
-        and a.trades == b.trades
-    )
-
-
-def _with_revision(bar: Bar, revision: int) -> Bar:
-    import msgspec
-
-    return msgspec.structs.replace(bar, revision=revision)
 
 
 def build_bars(
