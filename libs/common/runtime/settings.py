@@ -201,9 +201,13 @@ def settings_info(cls: type[CommonSettings]) -> list[SettingInfo]:
     for info in msgspec.structs.fields(cls):
         group = _group_of(cls, info.name)
         owner: type[Struct] = cls if group is None else group
-        members = [(info.name, info)] if group is None else [
-            (f"{info.name}.{member.name}", member) for member in msgspec.structs.fields(group)
-        ]
+        members = (
+            [(info.name, info)]
+            if group is None
+            else [
+                (f"{info.name}.{member.name}", member) for member in msgspec.structs.fields(group)
+            ]
+        )
         for path, member in members:
             leaf = member.name
             out.append(
