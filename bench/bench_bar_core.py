@@ -9,11 +9,12 @@ Paths:
 
 - ``baseline``: the smallest honest 1-minute OHLCV loop in Python over the same ``Trade``
   objects (dict of minute -> list; no policy, no ordering rules, no watermark);
-- ``core <policy>, one batch``: ``BarAggregator.add`` with the whole day as one batch (what
-  the backfill does with a Lean file), then ``flush``;
-- ``core <policy>, 100-trade batches``: the day in batches of 100 trades of one symbol, the
-  shape of live tick batches, with the symbol passed (``TickBatch.sym``);
-- ``core <policy>, 100-trade batches, symbol checked``: the same without passing the symbol.
+- ``core <policy>, one batch``: ``BarAggregator.add`` (the aggregator of SPY) with the whole
+  day as one batch, the symbol passed, then ``flush`` (``build_bars`` on one symbol's trades);
+- ``core <policy>, 100-trade batches``: the day in batches of 100 trades, the shape of live
+  tick batches, with the symbol passed (``TickBatch.sym``, compared once per batch);
+- ``core <policy>, 100-trade batches, symbol checked``: the same without passing the symbol,
+  so ``add`` checks every trade's symbol against the aggregator's.
 
 Run: ``.venv/bin/python bench/bench_bar_core.py [--repeat 5] [--policy algoseek]``.
 """
@@ -109,7 +110,7 @@ def baseline(trades: Sequence[Trade]) -> int:
 
 def core_one_batch(policy: str) -> Callable[[Sequence[Trade]], int]:
     def run(trades: Sequence[Trade]) -> int:
-        aggregator = BarAggregator(policy, grace_ms=2_000, clock=ManualClock(0))
+        aggregator = BarAggregator("SPY", policy, grace_ms=2_000, clock=ManualClock(0))
         bars = aggregator.add(trades, 0, symbol="SPY")
         bars += aggregator.flush()
         return len(bars)
@@ -119,7 +120,7 @@ def core_one_batch(policy: str) -> Callable[[Sequence[Trade]], int]:
 
 def core_batches(policy: str, size: int, pass_symbol: bool) -> Callable[[Sequence[Trade]], int]:
     def run(trades: Sequence[Trade]) -> int:
-        aggregator = BarAggregator(policy, grace_ms=2_000, clock=ManualClock(0))
+        aggregator = BarAggregator("SPY", policy, grace_ms=2_000, clock=ManualClock(0))
         symbol = "SPY" if pass_symbol else None
         add = aggregator.add
         produced = 0

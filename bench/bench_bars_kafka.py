@@ -196,7 +196,7 @@ async def run_tickmesh(bootstrap: str, trades: int, last_minute: int, timeout_s:
 
     builder = BarBuilder(
         "bench.builder",
-        lambda: BarAggregator("algoseek", grace_ms=settings.grace_ms),
+        lambda symbol: BarAggregator(symbol, "algoseek", grace_ms=settings.grace_ms),
         source,
         sink,
         ClosedMinutes(None, Keys("bench:"), "bench"),

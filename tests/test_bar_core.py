@@ -50,10 +50,14 @@ def ohlcv(bar: Bar) -> tuple[float, float, float, float, int]:
 
 
 def aggregator(
-    policy: str = "algoseek", grace_ms: int = 2_000, late: str = "revise", start: int = 0
+    policy: str = "algoseek",
+    grace_ms: int = 2_000,
+    late: str = "revise",
+    start: int = 0,
+    symbol: str = "IBM",
 ) -> tuple[BarAggregator, ManualClock]:
     manual = ManualClock(start)
-    return BarAggregator(policy, grace_ms=grace_ms, late_policy=late, clock=manual), manual
+    return BarAggregator(symbol, policy, grace_ms=grace_ms, late_policy=late, clock=manual), manual
 
 
 # --- windows, grace and the watermark --------------------------------------------------------
@@ -91,11 +95,31 @@ def test_a_quiet_symbol_closes_within_the_grace_period_by_wall_time() -> None:
     assert agg.watermark_ms == at(10, 1, 2)
 
 
-def test_the_watermark_is_shared_so_a_busy_symbol_closes_a_quiet_one() -> None:
-    agg, _ = aggregator(grace_ms=1_000, start=0)
-    agg.add([trade(at(10, 0, 5), 10.0, sym="AIG")], now_ms=0)
-    bars = agg.add([trade(at(10, 1, 1), 20.0, sym="BAC")], now_ms=0)
-    assert [(bar.symbol, bar.startMs) for bar in bars] == [("AIG", at(10, 0))]
+def test_each_symbol_has_its_own_watermark_so_a_busy_symbol_does_not_close_a_quiet_one() -> None:
+    """One aggregator per symbol: BAC's newer trade does not move AIG's watermark (when one
+    aggregator took every symbol, it closed AIG's minute here); AIG's minute closes by AIG's
+    own watermark, moved by wall time."""
+    quiet, manual = aggregator(grace_ms=1_000, start=0, symbol="AIG")
+    busy = BarAggregator("BAC", "algoseek", grace_ms=1_000, clock=manual)
+    assert quiet.add([trade(at(10, 0, 5), 10.0, sym="AIG")], now_ms=0) == []
+    assert busy.add([trade(at(10, 1, 1), 20.0, sym="BAC")], now_ms=0) == []
+    assert quiet.advance(now_ms=0) == [] and quiet.open_since() == at(10, 0)
+    assert busy.watermark_ms == at(10, 1, 1) and quiet.watermark_ms == at(10, 0, 5)
+    (bar,) = quiet.advance(now_ms=56_000)  # 10:00:05 + 56 s = 10:01:01, the end plus grace
+    assert (bar.symbol, bar.startMs) == ("AIG", at(10, 0))
+
+
+def test_a_trade_of_another_symbol_is_refused_and_changes_nothing() -> None:
+    agg, _ = aggregator(grace_ms=0)
+    agg.add([trade(at(10, 0, 1), 10.0)], now_ms=0)
+    with pytest.raises(ValueError, match="'BAC'"):
+        agg.add([trade(at(10, 1, 1), 11.0), trade(at(10, 1, 2), 12.0, sym="BAC")], now_ms=0)
+    with pytest.raises(ValueError, match="'BAC'"):
+        agg.add([trade(at(10, 1, 1), 11.0, sym="BAC")], now_ms=0, symbol="BAC")
+    assert agg.open_since() == at(10, 0) and agg.watermark_ms == at(10, 0, 1)
+    assert agg.counters.trades_in == 1 and agg.published() == {}
+    (bar,) = agg.flush()
+    assert ohlcv(bar) == (10.0, 10.0, 10.0, 10.0, 100)
 
 
 def test_the_wall_clock_watermark_counts_from_when_the_newest_trade_was_seen() -> None:
@@ -119,13 +143,13 @@ def test_the_watermark_never_goes_back() -> None:
 
 def test_open_since_reports_the_earliest_open_minute() -> None:
     agg, _ = aggregator(grace_ms=5_000)
-    assert agg.open_since("IBM") is None
+    assert agg.open_since() is None
     agg.add([trade(at(10, 0, 1), 1.0), trade(at(10, 1, 1), 1.0)], now_ms=0)
-    assert agg.open_since("IBM") == at(10, 0)
+    assert agg.open_since() == at(10, 0)
     agg.add([trade(at(10, 1, 5), 1.0)], now_ms=0)
-    assert agg.open_since("IBM") == at(10, 1)
+    assert agg.open_since() == at(10, 1)
     agg.flush()
-    assert agg.open_since("IBM") is None
+    assert agg.open_since() is None
 
 
 # --- ordering ---------------------------------------------------------------------------------
@@ -162,11 +186,17 @@ def test_the_same_input_gives_the_same_output() -> None:
     ]
 
     def run() -> list[Bar]:
-        agg, _ = aggregator(grace_ms=1_000)
+        # as the builder does: one aggregator per symbol, each batch split by symbol
+        manual = ManualClock(0)
+        cores = {sym: BarAggregator(sym, grace_ms=1_000, clock=manual) for sym in ("AIG", "BAC")}
         out: list[Bar] = []
         for index in range(0, len(trades), 7):
-            out += agg.add(trades[index : index + 7], now_ms=0)
-        return out + agg.flush()
+            for sym, core in cores.items():
+                batch = [t for t in trades[index : index + 7] if t.sym == sym]
+                out += core.add(batch, now_ms=0, symbol=sym)
+        for core in cores.values():
+            out += core.flush()
+        return out
 
     assert run() == run()
 
@@ -182,10 +212,10 @@ def test_batch_boundaries_do_not_change_the_final_bars() -> None:
     for index in range(0, len(trades), 3):
         agg.add(trades[index : index + 3], now_ms=0)
     agg.flush()
-    assert list(agg.published("IBM").values()) == whole
+    assert list(agg.published().values()) == whole
 
 
-def test_a_batch_of_several_symbols_is_split_by_symbol() -> None:
+def test_build_bars_splits_a_sequence_of_several_symbols_by_symbol() -> None:
     bars = build_bars(
         [
             trade(at(10, 0, 1), 1.0, sym="AIG"),
@@ -225,7 +255,7 @@ def test_a_late_trade_is_dropped_and_counted_under_the_drop_policy() -> None:
     agg, first = closed_bar("drop")
     assert agg.add([trade(at(10, 0, 59), 9.0)], now_ms=0) == []
     assert agg.counters.late_dropped == 1
-    assert agg.published("IBM")[first.startMs] == first
+    assert agg.published()[first.startMs] == first
 
 
 def test_a_late_trade_for_a_minute_never_seen_is_a_new_bar_or_is_dropped() -> None:
@@ -311,7 +341,7 @@ def test_policies_by_name() -> None:
     with pytest.raises(ValueError, match="unknown bar policy"):
         get_policy("vendor")
     with pytest.raises(ValueError):
-        BarAggregator("none", late_policy="ignore")
+        BarAggregator("IBM", "none", late_policy="ignore")
 
 
 def test_the_algoseek_classification() -> None:
@@ -379,7 +409,7 @@ def test_a_minute_with_only_volume_eligible_trades_folds_into_the_previous_bar()
     assert (revised.startMs, revised.volume, revised.revision) == (at(10, 0), 1_600, 1)
     (last,) = agg.flush()
     assert (last.startMs, last.volume) == (at(10, 3), 100)
-    assert set(agg.published("IBM")) == {at(10, 0), at(10, 3)}
+    assert set(agg.published()) == {at(10, 0), at(10, 3)}
     assert agg.counters.unpriced_minutes_folded == 1
 
 
@@ -409,7 +439,7 @@ def test_the_drop_policy_suppresses_fold_revisions() -> None:
     agg.add([trade(at(10, 0, 1), 10.0)], now_ms=0)
     agg.add([trade(at(10, 1, 1), 10.5, c=ISO)], now_ms=0)
     agg.add([trade(at(10, 2, 1), 10.5)], now_ms=0)
-    assert agg.published("IBM")[at(10, 0)].revision == 0
+    assert agg.published()[at(10, 0)].revision == 0
     assert agg.counters.revisions_suppressed == 1
 
 
@@ -459,7 +489,7 @@ def test_the_closing_print_closes_the_last_regular_bar_with_a_revision() -> None
     final = agg.flush()
     assert final == []
     assert agg.counters.auction_prints_ignored == 1
-    assert set(agg.published("IBM")) == {at(15, 59)}  # the 16:00 minute held no eligible trade
+    assert set(agg.published()) == {at(15, 59)}  # the 16:00 minute held no eligible trade
 
 
 def test_the_closing_print_is_dropped_when_the_bar_closed_and_late_trades_are_dropped() -> None:

@@ -103,7 +103,9 @@ def streamed(trades: Sequence[Trade], policy: str, latency_ms: int = 150) -> lis
     newest trade, the wall-clock timer ticking every 250 ms in between; return the latest
     version of every bar (revisions included)."""
     manual = ManualClock(trades[0].t)
-    aggregator = BarAggregator(policy, grace_ms=2_000, late_policy="revise", clock=manual)
+    aggregator = BarAggregator(
+        trades[0].sym, policy, grace_ms=2_000, late_policy="revise", clock=manual
+    )
     for frame in frames(trades):
         arrival = frame[-1].t + latency_ms
         while manual.now_ms() + 250 < arrival:
@@ -115,7 +117,7 @@ def streamed(trades: Sequence[Trade], policy: str, latency_ms: int = 150) -> lis
     manual.advance(60_000)
     aggregator.advance()
     aggregator.flush()
-    return list(aggregator.published(trades[0].sym).values())
+    return list(aggregator.published().values())
 
 
 def through_the_wire(trades: Sequence[Trade]) -> list[Trade]:

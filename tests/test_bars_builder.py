@@ -74,7 +74,7 @@ class Harness:
 
         self.builder = BarBuilder(
             "unit.builder",
-            lambda: BarAggregator(policy, grace_ms=GRACE_MS, clock=clock),
+            lambda symbol: BarAggregator(symbol, policy, grace_ms=GRACE_MS, clock=clock),
             self.source,
             sink,
             self.closed,

@@ -52,8 +52,10 @@ async def build(runtime: ServiceRuntime[BarsSettings]) -> None:
     publisher = make_publisher(runtime, client)
     dead_letters = DeadLetters(publisher, "bars", registry=runtime.registry)
 
-    def make_aggregator() -> BarAggregator:
-        return BarAggregator(policy, grace_ms=settings.grace_ms, late_policy=settings.late_policy)
+    def make_aggregator(symbol: str) -> BarAggregator:
+        return BarAggregator(
+            symbol, policy, grace_ms=settings.grace_ms, late_policy=settings.late_policy
+        )
 
     name = settings.state_name()
     builder: BarBuilder

@@ -78,16 +78,20 @@ def replay(
     trades: Sequence[Trade], policy_name: str, grace_ms: int, counters: BarCounters
 ) -> list[Bar]:
     """Bars of one symbol's trades replayed in batches; the final version of each bar."""
-    aggregator = BarAggregator(
-        get_policy(policy_name), grace_ms=grace_ms, late_policy="revise", clock=ManualClock(0)
-    )
     symbol = trades[0].sym
+    aggregator = BarAggregator(
+        symbol,
+        get_policy(policy_name),
+        grace_ms=grace_ms,
+        late_policy="revise",
+        clock=ManualClock(0),
+    )
     for index in range(0, len(trades), BATCH_SIZE):
         aggregator.add(trades[index : index + BATCH_SIZE], 0, symbol=symbol)
     aggregator.flush()
     for name, value in aggregator.counters.as_dict().items():
         setattr(counters, name, getattr(counters, name) + value)
-    return list(aggregator.published(symbol).values())
+    return list(aggregator.published().values())
 
 
 def run_backfill(

@@ -147,7 +147,7 @@ class BarBuilder(Actor[BuilderMessage]):
     def __init__(
         self,
         name: str,
-        make_aggregator: Callable[[], BarAggregator],
+        make_aggregator: Callable[[str], BarAggregator],
         source: TickSource,
         sink: BarSink,
         closed: ClosedMinutes,
@@ -162,6 +162,7 @@ class BarBuilder(Actor[BuilderMessage]):
             name, mailbox_size=mailbox_size, overflow=Overflow.BLOCK, registry=registry
         )
         self.make_aggregator = make_aggregator
+        """Makes the core of one symbol (given the symbol)."""
         self.aggregators: dict[str, BarAggregator] = {}
         """One core per symbol: each symbol's watermark is its own (see ``_aggregator``)."""
         self._open: set[str] = set()
@@ -321,24 +322,25 @@ class BarBuilder(Actor[BuilderMessage]):
     def _aggregator(self, symbol: str) -> BarAggregator:
         """The core of ``symbol``, created on its first tick.
 
-        One core per symbol rather than one for all: a core's watermark is the newest tick
-        time it has seen, and a shared one makes whether a trade is late depend on how the
-        source interleaves symbols, which differs between a stream backlog read channel by
-        channel, Kafka partitions fetched side by side, and live pub/sub. Per symbol, it
-        depends on that symbol's own ticks (and wall time) only, the same on every path.
+        A core aggregates one symbol, so its watermark (the newest tick time it has seen) is
+        that symbol's own. A watermark shared by several symbols would make whether a trade is
+        late depend on how the source interleaves symbols, which differs between a stream
+        backlog read channel by channel, Kafka partitions fetched side by side, and live
+        pub/sub; per symbol, it depends on that symbol's own ticks (and wall time) only, the
+        same on every path.
         """
         aggregator = self.aggregators.get(symbol)
         if aggregator is None:
-            aggregator = self.aggregators[symbol] = self.make_aggregator()
+            aggregator = self.aggregators[symbol] = self.make_aggregator(symbol)
         return aggregator
 
     def _advance(self, now: int) -> list[Bar]:
         bars: list[Bar] = []
         for symbol in list(self._open):
             aggregator = self.aggregators[symbol]
-            open_before = aggregator.open_since(symbol)
+            open_before = aggregator.open_since()
             closed = aggregator.advance(now)
-            open_after = aggregator.open_since(symbol)
+            open_after = aggregator.open_since()
             if open_after != open_before:
                 self._dirty.update(self._symbol_channels.get(symbol, ()))
             if closed:
@@ -373,7 +375,7 @@ class BarBuilder(Actor[BuilderMessage]):
                     late_revised += counters.late_revised - revised
                     late_dropped += counters.late_dropped - dropped
                     ticks += len(trades)
-                    if aggregator.open_since(symbol) is None:
+                    if aggregator.open_since() is None:
                         self._open.discard(symbol)
                     else:
                         self._open.add(symbol)
@@ -430,7 +432,7 @@ class BarBuilder(Actor[BuilderMessage]):
             while pending:
                 _position, newest, symbol = pending[0]
                 aggregator = aggregators.get(symbol)
-                earliest_open = None if aggregator is None else aggregator.open_since(symbol)
+                earliest_open = None if aggregator is None else aggregator.open_since()
                 if earliest_open is not None and newest >= earliest_open:
                     break
                 safe[channel] = pending.popleft()[0]

@@ -1,11 +1,18 @@
-"""The one bar-aggregation core: trades in, closed 1-minute bars (and corrections) out.
+"""The one bar-aggregation core: one symbol's trades in, its closed 1-minute bars (and
+corrections) out.
 
-The condition policies it applies live in ``libs.common.market.policies``.
+The condition policies it applies live in ``libs.common.market.policies``; the per-minute
+accumulator, the day of closed minutes and the bar derived from them in
+``libs.common.market.accumulator``. This module decides when minutes open and close, what is
+late, and what is published again.
 
-Used three ways: the bars service reading ticks from Redis, the same service reading ticks
-from Kafka (shadow), and the offline backfill. Semantics (details and evidence in
-``docs/bars.md``):
+Used three ways, always with one aggregator per symbol: the bars service reading ticks from
+Redis, the same service reading ticks from Kafka (shadow), and the offline backfill
+(``build_bars`` splits a mixed in-memory sequence by symbol the same way). Semantics (details
+and evidence in ``docs/bars.md``):
 
+* an aggregator aggregates one symbol; a trade of another symbol is a programming error:
+  ``add`` raises ``ValueError`` and the aggregator is left unchanged;
 * minutes are half-open ``[t, t + 60 s)`` of event time (``Trade.t``, epoch ms);
 * a **condition policy** decides, per trade, whether it counts for open/close, high/low and
   volume (``algoseek``, ``polygon``, ``none``); suspicious prints, auction prints and minutes
@@ -13,18 +20,19 @@ from Kafka (shadow), and the offline backfill. Semantics (details and evidence i
 * open and close go by event time, ties by arrival order; high/low are extremes;
 * ``vwap`` is over trades counted for both volume and high/low; ``trades`` counts every trade
   that updated the bar in any way;
-* the **watermark** is the newest event time seen by this aggregator (any symbol), advanced by
-  the wall time elapsed since it was seen, and never goes back; a minute closes when
-  ``watermark >= endMs + grace_ms``, so a quiet symbol's bar closes within the grace period
-  after its minute even if no further trade arrives (call :meth:`BarAggregator.advance`);
+* the **watermark** is the newest event time of the symbol's trades seen so far, advanced by
+  the wall time elapsed since it was seen, and never goes back; other symbols never move it. A
+  minute closes when ``watermark >= endMs + grace_ms``, so a quiet symbol's bar closes within
+  the grace period after its minute even if no further trade arrives (call
+  :meth:`BarAggregator.advance`);
 * a trade is **late** when its minute has already closed, or when its minute's deadline had
   already passed when the batch carrying it arrived. ``late_policy="revise"`` updates the bar
   and publishes it again with ``revision + 1``; ``"drop"`` drops the trade and counts it;
-* closed minutes of each symbol's current New York day are kept for revisions (at most 1440
-  per symbol); a trade for an older day is dropped and counted.
+* closed minutes of the symbol's current New York day are kept for revisions (at most 1440);
+  a trade for an older day is dropped and counted.
 
-The hot path is a per-symbol batch loop with local variables; the policy's classification of a
-trade is cached per distinct condition tuple, so it costs one dict lookup.
+The hot path is a batch loop with local variables; the policy's classification of a trade is
+cached per distinct condition tuple, so it costs one dict lookup.
 """
 
 # The hot loops compare rather than call max()/min(): a comparison is cheaper than a call.
@@ -32,14 +40,13 @@ trade is cached per distinct condition tuple, so it costs one dict lookup.
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_left, insort
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from itertools import groupby
 from operator import attrgetter
 from typing import Literal
 
+from libs.common.market.accumulator import Day, Minute, apply_trade, same_bar, with_revision
 from libs.common.market.policies import (
     BY_EXCHANGE,
     CLOSING_AUCTION,
@@ -53,95 +60,13 @@ from libs.common.market.policies import (
     _PolicyBase,
     get_policy,
 )
-from libs.common.market.sessions import MINUTE_MS, ny_date, ny_midnight_ms, session_for, ts_et
+from libs.common.market.sessions import MINUTE_MS, ny_date, ny_midnight_ms, session_for
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock, ManualClock
 from libs.common.schemas import Bar, Trade
 
 LatePolicy = Literal["revise", "drop"]
 
-_NO_OPEN_TIME = 1 << 62
-_FORCED_OPEN_TIME = -(1 << 62)
 _SYMBOL = attrgetter("sym")
-
-
-# --- state ------------------------------------------------------------------------------------
-
-
-class _Day:
-    """One New York day of one symbol: its session and its closed minutes."""
-
-    __slots__ = (
-        "close_ms",
-        "closed",
-        "closing_seen",
-        "end",
-        "open_ms",
-        "opening_seen",
-        "order",
-        "published",
-        "start",
-    )
-
-    def __init__(self, start: int, end: int, open_ms: int, close_ms: int) -> None:
-        self.start = start
-        self.end = end
-        self.open_ms = open_ms
-        self.close_ms = close_ms
-        self.closed: dict[int, _Minute] = {}
-        self.order: list[int] = []
-        self.published: dict[int, Bar] = {}
-        self.opening_seen = False
-        self.closing_seen = False
-
-
-class _Minute:
-    """Accumulator of one symbol-minute."""
-
-    __slots__ = (
-        "close",
-        "close_t",
-        "day",
-        "high",
-        "low",
-        "open",
-        "open_t",
-        "pv",
-        "pv_volume",
-        "regular",
-        "start",
-        "trades",
-        "volume",
-    )
-
-    def __init__(self, start: int, day: _Day) -> None:
-        self.start = start
-        self.day = day
-        self.regular = day.open_ms <= start < day.close_ms
-        self.open = 0.0
-        self.open_t = _NO_OPEN_TIME
-        self.high = float("-inf")
-        self.low = float("inf")
-        self.close = 0.0
-        self.close_t = -1
-        self.volume = 0
-        self.pv = 0.0
-        self.pv_volume = 0
-        self.trades = 0
-
-    @property
-    def priced(self) -> bool:
-        return self.close_t >= 0
-
-
-class _Symbol:
-    __slots__ = ("day", "days", "open", "primary", "sym")
-
-    def __init__(self, sym: str, primary: int) -> None:
-        self.sym = sym
-        self.primary = primary
-        self.open: dict[int, _Minute] = {}
-        self.days: dict[int, _Day] = {}
-        self.day: _Day | None = None
 
 
 @dataclass
@@ -170,16 +95,18 @@ class BarCounters:
 
 
 class BarAggregator:
-    """Builds 1-minute bars for many symbols under one condition policy.
+    """Builds the 1-minute bars of one symbol under one condition policy.
 
-    ``add`` takes trades (any symbols; a batch of one symbol is the fast path) and returns the
-    bars that closed, plus revisions; ``advance`` moves the watermark with wall time so quiet
-    symbols' bars close; ``flush`` closes everything (end of input). Bars carry ``seq=0``; the
-    publisher assigns the sequence. Output order is deterministic for the same input.
+    ``add`` takes the symbol's trades and returns the bars that closed, plus revisions;
+    ``advance`` moves the watermark with wall time so a quiet symbol's bars close; ``flush``
+    closes everything (end of input). A trade of another symbol is a programming error:
+    ``add`` raises ``ValueError`` before changing anything. Bars carry ``seq=0``; the publisher
+    assigns the sequence. Output order is deterministic for the same input.
     """
 
     def __init__(
         self,
+        symbol: str,
         policy: _PolicyBase | ConditionPolicy | str = "algoseek",
         grace_ms: int = 2_000,
         late_policy: LatePolicy | str = "revise",
@@ -191,6 +118,7 @@ class BarAggregator:
             raise ValueError(f"late_policy must be 'revise' or 'drop', not {late_policy!r}")
         if grace_ms < 0:
             raise ValueError("grace_ms must not be negative")
+        self.symbol = symbol
         self.policy = policy
         self.grace_ms = grace_ms
         self.late_policy = late_policy
@@ -198,11 +126,17 @@ class BarAggregator:
         self.counters = BarCounters()
         self._revise = late_policy == "revise"
         self._fold = bool(policy.fold_unpriced_volume)
-        self._symbols: dict[str, _Symbol] = {}
-        self._heap: list[tuple[int, str, int]] = []
+        self._primary: int | None = None
+        """The primary listing exchange, from the policy at the first trade (and its tape)."""
+        self._open: dict[int, Minute] = {}
+        self._heap: list[int] = []
+        """Starts of the open minutes: a minute's deadline grows with its start."""
+        self._days: dict[int, Day] = {}
+        self._day: Day | None = None
         self._fast: tuple[dict[tuple[int, ...], int], dict[tuple[int, ...], int]] = ({}, {})
         self._full: dict[tuple[tuple[int, ...], int, bool, bool, int], int] = {}
-        self._dirty: dict[tuple[str, int, int], None] = {}
+        self._dirty: dict[tuple[int, int], None] = {}
+        """(day start, minute) of closed minutes changed by late trades, in arrival order."""
         self._max_event = -1
         self._max_event_wall = 0
         self._watermark = -1
@@ -222,12 +156,9 @@ class BarAggregator:
                 self._watermark = candidate
         return self._watermark
 
-    def open_since(self, symbol: str) -> int | None:
-        """Start of ``symbol``'s earliest minute not yet closed (None when all are closed)."""
-        state = self._symbols.get(symbol)
-        if state is None or not state.open:
-            return None
-        return min(state.open)
+    def open_since(self) -> int | None:
+        """Start of the earliest minute not yet closed (None when all are closed)."""
+        return min(self._open) if self._open else None
 
     # -- public API --
 
@@ -236,25 +167,21 @@ class BarAggregator:
     ) -> list[Bar]:
         """Aggregate ``trades`` (arrival order); return the bars that closed and revisions.
 
-        ``now_ms`` is the wall time (the clock's when omitted). Pass ``symbol`` when the caller
-        knows every trade is of that symbol (a feed frame, a tick batch) to skip the check.
+        ``now_ms`` is the wall time (the clock's when omitted). Every trade must be of the
+        aggregator's symbol, else ``ValueError`` and nothing changes. ``symbol`` is the caller's
+        word that every trade is of that symbol (a ``TickBatch.sym``): then only it is compared
+        with the aggregator's, not each trade.
         """
+        if symbol is None:
+            if not all(map(self.symbol.__eq__, map(_SYMBOL, trades))):
+                other = next(trade.sym for trade in trades if trade.sym != self.symbol)
+                raise ValueError(f"a trade of {other!r} given to the aggregator of {self.symbol!r}")
+        elif symbol != self.symbol:
+            raise ValueError(f"trades of {symbol!r} given to the aggregator of {self.symbol!r}")
         now = self.clock.now_ms() if now_ms is None else now_ms
         self._batch_watermark = self._advance_watermark(now)
         if trades:
-            if symbol is None:
-                first = trades[0].sym
-                if all(map(first.__eq__, map(_SYMBOL, trades))):
-                    groups: Sequence[tuple[str, Sequence[Trade]]] = ((first, trades),)
-                else:
-                    groups = [(sym, list(group)) for sym, group in groupby(trades, _SYMBOL)]
-            else:
-                groups = ((symbol, trades),)
-            newest = -1
-            for sym, group in groups:
-                group_newest = self._add_symbol(sym, group)
-                if group_newest > newest:
-                    newest = group_newest
+            newest = self._add_trades(trades)
             self.counters.trades_in += len(trades)
             if newest > self._max_event:
                 self._max_event = newest
@@ -272,17 +199,13 @@ class BarAggregator:
 
     # -- hot path --
 
-    def _state(self, sym: str, first: Trade) -> _Symbol:
-        state = self._symbols.get(sym)
-        if state is None:
-            state = self._symbols[sym] = _Symbol(sym, self.policy.primary_exchange(sym, first.z))
-        return state
-
-    def _add_symbol(self, sym: str, trades: Sequence[Trade]) -> int:
-        state = self._state(sym, trades[0])
+    def _add_trades(self, trades: Sequence[Trade]) -> int:
+        """The hot loop: ``trades`` into their minutes; returns the newest event time."""
+        if self._primary is None:
+            self._primary = self.policy.primary_exchange(self.symbol, trades[0].z)
         fast = self._fast
         get = fast[1].get
-        cur: _Minute | None = None
+        cur: Minute | None = None
         start = end = 0
         newest = -1
         ignored = 0
@@ -302,10 +225,10 @@ class BarAggregator:
                     cur.pv = pv
                     cur.pv_volume = pvv
                     cur.trades = n
-                cur = self._open_minute(state, t - t % MINUTE_MS)
+                cur = self._open_minute(t - t % MINUTE_MS)
                 if cur is None:
                     start = end = 0
-                    self._slow(state, tr, None)
+                    self._slow(tr, None)
                     continue
                 start = cur.start
                 end = start + MINUTE_MS
@@ -378,7 +301,7 @@ class BarAggregator:
                 cur.pv = pv
                 cur.pv_volume = pvv
                 cur.trades = n
-                self._slow(state, tr, cur)
+                self._slow(tr, cur)
                 o = cur.open
                 ot = cur.open_t
                 h = cur.high
@@ -403,11 +326,11 @@ class BarAggregator:
         self.counters.trades_ignored_by_policy += ignored
         return newest
 
-    def _day_of(self, state: _Symbol, minute: int) -> _Day | None:
-        day = state.day
+    def _day_of(self, minute: int) -> Day | None:
+        day = self._day
         if day is not None and day.start <= minute < day.end:
             return day
-        for candidate in state.days.values():
+        for candidate in self._days.values():
             if candidate.start <= minute < candidate.end:
                 return candidate
         calendar_day = ny_date(minute)
@@ -415,53 +338,52 @@ class BarAggregator:
         if day is not None and start < day.start:
             return None
         session = session_for(calendar_day)
-        new = _Day(
+        new = Day(
             start,
             ny_midnight_ms(calendar_day + timedelta(days=1)),
             session.open_ms,
             session.close_ms,
         )
-        state.days[start] = new
-        state.day = new
+        self._days[start] = new
+        self._day = new
         return new
 
-    def _open_minute(self, state: _Symbol, minute: int) -> _Minute | None:
+    def _open_minute(self, minute: int) -> Minute | None:
         """The open accumulator of ``minute``, created if new; None if the trade is late."""
-        acc = state.open.get(minute)
+        acc = self._open.get(minute)
         if acc is not None:
             return acc
-        deadline = minute + MINUTE_MS + self.grace_ms
-        if deadline <= self._batch_watermark:
+        if minute + MINUTE_MS + self.grace_ms <= self._batch_watermark:
             return None
-        day = self._day_of(state, minute)
+        day = self._day_of(minute)
         if day is None or minute in day.closed:
             return None
-        acc = state.open[minute] = _Minute(minute, day)
-        heapq.heappush(self._heap, (deadline, state.sym, minute))
+        acc = self._open[minute] = Minute(minute, day)
+        heapq.heappush(self._heap, minute)
         return acc
 
-    def _target(self, state: _Symbol, minute: int) -> tuple[_Minute | None, bool]:
+    def _target(self, minute: int) -> tuple[Minute | None, bool]:
         """(accumulator, is_late) of ``minute``; (None, True) if it can take no trade."""
-        acc = self._open_minute(state, minute)
+        acc = self._open_minute(minute)
         if acc is not None:
             return acc, False
-        day = self._day_of(state, minute)
+        day = self._day_of(minute)
         if day is None:
             return None, True
         acc = day.closed.get(minute)
         if acc is None:
-            acc = _Minute(minute, day)
+            acc = Minute(minute, day)
         return acc, True
 
-    def _code(self, state: _Symbol, tr: Trade, regular: bool) -> int:
+    def _code(self, tr: Trade, regular: bool) -> int:
         conditions = tr.c if isinstance(tr.c, tuple) else tuple(tr.c)
-        key = (conditions, tr.x, tr.suspicious, regular, state.primary)
+        primary = self._primary
+        assert primary is not None  # set by _add_trades before any trade is classified
+        key = (conditions, tr.x, tr.suspicious, regular, primary)
         code = self._full.get(key)
         if code is None:
             policy = self.policy
-            code = self._full[key] = policy.code(
-                conditions, tr.x, tr.suspicious, regular, state.primary
-            )
+            code = self._full[key] = policy.code(conditions, tr.x, tr.suspicious, regular, primary)
             fast = self._fast[regular]
             if conditions not in fast:
                 fast[conditions] = (
@@ -471,18 +393,18 @@ class BarAggregator:
                 )
         return code
 
-    def _slow(self, state: _Symbol, tr: Trade, acc: _Minute | None) -> None:
+    def _slow(self, tr: Trade, acc: Minute | None) -> None:
         """Everything the hot loop does not: policy misses, suspicious prints, auction prints
         and late trades. ``acc`` is the trade's open minute (None when late)."""
         t = tr.t
         minute = t - t % MINUTE_MS
         late = acc is None
         if acc is None:
-            acc, late = self._target(state, minute)
+            acc, late = self._target(minute)
             if acc is None:
                 self.counters.too_old_dropped += 1
                 return
-        code = self._code(state, tr, acc.regular)
+        code = self._code(tr, acc.regular)
         if code & (OPENING_AUCTION | CLOSING_AUCTION):
             day = acc.day
             if code & OPENING_AUCTION:
@@ -497,7 +419,7 @@ class BarAggregator:
                 if not first:
                     self.counters.auction_prints_ignored += 1
                     return
-                acc, late = self._target(state, day.close_ms - MINUTE_MS)
+                acc, late = self._target(day.close_ms - MINUTE_MS)
                 if acc is None:
                     self.counters.too_old_dropped += 1
                     return
@@ -507,212 +429,100 @@ class BarAggregator:
         if code == IGNORED:
             self.counters.trades_ignored_by_policy += 1
             return
-        _apply(acc, tr, code)
+        apply_trade(acc, tr, code)
         if late:
             self.counters.late_revised += 1
             day = acc.day
             if acc.start not in day.closed:
-                day.closed[acc.start] = acc
-                insort(day.order, acc.start)
-            self._dirty[(state.sym, day.start, acc.start)] = None
+                day.close(acc)
+            self._dirty[(day.start, acc.start)] = None
 
     # -- closing and publishing --
 
     def _close_due(self, watermark: int | None) -> list[Bar]:
         out: list[Bar] = []
         heap = self._heap
-        symbols = self._symbols
-        while heap and (watermark is None or heap[0][0] <= watermark):
-            _deadline, sym, minute = heapq.heappop(heap)
-            state = symbols[sym]
-            acc = state.open.pop(minute, None)
+        open_minutes = self._open
+        span = MINUTE_MS + self.grace_ms  # from a minute's start to its deadline
+        while heap and (watermark is None or heap[0] + span <= watermark):
+            minute = heapq.heappop(heap)
+            acc = open_minutes.pop(minute, None)
             if acc is None:
                 continue
             day = acc.day
-            day.closed[minute] = acc
-            insort(day.order, minute)
+            day.close(acc)
             if not acc.priced and acc.volume:
                 if self._fold:
                     self.counters.unpriced_minutes_folded += 1
                 else:
                     self.counters.unpriced_minutes_dropped += 1
                     self.counters.unpriced_volume_dropped += acc.volume
-            self._publish_closed(state, day, acc, out)
-            self._prune(state)
+            self._publish_closed(day, acc, out)
+            self._prune()
         if self._dirty:
             dirty = self._dirty
             self._dirty = {}
-            for sym, day_start, minute in dirty:
-                state = symbols[sym]
-                dirty_day = state.days.get(day_start)
+            for day_start, minute in dirty:
+                dirty_day = self._days.get(day_start)
                 if dirty_day is not None:
-                    self._publish_around(state, dirty_day, minute, out)
+                    self._publish_around(dirty_day, minute, out)
         return out
 
-    def _prune(self, state: _Symbol) -> None:
-        if len(state.days) < 2 or state.day is None:
+    def _prune(self) -> None:
+        days = self._days
+        if len(days) < 2 or self._day is None:
             return
-        newest = state.day.start
-        for start in [start for start in state.days if start < newest]:
-            end = state.days[start].end
-            if not any(minute < end for minute in state.open):
-                del state.days[start]
+        newest = self._day.start
+        for start in [start for start in days if start < newest]:
+            end = days[start].end
+            if not any(minute < end for minute in self._open):
+                del days[start]
 
-    def _publish_closed(self, state: _Symbol, day: _Day, acc: _Minute, out: list[Bar]) -> None:
+    def _publish_closed(self, day: Day, acc: Minute, out: list[Bar]) -> None:
         """Publish what closing ``acc`` changes: its own bar, or (folding policies) the bar its
         volume folds into; a neighbour only when it closed out of order."""
-        order = day.order
-        if not self._fold or (acc.priced and order[-1] == acc.start):
-            self._publish(state, day, acc.start, out)
+        if not self._fold or (acc.priced and day.order[-1] == acc.start):
+            self._publish(day, acc.start, out)
         else:
-            self._publish_around(state, day, acc.start, out)
+            self._publish_around(day, acc.start, out)
 
-    def _publish_around(self, state: _Symbol, day: _Day, minute: int, out: list[Bar]) -> None:
+    def _publish_around(self, day: Day, minute: int, out: list[Bar]) -> None:
         if not self._fold:
-            self._publish(state, day, minute, out)
+            self._publish(day, minute, out)
             return
-        order = day.order
-        closed = day.closed
-        index = bisect_left(order, minute)
-        before = index - 1
-        while before >= 0 and not closed[order[before]].priced:
-            before -= 1
-        after = index + 1
-        while after < len(order) and not closed[order[after]].priced:
-            after += 1
-        if before >= 0:
-            self._publish(state, day, order[before], out)
-        self._publish(state, day, minute, out)
-        if after < len(order):
-            self._publish(state, day, order[after], out)
+        before, after = day.priced_neighbours(minute)
+        if before is not None:
+            self._publish(day, before, out)
+        self._publish(day, minute, out)
+        if after is not None:
+            self._publish(day, after, out)
 
-    def _publish(self, state: _Symbol, day: _Day, minute: int, out: list[Bar]) -> None:
-        bar = self._derive(state, day, minute)
+    def _publish(self, day: Day, minute: int, out: list[Bar]) -> None:
+        bar = day.bar(self.symbol, minute, self._fold)
         if bar is None:
             return
         old = day.published.get(minute)
         if old is None:
             self.counters.bars_published += 1
-        elif _same_bar(old, bar):
+        elif same_bar(old, bar):
             return
         elif not self._revise:
             self.counters.revisions_suppressed += 1
             return
         else:
-            bar = _with_revision(bar, old.revision + 1)
+            bar = with_revision(bar, old.revision + 1)
             self.counters.revisions_published += 1
         day.published[minute] = bar
         out.append(bar)
 
-    def _derive(self, state: _Symbol, day: _Day, minute: int) -> Bar | None:
-        acc = day.closed[minute]
-        if not acc.priced:
-            return None
-        volume = acc.volume
-        trades = acc.trades
-        if self._fold:
-            order = day.order
-            closed = day.closed
-            index = bisect_left(order, minute)
-            after = index + 1
-            while after < len(order) and not closed[order[after]].priced:
-                volume += closed[order[after]].volume
-                trades += closed[order[after]].trades
-                after += 1
-            before = index - 1
-            carried_volume = carried_trades = 0
-            while before >= 0 and not closed[order[before]].priced:
-                carried_volume += closed[order[before]].volume
-                carried_trades += closed[order[before]].trades
-                before -= 1
-            if before < 0:
-                volume += carried_volume
-                trades += carried_trades
-        high = max(acc.high, acc.open, acc.close)
-        low = min(acc.low, acc.open, acc.close)
-        vwap = round(acc.pv / acc.pv_volume, 6) if acc.pv_volume else acc.close
-        return Bar(
-            seq=0,
-            symbol=state.sym,
-            tsET=ts_et(minute),
-            barId=(minute - day.open_ms) // MINUTE_MS + 1,
-            open=acc.open,
-            high=high,
-            low=low,
-            close=acc.close,
-            volume=volume,
-            vwap=vwap,
-            trades=trades,
-            startMs=minute,
-            endMs=minute + MINUTE_MS,
-            revision=0,
-        )
-
     # -- introspection --
 
-    def symbols(self) -> list[str]:
-        """Symbols seen so far."""
-        return sorted(self._symbols)
-
-    def published(self, symbol: str) -> dict[int, Bar]:
-        """The latest published version of each bar of ``symbol``'s retained days."""
-        state = self._symbols.get(symbol)
-        if state is None:
-            return {}
+    def published(self) -> dict[int, Bar]:
+        """The latest published version of each bar of the retained days, by minute start."""
         out: dict[int, Bar] = {}
-        for day in state.days.values():
+        for day in self._days.values():
             out.update(day.published)
         return dict(sorted(out.items()))
-
-
-def _apply(acc: _Minute, tr: Trade, code: int) -> None:
-    """One trade into an accumulator (the slow path's version of the hot loop)."""
-    t = tr.t
-    p = tr.p
-    s = tr.s
-    auction = code & (OPENING_AUCTION | CLOSING_AUCTION)
-    if auction:
-        code = EVERYTHING
-    if code:
-        acc.trades += 1
-    if code & VOLUME:
-        acc.volume += s
-    if code & HIGH_LOW:
-        if p > acc.high:
-            acc.high = p
-        if p < acc.low:
-            acc.low = p
-        if code & VOLUME:
-            acc.pv += p * s
-            acc.pv_volume += s
-    if code & OPEN_CLOSE:
-        if t >= acc.close_t:
-            acc.close = p
-            acc.close_t = t
-        if t < acc.open_t:
-            acc.open = p
-            acc.open_t = t
-    if auction == OPENING_AUCTION:
-        acc.open = p
-        acc.open_t = _FORCED_OPEN_TIME
-
-
-def _same_bar(a: Bar, b: Bar) -> bool:
-    return (
-        a.open == b.open
-        and a.high == b.high
-        and a.low == b.low
-        and a.close == b.close
-        and a.volume == b.volume
-        and a.vwap == b.vwap
-        and a.trades == b.trades
-    )
-
-
-def _with_revision(bar: Bar, revision: int) -> Bar:
-    import msgspec
-
-    return msgspec.structs.replace(bar, revision=revision)
 
 
 def build_bars(
@@ -723,15 +533,34 @@ def build_bars(
     symbol: str | None = None,
 ) -> list[Bar]:
     """Bars of a finished, in-memory trade sequence (backfill, tests): the latest revision of
-    every bar, ordered by symbol then minute."""
-    aggregator = BarAggregator(
-        policy, grace_ms=grace_ms, late_policy="revise", clock=ManualClock(0)
-    )
-    aggregator.add(trades, 0, symbol=symbol)
-    aggregator.flush()
+    every bar, ordered by symbol then minute.
+
+    Each symbol's trades, in their order, go to an aggregator of their own as one batch.
+    ``symbol``: every trade is of that symbol (taken on trust, not checked trade by trade).
+    """
+    if isinstance(policy, str):
+        policy = get_policy(policy)
+    groups: Mapping[str, Sequence[Trade]]
+    if symbol is not None:
+        groups = {symbol: trades}
+    elif trades and all(map(trades[0].sym.__eq__, map(_SYMBOL, trades))):
+        groups = {trades[0].sym: trades}
+    else:
+        per_symbol: dict[str, list[Trade]] = {}
+        for trade in trades:
+            bucket = per_symbol.get(trade.sym)
+            if bucket is None:
+                bucket = per_symbol[trade.sym] = []
+            bucket.append(trade)
+        groups = per_symbol
     out: list[Bar] = []
-    for sym in aggregator.symbols():
-        out.extend(aggregator.published(sym).values())
+    for sym in sorted(groups):
+        aggregator = BarAggregator(
+            sym, policy, grace_ms=grace_ms, late_policy="revise", clock=ManualClock(0)
+        )
+        aggregator.add(groups[sym], 0, symbol=sym)
+        aggregator.flush()
+        out.extend(aggregator.published().values())
     return out
 
 

@@ -1,0 +1,235 @@
+"""The bar core's small parts: one symbol-minute's accumulator, the New York day that keeps a
+symbol's closed minutes, and the bar derived from them.
+
+nautilus_trader keeps its small ``BarBuilder`` apart from the aggregator that decides when a
+bar closes; so does tickmesh. This module knows how one trade updates one minute
+(:func:`apply_trade`) and how a closed minute, with the price-less minutes around it under a
+folding policy, becomes a ``Bar`` (:meth:`Day.bar`). When minutes open and close, what is
+late, the watermark and revisions belong to ``libs.common.market.aggregator``, whose hot loop
+inlines :func:`apply_trade` for the common codes (change the two together).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+
+import msgspec
+
+from libs.common.market.policies import (
+    CLOSING_AUCTION,
+    EVERYTHING,
+    HIGH_LOW,
+    OPEN_CLOSE,
+    OPENING_AUCTION,
+    VOLUME,
+)
+from libs.common.market.sessions import MINUTE_MS, ts_et
+from libs.common.schemas import Bar, Trade
+
+NO_OPEN_TIME = 1 << 62
+"""``Minute.open_t`` before any open-eligible trade: later than every event time."""
+FORCED_OPEN_TIME = -(1 << 62)
+"""``Minute.open_t`` once the opening auction print set the open: no trade can displace it."""
+
+
+class Day:
+    """One New York day of one symbol: its session and its closed minutes."""
+
+    __slots__ = (
+        "close_ms",
+        "closed",
+        "closing_seen",
+        "end",
+        "open_ms",
+        "opening_seen",
+        "order",
+        "published",
+        "start",
+    )
+
+    def __init__(self, start: int, end: int, open_ms: int, close_ms: int) -> None:
+        self.start = start
+        self.end = end
+        self.open_ms = open_ms
+        self.close_ms = close_ms
+        self.closed: dict[int, Minute] = {}
+        self.order: list[int] = []
+        """The starts of the closed minutes, ascending."""
+        self.published: dict[int, Bar] = {}
+        """The latest published version of each bar of the day, by minute start."""
+        self.opening_seen = False
+        self.closing_seen = False
+
+    def close(self, acc: Minute) -> None:
+        """Keep ``acc`` (not yet kept) among the day's closed minutes."""
+        self.closed[acc.start] = acc
+        insort(self.order, acc.start)
+
+    def priced_neighbours(self, minute: int) -> tuple[int | None, int | None]:
+        """The nearest closed minutes before and after closed ``minute`` that have a price."""
+        order = self.order
+        closed = self.closed
+        index = bisect_left(order, minute)
+        before = index - 1
+        while before >= 0 and not closed[order[before]].priced:
+            before -= 1
+        after = index + 1
+        while after < len(order) and not closed[order[after]].priced:
+            after += 1
+        return (
+            order[before] if before >= 0 else None,
+            order[after] if after < len(order) else None,
+        )
+
+    def bar(self, symbol: str, minute: int, fold: bool) -> Bar | None:
+        """The bar of closed ``minute`` (``seq`` and ``revision`` 0), None when it has no price.
+
+        ``fold``: the volume and trades of the price-less minutes after it (up to the next
+        priced one) are its own, and so are those before it when no earlier minute of the day
+        has a price.
+        """
+        acc = self.closed[minute]
+        if not acc.priced:
+            return None
+        volume = acc.volume
+        trades = acc.trades
+        if fold:
+            order = self.order
+            closed = self.closed
+            index = bisect_left(order, minute)
+            after = index + 1
+            while after < len(order) and not closed[order[after]].priced:
+                volume += closed[order[after]].volume
+                trades += closed[order[after]].trades
+                after += 1
+            before = index - 1
+            carried_volume = carried_trades = 0
+            while before >= 0 and not closed[order[before]].priced:
+                carried_volume += closed[order[before]].volume
+                carried_trades += closed[order[before]].trades
+                before -= 1
+            if before < 0:
+                volume += carried_volume
+                trades += carried_trades
+        high = max(acc.high, acc.open, acc.close)
+        low = min(acc.low, acc.open, acc.close)
+        vwap = round(acc.pv / acc.pv_volume, 6) if acc.pv_volume else acc.close
+        return Bar(
+            seq=0,
+            symbol=symbol,
+            tsET=ts_et(minute),
+            barId=(minute - self.open_ms) // MINUTE_MS + 1,
+            open=acc.open,
+            high=high,
+            low=low,
+            close=acc.close,
+            volume=volume,
+            vwap=vwap,
+            trades=trades,
+            startMs=minute,
+            endMs=minute + MINUTE_MS,
+            revision=0,
+        )
+
+
+class Minute:
+    """Accumulator of one symbol-minute: running prices with their event times, volume and the
+    sums behind the vwap."""
+
+    __slots__ = (
+        "close",
+        "close_t",
+        "day",
+        "high",
+        "low",
+        "open",
+        "open_t",
+        "pv",
+        "pv_volume",
+        "regular",
+        "start",
+        "trades",
+        "volume",
+    )
+
+    def __init__(self, start: int, day: Day) -> None:
+        self.start = start
+        self.day = day
+        self.regular = day.open_ms <= start < day.close_ms
+        self.open = 0.0
+        self.open_t = NO_OPEN_TIME
+        self.high = float("-inf")
+        self.low = float("inf")
+        self.close = 0.0
+        self.close_t = -1
+        self.volume = 0
+        self.pv = 0.0
+        self.pv_volume = 0
+        self.trades = 0
+
+    @property
+    def priced(self) -> bool:
+        """Whether an open/close-eligible trade reached the minute (it has a bar)."""
+        return self.close_t >= 0
+
+
+def apply_trade(acc: Minute, tr: Trade, code: int) -> None:
+    """One trade with classification ``code`` into ``acc`` (the slow path's version of the
+    aggregator's hot loop; an auction print counts for everything)."""
+    t = tr.t
+    p = tr.p
+    s = tr.s
+    auction = code & (OPENING_AUCTION | CLOSING_AUCTION)
+    if auction:
+        code = EVERYTHING
+    if code:
+        acc.trades += 1
+    if code & VOLUME:
+        acc.volume += s
+    if code & HIGH_LOW:
+        if p > acc.high:
+            acc.high = p
+        if p < acc.low:
+            acc.low = p
+        if code & VOLUME:
+            acc.pv += p * s
+            acc.pv_volume += s
+    if code & OPEN_CLOSE:
+        if t >= acc.close_t:
+            acc.close = p
+            acc.close_t = t
+        if t < acc.open_t:
+            acc.open = p
+            acc.open_t = t
+    if auction == OPENING_AUCTION:
+        acc.open = p
+        acc.open_t = FORCED_OPEN_TIME
+
+
+def same_bar(a: Bar, b: Bar) -> bool:
+    """Whether two versions of a bar carry the same values (a revision would change nothing)."""
+    return (
+        a.open == b.open
+        and a.high == b.high
+        and a.low == b.low
+        and a.close == b.close
+        and a.volume == b.volume
+        and a.vwap == b.vwap
+        and a.trades == b.trades
+    )
+
+
+def with_revision(bar: Bar, revision: int) -> Bar:
+    """``bar`` as revision ``revision`` (bars are immutable once published)."""
+    return msgspec.structs.replace(bar, revision=revision)
+
+
+__all__ = [
+    "FORCED_OPEN_TIME",
+    "NO_OPEN_TIME",
+    "Day",
+    "Minute",
+    "apply_trade",
+    "same_bar",
+    "with_revision",
+]
