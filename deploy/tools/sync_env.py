@@ -20,6 +20,7 @@ import importlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import msgspec
 
@@ -108,6 +109,13 @@ def env_text(info: SettingInfo) -> str:
     return msgspec.json.encode(value).decode()  # everything else is parsed as JSON
 
 
+def described(info: SettingInfo) -> str:
+    """The description, with the choices of a ``Literal`` setting."""
+    if get_origin(info.type) is Literal:
+        return f"{info.description}: {', '.join(str(c) for c in get_args(info.type))}"
+    return info.description
+
+
 class Entry(msgspec.Struct, frozen=True):
     """One variable of the file: its name, the code's default text and its description."""
 
@@ -121,7 +129,7 @@ def sections(classes: dict[str, type[CommonSettings]]) -> Iterator[tuple[str, li
     common = {info.path: info for info in settings_info(CommonSettings)}
     own = {name: {info.path: info for info in settings_info(cls)} for name, cls in classes.items()}
     shared = [
-        Entry(info.variable, env_text(info), info.description)
+        Entry(info.variable, env_text(info), described(info))
         for path, info in common.items()
         # A shared setting every service overrides (http_port) is set per service instead.
         if not all(
@@ -136,7 +144,7 @@ def sections(classes: dict[str, type[CommonSettings]]) -> Iterator[tuple[str, li
             shared_field = path in common and path not in cls.ENV_NAMES
             if shared_field and info.default == common[path].default:
                 continue
-            entries.append(Entry(info.variable, env_text(info), info.description))
+            entries.append(Entry(info.variable, env_text(info), described(info)))
         yield f"{name} ({cls.ENV_PREFIX}*)", entries
 
 

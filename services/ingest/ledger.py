@@ -12,8 +12,8 @@
   builds the ``Progress`` mark: the feed's time (the newest event time published) and every
   tick channel's sequence at that time.
 
-Identities are kept per symbol and New York day while that day is current for the symbol
-(at most ``keep_days`` days per symbol), which bounds memory to a few days of trades.
+Identities (``libs.common.market.identity.TradeIds``) are kept per symbol for the last
+``keep_days`` New York days, which bounds memory to a few days of trades.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
-from libs.common.market.sessions import MINUTE_MS, ny_date
+from libs.common.market.identity import TradeIds
+from libs.common.market.sessions import MINUTE_MS
 from libs.common.schemas import Ledger, LedgerEntry, Progress, Trade
 
 TradeT = TypeVar("TradeT", bound=Trade)
@@ -42,83 +43,39 @@ class SourceBook:
 
     def __init__(self, source: str = "ingest", *, keep_days: int = 2) -> None:
         self.source = source
-        self.keep_days = keep_days
-        # symbol -> {day ordinal -> {exchange key -> set of trade ids}}
-        self._seen: dict[str, dict[int, dict[str, set[str]]]] = {}
+        self.ids = TradeIds(keep_days)
         self._pending: dict[tuple[str, int], _Minute] = {}
-        self._duplicates = 0
-        self.duplicates_total = 0
+        self._duplicates_reported = 0
         self.admitted_total = 0
         self.feed_time_ms = 0
         """The newest event time of a trade admitted (the feed's own clock)."""
         self.channels: dict[str, int] = {}
         """Each tick channel's newest sequence on Redis."""
 
-    # -- identity and the ledger -------------------------------------------------------------
-
-    def _ids(self, sym: str, t_ms: int) -> dict[str, set[str]]:
-        days = self._seen.get(sym)
-        if days is None:
-            days = self._seen[sym] = {}
-        day = ny_date(t_ms).toordinal()
-        ids = days.get(day)
-        if ids is None:
-            ids = days[day] = {}
-            if len(days) > self.keep_days:
-                for old in sorted(days)[: len(days) - self.keep_days]:
-                    del days[old]
-        return ids
+    @property
+    def duplicates_total(self) -> int:
+        """Trades dropped as already published, since start."""
+        return self.ids.duplicates
 
     def seen(self, trade: Trade) -> bool:
         """True when a trade with this identity was already admitted."""
-        ids = self._ids(trade.sym, trade.t)
-        key = f"{trade.x}:{trade.trfi or ''}"
-        return trade.i in ids.get(key, ())
+        return self.ids.seen(trade)
 
-    def remember(self, trades: Iterable[Trade]) -> int:
+    def remember(self, trades: Iterable[Trade]) -> None:
         """Note identities published by someone else (trades read back from Redis), without
-        counting them in the ledger; returns how many were new."""
-        new = 0
-        for trade in trades:
-            ids = self._ids(trade.sym, trade.t)
-            key = f"{trade.x}:{trade.trfi or ''}"
-            bucket = ids.get(key)
-            if bucket is None:
-                bucket = ids[key] = set()
-            if trade.i not in bucket:
-                bucket.add(trade.i)
-                new += 1
-        return new
+        counting them in the ledger."""
+        self.ids.remember(trades)
 
-    def admit(self, sym: str, trades: Sequence[TradeT]) -> list[TradeT]:
+    def admit(self, sym: str, trades: Sequence[TradeT]) -> Sequence[TradeT]:
         """The trades of ``trades`` (one symbol, feed order) not published before; counted.
-
-        A trade without an id (``i`` empty) cannot be told apart from another and is always
-        admitted.
-        """
-        out: list[TradeT] = []
+        A trade without an id (``i`` empty) cannot be told apart and is always admitted."""
+        fresh = self.ids.fresh(sym, trades)
         pending = self._pending
-        ids: dict[str, set[str]] | None = None
-        day_end = day_start = 0
         minute_start = minute_end = 0
         acc: _Minute | None = None
         newest = self.feed_time_ms
-        for trade in trades:
+        for trade in fresh:
             t = trade.t
-            if t < day_start or t >= day_end:
-                ids = self._ids(sym, t)
-                day_start, day_end = _day_bounds(t)
-            assert ids is not None
-            if trade.i:
-                key = f"{trade.x}:{trade.trfi}" if trade.trfi else _EXCHANGE_KEYS[trade.x]
-                bucket = ids.get(key)
-                if bucket is None:
-                    bucket = ids[key] = set()
-                if trade.i in bucket:
-                    self._duplicates += 1
-                    continue
-                bucket.add(trade.i)
-            out.append(trade)
             if t < minute_start or t >= minute_end:
                 minute_start = t - t % MINUTE_MS
                 minute_end = minute_start + MINUTE_MS
@@ -137,22 +94,21 @@ class SourceBook:
             if t > newest:
                 newest = t
         self.feed_time_ms = newest
-        self.admitted_total += len(out)
-        return out
+        self.admitted_total += len(fresh)
+        return fresh
 
     def ledger(self, now_ms: int) -> Ledger | None:
         """The counts since the previous call (None when there are none), then reset."""
-        if not self._pending and not self._duplicates:
+        duplicates = self.ids.duplicates - self._duplicates_reported
+        if not self._pending and not duplicates:
             return None
         entries = [
             LedgerEntry(sym, minute, acc.trades, acc.volume, acc.first_q, acc.last_q)
             for (sym, minute), acc in self._pending.items()
         ]
-        record = Ledger(0, self.source, entries, self._duplicates, now_ms)
-        self.duplicates_total += self._duplicates
         self._pending = {}
-        self._duplicates = 0
-        return record
+        self._duplicates_reported = self.ids.duplicates
+        return Ledger(0, self.source, entries, duplicates, now_ms)
 
     # -- progress ------------------------------------------------------------------------------
 
@@ -179,15 +135,3 @@ class SourceBook:
             connected=connected,
             tsMs=now_ms,
         )
-
-
-_EXCHANGE_KEYS = {x: f"{x}:" for x in range(256)}
-
-
-def _day_bounds(t_ms: int) -> tuple[int, int]:
-    """[start, end) of the New York day of ``t_ms``, in epoch ms."""
-    from libs.common.market.sessions import ny_midnight_ms
-
-    day = ny_date(t_ms)
-    start = ny_midnight_ms(day)
-    return start, ny_midnight_ms(day.fromordinal(day.toordinal() + 1))

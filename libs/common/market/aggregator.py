@@ -20,11 +20,12 @@ and evidence in ``docs/bars.md``):
 * open and close go by event time, ties by arrival order; high/low are extremes;
 * ``vwap`` is over trades counted for both volume and high/low; ``trades`` counts every trade
   that updated the bar in any way;
-* the **watermark** is the newest event time of the symbol's trades seen so far, advanced by
-  the wall time elapsed since it was seen, and never goes back; other symbols never move it. A
-  minute closes when ``watermark >= endMs + grace_ms``, so a quiet symbol's bar closes within
-  the grace period after its minute even if no further trade arrives (call
-  :meth:`BarAggregator.advance`);
+* the **watermark** is the newest event time of the symbol's trades seen so far, moved on by
+  the path's progress (:meth:`BarAggregator.advance_to`: everything up to the feed's time was
+  delivered) or, with ``wall_clock=True``, by the wall time elapsed since it was seen
+  (:meth:`BarAggregator.advance`); it never goes back and other symbols never move it. A
+  minute closes when ``watermark >= endMs + grace_ms`` (or ``>= endMs`` when the feed says it
+  is idle), so a quiet symbol's bar closes even if no further trade arrives;
 * a trade is **late** when its minute has already closed, or when its minute's deadline had
   already passed when the batch carrying it arrived. ``late_policy="revise"`` updates the bar
   and publishes it again with ``revision + 1``; ``"drop"`` drops the trade and counts it;
@@ -111,6 +112,8 @@ class BarAggregator:
         grace_ms: int = 2_000,
         late_policy: LatePolicy | str = "revise",
         clock: Clock = SYSTEM_CLOCK,
+        *,
+        wall_clock: bool = True,
     ) -> None:
         if isinstance(policy, str):
             policy = get_policy(policy)
@@ -141,6 +144,8 @@ class BarAggregator:
         self._max_event_wall = 0
         self._watermark = -1
         self._batch_watermark = -1
+        self._wall_clock = wall_clock
+        """False: only trades and ``advance_to`` (the path's progress) move the watermark."""
 
     # -- watermark --
 
@@ -151,7 +156,9 @@ class BarAggregator:
 
     def _advance_watermark(self, now_ms: int) -> int:
         if self._max_event >= 0:
-            candidate = self._max_event + max(0, now_ms - self._max_event_wall)
+            candidate = self._max_event
+            if self._wall_clock:
+                candidate += max(0, now_ms - self._max_event_wall)
             if candidate > self._watermark:
                 self._watermark = candidate
         return self._watermark
@@ -192,6 +199,15 @@ class BarAggregator:
         """Move the watermark with wall time and return the bars that closed (and revisions)."""
         now = self.clock.now_ms() if now_ms is None else now_ms
         return self._close_due(self._advance_watermark(now))
+
+    def advance_to(self, feed_time_ms: int, *, idle: bool = False) -> list[Bar]:
+        """The path has delivered every trade of the symbol up to ``feed_time_ms`` (a progress
+        mark): move the watermark there and return the bars that closed (and revisions).
+        ``idle``: nothing more is coming for now, so a minute that ended by then closes
+        without waiting for its grace period."""
+        if feed_time_ms > self._watermark:
+            self._watermark = feed_time_ms
+        return self._close_due(self._watermark + (self.grace_ms if idle else 0))
 
     def flush(self) -> list[Bar]:
         """End of input: close every open minute now and return the bars."""
