@@ -106,7 +106,9 @@ class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     )
     http_port: Annotated[int, Meta(ge=0, le=65535, description="port of the HTTP endpoint")] = 9100
     log_level: Annotated[LogLevel, Meta(description="log level")] = "info"
-    log_format: Annotated[LogFormat, Meta(description="log format (auto: JSON unless a terminal)")] = "auto"
+    log_format: Annotated[
+        LogFormat, Meta(description="log format (auto: JSON unless a terminal)")
+    ] = "auto"
     run_id: Annotated[str, Meta(description="run id in heartbeats (random when empty)")] = ""
     mode: Annotated[Mode, Meta(description="heartbeat mode")] = "sim"
     heartbeat_interval_ms: Annotated[int, Meta(gt=0, description="heartbeat period")] = 5_000
