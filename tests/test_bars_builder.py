@@ -17,7 +17,7 @@ from libs.common.market.aggregator import BarAggregator
 from libs.common.market.sessions import MINUTE_MS
 from libs.common.names import Keys
 from libs.common.runtime.clock import ManualClock
-from libs.common.schemas import Bar, TickBatch, Trade
+from libs.common.schemas import Bar, Progress, TickBatch, Trade
 from services.bars.builder import BarBuilder, TickWork
 from services.bars.marks import ClosedMinutes
 from services.bars.source import Item, tick_symbol
@@ -46,7 +46,7 @@ class FakeSource:
         self.committed: dict[str, int] = {}
         self.opens: list[bool] = []
 
-    async def open(self, builder: BarBuilder, *, restart: bool) -> None:
+    async def open(self, *, restart: bool) -> None:
         self.opens.append(restart)
 
     async def run(self, deliver) -> None:  # type: ignore[no-untyped-def]
@@ -63,7 +63,7 @@ class FakeSource:
 
 
 class Harness:
-    def __init__(self, clock: ManualClock, policy: str = "none") -> None:
+    def __init__(self, clock: ManualClock, policy: str = "none", close_on: str = "wall") -> None:
         self.clock = clock
         self.source = FakeSource()
         self.published: list[Bar] = []
@@ -74,7 +74,9 @@ class Harness:
 
         self.builder = BarBuilder(
             "unit.builder",
-            lambda symbol: BarAggregator(symbol, policy, grace_ms=GRACE_MS, clock=clock),
+            lambda symbol: BarAggregator(
+                symbol, policy, grace_ms=GRACE_MS, clock=clock, wall_clock=close_on == "wall"
+            ),
             self.source,
             sink,
             self.closed,
@@ -82,6 +84,7 @@ class Harness:
             clock=clock,
             registry=CollectorRegistry(),
             source_kind="unit",
+            close_on=close_on,
         )
 
     async def deliver(self, *items: Item) -> None:
@@ -184,30 +187,83 @@ async def test_a_restart_rewinds_drops_stale_work_and_does_not_rebuild_published
     await builder.stop()
 
 
-async def test_a_lost_partition_is_forgotten_and_a_kept_one_is_not_read_twice() -> None:
+def mark(feed_time: int, idle: bool = False, **seqs: int) -> Progress:
+    return Progress(
+        0, "ingest", feed_time, {f"ticks.{sym}": seq for sym, seq in seqs.items()}, idle
+    )
+
+
+def numbered(symbol: str, seq: int, *times: int) -> TickBatch:
+    return TickBatch(seq, symbol, [trade(symbol, t) for t in times])
+
+
+async def test_minutes_close_when_the_path_delivered_everything_up_to_them() -> None:
+    """A mark says ticks.A was at sequence 3 when the feed was at 10:02: A's 10:00 minute
+    closes only once A's ticks up to 3 are read, whatever this process's clock does."""
     clock = ManualClock(10**13)
-    harness = Harness(clock)
+    harness = Harness(clock, close_on="progress")
     builder = harness.builder
     await builder.start()
     try:
-        await harness.deliver(
-            ("p#0", 10, batch("A", T0 + 1_000)), ("p#1", 20, batch("B", T0 + 2_000))
-        )
-        await builder.reassign({"p#0"})  # A went to another member
-        # B's partition restarts at its committed offset: the same position again is ignored
-        await harness.deliver(
-            ("p#1", 20, batch("B", T0 + 2_000)), ("p#1", 21, batch("B", T0 + 3_000))
-        )
-        await harness.advance_to(clock.now_ms() + 120_000)
-        assert harness.bars() == [("B", 0, 200, 0)]
-        assert harness.source.committed == {"p#1": 21}
-        # A's partition comes back (the other member left): read again from its committed
-        # offset, it must count once
-        await builder.reassign(set())
-        await harness.deliver(
-            ("p#0", 10, batch("A", T0 + 1_000)), ("p#0", 11, batch("A", T0 + 61_000, size=5))
-        )
-        await harness.advance_to(clock.now_ms() + 120_000)
-        assert harness.bars() == [("B", 0, 200, 0), ("A", 0, 100, 0), ("A", 1, 5, 0)]
+        await harness.deliver(("ticks.A", 1, numbered("A", 1, T0 + 1_000)))
+        await harness.deliver(("sentio.progress.v1", 1, mark(T0 + 120_000, A=3)))
+        clock.advance(3_600_000)  # an hour of wall time: nothing closes on it
+        await harness.advance_to(clock.now_ms())
+        assert harness.bars() == []
+        await harness.deliver(("ticks.A", 2, numbered("A", 2, T0 + 2_000)))
+        assert harness.bars() == []  # still one tick short of the mark
+        await harness.deliver(("ticks.A", 3, numbered("A", 3, T0 + 3_000)))
+        assert harness.bars() == [("A", 0, 300, 0)]
+        # the mark's own position is done with at once; A's up to its closed minute
+        assert harness.source.committed == {"sentio.progress.v1": 1, "ticks.A": 3}
+    finally:
+        await builder.stop()
+
+
+async def test_an_idle_mark_closes_the_last_minute_without_its_grace() -> None:
+    clock = ManualClock(10**13)
+    harness = Harness(clock, close_on="progress")
+    builder = harness.builder
+    await builder.start()
+    try:
+        await harness.deliver(("ticks.A", 1, numbered("A", 1, T0 + 59_000)))
+        # the feed is at the minute's end, within the grace: not closed...
+        await harness.deliver(("sentio.progress.v1", 1, mark(T0 + 60_000, A=1)))
+        assert harness.bars() == []
+        # ...until the feed says it has nothing more (the end of a replayed day)
+        await harness.deliver(("sentio.progress.v1", 2, mark(T0 + 60_000, True, A=1)))
+        assert harness.bars() == [("A", 0, 100, 0)]
+    finally:
+        await builder.stop()
+
+
+async def test_a_mark_closes_a_quiet_symbol_and_ignores_other_shards() -> None:
+    clock = ManualClock(10**13)
+    harness = Harness(clock, close_on="progress")
+    harness.builder.owns = lambda symbol: symbol != "Z"
+    builder = harness.builder
+    await builder.start()
+    try:
+        await harness.deliver(("ticks.A", 4, numbered("A", 4, T0 + 5_000)))
+        # B trades on (A is quiet), Z belongs to another shard and is never read here
+        await harness.deliver(("sentio.progress.v1", 1, mark(T0 + 200_000, A=4, B=90, Z=7)))
+        assert harness.bars() == [("A", 0, 100, 0)]
+        assert "Z" not in builder._marks
+    finally:
+        await builder.stop()
+
+
+async def test_a_trade_delivered_twice_is_aggregated_once() -> None:
+    clock = ManualClock(10**13)
+    harness = Harness(clock, close_on="progress")
+    builder = harness.builder
+    await builder.start()
+    try:
+        first = Trade(sym="A", p=10.0, s=100, t=T0 + 1_000, x=4, i="77", z=3)
+        await harness.deliver(("ticks.A", 1, TickBatch(1, "A", [first])))
+        # the same trade again, under another sequence number (a re-published batch)
+        await harness.deliver(("ticks.A", 2, TickBatch(2, "A", [first])))
+        await harness.deliver(("sentio.progress.v1", 1, mark(T0 + 120_000, A=2)))
+        assert harness.bars() == [("A", 0, 100, 0)]
     finally:
         await builder.stop()

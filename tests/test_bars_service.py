@@ -239,6 +239,9 @@ def settings_for(redis_url: str, prefix: str, pattern: str, **overrides: object)
         "kafka_heartbeat_interval_ms": 200,
         "kafka_rebalance_timeout_ms": 1_000,
         "stop_deadline_s": 5.0,
+        # these tests publish ticks without an ingest (no progress marks): minutes close on
+        # the wall clock; tests/test_e2e_mesh.py runs the progress path with a real ingest
+        "close_on": "wall",
     }
     values.update(overrides)
     return msgspec.convert(values, BarsSettings)
@@ -422,6 +425,7 @@ def process_env(redis_url: str, prefix: str, pattern: str) -> dict[str, str]:
         "BARS_LOG_FORMAT": "json",
         "TICKMESH_RUN_ID": "restart-test",
         "TICKMESH_HEARTBEAT_INTERVAL_MS": "1000",
+        "BARS_CLOSE_ON": "wall",  # no ingest here: no progress marks
     }
 
 
@@ -652,67 +656,60 @@ async def test_kafka_ticks_become_kafka_bars_equal_to_the_redis_paths_and_duplic
     assert as_map(shadow_bars) == redis_map == expected
 
 
-async def test_two_group_members_split_the_partitions_and_together_build_the_same_bars(
+async def test_two_kafka_shards_split_the_symbols_and_pick_up_topics_that_appear_later(
     redis_url: str, kafka_bootstrap: str, unique_name: object
 ) -> None:
-    """Six tick topics; member 1 starts alone and takes all of them; member 2 joins while
-    ticks flow (a rebalance moves half the partitions, with minutes open); together they
-    publish every bar once, equal to the offline bars."""
-    prefix = f"{unique_name('group')}:"  # type: ignore[operator]
+    """Six tick topics, two shadow shards. Three topics exist when the shards start; the
+    other three appear while they run (new symbols): each shard reads its own symbols, new
+    topics from their first record, and together they publish every bar once, equal to the
+    offline bars."""
+    prefix = f"{unique_name('shards')}:"  # type: ignore[operator]
     pattern, symbols = symbols_for(6)
     trades = make_trades(symbols, (10, 0), 4, seed=34, per_minute=30)
     batches = frames(trades)
     seqs = numbered(batches)
     expected = expected_bars(trades)
-    settings = settings_for(
-        redis_url,
-        prefix,
-        pattern,
-        source="kafka",
-        kafka_bootstrap=kafka_bootstrap,
-        kafka_group=unique_name("group"),
-    )  # type: ignore[operator]
-    await create_tick_topics(settings, symbols)
-    cut = ny_epoch_ms(DAY, 10, 1, 30_000)
-    first = sum(1 for b in batches if b.ticks[0].t < cut)
-    async with service(settings) as member1:
-        source1 = builder_of(member1).source
-        assert isinstance(source1, KafkaTickSource)
-        await eventually(lambda: len(source1.assigned) == len(symbols), timeout=20)
-        await produce_like_the_mirror(kafka_bootstrap, batches[:first], seqs[:first])
+    group = unique_name("shadow")  # type: ignore[operator]
+
+    def shard(index: int) -> BarsSettings:
+        return settings_for(
+            redis_url,
+            prefix,
+            pattern,
+            source="kafka",
+            kafka_bootstrap=kafka_bootstrap,
+            kafka_group=group,
+            shard_index=index,
+            shard_count=2,
+            discover_interval_ms=200,
+        )
+
+    early, late = symbols[:3], symbols[3:]
+    await create_tick_topics(shard(0), early)
+    async with service(shard(0)) as one, service(shard(1)) as two:
+        sources = [builder_of(member).source for member in (one, two)]
+        assert all(isinstance(source, KafkaTickSource) for source in sources)
         await eventually(
-            lambda: (
-                metric(member1, "tickmesh_bars_published_total", source="kafka") >= len(symbols)
-            ),
+            lambda: sum(len(s.assigned) for s in sources) == len(early),  # type: ignore[attr-defined]
             timeout=20,
         )
-        async with service(settings) as member2:
-            source2 = builder_of(member2).source
-            assert isinstance(source2, KafkaTickSource)
-            await eventually(
-                lambda: (
-                    source2.assigned
-                    and len(source1.assigned) + len(source2.assigned) == len(symbols)
-                ),
-                timeout=30,
-                message="no rebalance",
-            )
-            assert source1.assigned and not source1.assigned & source2.assigned
-            await produce_like_the_mirror(kafka_bootstrap, batches[first:], seqs[first:])
+        await create_tick_topics(shard(0), late)  # new listings, after the shards started
+        await produce_like_the_mirror(kafka_bootstrap, batches, seqs)
 
-            def published() -> float:
-                return sum(
-                    metric(m, "tickmesh_bars_published_total", source="kafka")
-                    for m in (member1, member2)
-                )
-
-            await eventually(
-                lambda: published() >= len(expected),
-                timeout=30,
-                message=lambda: f"{published()} of {len(expected)} bars",
+        def published() -> float:
+            return sum(
+                metric(m, "tickmesh_bars_published_total", source="kafka") for m in (one, two)
             )
-            assert metric(member2, "tickmesh_bars_published_total", source="kafka") > 0
-    shadow_bars = await kafka_bars(settings, symbols)
+
+        await eventually(
+            lambda: published() >= len(expected),
+            timeout=30,
+            message=lambda: f"{published()} of {len(expected)} bars",
+        )
+        assigned = [s.assigned for s in sources]  # type: ignore[attr-defined]
+        assert all(assigned) and not assigned[0] & assigned[1]
+        assert sum(len(a) for a in assigned) == len(symbols)
+    shadow_bars = await kafka_bars(shard(0), symbols)
     assert_published_once(shadow_bars)
     assert as_map(shadow_bars) == expected
 

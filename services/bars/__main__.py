@@ -12,16 +12,15 @@ import argparse
 import gc
 import sys
 
-from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka import AIOKafkaConsumer
 
+from libs.common import names
 from libs.common.io.barstore import BarStore
 from libs.common.io.deadletter import DeadLetters
 from libs.common.io.kafka_io import (
     TopicAdmin,
     make_consumer,
-    start_consumer,
     start_producer,
-    topic_regex,
 )
 from libs.common.io.reliable import SequencedConsumer
 from libs.common.io.wiring import add_heartbeat, connect_runtime_redis, make_publisher
@@ -54,7 +53,11 @@ async def build(runtime: ServiceRuntime[BarsSettings]) -> None:
 
     def make_aggregator(symbol: str) -> BarAggregator:
         return BarAggregator(
-            symbol, policy, grace_ms=settings.grace_ms, late_policy=settings.late_policy
+            symbol,
+            policy,
+            grace_ms=settings.grace_ms,
+            late_policy=settings.late_policy,
+            wall_clock=settings.close_on == "wall",
         )
 
     name = settings.state_name()
@@ -62,14 +65,20 @@ async def build(runtime: ServiceRuntime[BarsSettings]) -> None:
     if settings.source == "redis":
         closed: ClosedMinutes = StreamClosedMinutes(client, keys, name, accept=settings.owns)
 
+        patterns = [settings.tick_pattern]
+        if settings.close_on == "progress":
+            patterns.append(names.PROGRESS)
+
         def make_redis_consumer() -> SequencedConsumer:
             return SequencedConsumer(
                 client,
                 name,
-                [settings.tick_pattern],
+                patterns,
                 keys=keys,
                 registry=runtime.registry,
-                accept=lambda channel: settings.owns(tick_symbol(channel)),
+                accept=lambda channel: (
+                    channel == names.PROGRESS or settings.owns(tick_symbol(channel))
+                ),
             )
 
         builder = BarBuilder(
@@ -81,40 +90,46 @@ async def build(runtime: ServiceRuntime[BarsSettings]) -> None:
             tick_interval_ms=settings.tick_interval_ms,
             registry=runtime.registry,
             source_kind="redis",
+            close_on=settings.close_on,
+            owns=settings.owns,
         )
     else:
         producer = await start_producer(settings)
         runtime.on_cleanup(producer.stop)
         admin = TopicAdmin(settings)
         runtime.on_cleanup(admin.close)
-        # round robin: with one topic per symbol (one partition each), the default range
-        # assignor would give every topic's only partition to the same member
-        kafka_consumer = make_consumer(
-            settings,
-            group_id=settings.kafka_group,
-            partition_assignment_strategy=(RoundRobinPartitionAssignor,),
+
+        def make_kafka_consumer() -> AIOKafkaConsumer:
+            return make_consumer(settings, group_id=None)
+
+        source = KafkaTickSource(
+            make_kafka_consumer,
+            client,
+            keys,
+            name,
+            dead_letters,
+            tick_pattern=settings.tick_pattern,
+            owns=settings.owns,
+            progress_topic=names.PROGRESS if settings.close_on == "progress" else None,
+            discover_interval_s=settings.discover_interval_ms / 1000,
+            registry=runtime.registry,
         )
-        kafka_source = KafkaTickSource(kafka_consumer, dead_letters, registry=runtime.registry)
-        kafka_consumer.subscribe(
-            pattern=topic_regex(settings.tick_pattern), listener=kafka_source.listener()
-        )
-        await start_consumer(kafka_consumer)
-        runtime.on_cleanup(kafka_consumer.stop)
 
         async def kafka_ready() -> bool:
-            await kafka_consumer.topics()  # a metadata round trip; raises when unreachable
-            return True
+            return source.consumer is not None and bool(await source.consumer.topics())
 
         runtime.http.add_readiness("kafka", kafka_ready)
         builder = BarBuilder(
             f"{name}.builder",
             make_aggregator,
-            kafka_source,
+            source,
             kafka_sink(admin, producer),
             ClosedMinutes(client, keys, name),
             tick_interval_ms=settings.tick_interval_ms,
             registry=runtime.registry,
             source_kind="kafka",
+            close_on=settings.close_on,
+            owns=settings.owns,
         )
     runtime.supervisor.add(builder)
     add_heartbeat(runtime, publisher, lag_ms=lambda: builder.lag_ms)

@@ -2,12 +2,20 @@
 
 One ``BarBuilder`` owns the aggregation cores (``aggregator.BarAggregator``, one per
 symbol, so that each symbol's watermark is its own) and one tick source
-(``sources.RedisTickSource`` or ``sources.KafkaTickSource``), whose reader runs as a task of
-the actor. Its mailbox takes, in order:
+(``redis_source.RedisTickSource`` or ``kafka_source.KafkaTickSource``), whose reader runs as a
+task of the actor. Its mailbox takes, in order:
 
-- ``TickWork``: decoded tick batches from the source, with their positions;
-- ``WatermarkTick``: sent by its own timer, so quiet symbols' bars close with wall time;
-- ``Barrier`` / ``Reassign``: from the Kafka source around a consumer-group rebalance.
+- ``TickWork``: decoded tick batches and progress marks from the source, with positions;
+- ``WatermarkTick``: sent by its own timer (the lag gauge; with ``close_on="wall"``, quiet
+  symbols' bars close with wall time).
+
+Minutes close on the path's progress (``close_on="progress"``, the default): a progress mark
+(``sentio.progress.v1``, from ingest) says every tick of a symbol up to the feed's time is on
+its channel up to a sequence number; once the builder has read the symbol's ticks up to that
+number, the symbol's watermark moves to the feed's time. So a minute closes when this path
+has delivered everything up to it, never because this process's clock moved, whatever the
+path's lag; a replayed day leaves no mark at the host's date. An ``idle`` mark (the feed has
+nothing more for now) closes the minutes that ended by the feed's time.
 
 Restart safety rests on three rules:
 
@@ -30,19 +38,20 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from libs.common import names
 from libs.common.market.aggregator import BarAggregator
+from libs.common.market.identity import TradeIds
 from libs.common.market.sessions import MINUTE_MS
 from libs.common.runtime.actors import Actor, Overflow
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
-from libs.common.runtime.lifecycle import State
 from libs.common.runtime.metrics import metrics_for
-from libs.common.schemas import Bar, TickBatch, Trade
+from libs.common.schemas import Bar, Progress, TickBatch, Trade
 from services.bars.marks import ClosedMinutes
 from services.bars.source import BarSink, Item, TickSource
 
@@ -62,20 +71,13 @@ class WatermarkTick(NamedTuple):
 
 
 class Barrier(NamedTuple):
-    """Resolves ``done`` once everything queued before it is handled (published, committed)."""
+    """Resolves ``done`` once everything queued before it is handled (bars published, safe
+    positions committed): a way for tools and tests to wait for the builder."""
 
     done: asyncio.Future[None]
 
 
-class Reassign(NamedTuple):
-    """The source lost these channels (Kafka partitions) to another consumer: forget their
-    symbols; and reload what others published for the symbols it may have gained."""
-
-    lost: frozenset[str]
-    done: asyncio.Future[None]
-
-
-BuilderMessage = TickWork | WatermarkTick | Barrier | Reassign
+BuilderMessage = TickWork | WatermarkTick | Barrier
 
 
 def _newest(batch: TickBatch) -> int:
@@ -127,9 +129,15 @@ class BuilderMetrics:
         self.commits = Counter(
             "tickmesh_bars_commits", "Safe position commits", labels, registry=registry
         )
-        self.reassigned = Counter(
-            "tickmesh_bars_reassigned_channels",
-            "Channels (Kafka partitions) lost to another group member; their symbols dropped",
+        self.marks = Counter(
+            "tickmesh_bars_progress_marks",
+            "Progress marks read (each moves the watermark of the symbols it covers)",
+            labels,
+            registry=registry,
+        )
+        self.duplicate_trades = Counter(
+            "tickmesh_bars_duplicate_trades",
+            "Trades dropped because one with the same identity was already aggregated",
             labels,
             registry=registry,
         )
@@ -157,6 +165,8 @@ class BarBuilder(Actor[BuilderMessage]):
         registry: CollectorRegistry | None = None,
         mailbox_size: int = 64,
         source_kind: str = "redis",
+        close_on: str = "progress",
+        owns: Callable[[str], bool] = lambda _symbol: True,
     ) -> None:
         super().__init__(
             name, mailbox_size=mailbox_size, overflow=Overflow.BLOCK, registry=registry
@@ -173,6 +183,16 @@ class BarBuilder(Actor[BuilderMessage]):
         self.closed = closed
         self.clock = clock
         self.source_kind = source_kind
+        if close_on not in ("progress", "wall"):
+            raise ValueError(f"close_on must be progress or wall, not {close_on!r}")
+        self.close_on = close_on
+        self.owns = owns
+        """Which symbols are this builder's (its shard); a mark's others are not its business."""
+        self.ids = TradeIds()
+        self._seqs: dict[str, int] = {}
+        """Per symbol: the newest sequence of its tick channel read."""
+        self._marks: dict[str, deque[tuple[int, int, bool]]] = {}
+        """Per symbol: marks waiting for its ticks (needed sequence, feed time, idle)."""
         metrics = BuilderMetrics.for_registry(registry)
         self.builder_metrics = metrics
         self._m_ticks = metrics.ticks.labels(source_kind)
@@ -183,6 +203,8 @@ class BarBuilder(Actor[BuilderMessage]):
         self._m_commits = metrics.commits.labels(source_kind)
         self._m_lag = metrics.lag.labels(source_kind)
         self._m_uncommitted = metrics.uncommitted.labels(source_kind)
+        self._m_marks = metrics.marks.labels(source_kind)
+        self._m_duplicate_trades = metrics.duplicate_trades.labels(source_kind)
         # per channel: (position, newest tick time of the batch, its symbol), oldest first
         self._pending: dict[str, deque[tuple[int, int, str]]] = {}
         self._last_position: dict[str, int] = {}
@@ -208,6 +230,9 @@ class BarBuilder(Actor[BuilderMessage]):
 
     async def on_start(self) -> None:
         self.aggregators = {}
+        self.ids = TradeIds()
+        self._seqs.clear()
+        self._marks.clear()
         self._open.clear()
         self._pending.clear()
         self._to_commit.clear()
@@ -217,7 +242,7 @@ class BarBuilder(Actor[BuilderMessage]):
         self._dirty.clear()
         self._waiting.clear()
         await self.closed.load()
-        await self.source.open(builder=self, restart=self.incarnation > 1)
+        await self.source.open(restart=self.incarnation > 1)
         log.info(
             "bars.builder_started",
             actor=self.name,
@@ -262,30 +287,13 @@ class BarBuilder(Actor[BuilderMessage]):
     async def _tick(self) -> None:
         self.tell_nowait(WatermarkTick())
 
-    # -- control from the source (Kafka rebalances) ------------------------------------------
-
-    async def _control(
-        self, make: Callable[[asyncio.Future[None]], BuilderMessage], timeout_s: float
-    ) -> None:
-        if self.state is not State.RUNNING:
-            return  # a (re)start rebuilds everything from the committed positions anyway
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self.tell(make(done))
-                await asyncio.shield(done)
-        except TimeoutError:
-            log.warning("bars.control_timeout", actor=self.name, timeout_s=timeout_s)
-
     async def barrier(self, timeout_s: float = 10.0) -> None:
-        """Wait until everything delivered so far is handled: bars published, safe positions
+        """Wait until everything queued so far is handled: bars published, safe positions
         committed."""
-        await self._control(Barrier, timeout_s)
-
-    async def reassign(self, lost: Iterable[str], timeout_s: float = 10.0) -> None:
-        """Forget the symbols of ``lost`` channels and reload the others' marks."""
-        lost_set = frozenset(lost)
-        await self._control(lambda done: Reassign(lost_set, done), timeout_s)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        async with asyncio.timeout(timeout_s):
+            await self.tell(Barrier(done))
+            await done
 
     # -- work --------------------------------------------------------------------------------
 
@@ -293,8 +301,6 @@ class BarBuilder(Actor[BuilderMessage]):
         now = self.clock.now_ms()
         if isinstance(message, WatermarkTick):
             bars = self._advance(now)
-        elif isinstance(message, TickWork):
-            bars = self._add(message.items, now)
         elif isinstance(message, Barrier):
             try:
                 await self.flush_commits()
@@ -303,12 +309,7 @@ class BarBuilder(Actor[BuilderMessage]):
                     message.done.set_result(None)
             return
         else:
-            try:
-                await self._reassign(message.lost)
-            finally:
-                if not message.done.done():
-                    message.done.set_result(None)
-            return
+            bars = self._add(message.items, now)
         await self._publish(bars)
         await self._commit_safe()
         if self._watermark:
@@ -335,6 +336,8 @@ class BarBuilder(Actor[BuilderMessage]):
         return aggregator
 
     def _advance(self, now: int) -> list[Bar]:
+        if self.close_on != "wall":
+            return []  # minutes close on the path's progress, not on this clock
         bars: list[Bar] = []
         for symbol in list(self._open):
             aggregator = self.aggregators[symbol]
@@ -359,15 +362,30 @@ class BarBuilder(Actor[BuilderMessage]):
         restored = self.closed.restored
         for channel, position, batch in items:
             if position <= last_position.get(channel, -1):
-                continue  # delivered again (a Kafka partition kept across a rebalance)
+                continue  # delivered again
             last_position[channel] = position
-            trades = batch.ticks
+            if type(batch) is Progress:
+                self._m_marks.inc()
+                self._apply_mark(batch, bars)
+                queue = pending.get(channel)
+                if queue is None:
+                    queue = pending[channel] = deque()
+                queue.append((position, 0, ""))  # done with as soon as it is applied
+                self._dirty.add(channel)
+                self._waiting.add(channel)
+                continue
+            assert type(batch) is TickBatch
+            symbol = batch.sym
+            trades: Sequence[Trade] = batch.ticks
             if trades:
-                mark = restored.get(batch.sym)
+                mark = restored.get(symbol)
                 if mark is not None and trades[0].t < mark + MINUTE_MS:
                     trades = self._after_mark(trades, mark)
+                fresh = self.ids.fresh(symbol, trades)
+                if len(fresh) < len(trades):
+                    self._m_duplicate_trades.inc(len(trades) - len(fresh))
+                trades = fresh
                 if trades:
-                    symbol = batch.sym
                     aggregator = self._aggregator(symbol)
                     counters = aggregator.counters
                     revised, dropped = counters.late_revised, counters.late_dropped
@@ -380,16 +398,21 @@ class BarBuilder(Actor[BuilderMessage]):
                     else:
                         self._open.add(symbol)
                     self._watermark = max(self._watermark, aggregator.watermark_ms)
+            if batch.seq > self._seqs.get(symbol, 0):
+                self._seqs[symbol] = batch.seq
+                waiting = self._marks.get(symbol)
+                if waiting and waiting[0][0] <= batch.seq:
+                    self._release(symbol, batch.seq, bars)
             symbols = self._channel_symbols.get(channel)
             if symbols is None:
                 symbols = self._channel_symbols[channel] = set()
-            if batch.sym not in symbols:
-                symbols.add(batch.sym)
-                self._symbol_channels.setdefault(batch.sym, set()).add(channel)
+            if symbol not in symbols:
+                symbols.add(symbol)
+                self._symbol_channels.setdefault(symbol, set()).add(channel)
             queue = pending.get(channel)
             if queue is None:
                 queue = pending[channel] = deque()
-            queue.append((position, _newest(batch), batch.sym))
+            queue.append((position, _newest(batch), symbol))
             self._dirty.add(channel)
             self._waiting.add(channel)
         self._m_ticks.inc(ticks)
@@ -399,7 +422,59 @@ class BarBuilder(Actor[BuilderMessage]):
             late.labels(self.source_kind, "dropped").inc(late_dropped)
         return bars
 
-    def _after_mark(self, trades: list[Trade], mark: int) -> list[Trade]:
+    # -- progress ------------------------------------------------------------------------------
+
+    def _apply_mark(self, mark: Progress, bars: list[Bar]) -> None:
+        """Move every covered symbol's watermark to the mark's feed time, or queue the mark
+        for a symbol whose ticks up to the mark's sequence were not read yet."""
+        if self.close_on != "progress":
+            return
+        feed_time, idle = mark.feedTimeMs, mark.idle
+        listed: set[str] = set()
+        for channel, needed in mark.ticks.items():
+            symbol = names.symbol_of(names.TICKS, channel)
+            if symbol is None or not self.owns(symbol):
+                continue
+            listed.add(symbol)
+            if self._seqs.get(symbol, 0) >= needed and not self._marks.get(symbol):
+                self._close_to(symbol, feed_time, idle, bars)
+                continue
+            waiting = self._marks.get(symbol)
+            if waiting is None:
+                waiting = self._marks[symbol] = deque()
+            if waiting and waiting[-1][0] == needed:
+                waiting[-1] = (needed, max(feed_time, waiting[-1][1]), idle)
+            else:
+                waiting.append((needed, feed_time, idle))
+        for symbol in self.aggregators:  # no ticks at all on the feed's side: nothing to wait
+            if symbol not in listed and not self._marks.get(symbol):
+                self._close_to(symbol, feed_time, idle, bars)
+
+    def _release(self, symbol: str, seq: int, bars: list[Bar]) -> None:
+        """The symbol's ticks were read up to ``seq``: apply the marks that waited for it."""
+        waiting = self._marks[symbol]
+        feed_time, idle = 0, False
+        while waiting and waiting[0][0] <= seq:
+            _needed, feed_time, idle = waiting.popleft()
+        if feed_time:
+            self._close_to(symbol, feed_time, idle, bars)
+
+    def _close_to(self, symbol: str, feed_time: int, idle: bool, bars: list[Bar]) -> None:
+        aggregator = self.aggregators.get(symbol)
+        if aggregator is None:
+            return
+        open_before = aggregator.open_since()
+        closed = aggregator.advance_to(feed_time, idle=idle)
+        open_after = aggregator.open_since()
+        if open_after != open_before:
+            self._dirty.update(self._symbol_channels.get(symbol, ()))
+        if closed:
+            bars.extend(closed)
+        if open_after is None:
+            self._open.discard(symbol)
+        self._watermark = max(self._watermark, aggregator.watermark_ms)
+
+    def _after_mark(self, trades: Sequence[Trade], mark: int) -> list[Trade]:
         """The trades of minutes after ``mark`` (the end of the newest minute published before
         the last start). Those before are re-read ticks of minutes already published (or
         late ones for them): aggregated again they would only make partial minutes, which
@@ -443,34 +518,3 @@ class BarBuilder(Actor[BuilderMessage]):
             self._to_commit.update(safe)
             self._commit_wakeup.set()
         self._m_uncommitted.set(len(self._waiting))
-
-    async def _reassign(self, lost: frozenset[str]) -> None:
-        dropped: set[str] = set()
-        for channel in lost:
-            symbols = self._channel_symbols.pop(channel, set())
-            for symbol in symbols:
-                self._symbol_channels.get(symbol, set()).discard(channel)
-            dropped |= symbols
-            self._pending.pop(channel, None)
-            self._last_position.pop(channel, None)
-            self._dirty.discard(channel)
-            self._waiting.discard(channel)
-        still_owned = (
-            set().union(*self._channel_symbols.values()) if self._channel_symbols else set()
-        )
-        dropped -= still_owned
-        for symbol in dropped:
-            self.aggregators.pop(symbol, None)  # its open minutes are the new owner's now
-            self._open.discard(symbol)
-            self._symbol_channels.pop(symbol, None)
-        self.closed.forget(dropped)
-        await self.closed.load(keep=still_owned)
-        if lost:
-            self.builder_metrics.reassigned.labels(self.source_kind).inc(len(lost))
-        log.info(
-            "bars.reassigned",
-            actor=self.name,
-            lost_channels=len(lost),
-            dropped_symbols=sorted(dropped)[:20],
-            owned_symbols=len(still_owned),
-        )

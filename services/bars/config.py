@@ -37,10 +37,20 @@ class BarsSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw_o
     shard_count: Annotated[
         int, Meta(gt=0, description="number of shards (split by symbol hash)")
     ] = 1
-    kafka_group: Annotated[str, Meta(description="consumer group of the Kafka source")] = (
-        "tickmesh-bars-shadow"
-    )
+    kafka_group: Annotated[
+        str, Meta(description="name of the Kafka source's positions and marks (its shard's)")
+    ] = "tickmesh-bars-shadow"
     tick_interval_ms: Annotated[int, Meta(gt=0, description="watermark timer period")] = 250
+    close_on: Annotated[
+        Literal["progress", "wall"],
+        Meta(
+            description="progress: minutes close when the path delivered everything up to "
+            "them (ingest's progress marks); wall: on this process's clock (no ingest)"
+        ),
+    ] = "progress"
+    discover_interval_ms: Annotated[
+        int, Meta(gt=0, description="Kafka source: how often new tick topics are looked for")
+    ] = 1_000
 
     def check(self) -> None:
         if self.shard_index >= self.shard_count:
@@ -53,8 +63,9 @@ class BarsSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw_o
 
     def state_name(self) -> str:
         """The name of the builder's durable state: ``bars-redis-<i>of<n>`` (its stream
-        positions and published marks), ``bars-kafka-<group>`` (its published marks, shared
-        by the group's members since partitions move between them)."""
+        positions and published marks), ``bars-kafka-<group>[-<i>of<n>]`` (its Kafka
+        positions and published marks)."""
         if self.source == "kafka":
-            return f"bars-kafka-{self.kafka_group}"
+            suffix = f"-{self.shard_index}of{self.shard_count}" if self.shard_count > 1 else ""
+            return f"bars-kafka-{self.kafka_group}{suffix}"
         return f"bars-redis-{self.shard_index}of{self.shard_count}"

@@ -1,27 +1,44 @@
-"""The shadow tick source: the mirrored tick topics from Kafka, as a consumer-group member."""
+"""The shadow tick source: the mirrored tick topics and the progress marks, from Kafka.
+
+The source assigns itself the partitions of its shard's symbols (the same CRC-32 rule as the
+Redis path), plus the progress topic, instead of waiting for a consumer group to hand them
+out: a topic that appears later (a symbol's first trade, a new listing, the first day of a
+mesh) is found by listing the topics every ``discover_interval_s`` and read from its first
+record. Positions (the next offset of each partition) are kept in Redis with the builder's
+other state and committed only when safe (the builder's rule). Duplicates (the mirror
+delivers at least once) are dropped by their identity, the mirror's ``tm-channel``/``tm-seq``
+headers (the payload's ``seq`` and symbol when a record has none), one ``SequenceDeduper`` per
+partition.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import re
+import time
+from collections.abc import Callable
 
 import msgspec
+import redis.asyncio as aioredis
 import structlog
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from libs.common import names
 from libs.common.io.deadletter import DeadLetters
-from libs.common.io.kafka_io import SequenceDeduper, record_identity
+from libs.common.io.kafka_io import SequenceDeduper, record_identity, topic_regex
+from libs.common.io.reliable import PositionStore
+from libs.common.names import Keys
 from libs.common.runtime.metrics import metrics_for
-from libs.common.schemas import TickBatch
-from services.bars.source import BuilderControl, Deliver, Item, decode_batch, tick_symbol
+from libs.common.schemas import DECODERS, Progress, TickBatch
+from services.bars.source import Deliver, Item, decode_batch, tick_symbol
 
 log = structlog.get_logger("tickmesh.bars.sources")
 
+_PROGRESS_DECODER = DECODERS[Progress]
+
 
 class SourceMetrics:
-    """Metrics of the tick sources; built once per registry."""
+    """Metrics of the Kafka tick source; built once per registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.duplicates = Counter(
@@ -29,19 +46,14 @@ class SourceMetrics:
             "Tick batches dropped as duplicates (same channel and sequence, Kafka source)",
             registry=registry,
         )
-        self.commit_failures = Counter(
-            "tickmesh_bars_commit_failures",
-            "Kafka offset commits that failed (e.g. during a rebalance); read again later",
-            registry=registry,
-        )
-        self.rebalances = Counter(
-            "tickmesh_bars_rebalances",
-            "Kafka consumer-group assignments received",
-            registry=registry,
-        )
         self.partitions = Gauge(
             "tickmesh_bars_assigned_partitions",
-            "Kafka partitions assigned to this member",
+            "Kafka partitions this instance reads",
+            registry=registry,
+        )
+        self.discovered = Counter(
+            "tickmesh_bars_topics_discovered",
+            "Tick topics found after the source started reading (new symbols)",
             registry=registry,
         )
 
@@ -51,119 +63,152 @@ class SourceMetrics:
         return metrics_for(cls, registry)
 
 
-class KafkaTickSource:
-    """Reads the mirrored tick topics as a member of a consumer group.
+def partition_key(tp: TopicPartition) -> str:
+    """The position key of a partition: ``<topic>#<partition>``."""
+    return f"{tp.topic}#{tp.partition}"
 
-    Duplicates (the mirror delivers at least once) are dropped by their identity, the
-    mirror's ``tm-channel``/``tm-seq`` headers (the payload's ``seq`` and symbol when a record
-    has none), with one ``SequenceDeduper`` per partition. Around a rebalance the reader
-    stops (``gate``), the builder finishes what it was given (``barrier``: bars published,
-    offsets committed while the partitions are still ours), and after the assignment it
-    forgets the symbols of the partitions that went to another member (``reassign``); the
-    partitions it keeps restart from their committed offsets, and the dedupers drop what was
-    already aggregated.
-    """
+
+class KafkaTickSource:
+    """See the module docstring."""
 
     def __init__(
         self,
-        consumer: AIOKafkaConsumer,
+        make_consumer: Callable[[], AIOKafkaConsumer],
+        client: aioredis.Redis,
+        keys: Keys,
+        name: str,
         dead_letters: DeadLetters,
         *,
+        tick_pattern: str = names.TICKS_PATTERN,
+        owns: Callable[[str], bool] = lambda _symbol: True,
+        progress_topic: str | None = names.PROGRESS,
+        discover_interval_s: float = 1.0,
         registry: CollectorRegistry | None = None,
         max_records: int = 5_000,
         deliver_every: int = 100,
-        control_timeout_s: float = 10.0,
     ) -> None:
-        self.consumer = consumer
+        self.make_consumer = make_consumer
+        self.store = PositionStore(client, keys, f"kafka:{name}")
         self.dead_letters = dead_letters
+        self.tick_regex = re.compile(topic_regex(tick_pattern))
+        self.owns = owns
+        self.progress_topic = progress_topic
+        self.discover_interval_s = discover_interval_s
         self.max_records = max_records
         self.deliver_every = deliver_every
-        self.control_timeout_s = control_timeout_s
         self.metrics = SourceMetrics.for_registry(registry)
+        self.consumer: AIOKafkaConsumer | None = None
         self.dedupers: dict[str, SequenceDeduper] = {}
-        self.assigned: set[str] = set()
-        self.builder: BuilderControl | None = None
-        self.gate = asyncio.Lock()
-        self._gate_held_for_rebalance = False
+        self.assigned: set[TopicPartition] = set()
+        self._next: dict[TopicPartition, int] = {}
+        """The next offset to read of each assigned partition."""
+        self._committed: dict[str, int] = {}
+        self._last_discover = 0.0
         self.duplicates = 0
-        self.assignments = 0
 
-    def listener(self) -> ConsumerRebalanceListener:
-        """The rebalance listener to subscribe with."""
-        return _Listener(self)
+    def wants(self, topic: str) -> bool:
+        """True for the progress topic and this shard's tick topics."""
+        if topic == self.progress_topic:
+            return True
+        return bool(self.tick_regex.match(topic)) and self.owns(tick_symbol(topic))
 
-    @staticmethod
-    def channel_of(partition: TopicPartition) -> str:
-        """The position key of a partition: ``<topic>#<partition>``."""
-        return f"{partition.topic}#{partition.partition}"
-
-    async def open(self, builder: BuilderControl, *, restart: bool) -> None:
-        """Bind to the builder; on a restart, rewind the assigned partitions to their
-        committed offsets and forget what the dedupers saw."""
-        self.builder = builder
-        if not restart:
-            return
-        async with self.gate:
-            # what other members published while this one was down or restarting
-            await builder.closed.load()
-            self.dedupers.clear()
-            for partition in sorted(self.consumer.assignment()):
-                committed = await self.consumer.committed(partition)
-                if committed is None:
-                    await self.consumer.seek_to_beginning(partition)
-                else:
-                    self.consumer.seek(partition, committed)
-            log.info("bars.kafka_rewound", partitions=len(self.consumer.assignment()))
+    async def open(self, *, restart: bool) -> None:
+        """A fresh consumer, at the committed positions."""
+        await self.close()
+        self._committed = await self.store.load()
+        self.dedupers.clear()
+        self.assigned = set()
+        self._next = {}
+        consumer = self.make_consumer()
+        await consumer.start()
+        self.consumer = consumer
+        await self._discover()
+        log.info(
+            "bars.kafka_assigned",
+            partitions=len(self.assigned),
+            restart=restart,
+            committed=len(self._committed),
+        )
 
     async def close(self) -> None:
-        """Nothing: the consumer lives as long as the process (its group membership too)."""
+        """Stop the consumer."""
+        consumer, self.consumer = self.consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    async def _discover(self) -> None:
+        """Assign the wanted partitions of every topic, new ones from their start."""
+        consumer = self.consumer
+        assert consumer is not None
+        self._last_discover = time.monotonic()
+        topics = await consumer.topics()
+        new: list[TopicPartition] = []
+        for topic in sorted(topics):
+            if not self.wants(topic):
+                continue
+            for partition in sorted(consumer.partitions_for_topic(topic) or {0}):
+                tp = TopicPartition(topic, partition)
+                if tp not in self.assigned:
+                    new.append(tp)
+        if not new:
+            return
+        fresh = bool(self.assigned)
+        for tp in new:
+            self._next[tp] = self._committed.get(partition_key(tp), 0)
+        self.assigned.update(new)
+        consumer.assign(sorted(self.assigned))
+        for tp in self.assigned:
+            consumer.seek(tp, self._next[tp])
+        self.metrics.partitions.set(len(self.assigned))
+        if fresh:
+            self.metrics.discovered.inc(len(new))
+            log.info("bars.kafka_topics_found", topics=sorted({tp.topic for tp in new})[:20])
 
     async def commit(self, safe: dict[str, int]) -> None:
-        """Commit the next offset of each partition that is still ours."""
-        offsets: dict[TopicPartition, int] = {}
-        assignment = self.consumer.assignment()
-        for channel, offset in safe.items():
-            topic, _, partition = channel.rpartition("#")
-            tp = TopicPartition(topic, int(partition))
-            if tp in assignment:
-                offsets[tp] = offset + 1
-        if not offsets:
-            return
-        try:
-            await self.consumer.commit(offsets)
-        except KafkaError as exc:
-            # A rebalance took the partition or the generation moved on: the next owner reads
-            # from the last committed offset, and what it rebuilds is not published again.
-            self.metrics.commit_failures.inc()
-            log.warning("bars.kafka_commit_failed", error=repr(exc), partitions=len(offsets))
+        """Store the next offset of each partition (only ever forward)."""
+        changed = {
+            channel: offset + 1
+            for channel, offset in safe.items()
+            if offset + 1 > self._committed.get(channel, 0)
+        }
+        if changed:
+            await self.store.save(changed)
+            self._committed.update(changed)
 
     async def run(self, deliver: Deliver) -> None:
-        """Fetch, dedupe, decode and deliver, holding the gate for each round."""
+        """Fetch, dedupe, decode and deliver; look for new topics every so often."""
         consumer = self.consumer
+        assert consumer is not None, "open() first"
         while True:
-            async with self.gate:
-                fetched = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
-                items: list[Item] = []
-                for partition, messages in fetched.items():
-                    channel = self.channel_of(partition)
-                    deduper = self.dedupers.get(channel)
-                    if deduper is None:
-                        deduper = self.dedupers[channel] = SequenceDeduper()
-                    for message in messages:
-                        items.append(await self._item(channel, deduper, message))
-                        if len(items) >= self.deliver_every:
-                            await deliver(items)
-                            items = []
-                            # let the builder aggregate them now: decoded ticks waiting in
-                            # bulk only make the garbage collector's rounds longer
-                            await asyncio.sleep(0)
-                if items:
-                    await deliver(items)
+            if time.monotonic() - self._last_discover >= self.discover_interval_s:
+                await self._discover()
+            fetched = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
+            items: list[Item] = []
+            for tp, messages in fetched.items():
+                channel = partition_key(tp)
+                deduper = self.dedupers.get(channel)
+                if deduper is None:
+                    deduper = self.dedupers[channel] = SequenceDeduper()
+                for message in messages:
+                    items.append(await self._item(channel, tp.topic, deduper, message))
+                    self._next[tp] = message.offset + 1
+                    if len(items) >= self.deliver_every:
+                        await deliver(items)
+                        items = []
+            if items:
+                await deliver(items)
 
-    async def _item(self, channel: str, deduper: SequenceDeduper, message: object) -> Item:
+    async def _item(
+        self, channel: str, topic: str, deduper: SequenceDeduper, message: object
+    ) -> Item:
         value: bytes = message.value  # type: ignore[attr-defined]
         offset: int = message.offset  # type: ignore[attr-defined]
-        topic = channel.rpartition("#")[0]
+        if topic == self.progress_topic:
+            try:
+                return channel, offset, _PROGRESS_DECODER.decode(value)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                await self.dead_letters.send(topic, str(exc), value)
+                return channel, offset, TickBatch(0, "", [])
         try:
             batch = decode_batch(value)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -178,41 +223,3 @@ class KafkaTickSource:
             # its offset is still handed on, so that it can be committed
             return channel, offset, TickBatch(batch.seq, batch.sym, [])
         return channel, offset, batch
-
-    async def on_revoked(self) -> None:
-        """Stop reading and let the builder finish (and commit) what it was given."""
-        if not self._gate_held_for_rebalance:
-            await self.gate.acquire()
-            self._gate_held_for_rebalance = True
-        if self.builder is not None:
-            await self.builder.barrier(self.control_timeout_s)
-
-    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Forget the partitions that went elsewhere, then read again."""
-        try:
-            channels = {self.channel_of(tp) for tp in assigned}
-            lost = self.assigned - channels
-            for channel in lost:
-                self.dedupers.pop(channel, None)
-            self.assigned = channels
-            self.assignments += 1
-            self.metrics.rebalances.inc()
-            self.metrics.partitions.set(len(channels))
-            log.info("bars.kafka_assigned", partitions=len(channels), lost=len(lost))
-            if self.builder is not None:
-                await self.builder.reassign(lost, self.control_timeout_s)
-        finally:
-            if self._gate_held_for_rebalance:
-                self._gate_held_for_rebalance = False
-                self.gate.release()
-
-
-class _Listener(ConsumerRebalanceListener):
-    def __init__(self, source: KafkaTickSource) -> None:
-        self.source = source
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self.source.on_revoked()
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self.source.on_assigned(set(assigned))

@@ -1,4 +1,5 @@
-"""The primary tick source: ``ticks.*`` from Redis without loss, for one shard."""
+"""The primary tick source: ``ticks.*`` (and the progress marks) from Redis without loss, for
+one shard."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from collections.abc import Callable
 import msgspec
 import structlog
 
+from libs.common import names
 from libs.common.io.deadletter import DeadLetters
 from libs.common.io.reliable import Record, SequencedConsumer
-from libs.common.schemas import TickBatch
-from services.bars.source import BuilderControl, Deliver, Item, decode_batch, tick_symbol
+from libs.common.schemas import DECODERS, Progress, TickBatch
+from services.bars.source import Deliver, Item, decode_batch, tick_symbol
 
 log = structlog.get_logger("tickmesh.bars.sources")
+
+decode_progress = DECODERS[Progress].decode
 
 
 class RedisTickSource:
@@ -28,7 +32,7 @@ class RedisTickSource:
         self.dead_letters = dead_letters
         self.consumer: SequencedConsumer | None = None
 
-    async def open(self, builder: BuilderControl, *, restart: bool) -> None:
+    async def open(self, *, restart: bool) -> None:
         """A fresh consumer (positions from the committed ones)."""
         await self.close()
         self.consumer = self.make_consumer()
@@ -51,6 +55,13 @@ class RedisTickSource:
         async for records in self.consumer.batches():
             items: list[Item] = []
             for record in records:
+                if record.channel == names.PROGRESS:
+                    try:
+                        items.append((record.channel, record.seq, decode_progress(record.payload)))
+                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                        await self.dead_letters.send(record.channel, str(exc), record.payload)
+                        items.append((record.channel, record.seq, TickBatch(0, "", [])))
+                    continue
                 try:
                     batch = decode_batch(record.payload)
                     symbol = tick_symbol(record.channel)

@@ -4,8 +4,8 @@ A source reads, decodes (bad records become dead letters) and hands batches to t
 through ``deliver`` (the builder's ``post``, which blocks while its mailbox is full:
 backpressure, never loss). The builder owns the source: it ``open``s it at each start
 (``restart=True``: rewind to the committed positions), runs its ``run`` loop as a task of its
-own, ``commit``s positions that are safe and ``close``s it at stop. A source that has group
-rebalances (Kafka) drives the builder through ``BuilderControl``.
+own, ``commit``s positions that are safe and ``close``s it at stop. Besides tick batches, a
+source delivers the progress marks of its path (``Progress``), which close minutes.
 
 Positions are per channel: the Redis channel's sequence number, or ``<topic>#<partition>``'s
 offset on Kafka. Implementations: ``redis_source.RedisTickSource`` (primary) and
@@ -14,14 +14,14 @@ offset on Kafka. Implementations: ``redis_source.RedisTickSource`` (primary) and
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from libs.common import names
-from libs.common.schemas import TICK_BATCH_DECODER, Bar, TickBatch
+from libs.common.schemas import TICK_BATCH_DECODER, Bar, Progress, TickBatch
 
-Item = tuple[str, int, TickBatch]
-"""(channel, position, batch): a tick batch and where it came from."""
+Item = tuple[str, int, TickBatch | Progress]
+"""(channel, position, record): a tick batch or a progress mark, and where it came from."""
 
 Deliver = Callable[[Sequence[Item]], Awaitable[None]]
 BarSink = Callable[[list[Bar]], Awaitable[None]]
@@ -38,31 +38,10 @@ def decode_batch(payload: bytes) -> TickBatch:
     return TICK_BATCH_DECODER.decode(payload)
 
 
-class Marks(Protocol):
-    """The builder's published marks, as a source sees them."""
-
-    async def load(self, keep: Iterable[str] = ()) -> None:
-        """Read the stored marks again (what other group members published)."""
-
-
-class BuilderControl(Protocol):
-    """What a source with group rebalances may ask of the builder."""
-
-    @property
-    def closed(self) -> Marks:
-        """The builder's published marks."""
-
-    async def barrier(self, timeout_s: float = 10.0) -> None:
-        """Wait until everything delivered so far is handled and committed."""
-
-    async def reassign(self, lost: Iterable[str], timeout_s: float = 10.0) -> None:
-        """Forget the symbols of ``lost`` channels."""
-
-
 class TickSource(Protocol):
     """What the builder needs from a source."""
 
-    async def open(self, builder: BuilderControl, *, restart: bool) -> None:
+    async def open(self, *, restart: bool) -> None:
         """Get ready to read; on a restart, from the committed positions."""
 
     async def run(self, deliver: Deliver) -> None:
