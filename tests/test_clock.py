@@ -6,12 +6,12 @@ from datetime import date
 
 import pytest
 
+from libs.common.market.calendar import trading_days_back
 from libs.common.market.sessions import (
     bar_id,
     ny_epoch_ms,
     parse_day,
     session_for,
-    trading_days_back,
     ts_et,
     ts_et_minute,
 )
@@ -81,3 +81,22 @@ def test_parse_day_is_clear_about_bad_input() -> None:
 def test_trading_days_back_skips_weekends() -> None:
     days = trading_days_back(date(2013, 10, 9), 5)
     assert days[0] == date(2013, 10, 3) and len(days) == 5
+
+
+def test_the_exchange_calendar_knows_holidays_and_early_closes() -> None:
+    from libs.common.market.calendar import close_time, is_trading_day
+    from libs.common.market.sessions import bar_id, session_for
+
+    assert not is_trading_day(date(2013, 12, 25))  # Christmas
+    assert not is_trading_day(date(2013, 11, 28))  # Thanksgiving
+    assert is_trading_day(date(2013, 11, 29)) and close_time(date(2013, 11, 29)) == (13, 0)
+    assert close_time(date(2013, 12, 24)) == (13, 0) and close_time(date(2013, 10, 7)) == (16, 0)
+    early = session_for(date(2013, 11, 29))
+    assert early.close_ms == ny_epoch_ms(date(2013, 11, 29), 13)
+    assert early.phase(ny_epoch_ms(date(2013, 11, 29), 13, 30)) == "post"
+    assert bar_id(ny_epoch_ms(date(2013, 11, 29), 12, 59)) == 210  # the last regular bar
+
+
+def test_trading_days_back_skip_holidays() -> None:
+    days = trading_days_back(date(2013, 12, 27), 4)  # a Friday, after Christmas
+    assert days == [date(2013, 12, 23), date(2013, 12, 24), date(2013, 12, 26), date(2013, 12, 27)]

@@ -69,7 +69,7 @@ def test_ids_reset_with_the_day_and_old_days_are_forgotten() -> None:
 def test_progress_names_each_tick_channel_sequence_and_the_feed_time() -> None:
     book = SourceBook("ingest-a")
     book.admit("SPY", [trade("1", T0 + 5)])
-    book.published([("ticks.SPY", 4), ("ticks.IBM", 2), ("ticks.SPY", 3)])
+    book.published([("ticks.SPY", 4), ("ticks.IBM", 2), ("ticks.SPY", 3)], T0 + 5)
     mark = book.progress(99, idle=True)
     assert mark.ticks == {"ticks.SPY": 4, "ticks.IBM": 2}
     assert (mark.feedTimeMs, mark.idle, mark.live, mark.source) == (T0 + 5, True, False, "ingest-a")

@@ -13,6 +13,7 @@ partition.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -182,6 +183,10 @@ class KafkaTickSource:
         while True:
             if time.monotonic() - self._last_discover >= self.discover_interval_s:
                 await self._discover()
+            if not self.assigned:
+                # nothing to read yet (a fresh mesh): getmany would wait for an assignment
+                await asyncio.sleep(self.discover_interval_s)
+                continue
             fetched = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
             items: list[Item] = []
             for tp, messages in fetched.items():

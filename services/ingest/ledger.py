@@ -49,6 +49,8 @@ class SourceBook:
         self.admitted_total = 0
         self.feed_time_ms = 0
         """The newest event time of a trade admitted (the feed's own clock)."""
+        self.published_time_ms = 0
+        """The newest event time of a trade Redis has (what progress marks may claim)."""
         self.channels: dict[str, int] = {}
         """Each tick channel's newest sequence on Redis."""
 
@@ -112,8 +114,10 @@ class SourceBook:
 
     # -- progress ------------------------------------------------------------------------------
 
-    def published(self, channels: Iterable[tuple[str, int]]) -> None:
-        """Redis has these (channel, sequence) pairs."""
+    def published(self, channels: Iterable[tuple[str, int]], newest_ms: int = 0) -> None:
+        """Redis has these (channel, sequence) pairs, and the trades up to ``newest_ms``."""
+        if newest_ms > self.published_time_ms:
+            self.published_time_ms = newest_ms
         known = self.channels
         for channel, seq in channels:
             if seq > known.get(channel, 0):
@@ -124,7 +128,7 @@ class SourceBook:
     ) -> Progress:
         """The progress mark of what is published now. ``live_time_ms``: a connected live
         feed's clock (the wall clock), which moves the feed's time on when trades are few."""
-        feed_time = max(self.feed_time_ms, live_time_ms)
+        feed_time = max(self.published_time_ms, live_time_ms)
         return Progress(
             0,
             self.source,

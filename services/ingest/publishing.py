@@ -185,7 +185,7 @@ class FeedPublisher:
         mark = _PROGRESS_DECODER.decode(entries[-1][1])
         if mark.source != self.source:
             return
-        self.book.feed_time_ms = mark.feedTimeMs
+        self.book.feed_time_ms = self.book.published_time_ms = mark.feedTimeMs
         self.book.channels.update(mark.ticks)
         self.open_gap("ingest_start", detail="not reading between the last run and this one")
 
@@ -210,6 +210,7 @@ class FeedPublisher:
             records = [*records, (names.FEED_GAPS, ENCODER.encode(self._close_gap(first_trade_ms)))]
         if not records and also is None:
             return []
+        newest = book.feed_time_ms  # what this batch brings; claimed once Redis has it
         token = f"{self._token_prefix}-{next(self._tokens)}"
         publisher = self.publisher
         seqs = await retry_async(
@@ -223,9 +224,12 @@ class FeedPublisher:
         )
         ticks_prefix = names.template_parts(names.TICKS)[0]
         book.published(
-            (channel, seq)
-            for (channel, _), seq in zip(records, seqs, strict=True)
-            if channel.startswith(ticks_prefix)
+            (
+                (channel, seq)
+                for (channel, _), seq in zip(records, seqs, strict=True)
+                if channel.startswith(ticks_prefix)
+            ),
+            newest,
         )
         if first_trade_ms or ledger is not None:
             self.last_publish_ms = now

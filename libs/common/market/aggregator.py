@@ -24,8 +24,8 @@ and evidence in ``docs/bars.md``):
   the path's progress (:meth:`BarAggregator.advance_to`: everything up to the feed's time was
   delivered) or, with ``wall_clock=True``, by the wall time elapsed since it was seen
   (:meth:`BarAggregator.advance`); it never goes back and other symbols never move it. A
-  minute closes when ``watermark >= endMs + grace_ms`` (or ``>= endMs`` when the feed says it
-  is idle), so a quiet symbol's bar closes even if no further trade arrives;
+  minute closes when ``watermark >= endMs + grace_ms`` (when the feed says it is idle: once it
+  has started), so a quiet symbol's bar closes even if no further trade arrives;
 * a trade is **late** when its minute has already closed, or when its minute's deadline had
   already passed when the batch carrying it arrived. ``late_policy="revise"`` updates the bar
   and publishes it again with ``revision + 1``; ``"drop"`` drops the trade and counts it;
@@ -203,11 +203,15 @@ class BarAggregator:
     def advance_to(self, feed_time_ms: int, *, idle: bool = False) -> list[Bar]:
         """The path has delivered every trade of the symbol up to ``feed_time_ms`` (a progress
         mark): move the watermark there and return the bars that closed (and revisions).
-        ``idle``: nothing more is coming for now, so a minute that ended by then closes
-        without waiting for its grace period."""
+        ``idle``: the feed has nothing more for now (the end of a replayed day), so every
+        minute that started by then closes."""
         if feed_time_ms > self._watermark:
             self._watermark = feed_time_ms
-        return self._close_due(self._watermark + (self.grace_ms if idle else 0))
+        if idle:
+            # nothing more is coming now: close every minute that started by then (a trade
+            # that comes later for one of them is late: a revision, by the late policy)
+            return self._close_due(self._watermark + MINUTE_MS + self.grace_ms)
+        return self._close_due(self._watermark)
 
     def flush(self) -> list[Bar]:
         """End of input: close every open minute now and return the bars."""

@@ -9,7 +9,7 @@ below (pre-market) and above 390 (after hours), so the number still orders the d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
 NEW_YORK = ZoneInfo("America/New_York")
@@ -52,14 +52,17 @@ def ny_midnight_ms(day: date) -> int:
 
 
 def session_for(day: date) -> Session:
-    """The session calendar of ``day``: 04:00 pre-market, 09:30-16:00 regular, 20:00 end."""
+    """The session calendar of ``day``: 04:00 pre-market, 09:30 open, the close of the exchange
+    calendar (16:00, or 13:00 on an early close: ``calendar``), 20:00 end."""
     session = _SESSION_CACHE.get(day)
     if session is None:
+        from libs.common.market.calendar import close_ms
+
         session = Session(
             day=day,
             premarket_ms=ny_epoch_ms(day, 4),
             open_ms=ny_epoch_ms(day, 9, 30),
-            close_ms=ny_epoch_ms(day, 16),
+            close_ms=close_ms(day),
             end_ms=ny_epoch_ms(day, 20),
         )
         _SESSION_CACHE[day] = session
@@ -118,14 +121,3 @@ def parse_day(text: str) -> date:
         return datetime.strptime(cleaned, "%Y%m%d").date()
     except ValueError:
         raise ValueError(f"not a date (want YYYY-MM-DD): {text!r}") from None
-
-
-def trading_days_back(day: date, count: int) -> list[date]:
-    """The ``count`` weekdays ending at ``day`` (exchange holidays are not modelled)."""
-    days: list[date] = []
-    current = day
-    while len(days) < count:
-        if current.weekday() < 5:
-            days.append(current)
-        current -= timedelta(days=1)
-    return list(reversed(days))
