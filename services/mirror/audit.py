@@ -27,9 +27,13 @@ class ChannelAudit(msgspec.Struct):
     channel: str
     published: int
     inKafka: int = 0
+    """Records delivered to their own topic."""
     duplicates: int = 0
     missing: int = 0
+    """Neither delivered nor dead-lettered."""
     firstMissing: list[int] = []
+    deadLettered: int = 0
+    """Records sent to the dead-letter topic instead (counted apart from delivered)."""
 
 
 class Audit(msgspec.Struct):
@@ -91,6 +95,7 @@ async def audit(
         if target is not None:
             topics.add(target.topic)
     seen: dict[str, dict[int, int]] = {channel: {} for channel in published}
+    dead_seqs: dict[str, set[int]] = {channel: set() for channel in published}
     kafka_records = dead = 0
     async for records in read_from_beginning(
         settings, sorted(topics), idle_ms=settings.kafka_idle_ms
@@ -102,19 +107,27 @@ async def audit(
                 continue
             channel, seq = identity
             if record.topic == settings.deadletter_topic:
+                # dead-lettered, not delivered: counted apart
                 dead += 1
+                if channel in dead_seqs:
+                    dead_seqs[channel].add(seq)
+                continue
             counts = seen.get(channel)
             if counts is not None:
                 counts[seq] = counts.get(seq, 0) + 1
     result = Audit(channels=[], kafkaRecords=kafka_records, deadLettered=dead)
     for channel, count in sorted(published.items()):
         counts = seen[channel]
+        dead_here = dead_seqs[channel]
         held = sum(1 for seq in counts if 1 <= seq <= count)
-        missing = [seq for seq in range(1, count + 1) if seq not in counts]
+        missing = [
+            seq for seq in range(1, count + 1) if seq not in counts and seq not in dead_here
+        ]
         entry = ChannelAudit(
             channel=channel,
             published=count,
             inKafka=held,
+            deadLettered=len(dead_here),
             duplicates=sum(copies - 1 for copies in counts.values()),
             missing=len(missing),
             firstMissing=missing[:20],

@@ -4,14 +4,17 @@ Per symbol and minute a bar is *matched* (every compared field within tolerance)
 *mismatched* (which fields, both values, the difference), *missing* on one side, or not yet
 compared (*pending*: it ended too recently, so it may still be in flight). Kafka bars can
 arrive more than once (at-least-once) and in several revisions (corrections): the highest
-revision of each minute is compared, and extra copies of the same revision are counted as
-duplicates. Parity is matched / compared, in percent.
+revision of each minute is compared; every copy is looked at: extra identical copies of a
+revision are duplicates, copies of one revision that disagree make the minute a mismatch
+(``conflicts``), and a revision that comes after a higher one is flagged
+(``revisionsBackwards``). Parity is matched / compared, in percent.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import msgspec
 from msgspec import Struct
@@ -152,6 +155,10 @@ class SymbolParity(Struct):
     corrections: int = 0
     pending: int = 0
     parityPct: float | None = None
+    conflicts: int = 0
+    """Minutes with copies of one revision that disagree (counted as mismatched)."""
+    revisionsBackwards: int = 0
+    """Minutes where a lower revision came after a higher one."""
 
     @property
     def compared(self) -> int:
@@ -179,24 +186,48 @@ def _ref(symbol: str, start_ms: int) -> MinuteRef:
     return MinuteRef(symbol, start_ms, ts_et(start_ms), bar_id(start_ms))
 
 
-def collapse(bars: Iterable[Bar]) -> tuple[dict[int, Bar], list[tuple[int, int, int]], int]:
-    """The highest revision of each minute; the duplicated (startMs, revision, copies); and
-    how many minutes had corrections (revisions above 0 that replaced an earlier one)."""
+class Collapsed(NamedTuple):
+    """Every copy of a symbol's bars, read in topic order."""
+
+    latest: dict[int, Bar]
+    """The highest revision of each minute."""
+    duplicated: list[tuple[int, int, int]]
+    """(startMs, revision, copies) of revisions with identical extra copies."""
+    corrected: int
+    """Minutes with more than one revision."""
+    conflicting: set[int]
+    """Minutes with copies of one revision that disagree."""
+    backwards: set[int]
+    """Minutes where a lower revision came after a higher one."""
+
+
+def collapse(bars: Iterable[Bar]) -> Collapsed:
+    """Look at every copy; see ``Collapsed``."""
     latest: dict[int, Bar] = {}
+    first: dict[tuple[int, int], Bar] = {}
     copies: dict[tuple[int, int], int] = {}
     revisions: dict[int, set[int]] = {}
+    conflicting: set[int] = set()
+    backwards: set[int] = set()
     for bar in bars:
         identity = (bar.startMs, bar.revision)
         copies[identity] = copies.get(identity, 0) + 1
+        seen = first.get(identity)
+        if seen is None:
+            first[identity] = bar
+        elif any(getattr(seen, f) != getattr(bar, f) for f in BAR_FIELDS):
+            conflicting.add(bar.startMs)
         revisions.setdefault(bar.startMs, set()).add(bar.revision)
         kept = latest.get(bar.startMs)
         if kept is None or bar.revision > kept.revision:
             latest[bar.startMs] = bar
+        elif bar.revision < kept.revision:
+            backwards.add(bar.startMs)
     duplicated = [
         (start, revision, count) for (start, revision), count in sorted(copies.items()) if count > 1
     ]
-    corrected = sum(1 for seen in revisions.values() if len(seen) > 1)
-    return latest, duplicated, corrected
+    corrected = sum(1 for seen_revisions in revisions.values() if len(seen_revisions) > 1)
+    return Collapsed(latest, duplicated, corrected, conflicting, backwards)
 
 
 def compare_symbol(
@@ -211,8 +242,13 @@ def compare_symbol(
 
     Bars ending after ``settled_before_ms`` on either side are *pending*, not compared.
     """
-    kafka_latest, duplicated, corrected = collapse(kafka_bars)
-    parity = SymbolParity(symbol, corrections=corrected)
+    kafka_latest, duplicated, corrected, conflicting, backwards = collapse(kafka_bars)
+    parity = SymbolParity(
+        symbol,
+        corrections=corrected,
+        conflicts=len(conflicting),
+        revisionsBackwards=len(backwards),
+    )
     result = SymbolComparison(parity)
     for start, revision, count in duplicated:
         parity.duplicates += count - 1
@@ -239,6 +275,8 @@ def compare_symbol(
                 field, left := getattr(ours, field), right := getattr(theirs, field)
             )
         ]
+        if start in conflicting:
+            diffs.append(FieldDiff("copies", 1.0, 2.0, 1.0))  # copies of a revision disagree
         if diffs:
             parity.mismatched += 1
             result.mismatches.append(

@@ -168,6 +168,10 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     gate_days: Annotated[
         int, Meta(gt=0, description="consecutive trading days at target before promotion")
     ] = 5
+    bars_policy: Annotated[
+        Literal["algoseek", "polygon", "none"],
+        Meta(description="the bars' policy (BARS_POLICY): the source's bars are rebuilt with it"),
+    ] = "algoseek"
     kafka_bars_topic: Annotated[
         str, Meta(description="Kafka bars of the shadow builder ({symbol}: one per symbol)")
     ] = names.BARS

@@ -1,4 +1,5 @@
-"""The promotion gate: N consecutive trading days, each at the parity target.
+"""The promotion gate: N consecutive trading days, each at the target in parity and in
+completeness against the source.
 
 Each day's report leaves a ``DaySummary`` in one Redis hash (``GateStore``);
 ``evaluate_gate`` reads the window ending at a day and says whether Kafka may become the
@@ -13,6 +14,7 @@ from datetime import date, timedelta
 import msgspec
 import redis.asyncio as aioredis
 
+from libs.common.market.calendar import trading_days_back
 from libs.common.names import Keys
 from libs.common.schemas import ENCODER
 from services.mirror.report import Gate, GateDay
@@ -28,6 +30,10 @@ class DaySummary(msgspec.Struct, frozen=True):
     generatedAtMs: int
     kafkaBars: int = 0
     redisBars: int = 0
+    completenessPct: float | None = None
+    """The lowest of the day's completeness percentages (ticks, Redis bars, Kafka bars)
+    against the source; None when the report did not judge completeness."""
+    incompleteMinutes: int = 0
 
 
 class GateStore:
@@ -62,39 +68,35 @@ def evaluate_gate(
     target_pct: float,
     lookback_days: int = 30,
 ) -> Gate:
-    """Promotion readiness at ``day``: the last ``days`` trading days each at ``target_pct``.
+    """Promotion readiness at ``day``: the last ``days`` trading days each at ``target_pct`` in
+    parity and in completeness.
 
-    Trading days are weekdays; a weekday whose report found no bars on either side is taken
-    for a market holiday and skipped (the window reaches further back); a weekday without a
-    report fails (the reconciler did not run). The window is consecutive: one failing day
-    anywhere in it means not ready.
+    Trading days come from the exchange calendar (``libs.common.market.calendar``), never from
+    missing data: a holiday is skipped, and a trading day without a report, or whose report
+    found nothing to compare, fails. The window is consecutive: one failing day anywhere in
+    it means not ready.
     """
     window: list[GateDay] = []
-    current = day
-    oldest = day - timedelta(days=lookback_days)
-    skipped: list[str] = []
-    while len(window) < days and current >= oldest:
-        if current.weekday() < 5:
-            name = current.isoformat()
-            summary = summaries.get(name)
-            if summary is None:
-                window.append(GateDay(name, None, 0, False, "no report"))
-            elif summary.compared == 0:
-                skipped.append(name)
-            else:
-                pct = summary.parityPct
-                passed = pct is not None and pct >= target_pct
-                window.append(
-                    GateDay(
-                        name,
-                        pct,
-                        summary.compared,
-                        passed,
-                        "" if passed else f"below {target_pct:g} %",
-                    )
-                )
-        current -= timedelta(days=1)
-    window.reverse()
+    for trading_day in trading_days_back(day, days):
+        if trading_day < day - timedelta(days=lookback_days):
+            continue
+        name = trading_day.isoformat()
+        summary = summaries.get(name)
+        if summary is None:
+            window.append(GateDay(name, None, 0, False, "no report"))
+            continue
+        pct = summary.parityPct
+        completeness = summary.completenessPct
+        notes = []
+        if summary.compared == 0:
+            notes.append("no bars on either path on a trading day")
+        elif pct is None or pct < target_pct:
+            notes.append(f"parity below {target_pct:g} %")
+        if completeness is not None and completeness < target_pct:
+            notes.append(f"completeness {completeness:.3f} % below {target_pct:g} %")
+        window.append(
+            GateDay(name, pct, summary.compared, not notes, "; ".join(notes), completeness)
+        )
     passing = 0
     for entry in reversed(window):  # consecutive passing days ending at ``day``
         if not entry.passed:
@@ -105,7 +107,8 @@ def evaluate_gate(
     if ready:
         reasons.append(
             f"{days} consecutive trading days ({window[0].day} to {window[-1].day}) "
-            f"each at ≥ {target_pct:g} %: Kafka may become the source of truth"
+            f"each at ≥ {target_pct:g} % parity and completeness against the source: Kafka "
+            "may become the source of truth"
         )
     for entry in window:
         if entry.passed:
@@ -113,18 +116,10 @@ def evaluate_gate(
         if entry.note == "no report":
             reasons.append(f"{entry.day}: no parity report (the reconciler did not run that day)")
         else:
-            reasons.append(
-                f"{entry.day}: parity {entry.parityPct:.3f} % is below "
-                f"{target_pct:g} % over {entry.compared:,} symbol-minutes"
-            )
+            reasons.append(f"{entry.day}: {entry.note} ({entry.compared:,} symbol-minutes)")
     if len(window) < days:
         reasons.append(
-            f"only {len(window)} trading days with reports in the last "
-            f"{lookback_days} days; {days} are needed"
-        )
-    if skipped:
-        reasons.append(
-            f"skipped as no-trading days (no bars on either side): {', '.join(sorted(skipped))}"
+            f"only {len(window)} trading days in the last {lookback_days} days; {days} needed"
         )
     return Gate(
         ready=ready,

@@ -26,6 +26,8 @@ from libs.common.io.kafka_io import (
     ensure_topics,
     start_producer,
 )
+from libs.common.market.aggregator import build_bars
+from libs.common.market.policies import get_policy
 from libs.common.market.sessions import ny_date, ts_et
 from libs.common.names import Keys
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
@@ -36,7 +38,19 @@ from libs.common.schemas import (
     AggregateBatch,
     ParityReport,
 )
-from services.mirror.compare import SymbolComparison, Tolerance, compare_symbol, compare_vendor
+from services.mirror.compare import (
+    SymbolComparison,
+    Tolerance,
+    collapse,
+    compare_symbol,
+    compare_vendor,
+)
+from services.mirror.completeness import (
+    CompletenessSection,
+    build_completeness,
+    gap_minutes,
+    judge_symbol,
+)
 from services.mirror.config import MirrorSettings, Route
 from services.mirror.gate import DaySummary, GateStore, evaluate_gate
 from services.mirror.gauges import ParityGauges
@@ -158,6 +172,7 @@ class Reconciler:
                     )
                 )
         kafka_bad = sides.kafka_undecodable
+        completeness = self.completeness(sides, settled_before, max_listed)
         return DayReport(
             day=sides.day.isoformat(),
             generatedAtMs=now_ms,
@@ -166,6 +181,7 @@ class Reconciler:
             minAgeS=min_age_s,
             settledBeforeMs=settled_before,
             parity=build_section(comparisons, tolerance.describe(), max_listed),
+            completeness=completeness,
             vendor=build_section(vendor_comparisons, vendor_tolerance.describe(), max_listed)
             if vendor_comparisons
             else None,
@@ -182,6 +198,37 @@ class Reconciler:
             },
         )
 
+    def completeness(
+        self, sides: DaySides, settled_before: int | None, max_listed: int
+    ) -> CompletenessSection | None:
+        """Each symbol's minutes against the source (None when the source was not read)."""
+        if sides.ticks is None:
+            return None
+        policy = get_policy(self.settings.bars_policy)
+        day_ordinal = sides.day.toordinal()
+        judged = []
+        for symbol in sides.symbols:
+            trades = sides.ticks.trades.get(symbol, [])
+            expected = {
+                bar.startMs: bar
+                for bar in (build_bars(trades, policy, symbol=symbol) if trades else [])
+                if ny_date(bar.startMs).toordinal() == day_ordinal
+            }
+            judged.append(
+                judge_symbol(
+                    symbol,
+                    ledger=sides.ledger.get(symbol, {}),
+                    kafka_ticks=sides.ticks.counts.get(symbol, {}),
+                    duplicates=sides.ticks.duplicates.get(symbol, 0),
+                    expected=expected,
+                    redis_bars=sides.redis.get(symbol, {}),
+                    kafka_bars=collapse(sides.kafka.get(symbol, []))[0],
+                    gaps=gap_minutes(sides.gaps, day_ordinal, symbol),
+                    settled_before_ms=settled_before,
+                )
+            )
+        return build_completeness(judged, sides.gaps, sides.dead_letters, max_listed)
+
     async def judge(self, report: DayReport, sides: DaySides, now_ms: int, *, store: bool) -> None:
         """Keep the day's summary (when ``store``) and evaluate the promotion gate."""
         settings = self.settings
@@ -194,6 +241,8 @@ class Reconciler:
             now_ms,
             sides.kafka_count,
             sides.redis_count,
+            report.completeness.totals.worst_pct if report.completeness is not None else None,
+            len(report.completeness.incomplete) if report.completeness is not None else 0,
         )
         if store:
             await self.gate_store.put(summary)

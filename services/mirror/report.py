@@ -20,6 +20,7 @@ from services.mirror.compare import (
     SymbolComparison,
     SymbolParity,
 )
+from services.mirror.completeness import CompletenessSection
 
 
 class Totals(Struct):
@@ -35,6 +36,8 @@ class Totals(Struct):
     compared: int = 0
     symbols: int = 0
     parityPct: float | None = None
+    conflicts: int = 0
+    revisionsBackwards: int = 0
 
 
 class GateDay(Struct, frozen=True):
@@ -45,6 +48,7 @@ class GateDay(Struct, frozen=True):
     compared: int
     passed: bool
     note: str
+    completenessPct: float | None = None
 
 
 class Gate(Struct, frozen=True):
@@ -82,6 +86,7 @@ class DayReport(Struct):
     settledBeforeMs: int | None
     parity: Section
     gate: Gate | None = None
+    completeness: CompletenessSection | None = None
     vendor: Section | None = None
     sources: dict[str, object] = {}
 
@@ -106,6 +111,8 @@ def build_section(
         totals.duplicates += parity.duplicates
         totals.corrections += parity.corrections
         totals.pending += parity.pending
+        totals.conflicts += parity.conflicts
+        totals.revisionsBackwards += parity.revisionsBackwards
     totals.compared = totals.matched + totals.mismatched + totals.missingKafka + totals.missingRedis
     totals.symbols = len(comparisons)
     totals.parityPct = (
@@ -304,6 +311,8 @@ def to_markdown(report: DayReport) -> str:
             ("missing in Redis (Kafka only)", _num(totals.missingRedis)),
             ("duplicates in Kafka (extra copies)", _num(totals.duplicates)),
             ("corrected in Kafka (revisions > 0)", _num(totals.corrections)),
+            ("copies of a revision that disagree (mismatched)", _num(totals.conflicts)),
+            ("a revision older than one before it", _num(totals.revisionsBackwards)),
             (
                 f"not yet compared (ended less than {report.minAgeS:g} s before the report)"
                 if report.minAgeS
@@ -328,11 +337,12 @@ def to_markdown(report: DayReport) -> str:
         lines.append(f"## Promotion gate (last {gate.days} trading days)")
         lines.append("")
         lines += _table(
-            ["day", "parity", "symbol-minutes", "result"],
+            ["day", "parity", "completeness", "symbol-minutes", "result"],
             [
                 (
                     d.day,
                     _pct(d.parityPct),
+                    _pct(d.completenessPct),
                     _num(d.compared),
                     ("pass" if d.passed else "FAIL") + (f" — {d.note}" if d.note else ""),
                 )
@@ -342,6 +352,8 @@ def to_markdown(report: DayReport) -> str:
         lines.append("")
         lines += [f"- {reason}" for reason in gate.reasons]
         lines.append("")
+    if report.completeness is not None:
+        lines += _completeness_lines(report.completeness)
     lines += _section_lines(section, left="Redis", right="Kafka")
     if report.vendor is not None:
         vendor = report.vendor
@@ -361,3 +373,76 @@ def to_markdown(report: DayReport) -> str:
         lines += [f"- {name}: {value}" for name, value in sources.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _completeness_lines(section: CompletenessSection) -> list[str]:
+    totals = section.totals
+    lines = ["## Completeness against the source", ""]
+    lines.append(
+        f"**Ticks {_pct(totals.ticksPct)} · Redis bars {_pct(totals.redisPct)} · Kafka bars "
+        f"{_pct(totals.kafkaPct)}** of {totals.minutes:,} symbol-minutes: the source ledger's "
+        "trades in Kafka, and each path's bars equal to the bars rebuilt from them."
+    )
+    lines.append("")
+    lines += _table(
+        ["figure", "value"],
+        [
+            ("trades the feed gave (ledger)", _num(totals.ledgerTrades)),
+            ("unique trades in Kafka", _num(totals.kafkaTrades)),
+            ("missing in Kafka", _num(totals.missingTrades)),
+            ("in Kafka, not in the ledger", _num(totals.extraTrades)),
+            ("duplicate trades in Kafka", _num(totals.duplicateTrades)),
+            ("symbol-minutes inside unfilled feed gaps", _num(totals.gapMinutes)),
+            ("dead letters (apart from delivered)", _num(totals.deadLetters)),
+        ],
+    )
+    lines.append("")
+    lines += _table(
+        ["symbol", "ticks", "Redis bars", "Kafka bars", "trades", "missing", "dupes", "in gaps"],
+        [
+            (
+                c.symbol,
+                _pct(c.ticksPct),
+                _pct(c.redisPct),
+                _pct(c.kafkaPct),
+                _num(c.ledgerTrades),
+                _num(c.missingTrades),
+                _num(c.duplicateTrades),
+                _num(c.gapMinutes),
+            )
+            for c in section.symbols
+        ],
+    )
+    lines.append("")
+    if section.gaps:
+        lines.append(f"### Feed gaps: {len(section.gaps)}")
+        lines.append("")
+        lines += _table(
+            ["cause", "from (ET)", "to (ET)", "status", "backfilled", "symbols"],
+            [
+                (
+                    gap.cause,
+                    ts_et(gap.startMs),
+                    ts_et(gap.endMs) if gap.endMs else "open",
+                    gap.status,
+                    _num(gap.backfilled),
+                    ",".join(gap.symbols[:8]),
+                )
+                for gap in section.gaps
+            ],
+        )
+        lines.append("")
+    if section.incomplete:
+        more = (
+            f" (first {len(section.incomplete)} of {section.truncated:,})"
+            if section.truncated
+            else ""
+        )
+        lines.append(f"### Incomplete symbol-minutes{more}")
+        lines.append("")
+        lines += _table(
+            ["symbol", "minute (ET)", "barId", "why"],
+            [(i.symbol, _minute(i.tsET), i.barId, i.what) for i in section.incomplete],
+        )
+        lines.append("")
+    return lines

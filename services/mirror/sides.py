@@ -16,7 +16,19 @@ from libs.common.io.kafka_io import list_topics, read_from_beginning
 from libs.common.io.redis_io import StreamReader
 from libs.common.market.sessions import ny_date
 from libs.common.names import Keys
-from libs.common.schemas import BAR_DECODER, DECODERS, AggregateBatch, Bar, VendorAggregate
+from libs.common.schemas import (
+    BAR_DECODER,
+    DECODERS,
+    TICK_BATCH_DECODER,
+    AggregateBatch,
+    Bar,
+    DeadLetter,
+    FeedGap,
+    Ledger,
+    StructT,
+    VendorAggregate,
+)
+from services.mirror.completeness import Counts, TickTally, ledger_counts
 from services.mirror.config import MirrorSettings
 
 AGGREGATE_DECODER = DECODERS[AggregateBatch]
@@ -36,6 +48,13 @@ class DaySides:
     vendor_checked: bool = False
     kafka_records: int = 0
     kafka_undecodable: int = 0
+    ledger: dict[str, Counts] = field(default_factory=dict)
+    """The source's trades and volume per symbol and minute (``sentio.ledger.v1``)."""
+    ticks: TickTally | None = None
+    """The unique trades the Kafka tick topics hold (None: not read)."""
+    gaps: list[FeedGap] = field(default_factory=list)
+    dead_letters: int = 0
+    """Dead letters of the day (counted apart from what was delivered)."""
 
     @property
     def redis_count(self) -> int:
@@ -57,16 +76,26 @@ class SideReader:
         self.keys = Keys(settings.key_prefix)
         self.store = BarStore(client, self.keys)
 
-    async def collect(self, day: date, symbols: list[str] | None, *, vendor: bool) -> DaySides:
-        """Every side of ``day`` for ``symbols`` (None: every symbol with bars on a side)."""
+    async def collect(
+        self, day: date, symbols: list[str] | None, *, vendor: bool, source: bool = True
+    ) -> DaySides:
+        """Every side of ``day`` for ``symbols`` (None: every symbol the feed gave that day or
+        with bars on a side). ``source``: also the ledger, the Kafka ticks, gaps and dead
+        letters (completeness against the source)."""
+        ledger = await self.ledger(day) if source else {}
         if symbols:
             wanted = sorted(set(symbols))
             kafka, read, bad = await self.kafka_bars(wanted, day)
         else:
             kafka, read, bad = await self.kafka_bars(None, day)
-            wanted = sorted(set(await self.store.symbols(day)) | set(kafka))
+            wanted = sorted(set(await self.store.symbols(day)) | set(kafka) | set(ledger))
         sides = DaySides(day, wanted, kafka=kafka, kafka_records=read, kafka_undecodable=bad)
         sides.vendor_checked = vendor
+        if source:
+            sides.ledger = {symbol: ledger.get(symbol, {}) for symbol in wanted}
+            sides.ticks = await self.kafka_ticks(wanted, day)
+            sides.gaps = await self.records(names.FEED_GAPS, FeedGap)
+            sides.dead_letters = await self.dead_letters(day)
         for symbol in wanted:
             sides.redis[symbol] = await self.store.day(symbol, day)
             if vendor:
@@ -147,6 +176,47 @@ class SideReader:
                     if aggregate.s and ny_date(aggregate.s) == day:
                         found[aggregate.s] = aggregate
         return found
+
+    async def records(self, channel: str, record_type: type[StructT]) -> list[StructT]:
+        """Every decodable record of ``channel``'s Redis stream, oldest first."""
+        reader = StreamReader(self.client, self.keys)
+        decoder = DECODERS[record_type]
+        out: list[StructT] = []
+        cursor = 0
+        while True:
+            entries = await reader.read(channel, cursor, 5_000)
+            if not entries:
+                return out
+            cursor = entries[-1][0]
+            for _, payload in entries:
+                try:
+                    out.append(decoder.decode(payload))
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue
+
+    async def ledger(self, day: date) -> dict[str, Counts]:
+        """The source ledger of ``day`` per symbol and minute."""
+        return ledger_counts(await self.records(names.LEDGER, Ledger), day.toordinal())
+
+    async def dead_letters(self, day: date) -> int:
+        """Dead letters written on ``day`` (New York time)."""
+        letters = await self.records(names.DEAD_LETTERS, DeadLetter)
+        return sum(1 for letter in letters if ny_date(letter.tsMs) == day)
+
+    async def kafka_ticks(self, symbols: Iterable[str], day: date) -> TickTally:
+        """The unique trades of ``day`` the Kafka tick topics of ``symbols`` hold."""
+        tally = TickTally(day.toordinal())
+        topics = sorted(names.channel(names.TICKS, symbol) for symbol in symbols)
+        async for records in read_from_beginning(
+            self.settings, topics, idle_ms=self.settings.kafka_idle_ms
+        ):
+            for record in records:
+                try:
+                    batch = TICK_BATCH_DECODER.decode(record.value)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue
+                tally.add(batch)
+        return tally
 
     async def latest_day(self) -> date | None:
         """The newest day that has bars in the bar store (for a default date)."""

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 import warnings
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
-from libs.common.market.sessions import ny_epoch_ms
+_NEW_YORK = ZoneInfo("America/New_York")
 
 _LOCK = threading.Lock()
 _SESSIONS: set[date] | None = None
@@ -66,7 +67,8 @@ def close_time(day: date) -> tuple[int, int]:
 def close_ms(day: date) -> int:
     """Epoch ms of the regular session's close on ``day``."""
     hour, minute = close_time(day)
-    return ny_epoch_ms(day, hour, minute)
+    close = datetime(day.year, day.month, day.day, hour, minute, tzinfo=_NEW_YORK)
+    return int(close.timestamp() * 1000)
 
 
 def trading_days_back(day: date, count: int) -> list[date]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
+from libs.common.market.calendar import close_ms
+
 NEW_YORK = ZoneInfo("America/New_York")
 MINUTE_MS = 60_000
 
@@ -56,8 +58,6 @@ def session_for(day: date) -> Session:
     calendar (16:00, or 13:00 on an early close: ``calendar``), 20:00 end."""
     session = _SESSION_CACHE.get(day)
     if session is None:
-        from libs.common.market.calendar import close_ms
-
         session = Session(
             day=day,
             premarket_ms=ny_epoch_ms(day, 4),

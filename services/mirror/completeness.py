@@ -1,0 +1,294 @@
+"""Completeness against the source: the reconciler's second core, pure (no I/O, no clock).
+
+Parity says the two paths agree; this says they agree with what the feed gave. Per symbol and
+minute it holds the source ledger (what ingest published, ``sentio.ledger.v1``) against the
+trades the Kafka path holds (unique by their identity), and each path's bars against the bars
+rebuilt from those trades with the same core and policy (``expected``). A minute is complete
+on a path when its trades all arrived and its bar is exactly the rebuilt one; a minute with
+trades and no bar is a failure of that path; a minute inside a feed gap that nothing filled is
+incomplete on every path (the feed may have had trades there that nobody got).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import msgspec
+from msgspec import Struct
+
+from libs.common.market.identity import TradeIds
+from libs.common.market.sessions import MINUTE_MS, bar_id, ny_date, session_for, ts_et
+from libs.common.schemas import Bar, FeedGap, Ledger, TickBatch, Trade
+
+BAR_FIELDS = ("open", "high", "low", "close", "volume", "vwap", "trades")
+
+Counts = dict[int, list[int]]
+"""minute start -> [trades, volume]"""
+
+
+class MinuteIssue(Struct, frozen=True):
+    """One incomplete symbol-minute and why."""
+
+    symbol: str
+    startMs: int
+    tsET: str
+    barId: int
+    what: str
+
+
+class SymbolCompleteness(Struct):
+    """How complete one symbol's day is, on each path, against the source."""
+
+    symbol: str
+    ledgerTrades: int = 0
+    ledgerVolume: int = 0
+    kafkaTrades: int = 0
+    """Unique trades the Kafka tick topics hold for the day."""
+    missingTrades: int = 0
+    extraTrades: int = 0
+    duplicateTrades: int = 0
+    minutes: int = 0
+    """Symbol-minutes judged: with trades in the ledger or an expected bar, or in a gap."""
+    ticksComplete: int = 0
+    redisComplete: int = 0
+    kafkaComplete: int = 0
+    gapMinutes: int = 0
+    pending: int = 0
+    ticksPct: float | None = None
+    redisPct: float | None = None
+    kafkaPct: float | None = None
+
+    def finish(self) -> SymbolCompleteness:
+        """Compute the percentages (None when nothing was judged)."""
+        if self.minutes:
+            self.ticksPct = round(100.0 * self.ticksComplete / self.minutes, 4)
+            self.redisPct = round(100.0 * self.redisComplete / self.minutes, 4)
+            self.kafkaPct = round(100.0 * self.kafkaComplete / self.minutes, 4)
+        return self
+
+    @property
+    def worst_pct(self) -> float | None:
+        """The lowest of the three percentages."""
+        values = [v for v in (self.ticksPct, self.redisPct, self.kafkaPct) if v is not None]
+        return min(values) if values else None
+
+
+def ledger_counts(ledgers: Iterable[Ledger], day_ordinal: int) -> dict[str, Counts]:
+    """The source's trades and volume per symbol and minute of one New York day."""
+    out: dict[str, Counts] = {}
+    for ledger in ledgers:
+        for entry in ledger.entries:
+            if ny_date(entry.minuteMs).toordinal() != day_ordinal:
+                continue
+            minutes = out.setdefault(entry.sym, {})
+            counts = minutes.setdefault(entry.minuteMs, [0, 0])
+            counts[0] += entry.trades
+            counts[1] += entry.volume
+    return out
+
+
+class TickTally:
+    """The unique trades of one day on a path, per symbol, with their per-minute counts."""
+
+    def __init__(self, day_ordinal: int) -> None:
+        self.day_ordinal = day_ordinal
+        self.ids = TradeIds(keep_days=1)
+        self.trades: dict[str, list[Trade]] = {}
+        self.counts: dict[str, Counts] = {}
+        self.duplicates: dict[str, int] = {}
+
+    def add(self, batch: TickBatch) -> None:
+        """Count one tick record (its trades of other days are ignored)."""
+        ticks = [t for t in batch.ticks if ny_date(t.t).toordinal() == self.day_ordinal]
+        if not ticks:
+            return
+        sym = batch.sym
+        before = self.ids.duplicates
+        fresh = self.ids.fresh(sym, ticks)
+        if self.ids.duplicates > before:
+            self.duplicates[sym] = self.duplicates.get(sym, 0) + self.ids.duplicates - before
+        kept = self.trades.setdefault(sym, [])
+        kept.extend(fresh)
+        minutes = self.counts.setdefault(sym, {})
+        for trade in fresh:
+            minute = trade.t - trade.t % MINUTE_MS
+            counts = minutes.get(minute)
+            if counts is None:
+                counts = minutes[minute] = [0, 0]
+            counts[0] += 1
+            counts[1] += trade.s
+
+
+def gap_minutes(gaps: Iterable[FeedGap], day_ordinal: int, symbol: str) -> set[int]:
+    """The minutes of the day inside a feed gap of ``symbol`` that nothing filled, within the
+    day's 04:00-20:00 sessions; the latest record of each gap decides."""
+    latest: dict[str, FeedGap] = {}
+    for gap in gaps:
+        latest[gap.gapId] = gap
+    out: set[int] = set()
+    for gap in latest.values():
+        if gap.status == "backfilled":
+            continue
+        if "*" not in gap.symbols and symbol not in gap.symbols:
+            continue
+        start = gap.startMs
+        if not start:
+            continue
+        day = ny_date(start)
+        if day.toordinal() > day_ordinal:
+            continue
+        session = session_for(day)
+        end = gap.endMs or session.end_ms  # still open: to the end of that day's sessions
+        first = max(start - start % MINUTE_MS, session.premarket_ms)
+        for minute in range(first, min(end, session.end_ms), MINUTE_MS):
+            if ny_date(minute).toordinal() == day_ordinal:
+                out.add(minute)
+    return out
+
+
+def _same(bar: Bar | None, expected: Bar) -> bool:
+    return bar is not None and all(
+        getattr(bar, field) == getattr(expected, field) for field in BAR_FIELDS
+    )
+
+
+def judge_symbol(
+    symbol: str,
+    *,
+    ledger: Mapping[int, list[int]],
+    kafka_ticks: Mapping[int, list[int]],
+    duplicates: int,
+    expected: Mapping[int, Bar],
+    redis_bars: Mapping[int, Bar],
+    kafka_bars: Mapping[int, Bar],
+    gaps: set[int],
+    settled_before_ms: int | None = None,
+) -> tuple[SymbolCompleteness, list[MinuteIssue]]:
+    """Judge one symbol's minutes; see the module docstring."""
+    result = SymbolCompleteness(symbol, duplicateTrades=duplicates)
+    issues: list[MinuteIssue] = []
+    for counts in ledger.values():
+        result.ledgerTrades += counts[0]
+        result.ledgerVolume += counts[1]
+    for counts in kafka_ticks.values():
+        result.kafkaTrades += counts[0]
+    minutes = sorted(set(ledger) | set(expected) | set(kafka_ticks) | gaps)
+    for minute in minutes:
+        if settled_before_ms is not None and minute + MINUTE_MS > settled_before_ms:
+            result.pending += 1
+            continue
+        result.minutes += 1
+        source = ledger.get(minute, [0, 0])
+        held = kafka_ticks.get(minute, [0, 0])
+        problems: list[str] = []
+        in_gap = minute in gaps
+        if in_gap:
+            result.gapMinutes += 1
+            problems.append("inside a feed gap nothing filled")
+        if held[0] < source[0]:
+            result.missingTrades += source[0] - held[0]
+            problems.append(f"{source[0] - held[0]} trades missing in Kafka")
+        elif held[0] > source[0]:
+            result.extraTrades += held[0] - source[0]
+            problems.append(f"{held[0] - source[0]} trades in Kafka the ledger lacks")
+        ticks_ok = held[0] == source[0] and held[1] == source[1] and not in_gap
+        if ticks_ok:
+            result.ticksComplete += 1
+        bar = expected.get(minute)
+        for name, bars in (("redis", redis_bars), ("kafka", kafka_bars)):
+            theirs = bars.get(minute)
+            if bar is None:
+                ok = theirs is None  # nothing to build here (a volume-only minute, folded)
+                if not ok:
+                    problems.append(f"{name} has a bar the source does not make")
+            else:
+                ok = _same(theirs, bar)
+                if not ok:
+                    problems.append(f"no {name} bar" if theirs is None else f"{name} bar differs")
+            if ok and ticks_ok:
+                if name == "redis":
+                    result.redisComplete += 1
+                else:
+                    result.kafkaComplete += 1
+        if problems:
+            issues.append(
+                MinuteIssue(symbol, minute, ts_et(minute), bar_id(minute), "; ".join(problems))
+            )
+    return result.finish(), issues
+
+
+class CompletenessTotals(Struct):
+    """Completeness over every symbol of the day."""
+
+    symbols: int = 0
+    minutes: int = 0
+    ledgerTrades: int = 0
+    kafkaTrades: int = 0
+    missingTrades: int = 0
+    extraTrades: int = 0
+    duplicateTrades: int = 0
+    gapMinutes: int = 0
+    ticksPct: float | None = None
+    redisPct: float | None = None
+    kafkaPct: float | None = None
+    deadLetters: int = 0
+
+    @property
+    def worst_pct(self) -> float | None:
+        """The lowest of the three percentages."""
+        values = [v for v in (self.ticksPct, self.redisPct, self.kafkaPct) if v is not None]
+        return min(values) if values else None
+
+
+class CompletenessSection(Struct):
+    """The completeness part of a day's report."""
+
+    totals: CompletenessTotals
+    symbols: list[SymbolCompleteness]
+    incomplete: list[MinuteIssue]
+    gaps: list[FeedGap] = msgspec.field(default_factory=list)
+    truncated: int = 0
+
+
+def build_completeness(
+    judged: list[tuple[SymbolCompleteness, list[MinuteIssue]]],
+    gaps: list[FeedGap],
+    dead_letters: int,
+    max_listed: int,
+) -> CompletenessSection:
+    """Totals, symbols worst first, incomplete minutes up to ``max_listed``."""
+    totals = CompletenessTotals(symbols=len(judged), deadLetters=dead_letters)
+    ticks = redis = kafka = 0
+    for symbol, _ in judged:
+        totals.minutes += symbol.minutes
+        totals.ledgerTrades += symbol.ledgerTrades
+        totals.kafkaTrades += symbol.kafkaTrades
+        totals.missingTrades += symbol.missingTrades
+        totals.extraTrades += symbol.extraTrades
+        totals.duplicateTrades += symbol.duplicateTrades
+        totals.gapMinutes += symbol.gapMinutes
+        ticks += symbol.ticksComplete
+        redis += symbol.redisComplete
+        kafka += symbol.kafkaComplete
+    if totals.minutes:
+        totals.ticksPct = round(100.0 * ticks / totals.minutes, 4)
+        totals.redisPct = round(100.0 * redis / totals.minutes, 4)
+        totals.kafkaPct = round(100.0 * kafka / totals.minutes, 4)
+    ordered = sorted(
+        judged,
+        key=lambda item: (
+            item[0].worst_pct if item[0].worst_pct is not None else 101.0,
+            item[0].symbol,
+        ),
+    )
+    issues = [issue for _, found in ordered for issue in found]
+    latest: dict[str, FeedGap] = {}
+    for gap in gaps:
+        latest[gap.gapId] = gap
+    return CompletenessSection(
+        totals=totals,
+        symbols=[symbol for symbol, _ in ordered],
+        incomplete=issues[:max_listed],
+        gaps=sorted(latest.values(), key=lambda gap: gap.startMs),
+        truncated=len(issues) if len(issues) > max_listed else 0,
+    )
