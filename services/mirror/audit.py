@@ -120,9 +120,7 @@ async def audit(
         counts = seen[channel]
         dead_here = dead_seqs[channel]
         held = sum(1 for seq in counts if 1 <= seq <= count)
-        missing = [
-            seq for seq in range(1, count + 1) if seq not in counts and seq not in dead_here
-        ]
+        missing = [seq for seq in range(1, count + 1) if seq not in counts and seq not in dead_here]
         entry = ChannelAudit(
             channel=channel,
             published=count,
