@@ -19,14 +19,18 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.localstack import LocalStack, free_port
 from libs.common.io.kafka_io import list_topics, read_from_beginning
 from libs.common.runtime.settings import CommonSettings
+from services.ingest.simulator.cli import control_remote
 
 SIM_KEY = "tickmesh-demo-key"
+IDLE_AFTER_S = 2.0
+"""ingest's ``INGEST_IDLE_AFTER_MS`` as the mesh runs it."""
 
 
 @dataclass
@@ -282,7 +286,6 @@ class Mesh:
                 str(options.day),
                 "--symbols",
                 ",".join(options.symbols),
-                "--exit-when-done",
             ]
         else:
             args += [
@@ -290,8 +293,8 @@ class Mesh:
                 str(options.synthetic_symbols),
                 "--rate",
                 str(options.synthetic_rate),
-                "--duration-s",
-                str(options.duration_s),
+                "--max-events",
+                str(int(options.synthetic_rate * options.duration_s)),
                 "--seed",
                 "7",
             ]
@@ -328,6 +331,7 @@ class Mesh:
                 "POLYGON_API_KEY": SIM_KEY,
                 "INGEST_SYMBOLS": "*" if options.data_dir is None else ",".join(options.symbols),
                 "INGEST_EVENT_TYPES": "T,AM",
+                "INGEST_IDLE_AFTER_MS": str(int(IDLE_AFTER_S * 1000)),
             },
         )
         self.wait_ready(["ingest"], timeout_s=60)
@@ -350,29 +354,32 @@ class Mesh:
                 raise TimeoutError(f"not ready after {timeout_s:g} s: {sorted(pending)}\n{tails}")
             time.sleep(0.2)
 
+    def simulator_status(self) -> dict[str, Any]:
+        """The simulator's ``/control/status`` (its counters, ``feedDone``)."""
+        return control_remote("127.0.0.1", self.simulator_port, "status", SIM_KEY)
+
     def wait_feed_done(self, timeout_s: float) -> None:
-        """Wait for the simulator to finish its feed (it exits when done)."""
+        """Wait for the simulator to have sent its whole feed (it keeps serving, as Polygon's
+        socket stays open after the close: no disconnect, no feed gap)."""
         assert self.simulator is not None
         deadline = time.monotonic() + timeout_s
-        while self.simulator.alive():
+        while True:
             self.check_alive()
+            if not self.simulator.alive():
+                raise ProcessExited(f"the simulator exited:\n{self.simulator.log_tail()}")
+            try:
+                if self.simulator_status().get("feedDone"):
+                    return
+            except (OSError, RuntimeError):
+                pass  # not listening yet
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the simulator did not finish within {timeout_s:g} s")
             time.sleep(0.5)
 
     def wait_last_minute_closed(self) -> None:
-        """Wait until every symbol's last minute has closed.
-
-        A quiet symbol's watermark advances with wall time from its last trade, so its last
-        bar closes at most a minute plus the grace after the feed ended (synthetic ticks carry
-        wall-clock time: their last minute ends at the next minute boundary).
-        """
-        now = time.time()
-        if self.options.data_dir is None:
-            close_at = now - now % 60 + 60
-        else:
-            close_at = now + 60
-        close_at += self.options.grace_ms / 1000 + 1
+        """Wait until every symbol's last minute has closed: ingest's progress marks say the
+        feed is idle a moment after it ends, and the builders close what is left."""
+        close_at = time.time() + IDLE_AFTER_S + self.options.grace_ms / 1000 + 2
         while time.time() < close_at:
             self.check_alive()
             time.sleep(min(1.0, max(0.0, close_at - time.time())))

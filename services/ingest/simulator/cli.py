@@ -161,13 +161,18 @@ def inject_remote(
     host: str, port: int, fault: str, count: int, key: str, timeout_s: float = 5.0
 ) -> dict[str, Any]:
     """Call ``GET /control/inject`` on a running simulator; returns its JSON answer."""
+    return control_remote(
+        host, port, f"inject?fault={fault}&count={count}", key, timeout_s=timeout_s
+    )
+
+
+def control_remote(
+    host: str, port: int, path: str, key: str, *, timeout_s: float = 5.0
+) -> dict[str, Any]:
+    """``GET /control/<path>`` on a running simulator (``status``, ``inject?...``); its JSON."""
     connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
-        connection.request(
-            "GET",
-            f"{CONTROL_PREFIX}inject?fault={fault}&count={count}",
-            headers={CONTROL_KEY_HEADER: key},
-        )
+        connection.request("GET", f"{CONTROL_PREFIX}{path}", headers={CONTROL_KEY_HEADER: key})
         response = connection.getresponse()
         body: dict[str, Any] = json.loads(response.read() or b"{}")
         if response.status != HTTPStatus.OK:
