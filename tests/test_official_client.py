@@ -25,6 +25,7 @@ from services.ingest.simulator import (
     SyntheticFeed,
     file_frames,
 )
+from tests.helpers import eventually
 
 massive = pytest.importorskip("massive", reason="the official client is in the test extra")
 models = pytest.importorskip("massive.websocket.models")
@@ -136,3 +137,41 @@ async def test_the_official_client_raises_its_auth_error_on_a_wrong_key() -> Non
         with pytest.raises(AuthError, match="authentication failed"):
             async with asyncio.timeout(10):
                 await client.connect(processor)
+
+
+async def test_the_official_rest_client_lists_trades_from_the_simulator_page_by_page() -> None:
+    """``RESTClient.list_trades`` (the official client's REST part) against the simulator's
+    ``/v3/trades``: every trade the feed produced in the range, in time order, across pages
+    (the client follows ``next_url``); a wrong key is refused."""
+    rest = pytest.importorskip("massive.rest")
+    exceptions = pytest.importorskip("massive.exceptions")
+    async with PolygonSimulator(
+        replace(SETTINGS, feed=SyntheticFeed(symbols=3, rate_per_s=2_000, seed=3))
+    ) as sim:
+        sim._start_feed()
+        await eventually(lambda: len(sim.history.trades.get("S0001", [])) >= 120)
+        produced = list(sim.history.trades["S0001"])
+        low_ms, high_ms = produced[10].t, produced[100].t
+        expected = [t.i for t in produced if low_ms <= t.t < high_ms]
+        base = f"http://127.0.0.1:{sim.port}"
+
+        def listed(key: str) -> list[Any]:
+            client = rest.RESTClient(api_key=key, base=base, retries=0)
+            return list(
+                client.list_trades(
+                    "S0001",
+                    timestamp_gte=low_ms * 1_000_000,
+                    timestamp_lt=high_ms * 1_000_000,
+                    order="asc",
+                    sort="timestamp",
+                    limit=7,
+                )
+            )
+
+        trades = await asyncio.to_thread(listed, KEY)
+        assert [t.id for t in trades] == expected and len(expected) > 7 * 3  # several pages
+        assert all(t.sip_timestamp == t.participant_timestamp for t in trades)
+        assert trades[0].sip_timestamp // 1_000_000 == low_ms
+        assert sim.rest.requests >= len(expected) // 7
+        with pytest.raises(exceptions.BadResponse, match="Unknown API Key"):
+            await asyncio.to_thread(listed, "wrong-key")

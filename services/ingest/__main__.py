@@ -16,6 +16,7 @@ from libs.common.io.redis_io import StreamReader
 from libs.common.io.wiring import add_heartbeat, connect_runtime_redis, make_publisher
 from libs.common.runtime.cli import ServiceCli
 from libs.common.runtime.service import EXIT_CONFIG, ServiceRuntime, run_main
+from services.ingest.backfill import Backfiller, RestTrades
 from services.ingest.client import FeedReader, FrameProcessor, IngestMetrics, subscription_topics
 from services.ingest.config import IngestSettings
 from services.ingest.files import TickFileSource
@@ -44,6 +45,30 @@ async def build(runtime: ServiceRuntime[IngestSettings]) -> None:
         retry_s=settings.publish_retry_s,
         symbols=list(settings.symbols),
         registry=runtime.registry,
+    )
+    if settings.backfill and settings.polygon_api_key:
+        rest: RestTrades | None = RestTrades(
+            settings.rest_url,
+            settings.polygon_api_key,
+            max_wait_s=settings.rest_max_wait_s,
+            registry=runtime.registry,
+        )
+        unavailable = ""
+    else:
+        rest = None
+        unavailable = (
+            "backfill is off (INGEST_BACKFILL=false)"
+            if not settings.backfill
+            else "no Polygon API key (POLYGON_API_KEY): gaps stay unfilled"
+        )
+    runtime.supervisor.add(
+        Backfiller(
+            feed,
+            rest,
+            unavailable=unavailable,
+            concurrency=settings.rest_concurrency,
+            registry=runtime.registry,
+        )
     )
     await feed.resume_after_restart(StreamReader(client, publisher.keys))
     await feed.publish_gap()

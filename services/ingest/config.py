@@ -58,6 +58,18 @@ class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     publish_retry_s: Annotated[
         float, Meta(gt=0, description="retry a failed Redis publish this long, then fail")
     ] = 30.0
+    backfill: Annotated[
+        bool, Meta(description="fill feed gaps from Polygon's REST API (needs the key)")
+    ] = True
+    rest_url: Annotated[str, Meta(description="base URL of Polygon's REST API")] = (
+        "https://api.polygon.io"
+    )
+    rest_concurrency: Annotated[
+        int, Meta(gt=0, description="symbols fetched from REST at once")
+    ] = 4
+    rest_max_wait_s: Annotated[
+        float, Meta(gt=0, description="how long one REST request is retried (429, errors)")
+    ] = 300.0
     progress_interval_ms: Annotated[
         int, Meta(gt=0, description="period of the progress marks (sentio.progress.v1)")
     ] = 500

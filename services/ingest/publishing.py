@@ -108,6 +108,8 @@ class FeedPublisher:
         """The gap open now (the feed is not being read, or has not resumed yet)."""
         self.last_publish_ms = 0
         """Wall time of the last batch that carried feed data."""
+        self.on_gap_closed: Callable[[FeedGap], None] | None = None
+        """Called with each gap once its closing record is published (the backfill)."""
 
     # -- identity ----------------------------------------------------------------------------
 
@@ -206,8 +208,10 @@ class FeedPublisher:
         if ledger is not None:
             self.metrics.duplicates.inc(ledger.duplicates)
             records = [*records, (names.LEDGER, ENCODER.encode(ledger))]
+        closed: FeedGap | None = None
         if self.gap is not None and first_trade_ms:
-            records = [*records, (names.FEED_GAPS, ENCODER.encode(self._close_gap(first_trade_ms)))]
+            closed = self._close_gap(first_trade_ms)
+            records = [*records, (names.FEED_GAPS, ENCODER.encode(closed))]
         if not records and also is None:
             return []
         newest = book.feed_time_ms  # what this batch brings; claimed once Redis has it
@@ -233,6 +237,8 @@ class FeedPublisher:
         )
         if first_trade_ms or ledger is not None:
             self.last_publish_ms = now
+        if closed is not None and self.on_gap_closed is not None:
+            self.on_gap_closed(closed)
         self.metrics.feed_time.set(book.feed_time_ms / 1000)
         return seqs
 

@@ -37,6 +37,8 @@ from services.ingest.simulator.feeds import (
     malformed_frames,
     synthetic_frames,
 )
+from services.ingest.simulator.rest import PREFIX as REST_PREFIX
+from services.ingest.simulator.rest import TradeHistory, TradesEndpoint
 from services.ingest.simulator.session import _Session
 from services.ingest.simulator.settings import (
     _DISCONNECT_STATUS,
@@ -84,6 +86,9 @@ class PolygonSimulator:
         self.feed_done = asyncio.Event()
         self.feed_time_ms = 0
         """The newest event time of the trades sent (the feed's own clock)."""
+        self.history = TradeHistory()
+        """Every trade the feed produced (served on ``/v3/trades``)."""
+        self.rest = TradesEndpoint(self.history, settings.api_key.reveal())
         self._custom_feed = feed
         self._day_trades: list[TradeEvent] | None = None
         self._vendor_minutes: list[MinuteAggEvent] | None = None
@@ -112,7 +117,7 @@ class PolygonSimulator:
             self._handle,
             settings.host,
             settings.port,
-            process_request=self._process_request if settings.control else None,
+            process_request=self._process_request,
             compression=None,
             close_timeout=settings.close_timeout_s,
             ping_interval=settings.ping_interval_s,
@@ -194,7 +199,10 @@ class PolygonSimulator:
         if count < 0:
             raise ValueError(f"count must be 0 or more, not {count}")
         live = [s for s in self._sessions.values() if not s.closing]
-        if fault is Fault.MALFORMED:
+        if fault is Fault.REST_THROTTLE:
+            self.rest.throttle += max(count, 1)
+            targets = []
+        elif fault is Fault.MALFORMED:
             targets = [s for s in live if s.authed]
             for session in targets:
                 for _ in range(max(count, 1)):
@@ -217,7 +225,9 @@ class PolygonSimulator:
     # -- HTTP control
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        if not request.path.startswith(CONTROL_PREFIX):
+        if request.path.startswith(REST_PREFIX):
+            return self.rest.respond(connection, request)
+        if not request.path.startswith(CONTROL_PREFIX) or not self.settings.control:
             return None
         supplied = request.headers.get(CONTROL_KEY_HEADER, "")
         if not hmac.compare_digest(supplied.encode(), self.settings.api_key.reveal().encode()):
@@ -417,6 +427,7 @@ class PolygonSimulator:
         kinds = frozenset(KIND_OF[type(event)] for event in events)
         if TRADES in kinds:
             self.feed_time_ms = max(self.feed_time_ms, events[-1].t)  # type: ignore[union-attr]
+            self.history.add([e for e in events if isinstance(e, TradeEvent)])
         whole: bytes | None = None
         for session in self._sessions.values():
             if not session.authed or session.closing:

@@ -54,6 +54,8 @@ class Fault(StrEnum):
     """Send the ``force_disconnect`` status and close."""
     MALFORMED = "malformed"
     """Send bad JSON, a non-array, an unknown ``ev`` and a frame mixing good and bad trades."""
+    REST_THROTTLE = "rest_throttle"
+    """Answer the next ``count`` REST requests with 429 (rate limited)."""
 
 
 _DISCONNECT_STATUS: Final[dict[Fault, tuple[str, str]]] = {
