@@ -328,6 +328,7 @@ class Mesh:
             "INGEST_",
             {
                 "INGEST_POLYGON_URL": f"ws://127.0.0.1:{self.simulator_port}/stocks",
+                "INGEST_REST_URL": f"http://127.0.0.1:{self.simulator_port}",
                 "POLYGON_API_KEY": SIM_KEY,
                 "INGEST_SYMBOLS": "*" if options.data_dir is None else ",".join(options.symbols),
                 "INGEST_EVENT_TYPES": "T,AM",

@@ -15,13 +15,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from libs.common import names
-from libs.common.io.redis_io import StreamReader
+from libs.common.io.redis_io import Publisher, StreamReader
 from libs.common.market.aggregator import build_bars
+from libs.common.market.sessions import ny_epoch_ms
 from libs.common.market.tickfiles import read_lean_trades
 from libs.common.names import Keys
 from libs.common.runtime.settings import Secret
 from libs.common.schemas import TICK_BATCH_DECODER, FeedGap, Trade, decode
+from services.ingest import protocol
 from services.ingest.backfill import BackfillRefused, RestTrades
+from services.ingest.publishing import FeedPublisher
 from services.ingest.simulator import (
     Fault,
     FileFeed,
@@ -174,3 +177,57 @@ async def test_ingest_killed_and_the_socket_dropped_twice_loses_nothing_after_ba
     assert causes.count("connection_lost") == 2 and "ingest_start" in causes, causes
     assert sum(g.backfilled for g in found.values()) > 0
     assert build_bars(held, "algoseek") == build_bars(day_trades, "algoseek")
+
+
+async def test_fill_republishes_a_lost_hour_from_the_flat_file_and_marks_its_gap(
+    redis_client: aioredis.Redis,
+    redis_url: str,
+    unique_name: Callable[[str], str],
+    shared_data: Path,
+    tmp_path: Path,
+) -> None:
+    """An hour of IBM's day never reached Redis (a gap nothing filled). ``python -m
+    services.ingest fill <file>`` publishes exactly the missing trades, and the gap is then
+    recorded as filled."""
+    path = shared_data / "tick" / "ibm" / "20131007_trade.zip"
+    day_trades = read_lean_trades(path)
+    prefix = f"{unique_name('fill')}:"
+    keys = Keys(prefix)
+    lost_from, lost_to = ny_epoch_ms(date(2013, 10, 7), 10), ny_epoch_ms(date(2013, 10, 7), 11)
+    kept = [t for t in day_trades if not lost_from <= t.t < lost_to]
+    feed = FeedPublisher(Publisher(redis_client, keys=keys), symbols=["IBM"])
+    for start in range(0, len(kept), 500):
+        split = {
+            protocol.TRADES: {
+                "IBM": [protocol.as_trade_event(t) for t in kept[start : start + 500]]
+            }
+        }
+        feed.admit(split)  # type: ignore[arg-type]
+        await feed.publish(protocol.build_records(split, 0))  # type: ignore[arg-type]
+    feed.open_gap("connection_lost", start_ms=lost_from)
+    await feed.publish_gap()
+    env = {
+        **os.environ,
+        "INGEST_REDIS_URL": redis_url,
+        "INGEST_KEY_PREFIX": prefix,
+        "INGEST_HTTP_HOST": "127.0.0.1",
+        "INGEST_HTTP_PORT": "0",
+        "INGEST_LOG_FORMAT": "json",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.ingest",
+        "fill",
+        str(path),
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, output.decode(errors="replace")[-3000:]
+    held = await stream_trades(redis_client, keys, "IBM")
+    assert sorted(t.i for t in held) == sorted(t.i for t in day_trades)  # each once
+    (gap,) = (await gaps(redis_client, keys)).values()
+    assert gap.status == "backfilled" and "20131007_trade.zip" in gap.detail

@@ -82,6 +82,7 @@ async def build(runtime: ServiceRuntime[IngestSettings]) -> None:
             speed=settings.speed,
             symbols=settings.symbols,
             batch_frames=settings.publish_batch_frames,
+            fill_missing=settings.fill_missing,
             registry=runtime.registry,
         )
         runtime.http.add_readiness("files", lambda: files.loaded)
@@ -156,6 +157,21 @@ def simulate(args: argparse.Namespace) -> int:
     return serve_from_args(args)
 
 
+def fill(args: argparse.Namespace) -> int:
+    """``fill``: publish the trades of flat files that the tick streams lack (a lost day),
+    as fast as Redis takes them, then exit; the bars revise the minutes they touch."""
+    overrides: dict[str, object] = {
+        "source": "files",
+        "files": list(args.files),
+        "fill_missing": True,
+        "speed": 0.0,
+        "exit_when_done": True,
+    }
+    if args.symbols:
+        overrides["symbols"] = [s.strip() for s in args.symbols.split(",") if s.strip()]
+    return run_main("ingest", CLI.settings(**overrides), build)
+
+
 def files(args: argparse.Namespace) -> int:
     """``files``: ``run`` with ``INGEST_SOURCE=files`` and the files (and options) given."""
     overrides: dict[str, object] = {"source": "files", "files": list(args.files)}
@@ -196,6 +212,14 @@ _files_parser.add_argument(
     action="store_true",
     help="exit when every file is published (INGEST_EXIT_WHEN_DONE)",
 )
+
+_fill_parser = CLI.command(
+    "fill",
+    "re-publish the trades of a day's flat files that Redis lacks (a lost day), then exit",
+    fill,
+)
+_fill_parser.add_argument("files", nargs="+", help="tick files (Polygon flat files, Lean zips)")
+_fill_parser.add_argument("--symbols", default=None, help="keep only these symbols")
 
 if __name__ == "__main__":
     sys.exit(CLI.main())

@@ -19,7 +19,6 @@ incomplete).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import httpx
@@ -28,13 +27,12 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from libs.common import names
-from libs.common.io.redis_io import StreamReader
 from libs.common.runtime.backoff import Backoff
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.lifecycle import Component
 from libs.common.runtime.metrics import metrics_for
 from libs.common.runtime.settings import Secret
-from libs.common.schemas import ENCODER, TICK_BATCH_DECODER, FeedGap
+from libs.common.schemas import ENCODER, FeedGap
 from services.ingest import protocol
 from services.ingest.protocol import TradeEvent
 from services.ingest.publishing import FeedPublisher
@@ -244,7 +242,9 @@ class Backfiller(Component):
         symbols = self._symbols(gap)
         started = self.clock.monotonic()
         try:
-            await self._remember_published(symbols, gap.startMs, gap.endMs)
+            await self.feed.remember_published(
+                symbols, gap.startMs - _EDGE_MS, gap.endMs + _EDGE_MS
+            )
             semaphore = asyncio.Semaphore(self.concurrency)
 
             async def one(symbol: str) -> int:
@@ -277,29 +277,6 @@ class Backfiller(Component):
             if (symbol := names.symbol_of(names.TICKS, channel)) is not None
         )
 
-    async def _remember_published(self, symbols: Sequence[str], start_ms: int, end_ms: int) -> None:
-        """Read back the trades already on the tick streams around the gap, so that none is
-        published twice (after an ingest restart the process has not seen them)."""
-        publisher = self.feed.publisher
-        reader = StreamReader(publisher.client, publisher.keys)
-        low, high = start_ms - _EDGE_MS, end_ms + _EDGE_MS
-        for symbol in symbols:
-            channel = names.channel(names.TICKS, symbol)
-            upto = await reader.last_seq(channel)
-            while upto > 0:
-                entries = await reader.read(channel, max(0, upto - 500), 500, upto)
-                if not entries:
-                    break
-                oldest = high
-                for _, payload in entries:
-                    batch = TICK_BATCH_DECODER.decode(payload)
-                    self.feed.book.remember(t for t in batch.ticks if low <= t.t <= high)
-                    if batch.ticks:
-                        oldest = min(oldest, batch.ticks[0].t)
-                if oldest < low:
-                    break
-                upto = entries[0][0] - 1
-
     async def _publish(self, symbol: str, trades: list[TradeEvent]) -> int:
         trades.sort(key=lambda trade: trade.t)
         published = 0
@@ -317,7 +294,7 @@ class Backfiller(Component):
         return published
 
     async def _outcome(self, gap: FeedGap, status: str, trades: int, detail: str) -> FeedGap:
-        done = msgspec.structs.replace(gap, status=status, backfilled=trades, detail=detail)
+        done = msgspec.structs.replace(gap, seq=0, status=status, backfilled=trades, detail=detail)
         self.backfill_metrics.gaps.labels(status).inc()
         if status != "backfilled":
             log.warning("ingest.gap_unfilled", gap=gap.gapId, reason=detail)

@@ -76,6 +76,10 @@ class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     idle_after_ms: Annotated[
         int, Meta(gt=0, description="no feed data this long: the marks say idle (replays)")
     ] = 2_000
+    fill_missing: Annotated[
+        bool,
+        Meta(description="files source: publish only trades the streams lack, mark gaps filled"),
+    ] = False
     exit_when_done: Annotated[
         bool, Meta(description="file replay: exit (0) when done instead of idling")
     ] = False

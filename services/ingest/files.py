@@ -30,12 +30,17 @@ from collections.abc import Callable, Iterable, Sequence
 from operator import attrgetter
 from pathlib import Path
 
+import msgspec
 import structlog
 from prometheus_client import CollectorRegistry
 
+from libs.common import names
+from libs.common.io.redis_io import StreamReader
+from libs.common.market.identity import day_bounds
 from libs.common.market.tickfiles import read_trades
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.lifecycle import Component
+from libs.common.schemas import DECODERS, ENCODER, FeedGap
 from services.ingest import protocol
 from services.ingest.client import IngestMetrics
 from services.ingest.framing import frames_of
@@ -86,6 +91,7 @@ class TickFileSource(Component):
         frame_window_ms: int = 1,
         batch_frames: int = 64,
         channels: ChannelNames = DEFAULT_CHANNELS,
+        fill_missing: bool = False,
         registry: CollectorRegistry | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
@@ -106,6 +112,9 @@ class TickFileSource(Component):
         self.frame_window_ms = frame_window_ms
         self.batch_frames = batch_frames
         self.channels = channels
+        self.fill_missing = fill_missing
+        """Publish only the trades the tick streams lack (a lost day, after the fact), then
+        mark that day's feed gaps filled."""
         self.clock = clock
         self.loaded = False
         """True once the files are read (readiness)."""
@@ -134,10 +143,16 @@ class TickFileSource(Component):
                 return
             self._frames = list(frames_of(trades, self.frame_max_events, self.frame_window_ms))
             self.trades_total = len(trades)
-            stored = await self.feed.publisher.client.get(self.position_key)
-            if stored:
-                self._next_frame = min(int(stored), len(self._frames))
-                log.info("ingest.files_resumed", frame=self._next_frame, frames=len(self._frames))
+            if self.fill_missing:
+                known = await self._remember_days(trades)
+                log.info("ingest.files_fill", trades=len(trades), already_published=known)
+            else:
+                stored = await self.feed.publisher.client.get(self.position_key)
+                if stored:
+                    self._next_frame = min(int(stored), len(self._frames))
+                    log.info(
+                        "ingest.files_resumed", frame=self._next_frame, frames=len(self._frames)
+                    )
             self.loaded = True
             log.info(
                 "ingest.files_loaded",
@@ -149,7 +164,47 @@ class TickFileSource(Component):
             )
         if not self.done:
             await self._publish_paced(self._frames)
+            if self.fill_missing:
+                await self._mark_gaps_filled()
             self._finish()
+
+    def _days(self) -> dict[tuple[int, int], set[str]]:
+        """(start, end) in epoch ms of each New York day the files hold -> their symbols."""
+        days: dict[tuple[int, int], set[str]] = {}
+        for frame in self._frames or ():
+            bounds = day_bounds(frame[0].t)
+            days.setdefault(bounds, set()).update(trade.sym for trade in frame)
+        return days
+
+    async def _remember_days(self, trades: Sequence[TradeEvent]) -> int:
+        """Note every trade of the files' days already on the tick streams."""
+        known = 0
+        for (start, end), symbols in self._days().items():
+            known += await self.feed.remember_published(sorted(symbols), start, end - 1)
+        return known
+
+    async def _mark_gaps_filled(self) -> None:
+        """The files' days are whole now: their gaps (of the files' symbols) are filled."""
+        days = self._days()
+        client = self.feed.publisher.client
+        reader = StreamReader(client, self.feed.publisher.keys)
+        latest: dict[str, FeedGap] = {}
+        for _, payload in await reader.read(names.FEED_GAPS, 0, 1_000_000):
+            gap = DECODERS[FeedGap].decode(payload)
+            latest[gap.gapId] = gap
+        names_of_files = ", ".join(Path(f).name for f in self.files)
+        for gap in latest.values():
+            if gap.status == "backfilled":
+                continue
+            for (start, end), symbols in days.items():
+                inside = start <= gap.startMs < end and (not gap.endMs or gap.endMs < end)
+                covered = "*" in gap.symbols or set(gap.symbols) <= symbols
+                if inside and covered:
+                    filled = msgspec.structs.replace(
+                        gap, seq=0, status="backfilled", detail=f"filled from {names_of_files}"
+                    )
+                    await self.feed.publish([(names.FEED_GAPS, ENCODER.encode(filled))])
+                    log.info("ingest.gap_filled_from_files", gap=gap.gapId)
 
     async def _publish_paced(self, frames: list[list[TradeEvent]]) -> None:
         start = self._next_frame
@@ -193,7 +248,9 @@ class TickFileSource(Component):
             first_trade_ms = first_trade_ms or frame[0].t
         key = self.position_key
         await self.feed.publish(
-            records, first_trade_ms=first_trade_ms, also=lambda pipe: pipe.set(key, end)
+            records,
+            first_trade_ms=0 if self.fill_missing else first_trade_ms,
+            also=None if self.fill_missing else (lambda pipe: pipe.set(key, end)),
         )
         count = end - self._next_frame
         self._next_frame = end

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import cast
 
 import msgspec
@@ -33,7 +33,7 @@ from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.lifecycle import Component
 from libs.common.runtime.metrics import metrics_for
 from libs.common.runtime.retry import retry_async
-from libs.common.schemas import DECODERS, ENCODER, FeedGap, Progress
+from libs.common.schemas import DECODERS, ENCODER, TICK_BATCH_DECODER, FeedGap, Progress
 from services.ingest import protocol
 from services.ingest.ledger import SourceBook
 from services.ingest.protocol import Event, FrameSplit, TradeEvent
@@ -190,6 +190,32 @@ class FeedPublisher:
         self.book.feed_time_ms = self.book.published_time_ms = mark.feedTimeMs
         self.book.channels.update(mark.ticks)
         self.open_gap("ingest_start", detail="not reading between the last run and this one")
+
+    async def remember_published(self, symbols: Iterable[str], low_ms: int, high_ms: int) -> int:
+        """Read back the trades the tick streams hold with ``low_ms <= t <= high_ms`` and note
+        their identities, so that none is published twice (a process that restarted has not
+        seen them). Returns how many were read."""
+        reader = StreamReader(self.publisher.client, self.publisher.keys)
+        seen = 0
+        for symbol in symbols:
+            channel = names.channel(names.TICKS, symbol)
+            upto = await reader.last_seq(channel)
+            while upto > 0:
+                entries = await reader.read(channel, max(0, upto - 1_000), 1_000, upto)
+                if not entries:
+                    break
+                oldest = high_ms
+                for _, payload in entries:
+                    ticks = TICK_BATCH_DECODER.decode(payload).ticks
+                    kept = [t for t in ticks if low_ms <= t.t <= high_ms]
+                    self.book.remember(kept)
+                    seen += len(kept)
+                    if ticks:
+                        oldest = min(oldest, ticks[0].t)
+                if oldest < low_ms:
+                    break
+                upto = entries[0][0] - 1
+        return seen
 
     # -- publishing --------------------------------------------------------------------------
 
