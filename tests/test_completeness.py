@@ -94,6 +94,19 @@ def test_a_missing_or_different_bar_fails_only_its_path() -> None:
     assert whats[T0 + 2 * MINUTE_MS] == "redis bar differs"
 
 
+def test_bars_the_source_does_not_make_fail_both_paths() -> None:
+    """Both paths hold a bar for a minute where the source (ledger and Kafka ticks) has no
+    trade: they agree, and both are wrong."""
+    day = trades("SPY", 3)
+    bars = build_bars(day, "none")
+    ghost = msgspec.structs.replace(bars[-1], startMs=bars[-1].startMs + 5 * MINUTE_MS)
+    result, issues = judge(day, day, [*bars, ghost], [*bars, ghost])
+    assert result.minutes == 4 and result.redisComplete == result.kafkaComplete == 3
+    assert issues[0].startMs == ghost.startMs
+    assert "redis has a bar the source does not make" in issues[0].what
+    assert "kafka has a bar the source does not make" in issues[0].what
+
+
 def test_duplicate_trades_in_kafka_are_counted_and_not_double_counted() -> None:
     day = trades("SPY", 2)
     held = [*day, day[0], day[4]]

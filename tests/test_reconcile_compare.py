@@ -202,7 +202,8 @@ def test_vendor_check_compares_our_bars_with_the_vendor_aggregates() -> None:
 
 
 def _summary(day: str, pct: float | None, compared: int = 390) -> DaySummary:
-    return DaySummary(day, pct, compared, int(compared * (pct or 0) / 100), 0)
+    matched = int(compared * (pct or 0) / 100)
+    return DaySummary(day, pct, compared, matched, 0, completenessPct=100.0 if compared else None)
 
 
 def test_gate_ready_after_five_consecutive_trading_days_at_target() -> None:
@@ -248,6 +249,11 @@ def test_the_gate_needs_completeness_against_the_source_too() -> None:
     gate = evaluate_gate(DAY, summaries, days=5, target_pct=99.9)
     assert not gate.ready and gate.passing == 0
     assert any("completeness 91.000 % below 99.9 %" in reason for reason in gate.reasons)
+    # a day whose report did not judge completeness (no source read) proves nothing
+    summaries["2013-10-07"] = msgspec.structs.replace(summaries["2013-10-07"], completenessPct=None)
+    gate = evaluate_gate(DAY, summaries, days=5, target_pct=99.9)
+    assert not gate.ready
+    assert any("completeness against the source not judged" in r for r in gate.reasons)
 
 
 def test_every_copy_of_a_bar_is_compared_and_a_revision_going_back_is_flagged() -> None:

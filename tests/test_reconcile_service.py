@@ -16,15 +16,27 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
+from libs.common import names
 from libs.common.io.barstore import BarStore
 from libs.common.io.kafka_io import read_from_beginning
 from libs.common.io.redis_io import Publisher
+from libs.common.market.aggregator import build_bars
 from libs.common.market.sessions import bar_id, ny_epoch_ms, ts_et
 from libs.common.market.tickfiles import read_lean_minute_bars
 from libs.common.names import Keys
 from libs.common.runtime.clock import ManualClock
 from libs.common.runtime.settings import load_settings
-from libs.common.schemas import AggregateBatch, Bar, ParityReport, VendorAggregate, encode
+from libs.common.schemas import (
+    AggregateBatch,
+    Bar,
+    Ledger,
+    LedgerEntry,
+    ParityReport,
+    TickBatch,
+    Trade,
+    VendorAggregate,
+    encode,
+)
 from services.mirror.config import MirrorSettings
 from services.mirror.gauges import ParityGauges
 from services.mirror.reconciler import Reconciler, ScheduledReconciler
@@ -107,6 +119,47 @@ async def produce_bars(
         await producer.flush()
     finally:
         await producer.stop()
+
+
+async def publish_source(
+    client: aioredis.Redis, keys: Keys, kafka_bootstrap: str, trades: list[Trade]
+) -> list[Bar]:
+    """What ingest and the mirror would have written for ``trades``: the source ledger on
+    Redis and the ticks on Kafka. Returns the bars the policy ``none`` makes of them."""
+    entries: dict[tuple[str, int], list[int]] = {}
+    for trade in trades:
+        counts = entries.setdefault((trade.sym, trade.t - trade.t % 60_000), [0, 0])
+        counts[0] += 1
+        counts[1] += trade.s
+    ledger = Ledger(0, "ingest", [LedgerEntry(s, m, c[0], c[1]) for (s, m), c in entries.items()])
+    await Publisher(client, keys=keys).publish(names.LEDGER, ledger)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for seq, trade in enumerate(trades, 1):
+            batch = TickBatch(seq, trade.sym, [trade])
+            await producer.send(names.channel(names.TICKS, trade.sym), encode(batch))
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return build_bars(trades, "none")
+
+
+def synthetic_trades(symbol: str, day: date, minutes: int = 5) -> list[Trade]:
+    start = ny_epoch_ms(day, 9, 30)
+    return [
+        Trade(
+            symbol,
+            10.0 + m / 100 + n / 1000,
+            100 + n,
+            start + m * 60_000 + n * 7_000,
+            4,
+            (),
+            f"{m}.{n}",
+        )
+        for m in range(minutes)
+        for n in range(3)
+    ]
 
 
 async def publish_vendor(client: aioredis.Redis, keys: Keys, bars: list[Bar]) -> None:
@@ -260,12 +313,18 @@ async def test_a_disturbed_day_is_reported_kind_by_kind(
 async def test_five_trading_days_at_target_make_the_gate_ready(
     redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
 ) -> None:
-    settings = load_settings(MirrorSettings, env_for(redis_url, kafka_bootstrap, name))
+    """Five trading days at target in parity and in completeness against the source (ledger
+    and Kafka ticks) make the gate ready on the fifth, and not before."""
+    env = env_for(redis_url, kafka_bootstrap, name) | {"MIRROR_BARS_POLICY": "none"}
+    settings = load_settings(MirrorSettings, env)
     keys = Keys(settings.key_prefix)
     days = [date(2013, 10, 1) + timedelta(days=offset) for offset in range(7)]
     trading = [day for day in days if day.weekday() < 5]
+    symbol = f"G{name[-8:].upper()}"  # a tick topic of its own on the shared broker
     for day in trading:
-        bars = synthetic_bars("AAA", day, minutes=5)
+        bars = await publish_source(
+            redis_client, keys, kafka_bootstrap, synthetic_trades(symbol, day)
+        )
         await BarStore(redis_client, keys).put_many(bars)
         await produce_bars(kafka_bootstrap, lambda s: f"bars-{name}.{s}.1m", bars)
     registry = CollectorRegistry()

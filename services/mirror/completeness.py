@@ -48,7 +48,8 @@ class SymbolCompleteness(Struct):
     extraTrades: int = 0
     duplicateTrades: int = 0
     minutes: int = 0
-    """Symbol-minutes judged: with trades in the ledger or an expected bar, or in a gap."""
+    """Symbol-minutes judged: with trades in the ledger or on Kafka, an expected bar, a bar on
+    either path, or in a gap."""
     ticksComplete: int = 0
     redisComplete: int = 0
     kafkaComplete: int = 0
@@ -172,7 +173,9 @@ def judge_symbol(
         result.ledgerVolume += counts[1]
     for counts in kafka_ticks.values():
         result.kafkaTrades += counts[0]
-    minutes = sorted(set(ledger) | set(expected) | set(kafka_ticks) | gaps)
+    minutes = sorted(
+        set(ledger) | set(expected) | set(kafka_ticks) | gaps | set(redis_bars) | set(kafka_bars)
+    )
     for minute in minutes:
         if settled_before_ms is not None and minute + MINUTE_MS > settled_before_ms:
             result.pending += 1

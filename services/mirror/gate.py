@@ -92,7 +92,10 @@ def evaluate_gate(
             notes.append("no bars on either path on a trading day")
         elif pct is None or pct < target_pct:
             notes.append(f"parity below {target_pct:g} %")
-        if completeness is not None and completeness < target_pct:
+        if completeness is None:
+            if summary.compared:
+                notes.append("completeness against the source not judged")
+        elif completeness < target_pct:
             notes.append(f"completeness {completeness:.3f} % below {target_pct:g} %")
         window.append(
             GateDay(name, pct, summary.compared, not notes, "; ".join(notes), completeness)
