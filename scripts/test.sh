@@ -20,7 +20,7 @@ fi
 
 # Lint, layout and types first: cheap, and CI runs exactly this script.
 if [[ "${TICKMESH_SKIP_LINT:-0}" != "1" ]]; then
-    lint_paths=(libs services tests bench scripts deploy)
+    lint_paths=(libs services tests bench scripts deploy devstack)
     .venv/bin/python -m ruff check "${lint_paths[@]}"
     .venv/bin/python -m ruff format --check "${lint_paths[@]}"
     .venv/bin/python -m mypy
