@@ -12,6 +12,8 @@ inlines :func:`apply_trade` for the common codes (change the two together).
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 
 import msgspec
 
@@ -32,10 +34,33 @@ FORCED_OPEN_TIME = -(1 << 62)
 """``Minute.open_t`` once the opening auction print set the open: no trade can displace it."""
 
 
+@dataclass
+class BarCounters:
+    """What the aggregator did, for metrics and reports."""
+
+    trades_in: int = 0
+    trades_ignored_by_policy: int = 0
+    auction_prints_ignored: int = 0
+    late_revised: int = 0
+    late_dropped: int = 0
+    too_old_dropped: int = 0
+    bars_published: int = 0
+    revisions_published: int = 0
+    revisions_suppressed: int = 0
+    unpriced_minutes_folded: int = 0
+    unpriced_minutes_dropped: int = 0
+    unpriced_volume_dropped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return asdict(self)
+
+
 class Day:
     """One New York day of one symbol: its session and its closed minutes."""
 
     __slots__ = (
+        "changed",
         "close_ms",
         "closed",
         "closing_seen",
@@ -59,11 +84,54 @@ class Day:
         """The latest published version of each bar of the day, by minute start."""
         self.opening_seen = False
         self.closing_seen = False
+        self.changed: set[int] = set()
+        """Closed minutes changed (closed, or revised by a late trade) since ``take_changed``."""
 
     def close(self, acc: Minute) -> None:
         """Keep ``acc`` (not yet kept) among the day's closed minutes."""
         self.closed[acc.start] = acc
         insort(self.order, acc.start)
+        self.changed.add(acc.start)
+
+    def take_changed(self) -> list[list[float]]:
+        """The state of every closed minute changed since the last call
+        (:meth:`Minute.state`, with its published revision), and forget them."""
+        if not self.changed:
+            return []
+        published = self.published
+        out = []
+        for minute in sorted(self.changed):
+            bar = published.get(minute)
+            out.append(self.closed[minute].state(-1 if bar is None else bar.revision))
+        self.changed = set()
+        return out
+
+    def restore(
+        self,
+        symbol: str,
+        states: Iterable[Sequence[float]],
+        *,
+        fold: bool,
+        opening_seen: bool = False,
+        closing_seen: bool = False,
+    ) -> None:
+        """Take back closed minutes saved by :meth:`take_changed` (after a restart), with the
+        bars published of them, so that a late trade revises them as if nothing happened."""
+        self.opening_seen = self.opening_seen or opening_seen
+        self.closing_seen = self.closing_seen or closing_seen
+        revisions: dict[int, int] = {}
+        for state in states:
+            acc = Minute.from_state(state, self)
+            if acc.start in self.closed:
+                self.closed[acc.start] = acc
+            else:
+                self.close(acc)
+            revisions[acc.start] = int(state[11])
+        for minute, revision in revisions.items():
+            bar = self.bar(symbol, minute, fold) if revision >= 0 else None
+            if bar is not None:
+                self.published[minute] = with_revision(bar, revision)
+        self.changed = set()
 
     def priced_neighbours(self, minute: int) -> tuple[int | None, int | None]:
         """The nearest closed minutes before and after closed ``minute`` that have a price."""
@@ -172,6 +240,40 @@ class Minute:
         """Whether an open/close-eligible trade reached the minute (it has a bar)."""
         return self.close_t >= 0
 
+    def state(self, revision: int) -> list[float]:
+        """Everything the minute holds, as plain numbers (``revision``: of its bar, -1 when
+        none was published); :meth:`from_state` reads it back."""
+        return [
+            self.start,
+            self.open,
+            self.open_t,
+            self.high,
+            self.low,
+            self.close,
+            self.close_t,
+            self.volume,
+            self.pv,
+            self.pv_volume,
+            self.trades,
+            revision,
+        ]
+
+    @classmethod
+    def from_state(cls, state: Sequence[float], day: Day) -> Minute:
+        """The minute saved by :meth:`state`, in ``day``."""
+        acc = cls(int(state[0]), day)
+        acc.open = float(state[1])
+        acc.open_t = int(state[2])
+        acc.high = float(state[3])
+        acc.low = float(state[4])
+        acc.close = float(state[5])
+        acc.close_t = int(state[6])
+        acc.volume = int(state[7])
+        acc.pv = float(state[8])
+        acc.pv_volume = int(state[9])
+        acc.trades = int(state[10])
+        return acc
+
 
 def apply_trade(acc: Minute, tr: Trade, code: int) -> None:
     """One trade with classification ``code`` into ``acc`` (the slow path's version of the
@@ -227,6 +329,7 @@ def with_revision(bar: Bar, revision: int) -> Bar:
 __all__ = [
     "FORCED_OPEN_TIME",
     "NO_OPEN_TIME",
+    "BarCounters",
     "Day",
     "Minute",
     "apply_trade",

@@ -42,12 +42,18 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from datetime import timedelta
 from operator import attrgetter
 from typing import Literal
 
-from libs.common.market.accumulator import Day, Minute, apply_trade, same_bar, with_revision
+from libs.common.market.accumulator import (
+    BarCounters,
+    Day,
+    Minute,
+    apply_trade,
+    same_bar,
+    with_revision,
+)
 from libs.common.market.policies import (
     BY_EXCHANGE,
     CLOSING_AUCTION,
@@ -68,28 +74,6 @@ from libs.common.schemas import Bar, Trade
 LatePolicy = Literal["revise", "drop"]
 
 _SYMBOL = attrgetter("sym")
-
-
-@dataclass
-class BarCounters:
-    """What the aggregator did, for metrics and reports."""
-
-    trades_in: int = 0
-    trades_ignored_by_policy: int = 0
-    auction_prints_ignored: int = 0
-    late_revised: int = 0
-    late_dropped: int = 0
-    too_old_dropped: int = 0
-    bars_published: int = 0
-    revisions_published: int = 0
-    revisions_suppressed: int = 0
-    unpriced_minutes_folded: int = 0
-    unpriced_minutes_dropped: int = 0
-    unpriced_volume_dropped: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict."""
-        return asdict(self)
 
 
 # --- the aggregator ---------------------------------------------------------------------------
@@ -455,6 +439,7 @@ class BarAggregator:
             day = acc.day
             if acc.start not in day.closed:
                 day.close(acc)
+            day.changed.add(acc.start)
             self._dirty[(day.start, acc.start)] = None
 
     # -- closing and publishing --
@@ -534,6 +519,16 @@ class BarAggregator:
             self.counters.revisions_published += 1
         day.published[minute] = bar
         out.append(bar)
+
+    # -- persistence (a restart keeps the day's closed minutes) --
+
+    def retained_days(self) -> list[Day]:
+        """The days whose closed minutes are kept (for revisions), oldest first."""
+        return [self._days[start] for start in sorted(self._days)]
+
+    def day_for(self, minute: int) -> Day | None:
+        """The day of ``minute``, created if new (None: older than the current day)."""
+        return self._day_of(minute)
 
     # -- introspection --
 
