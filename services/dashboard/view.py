@@ -107,6 +107,7 @@ class View:
         self.trades: deque[ExecutedTrade] = deque(maxlen=trades_kept)
         self._trade_ids: set[str] = set()
         self.positions: dict[str, Position] = {}
+        self._position_seqs: dict[str, int] = {}
         self.portfolio: dict[str, dict[str, Portfolio]] = {}
         self.heartbeats: dict[str, Heartbeat] = {}
         self.progress: Progress | None = None
@@ -183,9 +184,9 @@ class View:
 
     def on_position(self, position: Position) -> list[Event]:
         """A position's state; a flat one leaves the table."""
-        old = self.positions.get(position.symbol)
-        if old is not None and old.seq > position.seq:
-            return []
+        if position.seq < self._position_seqs.get(position.symbol, 0):
+            return []  # older than what we showed (even a flat one that left the table)
+        self._position_seqs[position.symbol] = position.seq
         if position.shares == 0:
             if self.positions.pop(position.symbol, None) is None:
                 return []

@@ -73,8 +73,10 @@ class Assets:
     files: dict[str, tuple[bytes, str]]
 
     @classmethod
-    def load(cls, folder: Path = WEB_DIST) -> Assets:
-        """Read the bundle; ``BundleMissing`` names what is missing and how to build it."""
+    def load(cls, folder: Path | None = None) -> Assets:
+        """Read the bundle (from ``WEB_DIST`` by default); ``BundleMissing`` names what is
+        missing and how to build it."""
+        folder = WEB_DIST if folder is None else folder
         missing = [name for name, _ in ASSETS.values() if not (folder / name).is_file()]
         if missing:
             raise BundleMissing(
