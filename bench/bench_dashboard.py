@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,7 @@ def run(
         "TICKMESH_LOG_FORMAT": "json",
         "TICKMESH_HTTP_HOST": "127.0.0.1",
         "BRIDGE_STRATEGY": "golden_cross",
+        "BRIDGE_INPUT_START": "earliest",  # every bar of the run, whenever its channel appears
         "BRIDGE_GOLDEN_FAST_WINDOW": "3",
         "BRIDGE_GOLDEN_SLOW_WINDOW": "6",
         "PYTHONUNBUFFERED": "1",
@@ -182,8 +184,6 @@ def run(
 
 async def read_streams(port: int, count: int, symbols: list[str]) -> None:
     """``count`` event streams (each watching a symbol) until SIGTERM; prints what they got."""
-    import signal
-
     events = [0] * count
     received = [0] * count
 
@@ -228,6 +228,8 @@ def main() -> int:
         port, count, symbols = args.read_streams
         asyncio.run(read_streams(int(port), int(count), symbols.split(",")))
         return 0
+    # SIGTERM unwinds (the services and the streams' reader are stopped on the way out)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix="tickmesh-bench-dashboard-"))
     print(f"bench_dashboard: {args.symbols} symbols × {args.minutes} minutes; logs in {workdir}")
     with LocalStack(kafka=False) as stack:
