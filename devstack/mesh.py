@@ -428,8 +428,8 @@ class Mesh:
             if now != last:
                 last, quiet_since = now, time.monotonic()
 
-    def kafka_counts(self) -> dict[str, int]:
-        """Records per Kafka topic, read from the beginning up to now."""
+    def kafka_counts(self) -> dict[str, tuple[int, int]]:
+        """(records, distinct records) per Kafka topic, read from the beginning up to now."""
         return asyncio.run(count_topic_records(self._kafka_bootstrap()))
 
     def stop(self) -> None:
@@ -448,17 +448,23 @@ def _kafka_settings(bootstrap: str) -> CommonSettings:
     return CommonSettings(kafka_bootstrap=bootstrap)
 
 
-async def count_topic_records(bootstrap: str, topics: list[str] | None = None) -> dict[str, int]:
-    """Records per topic (every topic when ``topics`` is None), read from the beginning up to
-    now (a topic still being written, such as heartbeats, is not followed forever)."""
+async def count_topic_records(
+    bootstrap: str, topics: list[str] | None = None
+) -> dict[str, tuple[int, int]]:
+    """(records, distinct records) per topic (every topic when ``topics`` is None), read from
+    the beginning up to now (a topic still being written, such as heartbeats, is not followed
+    forever). A record whose key, headers and value equal an earlier one's in the same topic
+    is a copy (an at-least-once re-send), not a distinct record."""
     settings = _kafka_settings(bootstrap)
     if topics is None:
         topics = sorted(await list_topics(settings))
     counts = dict.fromkeys(topics, 0)
+    seen: dict[str, set[int]] = {topic: set() for topic in topics}
     async for chunk in read_from_beginning(settings, topics):
         for record in chunk:
             counts[record.topic] += 1
-    return counts
+            seen[record.topic].add(hash((record.key, tuple(record.headers), record.value)))
+    return {topic: (counts[topic], len(seen[topic])) for topic in topics}
 
 
 async def read_topic(bootstrap: str, topic: str) -> list[bytes]:

@@ -162,16 +162,19 @@ def print_summary(mesh: Mesh, elapsed_s: float) -> None:
     print(f"bars out (Redis)        {bars:10.0f}")
     print(f"bars out (Kafka shadow) {shadow:10.0f}")
     print(f"dead letters            {dead:10.0f}")
-    print("records per Kafka topic:")
-    groups: dict[str, int] = {}
-    for topic, count in counts.items():
+    print("records per Kafka topic (distinct, when copies were re-sent):")
+    groups: dict[str, list[int]] = {}
+    for topic, (count, distinct) in counts.items():
         key = topic
         for prefix in ("ticks.", "bars."):
             if topic.startswith(prefix):
                 key = f"{prefix}<SYM>" + (".1m" if topic.endswith(".1m") else "")
-        groups[key] = groups.get(key, 0) + count
-    for topic, count in sorted(groups.items()):
-        print(f"  {topic:<30} {count:10d}")
+        group = groups.setdefault(key, [0, 0])
+        group[0] += count
+        group[1] += distinct
+    for topic, (count, distinct) in sorted(groups.items()):
+        copies = f"  ({distinct} distinct)" if distinct != count else ""
+        print(f"  {topic:<30} {count:10d}{copies}")
 
 
 def print_reconcile(stack: LocalStack, day: str) -> None:
