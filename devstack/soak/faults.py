@@ -1,12 +1,17 @@
 """Injecting a soak's faults into the running mesh, and recording what each one did.
 
-``FaultRunner.run`` fires one planned fault and records when (wall time and the feed's time)
-and what it did right away: a restart and how long it took, how far the mirror fell behind a
-paused broker and how long it took to catch up, how long Redis was down. What a fault caused
-downstream (the feed gap it opened, the trades lost in it, the dead letters) is attributed
-after the day, from what the tally read in the fault's window (``attribute``). ``LogWatch``
-follows every service's JSON log for the events worth reporting: outages ridden out,
-supervisor restarts, errors.
+``FaultRunner.run`` fires one planned fault, once ingest is connected to the simulator (a
+fault on a feed nobody reads would prove nothing), and records when (wall time and the feed's
+time) and what it did right away: a restart and how long it took, how far the mirror fell
+behind a paused broker and how long it took to catch up, how long Redis was down and whether
+every service rode it out. A fault also waits until ingest has published the feed up to the
+previous fault's time, so that the effects of two faults never mix (ingest may run seconds
+behind the simulator on a busy day). What a fault caused downstream is attributed after the
+day (``attribute``): each feed gap to the last fault before it that opens gaps of its cause
+(a drop a lost connection, a kill of ingest an ingest start), with the source trades lost
+inside it; each dead letter to the malformed round before it; outages, supervisor restarts
+and backpressure from the logs of the fault's wall-time window. ``LogWatch`` follows every
+service's JSON log for those events.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ NOTABLE = frozenset(
         "ingest.gap_closed",
         "mirror.falling_behind",
         "mirror.caught_up",
+        "ingest.reader_paused",
+        "service.crashed",
     }
 )
 """Log events a soak keeps besides warnings and errors it does not know."""
@@ -65,6 +72,9 @@ class FaultRecord:
     details: dict[str, Any] = field(default_factory=dict)
     effects: list[str] = field(default_factory=list)
     ok: bool = True
+    """False when the fault could not be injected."""
+    harm: list[str] = field(default_factory=list)
+    """What the mesh did not come through (a service left down, the mirror not caught up)."""
 
     @property
     def label(self) -> str:
@@ -90,6 +100,7 @@ class FaultRecord:
             "details": self.details,
             "effects": self.effects,
             "ok": self.ok,
+            "harm": self.harm,
         }
 
 
@@ -161,8 +172,41 @@ class FaultRunner:
         self.tick = tick
         """The soak's background duties (tally, logs), run while a fault waits."""
 
-    def run(self, fault: PlannedFault, day: str, feed_ms: int) -> FaultRecord:
-        """Fire ``fault``; returns its record (``ok`` False when the fault itself failed)."""
+    def connected(self, timeout_s: float = 60.0) -> int:
+        """Wait until ingest has a subscribed session on the simulator; the feed time then."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.tick()
+            try:
+                status = self.mesh.simulator_status()
+                if any(s["authed"] and s["subscriptions"] for s in status["sessions"]):
+                    return int(status.get("feedTimeMs") or 0)
+            except (OSError, RuntimeError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ingest not connected to the simulator after {timeout_s:g} s")
+            time.sleep(0.1)
+
+    def caught_up(self, feed_ms: int, timeout_s: float = 60.0) -> None:
+        """Wait until ingest has published the feed up to ``feed_ms``."""
+        deadline = time.monotonic() + timeout_s
+        ingest = self.mesh.services["ingest"]
+        while ingest.metric_sum("tickmesh_ingest_feed_time_seconds") * 1000 < feed_ms:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ingest not past {ts_et(feed_ms)} after {timeout_s:g} s")
+            self.tick()
+            time.sleep(0.1)
+
+    def run(self, fault: PlannedFault, day: str, feed_ms: int, previous_ms: int = 0) -> FaultRecord:
+        """Fire ``fault`` once ingest is connected and has published the feed up to
+        ``previous_ms`` (the previous fault's feed time); returns its record (``ok`` False
+        when the fault could not be injected)."""
+        try:
+            if previous_ms:
+                self.caught_up(previous_ms)
+            feed_ms = self.connected() or feed_ms
+        except TimeoutError:
+            pass  # fired anyway; the record shows what it reached
         record = FaultRecord(
             day,
             fault.kind.value,
@@ -225,7 +269,7 @@ class FaultRunner:
             + (f"caught up {caught_up:.1f} s after" if caught_up is not None else "NOT caught up")
         )
         if caught_up is None:
-            record.ok = False
+            record.harm.append("the mirror did not catch up within 180 s")
 
     def _redis_restart(self, fault: PlannedFault, record: FaultRecord) -> None:
         started = time.monotonic()
@@ -234,22 +278,25 @@ class FaultRunner:
         self._wait(3.0)
         down_services = self.mesh.down()
         record.details.update({"downS": round(down, 2), "servicesDown": down_services})
-        record.effects.append(
-            f"redis-server stopped and started (AOF), down {down:.1f} s"
-            + (f"; DOWN after it: {', '.join(down_services)}" if down_services else "")
-        )
-        if down_services:
-            record.ok = False
+        record.effects.append(f"redis-server stopped and started (AOF), down {down:.1f} s")
+        for name in down_services:
+            process = self.mesh.services[name].process
+            code = process.returncode if process is not None else None
+            record.harm.append(f"{name} exited (code {code}) instead of riding it out")
 
     def _drop(self, fault: PlannedFault, record: FaultRecord) -> None:
         answer = self.mesh.simulator_control("inject?fault=drop&count=1")
         record.details["sessions"] = answer.get("sessions")
-        record.effects.append(f"WebSocket cut ({answer.get('sessions')} session)")
+        if not answer.get("sessions"):
+            raise RuntimeError("no session to drop")
+        record.effects.append("WebSocket cut")
 
     def _malformed(self, fault: PlannedFault, record: FaultRecord) -> None:
         rounds = self.options.malformed_rounds
         answer = self.mesh.simulator_control(f"inject?fault=malformed&count={rounds}")
         record.details.update({"rounds": rounds, "sessions": answer.get("sessions")})
+        if not answer.get("sessions"):
+            raise RuntimeError("no session to send malformed frames to")
         record.effects.append(f"{rounds} malformed round(s) sent")
 
     def _burst(self, fault: PlannedFault, record: FaultRecord) -> None:
@@ -271,6 +318,15 @@ class FaultRunner:
         )
 
 
+GAP_CAUSES = {
+    "connection_lost": ("drop",),
+    "closed": ("drop",),
+    "ingest_start": ("kill ingest",),
+    "slow_consumer": ("burst", "broker_pause", "redis_restart"),
+}
+"""The faults that open a gap of each cause (a slow consumer: the simulator cut ingest off)."""
+
+
 def attribute(
     records: list[FaultRecord],
     tally: RedisTally,
@@ -278,49 +334,79 @@ def attribute(
     losses: Losses,
     day_start_ms: int,
     day_end_ms: int,
+    *,
+    slack_ms: int = 1_000,
 ) -> list[str]:
-    """Add to each record of a day what followed it until the next fault: gaps opened (and the
-    source trades lost inside them), dead letters, outages ridden out, supervisor restarts.
-    Returns what followed no fault (gaps, errors)."""
+    """Add to each record of a day what it caused (see the module docstring). Returns what no
+    fault explains: a gap with no fault of its cause before it, dead letters before any
+    malformed round."""
     unexplained: list[str] = []
-    starts = [record.wall_ms - 500 for record in records]
-    windows = list(zip(starts, [*starts[1:], day_end_ms], strict=True))
-    if not records or day_start_ms < starts[0]:
-        for gap in tally.gaps_opened_between(day_start_ms, starts[0] if records else day_end_ms):
+    for gap in tally.gaps_opened_between(day_start_ms, day_end_ms):
+        kinds = GAP_CAUSES.get(gap.cause, ())
+        before = [r for r in records if r.label in kinds and r.wall_ms - slack_ms <= gap.openedAtMs]
+        if not before:
             unexplained.append(f"gap {gap.cause} opened with no fault: {_gap_text(gap, losses)}")
+            continue
+        nearest = before[-1]
+        nearest.effects.append(f"gap {gap.cause} {_gap_text(gap, losses)}")
+        nearest.details.setdefault("gaps", []).append(gap.gapId)
+        length = f"{(gap.endMs - gap.startMs) / 60_000:.1f} min" if gap.endMs else "still open"
+        lost = losses.by_gap.get(gap.gapId, 0)
+        nearest.details.setdefault("gapNotes", []).append(
+            f"gap {gap.cause} {length}, {lost:,} lost"
+        )
+    rounds = [record for record in records if record.kind == "malformed"]
+    stray = 0
+    for letter in tally.letters_between(day_start_ms, day_end_ms):
+        before = [r for r in rounds if r.wall_ms - 1_000 <= letter.tsMs]
+        if before:
+            record = before[-1]
+            record.details["deadLetters"] = record.details.get("deadLetters", 0) + 1
+        else:
+            stray += 1
+    for record in rounds:
+        record.effects.append(f"{record.details.get('deadLetters', 0)} dead letters")
+    if stray:
+        unexplained.append(f"{stray} dead letters before any malformed round")
+    starts = [record.wall_ms - 500 for record in records]
+    windows = zip(starts, [*starts[1:], day_end_ms], strict=True)
     for record, (start, end) in zip(records, windows, strict=True):
-        for gap in tally.gaps_opened_between(start, end):
-            record.effects.append(f"gap {gap.cause} {_gap_text(gap, losses)}")
-            record.details.setdefault("gaps", []).append(gap.gapId)
-            minutes = (gap.endMs - gap.startMs) / 60_000 if gap.endMs else 0
-            lost = losses.by_gap.get(gap.gapId, 0)
-            record.details.setdefault("gapNotes", []).append(
-                f"gap {gap.cause} {minutes:.1f} min, {lost:,} lost"
-            )
-        letters = tally.letters_between(start, end)
-        if letters:
-            record.effects.append(f"{len(letters)} dead letters")
-            record.details["deadLetters"] = len(letters)
-        outages: dict[str, set[str]] = {}
-        restarts: dict[str, int] = {}
-        for event in logs.between(start, end):
-            name = event.get("event")
-            if name == "supervisor.dependency_down":
-                outages.setdefault(str(event.get("dependency")), set()).add(event["_service"])
-            elif name == "supervisor.restarting":
-                restarts[event["_service"]] = restarts.get(event["_service"], 0) + 1
-        for dependency, services in sorted(outages.items()):
-            record.effects.append(
-                f"{dependency} outage ridden out by {', '.join(sorted(services))}"
-            )
-        for service, count in sorted(restarts.items()):
-            record.effects.append(f"{service}: {count} supervisor restart(s)")
+        _log_effects(record, logs.between(start, end))
     return unexplained
+
+
+def _log_effects(record: FaultRecord, events: list[dict[str, Any]]) -> None:
+    outages: dict[str, set[str]] = {}
+    restarts: dict[str, int] = {}
+    paused = crashed = 0
+    behind = 0
+    for event in events:
+        name = event.get("event")
+        service = event["_service"]
+        if name == "supervisor.dependency_down":
+            outages.setdefault(str(event.get("dependency")), set()).add(service)
+        elif name == "supervisor.restarting":
+            restarts[service] = restarts.get(service, 0) + 1
+        elif name == "ingest.reader_paused":
+            paused += 1
+        elif name == "mirror.falling_behind":
+            behind = max(behind, int(event.get("lag_records") or 0))
+        elif name == "service.crashed":
+            crashed += 1
+            record.effects.append(f"{service} crashed: {event.get('error')}")
+    for dependency, services in sorted(outages.items()):
+        record.effects.append(f"{dependency} outage ridden out by {', '.join(sorted(services))}")
+    for service, count in sorted(restarts.items()):
+        record.effects.append(f"{service}: {count} supervisor restart(s)")
+    if paused:
+        record.effects.append(f"ingest's reader paused {paused}x (queue full: TCP backpressure)")
+    if behind:
+        record.effects.append(f"mirror fell behind (lag {behind:,} records), caught up")
 
 
 def _gap_text(gap: FeedGap, losses: Losses) -> str:
     start = ts_et(gap.startMs)[11:19]
     end = ts_et(gap.endMs)[11:19] if gap.endMs else "open"
-    minutes = (gap.endMs - gap.startMs) / 60_000 if gap.endMs else 0
+    length = f"{(gap.endMs - gap.startMs) / 60_000:.1f} feed min, " if gap.endMs else ""
     lost = losses.by_gap.get(gap.gapId, 0)
-    return f"{start}–{end} ET ({minutes:.1f} feed min, {gap.status}), {lost:,} source trades lost"
+    return f"{start}–{end} ET ({length}{gap.status}), {lost:,} source trades lost"

@@ -39,6 +39,8 @@ class DayRow:
     """Unique trades in Kafka the files lack (the good trades of malformed rounds)."""
     duplicates: int = 0
     """Copies of a trade in Kafka beyond the first (consumers drop them by identity)."""
+    bar_duplicates: int = 0
+    """Copies of a bar in the Kafka bars topics beyond the first (the reconciler's)."""
     dead_letters: int = 0
     parity_pct: float | None = None
     ticks_pct: float | None = None
@@ -56,6 +58,8 @@ class DayRow:
     exited_on_their_own: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    load_max: float = 0.0
+    """The machine's highest 1-minute load average seen during the day."""
 
     @property
     def passed(self) -> bool:
@@ -102,7 +106,9 @@ class DayRow:
             reasons.append(f"exited on their own: {', '.join(self.exited_on_their_own)}")
         failed = [record.label for record in self.faults if not record.ok]
         if failed:
-            reasons.append(f"faults that failed: {', '.join(failed)}")
+            reasons.append(f"faults not injected: {', '.join(failed)}")
+        for record in self.faults:
+            reasons.extend(f"after {record.label}: {harm}" for harm in record.harm)
         self.reasons = reasons
 
     def as_dict(self) -> dict[str, Any]:
@@ -146,21 +152,23 @@ def _cell(value: float | None) -> str:
 
 def _fault_cell(record: FaultRecord) -> str:
     notes = list(record.details.get("gapNotes", []))
-    if "deadLetters" in record.details:
-        notes.append(f"{record.details['deadLetters']} DL")
+    if record.kind == "malformed":
+        notes.append(f"{record.details.get('deadLetters', 0)} DL")
     if "restartS" in record.details:
         notes.append(f"up in {record.details['restartS']:.1f} s")
     if "catchUpS" in record.details:
         notes.append(f"caught up {record.details['catchUpS']:.0f} s")
     if "downS" in record.details:
         notes.append(f"down {record.details['downS']:.1f} s")
+    notes.extend(record.harm)
     if not record.ok:
-        notes.append("FAILED")
+        notes.append("NOT INJECTED")
     return record.label + (f" ({'; '.join(notes)})" if notes else "")
 
 
 HEADER = (
-    "| day | source | ledger | Redis | Kafka | missing (in gap) | dup | DL | parity % | ticks % "
+    "| day | source | ledger | Redis | Kafka | missing (in gap) | dup trades/bars | DL "
+    "| parity % | ticks % "
     "| Redis bars % | Kafka bars % | vendor % | gap min | outside gaps % | faults | verdict |"
 )
 
@@ -171,7 +179,8 @@ def markdown_row(row: DayRow) -> str:
     faults = "; ".join(_fault_cell(record) for record in row.faults) or "none"
     return (
         f"| {source} | {row.source:,} | {row.ledger:,} | {row.redis:,} | {row.kafka:,} "
-        f"| {row.missing:,} ({row.missing_in_gap:,}) | {row.duplicates:,} | {row.dead_letters:,} "
+        f"| {row.missing:,} ({row.missing_in_gap:,}) | {row.duplicates:,}/{row.bar_duplicates:,} "
+        f"| {row.dead_letters:,} "
         f"| {_cell(row.parity_pct)} | {_cell(row.ticks_pct)} | {_cell(row.redis_pct)} "
         f"| {_cell(row.kafka_pct)} | {_cell(row.vendor_pct)} | {row.gap_minutes:,} "
         f"| {_cell(row.outside_gaps_worst)} | {faults} | {row.verdict} |"
@@ -185,6 +194,10 @@ def to_markdown(rows: list[DayRow], gate: Gate | None, problems: list[str]) -> s
     lines.append("")
     lines.append("Faults and what they did:")
     for row in rows:
+        lines.append(
+            f"- {row.day}: {row.seconds:.0f} s, {row.gaps} feed gap(s), machine load up to "
+            f"{row.load_max:.1f} (1-min average, 2 cores)"
+        )
         for record in row.faults:
             lines.append(f"- {row.day} {record.summary()}")
         for note in row.unexplained:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -86,6 +87,7 @@ class Soak:
         self._mesh: Mesh | None = None
         self._tally: RedisTally | None = None
         self._logs: LogWatch | None = None
+        self.load_max = 0.0
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -140,6 +142,7 @@ class Soak:
 
     def tick(self) -> None:
         """Background duties, run every loop and while a fault waits."""
+        self.load_max = max(self.load_max, os.getloadavg()[0])
         if self._tally is not None:
             self._tally.poll()
         if self._logs is not None:
@@ -172,6 +175,7 @@ class Soak:
         day = plan.day.as_of.isoformat()
         started_ms, started = now_ms(), time.monotonic()
         self.exited = []
+        self.load_max = 0.0
         pending = list(plan.faults)
         records: list[FaultRecord] = []
         deadline = time.monotonic() + 3_600
@@ -190,7 +194,8 @@ class Soak:
                 feed_ms = int(status.get("feedTimeMs") or 0)
                 if feed_ms >= pending[0].at_ms:
                     fault = pending.pop(0)
-                    record = runner.run(fault, day, feed_ms)
+                    previous_ms = records[-1].feed_ms if records else 0
+                    record = runner.run(fault, day, feed_ms, previous_ms)
                     records.append(record)
                     self.say(f"soak: {day} {record.summary()}")
                     continue
@@ -260,6 +265,7 @@ class Soak:
         row.source = len(source)
         fill_completeness(row, report.completeness)
         row.parity_pct = report.parity.totals.parityPct
+        row.bar_duplicates = report.parity.totals.duplicates
         row.vendor_pct = report.vendor.totals.parityPct if report.vendor is not None else None
         day_tally = tally.day(plan.day.as_of)
         row.redis = day_tally.trades
@@ -283,6 +289,7 @@ class Soak:
         row.services_down = mesh.down()
         row.exited_on_their_own = list(self.exited)
         row.seconds = round(time.monotonic() - started, 1)
+        row.load_max = round(self.load_max, 2)
         row.judge(options.target_pct, strict_gaps=options.strict_gaps)
         return row
 
@@ -295,14 +302,41 @@ class Soak:
                 f"{tally.trimmed:,} tick records trimmed from Redis before the tally read them"
             )
         if logs is not None:
-            counts: dict[tuple[str, str, str], int] = {}
-            for event in logs.events:
-                if event.get("level") in ("error", "critical"):
-                    key = (event["_service"], str(event.get("level")), str(event.get("event")))
-                    counts[key] = counts.get(key, 0) + 1
-            for (service, level, name), count in sorted(counts.items()):
-                found.append(f"{service}: {count} {level} log line(s) {name!r}")
+            found.extend(error_lines(logs.events))
         return found
+
+
+def error_lines(events: list[dict[str, Any]]) -> list[str]:
+    """Error and critical log lines, counted per service and event; an actor failure within
+    2 s of its service's supervisor noting a dependency down or back (an outage it rode out)
+    is counted apart."""
+    outage_marks: dict[str, list[int]] = {}
+    for event in events:
+        if event.get("event") in ("supervisor.dependency_down", "supervisor.dependency_back"):
+            outage_marks.setdefault(event["_service"], []).append(event["_ms"])
+    counts: dict[tuple[str, str, str], int] = {}
+    ridden: dict[str, int] = {}
+    for event in events:
+        if event.get("level") not in ("error", "critical"):
+            continue
+        service = event["_service"]
+        if event.get("event") == "actor.failed" and any(
+            abs(mark - event["_ms"]) <= 2_000 for mark in outage_marks.get(service, ())
+        ):
+            ridden[service] = ridden.get(service, 0) + 1
+            continue
+        key = (service, str(event.get("level")), str(event.get("event")))
+        counts[key] = counts.get(key, 0) + 1
+    found = [
+        f"{service}: {count} {level} log line(s) {name!r}"
+        for (service, level, name), count in sorted(counts.items())
+    ]
+    if ridden:
+        found.append(
+            "actor failures ridden out as dependency outages (expected): "
+            + ", ".join(f"{service} {count}" for service, count in sorted(ridden.items()))
+        )
+    return found
 
 
 def result_json(result: SoakResult, options: SoakOptions) -> dict[str, Any]:
