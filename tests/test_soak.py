@@ -173,3 +173,34 @@ def test_a_week_of_five_days_with_every_fault(shared_data: Path, tmp_path: Path)
         assert not day["services_down"], output
         assert day["parity_pct"] is not None and day["parity_pct"] >= 99.9, output
     assert code == (0 if all(day["passed"] for day in days) else 1), output
+
+
+def test_gaps_go_to_the_fault_of_their_cause_and_a_session_the_simulator_closed_is_named() -> None:
+    from types import SimpleNamespace
+
+    from devstack.soak.faults import FaultRecord, LogWatch, attribute
+    from devstack.soak.observe import Losses, RedisTally
+    from libs.common.schemas import DeadLetter
+
+    tally = RedisTally("redis://127.0.0.1:1/0", [])  # never connects: fed by hand
+    logs = LogWatch(SimpleNamespace(services={}, simulator=None))  # type: ignore[arg-type]
+    drop = FaultRecord("2013-10-07", "drop", "", "10:00:00", 10_000, 1_000)
+    kill = FaultRecord("2013-10-07", "kill", "ingest", "12:00:00", 20_000, 2_000)
+    malformed = FaultRecord("2013-10-07", "malformed", "", "13:00:00", 30_000, 3_000)
+    gaps = [
+        FeedGap(1, "a", "ingest", "connection_lost", ["*"], 900, 1_500, "closed", 10_400),
+        FeedGap(2, "b", "ingest", "ingest_start", ["*"], 1_800, 2_600, "closed", 23_000),
+        FeedGap(3, "c", "ingest", "connection_lost", ["*"], 2_700, 2_900, "closed", 29_000),
+    ]
+    tally.gaps = {gap.gapId: gap for gap in gaps}
+    tally.dead_letters = [DeadLetter(0, "ws", "bad", b"", ms) for ms in (30_100, 30_200)]
+    logs.events = [
+        {"event": "simulator.disconnected", "code": 1011, "_service": "simulator", "_ms": 28_500}
+    ]
+    losses = Losses(by_gap={"a": 7, "b": 9, "c": 4})
+    unexplained = attribute([drop, kill, malformed], tally, logs, losses, 0, 40_000)
+    assert drop.details["gaps"] == ["a"] and kill.details["gaps"] == ["b"]
+    assert malformed.details["deadLetters"] == 2
+    (note,) = unexplained
+    assert note.startswith("gap connection_lost opened with no fault")
+    assert "with code 1011 (keepalive ping timeout)" in note and "4 source trades lost" in note

@@ -42,6 +42,8 @@ NOTABLE = frozenset(
         "mirror.caught_up",
         "ingest.reader_paused",
         "service.crashed",
+        "simulator.disconnected",
+        "simulator.slow_consumer",
     }
 )
 """Log events a soak keeps besides warnings and errors it does not know."""
@@ -113,8 +115,11 @@ class LogWatch:
         self.events: list[dict[str, Any]] = []
 
     def poll(self) -> None:
-        """Read what the logs gained since the last poll."""
-        for name, service in self.mesh.services.items():
+        """Read what the logs gained since the last poll (the simulator's too)."""
+        processes = dict(self.mesh.services)
+        if self.mesh.simulator is not None:
+            processes["simulator"] = self.mesh.simulator
+        for name, service in processes.items():
             path = service.log_path
             try:
                 with path.open("rb") as log_file:
@@ -334,18 +339,24 @@ def attribute(
     losses: Losses,
     day_start_ms: int,
     day_end_ms: int,
-    *,
-    slack_ms: int = 1_000,
 ) -> list[str]:
     """Add to each record of a day what it caused (see the module docstring). Returns what no
-    fault explains: a gap with no fault of its cause before it, dead letters before any
-    malformed round."""
+    fault explains: a gap with no fault of its cause before it (with the simulator's reason
+    for closing the session when its log has one), dead letters before any malformed round."""
     unexplained: list[str] = []
     for gap in tally.gaps_opened_between(day_start_ms, day_end_ms):
         kinds = GAP_CAUSES.get(gap.cause, ())
-        before = [r for r in records if r.label in kinds and r.wall_ms - slack_ms <= gap.openedAtMs]
+        # the soak notes a fault's wall time before injecting it: its gap opens later
+        before = [r for r in records if r.label in kinds and r.wall_ms < gap.openedAtMs]
+        # ... and before any other gap of the same cause (that one is the fault's)
+        if before and _opened_since(tally, gap, before[-1].wall_ms):
+            before = []
         if not before:
-            unexplained.append(f"gap {gap.cause} opened with no fault: {_gap_text(gap, losses)}")
+            why = _session_end(logs, day_start_ms, gap.openedAtMs)
+            unexplained.append(
+                f"gap {gap.cause} opened with no fault: {_gap_text(gap, losses)}"
+                + (f"; {why}" if why else "")
+            )
             continue
         nearest = before[-1]
         nearest.effects.append(f"gap {gap.cause} {_gap_text(gap, losses)}")
@@ -373,6 +384,38 @@ def attribute(
     for record, (start, end) in zip(records, windows, strict=True):
         _log_effects(record, logs.between(start, end))
     return unexplained
+
+
+def _opened_since(tally: RedisTally, gap: FeedGap, since_ms: int) -> bool:
+    """Whether another gap of ``gap``'s cause opened between ``since_ms`` and ``gap``."""
+    return any(
+        other.gapId != gap.gapId
+        and other.cause == gap.cause
+        and since_ms < other.openedAtMs < gap.openedAtMs
+        for other in tally.gaps.values()
+    )
+
+
+CLOSE_CODES = {1006: "cut without a close frame", 1011: "keepalive ping timeout"}
+
+
+def _session_end(logs: LogWatch, start_ms: int, end_ms: int) -> str:
+    """How the simulator last closed a session before ``end_ms``, from its log."""
+    ends = [
+        event
+        for event in logs.between(start_ms, end_ms)
+        if event.get("event") in ("simulator.disconnected", "simulator.slow_consumer")
+    ]
+    if not ends:
+        return ""
+    last = ends[-1]
+    if last.get("event") == "simulator.slow_consumer":
+        return f"the simulator cut ingest off as a slow consumer at {wall_text(last['_ms'])}"
+    code = last.get("code")
+    reason = CLOSE_CODES.get(code, "") if isinstance(code, int) else ""
+    return f"the simulator closed ingest's session at {wall_text(last['_ms'])} with code {code}" + (
+        f" ({reason})" if reason else ""
+    )
 
 
 def _log_effects(record: FaultRecord, events: list[dict[str, Any]]) -> None:

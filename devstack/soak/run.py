@@ -35,7 +35,7 @@ from libs.common.market.sessions import ts_et
 from libs.common.runtime.settings import load_settings
 from services.mirror.config import MirrorSettings
 from services.mirror.reconciler import Reconciler
-from services.mirror.report import DayReport, Gate
+from services.mirror.report import DayReport, Gate, to_json
 from services.mirror.sides import DaySides, SideReader
 
 T = TypeVar("T")
@@ -133,6 +133,9 @@ class Soak:
                     self.say(f"soak: {markdown_row(row)}")
                     if plan.index + 1 < len(self.plans):
                         mesh.release_next_day()
+                self.result.problems.extend(
+                    f"{row.day}: {note}" for row in self.result.rows for note in row.unexplained
+                )
                 self.result.problems.extend(self.problems())
             finally:
                 mesh.stop()
@@ -210,6 +213,9 @@ class Soak:
         self.tick()
         ended_ms = now_ms()
         report, sides = asyncio.run(self.reconcile(plan.day.as_of))
+        reports = self.workdir / "reports"
+        reports.mkdir(exist_ok=True)
+        (reports / f"{day}.json").write_bytes(to_json(report))
         return self._row(plan, records, report, sides, started_ms, ended_ms, started), report
 
     def _settle(self) -> None:
