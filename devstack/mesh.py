@@ -40,6 +40,12 @@ class MeshOptions:
     workdir: Path
     data_dir: Path | None = None
     day: str | None = None
+    days: list[str] | None = None
+    """Several days on one connection instead of ``day``: ``SOURCE[:AS_OF]`` each (the
+    simulator's ``--days``)."""
+    day_pause_s: float = 3.0
+    hold_between_days: bool = False
+    """After each day (and its pause) the simulator waits for ``release_next_day``."""
     symbols: list[str] = field(default_factory=lambda: ["SPY", "IBM", "AIG", "BAC"])
     speed: float = 0.0
     synthetic_symbols: int = 20
@@ -283,14 +289,14 @@ class Mesh:
             str(options.speed),
         ]
         if options.data_dir is not None:
-            args += [
-                "--data",
-                str(options.data_dir),
-                "--date",
-                str(options.day),
-                "--symbols",
-                ",".join(options.symbols),
-            ]
+            args += ["--data", str(options.data_dir), "--symbols", ",".join(options.symbols)]
+            if options.days:
+                args += ["--days", ",".join(options.days)]
+                args += ["--day-pause-s", str(options.day_pause_s)]
+                if options.hold_between_days:
+                    args.append("--hold-between-days")
+            else:
+                args += ["--date", str(options.day)]
         else:
             args += [
                 "--synthetic-symbols",
@@ -354,6 +360,25 @@ class Mesh:
         dashboard = self.services.get("dashboard")
         return f"http://127.0.0.1:{dashboard.http_port}/" if dashboard is not None else None
 
+    def kill(self, name: str) -> None:
+        """SIGKILL one service (no drain, no flush, no last commit)."""
+        self.services[name].kill()
+
+    def restart(self, name: str, timeout_s: float = 60.0) -> float:
+        """Start a stopped or killed service again (same settings, same port, log appended)
+        and wait until it is ready; returns the seconds it took."""
+        started = time.monotonic()
+        service = self.services[name]
+        if service.alive():
+            service.stop()
+        service.start()
+        self.wait_ready([name], timeout_s=timeout_s)
+        return time.monotonic() - started
+
+    def down(self) -> list[str]:
+        """The services that are not running."""
+        return [name for name, service in self.services.items() if not service.alive()]
+
     def check_alive(self) -> None:
         """Raise ``ProcessExited`` with the log tail when a service has died."""
         for service in self.services.values():
@@ -373,8 +398,17 @@ class Mesh:
             time.sleep(0.2)
 
     def simulator_status(self) -> dict[str, Any]:
-        """The simulator's ``/control/status`` (its counters, ``feedDone``)."""
-        return control_remote("127.0.0.1", self.simulator_port, "status", SIM_KEY)
+        """The simulator's ``/control/status`` (its counters, ``feedDone``, the day it sends
+        and the days done)."""
+        return self.simulator_control("status")
+
+    def simulator_control(self, path: str) -> dict[str, Any]:
+        """``GET /control/<path>`` on the simulator (``inject?fault=drop``, ``burst?...``)."""
+        return control_remote("127.0.0.1", self.simulator_port, path, SIM_KEY)
+
+    def release_next_day(self) -> None:
+        """Let the simulator start its next day (``hold_between_days``)."""
+        self.simulator_control("release")
 
     def wait_feed_done(self, timeout_s: float) -> None:
         """Wait for the simulator to have sent its whole feed (it keeps serving, as Polygon's

@@ -27,6 +27,7 @@ from services.ingest.simulator.settings import (
     KEY_ENV,
     Fault,
     FileFeed,
+    ReplayDay,
     SimulatorSettings,
     SyntheticFeed,
 )
@@ -83,6 +84,24 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         help="directory holding tick/<sym>/<yyyymmdd>_trade.zip (searched recursively)",
     )
     files.add_argument("--date", default=None, help="day to replay, YYYY-MM-DD")
+    files.add_argument(
+        "--days",
+        default=None,
+        help="days to replay one after the other on the same connections, instead of --date: "
+        "SOURCE[:AS_OF],... e.g. 2013-10-07,2013-10-07:2013-10-10 (the trades of SOURCE sent "
+        "as AS_OF, each at its New York time of day)",
+    )
+    files.add_argument(
+        "--day-pause-s",
+        type=float,
+        default=3.0,
+        help="quiet time between two days of --days (default %(default)s)",
+    )
+    files.add_argument(
+        "--hold-between-days",
+        action="store_true",
+        help="after a day's pause, wait for GET /control/release before the next day",
+    )
     files.add_argument("--symbols", default=None, help="symbols to replay, e.g. SPY,IBM")
     files.add_argument(
         "--speed", type=float, default=1.0, help="1 real time, 0 as fast as possible"
@@ -104,14 +123,25 @@ def settings_from_args(
     key = args.key or environ.get(KEY_ENV) or DEFAULT_KEY
     feed: SyntheticFeed | FileFeed
     if args.synthetic_symbols is not None:
-        if args.symbols or args.date:
-            raise ValueError("choose one feed: --synthetic-symbols or --date/--symbols")
+        if args.symbols or args.date or args.days:
+            raise ValueError("choose one feed: --synthetic-symbols or --date/--days/--symbols")
         feed = SyntheticFeed(symbols=args.synthetic_symbols, rate_per_s=args.rate, seed=args.seed)
-    elif args.symbols or args.date:
-        if not (args.symbols and args.date):
-            raise ValueError("a tick-file feed needs both --date and --symbols")
+    elif args.symbols or args.date or args.days:
+        if args.date and args.days:
+            raise ValueError("choose --date (one day) or --days (several)")
+        if not (args.symbols and (args.date or args.days)):
+            raise ValueError("a tick-file feed needs both --date and --symbols (or --days)")
         symbols = tuple(s.strip().upper() for s in args.symbols.split(",") if s.strip())
-        feed = FileFeed(args.data, parse_day(args.date), symbols, args.speed)
+        days = tuple(ReplayDay.parse(text) for text in (args.days or "").split(",") if text.strip())
+        feed = FileFeed(
+            args.data,
+            days[0].source if days else parse_day(args.date),
+            symbols,
+            args.speed,
+            days=days,
+            day_pause_s=args.day_pause_s,
+            hold_between_days=args.hold_between_days,
+        )
     else:
         feed = SyntheticFeed(rate_per_s=args.rate, seed=args.seed)
     return SimulatorSettings(

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import date
 from pathlib import Path
 
+import msgspec
 import structlog
 
 from libs.common.market.sessions import MINUTE_MS
@@ -29,6 +30,7 @@ from services.ingest.simulator.settings import (
     ODD_LOT,
     SYNTHETIC_EXCHANGES,
     FileFeed,
+    ReplayDay,
     SyntheticFeed,
 )
 
@@ -107,31 +109,50 @@ def find_tick_file(data_dir: Path, symbol: str, day: date) -> Path:
     return found[0]
 
 
-def load_day_trades(feed: FileFeed) -> list[TradeEvent]:
-    """Read ``feed``'s symbols for its day and merge them in time order (stable by symbol)."""
+def load_day_trades(feed: FileFeed, day: ReplayDay | None = None) -> list[TradeEvent]:
+    """Read ``feed``'s symbols for ``day`` (default: ``feed.day`` as itself) and merge them in
+    time order (stable by symbol); a day replayed under another date has its times shifted to
+    that date, each keeping its New York time of day."""
     from libs.common.market.tickfiles import read_lean_trades
 
+    day = day or ReplayDay(feed.day, feed.day)
+    shift = day.shift_ms
     per_symbol = []
     for symbol in feed.symbols:
-        path = find_tick_file(feed.data_dir, symbol, feed.day)
-        per_symbol.append([protocol.as_trade_event(trade) for trade in read_lean_trades(path)])
+        path = find_tick_file(feed.data_dir, symbol, day.source)
+        trades = [protocol.as_trade_event(trade) for trade in read_lean_trades(path)]
+        if shift:
+            trades = [_shifted(trade, shift) for trade in trades]
+        per_symbol.append(trades)
     if len(per_symbol) == 1:
         return per_symbol[0]
     return list(heapq.merge(*per_symbol, key=lambda trade: trade.t))
 
 
-def load_vendor_minutes(feed: FileFeed) -> list[MinuteAggEvent] | None:
-    """The vendor's minute bars of ``feed``'s symbols and day as ``AM`` events, or None when a
-    symbol has no ``minute/<sym>/<yyyymmdd>_trade.zip`` beside its tick file."""
+def _shifted(trade: TradeEvent, shift_ms: int) -> TradeEvent:
+    if trade.trft:
+        return msgspec.structs.replace(trade, t=trade.t + shift_ms, trft=trade.trft + shift_ms)
+    return msgspec.structs.replace(trade, t=trade.t + shift_ms)
+
+
+def load_vendor_minutes(
+    feed: FileFeed, day: ReplayDay | None = None
+) -> list[MinuteAggEvent] | None:
+    """The vendor's minute bars of ``feed``'s symbols and ``day`` as ``AM`` events (shifted as
+    the trades are), or None when a symbol has no ``minute/<sym>/<yyyymmdd>_trade.zip`` beside
+    its tick file."""
     from libs.common.market.tickfiles import read_lean_minute_bars
 
+    day = day or ReplayDay(feed.day, feed.day)
+    shift = day.shift_ms
     events: list[MinuteAggEvent] = []
     for symbol in feed.symbols:
-        tick_path = find_tick_file(feed.data_dir, symbol, feed.day)
+        tick_path = find_tick_file(feed.data_dir, symbol, day.source)
         minute_path = tick_path.parents[2] / "minute" / tick_path.parent.name / tick_path.name
         if not minute_path.is_file():
             return None
-        for bar in read_lean_minute_bars(minute_path, feed.day):
+        for bar in read_lean_minute_bars(minute_path, day.source):
+            start = bar.start_ms + shift
             events.append(
                 MinuteAggEvent(
                     sym=symbol,
@@ -140,8 +161,8 @@ def load_vendor_minutes(feed: FileFeed) -> list[MinuteAggEvent] | None:
                     c=bar.close,
                     h=bar.high,
                     l=bar.low,
-                    s=bar.start_ms,
-                    e=bar.start_ms + MINUTE_MS,
+                    s=start,
+                    e=start + MINUTE_MS,
                 )
             )
     return events
@@ -180,6 +201,43 @@ def malformed_frames(symbol: str, t_ms: int) -> list[bytes]:
     ]
 
 
+class Pace:
+    """How fast a file feed goes: ``speed`` times real time (0: no pacing), ``factor`` times
+    that during a burst (``burst``), read at each frame so a burst takes effect at once."""
+
+    def __init__(self, speed: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.speed = speed
+        self.clock = clock
+        self.burst_factor = 1.0
+        self.burst_until = 0.0
+        self.bursts = 0
+
+    def burst(self, factor: float, seconds: float) -> None:
+        """Go ``factor`` times faster for the next ``seconds`` (wall time)."""
+        if not factor >= 1:
+            raise ValueError(f"a burst's factor must be at least 1, not {factor}")
+        if not 0 < seconds <= 3_600:
+            raise ValueError(f"a burst lasts more than 0 and at most 3600 s, not {seconds}")
+        self.burst_factor = factor
+        self.burst_until = self.clock() + seconds
+        self.bursts += 1
+
+    def factor(self) -> float:
+        """The burst's factor while it lasts, else 1."""
+        return self.burst_factor if self.clock() < self.burst_until else 1.0
+
+    def seconds_for(self, feed_ms: int) -> float:
+        """Wall seconds that ``feed_ms`` of the feed take now (0 without pacing)."""
+        if self.speed <= 0:
+            return 0.0
+        return feed_ms / 1000.0 / (self.speed * self.factor())
+
+    def status(self) -> dict[str, float]:
+        """The pace as JSON: speed, the burst's factor now and its seconds left."""
+        left = max(0.0, self.burst_until - self.clock())
+        return {"speed": self.speed, "factor": self.factor(), "burstSecondsLeft": round(left, 3)}
+
+
 async def file_frames(
     trades: Sequence[TradeEvent],
     speed: float,
@@ -187,13 +245,17 @@ async def file_frames(
     window_ms: int,
     minute_aggregates: bool = True,
     vendor_minutes: Sequence[MinuteAggEvent] | None = None,
+    *,
+    pace: Pace | None = None,
 ) -> AsyncIterator[list[Event]]:
     """Frames of time-ordered ``trades`` paced at ``speed`` (0: no pacing), AM frames between.
 
-    Each frame is sent when its first trade is due: ``start + (t - t0) / speed``. The AM
-    events are the vendor's bars when given, else the simulator's own from all trades.
+    Each frame is due the feed time since the previous frame later, at the pace of the moment
+    (``pace``: ``speed``, faster during a burst). The AM events are the vendor's bars when
+    given, else the simulator's own from all trades.
     """
     loop = asyncio.get_running_loop()
+    pace = pace or Pace(speed)
     aggregator: MinuteAggregator | VendorMinutes | None = None
     if minute_aggregates:
         aggregator = (
@@ -201,12 +263,14 @@ async def file_frames(
         )
     if not trades:
         return
-    t0 = trades[0].t
-    wall0 = loop.time()
+    previous_t = trades[0].t
+    due = loop.time()
     for frame in frames_of(trades, frame_max_events, window_ms):
         t_ms = frame[0].t
-        if speed > 0:
-            delay = wall0 + (t_ms - t0) / 1000.0 / speed - loop.time()
+        if pace.speed > 0:
+            due += pace.seconds_for(t_ms - previous_t)
+            previous_t = t_ms
+            delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
         if aggregator is not None:

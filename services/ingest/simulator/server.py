@@ -24,16 +24,12 @@ from services.ingest.protocol import (
     KIND_OF,
     TRADES,
     Event,
-    MinuteAggEvent,
-    TradeEvent,
 )
 from services.ingest.redact import SERVER_LOGGER, redacting_logger
+from services.ingest.simulator.days import DayReplay
 from services.ingest.simulator.feeds import (
     SyntheticMarket,
     _now_ms,
-    file_frames,
-    load_day_trades,
-    load_vendor_minutes,
     malformed_frames,
     synthetic_frames,
 )
@@ -56,6 +52,7 @@ from services.ingest.simulator.settings import (
     Fault,
     FileFeed,
     SimulatorSettings,
+    SyntheticFeed,
 )
 
 log = structlog.get_logger("ingest.simulator")
@@ -76,8 +73,9 @@ class SimulatorStats:
 class PolygonSimulator:
     """The simulator: ``await start()``, clients connect to ``url``, ``await stop()``.
 
-    ``inject(fault, count)`` triggers a fault. ``feed_done`` is set when a finite feed has sent
-    everything (the server keeps serving until stopped).
+    ``inject(fault, count)`` triggers a fault; ``burst(factor, seconds)`` speeds a file feed
+    up for a while. ``feed_done`` is set when a finite feed has sent everything (every day of
+    a file feed; the server keeps serving until stopped).
     """
 
     def __init__(self, settings: SimulatorSettings, feed: AsyncIterator[list[Event]] | None = None):
@@ -90,8 +88,8 @@ class PolygonSimulator:
         """Every trade the feed produced (served on ``/v3/trades``)."""
         self.rest = TradesEndpoint(self.history, settings.api_key.reveal())
         self._custom_feed = feed
-        self._day_trades: list[TradeEvent] | None = None
-        self._vendor_minutes: list[MinuteAggEvent] | None = None
+        self.replay: DayReplay | None = None
+        """The file feed's days (None for a synthetic or custom feed)."""
         self._server: Server | None = None
         self._sessions: dict[int, _Session] = {}
         self._numbers = itertools.count(1)
@@ -104,15 +102,13 @@ class PolygonSimulator:
         """Load the feed (file feeds read their files here) and bind the server."""
         settings = self.settings
         if isinstance(settings.feed, FileFeed) and self._custom_feed is None:
-            self._day_trades = await asyncio.to_thread(load_day_trades, settings.feed)
-            if settings.minute_aggregates:
-                self._vendor_minutes = await asyncio.to_thread(load_vendor_minutes, settings.feed)
-            log.info(
-                "simulator.file_feed_loaded",
-                trades=len(self._day_trades),
-                day=str(settings.feed.day),
-                symbols=",".join(settings.feed.symbols),
+            self.replay = DayReplay(
+                settings.feed,
+                frame_max_events=settings.frame_max_events,
+                window_ms=settings.frame_window_ms,
+                minute_aggregates=settings.minute_aggregates,
             )
+            await self.replay.load()
         self._server = await serve(
             self._handle,
             settings.host,
@@ -182,7 +178,9 @@ class PolygonSimulator:
             "slowConsumerDisconnects": self.stats.slow_consumer_disconnects,
             "faults": dict(self.stats.faults),
             "feedDone": self.feed_done.is_set(),
+            "feedTimeMs": self.feed_time_ms,
             "sessions": sessions,
+            **(self.replay.status() if self.replay is not None else {}),
         }
 
     # -- faults
@@ -222,6 +220,23 @@ class PolygonSimulator:
         log.info("simulator.fault_injected", fault=fault.value, count=count, sessions=len(targets))
         return len(targets)
 
+    def burst(self, factor: float, seconds: float) -> dict[str, float]:
+        """Replay a file feed ``factor`` times faster for ``seconds`` (an overload burst)."""
+        if self.replay is None:
+            raise ValueError("a burst needs a file feed")
+        self.replay.pace.burst(factor, seconds)
+        self.stats.faults["burst"] = self.stats.faults.get("burst", 0) + 1
+        log.info("simulator.burst", factor=factor, seconds=seconds)
+        return self.replay.pace.status()
+
+    def release(self) -> int:
+        """Let the next day of a file feed start (when it holds between days)."""
+        if self.replay is None:
+            raise ValueError("release needs a file feed")
+        releases = self.replay.release()
+        log.info("simulator.released", releases=releases)
+        return releases
+
     # -- HTTP control
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -236,6 +251,18 @@ class PolygonSimulator:
         query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
         if parts.path == CONTROL_PREFIX + "status":
             return _json_response(connection, HTTPStatus.OK, self.stats_dict())
+        if parts.path == CONTROL_PREFIX + "burst":
+            try:
+                pace = self.burst(float(query.get("factor", "5")), float(query.get("seconds", "3")))
+            except ValueError as exc:
+                return _json_response(connection, HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            return _json_response(connection, HTTPStatus.OK, pace)
+        if parts.path == CONTROL_PREFIX + "release":
+            try:
+                releases = self.release()
+            except ValueError as exc:
+                return _json_response(connection, HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            return _json_response(connection, HTTPStatus.OK, {"releases": releases})
         if parts.path == CONTROL_PREFIX + "inject":
             try:
                 fault = Fault(query.get("fault", ""))
@@ -375,16 +402,9 @@ class PolygonSimulator:
         if self._custom_feed is not None:
             return self._custom_feed
         settings = self.settings
-        if isinstance(settings.feed, FileFeed):
-            assert self._day_trades is not None
-            return file_frames(
-                self._day_trades,
-                settings.feed.speed,
-                settings.frame_max_events,
-                settings.frame_window_ms,
-                settings.minute_aggregates,
-                self._vendor_minutes,
-            )
+        if self.replay is not None:
+            return self.replay.frames()
+        assert isinstance(settings.feed, SyntheticFeed)
         return synthetic_frames(
             SyntheticMarket(settings.feed),
             settings.feed.rate_per_s,

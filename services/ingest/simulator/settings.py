@@ -10,6 +10,7 @@ from typing import Final
 
 import structlog
 
+from libs.common.market.sessions import ny_midnight_ms, parse_day
 from libs.common.runtime.settings import Secret
 from services.ingest import protocol
 
@@ -89,22 +90,69 @@ class SyntheticFeed:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplayDay:
+    """One day of a file feed: the trades of ``source`` (the files' day) sent as ``as_of``.
+
+    Each trade and vendor minute keeps its New York time of day: its time moves by
+    ``shift_ms``, the distance between the two days' New York midnights. Trade ids stay as the
+    files give them (unique per symbol and day, and the day is ``as_of``'s).
+    """
+
+    source: date
+    as_of: date
+
+    @property
+    def shift_ms(self) -> int:
+        """What to add to a time of ``source`` to get the same New York time on ``as_of``."""
+        return ny_midnight_ms(self.as_of) - ny_midnight_ms(self.source)
+
+    @classmethod
+    def parse(cls, text: str) -> ReplayDay:
+        """``SOURCE`` or ``SOURCE:AS_OF`` (``YYYY-MM-DD`` each)."""
+        source, _, as_of = text.strip().partition(":")
+        day = parse_day(source)
+        return cls(day, parse_day(as_of) if as_of else day)
+
+    def __str__(self) -> str:
+        if self.as_of == self.source:
+            return self.source.isoformat()
+        return f"{self.source.isoformat()}:{self.as_of.isoformat()}"
+
+
+@dataclass(frozen=True, slots=True)
 class FileFeed:
-    """Replay of one day of real trades for ``symbols`` from the tick files under ``data_dir``.
+    """Replay of real trades for ``symbols`` from the tick files under ``data_dir``: one
+    ``day``, or the ``days`` one after the other over the same connections.
 
     ``speed`` 1 is real time, 10 ten times faster, 0 as fast as the clients take them.
+    Between two days the feed pauses ``day_pause_s`` (a quiet socket, as overnight: ingest's
+    idle mark closes the day), then, with ``hold_between_days``, waits for a release
+    (``GET /control/release``) before the next day.
     """
 
     data_dir: Path
     day: date
     symbols: tuple[str, ...]
     speed: float = 1.0
+    days: tuple[ReplayDay, ...] = ()
+    day_pause_s: float = 3.0
+    hold_between_days: bool = False
 
     def __post_init__(self) -> None:
         if not self.symbols:
             raise ValueError("a file feed needs at least one symbol")
         if self.speed < 0:
             raise ValueError(f"speed must be 0 (as fast as possible) or positive, not {self.speed}")
+        if self.day_pause_s < 0:
+            raise ValueError(f"day_pause_s must be 0 or more, not {self.day_pause_s}")
+        as_of = [day.as_of for day in self.replay_days]
+        if len(set(as_of)) != len(as_of):
+            raise ValueError("each replayed day needs its own as-of day (trade ids repeat)")
+
+    @property
+    def replay_days(self) -> tuple[ReplayDay, ...]:
+        """The days replayed, in order (``day`` as itself when ``days`` is empty)."""
+        return self.days or (ReplayDay(self.day, self.day),)
 
 
 @dataclass(frozen=True, slots=True)
