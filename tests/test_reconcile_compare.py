@@ -201,6 +201,28 @@ def test_vendor_check_compares_our_bars_with_the_vendor_aggregates() -> None:
     assert "| SPY | 09:30 | 1 | high | 101 | 101.02 | +0.02 |" in markdown
 
 
+def test_a_vendor_aggregate_the_feed_never_delivered_is_not_a_disagreement() -> None:
+    """Minutes inside a feed gap have our (backfilled) bars but no vendor aggregate: the
+    aggregate was sent while the feed was not read. Unknown, counted apart, not missing."""
+    redis = day_of("SPY", 4)
+    bars = list(redis.values())
+    vendor = {
+        b.startMs: VendorAggregate(
+            sym="SPY", o=b.open, h=b.high, l=b.low, c=b.close, v=b.volume, s=b.startMs
+        )
+        for b in bars[:2]
+    }
+    gap = {bars[2].startMs}
+    result = compare_vendor("SPY", redis, vendor, Tolerance(), not_received=gap)
+    parity = result.parity
+    assert (parity.matched, parity.notReceived, parity.missingKafka) == (2, 1, 1)
+    assert [ref.startMs for ref in result.missingKafka] == [bars[3].startMs]
+    report = _report([compare_symbol("SPY", redis, bars, Tolerance())], vendor=[result])
+    assert "1 of our bars are of minutes whose vendor aggregate never reached us" in to_markdown(
+        report
+    )
+
+
 def _summary(day: str, pct: float | None, compared: int = 390) -> DaySummary:
     matched = int(compared * (pct or 0) / 100)
     return DaySummary(day, pct, compared, matched, 0, completenessPct=100.0 if compared else None)

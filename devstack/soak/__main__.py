@@ -59,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace-ms", type=int, default=1_000, help="the builders' grace")
     parser.add_argument("--target-pct", type=float, default=99.9)
     parser.add_argument(
-        "--strict-gaps",
+        "--lenient-gaps",
         action="store_true",
-        help="count minutes inside reported feed gaps against a day (default: a day is "
-        "judged outside them, and they are listed)",
+        help="judge a day's completeness outside reported feed gaps only (for a feed whose "
+        "gaps cannot be backfilled; default: minutes inside gaps count against the day)",
     )
     parser.add_argument("--workdir", type=Path, help="logs and Redis data (default: a temp dir)")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
@@ -95,7 +95,7 @@ def options_from_args(args: argparse.Namespace) -> SoakOptions:
         day_pause_s=args.day_pause_s,
         grace_ms=args.grace_ms,
         target_pct=args.target_pct,
-        strict_gaps=args.strict_gaps,
+        strict_gaps=not args.lenient_gaps,
         workdir=args.workdir,
         out=args.out,
     )

@@ -85,7 +85,7 @@ class SoakOptions:
     day_pause_s: float = 3.0
     grace_ms: int = 1_000
     target_pct: float = 99.9
-    strict_gaps: bool = False
+    strict_gaps: bool = True
     """Count minutes inside reported feed gaps against a day (without backfill they stay
     incomplete; by default a day is judged outside them, and they are listed)."""
     workdir: Path | None = None

@@ -3,8 +3,8 @@
 A day falls short when its parity or its completeness (ticks, Redis bars, Kafka bars) is below
 the target, when a trade the source sent is neither in Kafka nor inside a feed gap ingest
 reported, or when a service was left down. Minutes inside a reported gap stay incomplete
-until the gap is backfilled; by default the day's completeness is judged outside them (and
-they are counted and shown), with ``strict_gaps`` they count against the day too.
+until the gap is backfilled and count against the day (``strict_gaps``, the default); without
+it the day's completeness is judged outside them (they are still counted and shown).
 """
 
 from __future__ import annotations

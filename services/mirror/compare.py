@@ -13,7 +13,7 @@ revision are duplicates, copies of one revision that disagree make the minute a 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from typing import NamedTuple
 
 import msgspec
@@ -159,6 +159,9 @@ class SymbolParity(Struct):
     """Minutes with copies of one revision that disagree (counted as mismatched)."""
     revisionsBackwards: int = 0
     """Minutes where a lower revision came after a higher one."""
+    notReceived: int = 0
+    """Vendor check: our bars of minutes whose vendor aggregate never reached us (the feed
+    was not read then): unknown, not compared."""
 
     @property
     def compared(self) -> int:
@@ -307,8 +310,13 @@ def compare_vendor(
     tolerance: Tolerance,
     *,
     settled_before_ms: int | None = None,
+    not_received: Set[int] = frozenset(),
 ) -> SymbolComparison:
     """Compare our Redis bars with the vendor's own minute aggregates.
+
+    ``not_received``: minutes whose aggregate the feed would have sent while it was not read
+    (feed gaps, even backfilled ones: the REST backfill brings trades, not aggregates); our bar
+    of such a minute without a vendor aggregate is counted ``notReceived``, not missing.
 
     The vendor side reuses the Kafka slots of the result (``missingKafka`` = we have a bar
     the vendor has not, ``missingRedis`` = the vendor has a bar we have not). A vendor VWAP
@@ -326,6 +334,9 @@ def compare_vendor(
             end = theirs.e or start + 60_000
         if settled_before_ms is not None and end > settled_before_ms:
             parity.pending += 1
+            continue
+        if theirs is None and start in not_received:
+            parity.notReceived += 1
             continue
         if theirs is None:
             parity.missingKafka += 1

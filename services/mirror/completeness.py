@@ -120,15 +120,18 @@ class TickTally:
             counts[1] += trade.s
 
 
-def gap_minutes(gaps: Iterable[FeedGap], day_ordinal: int, symbol: str) -> set[int]:
-    """The minutes of the day inside a feed gap of ``symbol`` that nothing filled, within the
-    day's 04:00-20:00 sessions; the latest record of each gap decides."""
+def gap_minutes(
+    gaps: Iterable[FeedGap], day_ordinal: int, symbol: str, *, backfilled: bool = False
+) -> set[int]:
+    """The minutes of the day inside a feed gap of ``symbol`` that nothing filled (with
+    ``backfilled``: filled ones too), within the day's 04:00-20:00 sessions; the latest
+    record of each gap decides."""
     latest: dict[str, FeedGap] = {}
     for gap in gaps:
         latest[gap.gapId] = gap
     out: set[int] = set()
     for gap in latest.values():
-        if gap.status == "backfilled":
+        if gap.status == "backfilled" and not backfilled:
             continue
         if "*" not in gap.symbols and symbol not in gap.symbols:
             continue

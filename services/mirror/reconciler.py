@@ -170,6 +170,9 @@ class Reconciler:
                         aggregates,
                         vendor_tolerance,
                         settled_before_ms=settled_before,
+                        not_received=gap_minutes(
+                            sides.gaps, sides.day.toordinal(), symbol, backfilled=True
+                        ),
                     )
                 )
         kafka_bad = sides.kafka_undecodable

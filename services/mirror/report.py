@@ -38,6 +38,7 @@ class Totals(Struct):
     parityPct: float | None = None
     conflicts: int = 0
     revisionsBackwards: int = 0
+    notReceived: int = 0
 
 
 class GateDay(Struct, frozen=True):
@@ -113,6 +114,7 @@ def build_section(
         totals.pending += parity.pending
         totals.conflicts += parity.conflicts
         totals.revisionsBackwards += parity.revisionsBackwards
+        totals.notReceived += parity.notReceived
     totals.compared = totals.matched + totals.mismatched + totals.missingKafka + totals.missingRedis
     totals.symbols = len(comparisons)
     totals.parityPct = (
@@ -363,6 +365,12 @@ def to_markdown(report: DayReport) -> str:
         lines.append(
             f"**Agreement {_pct(vt.parityPct)}**: {vt.matched:,} of {vt.compared:,} "
             f"symbol-minutes; tolerance {vendor.tolerance}. Not part of the promotion gate."
+            + (
+                f" {vt.notReceived:,} of our bars are of minutes whose vendor aggregate never "
+                "reached us (the feed was not read then): not compared."
+                if vt.notReceived
+                else ""
+            )
         )
         lines.append("")
         lines += _section_lines(vendor, left="ours", right="vendor", level="###", duplicates=False)

@@ -24,6 +24,7 @@ from services.ingest.protocol import (
     KIND_OF,
     TRADES,
     Event,
+    TradeEvent,
 )
 from services.ingest.redact import SERVER_LOGGER, redacting_logger
 from services.ingest.simulator.days import DayReplay
