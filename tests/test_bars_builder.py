@@ -219,6 +219,33 @@ async def test_after_a_restart_a_late_trade_revises_and_a_reread_one_counts_once
     await builder.stop()
 
 
+async def test_after_a_restart_a_late_trade_for_a_minute_without_trades_makes_its_bar() -> None:
+    """10:00 and 10:02 are published, 10:01 had no trade (a feed gap). After a restart the
+    gap's trade arrives (a REST backfill, position 4): 10:01 gets its bar; the re-read
+    trades of 10:02 (position 3) do not make a partial 10:02 again."""
+    clock = ManualClock(10**13)
+    harness = Harness(clock)
+    builder = harness.builder
+    await builder.start()
+    await harness.deliver(
+        ("ticks.A", 1, batch("A", T0 + 1_000)),
+        ("ticks.A", 2, batch("A", T0 + 121_000)),
+        ("ticks.A", 3, batch("A", T0 + 122_000, T0 + 181_000)),
+    )
+    await harness.advance_to(clock.now_ms() + 240_000)
+    assert harness.bars() == [("A", 0, 100, 0), ("A", 2, 200, 0), ("A", 3, 100, 0)]
+    builder._escalate(RuntimeError("boom"), where="test")
+    await builder.stop()
+    await builder.start()
+    await harness.deliver(
+        ("ticks.A", 3, batch("A", T0 + 122_000, T0 + 181_000)),
+        ("ticks.A", 4, batch("A", T0 + 61_000, size=70)),
+    )
+    await harness.advance_to(clock.now_ms() + 240_000)
+    assert harness.bars()[3:] == [("A", 1, 70, 0)]
+    await builder.stop()
+
+
 def mark(feed_time: int, idle: bool = False, **seqs: int) -> Progress:
     return Progress(
         0, "ingest", feed_time, {f"ticks.{sym}": seq for sym, seq in seqs.items()}, idle

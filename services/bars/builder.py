@@ -257,7 +257,7 @@ class BarBuilder(Actor[BuilderMessage]):
         await self.closed.load()
         self._snapshots = await self.closed.load_snapshots(self.closed.restored)
         self._guards = {
-            symbol: RestartGuard(mark, self._snapshots.get(symbol))
+            symbol: RestartGuard(mark, self._snapshots.get(symbol), self.closed.saved.get(symbol))
             for symbol, mark in self.closed.restored.items()
         }
         await self.source.open(restart=self.incarnation > 1)

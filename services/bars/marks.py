@@ -62,40 +62,55 @@ class RestartGuard:
     """What of a restored symbol's ticks and bars is new to its core after a (re)start.
 
     ``mark``: the end of the newest minute published before the start; ``snapshot``: the
-    closed minutes the core took back, with the source positions read when they were saved.
+    closed minutes the core took back, with the source positions read when they were saved;
+    ``saved_mark``: the mark saved with them (on the Redis path ``mark`` may be later: bars
+    published just before a crash, found in the bars streams, whose minutes were not saved).
     """
 
-    __slots__ = ("mark", "minutes", "positions")
+    __slots__ = ("mark", "minutes", "positions", "saved_mark", "snapshot")
 
-    def __init__(self, mark: int, snapshot: MinuteSnapshot | None) -> None:
+    def __init__(
+        self, mark: int, snapshot: MinuteSnapshot | None, saved_mark: int | None = None
+    ) -> None:
         self.mark = mark
+        self.snapshot = snapshot is not None
+        self.saved_mark = mark if saved_mark is None else min(mark, saved_mark)
         self.minutes = snapshot.minutes() if snapshot is not None else set()
         self.positions = snapshot.positions if snapshot is not None else {}
 
     def new_trades(self, channel: str, position: int, trades: Sequence[Trade]) -> Sequence[Trade]:
-        """The trades of a batch read at ``position`` of ``channel`` that the core lacks: of a
-        restored minute only when read after the position saved with it (a late trade: it
-        revises the bar); of another minute only when after the mark. The rest are re-read
-        ticks of published minutes: aggregated again they would count twice, or make partial
-        minutes that the policy may fold into a neighbour's bar."""
+        """The trades of a batch read at ``position`` of ``channel`` that the core lacks:
+
+        - of a restored minute, only when read after the position saved with it (a late
+          trade: it revises the bar);
+        - of a minute that had no trade when the minutes were saved (not restored, before the
+          saved mark), only when read after that position (a late trade, a backfill into a
+          gap: it makes the minute's first bar);
+        - of any other minute before the mark, none: re-read ticks of minutes published
+          before the start whose state was not saved (aggregated again they would make
+          partial minutes that the policy may fold into a neighbour's bar);
+        - after the mark, all.
+        """
         minutes, mark = self.minutes, self.mark
         if not minutes and min(trade.t for trade in trades) >= mark:
             return trades
-        reread = position <= self.positions.get(channel, -1)
+        fresh = self.snapshot and position > self.positions.get(channel, -1)
+        saved_mark = self.saved_mark
         kept = []
         for trade in trades:
             t = trade.t
-            if t - t % MINUTE_MS in minutes:
-                if not reread:
-                    kept.append(trade)
-            elif t >= mark:
+            if t >= mark and t - t % MINUTE_MS not in minutes:
+                kept.append(trade)
+            elif fresh and (t < saved_mark or t - t % MINUTE_MS in minutes):
                 kept.append(trade)
         return kept
 
     def published_before(self, bar: Bar) -> bool:
         """``bar`` rebuilds a minute published before the start that the core did not take
         back (not to be sent again)."""
-        return bar.endMs <= self.mark and bar.startMs not in self.minutes
+        if bar.endMs > self.mark or bar.startMs in self.minutes:
+            return False
+        return not (self.snapshot and bar.endMs <= self.saved_mark)
 
 
 class ClosedMinutes:
@@ -115,6 +130,9 @@ class ClosedMinutes:
         self.by_symbol: dict[str, int] = {}
         self.seqs: dict[str, int] = {}
         self.restored: dict[str, int] = {}
+        self.saved: dict[str, int] = {}
+        """The marks as the hash held them at the last load (before the streams' recovery):
+        saved in the same transaction as the minutes."""
         self._memory: dict[str, dict[str, bytes]] = {}
         """Saved minutes when there is no Redis client (tests, benchmarks)."""
 
@@ -138,6 +156,7 @@ class ClosedMinutes:
         memory is newer) keep theirs."""
         kept = set(keep)
         stored = await self._read()
+        self.saved = {symbol: end for symbol, (end, _) in stored.items() if symbol not in kept}
         stored = await self.recover(stored)
         for symbol in [s for s in self.by_symbol if s not in kept]:
             self.by_symbol.pop(symbol, None)
