@@ -12,6 +12,7 @@ inlines :func:`apply_trade` for the common codes (change the two together).
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from dataclasses import asdict, dataclass
 
 import msgspec
 
@@ -32,6 +33,41 @@ FORCED_OPEN_TIME = -(1 << 62)
 """``Minute.open_t`` once the opening auction print set the open: no trade can displace it."""
 
 
+@dataclass
+class BarCounters:
+    """What the aggregator did, for metrics and reports."""
+
+    trades_in: int = 0
+    trades_ignored_by_policy: int = 0
+    auction_prints_ignored: int = 0
+    late_revised: int = 0
+    late_dropped: int = 0
+    too_old_dropped: int = 0
+    bars_published: int = 0
+    revisions_published: int = 0
+    revisions_suppressed: int = 0
+    unpriced_minutes_folded: int = 0
+    unpriced_minutes_dropped: int = 0
+    unpriced_volume_dropped: int = 0
+    """Shares of closed minutes without a price that are in no bar: every such minute under a
+    policy that does not fold, a day without any priced minute under one that does. Net: a
+    late trade that prices such a minute takes its shares back out."""
+    unpriced_trades_dropped: int = 0
+    """The trades of those shares (net, like ``unpriced_volume_dropped``)."""
+    volume_excluded: int = 0
+    """Shares of trades the policy counts for no volume (ignored trades, auction prints after
+    the first, trades that count for price only)."""
+    volume_dropped: int = 0
+    """Shares of trades dropped as late (``late_dropped``) or too old (``too_old_dropped``)."""
+    primary_listing_unknown: int = 0
+    """Days of the symbol whose primary listing exchange the reference data did not give (no
+    auction print is recognised on them)."""
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return asdict(self)
+
+
 class Day:
     """One New York day of one symbol: its session and its closed minutes."""
 
@@ -39,12 +75,17 @@ class Day:
         "close_ms",
         "closed",
         "closing_seen",
+        "dropped_trades",
+        "dropped_volume",
         "end",
         "open_ms",
         "opening_seen",
         "order",
+        "priced_minutes",
         "published",
         "start",
+        "unpriced_trades",
+        "unpriced_volume",
     )
 
     def __init__(self, start: int, end: int, open_ms: int, close_ms: int) -> None:
@@ -59,11 +100,53 @@ class Day:
         """The latest published version of each bar of the day, by minute start."""
         self.opening_seen = False
         self.closing_seen = False
+        self.priced_minutes = 0
+        """Closed minutes with a price (a bar)."""
+        self.unpriced_volume = 0
+        self.unpriced_trades = 0
+        """Shares and trades of the closed minutes without a price."""
+        self.dropped_volume = 0
+        self.dropped_trades = 0
+        """What the aggregator's counters hold as dropped for this day (``settle``)."""
 
     def close(self, acc: Minute) -> None:
         """Keep ``acc`` (not yet kept) among the day's closed minutes."""
         self.closed[acc.start] = acc
         insort(self.order, acc.start)
+        self.count(acc)
+
+    def count(self, acc: Minute) -> None:
+        """Add closed ``acc`` to the day's tallies (priced minutes, unpriced shares)."""
+        if acc.priced:
+            self.priced_minutes += 1
+        else:
+            self.unpriced_volume += acc.volume
+            self.unpriced_trades += acc.trades
+
+    def forget(self, acc: Minute) -> None:
+        """Take closed ``acc`` out of the tallies before a late trade changes it."""
+        if acc.priced:
+            self.priced_minutes -= 1
+        else:
+            self.unpriced_volume -= acc.volume
+            self.unpriced_trades -= acc.trades
+
+    def settle(self, fold: bool, counters: BarCounters) -> None:
+        """Bring ``counters``' unpriced drops up to date with the day's closed minutes: the
+        shares and trades in no bar are, without folding, every unpriced minute's; with
+        folding, only when no closed minute of the day has a price."""
+        volume, trades = (
+            (0, 0)
+            if fold and self.priced_minutes
+            else (
+                self.unpriced_volume,
+                self.unpriced_trades,
+            )
+        )
+        counters.unpriced_volume_dropped += volume - self.dropped_volume
+        counters.unpriced_trades_dropped += trades - self.dropped_trades
+        self.dropped_volume = volume
+        self.dropped_trades = trades
 
     def priced_neighbours(self, minute: int) -> tuple[int | None, int | None]:
         """The nearest closed minutes before and after closed ``minute`` that have a price."""
@@ -227,6 +310,7 @@ def with_revision(bar: Bar, revision: int) -> Bar:
 __all__ = [
     "FORCED_OPEN_TIME",
     "NO_OPEN_TIME",
+    "BarCounters",
     "Day",
     "Minute",
     "apply_trade",

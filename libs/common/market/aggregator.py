@@ -6,10 +6,9 @@ accumulator, the day of closed minutes and the bar derived from them in
 ``libs.common.market.accumulator``. This module decides when minutes open and close, what is
 late, and what is published again.
 
-Used three ways, always with one aggregator per symbol: the bars service reading ticks from
-Redis, the same service reading ticks from Kafka (shadow), and the offline backfill
-(``build_bars`` splits a mixed in-memory sequence by symbol the same way). Semantics (details
-and evidence in ``docs/bars.md``):
+Used by the bars service (ticks from Redis, or from Kafka in shadow), the offline backfill and
+the reconciler (``build_bars``), always one aggregator per symbol. Semantics (details and
+evidence in ``docs/bars.md``):
 
 * an aggregator aggregates one symbol; a trade of another symbol is a programming error:
   ``add`` raises ``ValueError`` and the aggregator is left unchanged;
@@ -30,7 +29,8 @@ and evidence in ``docs/bars.md``):
   already passed when the batch carrying it arrived. ``late_policy="revise"`` updates the bar
   and publishes it again with ``revision + 1``; ``"drop"`` drops the trade and counts it;
 * closed minutes of the symbol's current New York day are kept for revisions (at most 1440);
-  a trade for an older day is dropped and counted.
+  a trade for an older day is dropped and counted;
+* every trade's shares end in one bar or one counted drop (``BarCounters``).
 
 The hot path is a batch loop with local variables; the policy's classification of a trade is
 cached per distinct condition tuple, so it costs one dict lookup.
@@ -42,12 +42,18 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from datetime import timedelta
 from operator import attrgetter
 from typing import Literal
 
-from libs.common.market.accumulator import Day, Minute, apply_trade, same_bar, with_revision
+from libs.common.market.accumulator import (
+    BarCounters,
+    Day,
+    Minute,
+    apply_trade,
+    same_bar,
+    with_revision,
+)
 from libs.common.market.policies import (
     BY_EXCHANGE,
     CLOSING_AUCTION,
@@ -68,31 +74,6 @@ from libs.common.schemas import Bar, Trade
 LatePolicy = Literal["revise", "drop"]
 
 _SYMBOL = attrgetter("sym")
-
-
-@dataclass
-class BarCounters:
-    """What the aggregator did, for metrics and reports."""
-
-    trades_in: int = 0
-    trades_ignored_by_policy: int = 0
-    auction_prints_ignored: int = 0
-    late_revised: int = 0
-    late_dropped: int = 0
-    too_old_dropped: int = 0
-    bars_published: int = 0
-    revisions_published: int = 0
-    revisions_suppressed: int = 0
-    unpriced_minutes_folded: int = 0
-    unpriced_minutes_dropped: int = 0
-    unpriced_volume_dropped: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict."""
-        return asdict(self)
-
-
-# --- the aggregator ---------------------------------------------------------------------------
 
 
 class BarAggregator:
@@ -228,7 +209,7 @@ class BarAggregator:
         cur: Minute | None = None
         start = end = 0
         newest = -1
-        ignored = 0
+        ignored = excluded = 0
         o = h = lo = c = pv = 0.0
         ot = ct = v = pvv = n = 0
         for tr in trades:
@@ -288,10 +269,13 @@ class BarAggregator:
                 n += 1
             elif code == IGNORED and not tr.suspicious:
                 ignored += 1
+                excluded += tr.s
             elif code is not None and code < OPENING_AUCTION and not tr.suspicious:
                 n += 1
                 if code & VOLUME:
                     v += tr.s
+                else:
+                    excluded += tr.s
                 if code & HIGH_LOW:
                     p = tr.p
                     if p > h:
@@ -344,6 +328,7 @@ class BarAggregator:
             cur.pv_volume = pvv
             cur.trades = n
         self.counters.trades_ignored_by_policy += ignored
+        self.counters.volume_excluded += excluded
         return newest
 
     def _day_of(self, minute: int) -> Day | None:
@@ -419,10 +404,12 @@ class BarAggregator:
         t = tr.t
         minute = t - t % MINUTE_MS
         late = acc is None
+        counters = self.counters
         if acc is None:
             acc, late = self._target(minute)
             if acc is None:
-                self.counters.too_old_dropped += 1
+                counters.too_old_dropped += 1
+                counters.volume_dropped += tr.s
                 return
         code = self._code(tr, acc.regular)
         if code & (OPENING_AUCTION | CLOSING_AUCTION):
@@ -431,31 +418,46 @@ class BarAggregator:
                 first = not day.opening_seen
                 day.opening_seen = True
                 if not first or not day.open_ms <= t < day.open_ms + MINUTE_MS:
-                    self.counters.auction_prints_ignored += 1
+                    counters.auction_prints_ignored += 1
+                    counters.volume_excluded += tr.s
                     return
             else:
                 first = not day.closing_seen
                 day.closing_seen = True
                 if not first:
-                    self.counters.auction_prints_ignored += 1
+                    counters.auction_prints_ignored += 1
+                    counters.volume_excluded += tr.s
                     return
                 acc, late = self._target(day.close_ms - MINUTE_MS)
                 if acc is None:
-                    self.counters.too_old_dropped += 1
+                    counters.too_old_dropped += 1
+                    counters.volume_dropped += tr.s
                     return
         if late and not self._revise:
-            self.counters.late_dropped += 1
+            counters.late_dropped += 1
+            counters.volume_dropped += tr.s
             return
         if code == IGNORED:
-            self.counters.trades_ignored_by_policy += 1
+            counters.trades_ignored_by_policy += 1
+            counters.volume_excluded += tr.s
             return
+        if not code & (VOLUME | OPENING_AUCTION | CLOSING_AUCTION):
+            counters.volume_excluded += tr.s
+        if not late:
+            apply_trade(acc, tr, code)
+            return
+        counters.late_revised += 1
+        day = acc.day
+        closed = acc.start in day.closed
+        if closed:
+            day.forget(acc)
         apply_trade(acc, tr, code)
-        if late:
-            self.counters.late_revised += 1
-            day = acc.day
-            if acc.start not in day.closed:
-                day.close(acc)
-            self._dirty[(day.start, acc.start)] = None
+        if closed:
+            day.count(acc)
+        else:
+            day.close(acc)
+        day.settle(self._fold, self.counters)
+        self._dirty[(day.start, acc.start)] = None
 
     # -- closing and publishing --
 
@@ -471,12 +473,12 @@ class BarAggregator:
                 continue
             day = acc.day
             day.close(acc)
-            if not acc.priced and acc.volume:
+            if not acc.priced and acc.trades:
                 if self._fold:
                     self.counters.unpriced_minutes_folded += 1
                 else:
                     self.counters.unpriced_minutes_dropped += 1
-                    self.counters.unpriced_volume_dropped += acc.volume
+                day.settle(self._fold, self.counters)
             self._publish_closed(day, acc, out)
             self._prune()
         if self._dirty:
