@@ -8,6 +8,11 @@ are equal (the minute set counts: a bar on one side only is a miss). The table i
 a live stream (small batches, wall clock, grace, revisions) and after a trip through the
 Polygon wire format.
 
+Primary listings come from the data set's ``map_files`` folder when it has one, else from the
+map files shipped with tickmesh (``libs.common.market.listings.for_data``). A symbol outside
+them, given a map file, has its auction prints recognised; without one it is warned about and
+counted.
+
 Data: ``TICKMESH_DATA`` or ``<repo>/../shared/data/lean-equity-2013-10``; skipped if absent.
 """
 
@@ -16,12 +21,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import date
 from functools import cache
 from pathlib import Path
 
 import pytest
 
 from libs.common.market.aggregator import BarAggregator, build_bars
+from libs.common.market.listings import Listings, for_data
+from libs.common.market.policies import get_policy
 from libs.common.market.tickfiles import read_lean_minute_bars, read_lean_trades
 from libs.common.runtime.clock import ManualClock
 from libs.common.schemas import TICK_BATCH_DECODER, Bar, Trade
@@ -215,3 +223,64 @@ def test_the_backfill_command_writes_vendor_faithful_bars(tmp_path: Path) -> Non
     minutes = ours.keys() | vendor.keys()
     matched = sum(1 for minute in minutes if ours.get(minute) == vendor.get(minute))
     assert 100.0 * matched / len(minutes) >= THRESHOLD_PCT
+
+
+def copy_as(tmp_path: Path, symbol: str, day: str, alias: str) -> Path:
+    """A data set holding ``symbol``'s files of ``day`` under the name ``alias``."""
+    import shutil
+
+    for kind in ("tick", "minute"):
+        target = tmp_path / kind / alias.lower() / f"{day}_trade.zip"
+        target.parent.mkdir(parents=True)
+        shutil.copy(data_dir() / kind / symbol / f"{day}_trade.zip", target)
+    return tmp_path
+
+
+@pytest.mark.parametrize("given_map_file", [True, False])
+def test_a_symbol_outside_the_shared_four_needs_a_map_file(
+    tmp_path: Path, given_map_file: bool
+) -> None:
+    """IBM's day under another name: with a map file saying NYSE it is as faithful as IBM;
+    without one, its auction prints are not recognised, with a warning and a counter."""
+    from structlog.testing import capture_logs
+
+    if ("ibm", "20131007") not in symbol_days():
+        pytest.skip("IBM 2013-10-07 not in the data")
+    root = copy_as(tmp_path, "ibm", "20131007", "ZIBM")
+    if given_map_file:
+        (root / "map_files").mkdir()
+        (root / "map_files" / "zibm.csv").write_text("19980102,zibm,N\n20501231,zibm,N\n")
+    listings = Listings(
+        [root / "map_files"] if given_map_file else [], packaged=False
+    )  # nothing else to fall back on
+    vendor = {
+        bar.start_ms: (bar.open, bar.high, bar.low, bar.close, bar.volume)
+        for bar in read_lean_minute_bars(root / "minute" / "zibm" / "20131007_trade.zip")
+    }
+    aggregator = BarAggregator(
+        "ZIBM", get_policy("algoseek", listings=listings), grace_ms=0, clock=ManualClock(0)
+    )
+    with capture_logs() as logs:
+        tick = root / "tick" / "zibm" / "20131007_trade.zip"
+        trades = read_lean_trades(tick, listings=listings)
+        aggregator.add(trades, 0, symbol="ZIBM")
+        aggregator.flush()
+    figure = compare(list(aggregator.published().values()), vendor)
+    ibm = compare(build_bars(load("ibm", "20131007")[0], "algoseek", symbol="IBM"), vendor)
+    warned = [entry for entry in logs if entry["event"] == "listing.unknown"]
+    if given_map_file:
+        assert figure == ibm and figure.pct >= THRESHOLD_PCT
+        assert {trade.z for trade in trades} == {1}  # tape A, from the listing
+        assert aggregator.counters.primary_listing_unknown == 0 and not warned
+    else:
+        assert figure.pct < ibm.pct  # NYSE's opening and closing prints count for nothing
+        assert {trade.z for trade in trades} == {0}
+        assert aggregator.counters.primary_listing_unknown == 1 and listings.missing == 1
+        assert len(warned) == 1 and warned[0]["symbol"] == "ZIBM"
+
+
+def test_the_data_sets_own_map_files_come_first(tmp_path: Path) -> None:
+    (tmp_path / "map_files").mkdir()
+    (tmp_path / "map_files" / "ibm.csv").write_text("20501231,ibm,Q\n")
+    assert for_data(tmp_path).primary("IBM", date(2013, 10, 7)) == 12
+    assert for_data(data_dir()).primary("IBM", date(2013, 10, 7)) == 10

@@ -82,6 +82,7 @@ class Day:
         "opening_seen",
         "order",
         "priced_minutes",
+        "primary",
         "published",
         "start",
         "unpriced_trades",
@@ -100,6 +101,8 @@ class Day:
         """The latest published version of each bar of the day, by minute start."""
         self.opening_seen = False
         self.closing_seen = False
+        self.primary: int | None = None
+        """The symbol's primary listing exchange this day (asked when first needed)."""
         self.priced_minutes = 0
         """Closed minutes with a price (a bar)."""
         self.unpriced_volume = 0

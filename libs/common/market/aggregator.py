@@ -110,8 +110,8 @@ class BarAggregator:
         self.counters = BarCounters()
         self._revise = late_policy == "revise"
         self._fold = bool(policy.fold_unpriced_volume)
-        self._primary: int | None = None
-        """The primary listing exchange, from the policy at the first trade (and its tape)."""
+        self._tape = 0
+        """The tape the symbol's trades carry (a hint for its primary listing)."""
         self._open: dict[int, Minute] = {}
         self._heap: list[int] = []
         """Starts of the open minutes: a minute's deadline grows with its start."""
@@ -202,8 +202,8 @@ class BarAggregator:
 
     def _add_trades(self, trades: Sequence[Trade]) -> int:
         """The hot loop: ``trades`` into their minutes; returns the newest event time."""
-        if self._primary is None:
-            self._primary = self.policy.primary_exchange(self.symbol, trades[0].z)
+        if trades[0].z:
+            self._tape = trades[0].z
         fast = self._fast
         get = fast[1].get
         cur: Minute | None = None
@@ -351,6 +351,8 @@ class BarAggregator:
         )
         self._days[start] = new
         self._day = new
+        if self.policy.needs_listing:
+            self.policy.warm_listing(self.symbol, calendar_day)
         return new
 
     def _open_minute(self, minute: int) -> Minute | None:
@@ -380,23 +382,35 @@ class BarAggregator:
             acc = Minute(minute, day)
         return acc, True
 
-    def _code(self, tr: Trade, regular: bool) -> int:
+    def _code(self, tr: Trade, acc: Minute) -> int:
         conditions = tr.c if isinstance(tr.c, tuple) else tuple(tr.c)
-        primary = self._primary
-        assert primary is not None  # set by _add_trades before any trade is classified
+        regular = acc.regular
+        policy = self.policy
+        fast = self._fast[regular]
+        quick = fast.get(conditions)
+        if quick is None:
+            quick = fast[conditions] = (
+                BY_EXCHANGE
+                if policy.depends_on_exchange(conditions)
+                else policy.code(conditions, 0, False, regular, 0)
+            )
+        primary = self._primary_of(acc.day) if quick == BY_EXCHANGE else 0
         key = (conditions, tr.x, tr.suspicious, regular, primary)
         code = self._full.get(key)
         if code is None:
-            policy = self.policy
             code = self._full[key] = policy.code(conditions, tr.x, tr.suspicious, regular, primary)
-            fast = self._fast[regular]
-            if conditions not in fast:
-                fast[conditions] = (
-                    BY_EXCHANGE
-                    if policy.depends_on_exchange(conditions)
-                    else policy.code(conditions, 0, False, regular, 0)
-                )
         return code
+
+    def _primary_of(self, day: Day) -> int:
+        """The symbol's primary listing exchange on ``day`` (asked once per day)."""
+        primary = day.primary
+        if primary is None:
+            primary = day.primary = self.policy.primary_exchange(
+                self.symbol, self._tape, ny_date(day.start)
+            )
+            if not primary:
+                self.counters.primary_listing_unknown += 1
+        return primary
 
     def _slow(self, tr: Trade, acc: Minute | None) -> None:
         """Everything the hot loop does not: policy misses, suspicious prints, auction prints
@@ -411,7 +425,7 @@ class BarAggregator:
                 counters.too_old_dropped += 1
                 counters.volume_dropped += tr.s
                 return
-        code = self._code(tr, acc.regular)
+        code = self._code(tr, acc)
         if code & (OPENING_AUCTION | CLOSING_AUCTION):
             day = acc.day
             if code & OPENING_AUCTION:

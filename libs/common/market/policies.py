@@ -10,7 +10,10 @@ answer (``libs.common.market.aggregator``). The rules and their evidence are in
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import date
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
+
+from libs.common.market.listings import Listings
 
 # --- classification codes ---------------------------------------------------------------------
 
@@ -54,6 +57,8 @@ class ConditionPolicy(Protocol):
 
     name: str
     fold_unpriced_volume: bool
+    needs_listing: bool
+    """Whether ``code`` looks at the primary listing (then it is looked up each day)."""
     """True: the volume of a minute without any open/close-eligible trade goes to the previous
     bar of the day (to the next one when there is none); False: no bar, volume dropped."""
 
@@ -73,14 +78,29 @@ class ConditionPolicy(Protocol):
         """Whether ``code`` looks at the exchange (or primary listing) for these conditions."""
         ...
 
-    def primary_exchange(self, symbol: str, tape: int) -> int:
-        """Polygon id of ``symbol``'s primary listing exchange (0 when unknown)."""
+    def primary_exchange(self, symbol: str, tape: int, day: date) -> int:
+        """Polygon id of ``symbol``'s primary listing exchange on ``day`` (0 when unknown)."""
+        ...
+
+    def warm_listing(self, symbol: str, day: date) -> None:
+        """Start finding ``symbol``'s listing for ``day`` (a slow lookup) in the background."""
         ...
 
 
 class _PolicyBase:
     name = "base"
     fold_unpriced_volume = False
+    needs_listing = False
+
+    def __init__(self, *, listings: Listings | None = None) -> None:
+        self._listings = listings
+
+    @property
+    def listings(self) -> Listings:
+        """Where primary listings come from (by default the packaged map files only)."""
+        if self._listings is None:
+            self._listings = default_listings()
+        return self._listings
 
     if TYPE_CHECKING:
         # Every subclass defines it; declared here only so the checker knows a policy has one.
@@ -110,11 +130,13 @@ class _PolicyBase:
         """Whether the exchange matters for these conditions (not by default)."""
         return False
 
-    def primary_exchange(self, symbol: str, tape: int) -> int:
-        """Primary listing from the reference table of ``tickfiles``, else from the tape."""
-        from libs.common.market.tickfiles import primary_exchange_id
+    def primary_exchange(self, symbol: str, tape: int, day: date) -> int:
+        """``symbol``'s listing exchange on ``day`` from the policy's ``Listings``."""
+        return self.listings.primary(symbol, day, tape)
 
-        return primary_exchange_id(symbol, tape)
+    def warm_listing(self, symbol: str, day: date) -> None:
+        """Start a slow listing lookup (Polygon's reference) in the background."""
+        self.listings.warm(symbol, day)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
@@ -157,6 +179,7 @@ class AlgoseekPolicy(_PolicyBase):
 
     name = "algoseek"
     fold_unpriced_volume = True
+    needs_listing = True
 
     INCLUDING = frozenset({0, 7, 20, 29, 12, 13})
     """Regular Sale, Cash Sale, Next Day, Seller, Form T/Extended Hours, Extended Hours (Sold
@@ -211,7 +234,8 @@ class PolygonPolicy(_PolicyBase):
     name = "polygon"
     fold_unpriced_volume = False
 
-    def __init__(self, kind: str = "consolidated") -> None:
+    def __init__(self, kind: str = "consolidated", *, listings: Listings | None = None) -> None:
+        super().__init__(listings=listings)
         from libs.common.market.conditions_table import FORM_T_EXTENDED_HOURS, combine_rules
 
         self._combine = combine_rules
@@ -238,22 +262,33 @@ class PolygonPolicy(_PolicyBase):
         )
 
 
-POLICIES: dict[str, Callable[[], _PolicyBase]] = {
+POLICIES: dict[str, Callable[..., _PolicyBase]] = {
     "algoseek": AlgoseekPolicy,
     "polygon": PolygonPolicy,
     "none": NonePolicy,
 }
 
+_DEFAULT_LISTINGS: Listings | None = None
 
-def get_policy(name: str) -> _PolicyBase:
-    """A policy by name: ``algoseek``, ``polygon`` or ``none``."""
+
+def default_listings() -> Listings:
+    """The listings of a policy given none: the packaged map files (shared, built once)."""
+    global _DEFAULT_LISTINGS
+    if _DEFAULT_LISTINGS is None:
+        _DEFAULT_LISTINGS = Listings()
+    return _DEFAULT_LISTINGS
+
+
+def get_policy(name: str, *, listings: Listings | None = None) -> _PolicyBase:
+    """A policy by name: ``algoseek``, ``polygon`` or ``none``; ``listings`` is where it finds
+    symbols' primary listings (``libs.common.market.listings``)."""
     try:
         factory = POLICIES[name]
     except KeyError:
         raise ValueError(
             f"unknown bar policy {name!r}; expected one of {sorted(POLICIES)}"
         ) from None
-    return factory()
+    return factory(listings=listings)
 
 
 __all__ = [
@@ -264,5 +299,6 @@ __all__ = [
     "NonePolicy",
     "PolygonPolicy",
     "classification_of",
+    "default_listings",
     "get_policy",
 ]
