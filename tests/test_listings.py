@@ -180,7 +180,7 @@ def test_the_settings_name_the_folders_and_the_reference() -> None:
         {
             "DEMO_MAP_FILES": "/a,/b",
             "DEMO_REFERENCE_URL": "http://sim:8765",
-            "POLYGON_API_KEY": "secret",
+            "DEMO_REFERENCE_KEY": "secret",
         },
     )
     assert settings.listings.map_files == ["/a", "/b"]

@@ -73,10 +73,13 @@ class Reconciler:
         *,
         clock: Clock = SYSTEM_CLOCK,
         gauges: ParityGauges | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.clock = clock
+        self.listings = settings.listings.build(registry=registry, service="mirror")
+        """Primary listings for rebuilding the source's bars (the bars' own sources)."""
         self.keys = Keys(settings.key_prefix)
         self.reader = SideReader(settings, client)
         self.gate_store = GateStore(client, self.keys)
@@ -204,7 +207,7 @@ class Reconciler:
         """Each symbol's minutes against the source (None when the source was not read)."""
         if sides.ticks is None:
             return None
-        policy = get_policy(self.settings.bars_policy)
+        policy = get_policy(self.settings.bars_policy, listings=self.listings)
         day_ordinal = sides.day.toordinal()
         judged = []
         for symbol in sides.symbols:
@@ -280,7 +283,8 @@ class Reconciler:
         return self._producer
 
     async def close(self) -> None:
-        """Stop the report producer, if one was started."""
+        """Stop the report producer, if one was started, and the listings' lookups."""
+        self.listings.close()
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
@@ -325,7 +329,11 @@ class ScheduledReconciler(Component):
     ) -> None:
         super().__init__("mirror.reconciler", registry=registry)
         self.reconciler = Reconciler(
-            settings, client, clock=clock, gauges=ParityGauges(registry, settings.gate_days)
+            settings,
+            client,
+            clock=clock,
+            gauges=ParityGauges(registry, settings.gate_days),
+            registry=registry,
         )
         self.clock = clock
         self.last_day: date | None = None

@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import date, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import httpx
 import msgspec
@@ -452,10 +452,9 @@ def for_data(path: str | Path | None = None, extra: Iterable[str | Path] = ()) -
 
 
 class ListingSettings(SettingsGroup, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Where a service finds primary listings (``<PREFIX>MAP_FILES``, ``<PREFIX>REFERENCE_*``;
-    the key is ``POLYGON_API_KEY``)."""
-
-    ENV_NAMES: ClassVar[dict[str, str]] = {"reference_key": "POLYGON_API_KEY"}
+    """Where a service finds primary listings (``<PREFIX>MAP_FILES``, ``<PREFIX>REFERENCE_*``).
+    The reference's key is a setting of its own, not ``POLYGON_API_KEY``: the deployment gives
+    the feed's key to ingest only."""
 
     map_files: Annotated[
         list[str],
@@ -465,9 +464,9 @@ class ListingSettings(SettingsGroup, frozen=True, forbid_unknown_fields=True, kw
         str,
         Meta(description="Polygon REST base URL for /v3/reference/tickers (empty: not asked)"),
     ] = ""
-    reference_key: Annotated[Secret, Meta(description="Polygon API key (POLYGON_API_KEY only)")] = (
-        Secret("")
-    )
+    reference_key: Annotated[
+        Secret, Meta(description="Polygon API key for the ticker reference (a Bearer token)")
+    ] = Secret("")
     reference_timeout_s: Annotated[
         float, Meta(gt=0, description="wait for one ticker reference answer")
     ] = 5.0

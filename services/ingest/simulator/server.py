@@ -37,6 +37,8 @@ from services.ingest.simulator.feeds import (
     malformed_frames,
     synthetic_frames,
 )
+from services.ingest.simulator.reference import PREFIX as TICKERS_PREFIX
+from services.ingest.simulator.reference import ticker_endpoint
 from services.ingest.simulator.rest import PREFIX as REST_PREFIX
 from services.ingest.simulator.rest import TradeHistory, TradesEndpoint
 from services.ingest.simulator.session import _Session
@@ -89,6 +91,8 @@ class PolygonSimulator:
         self.history = TradeHistory()
         """Every trade the feed produced (served on ``/v3/trades``)."""
         self.rest = TradesEndpoint(self.history, settings.api_key.reveal())
+        self.tickers = ticker_endpoint(settings, self.history)
+        """``/v3/reference/tickers``: the listing exchange of the symbols it knows."""
         self._custom_feed = feed
         self._day_trades: list[TradeEvent] | None = None
         self._vendor_minutes: list[MinuteAggEvent] | None = None
@@ -227,6 +231,8 @@ class PolygonSimulator:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path.startswith(REST_PREFIX):
             return self.rest.respond(connection, request)
+        if request.path.startswith(TICKERS_PREFIX):
+            return self.tickers.respond(connection, request)
         if not request.path.startswith(CONTROL_PREFIX) or not self.settings.control:
             return None
         supplied = request.headers.get(CONTROL_KEY_HEADER, "")
