@@ -27,6 +27,7 @@ from libs.common.io.kafka_io import (
     start_producer,
 )
 from libs.common.market.aggregator import build_bars
+from libs.common.market.calendar import is_trading_day
 from libs.common.market.policies import get_policy
 from libs.common.market.sessions import ny_date, ts_et
 from libs.common.names import Keys
@@ -338,17 +339,27 @@ class ScheduledReconciler(Component):
         self.clock = clock
         self.last_day: date | None = None
         self.last_report: DayReport | None = None
+        self.skipped: date | None = None
+        """The last day skipped as not a trading day."""
         self.every(settings.reconcile_interval_s, self.tick, name="mirror.reconciler.timer")
 
     async def on_stop(self) -> None:
         await self.reconciler.close()
 
     async def tick(self) -> None:
-        """One timed run (errors are logged; the next tick tries again)."""
+        """One timed run (errors are logged; the next tick tries again). A day the exchange
+        does not trade (the calendar's) gets no report: there is nothing to compare and the
+        gate does not count it."""
         today = ny_date(self.clock.now_ms())
         try:
             if self.last_day is not None and self.last_day < today:
                 await self.reconciler.run(self.last_day, min_age_s=0)
+                self.last_day = None
+            if not is_trading_day(today):
+                if self.skipped != today:
+                    self.skipped = today
+                    self.log.info("reconcile.not_a_trading_day", day=today.isoformat())
+                return
             self.last_report = await self.reconciler.run(today)
             self.last_day = today
         except (OSError, ConnectionError, TimeoutError, KafkaError) as exc:

@@ -58,7 +58,9 @@ from services.ingest.simulator.settings import (
     Fault,
     FileFeed,
     SimulatorSettings,
+    SyntheticFeed,
 )
+from services.ingest.simulator.synthetic_day import synthetic_day_trades
 
 log = structlog.get_logger("ingest.simulator")
 
@@ -107,7 +109,14 @@ class PolygonSimulator:
     async def start(self) -> None:
         """Load the feed (file feeds read their files here) and bind the server."""
         settings = self.settings
-        if isinstance(settings.feed, FileFeed) and self._custom_feed is None:
+        if isinstance(settings.feed, SyntheticFeed) and settings.feed.day is not None:
+            self._day_trades = await asyncio.to_thread(synthetic_day_trades, settings.feed)
+            log.info(
+                "simulator.synthetic_day",
+                day=settings.feed.day.isoformat(),
+                trades=len(self._day_trades),
+            )
+        elif isinstance(settings.feed, FileFeed) and self._custom_feed is None:
             self._day_trades = await asyncio.to_thread(load_day_trades, settings.feed)
             if settings.minute_aggregates:
                 self._vendor_minutes = await asyncio.to_thread(load_vendor_minutes, settings.feed)
@@ -390,6 +399,14 @@ class PolygonSimulator:
                 settings.frame_window_ms,
                 settings.minute_aggregates,
                 self._vendor_minutes,
+            )
+        if self._day_trades is not None:  # a synthetic day: its trades, paced like a file's
+            return file_frames(
+                self._day_trades,
+                settings.feed.speed,
+                settings.frame_max_events,
+                settings.frame_window_ms,
+                settings.minute_aggregates,
             )
         return synthetic_frames(
             SyntheticMarket(settings.feed),
