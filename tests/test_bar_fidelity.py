@@ -363,3 +363,45 @@ def test_the_data_sets_own_map_files_come_first(tmp_path: Path) -> None:
     (tmp_path / "map_files" / "ibm.csv").write_text("20501231,ibm,Q\n")
     assert for_data(tmp_path).primary("IBM", date(2013, 10, 7)) == 12
     assert for_data(data_dir()).primary("IBM", date(2013, 10, 7)) == 10
+
+
+def test_the_backfill_takes_listings_from_map_files_and_counts_a_symbol_without_one(
+    tmp_path: Path,
+) -> None:
+    """``--map-files`` (or the data set's own ``map_files``) gives a new symbol its auction;
+    without either the summary counts the symbol-day and the bars miss the crosses."""
+    import json
+
+    from services.bars.backfill import run_backfill
+
+    if ("ibm", "20131008") not in symbol_days():
+        pytest.skip("IBM 2013-10-08 not in the data")
+    root = copy_as(tmp_path / "data", "ibm", "20131008", "QIBM")
+    tick = root / "tick" / "qibm" / "20131008_trade.zip"
+    folder = tmp_path / "listings"
+    folder.mkdir()
+    (folder / "qibm.csv").write_text("20501231,qibm,N\n")
+    _, vendor = load("ibm", "20131008")
+
+    def backfilled(name: str, **options: object) -> tuple[Figure, dict[str, int]]:
+        out = tmp_path / f"{name}.jsonl"
+        summary = run_backfill([tick], "algoseek", out, **options)  # type: ignore[arg-type]
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        ours = {
+            line["startMs"]: (
+                line["open"],
+                line["high"],
+                line["low"],
+                line["close"],
+                line["volume"],
+            )
+            for line in lines
+        }
+        minutes = ours.keys() | vendor.keys()
+        matched = sum(1 for minute in minutes if ours.get(minute) == vendor.get(minute))
+        return Figure(matched, len(minutes)), summary.counters
+
+    given, counters = backfilled("given", map_files=[folder])
+    assert given.pct == 100.0 and counters["primary_listing_unknown"] == 0
+    without, counters = backfilled("without")
+    assert without.pct < THRESHOLD_PCT and counters["primary_listing_unknown"] == 1
