@@ -166,6 +166,10 @@ def test_a_failing_reference_is_a_miss_not_an_error() -> None:
     assert events.count("listing.reference_failed") == 2
     assert events.count("listing.unknown") == 2
     assert listings.missing == 2
+    # a failure is not kept as an answer: the next ask goes to the reference again
+    assert listings.primary("DOWN", DAY) == 0
+    assert listings.reference is not None and listings.reference.requests == 3
+    assert listings.missing == 3
 
 
 def test_the_settings_name_the_folders_and_the_reference() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from libs.common.market.listings import Listings, TickerReference
+from libs.common.market.listings import Listings, ReferenceUnavailable, TickerReference
 from libs.common.runtime.settings import Secret
 from services.ingest.simulator import FileFeed, PolygonSimulator, SimulatorSettings, SyntheticFeed
 from tests.helpers import eventually
@@ -60,7 +60,8 @@ async def test_a_tick_file_feed_answers_from_the_data_sets_listings() -> None:
         assert ibm is not None and ibm.exchange == 10
         assert other is None
         wrong = reference(sim, "wrong")
-        assert await asyncio.to_thread(wrong.lookup, "SPY", DAY) is None  # 401, logged
+        with pytest.raises(ReferenceUnavailable, match="401"):  # logged, asked again later
+            await asyncio.to_thread(wrong.lookup, "SPY", DAY)
         ref.close()
         wrong.close()
 

@@ -253,6 +253,31 @@ class Minute:
         self.pv_volume = 0
         self.trades = 0
 
+    def store(
+        self,
+        o: float,
+        ot: int,
+        h: float,
+        lo: float,
+        c: float,
+        ct: int,
+        v: int,
+        pv: float,
+        pvv: int,
+        n: int,
+    ) -> None:
+        """Write back the running values the aggregator's hot loop kept in local variables."""
+        self.open = o
+        self.open_t = ot
+        self.high = h
+        self.low = lo
+        self.close = c
+        self.close_t = ct
+        self.volume = v
+        self.pv = pv
+        self.pv_volume = pvv
+        self.trades = n
+
     @property
     def priced(self) -> bool:
         """Whether an open/close-eligible trade reached the minute (it has a bar)."""

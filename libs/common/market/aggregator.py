@@ -216,16 +216,7 @@ class BarAggregator:
             t = tr.t
             if t >= end or t < start:
                 if cur is not None:
-                    cur.open = o
-                    cur.open_t = ot
-                    cur.high = h
-                    cur.low = lo
-                    cur.close = c
-                    cur.close_t = ct
-                    cur.volume = v
-                    cur.pv = pv
-                    cur.pv_volume = pvv
-                    cur.trades = n
+                    cur.store(o, ot, h, lo, c, ct, v, pv, pvv, n)
                 cur = self._open_minute(t - t % MINUTE_MS)
                 if cur is None:
                     start = end = 0
@@ -295,16 +286,7 @@ class BarAggregator:
                         ot = t
             else:
                 assert cur is not None  # a trade with no open minute was skipped above
-                cur.open = o
-                cur.open_t = ot
-                cur.high = h
-                cur.low = lo
-                cur.close = c
-                cur.close_t = ct
-                cur.volume = v
-                cur.pv = pv
-                cur.pv_volume = pvv
-                cur.trades = n
+                cur.store(o, ot, h, lo, c, ct, v, pv, pvv, n)
                 self._slow(tr, cur)
                 o = cur.open
                 ot = cur.open_t
@@ -317,16 +299,7 @@ class BarAggregator:
                 pvv = cur.pv_volume
                 n = cur.trades
         if cur is not None:
-            cur.open = o
-            cur.open_t = ot
-            cur.high = h
-            cur.low = lo
-            cur.close = c
-            cur.close_t = ct
-            cur.volume = v
-            cur.pv = pv
-            cur.pv_volume = pvv
-            cur.trades = n
+            cur.store(o, ot, h, lo, c, ct, v, pv, pvv, n)
         self.counters.trades_ignored_by_policy += ignored
         self.counters.volume_excluded += excluded
         return newest

@@ -235,13 +235,18 @@ class MapFiles:
         return self._index
 
 
+class ReferenceUnavailable(Exception):
+    """The ticker reference could not answer now (network, an error status, a bad body)."""
+
+
 class TickerReference:
     """Polygon's ticker reference (``GET /v3/reference/tickers/{ticker}?date=``): the
     ``primary_exchange`` of a ticker on a day.
 
     ``warm`` starts a lookup in a worker thread so that it is ready when ``lookup`` needs it;
-    ``lookup`` waits for it (or asks itself) at most ``timeout_s``. A failed request (network,
-    an error status, an unknown MIC) is logged and gives None; it is asked again next time.
+    ``lookup`` waits for it (or asks itself) at most ``timeout_s``. A ticker it does not know
+    (404) or a MIC without an exchange id gives None; a request that fails is logged and
+    raises ``ReferenceUnavailable`` (``Listings`` then asks again next time).
     """
 
     def __init__(
@@ -278,12 +283,10 @@ class TickerReference:
             future = self._pending.pop(key, None)
         if future is not None:
             try:
-                found = future.result(timeout=self.timeout_s)
-            except Exception as exc:  # the worker's failure, reported as a miss
-                log.warning("listing.reference_failed", symbol=key[0], error=repr(exc))
-                found = None
-            if found is not None:
-                return found
+                return future.result(timeout=self.timeout_s)
+            except Exception as exc:  # the worker's failure (logged there): ask once more
+                if not isinstance(exc, ReferenceUnavailable):
+                    log.warning("listing.reference_failed", symbol=key[0], error=repr(exc))
         return self._fetch(*key)
 
     def _fetch(self, symbol: str, day: date) -> Listing | None:
@@ -294,18 +297,18 @@ class TickerReference:
             response = self._client.get(url, params={"date": day.isoformat()}, headers=headers)
         except httpx.HTTPError as exc:
             log.warning("listing.reference_failed", symbol=symbol, error=repr(exc))
-            return None
+            raise ReferenceUnavailable(repr(exc)) from None
         if response.status_code == httpx.codes.NOT_FOUND:
             return None
         if response.status_code != httpx.codes.OK:
             log.warning("listing.reference_failed", symbol=symbol, status=response.status_code)
-            return None
+            raise ReferenceUnavailable(f"status {response.status_code}")
         try:
             results: Any = response.json().get("results") or {}
             mic = str(results.get("primary_exchange") or "").upper()
         except (ValueError, AttributeError) as exc:
             log.warning("listing.reference_failed", symbol=symbol, error=repr(exc))
-            return None
+            raise ReferenceUnavailable(repr(exc)) from None
         exchange = MIC_TO_POLYGON.get(mic, 0)
         if not exchange:
             log.warning("listing.reference_unknown_mic", symbol=symbol, mic=mic)
@@ -372,15 +375,20 @@ class Listings:
             if key in self._known:
                 return self._known[key]
         found = self.map_files.lookup(symbol, day)
+        settled = True
         if found is None and self.reference is not None:
-            found = self.reference.lookup(symbol, day)
+            try:
+                found = self.reference.lookup(symbol, day)
+            except ReferenceUnavailable:
+                settled = False  # not kept: asked again next time
         if found is None and tape in EXCHANGE_OF_TAPE:
             exchange = EXCHANGE_OF_TAPE[tape]
             found = Listing(key[0], exchange, tape, "tape")
         with self._lock:
             if key in self._known:
                 return self._known[key]
-            self._known[key] = found
+            if settled or found is not None:
+                self._known[key] = found
             if found is None:
                 self.missing += 1
                 if self._metrics is not None:
@@ -492,6 +500,7 @@ __all__ = [
     "Listings",
     "MapFiles",
     "MapRow",
+    "ReferenceUnavailable",
     "TickerReference",
     "for_data",
     "map_files_of_data",
