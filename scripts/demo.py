@@ -16,16 +16,28 @@ import argparse
 import datetime as dt
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from devstack.localstack import LocalStack
+from devstack.localstack import LocalStack, free_port
 from devstack.mesh import Mesh, MeshOptions
 
 REPO = Path(__file__).resolve().parents[1]
+DASHBOARD_PORT = 9105
+
+
+def port_or_free(port: int) -> int:
+    """``port`` when nothing listens on it on 127.0.0.1, else a free one."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return free_port()
+    return port
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--grace-ms", type=int, default=1_000)
     parser.add_argument("--workdir", type=Path, help="where logs go (a temp dir by default)")
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="after the replay, keep the mesh and the dashboard running until Ctrl-C",
+    )
+    parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=DASHBOARD_PORT,
+        help=f"the dashboard's port on 127.0.0.1 (default {DASHBOARD_PORT}, a free one if taken)",
+    )
     args = parser.parse_args(argv)
     if args.data is not None:
         if not args.data.is_dir():
@@ -71,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_signal)  # stop the mesh on the way out, not orphan it
+    # Ctrl-C even when started in the background (which starts a program ignoring SIGINT)
+    signal.signal(signal.SIGINT, _stop_on_signal)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tickmesh-demo-"))
     options = MeshOptions(
         workdir=workdir,
@@ -82,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         synthetic_rate=args.rate,
         duration_s=args.duration_s,
         grace_ms=args.grace_ms,
+        dashboard=True,
+        dashboard_port=port_or_free(args.dashboard_port),
     )
     started = time.monotonic()
     print(f"tickmesh demo: logs in {workdir}", flush=True)
@@ -89,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         mesh = Mesh(stack, options)
         try:
             mesh.start()
+            print(f"dashboard: {mesh.dashboard_url}", flush=True)
             print("mesh running; replaying the feed ...", flush=True)
             mesh.wait_feed_done(timeout_s=1_800)
             print("feed replayed; waiting for the last bars to close ...", flush=True)
@@ -97,9 +125,23 @@ def main(argv: list[str] | None = None) -> int:
             print_summary(mesh, time.monotonic() - started)
             day = args.date or dt.date.today().isoformat()
             print_reconcile(stack, day)
+            if args.serve:
+                serve(mesh)
         finally:
             mesh.stop()
     return 0
+
+
+def serve(mesh: Mesh) -> None:
+    """Keep the mesh and the dashboard running until Ctrl-C (or SIGTERM)."""
+    print(f"\ndashboard: {mesh.dashboard_url}", flush=True)
+    print("serving: the mesh and the dashboard keep running; Ctrl-C stops them", flush=True)
+    try:
+        while True:
+            mesh.check_alive()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("stopping ...", flush=True)
 
 
 def print_summary(mesh: Mesh, elapsed_s: float) -> None:
@@ -120,16 +162,19 @@ def print_summary(mesh: Mesh, elapsed_s: float) -> None:
     print(f"bars out (Redis)        {bars:10.0f}")
     print(f"bars out (Kafka shadow) {shadow:10.0f}")
     print(f"dead letters            {dead:10.0f}")
-    print("records per Kafka topic:")
-    groups: dict[str, int] = {}
-    for topic, count in counts.items():
+    print("records per Kafka topic (distinct, when copies were re-sent):")
+    groups: dict[str, list[int]] = {}
+    for topic, (count, distinct) in counts.items():
         key = topic
         for prefix in ("ticks.", "bars."):
             if topic.startswith(prefix):
                 key = f"{prefix}<SYM>" + (".1m" if topic.endswith(".1m") else "")
-        groups[key] = groups.get(key, 0) + count
-    for topic, count in sorted(groups.items()):
-        print(f"  {topic:<30} {count:10d}")
+        group = groups.setdefault(key, [0, 0])
+        group[0] += count
+        group[1] += distinct
+    for topic, (count, distinct) in sorted(groups.items()):
+        copies = f"  ({distinct} distinct)" if distinct != count else ""
+        print(f"  {topic:<30} {count:10d}{copies}")
 
 
 def print_reconcile(stack: LocalStack, day: str) -> None:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the test suite: bootstrap, lint (ruff check, ruff format --check, mypy), then pytest.
+# Run the test suite: bootstrap (with chromium for the dashboard's browser test), lint (ruff
+# check, ruff format --check, mypy), then pytest.
 # Extra arguments go to pytest; TICKMESH_SKIP_LINT=1 skips the lint step (local reruns only).
 #
 #   bash scripts/test.sh                      # everything except tests marked slow
@@ -10,7 +11,7 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/bootstrap.sh
+bash scripts/bootstrap.sh --browser
 
 select_marker=()
 if [[ "${TICKMESH_SLOW:-0}" != "1" ]]; then

@@ -434,3 +434,41 @@ async def test_a_dependency_outage_is_ridden_out_without_spending_the_budget() -
     child._escalate(RuntimeError("a bug again"), where="test")
     with pytest.raises(RestartBudgetExceeded):
         await asyncio.wait_for(running, 5)
+
+
+class FailsToStop(Dependent):
+    """Its last words (a final commit) fail while the dependency is down."""
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        if Dependent.down > 0:
+            raise Outage("connection refused (final commit)")
+
+
+async def test_a_child_whose_stop_fails_during_an_outage_is_restarted_not_fatal() -> None:
+    """A Redis restart: the child fails, and its final commit in ``on_stop`` fails too. The
+    supervisor logs that and restarts it once the dependency is back; the service lives."""
+    registry = CollectorRegistry()
+    supervisor = Supervisor(
+        "stopfail",
+        max_restarts=1,
+        window_s=60,
+        backoff_initial_s=0.001,
+        jitter=0,
+        registry=registry,
+        classify_outage=lambda exc: "redis" if isinstance(exc, Outage) else None,
+        outage_max_s=0.01,
+    )
+    child = FailsToStop("stopfail-child", registry)
+    supervisor.add(child)
+    running = asyncio.ensure_future(supervisor.run())
+    await asyncio.sleep(0.05)
+    Dependent.down = 3
+    child._escalate(Outage("connection reset"), where="test")
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if child.state is ActorState.RUNNING and Dependent.down == 0:
+            break
+    assert child.state is ActorState.RUNNING and not running.done()
+    supervisor.stop()
+    await asyncio.wait_for(running, 5)

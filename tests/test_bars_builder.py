@@ -187,6 +187,38 @@ async def test_a_restart_rewinds_drops_stale_work_and_does_not_rebuild_published
     await builder.stop()
 
 
+async def test_after_a_restart_a_late_trade_revises_and_a_reread_one_counts_once() -> None:
+    """10:00 is published, then revised by a late trade (position 4); the builder restarts.
+    The source re-delivers from its committed position: the re-read late trade (position 4,
+    at or before the position saved with the minute) is already in the minute taken back, so
+    nothing changes; a new late trade (position 5) revises 10:00 once more, from 300 to 350,
+    as an uninterrupted run would."""
+    clock = ManualClock(10**13)
+    harness = Harness(clock)
+    builder = harness.builder
+    await builder.start()
+    await harness.deliver(
+        ("ticks.A", 1, batch("A", T0 + 1_000)),
+        ("ticks.A", 2, batch("A", T0 + 30_000)),
+        ("ticks.A", 3, batch("A", T0 + 61_000)),
+    )
+    await harness.advance_to(clock.now_ms() + 120_000)
+    await harness.deliver(("ticks.A", 4, batch("A", T0 + 40_000)))
+    assert harness.bars() == [("A", 0, 200, 0), ("A", 1, 100, 0), ("A", 0, 300, 1)]
+    builder._escalate(RuntimeError("boom"), where="test")
+    await builder.stop()
+    await builder.start()
+    await harness.deliver(
+        ("ticks.A", 3, batch("A", T0 + 61_000)),
+        ("ticks.A", 4, batch("A", T0 + 40_000)),
+        ("ticks.A", 5, batch("A", T0 + 50_000, size=50)),
+    )
+    await harness.advance_to(clock.now_ms() + 120_000)
+    assert harness.bars()[3:] == [("A", 0, 350, 2)]
+    assert builder.builder_metrics.ticks_skipped.labels("unit")._value.get() == 2
+    await builder.stop()
+
+
 def mark(feed_time: int, idle: bool = False, **seqs: int) -> Progress:
     return Progress(
         0, "ingest", feed_time, {f"ticks.{sym}": seq for sym, seq in seqs.items()}, idle

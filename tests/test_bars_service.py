@@ -13,6 +13,7 @@ same trades (``build_bars``: what an uninterrupted run must end with).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -487,6 +488,91 @@ async def test_a_process_killed_mid_minute_restarts_without_losing_or_repeating_
     assert await store_bars(redis_client, prefix, symbols) == expected
     started = [line for line in log_path.read_text().splitlines() if "bars.builder_started" in line]
     assert len(started) == 2, log_tail()
+
+
+async def test_a_late_trade_after_a_restart_revises_a_minute_published_before_it(
+    redis_url: str, redis_client: object, unique_name: object, tmp_path: Path
+) -> None:
+    """Five minutes published; then late trades for 10:01 and 10:02 arrive (a backfill): the
+    first half while the process runs, then it is SIGKILLed with them just aggregated, and
+    the second half is published while it is down. The new process takes the day's closed
+    minutes back and revises 10:01 and 10:02 with the late trades, without counting the
+    re-read ones twice: the bars end equal to the core's over all the trades."""
+    prefix = f"{unique_name('late')}:"  # type: ignore[operator]
+    pattern, symbols = symbols_for(2)
+    trades = make_trades(symbols, (10, 0), 5, seed=8)
+    late: list[Trade] = []
+    for number, symbol in enumerate(symbols):
+        for minute, price in ((1, 500.0), (2, 1.0)):  # a new high, a new low
+            base = ny_epoch_ms(DAY, 10, minute)
+            late += [
+                Trade(
+                    sym=symbol,
+                    p=price,
+                    s=700,
+                    t=base + 30_000 + n,
+                    x=4,
+                    i=f"late-{minute}-{n}",
+                    z=3,
+                )
+                for n in range(2 + number)
+            ]
+    half = len(late) // 2
+    expected = expected_bars([*trades, *late])
+    publisher = Publisher(redis_client, keys=Keys(prefix))  # type: ignore[arg-type]
+    env = process_env(redis_url, prefix, pattern)
+    log_path = tmp_path / "bars.log"
+    processes: list[asyncio.subprocess.Process] = []
+
+    def log_tail() -> str:
+        return log_path.read_text(errors="replace")[-3_000:]
+
+    async def current() -> dict[BarKey, BarValue]:
+        return as_map(await published_bars(redis_client, prefix, symbols))
+
+    try:
+        processes.append(await start_process(env, log_path))
+        await publish(publisher, frames(trades))
+        on_time = expected_bars(trades)
+        await eventually(lambda: _has_all(current, on_time.keys()), timeout=30, message=log_tail)
+        await publish(publisher, frames(late[:half]))  # read, then killed with them
+        await eventually(
+            lambda: _revised(redis_client, prefix, symbols), timeout=30, message=log_tail
+        )
+        processes[0].send_signal(signal.SIGKILL)
+        assert await processes[0].wait() == -signal.SIGKILL
+        await publish(publisher, frames(late[half:]))  # arrives while bars is down
+        processes.append(await start_process(env, log_path))
+
+        async def done() -> bool:
+            return await current() == expected
+
+        await eventually(done, timeout=30, message=log_tail)
+        await asyncio.sleep(GRACE_MS / 1000)  # nothing more may come
+        processes[1].send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(processes[1].wait(), 20) == 0, log_tail()
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert await current() == expected
+    assert await store_bars(redis_client, prefix, symbols) == expected
+    assert expected != expected_bars(trades)  # the late trades changed the bars
+    restarted = [
+        json.loads(line)
+        for line in log_path.read_text().splitlines()
+        if "bars.builder_started" in line
+    ]
+    assert len(restarted) == 2 and restarted[1]["restored_minutes"] > 0, log_tail()
+
+
+async def _has_all(current, keys) -> bool:  # type: ignore[no-untyped-def]
+    return set(keys) <= set(await current())
+
+
+async def _revised(client: object, prefix: str, symbols: Sequence[str]) -> bool:
+    return any(bar.revision for bar in await published_bars(client, prefix, symbols))
 
 
 async def test_two_shards_publish_exactly_what_one_instance_publishes(

@@ -32,7 +32,7 @@ from tests.helpers import eventually
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("ingest", "bars", "engine_bridge", "mirror")
+SERVICES = ("ingest", "bars", "engine_bridge", "mirror", "dashboard")
 TAG = "test"
 PREFIX = "localhost/tickmesh-"
 SIM_KEY = "tickmesh-image-test"

@@ -48,6 +48,9 @@ COMPOSE_VALUES: dict[str, str] = {
     # Trades, and the vendor's minute bars for the reconciler's vendor check.
     "INGEST_EVENT_TYPES": "T,AM",
     "POLYGON_API_KEY": "tickmesh-sim",
+    # In its container the dashboard listens on every address; compose publishes it on the
+    # host's loopback only.
+    "DASHBOARD_HTTP_HOST": "0.0.0.0",
 }
 
 # Variables compose itself reads (interpolation), not the services.
@@ -173,12 +176,13 @@ HEADER = """\
 #
 # Kept in step with the code by `.venv/bin/python deploy/tools/sync_env.py` (values set here
 # are kept; settings new in the code are added with their default; stale ones are dropped).
-# Shared settings are TICKMESH_*; INGEST_*, BARS_*, BRIDGE_*, MIRROR_* override one service.
+# Shared settings are TICKMESH_*; INGEST_*, BARS_*, BRIDGE_*, MIRROR_*, DASHBOARD_* override one
+# service.
 # Each comment gives the code's default, so a changed value stands out.
 #
-# Secret: POLYGON_API_KEY. Compose blanks it for every service but ingest. Do not commit a
-# real key: put it in the environment of `docker compose` or in a copy of this file outside
-# the repository (`docker compose --env-file /etc/tickmesh/prod.env ...`).
+# Secrets: POLYGON_API_KEY and DASHBOARD_TOKEN. Compose blanks each for every service but its
+# own. Do not commit a real key or token: put it in the environment of `docker compose` or in
+# a copy of this file outside the repository (`docker compose --env-file /etc/tickmesh/prod.env ...`).
 """
 
 

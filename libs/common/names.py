@@ -58,6 +58,8 @@ HEADER_SEQ: Final = "tm-seq"
 # -- Redis keys of tickmesh's own state ----------------------------------------------------------
 
 DEFAULT_KEY_PREFIX: Final = "tm:"
+PARITY_DAYS: Final = "parity:days"
+"""``Keys.state(PARITY_DAYS)``: the gate's day summaries (``schemas.DaySummary``), field = day."""
 
 
 def channel(template: str, symbol: str) -> str:

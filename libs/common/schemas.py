@@ -298,6 +298,32 @@ class FeedGap(Struct, frozen=True):
     detail: str = ""
 
 
+class DaySummary(Struct, frozen=True):
+    """What the promotion gate keeps of a day's parity report, in the Redis hash
+    ``state:parity:days`` (field = day; ``names.PARITY_DAYS``). The reconciler writes it; the
+    gate and the dashboard read it. ``gate*`` is the gate's verdict at that day's report."""
+
+    day: str
+    parityPct: float | None
+    compared: int
+    matched: int
+    generatedAtMs: int
+    kafkaBars: int = 0
+    redisBars: int = 0
+    completenessPct: float | None = None
+    """The lowest of the day's completeness percentages (ticks, Redis bars, Kafka bars)
+    against the source; None when the report did not judge completeness."""
+    incompleteMinutes: int = 0
+    gateReady: bool | None = None
+    """Whether Kafka may become the source of truth at this day (None: not evaluated)."""
+    gatePassing: int = 0
+    """Consecutive passing trading days ending at this day."""
+    gateDays: int = 0
+    """Passing days the gate needs."""
+    gateTargetPct: float = 0.0
+    gateReasons: list[str] = []
+
+
 StructT = TypeVar("StructT", bound=Struct)
 
 RECORD_TYPES: tuple[type[Struct], ...] = (

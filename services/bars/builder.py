@@ -26,9 +26,14 @@ Restart safety rests on three rules:
 2. what was published is remembered per symbol (``ClosedMinutes``: the end of the newest
    published minute, saved after every publication; on the Redis path also recovered from
    the bars streams, which the publish script writes atomically with pub/sub, so a crash
-   between publishing and saving loses nothing). After a (re)start, ticks of minutes at or
-   before that mark are re-read ticks of published minutes and are not aggregated again,
-   and no bar at or before it is sent again, whatever its revision;
+   between publishing and saving loses nothing), and with it, in the same transaction, the
+   day's closed minutes as the core holds them and the source position read per channel
+   (``MinuteSnapshot``). After a (re)start the core takes those minutes back: a tick of one
+   of them at or before the saved position is already in it (not aggregated again), a tick
+   after it is a late trade and revises the bar as it would have without the restart (a
+   backfill, a trade the feed sent late). Ticks of other minutes at or before the mark
+   (published just before a crash, after the last save) are not aggregated again, and no
+   bar of such a minute is sent again;
 3. every (re)start of the actor starts from scratch: fresh cores and the source rewound to the
    committed positions; what the reader posted for the previous incarnation is dropped by the
    runtime (it comes again).
@@ -47,12 +52,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from libs.common import names
 from libs.common.market.aggregator import BarAggregator
 from libs.common.market.identity import TradeIds
-from libs.common.market.sessions import MINUTE_MS
+from libs.common.market.sessions import ny_date
 from libs.common.runtime.actors import Actor, Overflow
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.metrics import metrics_for
 from libs.common.schemas import Bar, Progress, TickBatch, Trade
-from services.bars.marks import ClosedMinutes
+from services.bars.marks import ClosedMinutes, MinuteSnapshot, RestartGuard
 from services.bars.source import BarSink, Item, TickSource
 
 log = structlog.get_logger("tickmesh.bars")
@@ -189,6 +194,13 @@ class BarBuilder(Actor[BuilderMessage]):
         self.owns = owns
         """Which symbols are this builder's (its shard); a mark's others are not its business."""
         self.ids = TradeIds()
+        self._snapshots: dict[str, MinuteSnapshot] = {}
+        """Saved minutes not yet given back to their symbol's core (restored on its first
+        tick)."""
+        self._guards: dict[str, RestartGuard] = {}
+        """Per symbol restored at start: what of its ticks and bars is new to its core."""
+        self._touched: set[str] = set()
+        """Symbols whose core changed in the current message (their minutes may need saving)."""
         self._seqs: dict[str, int] = {}
         """Per symbol: the newest sequence of its tick channel read."""
         self._marks: dict[str, deque[tuple[int, int, bool]]] = {}
@@ -231,6 +243,7 @@ class BarBuilder(Actor[BuilderMessage]):
     async def on_start(self) -> None:
         self.aggregators = {}
         self.ids = TradeIds()
+        self._touched.clear()
         self._seqs.clear()
         self._marks.clear()
         self._open.clear()
@@ -242,12 +255,18 @@ class BarBuilder(Actor[BuilderMessage]):
         self._dirty.clear()
         self._waiting.clear()
         await self.closed.load()
+        self._snapshots = await self.closed.load_snapshots(self.closed.restored)
+        self._guards = {
+            symbol: RestartGuard(mark, self._snapshots.get(symbol))
+            for symbol, mark in self.closed.restored.items()
+        }
         await self.source.open(restart=self.incarnation > 1)
         log.info(
             "bars.builder_started",
             actor=self.name,
             incarnation=self.incarnation,
             restored_symbols=len(self.closed.restored),
+            restored_minutes=sum(len(s.states) for s in self._snapshots.values()),
         )
 
     async def on_stop(self) -> None:
@@ -333,6 +352,17 @@ class BarBuilder(Actor[BuilderMessage]):
         aggregator = self.aggregators.get(symbol)
         if aggregator is None:
             aggregator = self.aggregators[symbol] = self.make_aggregator(symbol)
+            snapshot = self._snapshots.pop(symbol, None)
+            if snapshot is not None and snapshot.states:
+                day = aggregator.day_for(int(snapshot.states[0][0]))
+                if day is not None:
+                    day.restore(
+                        symbol,
+                        snapshot.states,
+                        fold=bool(aggregator.policy.fold_unpriced_volume),
+                        opening_seen=snapshot.opening_seen,
+                        closing_seen=snapshot.closing_seen,
+                    )
         return aggregator
 
     def _advance(self, now: int) -> list[Bar]:
@@ -346,6 +376,7 @@ class BarBuilder(Actor[BuilderMessage]):
             open_after = aggregator.open_since()
             if open_after != open_before:
                 self._dirty.update(self._symbol_channels.get(symbol, ()))
+                self._touched.add(symbol)
             if closed:
                 bars.extend(closed)
                 if open_after is None:
@@ -359,7 +390,7 @@ class BarBuilder(Actor[BuilderMessage]):
         ticks = 0
         pending = self._pending
         last_position = self._last_position
-        restored = self.closed.restored
+        guards = self._guards
         for channel, position, batch in items:
             if position <= last_position.get(channel, -1):
                 continue  # delivered again
@@ -378,9 +409,12 @@ class BarBuilder(Actor[BuilderMessage]):
             symbol = batch.sym
             trades: Sequence[Trade] = batch.ticks
             if trades:
-                mark = restored.get(symbol)
-                if mark is not None and trades[0].t < mark + MINUTE_MS:
-                    trades = self._after_mark(trades, mark)
+                guard = guards.get(symbol)
+                if guard is not None:
+                    kept = guard.new_trades(channel, position, trades)
+                    if len(kept) < len(trades):
+                        self._m_ticks_skipped.inc(len(trades) - len(kept))
+                    trades = kept
                 fresh = self.ids.fresh(symbol, trades)
                 if len(fresh) < len(trades):
                     self._m_duplicate_trades.inc(len(trades) - len(fresh))
@@ -393,6 +427,7 @@ class BarBuilder(Actor[BuilderMessage]):
                     late_revised += counters.late_revised - revised
                     late_dropped += counters.late_dropped - dropped
                     ticks += len(trades)
+                    self._touched.add(symbol)
                     if aggregator.open_since() is None:
                         self._open.discard(symbol)
                     else:
@@ -468,35 +503,59 @@ class BarBuilder(Actor[BuilderMessage]):
         open_after = aggregator.open_since()
         if open_after != open_before:
             self._dirty.update(self._symbol_channels.get(symbol, ()))
+            self._touched.add(symbol)
         if closed:
             bars.extend(closed)
         if open_after is None:
             self._open.discard(symbol)
         self._watermark = max(self._watermark, aggregator.watermark_ms)
 
-    def _after_mark(self, trades: Sequence[Trade], mark: int) -> list[Trade]:
-        """The trades of minutes after ``mark`` (the end of the newest minute published before
-        the last start). Those before are re-read ticks of minutes already published (or
-        late ones for them): aggregated again they would only make partial minutes, which
-        the policy may fold into a neighbour's bar."""
-        kept = [trade for trade in trades if trade.t >= mark]
-        if len(kept) < len(trades):
-            self._m_ticks_skipped.inc(len(trades) - len(kept))
-        return kept
+    def _changed_minutes(self) -> list[MinuteSnapshot]:
+        """The closed minutes of the symbols touched by this message that changed, with the
+        positions read on their channels (saved with the marks)."""
+        out: list[MinuteSnapshot] = []
+        positions = self._last_position
+        for symbol in self._touched:
+            aggregator = self.aggregators.get(symbol)
+            if aggregator is None:
+                continue
+            for day in aggregator.retained_days():
+                states = day.take_changed()
+                if states:
+                    out.append(
+                        MinuteSnapshot(
+                            symbol,
+                            ny_date(day.start),
+                            states,
+                            {
+                                channel: positions[channel]
+                                for channel in self._symbol_channels.get(symbol, ())
+                                if channel in positions
+                            },
+                            day.opening_seen,
+                            day.closing_seen,
+                        )
+                    )
+        self._touched.clear()
+        return out
 
     async def _publish(self, bars: list[Bar]) -> None:
-        if not bars:
-            return
-        fresh = [bar for bar in bars if not self.closed.skip(bar)]
+        snapshots = self._changed_minutes() if self._touched else []
+        guards = self._guards
+        fresh = [
+            bar
+            for bar in bars
+            if (guard := guards.get(bar.symbol)) is None or not guard.published_before(bar)
+        ]
         if len(fresh) < len(bars):
             self._m_skipped.inc(len(bars) - len(fresh))
-        if not fresh:
-            return
-        await self.sink(fresh)
-        revised = sum(1 for bar in fresh if bar.revision)
-        self._m_bars.inc(len(fresh) - revised)
-        self._m_revisions.inc(revised)
-        await self.closed.save(fresh)
+        if fresh:
+            await self.sink(fresh)
+            revised = sum(1 for bar in fresh if bar.revision)
+            self._m_bars.inc(len(fresh) - revised)
+            self._m_revisions.inc(revised)
+        if fresh or snapshots:
+            await self.closed.save(fresh, snapshots)
 
     async def _commit_safe(self) -> None:
         """Commit each channel up to the last batch whose ticks all sit in closed minutes."""

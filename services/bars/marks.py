@@ -4,25 +4,98 @@
 the newest minute published for each symbol and the sequence of its last bar on the Redis
 channel; ``StreamClosedMinutes`` (the Redis path) also reads the bars streams after the
 saved sequences, so bars published just before a crash are known as published.
+
+With the marks, in the same transaction, it keeps the closed minutes of each symbol's day as
+the core holds them (``MinuteSnapshot``: one hash per symbol and New York day, a field per
+minute, the source position read per channel when saved), so that after a restart a late
+trade revises a minute published before it instead of being lost.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from datetime import date
 
+import msgspec
 import redis.asyncio as aioredis
 import structlog
 
 from libs.common import names
 from libs.common.io.redis_io import StreamReader
+from libs.common.market.sessions import MINUTE_MS, ny_date
 from libs.common.names import Keys
-from libs.common.schemas import BAR_DECODER, Bar
+from libs.common.schemas import BAR_DECODER, Bar, Trade
 
 log = structlog.get_logger("tickmesh.bars")
+
+SNAPSHOT_TTL_S = 3 * 86_400
+"""How long a day's saved minutes are kept (a restart the next days still finds them)."""
+_POSITION = "@pos:"
+_FLAGS = "@flags"
+_STATE_ENCODER = msgspec.msgpack.Encoder()
+_STATE_DECODER = msgspec.msgpack.Decoder(list[float])
+
+
+class MinuteSnapshot(msgspec.Struct):
+    """One symbol's closed minutes of one New York day, as saved: the states of
+    ``accumulator.Day.take_changed`` (all of them when loaded, the changed ones when saved),
+    whether the day's auction prints were seen, and the source position read per channel
+    when they were saved (a tick at or before it is in the states)."""
+
+    symbol: str
+    day: date
+    states: list[list[float]]
+    positions: dict[str, int]
+    opening_seen: bool = False
+    closing_seen: bool = False
+
+    def minutes(self) -> set[int]:
+        """The starts of the saved minutes."""
+        return {int(state[0]) for state in self.states}
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+class RestartGuard:
+    """What of a restored symbol's ticks and bars is new to its core after a (re)start.
+
+    ``mark``: the end of the newest minute published before the start; ``snapshot``: the
+    closed minutes the core took back, with the source positions read when they were saved.
+    """
+
+    __slots__ = ("mark", "minutes", "positions")
+
+    def __init__(self, mark: int, snapshot: MinuteSnapshot | None) -> None:
+        self.mark = mark
+        self.minutes = snapshot.minutes() if snapshot is not None else set()
+        self.positions = snapshot.positions if snapshot is not None else {}
+
+    def new_trades(self, channel: str, position: int, trades: Sequence[Trade]) -> Sequence[Trade]:
+        """The trades of a batch read at ``position`` of ``channel`` that the core lacks: of a
+        restored minute only when read after the position saved with it (a late trade: it
+        revises the bar); of another minute only when after the mark. The rest are re-read
+        ticks of published minutes: aggregated again they would count twice, or make partial
+        minutes that the policy may fold into a neighbour's bar."""
+        minutes, mark = self.minutes, self.mark
+        if not minutes and min(trade.t for trade in trades) >= mark:
+            return trades
+        reread = position <= self.positions.get(channel, -1)
+        kept = []
+        for trade in trades:
+            t = trade.t
+            if t - t % MINUTE_MS in minutes:
+                if not reread:
+                    kept.append(trade)
+            elif t >= mark:
+                kept.append(trade)
+        return kept
+
+    def published_before(self, bar: Bar) -> bool:
+        """``bar`` rebuilds a minute published before the start that the core did not take
+        back (not to be sent again)."""
+        return bar.endMs <= self.mark and bar.startMs not in self.minutes
 
 
 class ClosedMinutes:
@@ -38,9 +111,15 @@ class ClosedMinutes:
         self.client = client
         self.keys = keys
         self.key = keys.state(f"bars:{name}:closed")
+        self.name = name
         self.by_symbol: dict[str, int] = {}
         self.seqs: dict[str, int] = {}
         self.restored: dict[str, int] = {}
+        self._memory: dict[str, dict[str, bytes]] = {}
+        """Saved minutes when there is no Redis client (tests, benchmarks)."""
+
+    def _snapshot_key(self, symbol: str, day: date) -> str:
+        return self.keys.state(f"bars:{self.name}:minutes:{symbol}:{day.isoformat()}")
 
     async def _read(self) -> dict[str, tuple[int, int]]:
         if self.client is None:  # kept in memory only (tests, benchmarks)
@@ -82,17 +161,14 @@ class ClosedMinutes:
             self.seqs.pop(symbol, None)
             self.restored.pop(symbol, None)
 
-    def skip(self, bar: Bar) -> bool:
-        """True when ``bar`` rebuilds a minute published before the last (re)start."""
-        return bar.endMs <= self.restored.get(bar.symbol, 0)
-
     def note_published(self, symbol: str, seq: int) -> None:
         """The sink published a bar of ``symbol`` with channel sequence ``seq``."""
         if seq > self.seqs.get(symbol, 0):
             self.seqs[symbol] = seq
 
-    async def save(self, bars: Sequence[Bar]) -> None:
-        """Store the marks of the symbols of ``bars``, just published."""
+    async def save(self, bars: Sequence[Bar], snapshots: Sequence[MinuteSnapshot] = ()) -> None:
+        """Store the marks of the symbols of ``bars``, just published, and the changed minutes
+        of ``snapshots``, in one transaction."""
         changed: dict[str, str] = {}
         for bar in bars:
             symbol = bar.symbol
@@ -103,8 +179,73 @@ class ClosedMinutes:
             seq = self.seqs.get(symbol, 0)
             end = self.by_symbol.get(symbol, 0)
             changed[symbol] = f"{end}:{seq}" if seq else str(end)
-        if self.client is not None and changed:
-            await self.client.hset(self.key, mapping=changed)  # type: ignore[arg-type]
+        fields = {
+            self._snapshot_key(snapshot.symbol, snapshot.day): self._fields(snapshot)
+            for snapshot in snapshots
+        }
+        if self.client is None:
+            for key, mapping in fields.items():
+                self._memory.setdefault(key, {}).update(mapping)
+            return
+        if not changed and not fields:
+            return
+        async with self.client.pipeline(transaction=True) as pipe:
+            if changed:
+                pipe.hset(self.key, mapping=changed)  # type: ignore[arg-type]
+            for key, mapping in fields.items():
+                pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+                pipe.expire(key, SNAPSHOT_TTL_S)
+            await pipe.execute()
+
+    @staticmethod
+    def _fields(snapshot: MinuteSnapshot) -> dict[str, bytes]:
+        fields = {str(int(state[0])): _STATE_ENCODER.encode(state) for state in snapshot.states}
+        for channel, position in snapshot.positions.items():
+            fields[_POSITION + channel] = str(position).encode()
+        flags = f"{int(snapshot.opening_seen)}{int(snapshot.closing_seen)}"
+        fields[_FLAGS] = flags.encode()
+        return fields
+
+    async def load_snapshots(self, symbols: Iterable[str]) -> dict[str, MinuteSnapshot]:
+        """The saved minutes of each of ``symbols`` for the day of its restored mark."""
+        wanted = [
+            (symbol, ny_date(self.restored[symbol] - 1))
+            for symbol in symbols
+            if self.restored.get(symbol)
+        ]
+        if not wanted:
+            return {}
+        keys = [self._snapshot_key(symbol, day) for symbol, day in wanted]
+        if self.client is None:
+            raws: list[dict[str, bytes]] = [dict(self._memory.get(key, {})) for key in keys]
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                raws = await pipe.execute()
+        out: dict[str, MinuteSnapshot] = {}
+        for (symbol, day), raw in zip(wanted, raws, strict=True):
+            if raw:
+                out[symbol] = self._parse(symbol, day, raw)
+        return out
+
+    @staticmethod
+    def _parse(
+        symbol: str, day: date, raw: dict[str, bytes] | dict[bytes, bytes]
+    ) -> MinuteSnapshot:
+        snapshot = MinuteSnapshot(symbol, day, [], {})
+        for field, value in raw.items():
+            name = _text(field)
+            if name.startswith(_POSITION):
+                snapshot.positions[name[len(_POSITION) :]] = int(_text(value))
+            elif name == _FLAGS:
+                flags = _text(value)
+                snapshot.opening_seen = flags[:1] == "1"
+                snapshot.closing_seen = flags[1:2] == "1"
+            else:
+                snapshot.states.append(_STATE_DECODER.decode(value))
+        snapshot.states.sort(key=lambda state: state[0])
+        return snapshot
 
 
 class StreamClosedMinutes(ClosedMinutes):

@@ -1,7 +1,8 @@
 """The promotion gate: N consecutive trading days, each at the target in parity and in
 completeness against the source.
 
-Each day's report leaves a ``DaySummary`` in one Redis hash (``GateStore``);
+Each day's report leaves a ``DaySummary`` (``libs.common.schemas``: the dashboard reads it too)
+in one Redis hash (``GateStore``), with the gate's verdict at that day;
 ``evaluate_gate`` reads the window ending at a day and says whether Kafka may become the
 source of truth, and why not.
 """
@@ -15,25 +16,9 @@ import msgspec
 import redis.asyncio as aioredis
 
 from libs.common.market.calendar import trading_days_back
-from libs.common.names import Keys
-from libs.common.schemas import ENCODER
+from libs.common.names import PARITY_DAYS, Keys
+from libs.common.schemas import ENCODER, DaySummary
 from services.mirror.report import Gate, GateDay
-
-
-class DaySummary(msgspec.Struct, frozen=True):
-    """What the gate keeps of a day's report."""
-
-    day: str
-    parityPct: float | None
-    compared: int
-    matched: int
-    generatedAtMs: int
-    kafkaBars: int = 0
-    redisBars: int = 0
-    completenessPct: float | None = None
-    """The lowest of the day's completeness percentages (ticks, Redis bars, Kafka bars)
-    against the source; None when the report did not judge completeness."""
-    incompleteMinutes: int = 0
 
 
 class GateStore:
@@ -41,7 +26,7 @@ class GateStore:
 
     def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
         self.client = client
-        self.key = keys.state("parity:days")
+        self.key = keys.state(PARITY_DAYS)
 
     async def put(self, summary: DaySummary) -> None:
         """Store (replace) one day's summary."""

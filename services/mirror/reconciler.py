@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 
+import msgspec
 import redis.asyncio as aioredis
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -248,16 +249,27 @@ class Reconciler:
             report.completeness.totals.worst_pct if report.completeness is not None else None,
             len(report.completeness.incomplete) if report.completeness is not None else 0,
         )
-        if store:
-            await self.gate_store.put(summary)
         day = sides.day
         stored = await self.gate_store.get_many(
             day - timedelta(days=offset) for offset in range(31)
         )
         stored[report.day] = summary
-        report.gate = evaluate_gate(
+        gate = evaluate_gate(
             day, stored, days=settings.gate_days, target_pct=settings.parity_target_pct
         )
+        report.gate = gate
+        if store:
+            # with the gate's verdict, for the readers of the summaries (the dashboard)
+            await self.gate_store.put(
+                msgspec.structs.replace(
+                    summary,
+                    gateReady=gate.ready,
+                    gatePassing=gate.passing,
+                    gateDays=gate.days,
+                    gateTargetPct=gate.targetPct,
+                    gateReasons=gate.reasons,
+                )
+            )
 
     async def _producer_ready(self) -> AIOKafkaProducer:
         settings = self.settings

@@ -343,6 +343,10 @@ async def _create(admin: AIOKafkaAdminClient, missing: list[TopicSpec]) -> list[
     return [spec.name for spec in missing]
 
 
+class ReadIncomplete(RuntimeError):
+    """A read from the beginning did not reach the end of every partition in time."""
+
+
 async def read_from_beginning(
     settings: CommonSettings,
     topics: Iterable[str],
@@ -351,15 +355,22 @@ async def read_from_beginning(
     max_records: int = 10_000,
     until_ms: int | None = None,
     clock_slack_ms: int = 2_000,
+    max_wait_s: float = 300.0,
 ) -> AsyncIterator[list[ConsumerRecord[bytes, bytes]]]:
-    """Every record of ``topics`` from the beginning, in chunks, until ``idle_ms`` pass empty
-    or every partition reached a record stamped after ``until_ms``.
+    """Every record of ``topics`` from the beginning, in chunks, up to the end of each
+    partition as of the read (or the first record stamped after ``until_ms``).
 
-    ``until_ms`` defaults to when the read started (plus ``clock_slack_ms`` for clocks that
-    differ between hosts), so a topic still being written to (heartbeats every second) is
-    read up to "now" and the read ends instead of following it forever. No consumer group
-    (assign + seek_to_beginning), so nothing is committed and nothing relies on
-    ``end_offsets`` (wrong on the embedded broker). Missing topics are skipped.
+    A partition is done when the consumer's position reaches the high watermark the broker
+    reported in a fetch response for it (``highwater``: set by every response, with records
+    or without), or at its first record stamped after ``until_ms`` (default: when the read
+    started, plus ``clock_slack_ms`` for clocks that differ between hosts), so a topic still
+    being written to (heartbeats every second) is read up to "now" and not followed forever.
+    A slow broker is waited for: nothing ends the read before every partition has been
+    answered at least once. As a safety net for a broker whose watermarks are off, the read
+    also ends when every partition has been answered and no record came for ``idle_ms``.
+    Past ``max_wait_s`` it raises ``ReadIncomplete`` rather than return part of the data. No
+    consumer group (assign + seek_to_beginning): nothing is committed. Missing topics are
+    skipped.
     """
     cutoff = (until_ms if until_ms is not None else int(time.time() * 1000)) + clock_slack_ms
     consumer = AIOKafkaConsumer(
@@ -383,21 +394,48 @@ async def read_from_beginning(
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         reading = set(partitions)
+        started = time.monotonic()
+        last_record = started
+        positions: dict[TopicPartition, int] = {}
         while reading:
-            fetched = await consumer.getmany(*reading, timeout_ms=idle_ms, max_records=max_records)
-            if not fetched:
-                return
+            fetched = await consumer.getmany(
+                *reading, timeout_ms=min(idle_ms, 500), max_records=max_records
+            )
+            now = time.monotonic()
             for partition, messages in fetched.items():
-                if partition not in reading:
+                if partition not in reading or not messages:
                     continue
+                last_record = now
                 late = next((i for i, m in enumerate(messages) if m.timestamp > cutoff), None)
                 if late is not None:
                     # a record stamped after the cutoff: this partition is read up to "now"
                     messages = messages[:late]
                     reading.discard(partition)
                     consumer.pause(partition)
+                else:
+                    positions[partition] = messages[-1].offset + 1
                 if messages:
                     yield messages
+            answered = True
+            for partition in list(reading):
+                highwater = consumer.highwater(partition)
+                if highwater is None:
+                    answered = False
+                    continue
+                position = positions.get(partition)
+                if position is None:
+                    position = await consumer.position(partition)
+                if position >= highwater:
+                    reading.discard(partition)
+                    consumer.pause(partition)
+            if reading and answered and now - last_record >= idle_ms / 1000:
+                return  # answered, and quiet: the watermarks disagree with the data
+            if reading and now - started > max_wait_s:
+                raise ReadIncomplete(
+                    f"reading {len(partitions)} Kafka partitions from the beginning: "
+                    f"{len(reading)} not at their end after {max_wait_s:g} s "
+                    f"(e.g. {sorted(str(p) for p in reading)[:3]})"
+                )
     finally:
         await consumer.stop()
 

@@ -293,6 +293,17 @@ class StreamReader:
         )
         return [(int(entry_id.split(b"-")[1]), fields[b"d"]) for entry_id, fields in entries]
 
+    async def tail(
+        self, channel: str, count: int, upto_seq: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        """The newest ``count`` records with ``seq <= upto_seq`` (all when None), oldest first."""
+        top = "+" if upto_seq is None else f"0-{upto_seq}"
+        entries = cast(
+            _Entries,
+            await self.client.xrevrange(self.keys.stream(channel), max=top, min="-", count=count),
+        )
+        return [(int(entry_id.split(b"-")[1]), fields[b"d"]) for entry_id, fields in entries[::-1]]
+
     async def last_seq(self, channel: str) -> int:
         """The newest sequence in the stream (0 when empty)."""
         entries = cast(_Entries, await self.client.xrevrange(self.keys.stream(channel), count=1))

@@ -12,6 +12,7 @@ inlines :func:`apply_trade` for the common codes (change the two together).
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import msgspec
@@ -72,6 +73,7 @@ class Day:
     """One New York day of one symbol: its session and its closed minutes."""
 
     __slots__ = (
+        "changed",
         "close_ms",
         "closed",
         "closing_seen",
@@ -111,11 +113,14 @@ class Day:
         self.dropped_volume = 0
         self.dropped_trades = 0
         """What the aggregator's counters hold as dropped for this day (``settle``)."""
+        self.changed: set[int] = set()
+        """Closed minutes changed (closed, or revised by a late trade) since ``take_changed``."""
 
     def close(self, acc: Minute) -> None:
         """Keep ``acc`` (not yet kept) among the day's closed minutes."""
         self.closed[acc.start] = acc
         insort(self.order, acc.start)
+        self.changed.add(acc.start)
         self.count(acc)
 
     def count(self, acc: Minute) -> None:
@@ -134,22 +139,64 @@ class Day:
             self.unpriced_volume -= acc.volume
             self.unpriced_trades -= acc.trades
 
+    def unplaced(self, fold: bool) -> tuple[int, int]:
+        """Shares and trades of the closed minutes that are in no bar: without folding, every
+        unpriced minute's; with folding, only when no closed minute of the day has a price."""
+        if fold and self.priced_minutes:
+            return 0, 0
+        return self.unpriced_volume, self.unpriced_trades
+
     def settle(self, fold: bool, counters: BarCounters) -> None:
-        """Bring ``counters``' unpriced drops up to date with the day's closed minutes: the
-        shares and trades in no bar are, without folding, every unpriced minute's; with
-        folding, only when no closed minute of the day has a price."""
-        volume, trades = (
-            (0, 0)
-            if fold and self.priced_minutes
-            else (
-                self.unpriced_volume,
-                self.unpriced_trades,
-            )
-        )
+        """Bring ``counters``' unpriced drops up to date with the day's closed minutes."""
+        volume, trades = self.unplaced(fold)
         counters.unpriced_volume_dropped += volume - self.dropped_volume
         counters.unpriced_trades_dropped += trades - self.dropped_trades
         self.dropped_volume = volume
         self.dropped_trades = trades
+
+    def take_changed(self) -> list[list[float]]:
+        """The state of every closed minute changed since the last call
+        (:meth:`Minute.state`, with its published revision), and forget them."""
+        if not self.changed:
+            return []
+        published = self.published
+        out = []
+        for minute in sorted(self.changed):
+            bar = published.get(minute)
+            out.append(self.closed[minute].state(-1 if bar is None else bar.revision))
+        self.changed = set()
+        return out
+
+    def restore(
+        self,
+        symbol: str,
+        states: Iterable[Sequence[float]],
+        *,
+        fold: bool,
+        opening_seen: bool = False,
+        closing_seen: bool = False,
+    ) -> None:
+        """Take back closed minutes saved by :meth:`take_changed` (after a restart), with the
+        bars published of them, so that a late trade revises them as if nothing happened."""
+        self.opening_seen = self.opening_seen or opening_seen
+        self.closing_seen = self.closing_seen or closing_seen
+        revisions: dict[int, int] = {}
+        for state in states:
+            acc = Minute.from_state(state, self)
+            if acc.start in self.closed:
+                self.forget(self.closed[acc.start])
+                self.closed[acc.start] = acc
+                self.count(acc)
+            else:
+                self.close(acc)
+            revisions[acc.start] = int(state[11])
+        for minute, revision in revisions.items():
+            bar = self.bar(symbol, minute, fold) if revision >= 0 else None
+            if bar is not None:
+                self.published[minute] = with_revision(bar, revision)
+        self.changed = set()
+        # what they hold in no bar was counted by the process that saw their trades
+        self.dropped_volume, self.dropped_trades = self.unplaced(fold)
 
     def priced_neighbours(self, minute: int) -> tuple[int | None, int | None]:
         """The nearest closed minutes before and after closed ``minute`` that have a price."""
@@ -282,6 +329,40 @@ class Minute:
     def priced(self) -> bool:
         """Whether an open/close-eligible trade reached the minute (it has a bar)."""
         return self.close_t >= 0
+
+    def state(self, revision: int) -> list[float]:
+        """Everything the minute holds, as plain numbers (``revision``: of its bar, -1 when
+        none was published); :meth:`from_state` reads it back."""
+        return [
+            self.start,
+            self.open,
+            self.open_t,
+            self.high,
+            self.low,
+            self.close,
+            self.close_t,
+            self.volume,
+            self.pv,
+            self.pv_volume,
+            self.trades,
+            revision,
+        ]
+
+    @classmethod
+    def from_state(cls, state: Sequence[float], day: Day) -> Minute:
+        """The minute saved by :meth:`state`, in ``day``."""
+        acc = cls(int(state[0]), day)
+        acc.open = float(state[1])
+        acc.open_t = int(state[2])
+        acc.high = float(state[3])
+        acc.low = float(state[4])
+        acc.close = float(state[5])
+        acc.close_t = int(state[6])
+        acc.volume = int(state[7])
+        acc.pv = float(state[8])
+        acc.pv_volume = int(state[9])
+        acc.trades = int(state[10])
+        return acc
 
 
 def apply_trade(acc: Minute, tr: Trade, code: int) -> None:

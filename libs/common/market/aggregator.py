@@ -443,6 +443,7 @@ class BarAggregator:
             day.count(acc)
         else:
             day.close(acc)
+        day.changed.add(acc.start)
         day.settle(self._fold, self.counters)
         self._dirty[(day.start, acc.start)] = None
 
@@ -523,6 +524,16 @@ class BarAggregator:
             self.counters.revisions_published += 1
         day.published[minute] = bar
         out.append(bar)
+
+    # -- persistence (a restart keeps the day's closed minutes) --
+
+    def retained_days(self) -> list[Day]:
+        """The days whose closed minutes are kept (for revisions), oldest first."""
+        return [self._days[start] for start in sorted(self._days)]
+
+    def day_for(self, minute: int) -> Day | None:
+        """The day of ``minute``, created if new (None: older than the current day)."""
+        return self._day_of(minute)
 
     # -- introspection --
 

@@ -161,12 +161,26 @@ class Supervisor:
         self.log.warning(
             "supervisor.restarting", actor=child.name, delay_s=round(delay, 3), error=repr(error)
         )
-        await child.stop(self.stop_deadline_s)
+        await self._stop_failed(child)
         await asyncio.sleep(delay)
         if self._stopping.is_set():
             return
         self._metrics.restarts.labels(child.name).inc()
         await child.start()
+
+    async def _stop_failed(self, child: Component) -> None:
+        """Stop a failed child before its restart. Its last words (a final commit, a flush)
+        may fail for the same reason it did (Redis gone): that is logged, not fatal; the
+        restart starts it afresh from its durable state."""
+        try:
+            await child.stop(self.stop_deadline_s)
+        except Exception as exc:
+            self.log.warning(
+                "supervisor.stop_failed",
+                actor=child.name,
+                error=repr(exc),
+                action="restarting it anyway; it resumes from its durable state",
+            )
 
     async def _ride_out(self, child: Component, dependency: str, error: BaseException) -> None:
         """Restart ``child`` after an outage of ``dependency``, without spending its budget."""
@@ -185,7 +199,7 @@ class Supervisor:
             )
         delay = self.outage_backoff.next_s()
         self.delays.append(delay)
-        await child.stop(self.stop_deadline_s)
+        await self._stop_failed(child)
         await asyncio.sleep(delay)
         if self._stopping.is_set():
             return
