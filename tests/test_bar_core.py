@@ -15,6 +15,7 @@ from libs.common.market.policies import (
     OPEN_CLOSE,
     VOLUME,
     AlgoseekPolicy,
+    AlgoseekRules,
     Classification,
     NonePolicy,
     get_policy,
@@ -358,7 +359,9 @@ def test_the_algoseek_classification() -> None:
     assert policy.classify((2, 41)) == Classification(False, False, True)
     assert policy.classify(()) == Classification(True, True, True)
     assert policy.classify(TTE) == Classification(True, True, True)  # Polygon omits Regular
-    assert policy.classify(REGULAR, suspicious=True) == Classification(False, False, False)
+    assert policy.classify(REGULAR, suspicious=True) == Classification(False, False, True)
+    assert policy.classify((29, 41)) == Classification(False, False, True)  # Seller is neutral
+    assert policy.classify((29,)) == Classification(True, True, True)
     assert policy.classify((16,)) == Classification(False, False, False)
     assert policy.classify((0, 15)) == Classification(False, False, False)
     assert policy.classify((25,), exchange=NYSE, primary_exchange=NYSE).auction == "open"
@@ -381,12 +384,40 @@ def test_the_classification_is_computed_once_per_distinct_key() -> None:
     assert sorted(calls) == sorted([ISO, ISO, REGULAR, REGULAR])  # full key + fast key each
 
 
-def test_suspicious_prints_are_left_out_by_algoseek_and_kept_by_none() -> None:
+def test_suspicious_prints_count_for_volume_only_under_algoseek_and_fully_under_none() -> None:
     trades = [trade(at(10, 0, 1), 10.0), trade(at(10, 0, 2), 99.0, s=500, suspicious=True)]
     (vendor,) = build_bars(trades, "algoseek")
     (plain,) = build_bars(trades, "none")
-    assert ohlcv(vendor) == (10.0, 10.0, 10.0, 10.0, 100)
+    assert ohlcv(vendor) == (10.0, 10.0, 10.0, 10.0, 600)  # an excluded tick keeps its volume
     assert ohlcv(plain) == (10.0, 99.0, 10.0, 99.0, 600)
+    (engine,) = build_bars(trades, AlgoseekPolicy(AlgoseekRules(suspicious="nothing")))
+    assert ohlcv(engine) == (10.0, 10.0, 10.0, 10.0, 100)  # Lean's engine drops them
+
+
+def test_the_documented_rule_alone_treats_auctions_and_reports_as_included_trades() -> None:
+    """Without the data's clauses: official reports, opening and closing prints are included
+    trades like any other, and a minute without a price drops its volume."""
+    documented = AlgoseekPolicy(AlgoseekRules.documented())
+    assert documented.classify((16,)) == Classification(True, True, True)
+    assert documented.classify((25, 41), exchange=NASDAQ, primary_exchange=NYSE) == (
+        Classification(True, True, True)
+    )
+    assert documented.classify((8, 41), exchange=NYSE, primary_exchange=NYSE).auction == ""
+    assert not documented.fold_unpriced_volume and not documented.needs_listing
+    assert AlgoseekRules().describe() == ", ".join(AlgoseekRules.DATA_CLAUSES)
+    assert AlgoseekRules.documented().describe() == "documented clauses only"
+    bars = build_bars(
+        [
+            trade(at(16, 0, 5), 10.0, s=1_000, c=(8, 41), x=NYSE),
+            trade(at(15, 59, 1), 9.0),
+            trade(at(16, 1, 1), 9.5, s=200, c=ISO),
+        ],
+        documented,
+    )
+    assert [(bar.tsET[11:16], bar.close, bar.volume) for bar in bars] == [
+        ("15:59", 9.0, 100),
+        ("16:00", 10.0, 1_000),  # the closing print in its own minute; 16:01 dropped
+    ]
 
 
 def test_excluded_prints_count_for_volume_only_under_algoseek() -> None:

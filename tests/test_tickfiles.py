@@ -17,13 +17,11 @@ from libs.common.market.tickfiles import (
     MinuteBar,
     conditions_from_flags,
     day_from_flatfile_path,
-    primary_exchange_id,
     read_lean_minute_bars,
     read_lean_trades,
     read_polygon_flatfile_trades,
     read_trades,
     symbol_and_day_from_path,
-    tape_of,
 )
 
 
@@ -79,14 +77,6 @@ def test_exchange_letters_map_to_polygon_exchange_ids() -> None:
     assert LEAN_EXCHANGE_TO_POLYGON["Z"] == 19
     assert LEAN_EXCHANGE_TO_POLYGON["X"] == 17
     assert len(set(LEAN_EXCHANGE_TO_POLYGON.values())) == len(LEAN_EXCHANGE_TO_POLYGON) - 1
-
-
-def test_primary_listing_and_tape_come_from_the_reference_table_or_the_tape() -> None:
-    assert primary_exchange_id("SPY") == 11 and tape_of("SPY") == 2
-    assert primary_exchange_id("ibm") == 10 and tape_of("IBM") == 1
-    assert primary_exchange_id("ZZZZ", tape=3) == 12
-    assert primary_exchange_id("ZZZZ", tape=1) == 10
-    assert primary_exchange_id("ZZZZ") == 0 and tape_of("ZZZZ") == 0
 
 
 def test_symbol_and_day_come_from_the_path() -> None:

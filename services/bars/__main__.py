@@ -45,7 +45,13 @@ async def build(runtime: ServiceRuntime[BarsSettings]) -> None:
     """Create the bar builder (with its tick source) and the heartbeat under the runtime's
     supervisor."""
     settings = runtime.settings
-    policy = get_policy(settings.policy)
+    listings = settings.listings.build(registry=runtime.registry, service="bars")
+
+    async def close_listings() -> None:
+        listings.close()
+
+    runtime.on_cleanup(close_listings)
+    policy = get_policy(settings.policy, listings=listings)
     client = await connect_runtime_redis(runtime)
     keys = Keys(settings.key_prefix)
     publisher = make_publisher(runtime, client)
@@ -153,7 +159,14 @@ def backfill(args: argparse.Namespace) -> int:
     """``backfill``: build bars from tick files with the same core."""
     from services.bars.backfill import run_backfill
 
-    summary = run_backfill(args.files, args.policy, args.out, args.grace_ms, symbols=args.symbols)
+    summary = run_backfill(
+        args.files,
+        args.policy,
+        args.out,
+        args.grace_ms,
+        symbols=args.symbols,
+        map_files=args.map_files,
+    )
     print(summary)
     return 0
 

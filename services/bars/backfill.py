@@ -8,6 +8,10 @@ that are out of order by more than the grace, exactly as live. The output holds 
 version of every bar, one JSON object per line with CONTRACT.md's bar fields (no ``seq``),
 prices in dollars, ordered by file, symbol and minute.
 
+Primary listings (``libs.common.market.listings``) come from the ``--map-files`` folders, then
+the ``map_files`` folder of each Lean file's data set, then the map files tickmesh ships; a
+symbol none of them knows is warned about and counted (``primary_listing_unknown``).
+
 Run: ``python -m services.bars.backfill --policy algoseek --out bars.jsonl TICKFILE...``.
 """
 
@@ -23,7 +27,9 @@ from pathlib import Path
 
 import msgspec
 
+from libs.common.market import listings as listing_data
 from libs.common.market.aggregator import BarAggregator, BarCounters
+from libs.common.market.listings import Listings
 from libs.common.market.policies import POLICIES, get_policy
 from libs.common.market.tickfiles import read_lean_trades, read_polygon_flatfile_trades
 from libs.common.runtime.clock import ManualClock
@@ -58,10 +64,12 @@ def bar_line(bar: Bar) -> bytes:
     return _ENCODER.encode({name: getattr(bar, name) for name in BAR_FIELDS}) + b"\n"
 
 
-def read_file(path: Path, symbols: set[str] | None = None) -> dict[str, list[Trade]]:
+def read_file(
+    path: Path, symbols: set[str] | None = None, listings: Listings | None = None
+) -> dict[str, list[Trade]]:
     """The trades of one tick file, per symbol, in file order."""
     if path.name.lower().endswith(".zip"):
-        trades = read_lean_trades(path)
+        trades = read_lean_trades(path, listings=listings)
         if symbols is not None and trades and trades[0].sym not in symbols:
             return {}
         return {trades[0].sym: trades} if trades else {}
@@ -75,13 +83,17 @@ def read_file(path: Path, symbols: set[str] | None = None) -> dict[str, list[Tra
 
 
 def replay(
-    trades: Sequence[Trade], policy_name: str, grace_ms: int, counters: BarCounters
+    trades: Sequence[Trade],
+    policy_name: str,
+    grace_ms: int,
+    counters: BarCounters,
+    listings: Listings | None = None,
 ) -> list[Bar]:
     """Bars of one symbol's trades replayed in batches; the final version of each bar."""
     symbol = trades[0].sym
     aggregator = BarAggregator(
         symbol,
-        get_policy(policy_name),
+        get_policy(policy_name, listings=listings),
         grace_ms=grace_ms,
         late_policy="revise",
         clock=ManualClock(0),
@@ -101,8 +113,10 @@ def run_backfill(
     grace_ms: int = 0,
     *,
     symbols: Iterable[str] | None = None,
+    map_files: Iterable[str | Path] = (),
 ) -> BackfillSummary:
-    """Build bars from ``paths`` under ``policy_name`` and write them to ``out_path``."""
+    """Build bars from ``paths`` under ``policy_name`` and write them to ``out_path``;
+    ``map_files``: folders of Lean map files to look in first for primary listings."""
     if policy_name not in POLICIES:
         raise ValueError(f"unknown policy {policy_name!r}; expected one of {sorted(POLICIES)}")
     if grace_ms < 0:
@@ -111,6 +125,7 @@ def run_backfill(
     started = time.perf_counter()
     summary = BackfillSummary(policy=policy_name, out=str(out_path))
     counters = BarCounters()
+    folders = [Path(folder) for folder in map_files]
     seen: set[str] = set()
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,12 +133,13 @@ def run_backfill(
         for raw in paths:
             path = Path(raw)
             summary.files += 1
-            per_symbol = read_file(path, wanted)
+            listings = listing_data.for_data(path, folders)
+            per_symbol = read_file(path, wanted, listings)
             for symbol in sorted(per_symbol):
                 trades = per_symbol[symbol]
                 seen.add(symbol)
                 summary.trades += len(trades)
-                bars = replay(trades, policy_name, grace_ms, counters)
+                bars = replay(trades, policy_name, grace_ms, counters, listings)
                 handle.writelines(bar_line(bar) for bar in bars)
                 summary.bars += len(bars)
     summary.symbols = len(seen)
@@ -145,6 +161,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="keep only this symbol (repeatable; default all)",
     )
     parser.add_argument(
+        "--map-files",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of Lean map files (<ticker>.csv) for primary listings (repeatable; "
+        "looked in before the data set's own map_files and the shipped ones)",
+    )
+    parser.add_argument(
         "files",
         nargs="+",
         metavar="TICKFILE",
@@ -157,7 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: build the bars and print the summary as one JSON line."""
     parser = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    summary = run_backfill(args.files, args.policy, args.out, args.grace_ms, symbols=args.symbols)
+    summary = run_backfill(
+        args.files,
+        args.policy,
+        args.out,
+        args.grace_ms,
+        symbols=args.symbols,
+        map_files=args.map_files,
+    )
     print(summary)
     return 0
 

@@ -8,6 +8,7 @@ from typing import Annotated, ClassVar, Literal
 from msgspec import Meta
 
 from libs.common import names
+from libs.common.market.listings import ListingSettings
 from libs.common.runtime.settings import CommonSettings
 
 
@@ -51,6 +52,8 @@ class BarsSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw_o
     discover_interval_ms: Annotated[
         int, Meta(gt=0, description="Kafka source: how often new tick topics are looked for")
     ] = 1_000
+    listings: ListingSettings = ListingSettings()
+    """Where symbols' primary listings come from (``BARS_MAP_FILES``, ``BARS_REFERENCE_*``)."""
 
     def check(self) -> None:
         if self.shard_index >= self.shard_count:

@@ -13,11 +13,11 @@ from pathlib import Path
 import msgspec
 from msgspec import Struct
 
-from libs.common.market.sessions import bar_id, ts_et_minute
+from libs.common.market.sessions import ts_et_minute
 from libs.common.schemas import Bar, ExecutedTrade, Portfolio, Signal
 from services.engine_bridge.bridge import core_config_from
 from services.engine_bridge.config import BridgeSettings
-from services.engine_bridge.core import LAST_REGULAR_BAR, BridgeCore, Outputs, run_bars
+from services.engine_bridge.core import BridgeCore, Outputs, regular, run_bars
 from services.engine_bridge.datasets import (
     merge_by_minute,
     read_bars_jsonl,
@@ -134,7 +134,7 @@ def traded_bars(settings: BridgeSettings, bars: Iterable[Bar]) -> list[Bar]:
         bar
         for bar in bars
         if (not symbols or bar.symbol in symbols)
-        and (settings.extended_hours or 1 <= bar_id(bar.startMs) <= LAST_REGULAR_BAR)
+        and (settings.extended_hours or regular(bar.startMs))
     ]
 
 

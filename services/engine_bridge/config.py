@@ -117,7 +117,10 @@ class BridgeSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     extended_hours: Annotated[
         bool, Meta(description="also trade pre-market and after-hours bars")
     ] = False
-    flatten_at_close: Annotated[bool, Meta(description="close every position at bar 390")] = True
+    flatten_at_close: Annotated[
+        bool,
+        Meta(description="close every position at the session's last bar (390, 210 early close)"),
+    ] = True
 
     # -- paper portfolio and output ------------------------------------------------------------
     portfolio_id: Annotated[str, Meta(description="portfolioId of the paper portfolio")] = "paper"

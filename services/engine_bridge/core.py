@@ -32,7 +32,7 @@ from typing import Annotated, ClassVar
 from msgspec import Meta, Struct
 
 from libs.common import names
-from libs.common.market.sessions import bar_id, ny_date, ts_et_minute
+from libs.common.market.sessions import bar_id, last_bar_id, ny_date, ts_et_minute
 from libs.common.runtime.settings import SettingsGroup
 from libs.common.schemas import Bar, ExecutedTrade, Portfolio, Position, Signal
 from services.engine_bridge.broker import BrokerConfig, Fill, PaperBroker
@@ -48,7 +48,14 @@ from services.engine_bridge.model import (
 )
 
 LAST_REGULAR_BAR = 390
-"""barId of 15:59 ET, the last regular-session minute."""
+"""barId of 15:59 ET, the last regular-session minute of a full day; the day's own is
+``sessions.last_bar_id`` (210 on an early close, from the exchange calendar)."""
+
+
+def regular(ts_ms: int) -> bool:
+    """Whether the minute holding ``ts_ms`` is in its day's regular session (the exchange
+    calendar's: none on a holiday, to 12:59 on an early close)."""
+    return 1 <= bar_id(ts_ms) <= last_bar_id(ts_ms)
 
 
 class Channels(SettingsGroup, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -258,7 +265,7 @@ class BridgeCore:
         if self._symbols and symbol not in self._symbols:
             self.stats.ignored += 1
             return "ignored"
-        if not self.config.extended_hours and not 1 <= bar_id(bar.startMs) <= LAST_REGULAR_BAR:
+        if not self.config.extended_hours and not regular(bar.startMs):
             self.stats.outside += 1
             state.lastBarEndMs = max(state.lastBarEndMs, bar.endMs)
             return "outside"
@@ -427,7 +434,7 @@ class BridgeCore:
             )
             self.stats.signals += 1
 
-        closing = self.config.flatten_at_close and minute_bar_id >= LAST_REGULAR_BAR
+        closing = self.config.flatten_at_close and minute_bar_id >= last_bar_id(minute)
         rejections: list[tuple[str, str, str]] = []
         for order in output.orders:
             bar = by_symbol.get(order.symbol)

@@ -14,6 +14,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from libs.common import names
+from libs.common.market.listings import ListingSettings
 from libs.common.runtime.settings import CommonSettings
 
 
@@ -172,6 +173,9 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
         Literal["algoseek", "polygon", "none"],
         Meta(description="the bars' policy (BARS_POLICY): the source's bars are rebuilt with it"),
     ] = "algoseek"
+    listings: ListingSettings = ListingSettings()
+    """Primary listings for that rebuild (``MIRROR_MAP_FILES``, ``MIRROR_REFERENCE_*``: as the
+    bars' ``BARS_MAP_FILES``, ``BARS_REFERENCE_*``)."""
     kafka_bars_topic: Annotated[
         str, Meta(description="Kafka bars of the shadow builder ({symbol}: one per symbol)")
     ] = names.BARS

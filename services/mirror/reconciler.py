@@ -28,6 +28,7 @@ from libs.common.io.kafka_io import (
     start_producer,
 )
 from libs.common.market.aggregator import build_bars
+from libs.common.market.calendar import is_trading_day
 from libs.common.market.policies import get_policy
 from libs.common.market.sessions import ny_date, ts_et
 from libs.common.names import Keys
@@ -74,10 +75,13 @@ class Reconciler:
         *,
         clock: Clock = SYSTEM_CLOCK,
         gauges: ParityGauges | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.clock = clock
+        self.listings = settings.listings.build(registry=registry, service="mirror")
+        """Primary listings for rebuilding the source's bars (the bars' own sources)."""
         self.keys = Keys(settings.key_prefix)
         self.reader = SideReader(settings, client)
         self.gate_store = GateStore(client, self.keys)
@@ -208,7 +212,7 @@ class Reconciler:
         """Each symbol's minutes against the source (None when the source was not read)."""
         if sides.ticks is None:
             return None
-        policy = get_policy(self.settings.bars_policy)
+        policy = get_policy(self.settings.bars_policy, listings=self.listings)
         day_ordinal = sides.day.toordinal()
         judged = []
         for symbol in sides.symbols:
@@ -295,7 +299,8 @@ class Reconciler:
         return self._producer
 
     async def close(self) -> None:
-        """Stop the report producer, if one was started."""
+        """Stop the report producer, if one was started, and the listings' lookups."""
+        self.listings.close()
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
@@ -340,22 +345,36 @@ class ScheduledReconciler(Component):
     ) -> None:
         super().__init__("mirror.reconciler", registry=registry)
         self.reconciler = Reconciler(
-            settings, client, clock=clock, gauges=ParityGauges(registry, settings.gate_days)
+            settings,
+            client,
+            clock=clock,
+            gauges=ParityGauges(registry, settings.gate_days),
+            registry=registry,
         )
         self.clock = clock
         self.last_day: date | None = None
         self.last_report: DayReport | None = None
+        self.skipped: date | None = None
+        """The last day skipped as not a trading day."""
         self.every(settings.reconcile_interval_s, self.tick, name="mirror.reconciler.timer")
 
     async def on_stop(self) -> None:
         await self.reconciler.close()
 
     async def tick(self) -> None:
-        """One timed run (errors are logged; the next tick tries again)."""
+        """One timed run (errors are logged; the next tick tries again). A day the exchange
+        does not trade (the calendar's) gets no report: there is nothing to compare and the
+        gate does not count it."""
         today = ny_date(self.clock.now_ms())
         try:
             if self.last_day is not None and self.last_day < today:
                 await self.reconciler.run(self.last_day, min_age_s=0)
+                self.last_day = None
+            if not is_trading_day(today):
+                if self.skipped != today:
+                    self.skipped = today
+                    self.log.info("reconcile.not_a_trading_day", day=today.isoformat())
+                return
             self.last_report = await self.reconciler.run(today)
             self.last_day = today
         except (OSError, ConnectionError, TimeoutError, KafkaError) as exc:

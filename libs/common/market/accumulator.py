@@ -50,6 +50,19 @@ class BarCounters:
     unpriced_minutes_folded: int = 0
     unpriced_minutes_dropped: int = 0
     unpriced_volume_dropped: int = 0
+    """Shares of closed minutes without a price that are in no bar: every such minute under a
+    policy that does not fold, a day without any priced minute under one that does. Net: a
+    late trade that prices such a minute takes its shares back out."""
+    unpriced_trades_dropped: int = 0
+    """The trades of those shares (net, like ``unpriced_volume_dropped``)."""
+    volume_excluded: int = 0
+    """Shares of trades the policy counts for no volume (ignored trades, auction prints after
+    the first, trades that count for price only)."""
+    volume_dropped: int = 0
+    """Shares of trades dropped as late (``late_dropped``) or too old (``too_old_dropped``)."""
+    primary_listing_unknown: int = 0
+    """Days of the symbol whose primary listing exchange the reference data did not give (no
+    auction print is recognised on them)."""
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -64,12 +77,18 @@ class Day:
         "close_ms",
         "closed",
         "closing_seen",
+        "dropped_trades",
+        "dropped_volume",
         "end",
         "open_ms",
         "opening_seen",
         "order",
+        "priced_minutes",
+        "primary",
         "published",
         "start",
+        "unpriced_trades",
+        "unpriced_volume",
     )
 
     def __init__(self, start: int, end: int, open_ms: int, close_ms: int) -> None:
@@ -84,6 +103,16 @@ class Day:
         """The latest published version of each bar of the day, by minute start."""
         self.opening_seen = False
         self.closing_seen = False
+        self.primary: int | None = None
+        """The symbol's primary listing exchange this day (asked when first needed)."""
+        self.priced_minutes = 0
+        """Closed minutes with a price (a bar)."""
+        self.unpriced_volume = 0
+        self.unpriced_trades = 0
+        """Shares and trades of the closed minutes without a price."""
+        self.dropped_volume = 0
+        self.dropped_trades = 0
+        """What the aggregator's counters hold as dropped for this day (``settle``)."""
         self.changed: set[int] = set()
         """Closed minutes changed (closed, or revised by a late trade) since ``take_changed``."""
 
@@ -92,6 +121,38 @@ class Day:
         self.closed[acc.start] = acc
         insort(self.order, acc.start)
         self.changed.add(acc.start)
+        self.count(acc)
+
+    def count(self, acc: Minute) -> None:
+        """Add closed ``acc`` to the day's tallies (priced minutes, unpriced shares)."""
+        if acc.priced:
+            self.priced_minutes += 1
+        else:
+            self.unpriced_volume += acc.volume
+            self.unpriced_trades += acc.trades
+
+    def forget(self, acc: Minute) -> None:
+        """Take closed ``acc`` out of the tallies before a late trade changes it."""
+        if acc.priced:
+            self.priced_minutes -= 1
+        else:
+            self.unpriced_volume -= acc.volume
+            self.unpriced_trades -= acc.trades
+
+    def unplaced(self, fold: bool) -> tuple[int, int]:
+        """Shares and trades of the closed minutes that are in no bar: without folding, every
+        unpriced minute's; with folding, only when no closed minute of the day has a price."""
+        if fold and self.priced_minutes:
+            return 0, 0
+        return self.unpriced_volume, self.unpriced_trades
+
+    def settle(self, fold: bool, counters: BarCounters) -> None:
+        """Bring ``counters``' unpriced drops up to date with the day's closed minutes."""
+        volume, trades = self.unplaced(fold)
+        counters.unpriced_volume_dropped += volume - self.dropped_volume
+        counters.unpriced_trades_dropped += trades - self.dropped_trades
+        self.dropped_volume = volume
+        self.dropped_trades = trades
 
     def take_changed(self) -> list[list[float]]:
         """The state of every closed minute changed since the last call
@@ -123,7 +184,9 @@ class Day:
         for state in states:
             acc = Minute.from_state(state, self)
             if acc.start in self.closed:
+                self.forget(self.closed[acc.start])
                 self.closed[acc.start] = acc
+                self.count(acc)
             else:
                 self.close(acc)
             revisions[acc.start] = int(state[11])
@@ -132,6 +195,8 @@ class Day:
             if bar is not None:
                 self.published[minute] = with_revision(bar, revision)
         self.changed = set()
+        # what they hold in no bar was counted by the process that saw their trades
+        self.dropped_volume, self.dropped_trades = self.unplaced(fold)
 
     def priced_neighbours(self, minute: int) -> tuple[int | None, int | None]:
         """The nearest closed minutes before and after closed ``minute`` that have a price."""
@@ -234,6 +299,31 @@ class Minute:
         self.pv = 0.0
         self.pv_volume = 0
         self.trades = 0
+
+    def store(
+        self,
+        o: float,
+        ot: int,
+        h: float,
+        lo: float,
+        c: float,
+        ct: int,
+        v: int,
+        pv: float,
+        pvv: int,
+        n: int,
+    ) -> None:
+        """Write back the running values the aggregator's hot loop kept in local variables."""
+        self.open = o
+        self.open_t = ot
+        self.high = h
+        self.low = lo
+        self.close = c
+        self.close_t = ct
+        self.volume = v
+        self.pv = pv
+        self.pv_volume = pvv
+        self.trades = n
 
     @property
     def priced(self) -> bool:

@@ -6,10 +6,9 @@ accumulator, the day of closed minutes and the bar derived from them in
 ``libs.common.market.accumulator``. This module decides when minutes open and close, what is
 late, and what is published again.
 
-Used three ways, always with one aggregator per symbol: the bars service reading ticks from
-Redis, the same service reading ticks from Kafka (shadow), and the offline backfill
-(``build_bars`` splits a mixed in-memory sequence by symbol the same way). Semantics (details
-and evidence in ``docs/bars.md``):
+Used by the bars service (ticks from Redis, or from Kafka in shadow), the offline backfill and
+the reconciler (``build_bars``), always one aggregator per symbol. Semantics (details and
+evidence in ``docs/bars.md``):
 
 * an aggregator aggregates one symbol; a trade of another symbol is a programming error:
   ``add`` raises ``ValueError`` and the aggregator is left unchanged;
@@ -30,7 +29,8 @@ and evidence in ``docs/bars.md``):
   already passed when the batch carrying it arrived. ``late_policy="revise"`` updates the bar
   and publishes it again with ``revision + 1``; ``"drop"`` drops the trade and counts it;
 * closed minutes of the symbol's current New York day are kept for revisions (at most 1440);
-  a trade for an older day is dropped and counted.
+  a trade for an older day is dropped and counted;
+* every trade's shares end in one bar or one counted drop (``BarCounters``).
 
 The hot path is a batch loop with local variables; the policy's classification of a trade is
 cached per distinct condition tuple, so it costs one dict lookup.
@@ -76,9 +76,6 @@ LatePolicy = Literal["revise", "drop"]
 _SYMBOL = attrgetter("sym")
 
 
-# --- the aggregator ---------------------------------------------------------------------------
-
-
 class BarAggregator:
     """Builds the 1-minute bars of one symbol under one condition policy.
 
@@ -113,8 +110,8 @@ class BarAggregator:
         self.counters = BarCounters()
         self._revise = late_policy == "revise"
         self._fold = bool(policy.fold_unpriced_volume)
-        self._primary: int | None = None
-        """The primary listing exchange, from the policy at the first trade (and its tape)."""
+        self._tape = 0
+        """The tape the symbol's trades carry (a hint for its primary listing)."""
         self._open: dict[int, Minute] = {}
         self._heap: list[int] = []
         """Starts of the open minutes: a minute's deadline grows with its start."""
@@ -205,30 +202,21 @@ class BarAggregator:
 
     def _add_trades(self, trades: Sequence[Trade]) -> int:
         """The hot loop: ``trades`` into their minutes; returns the newest event time."""
-        if self._primary is None:
-            self._primary = self.policy.primary_exchange(self.symbol, trades[0].z)
+        if trades[0].z:
+            self._tape = trades[0].z
         fast = self._fast
         get = fast[1].get
         cur: Minute | None = None
         start = end = 0
         newest = -1
-        ignored = 0
+        ignored = excluded = 0
         o = h = lo = c = pv = 0.0
         ot = ct = v = pvv = n = 0
         for tr in trades:
             t = tr.t
             if t >= end or t < start:
                 if cur is not None:
-                    cur.open = o
-                    cur.open_t = ot
-                    cur.high = h
-                    cur.low = lo
-                    cur.close = c
-                    cur.close_t = ct
-                    cur.volume = v
-                    cur.pv = pv
-                    cur.pv_volume = pvv
-                    cur.trades = n
+                    cur.store(o, ot, h, lo, c, ct, v, pv, pvv, n)
                 cur = self._open_minute(t - t % MINUTE_MS)
                 if cur is None:
                     start = end = 0
@@ -272,10 +260,13 @@ class BarAggregator:
                 n += 1
             elif code == IGNORED and not tr.suspicious:
                 ignored += 1
+                excluded += tr.s
             elif code is not None and code < OPENING_AUCTION and not tr.suspicious:
                 n += 1
                 if code & VOLUME:
                     v += tr.s
+                else:
+                    excluded += tr.s
                 if code & HIGH_LOW:
                     p = tr.p
                     if p > h:
@@ -295,16 +286,7 @@ class BarAggregator:
                         ot = t
             else:
                 assert cur is not None  # a trade with no open minute was skipped above
-                cur.open = o
-                cur.open_t = ot
-                cur.high = h
-                cur.low = lo
-                cur.close = c
-                cur.close_t = ct
-                cur.volume = v
-                cur.pv = pv
-                cur.pv_volume = pvv
-                cur.trades = n
+                cur.store(o, ot, h, lo, c, ct, v, pv, pvv, n)
                 self._slow(tr, cur)
                 o = cur.open
                 ot = cur.open_t
@@ -317,17 +299,9 @@ class BarAggregator:
                 pvv = cur.pv_volume
                 n = cur.trades
         if cur is not None:
-            cur.open = o
-            cur.open_t = ot
-            cur.high = h
-            cur.low = lo
-            cur.close = c
-            cur.close_t = ct
-            cur.volume = v
-            cur.pv = pv
-            cur.pv_volume = pvv
-            cur.trades = n
+            cur.store(o, ot, h, lo, c, ct, v, pv, pvv, n)
         self.counters.trades_ignored_by_policy += ignored
+        self.counters.volume_excluded += excluded
         return newest
 
     def _day_of(self, minute: int) -> Day | None:
@@ -350,6 +324,8 @@ class BarAggregator:
         )
         self._days[start] = new
         self._day = new
+        if self.policy.needs_listing:
+            self.policy.warm_listing(self.symbol, calendar_day)
         return new
 
     def _open_minute(self, minute: int) -> Minute | None:
@@ -379,23 +355,35 @@ class BarAggregator:
             acc = Minute(minute, day)
         return acc, True
 
-    def _code(self, tr: Trade, regular: bool) -> int:
+    def _code(self, tr: Trade, acc: Minute) -> int:
         conditions = tr.c if isinstance(tr.c, tuple) else tuple(tr.c)
-        primary = self._primary
-        assert primary is not None  # set by _add_trades before any trade is classified
+        regular = acc.regular
+        policy = self.policy
+        fast = self._fast[regular]
+        quick = fast.get(conditions)
+        if quick is None:
+            quick = fast[conditions] = (
+                BY_EXCHANGE
+                if policy.depends_on_exchange(conditions)
+                else policy.code(conditions, 0, False, regular, 0)
+            )
+        primary = self._primary_of(acc.day) if quick == BY_EXCHANGE else 0
         key = (conditions, tr.x, tr.suspicious, regular, primary)
         code = self._full.get(key)
         if code is None:
-            policy = self.policy
             code = self._full[key] = policy.code(conditions, tr.x, tr.suspicious, regular, primary)
-            fast = self._fast[regular]
-            if conditions not in fast:
-                fast[conditions] = (
-                    BY_EXCHANGE
-                    if policy.depends_on_exchange(conditions)
-                    else policy.code(conditions, 0, False, regular, 0)
-                )
         return code
+
+    def _primary_of(self, day: Day) -> int:
+        """The symbol's primary listing exchange on ``day`` (asked once per day)."""
+        primary = day.primary
+        if primary is None:
+            primary = day.primary = self.policy.primary_exchange(
+                self.symbol, self._tape, ny_date(day.start)
+            )
+            if not primary:
+                self.counters.primary_listing_unknown += 1
+        return primary
 
     def _slow(self, tr: Trade, acc: Minute | None) -> None:
         """Everything the hot loop does not: policy misses, suspicious prints, auction prints
@@ -403,44 +391,61 @@ class BarAggregator:
         t = tr.t
         minute = t - t % MINUTE_MS
         late = acc is None
+        counters = self.counters
         if acc is None:
             acc, late = self._target(minute)
             if acc is None:
-                self.counters.too_old_dropped += 1
+                counters.too_old_dropped += 1
+                counters.volume_dropped += tr.s
                 return
-        code = self._code(tr, acc.regular)
+        code = self._code(tr, acc)
         if code & (OPENING_AUCTION | CLOSING_AUCTION):
             day = acc.day
             if code & OPENING_AUCTION:
                 first = not day.opening_seen
                 day.opening_seen = True
                 if not first or not day.open_ms <= t < day.open_ms + MINUTE_MS:
-                    self.counters.auction_prints_ignored += 1
+                    counters.auction_prints_ignored += 1
+                    counters.volume_excluded += tr.s
                     return
             else:
                 first = not day.closing_seen
                 day.closing_seen = True
                 if not first:
-                    self.counters.auction_prints_ignored += 1
+                    counters.auction_prints_ignored += 1
+                    counters.volume_excluded += tr.s
                     return
                 acc, late = self._target(day.close_ms - MINUTE_MS)
                 if acc is None:
-                    self.counters.too_old_dropped += 1
+                    counters.too_old_dropped += 1
+                    counters.volume_dropped += tr.s
                     return
         if late and not self._revise:
-            self.counters.late_dropped += 1
+            counters.late_dropped += 1
+            counters.volume_dropped += tr.s
             return
         if code == IGNORED:
-            self.counters.trades_ignored_by_policy += 1
+            counters.trades_ignored_by_policy += 1
+            counters.volume_excluded += tr.s
             return
+        if not code & (VOLUME | OPENING_AUCTION | CLOSING_AUCTION):
+            counters.volume_excluded += tr.s
+        if not late:
+            apply_trade(acc, tr, code)
+            return
+        counters.late_revised += 1
+        day = acc.day
+        closed = acc.start in day.closed
+        if closed:
+            day.forget(acc)
         apply_trade(acc, tr, code)
-        if late:
-            self.counters.late_revised += 1
-            day = acc.day
-            if acc.start not in day.closed:
-                day.close(acc)
-            day.changed.add(acc.start)
-            self._dirty[(day.start, acc.start)] = None
+        if closed:
+            day.count(acc)
+        else:
+            day.close(acc)
+        day.changed.add(acc.start)
+        day.settle(self._fold, self.counters)
+        self._dirty[(day.start, acc.start)] = None
 
     # -- closing and publishing --
 
@@ -456,12 +461,12 @@ class BarAggregator:
                 continue
             day = acc.day
             day.close(acc)
-            if not acc.priced and acc.volume:
+            if not acc.priced and acc.trades:
                 if self._fold:
                     self.counters.unpriced_minutes_folded += 1
                 else:
                     self.counters.unpriced_minutes_dropped += 1
-                    self.counters.unpriced_volume_dropped += acc.volume
+                day.settle(self._fold, self.counters)
             self._publish_closed(day, acc, out)
             self._prune()
         if self._dirty:

@@ -10,7 +10,11 @@ answer (``libs.common.market.aggregator``). The rules and their evidence are in
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
+from dataclasses import dataclass, replace
+from datetime import date
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol
+
+from libs.common.market.listings import Listings
 
 # --- classification codes ---------------------------------------------------------------------
 
@@ -54,6 +58,8 @@ class ConditionPolicy(Protocol):
 
     name: str
     fold_unpriced_volume: bool
+    needs_listing: bool
+    """Whether ``code`` looks at the primary listing (then it is looked up each day)."""
     """True: the volume of a minute without any open/close-eligible trade goes to the previous
     bar of the day (to the next one when there is none); False: no bar, volume dropped."""
 
@@ -73,14 +79,29 @@ class ConditionPolicy(Protocol):
         """Whether ``code`` looks at the exchange (or primary listing) for these conditions."""
         ...
 
-    def primary_exchange(self, symbol: str, tape: int) -> int:
-        """Polygon id of ``symbol``'s primary listing exchange (0 when unknown)."""
+    def primary_exchange(self, symbol: str, tape: int, day: date) -> int:
+        """Polygon id of ``symbol``'s primary listing exchange on ``day`` (0 when unknown)."""
+        ...
+
+    def warm_listing(self, symbol: str, day: date) -> None:
+        """Start finding ``symbol``'s listing for ``day`` (a slow lookup) in the background."""
         ...
 
 
 class _PolicyBase:
     name = "base"
     fold_unpriced_volume = False
+    needs_listing = False
+
+    def __init__(self, *, listings: Listings | None = None) -> None:
+        self._listings = listings
+
+    @property
+    def listings(self) -> Listings:
+        """Where primary listings come from (by default the packaged map files only)."""
+        if self._listings is None:
+            self._listings = default_listings()
+        return self._listings
 
     if TYPE_CHECKING:
         # Every subclass defines it; declared here only so the checker knows a policy has one.
@@ -110,11 +131,13 @@ class _PolicyBase:
         """Whether the exchange matters for these conditions (not by default)."""
         return False
 
-    def primary_exchange(self, symbol: str, tape: int) -> int:
-        """Primary listing from the reference table of ``tickfiles``, else from the tape."""
-        from libs.common.market.tickfiles import primary_exchange_id
+    def primary_exchange(self, symbol: str, tape: int, day: date) -> int:
+        """``symbol``'s listing exchange on ``day`` from the policy's ``Listings``."""
+        return self.listings.primary(symbol, day, tape)
 
-        return primary_exchange_id(symbol, tape)
+    def warm_listing(self, symbol: str, day: date) -> None:
+        """Start a slow listing lookup (Polygon's reference) in the background."""
+        self.listings.warm(symbol, day)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
@@ -137,32 +160,91 @@ class NonePolicy(_PolicyBase):
         return EVERYTHING
 
 
-class AlgoseekPolicy(_PolicyBase):
-    """The rule of AlgoSeek's minute bars (the vendor of Lean's US-equity data), found from the
-    data; evidence in ``docs/bars.md``. Works on Polygon condition ids (``docs/conditions.md``).
+@dataclass(frozen=True)
+class AlgoseekRules:
+    """The clauses of the ``algoseek`` rule. ``suspicious`` and the condition sets follow the
+    vendor's documentation; the four booleans are what the documentation leaves open and the
+    data decides (``docs/bars.md`` has the evidence of each, ``docs/conditions.md`` the
+    sources). ``documented()`` is the rule with none of them."""
 
-    * suspicious prints, and official open/close reports, count for nothing;
+    suspicious: Literal["volume", "nothing"] = "volume"
+    """QuantConnect: a suspicious tick is *excluded*, and an excluded tick's "volume is
+    aggregated in the bar but its price is not" (``nothing``: Lean's engine, which keeps them
+    out of its consolidators altogether)."""
+    official_reports_ignored: bool = True
+    """Market Center Official Open / Close (16, 15) count for nothing, not even volume: they
+    restate an auction already printed. Off: they are ordinary included trades (the
+    documentation lists them as included)."""
+    opening_print_opens_session: bool = True
+    """The primary listing's first opening print opens the session's first bar when it
+    prints within that minute; every other opening print counts for nothing. Off: opening
+    prints are ordinary included trades."""
+    closing_print_closes_session: bool = True
+    """The primary listing's first closing print closes the session's last bar (15:59, 12:59
+    on an early close) whenever it prints; every other closing print counts for nothing. Off:
+    ordinary included trades."""
+    fold_unpriced: bool = True
+    """A minute whose trades count for volume only has no bar; its volume goes to the
+    previous bar of the day (the next when there is none). Off: dropped and counted."""
+
+    DATA_CLAUSES: ClassVar[tuple[str, ...]] = (
+        "official_reports_ignored",
+        "opening_print_opens_session",
+        "closing_print_closes_session",
+        "fold_unpriced",
+    )
+    """The clauses the data decides, in the order a fit adds them."""
+
+    @classmethod
+    def documented(cls) -> AlgoseekRules:
+        """The rule the documentation states alone: none of the data's clauses."""
+        return cls(
+            official_reports_ignored=False,
+            opening_print_opens_session=False,
+            closing_print_closes_session=False,
+            fold_unpriced=False,
+        )
+
+    def with_clauses(self, **changes: Any) -> AlgoseekRules:
+        """A copy with some clauses changed."""
+        return replace(self, **changes)
+
+    def describe(self) -> str:
+        """The data clauses in force, for reports."""
+        on = [name for name in self.DATA_CLAUSES if getattr(self, name)]
+        return ", ".join(on) if on else "documented clauses only"
+
+
+class AlgoseekPolicy(_PolicyBase):
+    """The rule of AlgoSeek's minute bars (the vendor of Lean's US-equity data), clause by
+    clause from the vendor's documentation, the rest from the data (``AlgoseekRules``;
+    ``docs/bars.md``, ``docs/conditions.md``). Works on Polygon condition ids.
+
+    * a suspicious print counts for volume only (the documentation's *excluded* tick);
+    * official open/close reports count for nothing;
     * an opening (closing) print counts only if it is the primary listing exchange's: the first
       one of the day opens the session's first bar when it prints within that minute, the first
-      closing print closes the session's last bar (15:59) whenever it prints; the others, and
-      every other venue's opening/closing prints (e.g. Nasdaq's cross in a NYSE stock), count
-      for nothing;
+      closing print closes the session's last bar whenever it prints; the others, and every
+      other venue's opening/closing prints (e.g. Nasdaq's cross in a NYSE stock), count for
+      nothing;
     * any other trade counts for volume, and for price (open, high, low, close) unless it
       carries an excluding condition (Intermarket Sweep, Trade Thru Exempt, Odd Lot) and none
-      of the including ones (Regular, Cash, Next Day, Seller, Form T / Extended Hours); Trade
+      of the including ones (Regular, Cash, Next Day, Form T, Extended Hours, and the auction
+      and official flags); every other condition (Seller, Average Price, ...) is neutral. Trade
       Thru Exempt alone implies Regular, which Polygon's feed does not send;
     * a minute with volume but no price-eligible trade has no bar of its own: its volume goes
       to the previous bar of the day.
     """
 
     name = "algoseek"
-    fold_unpriced_volume = True
 
-    INCLUDING = frozenset({0, 7, 20, 29, 12, 13})
-    """Regular Sale, Cash Sale, Next Day, Seller, Form T/Extended Hours, Extended Hours (Sold
-    Out Of Sequence)."""
+    INCLUDING = frozenset({0, 12, 13, 7, 20, 15, 16, 8, 19, 25, 17})
+    """QuantConnect's *included* TradeConditionFlags: Regular (0), Form T and Extended Hours
+    (12; 13 with Sold Out Of Sequence), Cash (7), Next Day (20), Official Close (15), Official
+    Open (16), Closing Prints (8; UTP's Market Center Closing Trade 19), Opening Prints (25;
+    UTP's Market Center Opening Trade 17)."""
     EXCLUDING = frozenset({14, 41, 37})
-    """Intermarket Sweep, Trade Thru Exempt, Odd Lot Trade."""
+    """QuantConnect's *excluded* ones: Intermarket Sweep, Trade Thru Exempt, Odd Lot Trade."""
     OPENING = frozenset({25, 17})
     """Opening Prints (CTA), Market Center Opening Trade (UTP)."""
     CLOSING = frozenset({8, 19})
@@ -173,6 +255,18 @@ class AlgoseekPolicy(_PolicyBase):
     """Polygon's feed leaves the Regular condition out: a trade whose only condition is Trade
     Thru Exempt is a regular sale that is trade-through exempt (AlgoSeek: Regular + TTE)."""
 
+    def __init__(
+        self, rules: AlgoseekRules | None = None, *, listings: Listings | None = None
+    ) -> None:
+        super().__init__(listings=listings)
+        self.rules = rules = rules if rules is not None else AlgoseekRules()
+        self.fold_unpriced_volume = rules.fold_unpriced
+        self.needs_listing = rules.opening_print_opens_session or rules.closing_print_closes_session
+        self._suspicious = VOLUME if rules.suspicious == "volume" else IGNORED
+        self._official = self.OFFICIAL if rules.official_reports_ignored else frozenset()
+        self._opening = self.OPENING if rules.opening_print_opens_session else frozenset()
+        self._closing = self.CLOSING if rules.closing_print_closes_session else frozenset()
+
     def code(
         self,
         conditions: tuple[int, ...],
@@ -182,14 +276,14 @@ class AlgoseekPolicy(_PolicyBase):
         primary_exchange: int,
     ) -> int:
         """See the class docstring."""
-        if suspicious:
-            return IGNORED
         kinds = frozenset(conditions)
-        if kinds & self.OFFICIAL:
+        if kinds & self._official:
             return IGNORED
-        if kinds & self.OPENING:
+        if suspicious:
+            return self._suspicious
+        if kinds & self._opening:
             return OPENING_AUCTION if exchange == primary_exchange else IGNORED
-        if kinds & self.CLOSING:
+        if kinds & self._closing:
             return CLOSING_AUCTION if exchange == primary_exchange else IGNORED
         if kinds & self.INCLUDING or not kinds & self.EXCLUDING or kinds <= self.IMPLIED_REGULAR:
             return EVERYTHING
@@ -198,7 +292,10 @@ class AlgoseekPolicy(_PolicyBase):
     def depends_on_exchange(self, conditions: tuple[int, ...]) -> bool:
         """Opening and closing prints depend on the exchange being the primary listing."""
         kinds = frozenset(conditions)
-        return bool(kinds & (self.OPENING | self.CLOSING)) and not kinds & self.OFFICIAL
+        return bool(kinds & (self._opening | self._closing)) and not kinds & self._official
+
+    def __repr__(self) -> str:
+        return f"<AlgoseekPolicy {self.rules.describe()}>"
 
 
 class PolygonPolicy(_PolicyBase):
@@ -211,7 +308,8 @@ class PolygonPolicy(_PolicyBase):
     name = "polygon"
     fold_unpriced_volume = False
 
-    def __init__(self, kind: str = "consolidated") -> None:
+    def __init__(self, kind: str = "consolidated", *, listings: Listings | None = None) -> None:
+        super().__init__(listings=listings)
         from libs.common.market.conditions_table import FORM_T_EXTENDED_HOURS, combine_rules
 
         self._combine = combine_rules
@@ -238,31 +336,44 @@ class PolygonPolicy(_PolicyBase):
         )
 
 
-POLICIES: dict[str, Callable[[], _PolicyBase]] = {
+POLICIES: dict[str, Callable[..., _PolicyBase]] = {
     "algoseek": AlgoseekPolicy,
     "polygon": PolygonPolicy,
     "none": NonePolicy,
 }
 
+_DEFAULT_LISTINGS: Listings | None = None
 
-def get_policy(name: str) -> _PolicyBase:
-    """A policy by name: ``algoseek``, ``polygon`` or ``none``."""
+
+def default_listings() -> Listings:
+    """The listings of a policy given none: the packaged map files (shared, built once)."""
+    global _DEFAULT_LISTINGS
+    if _DEFAULT_LISTINGS is None:
+        _DEFAULT_LISTINGS = Listings()
+    return _DEFAULT_LISTINGS
+
+
+def get_policy(name: str, *, listings: Listings | None = None) -> _PolicyBase:
+    """A policy by name: ``algoseek``, ``polygon`` or ``none``; ``listings`` is where it finds
+    symbols' primary listings (``libs.common.market.listings``)."""
     try:
         factory = POLICIES[name]
     except KeyError:
         raise ValueError(
             f"unknown bar policy {name!r}; expected one of {sorted(POLICIES)}"
         ) from None
-    return factory()
+    return factory(listings=listings)
 
 
 __all__ = [
     "POLICIES",
     "AlgoseekPolicy",
+    "AlgoseekRules",
     "Classification",
     "ConditionPolicy",
     "NonePolicy",
     "PolygonPolicy",
     "classification_of",
+    "default_listings",
     "get_policy",
 ]

@@ -3,7 +3,9 @@
 All stored timestamps are UTC epoch milliseconds. App-facing payloads also carry ``tsET``,
 ISO-8601 in America/New_York with its offset. ``barId`` counts regular-session minutes from
 09:30 ET = 1 (so 14:30 ET is 301); minutes outside the regular session get a barId of 0 or
-below (pre-market) and above 390 (after hours), so the number still orders the day.
+below (pre-market) and above the last regular one (after hours: 390 is 15:59, or 210 at 12:59
+on an early close), so the number still orders the day. Holidays and early closes come from
+the exchange calendar (``calendar``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
-from libs.common.market.calendar import close_ms
+from libs.common.market.calendar import close_ms, is_trading_day
 
 NEW_YORK = ZoneInfo("America/New_York")
 MINUTE_MS = 60_000
@@ -27,6 +29,15 @@ class Session:
     open_ms: int
     close_ms: int
     end_ms: int
+    trading: bool = True
+    """False on a day the exchange does not trade (a weekend, a holiday): its regular session
+    is empty (``close_ms == open_ms``), so no minute of it is regular."""
+
+    @property
+    def last_bar_id(self) -> int:
+        """``barId`` of the regular session's last minute: 390 (15:59), 210 on an early close
+        (12:59), 0 when the exchange does not trade that day."""
+        return (self.close_ms - self.open_ms) // MINUTE_MS
 
     def phase(self, ts_ms: int) -> str:
         """``closed``, ``pre``, ``regular`` or ``post`` for an epoch-ms time on this day."""
@@ -55,18 +66,28 @@ def ny_midnight_ms(day: date) -> int:
 
 def session_for(day: date) -> Session:
     """The session calendar of ``day``: 04:00 pre-market, 09:30 open, the close of the exchange
-    calendar (16:00, or 13:00 on an early close: ``calendar``), 20:00 end."""
+    calendar (16:00, or 13:00 on an early close: ``calendar``), 20:00 end; on a day the
+    exchange does not trade, no regular session (the close is the open)."""
     session = _SESSION_CACHE.get(day)
     if session is None:
+        trading = is_trading_day(day)
+        open_ms = ny_epoch_ms(day, 9, 30)
         session = Session(
             day=day,
             premarket_ms=ny_epoch_ms(day, 4),
-            open_ms=ny_epoch_ms(day, 9, 30),
-            close_ms=close_ms(day),
+            open_ms=open_ms,
+            close_ms=close_ms(day) if trading else open_ms,
             end_ms=ny_epoch_ms(day, 20),
+            trading=trading,
         )
         _SESSION_CACHE[day] = session
     return session
+
+
+def last_bar_id(ts_ms: int) -> int:
+    """``barId`` of the last regular minute of the New York day holding ``ts_ms`` (390, 210 on
+    an early close, 0 when the exchange is closed that day)."""
+    return session_of(ts_ms).last_bar_id
 
 
 def ny_date(ts_ms: int) -> date:

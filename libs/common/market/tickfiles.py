@@ -13,10 +13,13 @@ New York midnight, price x 10000, size, exchange letter, AlgoSeek sale-condition
 
 The mappings below are data, documented in ``docs/conditions.md``:
 
-* ``LEAN_EXCHANGE_TO_POLYGON``: SIP participant letter -> Polygon exchange id;
+* ``LEAN_EXCHANGE_TO_POLYGON`` (kept in ``listings``): SIP participant letter -> Polygon
+  exchange id;
 * ``LEAN_FLAG_TO_POLYGON``: AlgoSeek flag bit -> Polygon trade-condition id, with the
-  out-of-sequence combinations of ``OUT_OF_SEQUENCE_COMBINATIONS``;
-* ``PRIMARY_LISTINGS``: primary listing exchange of the symbols we carry reference data for.
+  out-of-sequence combinations of ``OUT_OF_SEQUENCE_COMBINATIONS``.
+
+A trade's tape (``z``) comes from its symbol's primary listing on the day
+(``libs.common.market.listings``: the data set's map files); 0 when none is known.
 """
 
 from __future__ import annotations
@@ -31,59 +34,16 @@ from datetime import date
 from pathlib import Path
 from typing import NamedTuple
 
+from libs.common.market import listings as listing_data
+from libs.common.market.listings import LEAN_EXCHANGE_TO_POLYGON, Listings
 from libs.common.market.sessions import ny_midnight_ms, parse_day
 from libs.common.schemas import Trade
 
 # --- reference data ---------------------------------------------------------------------------
 
-LEAN_EXCHANGE_TO_POLYGON: dict[str, int] = {
-    "A": 1,  # NYSE American (NYSE MKT / AMEX)
-    "B": 2,  # Nasdaq OMX BX
-    "C": 3,  # NYSE National (National Stock Exchange)
-    "D": 4,  # FINRA ADF / trade reporting facilities
-    "E": 5,  # Market independent (SIP generated)
-    "I": 6,  # International Securities Exchange
-    "J": 7,  # Cboe EDGA
-    "K": 8,  # Cboe EDGX
-    "M": 9,  # NYSE Chicago (Chicago Stock Exchange)
-    "N": 10,  # New York Stock Exchange
-    "P": 11,  # NYSE Arca
-    "Q": 12,  # Nasdaq
-    "T": 12,  # Nasdaq (older letter)
-    "S": 13,  # Consolidated tape system
-    "L": 14,  # Long-Term Stock Exchange
-    "V": 15,  # Investors Exchange
-    "W": 16,  # Cboe Stock Exchange (CBSX)
-    "X": 17,  # Nasdaq PSX (Philadelphia)
-    "Y": 18,  # Cboe BYX
-    "Z": 19,  # Cboe BZX
-    "H": 20,  # MIAX Pearl
-    "U": 21,  # Members Exchange
-}
-"""SIP participant letter (as in Lean tick files) -> Polygon exchange id (``x``). Unknown: 0."""
-
 POLYGON_EXCHANGE_NYSE = 10
 POLYGON_EXCHANGE_ARCA = 11
 POLYGON_EXCHANGE_NASDAQ = 12
-
-PRIMARY_LISTINGS: dict[str, str] = {
-    "SPY": "P",
-    "IBM": "N",
-    "AIG": "N",
-    "BAC": "N",
-}
-"""Primary listing exchange (SIP letter) of the symbols we hold reference data for. Symbols
-not listed here fall back to their tape (see :func:`primary_exchange_id`)."""
-
-TAPE_OF_LISTING: dict[str, int] = {"N": 1, "P": 2, "A": 2, "Z": 2, "Q": 3, "T": 3}
-"""Tape of a primary listing: 1 = A (NYSE-listed), 2 = B (Arca, American, BATS), 3 = C."""
-
-PRIMARY_OF_TAPE: dict[int, int] = {
-    1: POLYGON_EXCHANGE_NYSE,
-    2: POLYGON_EXCHANGE_ARCA,
-    3: POLYGON_EXCHANGE_NASDAQ,
-}
-"""Best guess of the primary listing from the tape alone (most tape B listings are on Arca)."""
 
 # AlgoSeek sale-condition flag bits (Lean ``TradeConditionFlags``).
 FLAG_REGULAR = 0
@@ -160,20 +120,6 @@ def conditions_from_flags(flags: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def primary_exchange_id(symbol: str, tape: int = 0) -> int:
-    """Polygon id of ``symbol``'s primary listing exchange; from the tape if not in the table."""
-    letter = PRIMARY_LISTINGS.get(symbol.upper())
-    if letter is not None:
-        return LEAN_EXCHANGE_TO_POLYGON[letter]
-    return PRIMARY_OF_TAPE.get(tape, 0)
-
-
-def tape_of(symbol: str) -> int:
-    """Tape of ``symbol`` (1 A, 2 B, 3 C) from its primary listing; 0 when unknown."""
-    letter = PRIMARY_LISTINGS.get(symbol.upper())
-    return TAPE_OF_LISTING.get(letter, 0) if letter else 0
-
-
 # --- paths ------------------------------------------------------------------------------------
 
 _LEAN_NAME = re.compile(r"^(\d{8})_(?:([a-z0-9.]+)_)?trade", re.IGNORECASE)
@@ -215,12 +161,17 @@ def _read_zip_text(path: str | Path) -> str:
 
 
 def read_lean_trades(
-    path: str | Path, symbol: str | None = None, day: date | None = None
+    path: str | Path,
+    symbol: str | None = None,
+    day: date | None = None,
+    *,
+    listings: Listings | None = None,
 ) -> list[Trade]:
     """All trades of a Lean trade zip, in file order, as Polygon-shaped ``Trade`` records.
 
     ``symbol`` and ``day`` default to what the path says. ``q`` is the 1-based line number in
-    the file and ``i`` its text; ``suspicious`` is the vendor's flag.
+    the file and ``i`` its text; ``suspicious`` is the vendor's flag; ``z`` the tape of the
+    symbol's listing from ``listings`` (by default the data set's: ``listings.for_data``).
     """
     if symbol is None or day is None:
         path_symbol, path_day = symbol_and_day_from_path(path)
@@ -228,7 +179,9 @@ def read_lean_trades(
         day = day or path_day
     symbol = symbol.upper()
     midnight = ny_midnight_ms(day)
-    tape = tape_of(symbol)
+    if listings is None:
+        listings = listing_data.for_data(path)
+    tape = listings.tape(symbol, day)
     text = _read_zip_text(path)
     prices: dict[str, float] = {}
     conditions: dict[str, tuple[int, ...]] = {}
@@ -395,9 +348,9 @@ def read_polygon_flatfile_trades(
     return trades
 
 
-def read_trades(path: str | Path) -> list[Trade]:
+def read_trades(path: str | Path, *, listings: Listings | None = None) -> list[Trade]:
     """Trades of a Lean trade zip or a Polygon flat-file CSV, chosen by the file name."""
     name = Path(path).name.lower()
     if name.endswith(".zip"):
-        return read_lean_trades(path)
+        return read_lean_trades(path, listings=listings)
     return read_polygon_flatfile_trades(path)

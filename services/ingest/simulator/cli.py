@@ -112,6 +112,12 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     )
     synthetic.add_argument("--rate", type=float, default=1_000.0, help="trades/s in total")
     synthetic.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    synthetic.add_argument(
+        "--synthetic-day",
+        default=None,
+        help="YYYY-MM-DD: one trading day in event time per the exchange calendar (--rate per "
+        "second of it, paced by --speed; a holiday sends nothing) instead of wall time",
+    )
     return parser
 
 
@@ -122,10 +128,17 @@ def settings_from_args(
     environ = dict(os.environ) if environ is None else environ
     key = args.key or environ.get(KEY_ENV) or DEFAULT_KEY
     feed: SyntheticFeed | FileFeed
-    if args.synthetic_symbols is not None:
+    if args.synthetic_symbols is not None or args.synthetic_day:
         if args.symbols or args.date or args.days:
             raise ValueError("choose one feed: --synthetic-symbols or --date/--days/--symbols")
-        feed = SyntheticFeed(symbols=args.synthetic_symbols, rate_per_s=args.rate, seed=args.seed)
+        day = parse_day(args.synthetic_day) if args.synthetic_day else None
+        feed = SyntheticFeed(
+            symbols=args.synthetic_symbols or SyntheticFeed().symbols,
+            rate_per_s=args.rate,
+            seed=args.seed,
+            day=day,
+            speed=args.speed if day is not None else 0.0,
+        )
     elif args.symbols or args.date or args.days:
         if args.date and args.days:
             raise ValueError("choose --date (one day) or --days (several)")

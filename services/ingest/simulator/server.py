@@ -31,9 +31,12 @@ from services.ingest.simulator.days import DayReplay
 from services.ingest.simulator.feeds import (
     SyntheticMarket,
     _now_ms,
+    file_frames,
     malformed_frames,
     synthetic_frames,
 )
+from services.ingest.simulator.reference import PREFIX as TICKERS_PREFIX
+from services.ingest.simulator.reference import ticker_endpoint
 from services.ingest.simulator.rest import PREFIX as REST_PREFIX
 from services.ingest.simulator.rest import TradeHistory, TradesEndpoint
 from services.ingest.simulator.session import _Session
@@ -55,6 +58,7 @@ from services.ingest.simulator.settings import (
     SimulatorSettings,
     SyntheticFeed,
 )
+from services.ingest.simulator.synthetic_day import synthetic_day_trades
 
 log = structlog.get_logger("ingest.simulator")
 
@@ -88,9 +92,13 @@ class PolygonSimulator:
         self.history = TradeHistory()
         """Every trade the feed produced (served on ``/v3/trades``)."""
         self.rest = TradesEndpoint(self.history, settings.api_key.reveal())
+        self.tickers = ticker_endpoint(settings, self.history)
+        """``/v3/reference/tickers``: the listing exchange of the symbols it knows."""
         self._custom_feed = feed
         self.replay: DayReplay | None = None
         """The file feed's days (None for a synthetic or custom feed)."""
+        self._day_trades: list[TradeEvent] | None = None
+        """A synthetic day's trades (``--synthetic-day``)."""
         self._server: Server | None = None
         self._sessions: dict[int, _Session] = {}
         self._numbers = itertools.count(1)
@@ -102,7 +110,14 @@ class PolygonSimulator:
     async def start(self) -> None:
         """Load the feed (file feeds read their files here) and bind the server."""
         settings = self.settings
-        if isinstance(settings.feed, FileFeed) and self._custom_feed is None:
+        if isinstance(settings.feed, SyntheticFeed) and settings.feed.day is not None:
+            self._day_trades = await asyncio.to_thread(synthetic_day_trades, settings.feed)
+            log.info(
+                "simulator.synthetic_day",
+                day=settings.feed.day.isoformat(),
+                trades=len(self._day_trades),
+            )
+        elif isinstance(settings.feed, FileFeed) and self._custom_feed is None:
             self.replay = DayReplay(
                 settings.feed,
                 frame_max_events=settings.frame_max_events,
@@ -243,6 +258,8 @@ class PolygonSimulator:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path.startswith(REST_PREFIX):
             return self.rest.respond(connection, request)
+        if request.path.startswith(TICKERS_PREFIX):
+            return self.tickers.respond(connection, request)
         if not request.path.startswith(CONTROL_PREFIX) or not self.settings.control:
             return None
         supplied = request.headers.get(CONTROL_KEY_HEADER, "")
@@ -406,6 +423,14 @@ class PolygonSimulator:
         if self.replay is not None:
             return self.replay.frames()
         assert isinstance(settings.feed, SyntheticFeed)
+        if self._day_trades is not None:  # a synthetic day: its trades, paced like a file's
+            return file_frames(
+                self._day_trades,
+                settings.feed.speed,
+                settings.frame_max_events,
+                settings.frame_window_ms,
+                settings.minute_aggregates,
+            )
         return synthetic_frames(
             SyntheticMarket(settings.feed),
             settings.feed.rate_per_s,

@@ -81,12 +81,20 @@ class SyntheticFeed:
     seed: int = 1
     odd_lot_ratio: float = 0.05
     sweep_ratio: float = 0.03
+    day: date | None = None
+    """A synthetic trading day instead of wall time: the trades are stamped through that New
+    York day's session per the exchange calendar (``synthetic_day``), ``rate_per_s`` per
+    second of event time, paced by ``speed``; a holiday sends nothing."""
+    speed: float = 0.0
+    """Pace of a synthetic day: 1 real time, 0 as fast as the clients take it."""
 
     def __post_init__(self) -> None:
         if self.symbols < 1:
             raise ValueError(f"synthetic symbols must be at least 1, not {self.symbols}")
         if not self.rate_per_s > 0:
             raise ValueError(f"synthetic rate must be positive, not {self.rate_per_s}")
+        if self.speed < 0:
+            raise ValueError(f"speed must be 0 (as fast as possible) or positive, not {self.speed}")
 
 
 @dataclass(frozen=True, slots=True)
