@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from prometheus_client import CollectorRegistry
+from summary import LIKE_FOR_LIKE, add_rows, row
 
 from devstack.localstack import TansuBroker
 from libs.common.io.kafka_io import (
@@ -350,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="rounds (best of)")
     parser.add_argument("--skip-quix", action="store_true", help="without quixstreams")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="per run")
+    parser.add_argument("--summary", help="append headline rows here (scripts/bench.sh)")
     args = parser.parse_args(argv)
     description, trades = load_trades()
     count = len(trades)
@@ -405,6 +407,27 @@ def main(argv: list[str] | None = None) -> int:
             f"ratio tickmesh / quixstreams: {quix.processing_s / ours.processing_s:.1f}x "
             f"first record to last bar, {quix_e2e / ours_e2e:.1f}x end to end "
             f"(target >= 10x)"
+        )
+        add_rows(
+            args.summary,
+            [
+                row(
+                    "bench_bars_kafka",
+                    "shadow bar builder, first record to last bar, ticks/s",
+                    f"{ours.trades / ours.processing_s:,.0f}",
+                    f"quixstreams {quix.trades / quix.processing_s:,.0f}",
+                    quix.processing_s / ours.processing_s,
+                    f"{LIKE_FOR_LIKE} (same topic, {BATCH} trades/record)",
+                ),
+                row(
+                    "bench_bars_kafka",
+                    "shadow bar builder, end to end incl. group join, ticks/s",
+                    f"{ours.trades / ours_e2e:,.0f}",
+                    f"quixstreams {quix.trades / quix_e2e:,.0f}",
+                    quix_e2e / ours_e2e,
+                    f"{LIKE_FOR_LIKE} (same topic, {BATCH} trades/record)",
+                ),
+            ],
         )
     return 0
 
