@@ -812,9 +812,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"| tick → Kafka, whole feed (warm-up included) | "
             f"{_ms(latency.get('tickToKafkaWholeFeed'))} |",
             "",
-            f"Every one of the {syn.get('channels')} channels had a record acknowledged by Kafka "
-            f"{syn.get('allChannelsInKafkaAfterS')} s after the first frame (the mirror's start "
-            "on new channels; '-': never).",
+            f"Every one of the {syn.get('channels')} tick channels had a record acknowledged by "
+            f"Kafka {syn.get('allChannelsInKafkaAfterS') or '-'} s after the first frame (how "
+            "long the mirror takes to reach every channel; '-': not by the end).",
             "",
         ]
         lines += _ceiling_lines(syn, None, None)

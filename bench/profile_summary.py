@@ -7,7 +7,7 @@ running count, so the percentages are shares of the process's busy time.
 - **self**: samples whose innermost frame is the function (what to make cheaper);
 - **inclusive**: samples with the function anywhere on the stack (what to call less), shown
   for the project's own code (``libs/``, ``services/``) only, since the event loop's frames are
-  on every stack.
+  on every stack; the service's entry point (on 95 % of the samples or more) is left out.
 
 Run: ``.venv/bin/python bench/profile_summary.py PROFILE.txt [...] [--top 12]``.
 """
@@ -23,6 +23,8 @@ from pathlib import Path
 
 _FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^():]*?)(?::\d+)?\)$")
 _OWN = ("libs/", "services/")
+EVERY_STACK = 0.95
+"""An own function on at least this share of the samples is the entry point, not news."""
 
 
 def frame_name(frame: str) -> str:
@@ -58,6 +60,10 @@ def summarise(stacks: list[tuple[list[str], int]], top: int = 12) -> dict[str, o
         for name in set(frames):
             if any(part in name for part in _OWN):
                 inclusive[name] += count
+
+    for name, count in list(inclusive.items()):
+        if count >= EVERY_STACK * total:
+            del inclusive[name]  # the process's entry point: on (nearly) every stack
 
     def shares(counter: Counter[str]) -> list[tuple[str, float]]:
         return [(name, round(100 * n / total, 1)) for name, n in counter.most_common(top)]
