@@ -7,7 +7,8 @@ running count, so the percentages are shares of the process's busy time.
 - **self**: samples whose innermost frame is the function (what to make cheaper);
 - **inclusive**: samples with the function anywhere on the stack (what to call less), shown
   for the project's own code (``libs/``, ``services/``) only, since the event loop's frames are
-  on every stack; the service's entry point (on 95 % of the samples or more) is left out.
+  on every stack; the service's entry point (its ``__main__``, the runner, anything on 95 % of
+  the samples or more) is left out.
 
 Run: ``.venv/bin/python bench/profile_summary.py PROFILE.txt [...] [--top 12]``.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 _FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^():]*?)(?::\d+)?\)$")
 _OWN = ("libs/", "services/")
+ENTRY_POINTS = ("run_main (libs/common/runtime/service.py)", "ServiceCli.main (")
 EVERY_STACK = 0.95
 """An own function on at least this share of the samples is the entry point, not news."""
 
@@ -33,6 +35,11 @@ def frame_name(frame: str) -> str:
     if match is None:
         return frame.strip()
     return f"{match['function']} ({match['file']})"
+
+
+def is_entry_point(name: str) -> bool:
+    """The frames every stack of a service starts with (its ``__main__`` and the runner)."""
+    return "__main__.py)" in name or name.startswith(ENTRY_POINTS)
 
 
 def parse_collapsed(lines: Iterable[str]) -> list[tuple[list[str], int]]:
@@ -62,8 +69,8 @@ def summarise(stacks: list[tuple[list[str], int]], top: int = 12) -> dict[str, o
                 inclusive[name] += count
 
     for name, count in list(inclusive.items()):
-        if count >= EVERY_STACK * total:
-            del inclusive[name]  # the process's entry point: on (nearly) every stack
+        if count >= EVERY_STACK * total or is_entry_point(name):
+            del inclusive[name]  # on (nearly) every stack: no news
 
     def shares(counter: Counter[str]) -> list[tuple[str, float]]:
         return [(name, round(100 * n / total, 1)) for name, n in counter.most_common(top)]
