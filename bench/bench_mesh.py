@@ -103,7 +103,7 @@ from profile_summary import parse_collapsed, summarise
 from summary import LIKE_FOR_LIKE, add_rows, row
 
 from devstack.localstack import LocalStack
-from devstack.mesh import IDLE_AFTER_S, Mesh, MeshOptions, ServiceProcess
+from devstack.mesh import IDLE_AFTER_S, Mesh, MeshOptions, ProcessExited, ServiceProcess
 from libs.common.io.kafka_io import (
     TopicSpec,
     ensure_topics,
@@ -376,8 +376,8 @@ class Scenario:
                     profilers = start_profilers(mesh, profile_dir, self.label)
                 try:
                     wait(mesh, probe)
-                except TimeoutError as exc:
-                    self.notes.append(f"timed out: {str(exc).splitlines()[0]}")
+                except (TimeoutError, ProcessExited) as exc:
+                    self.notes.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
                 if profilers:
                     result["profile"] = stop_profilers(profilers, profile_dir, self.label)
                 sampler.stop()
@@ -669,11 +669,12 @@ def analyse_synthetic(
     ]
 
     def bar_latencies(bars: list[Any]) -> list[tuple[float, int]]:
-        return [
-            (1000 * bar.at - bar.end_ms, 1)
-            for bar in bars
-            if bar.revision == 0 and start * 1000 <= bar.end_ms <= last_trade_ms
-        ]
+        first_seen: dict[tuple[str, int], float] = {}  # a re-delivered bar counts once
+        for bar in bars:
+            if bar.revision == 0 and start * 1000 <= bar.end_ms <= last_trade_ms:
+                key = (bar.symbol, bar.end_ms)
+                first_seen[key] = min(first_seen.get(key, bar.at), bar.at)
+        return [(1000 * at - end_ms, 1) for (_, end_ms), at in first_seen.items()]
 
     def stats(values: list[tuple[float, int]]) -> dict[str, float] | None:
         found = weighted_percentiles(values)

@@ -7,6 +7,7 @@ short real-day scenario end to end.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_mesh import (
+    analyse_synthetic,
     last_closed_on_event_time,
     render_markdown,
     resp_publish,
@@ -28,7 +30,10 @@ from bench_mesh import (
 )
 from mesh_probe import (
     BarSeen,
+    Observations,
     PatternSubscriber,
+    ProcessSampler,
+    TickSeen,
     ack_times,
     acknowledged_at,
     first_time_at,
@@ -83,6 +88,51 @@ def test_the_last_minute_of_each_symbol_is_not_closed_on_event_time() -> None:
         BarSeen("IBM", 60_000, 120_000, 0, at=20.0),  # IBM's last minute
     ]
     assert last_closed_on_event_time(bars) == 12.0
+
+
+def test_latencies_count_only_the_measured_window_and_first_bar_deliveries() -> None:
+    # Feed from t=1000 s to 1100 s, warm-up 20 s: the window is [1020, 1100].
+    args = argparse.Namespace(
+        warmup_s=20.0, synthetic_symbols=2, rate=10, grace_ms=1000, poll_ms=10
+    )
+    seen = Observations(
+        ticks=[
+            TickSeen("ticks.A", 1, 1_010_000, 5, at=1010.002),  # warm-up: not counted
+            TickSeen("ticks.A", 2, 1_030_000, 3, at=1030.004),
+            TickSeen("ticks.B", 1, 1_050_000, 1, at=1050.100),
+            TickSeen("ticks.B", 2, 1_099_000, 2, at=1099.001),  # never acknowledged
+        ],
+        acked={
+            "ticks.A": [(1010.05, 1), (1030.02, 2)],
+            "ticks.B": [(1050.30, 1)],
+            "bars.A.1m": [(1061.2, 1)],
+        },
+        redis_bars=[
+            BarSeen("A", 1_000_000, 1_020_000, 0, at=1021.05),  # minute ends in the window
+            BarSeen("A", 1_000_000, 1_020_000, 1, at=1040.0),  # a revision: not counted
+            BarSeen("A", 1_060_000, 1_120_000, 0, at=1102.0),  # ends after the last trade
+        ],
+        kafka_bars=[
+            BarSeen("A", 1_000_000, 1_020_000, 0, at=1021.2),
+            BarSeen("A", 1_000_000, 1_020_000, 0, at=1025.0),  # re-delivered: first counts
+        ],
+    )
+    result = analyse_synthetic(
+        args, seen, ProcessSampler({}), {"eventsGenerated": 11, "framesGenerated": 4},
+        first=1000.0, last_frame=1100.0,
+    )  # fmt: skip
+    latency = result["latencyMs"]
+    assert latency["tickToRedis"] == {"p50": 4.0, "p99": 100.0, "max": 100.0, "count": 6}
+    assert latency["tickToKafka"] == {"p50": 20.0, "p99": 300.0, "max": 300.0, "count": 4}
+    assert result["tradesNotAcknowledged"] == 2
+    assert latency["tickToBarRedis"] == {"p50": 1050.0, "p99": 1050.0, "max": 1050.0, "count": 1}
+    assert latency["tickToBarKafka"]["max"] == 1200.0
+    assert latency["tickToBarKafka"]["count"] == 1
+    assert result["achievedTicksPerS"] == round(6 / 80)
+    assert result["tradesPerRecord"] == 2.0
+    assert result["eventsPerFrame"] == 2.8
+    assert result["allChannelsInKafkaAfterS"] == 50.3
+    assert result["probeMissedRecords"] == 0
 
 
 def test_parse_push_reads_messages_split_anywhere() -> None:
