@@ -41,7 +41,7 @@ declare -A full=(
     [bench_mesh]=""
 )
 declare -A short=(
-    [bench_bar_core]="--repeat 1"
+    [bench_bar_core]="--repeat 2"
     [bench_ingest_decode]="--frames 300 --repeat 2"
     [bench_ingest_publish]="--frames 500 --repeat 1"
     [bench_bars_kafka]="--repeat 1 --timeout-s 60"
