@@ -132,6 +132,7 @@ def test_latencies_count_only_the_measured_window_and_first_bar_deliveries() -> 
     assert result["tradesPerRecord"] == 2.0
     assert result["eventsPerFrame"] == 2.8
     assert result["allChannelsInKafkaAfterS"] == 50.3
+    assert result["channelsInKafka"] == 2
     assert result["probeMissedRecords"] == 0
 
 
