@@ -58,8 +58,9 @@ the same records with the same trades per record on both sides.
 while data flows and writes a summary per service (``bench/profile_summary.py``); the
 profiler takes CPU from the mesh, so figures of a profiled run are not comparable.
 
-Bounded: every wait has a deadline; a scenario that times out is reported as such. The
-default run takes about 5 minutes here, ``--quick`` about 2.
+Bounded: every wait has a deadline (``--feed-timeout-s``, ``--settle-timeout-s``); a scenario
+that does not drain in time is reported with its backlog. The default run takes about 6
+minutes here, ``--quick`` about 3 (less when the mesh keeps up).
 Run: ``.venv/bin/python bench/bench_mesh.py [--quick] [--json out.json] [--markdown out.md]``.
 """
 
