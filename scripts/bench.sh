@@ -39,6 +39,7 @@ declare -A full=(
     [bench_bars_kafka]="--repeat 1 --timeout-s 120"
     [bench_mirror]="--repeat 2"
     [bench_mesh]=""
+    [bench_dashboard]="--minutes 10"
 )
 declare -A short=(
     [bench_bar_core]="--repeat 2"
@@ -47,6 +48,7 @@ declare -A short=(
     [bench_bars_kafka]="--repeat 1 --timeout-s 60"
     [bench_mirror]="--repeat 1"
     [bench_mesh]="--quick"
+    [bench_dashboard]="--minutes 2 --clients 10"
 )
 
 out="out/bench-$(date +%Y%m%d-%H%M%S)"
