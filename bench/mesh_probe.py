@@ -157,6 +157,9 @@ class Probe:
             self.seen.errors.append(f"the probe did not stop within {timeout_s:g} s")
         return self.seen
 
+    def _stopped(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
     def backlog(self) -> int:
         """Tick records published on Redis and not yet acknowledged by Kafka, as far as the
         probe knows (from the sequence counters it polls, else from what pub/sub showed)."""
@@ -211,9 +214,13 @@ class Probe:
                 if task is not stop and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
+            # The loops also end on the stop flag: redis-py 8 may lose a cancellation that
+            # lands during a command (the task then carries on), so cancelling is not enough.
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, stuck = await asyncio.wait(tasks, timeout=5)
+            if stuck:
+                self.seen.errors.append(f"{len(stuck)} probe task(s) did not end when cancelled")
             # Closing is best effort: what was seen is kept whatever the connections do now.
             for close in (consumer.stop, pubsub.close, client.aclose):
                 try:
@@ -251,7 +258,7 @@ class Probe:
         seen = self.seen
         last = self.positions
         seq_keys = [self.keys.seq(channel) for channel in self.seq_channels]
-        while True:
+        while not self._stopped():
             positions: Any = await client.hgetall(self.positions_key)
             seqs = await client.mget(seq_keys) if seq_keys else []
             at = time.time()
@@ -276,7 +283,7 @@ class Probe:
         next_offset: dict[TopicPartition, int] = {}
         next_discovery = 0.0
         seen = self.seen
-        while True:
+        while not self._stopped():
             if time.monotonic() >= next_discovery:
                 next_discovery = time.monotonic() + 1.0
                 topics = await consumer.topics()

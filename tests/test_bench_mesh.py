@@ -20,14 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_mesh import (
-    analyse_synthetic,
-    last_closed_on_event_time,
-    render_markdown,
-    resp_publish,
-    summary_rows,
-    targets,
-)
+from bench_mesh import analyse_synthetic, last_closed_on_event_time, resp_publish
 from mesh_probe import (
     BarSeen,
     Observations,
@@ -40,6 +33,7 @@ from mesh_probe import (
     parse_push,
     weighted_percentiles,
 )
+from mesh_report import render_markdown, summary_rows, targets
 from profile_summary import parse_collapsed, summarise
 from summary import load, render, row
 
