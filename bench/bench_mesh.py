@@ -385,11 +385,13 @@ class Scenario:
                 seen = probe.stop()
                 result.update(analyse(mesh, stack, seen, sampler))
             finally:
-                for process in profilers.values():
-                    if process.poll() is None:
-                        process.kill()
-                probe.stop()
-                mesh.stop()
+                try:
+                    for process in profilers.values():
+                        if process.poll() is None:
+                            process.kill()
+                    probe.stop()
+                finally:
+                    mesh.stop()  # whatever else failed: no service outlives the bench
             if seen.errors:
                 self.notes.extend(f"probe: {error}" for error in seen.errors)
             if seen.undecodable:
