@@ -32,6 +32,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from summary import LIKE_FOR_LIKE, add_rows, row
 
 from libs.common.market.aggregator import BarAggregator
 from libs.common.market.sessions import ny_epoch_ms, parse_day
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="policy to time (repeatable; default algoseek and none)",
     )
+    parser.add_argument("--summary", help="append headline rows here (scripts/bench.sh)")
     args = parser.parse_args(argv)
     policies = args.policy or ["algoseek", "none"]
     description, trades = load_trades()
@@ -174,6 +178,24 @@ def main(argv: list[str] | None = None) -> int:
     for name, elapsed in best.items():
         rate = len(trades) / elapsed
         print(f"{name:52s} {rate:14,.0f} {rate / base_rate:11.2f}x")
+    rows = []
+    for name, elapsed in best.items():
+        if name == "baseline" or name.endswith("symbol checked"):
+            continue
+        rate = len(trades) / elapsed
+        rows.append(
+            row(
+                "bench_bar_core",
+                f"{name}, ticks/s",
+                f"{rate:,.0f}",
+                f"plain OHLCV loop {base_rate:,.0f}",
+                rate / base_rate,
+                f"{LIKE_FOR_LIKE} (the day in one batch; the loop has no condition rules)"
+                if name.endswith("one batch")
+                else "100-trade batches vs the loop's one batch",
+            )
+        )
+    add_rows(args.summary, rows)
     return 0
 
 

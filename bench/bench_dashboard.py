@@ -35,6 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from summary import LIKE_FOR_LIKE, add_rows, row
 
 from devstack.localstack import LocalStack, free_port
 from devstack.mesh import ServiceProcess
@@ -223,6 +226,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=int, default=30)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--read-streams", nargs=3, metavar=("PORT", "COUNT", "SYMBOLS"))
+    parser.add_argument("--summary", help="append headline rows here (scripts/bench.sh)")
     args = parser.parse_args()
     if args.read_streams:
         port, count, symbols = args.read_streams
@@ -255,6 +259,21 @@ def main() -> int:
             f"| {labels[str(figures['run'])]} | {figures['feed_bars_per_s']:,} | "
             f"{figures['mesh_bars_per_s']:,} | {ratio:.2f}× | {cpu if cpu is not None else '–'} |"
         )
+    add_rows(
+        args.summary,
+        [
+            row(
+                "bench_dashboard",
+                f"engine bridge, {labels[str(figures['run'])]}, bars/s "
+                f"(dashboard CPU {figures['dashboard_cpu_pct_of_core']} % of a core)",
+                f"{figures['mesh_bars_per_s']:,}",
+                f"mesh alone {base:,}",
+                figures["mesh_bars_per_s"] / base,  # type: ignore[operator]
+                f"{LIKE_FOR_LIKE} (the same {args.symbols} symbols × {args.minutes} minutes)",
+            )
+            for figures in results[1:]
+        ],
+    )
     return 0
 
 

@@ -37,6 +37,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from summary import LIKE_FOR_LIKE, add_rows
+from summary import row as summary_row
 
 from services.ingest import protocol
 from services.ingest.simulator import SyntheticFeed, SyntheticMarket
@@ -135,6 +139,28 @@ def run(frames: int, repeat: int, symbol_counts: Sequence[int]) -> list[dict[str
     return rows
 
 
+def summary_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, object]]:
+    """Headline rows: ingest's decode against the official client's parse, per symbol count."""
+    official = {row["symbols"]: row for row in rows if row["path"] == "official parse"}
+    out = []
+    for row in rows:
+        if row["path"] != "ingest" or row["symbols"] not in official:
+            continue
+        reference = official[row["symbols"]]
+        out.append(
+            summary_row(
+                "bench_ingest_decode",
+                f"decode, {row['symbols']} symbols ({row['recordsPerFrame']} records a frame), "
+                "ticks/s",
+                f"{row['ticksPerS']:,.0f}",
+                f"official parse {reference['ticksPerS']:,.0f}",
+                row["ratio"],
+                f"{LIKE_FOR_LIKE} (same frames, {EVENTS_PER_FRAME} trades each)",
+            )
+        )
+    return out
+
+
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
     """A small fixed-width table."""
     print(
@@ -159,11 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--cpu", type=int, default=None, help="pin the process to this CPU")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead")
+    parser.add_argument("--summary", help="append headline rows here (scripts/bench.sh)")
     args = parser.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     symbol_counts = [int(part) for part in args.symbols.split(",") if part.strip()]
     rows = run(args.frames, args.repeat, symbol_counts)
+    add_rows(args.summary, summary_rows(rows))
     if args.json:
         print(json.dumps(rows))
         return 0

@@ -44,6 +44,8 @@ import redis.asyncio as aioredis
 import structlog
 from bench_ingest_decode import EVENTS_PER_FRAME, make_frames, official_paths
 from prometheus_client import CollectorRegistry
+from summary import add_rows
+from summary import row as summary_row
 
 from devstack.localstack import RedisServer
 from libs.common.io.deadletter import DeadLetters
@@ -167,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--cpu", type=int, default=0, help="CPU for this process (-1: no pin)")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead")
+    parser.add_argument("--summary", help="append headline rows here (scripts/bench.sh)")
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings+
     symbol_counts = [int(part) for part in args.symbols.split(",") if part.strip()]
@@ -193,6 +196,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = asyncio.run(go())
     finally:
         server.stop()
+    official = {row["symbols"]: row["ticksPerS"] for row in rows if row["path"] == "official parse"}
+    add_rows(
+        args.summary,
+        [
+            summary_row(
+                "bench_ingest_publish",
+                f"decode + publish into redis-server, {row['symbols']} symbols "
+                f"({row['recordsPerFrame']} records a frame), ticks/s",
+                f"{row['ticksPerS']:,.0f}",
+                f"official parse {official[row['symbols']]:,.0f}"
+                if row["symbols"] in official
+                else "",
+                row["ratio"],
+                "not like for like: ours decodes and publishes, the official client only parses",
+            )
+            for row in rows
+            if row["path"] == "ingest decode+publish"
+        ],
+    )
     if args.json:
         print(json.dumps(rows))
         return 0

@@ -40,9 +40,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import msgspec
 import redis.asyncio as aioredis
+from summary import LIKE_FOR_LIKE, add_rows, row
 
 from devstack.localstack import RedisServer, TansuBroker, free_port
 from devstack.mesh import ServiceProcess
@@ -294,6 +296,7 @@ def main() -> int:
         help="times the day is published in the 100-trade scenarios",
     )
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--summary", help="append headline rows here (scripts/bench.sh)")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-mirror-") as tmp:
@@ -346,6 +349,29 @@ def main() -> int:
     print(
         f"best mirror figure: {best['scenario']}: {best['ticksPerS']:,} ticks/s "
         f"({best['recordsPerS']:,} records/s)"
+    )
+    live1 = results[1]
+    add_rows(
+        args.summary,
+        [
+            row(
+                "bench_mirror",
+                "mirror, 1 trade/record, live, records/s delivered",
+                f"{live1['recordsPerS']:,}",
+                f"naive forwarder {naive['recordsPerS']:,}",
+                live1["recordsPerS"] / naive["recordsPerS"],  # type: ignore[operator]
+                f"{LIKE_FOR_LIKE} (1 trade a message; lost {live1['lost']} vs "
+                f"{naive['lost']:,}); target 60,000",
+            ),
+            row(
+                "bench_mirror",
+                "mirror, 100 trades/record, live, ticks/s",
+                f"{live100['ticksPerS']:,}",
+                f"naive forwarder {naive['ticksPerS']:,}",
+                live100["ticksPerS"] / naive["ticksPerS"],  # type: ignore[operator]
+                "not like for like: 100 trades a record vs 1 a message",
+            ),
+        ],
     )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,817 @@
+"""The whole mesh as separate processes on the local stack: throughput, latency, cost, ceilings.
+
+Everything runs on this machine, each scenario on a fresh local stack (``redis-server`` and
+the Tansu broker, ``devstack.localstack``) with the mesh of ``devstack.mesh``: the Polygon
+simulator, ingest, bars (Redis, primary), bars (Kafka, shadow), engine_bridge and mirror,
+each its own OS process with the settings the demo uses. A probe in the bench process
+(``bench/mesh_probe.py``) watches Redis and Kafka; a sampler reads every process's CPU time
+and resident memory from ``/proc`` every 0.5 s.
+
+**(a) A real day, as fast as possible** (``--symbols``, default SPY, IBM, AIG, BAC on
+2013-10-07, from the shared data): the simulator replays the day at speed 0 (its frames:
+trades of one 1-ms window, at most 100). Measured from the first frame the simulator sent
+(its ``simulator.feed_started`` log line) to:
+
+- the last tick record on Redis (the sum of the ``ticks.<SYM>`` sequence counters reaches
+  its final value; polled every 20 ms);
+- the last tick record in Kafka (the mirror's committed positions, which move only after
+  Kafka acknowledged, reach the same total; polled every 20 ms);
+- the last bar on each path (arrival of the last ``bars.<SYM>.1m`` record on Redis pub/sub,
+  and of the last shadow bar on Kafka ``bars.<SYM>.1m``). The day's last minute closes only
+  when the feed has been idle for ingest's ``IDLE_AFTER`` (2 s) plus the grace, so the time to
+  the last bar includes that fixed wait (shown as "after the last frame").
+
+**(b) A synthetic market at a fixed offered rate** (``--synthetic-symbols`` 1000,
+``--rate`` 20,000 trades/s, Zipf-like symbol weights, frames of up to 100 trades, for
+``--warmup-s`` + ``--measure-s`` seconds). The simulator stamps every trade's ``t`` with the
+wall clock (ms) when it makes the frame, just before sending it, and every process shares that
+clock, so a trade's latency to a point is the wall time it was seen there minus its ``t``
+(over by up to 1 ms from the truncation):
+
+- **tick → Redis**: the probe's arrival time of the record on ``ticks.*`` pub/sub (the probe
+  is one more subscriber, like bars and the mirror), counted once per trade;
+- **tick → Kafka**: the first poll (every ``--poll-ms``, 10 ms) at which the mirror's
+  committed position for the channel had reached the record's ``seq``: the time Kafka had
+  acknowledged it, over by up to one poll period;
+- **tick → bar**: a bar's arrival (Redis pub/sub; Kafka, shadow) minus the end of its minute
+  (``endMs``, which in this feed is wall time): a bar cannot close before ``endMs`` + grace,
+  so the target is grace + 100 ms. Only first publications (revision 0) of minutes that ended
+  inside the window and before the last trade count (the last, partial minute closes on
+  ingest's idle mark instead).
+
+Only trades stamped, and bars ending, after the warm-up count. Topics are created before the
+mesh starts (``--cold`` skips that), as on any day but a mesh's first. CPU seconds and RSS
+per process are over the same window. The offered rate actually achieved is reported: the
+simulator slows down when ingest does not read (backpressure) and catches up by at most a
+second's worth.
+
+**(c) Ceilings, same run, same bytes**: after each scenario, the tick records it published
+(read back from the Redis streams; up to ``--ceiling-records``, in the same mix of channels)
+are sent again (1) with pipelined ``PUBLISH`` (1,000 commands a round trip, encoded before
+the clock starts, over one plain connection, to channels nobody subscribes to: the server's
+rate) into the same redis-server, and (2) with a raw aiokafka producer
+(linger and batch size as the mirror's, the mirror's headers, key = symbol) to fresh topics
+on the same broker. Each hop's rate is then given as a share of its ceiling: like for like,
+the same records with the same trades per record on both sides.
+
+``--profile DIR`` also records every service with py-spy (``pip install -e '.[bench]'``)
+while data flows and writes a summary per service (``bench/profile_summary.py``); the
+profiler takes CPU from the mesh, so figures of a profiled run are not comparable.
+
+Bounded: every wait has a deadline (``--feed-timeout-s``, ``--settle-timeout-s``); a scenario
+that does not drain in time is reported with its backlog. The default run takes about 6
+minutes here, ``--quick`` about 3 (less when the mesh keeps up).
+Run: ``.venv/bin/python bench/bench_mesh.py [--quick] [--json out.json] [--markdown out.md]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+from mesh_probe import (
+    BarSeen,
+    Observations,
+    Probe,
+    ProcessSampler,
+    ack_times,
+    acknowledged_at,
+    first_time_at,
+    weighted_percentiles,
+)
+from mesh_report import render_markdown, summary_rows
+from profile_summary import markdown as profile_markdown
+from profile_summary import parse_collapsed, summarise
+from summary import add_rows
+
+from devstack.localstack import LocalStack
+from devstack.mesh import IDLE_AFTER_S, Mesh, MeshOptions, ProcessExited, ServiceProcess
+from libs.common.io.kafka_io import (
+    TopicSpec,
+    ensure_topics,
+    sequence_headers,
+    start_producer,
+)
+from libs.common.names import Keys
+from libs.common.runtime.settings import CommonSettings, load_settings
+from services.bars.sinks import BAR_TOPIC_CONFIGS
+from services.mirror.config import MirrorSettings
+from services.mirror.routing import RoutingTable
+
+PROFILED = ("ingest", "mirror", "bars", "bars-shadow")
+KEYS = Keys()
+
+
+def data_dir() -> Path | None:
+    """The shared Lean data, when it is there."""
+    base = Path(
+        os.environ.get("TICKMESH_DATA") or ROOT.parent / "shared" / "data" / "lean-equity-2013-10"
+    )
+    return base if (base / "tick").is_dir() else None
+
+
+# -- timing from the simulator's log -----------------------------------------------------------
+
+
+def log_time(process: ServiceProcess, event: str) -> float | None:
+    """Wall time (epoch s) of the first ``event`` line in a process's JSON log."""
+    for line in process.events():
+        if line.get("event") == event and isinstance(line.get("timestamp"), str):
+            return dt.datetime.fromisoformat(str(line["timestamp"])).timestamp()
+    return None
+
+
+# -- profiling ---------------------------------------------------------------------------------
+
+
+def py_spy() -> str | None:
+    """The py-spy executable (the venv's first), if installed."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def start_profilers(mesh: Mesh, folder: Path, label: str) -> dict[str, subprocess.Popen[bytes]]:
+    """py-spy on each profiled service, sampling without pausing it, until told to stop."""
+    executable = py_spy()
+    if executable is None:
+        print("bench_mesh: py-spy not installed (pip install -e '.[bench]'): no profile")
+        return {}
+    folder.mkdir(parents=True, exist_ok=True)
+    profilers = {}
+    for name in PROFILED:
+        service = mesh.services.get(name)
+        if service is None or service.process is None:
+            continue
+        out = folder / f"{label}-{name}.txt"
+        profilers[name] = subprocess.Popen(
+            [
+                *(executable, "record", "--pid", str(service.process.pid), "--rate", "100"),
+                *("--nonblocking", "--format", "raw", "--output", str(out)),
+            ],
+            stdout=(folder / f"{label}-{name}.py-spy.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+    return profilers
+
+
+def stop_profilers(
+    profilers: dict[str, subprocess.Popen[bytes]], folder: Path, label: str
+) -> dict[str, Any]:
+    """Stop each py-spy (SIGINT: it writes its profile) and summarise the profiles."""
+    for process in profilers.values():
+        process.send_signal(signal.SIGINT)
+    summaries: dict[str, Any] = {}
+    for name, process in profilers.items():
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        path = folder / f"{label}-{name}.txt"
+        if path.exists():
+            summaries[name] = summarise(parse_collapsed(path.read_text().splitlines()))
+    if summaries:
+        text = "\n".join(profile_markdown(f"{label}: {n}", s) for n, s in summaries.items())
+        (folder / f"{label}-summary.md").write_text(text)
+    return summaries
+
+
+# -- the ceilings -------------------------------------------------------------------------------
+
+
+async def stream_records(
+    redis_url: str, counts: dict[str, int], limit: int
+) -> list[tuple[str, int, bytes]]:
+    """Up to ``limit`` tick records as published, (channel, seq, payload), read from the
+    streams: the first records of each channel in proportion to its share, interleaved by
+    their relative position (roughly the order they were published in)."""
+    total = sum(counts.values())
+    share = min(1.0, limit / total) if total else 0.0
+    client = aioredis.Redis.from_url(redis_url)
+    picked: list[tuple[float, str, int, bytes]] = []
+    try:
+        for channel, count in counts.items():
+            wanted = max(1, round(count * share))
+            entries: Any = await client.xrange(KEYS.stream(channel), "-", "+", count=wanted)
+            for index, (entry_id, fields) in enumerate(entries):
+                seq = int(entry_id.decode().split("-")[1])
+                picked.append((index / wanted, channel, seq, fields[b"d"]))
+    finally:
+        await client.aclose()
+    picked.sort(key=lambda item: item[0])
+    return [(channel, seq, payload) for _, channel, seq, payload in picked[:limit]]
+
+
+def resp_publish(channel: str, payload: bytes) -> bytes:
+    """One ``PUBLISH`` command in Redis's wire protocol."""
+    name = channel.encode()
+    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+        len(name),
+        name,
+        len(payload),
+        payload,
+    )
+
+
+async def publish_ceiling(redis_url: str, records: list[tuple[str, int, bytes]]) -> float:
+    """Seconds for redis-server to take a ``PUBLISH`` of every record (to channels nobody
+    subscribes to), 1,000 commands a round trip over one plain connection: the commands are
+    encoded before the clock starts, so this is the server's rate, not a client's."""
+    host, port = redis_url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    chunks = [
+        b"".join(
+            resp_publish(f"bench-ceiling.{channel}", payload)
+            for channel, _seq, payload in records[index : index + 1_000]
+        )
+        for index in range(0, len(records), 1_000)
+    ]
+    sizes = [min(1_000, len(records) - index) for index in range(0, len(records), 1_000)]
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        started = time.perf_counter()
+        for chunk, size in zip(chunks, sizes, strict=True):
+            writer.write(chunk)
+            await writer.drain()
+            replies = 0
+            while replies < size:  # each reply is one line, ":<subscribers>\r\n"
+                data = await reader.read(1 << 16)
+                if not data or b"-" in data:
+                    raise RuntimeError(f"PUBLISH answered {data[:80]!r}")
+                replies += data.count(b"\n")
+        return time.perf_counter() - started
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def create_ceiling_topics(bootstrap: str, channels: set[str]) -> dict[str, str]:
+    """A fresh topic per channel for the produce ceiling (created a few hundred at a time:
+    the embedded broker times out on a thousand in one request)."""
+    settings = CommonSettings(kafka_bootstrap=bootstrap)
+    suffix = f"{time.time_ns()}"
+    topics = {channel: f"bench-ceiling-{suffix}.{channel}" for channel in sorted(channels)}
+    specs = [TopicSpec(topic) for topic in topics.values()]
+    for index in range(0, len(specs), 200):
+        await ensure_topics(settings, specs[index : index + 200], max_wait_s=120)
+    return topics
+
+
+async def produce_ceiling(
+    bootstrap: str, records: list[tuple[str, int, bytes]], topics: dict[str, str]
+) -> float:
+    """Seconds for a raw aiokafka producer (the mirror's linger, batch size and headers) to
+    send every record to its channel's topic in ``topics`` and have all of them
+    acknowledged."""
+    settings = CommonSettings(kafka_bootstrap=bootstrap)
+    mirror = load_settings(MirrorSettings, {})
+    producer = await start_producer(
+        settings, linger_ms=mirror.linger_ms, max_batch_size=mirror.max_batch_bytes
+    )
+    try:
+        started = time.perf_counter()
+        futures = []
+        for channel, seq, payload in records:
+            futures.append(
+                await producer.send(
+                    topics[channel],
+                    payload,
+                    key=channel.split(".")[1].encode(),
+                    headers=sequence_headers(channel, seq),
+                )
+            )
+        await asyncio.gather(*futures)
+        return time.perf_counter() - started
+    finally:
+        await producer.stop()
+
+
+def trades_in(records: list[tuple[str, int, bytes]]) -> int:
+    """Trades in tick records."""
+    decoder = msgspec.json.Decoder(dict[str, Any])
+    return sum(len(decoder.decode(payload).get("ticks", ())) for _, _, payload in records)
+
+
+def ceilings(stack: LocalStack, counts: dict[str, int], limit: int) -> dict[str, Any]:
+    """Both ceilings on the same records, best of two passes each."""
+    records = asyncio.run(stream_records(stack.redis.url, counts, limit))
+    if not records:
+        return {"error": "no tick records in the streams"}
+    bootstrap = bootstrap_of(stack)
+    publish_s = min(asyncio.run(publish_ceiling(stack.redis.url, records)) for _ in range(2))
+    topics = asyncio.run(create_ceiling_topics(bootstrap, {channel for channel, _, _ in records}))
+    produce_s = min(asyncio.run(produce_ceiling(bootstrap, records, topics)) for _ in range(2))
+    trades = trades_in(records)
+    return {
+        "records": len(records),
+        "trades": trades,
+        "tradesPerRecord": round(trades / len(records), 2),
+        "publishRecordsPerS": round(len(records) / publish_s),
+        "publishTicksPerS": round(trades / publish_s),
+        "produceRecordsPerS": round(len(records) / produce_s),
+        "produceTicksPerS": round(trades / produce_s),
+    }
+
+
+# -- one scenario ------------------------------------------------------------------------------
+
+
+class Scenario:
+    """A mesh on a fresh stack, the probe, the sampler and (optionally) the profilers."""
+
+    def __init__(self, label: str, options: MeshOptions, args: argparse.Namespace) -> None:
+        self.label = label
+        self.options = options
+        self.args = args
+        self.notes: list[str] = []
+
+    def run(
+        self,
+        probe_factory: Callable[[LocalStack], Probe],
+        prepare: Callable[[LocalStack], None],
+        wait: Callable[[Mesh, Probe], None],
+        analyse: Callable[[Mesh, LocalStack, Observations, ProcessSampler], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """Start, wait for the data to flow through, stop, analyse (stack still up)."""
+        profile_dir = self.args.profile
+        with LocalStack() as stack:
+            prepare(stack)
+            probe = probe_factory(stack)
+            probe.start()
+            sampler = ProcessSampler(
+                {"redis-server": stack.redis.pid, "bench": os.getpid()}
+            ).start()
+            if stack.kafka is not None:
+                sampler.add("tansu", stack.kafka.pid)
+            mesh = Mesh(stack, self.options)
+            profilers: dict[str, subprocess.Popen[bytes]] = {}
+            result: dict[str, Any] = {"scenario": self.label}
+            seen = Observations()
+            try:
+                mesh.start()
+                for name, service in mesh.services.items():
+                    assert service.process is not None
+                    sampler.add(name, service.process.pid)
+                if mesh.simulator is not None and mesh.simulator.process is not None:
+                    sampler.add("simulator", mesh.simulator.process.pid)
+                if profile_dir is not None:
+                    profilers = start_profilers(mesh, profile_dir, self.label)
+                try:
+                    wait(mesh, probe)
+                except (TimeoutError, ProcessExited) as exc:
+                    self.notes.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+                if profilers:
+                    result["profile"] = stop_profilers(profilers, profile_dir, self.label)
+                sampler.stop()
+                seen = probe.stop()
+                result.update(analyse(mesh, stack, seen, sampler))
+            finally:
+                try:
+                    for process in profilers.values():
+                        if process.poll() is None:
+                            process.kill()
+                    probe.stop()
+                finally:
+                    mesh.stop()  # whatever else failed: no service outlives the bench
+            if seen.errors:
+                self.notes.extend(f"probe: {error}" for error in seen.errors)
+            if seen.undecodable:
+                self.notes.append(f"probe: {seen.undecodable} records it could not decode")
+            result["notes"] = self.notes
+            for name, server in (("redis-server", stack.redis), ("the broker", stack.kafka)):
+                if server is not None and not server.running:
+                    self.notes.append(f"{name} was not running at the end:\n{server.log_tail()}")
+            if self.args.ceiling_records > 0 and result.get("tickRecordsByChannel"):
+                try:
+                    result["ceilings"] = ceilings(
+                        stack, result.pop("tickRecordsByChannel"), self.args.ceiling_records
+                    )
+                except Exception as exc:  # reported in the results: the scenario's figures stand
+                    result["ceilings"] = {"error": f"{type(exc).__name__}: {exc}"}
+            result.pop("tickRecordsByChannel", None)
+        return result
+
+
+def wait_drained(mesh: Mesh, probe: Probe, timeout_s: float, quiet_s: float = 2.0) -> None:
+    """After the feed: wait until Kafka acknowledged every tick record the probe knows of and
+    no bar arrived on either path for ``quiet_s``, no earlier than the last minute can close
+    (ingest's idle mark plus the grace). ``TimeoutError`` with the backlog past the deadline."""
+    deadline = time.monotonic() + timeout_s
+    earliest = time.monotonic() + IDLE_AFTER_S + mesh.options.grace_ms / 1000 + 1
+    bars = probe.bars_seen()
+    quiet_since = time.monotonic()
+    while True:
+        mesh.check_alive()
+        now = time.monotonic()
+        backlog = probe.backlog()
+        if backlog == 0 and now >= earliest and now - quiet_since >= quiet_s:
+            return
+        if now > deadline:
+            raise TimeoutError(
+                f"not drained within {timeout_s:g} s after the feed: {backlog:,} tick records "
+                f"not acknowledged by Kafka; bars seen (Redis, Kafka): {probe.bars_seen()}"
+            )
+        time.sleep(0.25)
+        if probe.bars_seen() != bars:
+            bars, quiet_since = probe.bars_seen(), time.monotonic()
+
+
+def bootstrap_of(stack: LocalStack) -> str:
+    """The stack's Kafka bootstrap address (every scenario runs one)."""
+    assert stack.kafka is not None
+    return stack.kafka.bootstrap
+
+
+def metric(mesh: Mesh, service: str, name: str, **labels: str) -> float:
+    """A service's metric (0 when it is not running)."""
+    process = mesh.services.get(service)
+    return process.metric_sum(name, **labels) if process is not None else 0.0
+
+
+def run_real_day(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Scenario (a)."""
+    data = data_dir()
+    if data is None:
+        return {"scenario": "real day", "skipped": "no shared data (TICKMESH_DATA)"}
+    symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
+    channels = [f"ticks.{symbol}" for symbol in symbols]
+    options = MeshOptions(
+        workdir=workdir / "real-day",
+        data_dir=data,
+        day=args.day,
+        symbols=symbols,
+        speed=0.0,
+        grace_ms=args.grace_ms,
+        run_id="bench-day",
+    )
+    scenario = Scenario("real day", options, args)
+    counters: dict[str, float] = {}
+
+    def wait(mesh: Mesh, probe: Probe) -> None:
+        try:
+            mesh.wait_feed_done(timeout_s=args.feed_timeout_s)
+            wait_drained(mesh, probe, timeout_s=args.settle_timeout_s)
+        finally:
+            read_counters(mesh)
+
+    def read_counters(mesh: Mesh) -> None:
+        counters["ticks"] = metric(mesh, "ingest", "tickmesh_ingest_events_total", type="T")
+        counters["deadLetters"] = sum(
+            s.metric_sum("tickmesh_dead_letters_total") for s in mesh.services.values()
+        )
+
+    def analyse(
+        mesh: Mesh, stack: LocalStack, seen: Observations, sampler: ProcessSampler
+    ) -> dict[str, Any]:
+        assert mesh.simulator is not None
+        first = log_time(mesh.simulator, "simulator.feed_started")
+        last_frame = log_time(mesh.simulator, "simulator.feed_done")
+        records = seen.seq_totals[-1][1] if seen.seq_totals else 0
+        ticks = int(counters.get("ticks", 0))
+        out: dict[str, Any] = {
+            "day": args.day,
+            "symbols": symbols,
+            "ticks": ticks,
+            "tickRecords": records,
+            "tradesPerRecord": round(ticks / records, 2) if records else None,
+            "barsRedis": len(seen.redis_bars),
+            "barsKafka": len(seen.kafka_bars),
+            "deadLetters": counters.get("deadLetters"),
+            "feedSeconds": round(last_frame - first, 3) if first and last_frame else None,
+        }
+        ends = {
+            "redis": first_time_at(seen.seq_totals, records) if records else None,
+            "kafka": first_time_at(seen.acked_totals, records) if records else None,
+            "barRedis": max((bar.at for bar in seen.redis_bars), default=None),
+            "barKafka": max((bar.at for bar in seen.kafka_bars), default=None),
+            "barRedisEventTime": last_closed_on_event_time(seen.redis_bars),
+            "barKafkaEventTime": last_closed_on_event_time(seen.kafka_bars),
+        }
+        out["to"] = {
+            name: None
+            if end is None or first is None
+            else {
+                "seconds": round(end - first, 3),
+                "ticksPerS": round(ticks / (end - first)),
+                "recordsPerS": round(records / (end - first)),
+                "afterLastFrameS": round(end - last_frame, 3) if last_frame else None,
+            }
+            for name, end in ends.items()
+        }
+        if first is not None:
+            out["processes"] = sampler.window(
+                first, max((e for e in ends.values() if e), default=first)
+            )
+        out["tickRecordsByChannel"] = {
+            channel: int(value) for channel, value in _final_seqs(stack, channels).items()
+        }
+        return out
+
+    return scenario.run(
+        lambda stack: Probe(
+            stack.redis.url,
+            bootstrap_of(stack),
+            observe_ticks=False,
+            seq_channels=channels,
+            poll_ms=20,
+        ),
+        lambda _stack: None,
+        wait,
+        analyse,
+    )
+
+
+def last_closed_on_event_time(bars: list[BarSeen]) -> float | None:
+    """Arrival of the last bar that closed on event time: every bar but each symbol's last
+    minute (which closes when the feed goes idle)."""
+    last_start: dict[str, int] = {}
+    for bar in bars:
+        last_start[bar.symbol] = max(last_start.get(bar.symbol, 0), bar.start_ms)
+    return max((bar.at for bar in bars if bar.start_ms < last_start[bar.symbol]), default=None)
+
+
+def _final_seqs(stack: LocalStack, channels: list[str]) -> dict[str, int]:
+    async def read() -> dict[str, int]:
+        client = aioredis.Redis.from_url(stack.redis.url)
+        try:
+            values = await client.mget([KEYS.seq(channel) for channel in channels])
+        finally:
+            await client.aclose()
+        return {c: int(v) for c, v in zip(channels, values, strict=True) if v is not None}
+
+    return asyncio.run(read())
+
+
+def synthetic_symbols(count: int) -> list[str]:
+    """The simulator's synthetic names (``S0001``...)."""
+    width = max(4, len(str(count)))
+    return [f"S{index:0{width}d}" for index in range(1, count + 1)]
+
+
+def precreate_topics(bootstrap: str, symbols: list[str]) -> float:
+    """Create the tick and bar topics of ``symbols`` as the mirror and the shadow builder
+    would (their own specs); returns the seconds it took."""
+    table = RoutingTable(load_settings(MirrorSettings, {}))
+    specs = []
+    for symbol in symbols:
+        target = table.target(f"ticks.{symbol}")
+        assert target is not None
+        specs.append(target.spec)
+        specs.append(TopicSpec(f"bars.{symbol}.1m", 1, 1, BAR_TOPIC_CONFIGS))
+    started = time.monotonic()
+    settings = CommonSettings(kafka_bootstrap=bootstrap)
+    for index in range(0, len(specs), 500):
+        asyncio.run(ensure_topics(settings, specs[index : index + 500], max_wait_s=120))
+    return time.monotonic() - started
+
+
+def run_synthetic(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Scenario (b)."""
+    symbols = synthetic_symbols(args.synthetic_symbols)
+    options = MeshOptions(
+        workdir=workdir / "synthetic",
+        synthetic_symbols=args.synthetic_symbols,
+        synthetic_rate=args.rate,
+        duration_s=args.warmup_s + args.measure_s,
+        grace_ms=args.grace_ms,
+        run_id="bench-synthetic",
+    )
+    scenario = Scenario("synthetic", options, args)
+    status: dict[str, Any] = {}
+
+    def prepare(stack: LocalStack) -> None:
+        if not args.cold:
+            seconds = precreate_topics(bootstrap_of(stack), symbols)
+            scenario.notes.append(f"{2 * len(symbols)} topics created first in {seconds:.1f} s")
+
+    def wait(mesh: Mesh, probe: Probe) -> None:
+        mesh.wait_feed_done(timeout_s=args.warmup_s + args.measure_s + args.feed_timeout_s)
+        status.update(mesh.simulator_status())
+        wait_drained(mesh, probe, timeout_s=args.settle_timeout_s)
+
+    def analyse(
+        mesh: Mesh, stack: LocalStack, seen: Observations, sampler: ProcessSampler
+    ) -> dict[str, Any]:
+        assert mesh.simulator is not None
+        first = log_time(mesh.simulator, "simulator.feed_started")
+        last_frame = log_time(mesh.simulator, "simulator.feed_done")
+        if first is None or last_frame is None:
+            return {"error": "the simulator's log has no feed_started / feed_done"}
+        return analyse_synthetic(args, seen, sampler, status, first, last_frame)
+
+    return scenario.run(
+        lambda stack: Probe(
+            stack.redis.url, bootstrap_of(stack), observe_ticks=True, poll_ms=args.poll_ms
+        ),
+        prepare,
+        wait,
+        analyse,
+    )
+
+
+def analyse_synthetic(
+    args: argparse.Namespace,
+    seen: Observations,
+    sampler: ProcessSampler,
+    status: dict[str, Any],
+    first: float,
+    last_frame: float,
+) -> dict[str, Any]:
+    """Latencies, rates, CPU and memory of the measured window of scenario (b)."""
+    start = first + args.warmup_s
+    end = last_frame
+    acks = {channel: ack_times(updates) for channel, updates in seen.acked.items()}
+    to_redis: list[tuple[float, int]] = []
+    to_kafka: list[tuple[float, int]] = []
+    unacked = trades = 0
+    records_in_window = 0
+    by_channel: dict[str, int] = {}
+    top_seq: dict[str, int] = {}
+    for tick in seen.ticks:
+        by_channel[tick.channel] = by_channel.get(tick.channel, 0) + 1
+        top_seq[tick.channel] = max(top_seq.get(tick.channel, 0), tick.seq)
+        sent = tick.t_ms / 1000
+        if not start <= sent <= end:
+            continue
+        records_in_window += 1
+        trades += tick.trades
+        to_redis.append((1000 * (tick.at - sent), tick.trades))
+        positions, times = acks.get(tick.channel, ([], []))
+        acked = acknowledged_at(positions, times, tick.seq)
+        if acked is None:
+            unacked += tick.trades
+        else:
+            to_kafka.append((1000 * (acked - sent), tick.trades))
+    last_trade_ms = max((tick.t_ms for tick in seen.ticks), default=0)
+    whole_feed = [
+        (1000 * (acked - tick.t_ms / 1000), tick.trades)
+        for tick in seen.ticks
+        if (acked := acknowledged_at(*acks.get(tick.channel, ([], [])), tick.seq)) is not None
+    ]
+    first_acks = [
+        times[0] for channel, (_, times) in acks.items() if times and channel.startswith("ticks.")
+    ]
+
+    def bar_latencies(bars: list[Any]) -> list[tuple[float, int]]:
+        first_seen: dict[tuple[str, int], float] = {}  # a re-delivered bar counts once
+        for bar in bars:
+            if bar.revision == 0 and start * 1000 <= bar.end_ms <= last_trade_ms:
+                key = (bar.symbol, bar.end_ms)
+                first_seen[key] = min(first_seen.get(key, bar.at), bar.at)
+        return [(1000 * at - end_ms, 1) for (_, end_ms), at in first_seen.items()]
+
+    def stats(values: list[tuple[float, int]]) -> dict[str, float] | None:
+        found = weighted_percentiles(values)
+        if found is None:
+            return None
+        return {k: (round(v, 1) if k != "count" else int(v)) for k, v in found.items()}
+
+    window_s = end - start
+    published = sum(top_seq.values())
+    observed = sum(by_channel.values())
+    events = int(status.get("eventsGenerated", 0))
+    frames = int(status.get("framesGenerated", 0))
+    return {
+        "symbols": args.synthetic_symbols,
+        "offeredRate": args.rate,
+        "windowSeconds": round(window_s, 2),
+        "warmupSeconds": args.warmup_s,
+        "graceMs": args.grace_ms,
+        "pollMs": args.poll_ms,
+        "achievedTicksPerS": round(trades / window_s) if window_s > 0 else None,
+        "simulatorTicksPerS": round(events / (last_frame - first)) if last_frame > first else None,
+        "eventsPerFrame": round(events / frames, 1) if frames else None,
+        "tradesPerRecord": round(trades / records_in_window, 2) if records_in_window else None,
+        "recordsPerS": round(records_in_window / window_s) if window_s > 0 else None,
+        "probeMissedRecords": published - observed,
+        "channels": len(by_channel),
+        "channelsInKafka": len(first_acks),
+        "allChannelsInKafkaAfterS": round(max(first_acks) - first, 1)
+        if first_acks and len(first_acks) >= len(by_channel)
+        else None,
+        "tradesNotAcknowledged": unacked,
+        "latencyMs": {
+            "tickToRedis": stats(to_redis),
+            "tickToKafka": stats(to_kafka),
+            "tickToBarRedis": stats(bar_latencies(seen.redis_bars)),
+            "tickToBarKafka": stats(bar_latencies(seen.kafka_bars)),
+            "tickToKafkaWholeFeed": stats(whole_feed),
+        },
+        "processes": sampler.window(start, end),
+        "tickRecordsByChannel": by_channel,
+    }
+
+
+def machine() -> str:
+    """Where it ran."""
+    return (
+        f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} at the end"
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The bench's options; ``--quick`` changes the defaults, explicit options still win."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="a short run (about 2 minutes)")
+    parser.add_argument("--only", choices=["day", "synthetic"], help="one scenario")
+    parser.add_argument("--day", default="2013-10-07")
+    parser.add_argument("--symbols", help="real-day symbols (default SPY,IBM,AIG,BAC)")
+    parser.add_argument("--synthetic-symbols", type=int, default=1_000)
+    parser.add_argument("--rate", type=int, default=20_000, help="offered trades/s")
+    parser.add_argument("--warmup-s", type=float, help="not counted (default 20, quick 10)")
+    parser.add_argument("--measure-s", type=float, help="measured (default 60, quick 10)")
+    parser.add_argument("--grace-ms", type=int, default=1_000, help="the bars' grace")
+    parser.add_argument("--poll-ms", type=int, default=10, help="Kafka acknowledgement polling")
+    parser.add_argument("--cold", action="store_true", help="do not create the topics first")
+    parser.add_argument(
+        "--ceiling-records", type=int, help="records sent to each ceiling (default 200k, quick 50k)"
+    )
+    parser.add_argument("--feed-timeout-s", type=float, default=300.0)
+    parser.add_argument(
+        "--settle-timeout-s", type=float, help="after the feed (default 120, quick 60)"
+    )
+    parser.add_argument("--profile", type=Path, help="py-spy every service into this folder")
+    parser.add_argument("--workdir", type=Path, help="keep the services' logs here")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--markdown", type=Path, help="write the report here")
+    parser.add_argument("--summary", type=Path, help="append headline rows (scripts/bench.sh)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    if args.symbols is None:
+        args.symbols = "IBM,AIG,BAC" if quick else "SPY,IBM,AIG,BAC"
+    if args.warmup_s is None:
+        args.warmup_s = 10.0 if quick else 20.0
+    if args.measure_s is None:
+        args.measure_s = 10.0 if quick else 60.0
+    if args.settle_timeout_s is None:
+        args.settle_timeout_s = 60.0 if quick else 120.0
+    if args.ceiling_records is None:
+        args.ceiling_records = 50_000 if quick else 200_000
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the scenarios, print the report."""
+    args = parse_args(argv)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings+
+    signal.signal(signal.SIGTERM, _stop_on_signal)  # stop the mesh on the way out
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-mesh-"))
+    started = time.monotonic()
+    results: dict[str, Any] = {"quick": args.quick}
+    try:
+        if args.only in (None, "day"):
+            print("bench_mesh: (a) real day ...", flush=True)
+            results["realDay"] = run_real_day(args, workdir)
+        if args.only in (None, "synthetic"):
+            print("bench_mesh: (b) synthetic market ...", flush=True)
+            results["synthetic"] = run_synthetic(args, workdir)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["seconds"] = round(time.monotonic() - started, 1)
+    results["machine"] = machine()
+    report = render_markdown(results)
+    print(report)
+    print(f"\nbench_mesh: {results['seconds']} s in all")
+    if args.profile is not None:
+        for label in ("real day", "synthetic"):
+            path = args.profile / f"{label}-summary.md"
+            if path.exists():
+                print(f"profile summary: {path}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(report + "\n")
+    add_rows(args.summary, summary_rows(results))
+    return 0
+
+
+def _stop_on_signal(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

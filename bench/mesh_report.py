@@ -1,0 +1,266 @@
+"""The report of ``bench_mesh.py``: its results (a JSON-ready dict) as Markdown, the issue's
+targets and where a run stands, and the headline rows for ``scripts/bench.sh``'s table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from summary import LIKE_FOR_LIKE, row
+
+SERVICES = ("ingest", "mirror", "bars", "bars-shadow", "engine_bridge")
+"""The mesh's services (memory growth is judged on these)."""
+
+
+def _rate(value: Any) -> str:
+    return f"{value:,.0f}" if isinstance(value, (int, float)) else "-"
+
+
+def _ms(stats: dict[str, Any] | None) -> str:
+    if not stats:
+        return "- | - | - | 0"
+    return f"{stats['p50']:,.1f} | {stats['p99']:,.1f} | {stats['max']:,.1f} | {stats['count']:,}"
+
+
+def _process_rows(processes: dict[str, dict[str, float]]) -> list[str]:
+    lines = [
+        "| process | CPU s | CPU % | RSS start MiB | RSS end MiB | RSS peak MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, p in sorted(processes.items(), key=lambda item: -item[1]["cpuSeconds"]):
+        lines.append(
+            f"| {name} | {p['cpuSeconds']:.1f} | {p['cpuPct']:.0f} | {p['rssStartMb']:.0f} "
+            f"| {p['rssEndMb']:.0f} | {p['rssPeakMb']:.0f} |"
+        )
+    return lines
+
+
+def _ratio(numerator: Any, denominator: Any) -> float | None:
+    if isinstance(numerator, (int, float)) and isinstance(denominator, (int, float)):
+        return numerator / denominator if denominator else None
+    return None
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The whole report as Markdown."""
+    lines = [f"### bench_mesh ({results['machine']})", ""]
+    day = results.get("realDay") or {}
+    if day.get("skipped"):
+        lines += [f"(a) real day: skipped ({day['skipped']})", ""]
+    elif day:
+        lines += [
+            f"**(a) Real day** {day.get('day')} {','.join(day.get('symbols', []))} at speed 0: "
+            f"{day.get('ticks', 0):,} ticks in {day.get('tickRecords', 0):,} records "
+            f"({day.get('tradesPerRecord')} trades/record); bars {day.get('barsRedis')} on "
+            f"Redis, {day.get('barsKafka')} on Kafka; the simulator sent the day in "
+            f"{day.get('feedSeconds')} s.",
+            "",
+            "| from the first frame to | s | ticks/s | records/s | after the last frame, s |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        names = {
+            "redis": "last tick record on Redis",
+            "kafka": "last tick record in Kafka (acknowledged)",
+            "barRedis": "last bar on Redis",
+            "barKafka": "last bar on Kafka (shadow)",
+            "barRedisEventTime": "last bar closed on event time, Redis",
+            "barKafkaEventTime": "last bar closed on event time, Kafka",
+        }
+        for key, label in names.items():
+            to = (day.get("to") or {}).get(key)
+            if to is None:
+                lines.append(f"| {label} | - | - | - | - |")
+                continue
+            lines.append(
+                f"| {label} | {to['seconds']:.2f} | {_rate(to['ticksPerS'])} | "
+                f"{_rate(to['recordsPerS'])} | {to['afterLastFrameS']} |"
+            )
+        lines.append("")
+        lines += _ceiling_lines(day, "redis", "kafka")
+        if day.get("processes"):
+            lines += ["", *_process_rows(day["processes"])]
+        lines += [f"- {note}" for note in day.get("notes", [])]
+        lines.append("")
+    syn = results.get("synthetic") or {}
+    if syn and not syn.get("error"):
+        latency = syn.get("latencyMs", {})
+        lines += [
+            f"**(b) Synthetic market**: {syn.get('symbols')} symbols offered "
+            f"{syn.get('offeredRate'):,} trades/s; measured {syn.get('windowSeconds')} s after "
+            f"a {syn.get('warmupSeconds')} s warm-up: achieved "
+            f"{_rate(syn.get('achievedTicksPerS'))} ticks/s "
+            f"({_rate(syn.get('recordsPerS'))} records/s, "
+            f"{syn.get('tradesPerRecord')} trades/record, {syn.get('eventsPerFrame')} events a "
+            f"frame); grace {syn.get('graceMs')} ms; Kafka acks polled every "
+            f"{syn.get('pollMs')} ms; probe missed {syn.get('probeMissedRecords')} records; "
+            f"{syn.get('tradesNotAcknowledged')} trades not acknowledged by Kafka at the end.",
+            "",
+            "| latency, ms | p50 | p99 | max | counted |",
+            "|---|---:|---:|---:|---:|",
+            f"| tick → Redis (pub/sub) | {_ms(latency.get('tickToRedis'))} |",
+            f"| tick → Kafka (acknowledged) | {_ms(latency.get('tickToKafka'))} |",
+            f"| tick → bar on Redis (from minute end) | {_ms(latency.get('tickToBarRedis'))} |",
+            f"| tick → bar on Kafka, shadow (from minute end) | "
+            f"{_ms(latency.get('tickToBarKafka'))} |",
+            f"| tick → Kafka, whole feed (warm-up included) | "
+            f"{_ms(latency.get('tickToKafkaWholeFeed'))} |",
+            "",
+            f"{syn.get('channelsInKafka')} of the {syn.get('channels')} tick channels had a record "
+            "acknowledged by Kafka by the end; all of them "
+            f"{syn.get('allChannelsInKafkaAfterS') or '-'} s after the first frame ('-': never).",
+            "",
+        ]
+        lines += _ceiling_lines(syn, None, None)
+        if syn.get("processes"):
+            lines += ["", *_process_rows(syn["processes"])]
+        lines += [f"- {note}" for note in syn.get("notes", [])]
+        lines.append("")
+    elif syn:
+        lines += [f"(b) synthetic: {syn.get('error')}", ""]
+    lines += ["**Targets** (reported, never asserted)", ""]
+    lines += [f"- {target}" for target in targets(results)]
+    return "\n".join(lines)
+
+
+def _ceiling_lines(
+    result: dict[str, Any], redis_key: str | None, kafka_key: str | None
+) -> list[str]:
+    ceiling = result.get("ceilings")
+    if not ceiling or ceiling.get("error"):
+        return [f"(c) ceilings: {ceiling.get('error') if ceiling else 'not measured'}"]
+    lines = [
+        f"(c) Ceilings on {ceiling['records']:,} of the same records "
+        f"({ceiling['tradesPerRecord']} trades/record):",
+        "",
+        "| hop | mesh records/s | ceiling records/s | share of ceiling |",
+        "|---|---:|---:|---:|",
+    ]
+    to = result.get("to") or {}
+    for hop, key, ceiling_key, label in (
+        ("ingest → Redis", redis_key, "publishRecordsPerS", "pipelined PUBLISH"),
+        ("→ Kafka (mirror)", kafka_key, "produceRecordsPerS", "raw aiokafka produce"),
+    ):
+        mesh_rate = (to.get(key) or {}).get("recordsPerS") if key else result.get("recordsPerS")
+        share = _ratio(mesh_rate, ceiling[ceiling_key])
+        shown = f"{100 * share:.1f} %" if share is not None else "-"
+        lines.append(
+            f"| {hop} vs {label} | {_rate(mesh_rate)} | {_rate(ceiling[ceiling_key])} | {shown} |"
+        )
+    return lines
+
+
+def targets(results: dict[str, Any]) -> list[str]:
+    """The issue's targets and where this run stands."""
+    out = []
+    day = results.get("realDay") or {}
+    to_kafka = (day.get("to") or {}).get("kafka")
+    bars = [(day.get("to") or {}).get(key) for key in ("barRedisEventTime", "barKafkaEventTime")]
+    if to_kafka:
+        slowest = min([to_kafka["ticksPerS"], *(b["ticksPerS"] for b in bars if b)])
+        out.append(
+            f"real day >= 100,000 ticks/s end to end on 2 cores: {slowest:,} ticks/s to the "
+            "slowest of Kafka and the bars closed on event time "
+            f"({'met' if slowest >= 100_000 else 'not met'})"
+        )
+    syn = results.get("synthetic") or {}
+    latency = syn.get("latencyMs") or {}
+    kafka = latency.get("tickToKafka")
+    if kafka:
+        out.append(
+            f"1,000 symbols at 20 k ticks/s, p99 tick → Kafka < 100 ms: {kafka['p99']:,.1f} ms "
+            f"({'met' if kafka['p99'] < 100 else 'not met'})"
+        )
+    grace = syn.get("graceMs", 0)
+    for key, path in (("tickToBarRedis", "Redis"), ("tickToBarKafka", "Kafka")):
+        found = latency.get(key)
+        if found:
+            met = found["p99"] < grace + 100
+            out.append(
+                f"p99 tick → bar ({path}) < grace + 100 ms = {grace + 100} ms: "
+                f"{found['p99']:,.1f} ms ({'met' if met else 'not met'})"
+            )
+    processes = syn.get("processes") or {}
+    if processes:
+        # The services only: the simulator keeps every trade it sent (for its REST API), and
+        # redis-server and the broker hold the data itself.
+        growth = {
+            name: p["rssEndMb"] - p["rssStartMb"]
+            for name, p in processes.items()
+            if name in SERVICES
+        }
+        worst = max(growth.items(), key=lambda item: item[1])
+        out.append(
+            f"memory flat over the window: largest RSS growth of a service {worst[1]:+.1f} MiB "
+            f"({worst[0]})"
+        )
+    out.append("mirror at one trade per record >= 60 k records/s: see bench_mirror.py")
+    return out
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, object]]:
+    """The headline figures for ``scripts/bench.sh``'s table."""
+    rows = []
+    day = results.get("realDay") or {}
+    to = day.get("to") or {}
+    ceiling = day.get("ceilings") or {}
+    per = day.get("tradesPerRecord")
+    if to.get("kafka"):
+        rows.append(
+            row(
+                "bench_mesh",
+                f"real day to Kafka, records/s ({per} trades/record)",
+                _rate(to["kafka"]["recordsPerS"]),
+                f"raw produce {_rate(ceiling.get('produceRecordsPerS'))}",
+                _ratio(to["kafka"]["recordsPerS"], ceiling.get("produceRecordsPerS")),
+                LIKE_FOR_LIKE + " (same records)",
+            )
+        )
+    if to.get("redis"):
+        rows.append(
+            row(
+                "bench_mesh",
+                f"real day to Redis, records/s ({per} trades/record)",
+                _rate(to["redis"]["recordsPerS"]),
+                f"pipelined PUBLISH {_rate(ceiling.get('publishRecordsPerS'))}",
+                _ratio(to["redis"]["recordsPerS"], ceiling.get("publishRecordsPerS")),
+                LIKE_FOR_LIKE + " (same records; PUBLISH alone, no XADD or subscribers)",
+            )
+        )
+    for key, label in (
+        ("kafka", "Kafka"),
+        ("barRedisEventTime", "bars (event time), Redis"),
+        ("barKafkaEventTime", "bars (event time), Kafka"),
+    ):
+        if to.get(key):
+            rows.append(
+                row(
+                    "bench_mesh",
+                    f"real day, ticks/s to {label}",
+                    _rate(to[key]["ticksPerS"]),
+                    "target 100,000",
+                    basis="target, not a ratio",
+                )
+            )
+    syn = results.get("synthetic") or {}
+    latency = syn.get("latencyMs") or {}
+    for key, label in (
+        ("tickToRedis", "tick → Redis"),
+        ("tickToKafka", "tick → Kafka"),
+        ("tickToBarRedis", "tick → bar, Redis"),
+        ("tickToBarKafka", "tick → bar, Kafka"),
+    ):
+        found = latency.get(key)
+        if found:
+            target = "100 ms" if key == "tickToKafka" else ""
+            if key.startswith("tickToBar"):
+                target = f"grace + 100 = {syn.get('graceMs', 0) + 100} ms"
+            rows.append(
+                row(
+                    "bench_mesh",
+                    f"{syn.get('symbols')} symbols at {_rate(syn.get('achievedTicksPerS'))} "
+                    f"ticks/s: p99 {label}",
+                    f"{found['p99']:,.1f} ms",
+                    f"target {target}" if target else "",
+                    basis="latency (p50 " + f"{found['p50']:,.1f} ms)",
+                )
+            )
+    return rows

@@ -1,0 +1,324 @@
+"""The whole-mesh benchmark's arithmetic, its probe's Redis reader, and its report.
+
+The figures themselves are never asserted (speed targets live in bench/); these tests prove
+that the bench computes what its docstring says from what it observed. One slow test runs a
+short real day (IBM) through the whole mesh and the bench's report (20-45 s here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_mesh import analyse_synthetic, last_closed_on_event_time, resp_publish
+from mesh_probe import (
+    BarSeen,
+    Observations,
+    PatternSubscriber,
+    ProcessSampler,
+    TickSeen,
+    ack_times,
+    acknowledged_at,
+    first_time_at,
+    parse_push,
+    weighted_percentiles,
+)
+from mesh_report import render_markdown, summary_rows, targets
+from profile_summary import parse_collapsed, summarise
+from summary import load, render, row
+
+
+def test_weighted_percentiles_count_each_trade_of_a_record() -> None:
+    # 98 trades at 20 ms in one record outweigh single trades at 10 and 30 ms.
+    found = weighted_percentiles([(10.0, 1), (20.0, 98), (30.0, 1)])
+    assert found == {"p50": 20.0, "p99": 20.0, "max": 30.0, "count": 100}
+
+
+def test_weighted_percentiles_p99_reaches_a_tail_of_two_percent() -> None:
+    found = weighted_percentiles([(1.0, 98), (500.0, 2)])
+    assert found is not None
+    assert found["p50"] == 1.0
+    assert found["p99"] == 500.0
+
+
+def test_weighted_percentiles_of_nothing_is_none() -> None:
+    assert weighted_percentiles([]) is None
+    assert weighted_percentiles([(5.0, 0)]) is None
+
+
+def test_a_record_is_acknowledged_at_the_first_poll_whose_position_reached_it() -> None:
+    # Position 3 at t=1.0, 7 at t=2.0, a rewind to 5 at t=2.5 (ignored), 9 at t=3.0.
+    positions, times = ack_times([(1.0, 3), (2.0, 7), (2.5, 5), (3.0, 9)])
+    assert positions == [3, 7, 9]
+    assert acknowledged_at(positions, times, 1) == 1.0
+    assert acknowledged_at(positions, times, 3) == 1.0
+    assert acknowledged_at(positions, times, 4) == 2.0
+    assert acknowledged_at(positions, times, 9) == 3.0
+    assert acknowledged_at(positions, times, 10) is None
+
+
+def test_first_time_at_finds_when_a_total_was_reached() -> None:
+    series = [(1.0, 10), (2.0, 50), (3.0, 100)]
+    assert first_time_at(series, 50) == 2.0
+    assert first_time_at(series, 51) == 3.0
+    assert first_time_at(series, 101) is None
+
+
+def test_the_last_minute_of_each_symbol_is_not_closed_on_event_time() -> None:
+    bars = [
+        BarSeen("SPY", 0, 60_000, 0, at=10.0),
+        BarSeen("SPY", 60_000, 120_000, 0, at=30.0),  # SPY's last minute: closed when idle
+        BarSeen("IBM", 0, 60_000, 0, at=12.0),
+        BarSeen("IBM", 60_000, 120_000, 0, at=20.0),  # IBM's last minute
+    ]
+    assert last_closed_on_event_time(bars) == 12.0
+
+
+def test_latencies_count_only_the_measured_window_and_first_bar_deliveries() -> None:
+    # Feed from t=1000 s to 1100 s, warm-up 20 s: the window is [1020, 1100].
+    args = argparse.Namespace(
+        warmup_s=20.0, synthetic_symbols=2, rate=10, grace_ms=1000, poll_ms=10
+    )
+    seen = Observations(
+        ticks=[
+            TickSeen("ticks.A", 1, 1_010_000, 5, at=1010.002),  # warm-up: not counted
+            TickSeen("ticks.A", 2, 1_030_000, 3, at=1030.004),
+            TickSeen("ticks.B", 1, 1_050_000, 1, at=1050.100),
+            TickSeen("ticks.B", 2, 1_099_000, 2, at=1099.001),  # never acknowledged
+        ],
+        acked={
+            "ticks.A": [(1010.05, 1), (1030.02, 2)],
+            "ticks.B": [(1050.30, 1)],
+            "bars.A.1m": [(1061.2, 1)],
+        },
+        redis_bars=[
+            BarSeen("A", 1_000_000, 1_020_000, 0, at=1021.05),  # minute ends in the window
+            BarSeen("A", 1_000_000, 1_020_000, 1, at=1040.0),  # a revision: not counted
+            BarSeen("A", 1_060_000, 1_120_000, 0, at=1102.0),  # ends after the last trade
+        ],
+        kafka_bars=[
+            BarSeen("A", 1_000_000, 1_020_000, 0, at=1021.2),
+            BarSeen("A", 1_000_000, 1_020_000, 0, at=1025.0),  # re-delivered: first counts
+        ],
+    )
+    result = analyse_synthetic(
+        args, seen, ProcessSampler({}), {"eventsGenerated": 11, "framesGenerated": 4},
+        first=1000.0, last_frame=1100.0,
+    )  # fmt: skip
+    latency = result["latencyMs"]
+    assert latency["tickToRedis"] == {"p50": 4.0, "p99": 100.0, "max": 100.0, "count": 6}
+    assert latency["tickToKafka"] == {"p50": 20.0, "p99": 300.0, "max": 300.0, "count": 4}
+    assert result["tradesNotAcknowledged"] == 2
+    assert latency["tickToBarRedis"] == {"p50": 1050.0, "p99": 1050.0, "max": 1050.0, "count": 1}
+    assert latency["tickToBarKafka"]["max"] == 1200.0
+    assert latency["tickToBarKafka"]["count"] == 1
+    assert result["achievedTicksPerS"] == round(6 / 80)
+    assert result["tradesPerRecord"] == 2.0
+    assert result["eventsPerFrame"] == 2.8
+    assert result["allChannelsInKafkaAfterS"] == 50.3
+    assert result["channelsInKafka"] == 2
+    assert result["probeMissedRecords"] == 0
+
+
+def test_parse_push_reads_messages_split_anywhere() -> None:
+    confirm = b"*3\r\n$10\r\npsubscribe\r\n$7\r\nticks.*\r\n:1\r\n"
+    message = b"*4\r\n$8\r\npmessage\r\n$7\r\nticks.*\r\n$9\r\nticks.SPY\r\n$5\r\nab\r\nc\r\n"
+    stream = confirm + message + message
+    for cut in range(len(stream)):
+        items, rest = parse_push(stream[:cut])
+        more, rest = parse_push(rest + stream[cut:])
+        assert items + more == [
+            [b"psubscribe", b"ticks.*", b"1"],
+            [b"pmessage", b"ticks.*", b"ticks.SPY", b"ab\r\nc"],
+            [b"pmessage", b"ticks.*", b"ticks.SPY", b"ab\r\nc"],
+        ]
+        assert rest == b""
+
+
+def test_parse_push_refuses_what_is_not_an_array() -> None:
+    with pytest.raises(ValueError, match="unexpected reply"):
+        parse_push(b"-ERR wrong\r\n")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(30)
+async def test_the_probe_subscriber_reads_what_redis_publishes(
+    redis_url: str, redis_client: object, unique_name: object
+) -> None:
+    prefix = unique_name("probe")  # type: ignore[operator]
+    subscriber = await PatternSubscriber.open(redis_url, [f"{prefix}.*"])
+    try:
+        payloads = [b'{"seq":%d}' % n for n in range(1, 201)] + [b"x" * 100_000]
+        for payload in payloads:
+            await redis_client.publish(f"{prefix}.a", payload)  # type: ignore[attr-defined]
+        got: list[tuple[bytes, bytes]] = []
+        while len(got) < len(payloads):
+            got += await asyncio.wait_for(subscriber.read(), 10)
+        assert [payload for _, payload in got] == payloads
+        assert {channel for channel, _ in got} == {f"{prefix}.a".encode()}
+    finally:
+        await subscriber.close()
+
+
+def test_resp_publish_is_one_publish_command() -> None:
+    assert resp_publish("ticks.A", b"x\r\ny") == (
+        b"*3\r\n$7\r\nPUBLISH\r\n$7\r\nticks.A\r\n$4\r\nx\r\ny\r\n"
+    )
+
+
+def test_profile_summary_shares_self_and_inclusive_samples() -> None:
+    lines = [
+        "<module> (services/x/__main__.py:1);run (libs/common/runtime/service.py:9);"
+        "handle (services/x/core.py:20);encode (msgspec/json.py:3) 60",
+        "<module> (services/x/__main__.py:1);run (libs/common/runtime/service.py:9);"
+        "handle (services/x/core.py:21) 30",
+        "<module> (services/x/__main__.py:1);select (selectors.py:468) 10",
+        "a line that is not a stack",
+    ]
+    summary = summarise(parse_collapsed(lines))
+    assert summary["samples"] == 100
+    assert summary["self"] == [
+        ("encode (msgspec/json.py)", 60.0),
+        ("handle (services/x/core.py)", 30.0),
+        ("select (selectors.py)", 10.0),
+    ]
+    inclusive = dict(summary["inclusive"])  # type: ignore[arg-type]
+    assert inclusive["handle (services/x/core.py)"] == 90.0
+    assert "encode (msgspec/json.py)" not in inclusive  # only the project's own code
+    assert "<module> (services/x/__main__.py)" not in inclusive  # on every stack: no news
+
+
+def test_summary_table_keeps_basis_and_failures(tmp_path: Path) -> None:
+    path = tmp_path / "summary.jsonl"
+    path.write_text(
+        json.dumps(row("b", "records/s", "10,000", "naive 1,000", 10.0, "like for like"))
+        + "\n"
+        + '{"bench": "c", "figure": "FAILED (exit 1)", "result": "see c.txt"}\n'
+        + "not json\n"
+    )
+    table = render(load(path))
+    assert "| b | records/s | 10,000 | naive 1,000 | 10.00x | like for like |" in table
+    assert "| c | FAILED (exit 1) | see c.txt |" in table
+    assert "line 3 unreadable" in table
+
+
+RESULTS = {
+    "machine": "test",
+    "realDay": {
+        "day": "2013-10-07",
+        "symbols": ["IBM"],
+        "ticks": 24_000,
+        "tickRecords": 20_000,
+        "tradesPerRecord": 1.2,
+        "barsRedis": 450,
+        "barsKafka": 450,
+        "feedSeconds": 1.0,
+        "to": {
+            "redis": {"seconds": 2.0, "ticksPerS": 12_000, "recordsPerS": 10_000,
+                      "afterLastFrameS": 1.0},
+            "kafka": {"seconds": 2.5, "ticksPerS": 9_600, "recordsPerS": 8_000,
+                      "afterLastFrameS": 1.5},
+            "barRedis": None,
+            "barKafka": None,
+            "barRedisEventTime": {"seconds": 3.0, "ticksPerS": 8_000, "recordsPerS": 6_667,
+                                  "afterLastFrameS": 2.0},
+            "barKafkaEventTime": None,
+        },
+        "ceilings": {"records": 20_000, "trades": 24_000, "tradesPerRecord": 1.2,
+                     "publishRecordsPerS": 400_000, "publishTicksPerS": 480_000,
+                     "produceRecordsPerS": 80_000, "produceTicksPerS": 96_000},
+        "processes": {"ingest": {"cpuSeconds": 1.0, "cpuPct": 40.0, "rssStartMb": 50.0,
+                                 "rssEndMb": 52.0, "rssPeakMb": 53.0}},
+        "notes": [],
+    },
+    "synthetic": {
+        "symbols": 1000, "offeredRate": 20_000, "windowSeconds": 60.0, "warmupSeconds": 20.0,
+        "graceMs": 1000, "pollMs": 10, "achievedTicksPerS": 19_900,
+        "latencyMs": {
+            "tickToRedis": {"p50": 2.0, "p99": 9.0, "max": 30.0, "count": 10},
+            "tickToKafka": {"p50": 20.0, "p99": 150.0, "max": 300.0, "count": 10},
+            "tickToBarRedis": {"p50": 1010.0, "p99": 1050.0, "max": 1090.0, "count": 5},
+            "tickToBarKafka": None,
+        },
+        "processes": {
+            "mirror": {"cpuSeconds": 30.0, "cpuPct": 50.0, "rssStartMb": 60.0,
+                       "rssEndMb": 61.0, "rssPeakMb": 62.0},
+            "simulator": {"cpuSeconds": 9.0, "cpuPct": 15.0, "rssStartMb": 60.0,
+                          "rssEndMb": 160.0, "rssPeakMb": 160.0},
+        },
+        "notes": ["a note"],
+    },
+}  # fmt: skip
+
+
+def test_the_report_states_hops_against_ceilings_and_targets() -> None:
+    text = render_markdown(RESULTS)
+    assert "| ingest → Redis vs pipelined PUBLISH | 10,000 | 400,000 | 2.5 % |" in text
+    assert "| → Kafka (mirror) vs raw aiokafka produce | 8,000 | 80,000 | 10.0 % |" in text
+    assert "| tick → Kafka (acknowledged) | 20.0 | 150.0 | 300.0 | 10 |" in text
+    assert "| tick → bar on Kafka, shadow (from minute end) | - | - | - | 0 |" in text
+    assert "- a note" in text
+    found = targets(RESULTS)
+    # The slowest end counted: the Redis bars closed on event time (8,000 ticks/s).
+    assert any("8,000 ticks/s" in line and "not met" in line for line in found)
+    assert any("150.0 ms (not met)" in line for line in found)
+    assert any("1,050.0 ms (met)" in line for line in found)
+    # The simulator's growth (it keeps every trade) is not the services' memory.
+    assert any("+1.0 MiB (mirror)" in line for line in found)
+
+
+def test_summary_rows_compare_the_same_records_with_their_ceilings() -> None:
+    rows = {item["figure"]: item for item in summary_rows(RESULTS)}
+    kafka = rows["real day to Kafka, records/s (1.2 trades/record)"]
+    assert kafka["ratio"] == 0.1
+    assert str(kafka["basis"]).startswith("like for like")
+    assert rows["1000 symbols at 19,900 ticks/s: p99 tick → Kafka"]["result"] == "150.0 ms"
+
+
+@pytest.mark.slow  # 20-45 s here, with the machine's load: over the default suite's budget
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_a_short_real_day_runs_through_the_whole_mesh(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mesh.json"
+    summary = tmp_path / "summary.jsonl"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_mesh.py"),
+            "--only",
+            "day",
+            "--symbols",
+            "IBM",
+            "--ceiling-records",
+            "5000",
+            "--json",
+            str(out),
+            "--summary",
+            str(summary),
+        ],
+        env={**os.environ, "TICKMESH_DATA": str(shared_data)},
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    day = json.loads(out.read_text())["realDay"]
+    assert day["ticks"] == 24_293  # IBM's trades on 2013-10-07, every one through ingest
+    assert day["tickRecords"] > 0
+    assert day["barsRedis"] == day["barsKafka"] > 0
+    for end in ("redis", "kafka", "barRedis", "barKafka"):
+        assert day["to"][end]["seconds"] > 0
+    assert day["ceilings"]["records"] == 5000
+    assert "| ingest → Redis vs pipelined PUBLISH |" in completed.stdout
+    assert "bench_mesh" in summary.read_text()
