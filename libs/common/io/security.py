@@ -15,6 +15,7 @@ reads it from the error's chain.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import ssl
 import struct
 from typing import Any
@@ -238,11 +239,21 @@ async def _speaks_tls(host: str, port: int, timeout_s: float = 2.0) -> bool:
 # -- Redis -----------------------------------------------------------------------------------
 
 
+# No CLIENT SETINFO on connect, so an ACL user need not be granted it (redis-py 7.1+ takes
+# ``driver_info=None``; older ones ``lib_name=None, lib_version=None``).
+_NO_CLIENT_SETINFO: dict[str, Any] = (
+    {"driver_info": None}
+    if importlib.util.find_spec("redis.driver_info") is not None
+    else {"lib_name": None, "lib_version": None}
+)
+
+
 def redis_options(settings: CommonSettings) -> dict[str, Any]:
     """The keyword arguments of ``redis.asyncio.Redis.from_url`` for the shared settings."""
     options: dict[str, Any] = {
         "socket_timeout": settings.redis_socket_timeout_s,
         "socket_connect_timeout": settings.redis_connect_timeout_s,
+        **_NO_CLIENT_SETINFO,
     }
     if settings.redis_username:
         options["username"] = settings.redis_username
