@@ -124,6 +124,7 @@ async def build(runtime: ServiceRuntime[IngestSettings]) -> None:
         max_delay_s=settings.reconnect_max_s,
         max_connections_delay_s=settings.max_connections_backoff_s,
         queue_warning_ratio=settings.queue_warning_ratio,
+        max_frame_bytes=settings.max_frame_bytes,
         registry=runtime.registry,
     )
     runtime.http.add_readiness("feed", lambda: reader.connected)
