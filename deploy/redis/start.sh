@@ -5,10 +5,10 @@
 # file lives on a tmpfs (/run/tickmesh), never in an image or a volume. Extra arguments go to
 # redis-server.
 set -eu
-template=/etc/tickmesh/users.acl.in
-rendered=/run/tickmesh/users.acl
+template="${TICKMESH_ACL_TEMPLATE:-/etc/tickmesh/users.acl.in}"
+rendered="${TICKMESH_ACL_FILE:-/run/tickmesh/users.acl}"
 umask 077
-mkdir -p /run/tickmesh
+mkdir -p "$(dirname "$rendered")"
 : > "$rendered"
 while read -r keyword name rest; do
     [ "$keyword" = "user" ] || continue

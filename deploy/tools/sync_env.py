@@ -62,7 +62,6 @@ COMPOSE_ONLY: dict[str, tuple[str, str]] = {
             "Docker Hub)"
         ),
     ),
-    "GRAFANA_ADMIN_PASSWORD": ("tickmesh", "Grafana's admin password (change it)"),
 }
 
 
@@ -179,6 +178,11 @@ HEADER = """\
 # Secret: POLYGON_API_KEY. Compose blanks it for every service but ingest. Do not commit a
 # real key: put it in the environment of `docker compose` or in a copy of this file outside
 # the repository (`docker compose --env-file /etc/tickmesh/prod.env ...`).
+#
+# Passwords are never in this file (it reaches every container): compose refuses to start
+# until the environment of `docker compose` sets REDIS_PASSWORD_INGEST, REDIS_PASSWORD_BARS,
+# REDIS_PASSWORD_ENGINE_BRIDGE, REDIS_PASSWORD_MIRROR (each service's Redis ACL user) and
+# GRAFANA_ADMIN_PASSWORD; each service gets only its own (docs/deploy.md, "Security").
 """
 
 

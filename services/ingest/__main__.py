@@ -83,6 +83,7 @@ async def build(runtime: ServiceRuntime[IngestSettings]) -> None:
             symbols=settings.symbols,
             batch_frames=settings.publish_batch_frames,
             fill_missing=settings.fill_missing,
+            dead_letters=DeadLetters(publisher, "ingest", registry=runtime.registry),
             registry=runtime.registry,
         )
         runtime.http.add_readiness("files", lambda: files.loaded)

@@ -202,12 +202,16 @@ def sequence_headers(channel: str, seq: int) -> list[tuple[str, bytes]]:
 
 
 def record_identity(headers: Iterable[tuple[str, bytes]] | None) -> tuple[str, int] | None:
-    """``(channel, seq)`` from a record's headers, or None when the mirror did not set them."""
+    """``(channel, seq)`` from a record's headers, or None when the mirror did not set them
+    (or set them wrong: a channel that is not UTF-8, a sequence that is not a number)."""
     channel: str | None = None
     seq: int | None = None
     for name, value in headers or ():
         if name == HEADER_CHANNEL:
-            channel = value.decode()
+            try:
+                channel = value.decode()
+            except UnicodeDecodeError:
+                return None
         elif name == HEADER_SEQ:
             try:
                 seq = int(value)
