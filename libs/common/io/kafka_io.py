@@ -42,6 +42,23 @@ def is_retriable(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
 
+_CHECKED: set[tuple[object, ...]] = set()
+"""The Kafka security settings this process has already checked (``diagnose_kafka``)."""
+
+
+def _security_key(settings: CommonSettings) -> tuple[object, ...]:
+    return (
+        settings.kafka_bootstrap,
+        settings.kafka_security_protocol,
+        settings.kafka_sasl_mechanism,
+        settings.kafka_sasl_username,
+        settings.kafka_sasl_password,
+        settings.kafka_ssl_cafile,
+        settings.kafka_ssl_certfile,
+        settings.kafka_ssl_check_hostname,
+    )
+
+
 async def _retry_start(
     what: str,
     start: Callable[[], Awaitable[None]],
@@ -53,6 +70,11 @@ async def _retry_start(
     (``security.diagnose_kafka``): a wrong setting raises ``ConnectionSettingError`` at
     once instead of being retried as if it were an outage."""
     diagnosed = settings is None
+    if settings is not None and _security_key(settings) not in _CHECKED:
+        # once per process and security settings, before the client's own start: a TLS
+        # client facing a plaintext listener would otherwise wait a whole request timeout
+        await diagnose_kafka(settings)
+        _CHECKED.add(_security_key(settings))
 
     async def attempt() -> None:
         nonlocal diagnosed

@@ -141,7 +141,9 @@ async def diagnose_kafka(settings: CommonSettings, timeout_ms: int | None = None
     and the clients' retries deal with it."""
     options = kafka_options(settings)
     protocol = settings.kafka_security_protocol
-    timeout = timeout_ms or settings.kafka_request_timeout_ms
+    # connect, TLS and the login take milliseconds; a listener that never answers our TLS
+    # hello (a plaintext one) should not hold the start for a whole request timeout
+    timeout = timeout_ms or min(settings.kafka_request_timeout_ms, 10_000)
     for server in settings.kafka_bootstrap.split(","):
         host, _, port_text = server.strip().rpartition(":")
         if not host or not port_text.isdigit():
