@@ -9,6 +9,7 @@ working TLS or SASL of its own (the last test here pins that down).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -482,3 +483,34 @@ def test_the_mirror_with_an_untrusted_kafka_certificate_exits_78_with_one_line(
     }
     code, output = run_service("mirror", env)
     assert_one_line_naming(output, "MIRROR_KAFKA_SSL_CAFILE", code)
+
+
+async def test_no_password_in_the_clients_own_debug_logs(
+    tls_redis: TlsRedisServer,
+    kafka_sasl_ssl: SecureKafka,
+    pki: Pki,
+    caplog: pytest.LogCaptureFixture,
+    unique_name: Callable[[str], str],
+) -> None:
+    """redis-py's and aiokafka's loggers at DEBUG (the services cap them at WARNING, but an
+    operator may not), through a login of each kind and a wrong one."""
+    caplog.set_level(logging.DEBUG)
+    for name in ("redis", "aiokafka"):
+        caplog.set_level(logging.DEBUG, logger=name)  # restored by caplog afterwards
+    client = await connect_redis(redis_settings(tls_redis, pki), max_wait_s=5)
+    await client.ping()
+    await client.aclose()
+    with pytest.raises(ConnectionSettingError):
+        await connect_redis(
+            redis_settings(tls_redis, pki, redis_password=Secret(WRONG_PASSWORD)), max_wait_s=5
+        )
+    for mechanism in MECHANISMS:
+        settings = kafka_settings(kafka_sasl_ssl, pki, kafka_sasl_mechanism=mechanism)
+        assert await round_trip(settings, unique_name("")) == 5
+    with pytest.raises(ConnectionSettingError):
+        wrong = kafka_settings(kafka_sasl_ssl, pki, kafka_sasl_password=Secret(WRONG_PASSWORD))
+        await start_producer(wrong, max_wait_s=10)
+    logged = caplog.text
+    assert "aiokafka" in logged or "redis" in logged  # the capture is real
+    for secret in (TICK_PASSWORD, KAFKA_PASSWORD, WRONG_PASSWORD):
+        assert secret not in logged

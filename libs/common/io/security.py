@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import ssl
 import struct
 from typing import Any
@@ -33,6 +34,27 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from libs.common.runtime.settings import CommonSettings, SettingsError, env_name, load_settings
+
+
+class _SaslRedactor(logging.Filter):
+    """aiokafka logs every request at DEBUG, the SASL ones too: a PLAIN login's token *is*
+    the password. Those arguments are replaced before any handler sees the record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+            type(arg).__name__.startswith("SaslAuthenticate") for arg in record.args
+        ):
+            record.args = tuple(
+                f"{type(arg).__name__}(<redacted>)"
+                if type(arg).__name__.startswith("SaslAuthenticate")
+                else arg
+                for arg in record.args
+            )
+        return True
+
+
+# Installed once, on import: every Kafka client of tickmesh is built by this module's options.
+logging.getLogger("aiokafka.conn").addFilter(_SaslRedactor())
 
 
 class ConnectionSettingError(SettingsError):
