@@ -120,6 +120,10 @@ def test_a_64_mib_frame_is_a_dead_letter_and_ingest_reconnects_with_bounded_memo
         assert letters == 1, letters
         peak = memory_kib(ingest.process.pid)["VmHWM"]
         grown_mib = (peak - before["VmRSS"]) / 1024
+        print(
+            f"\n64 MiB frame: RSS before {before['VmRSS'] / 1024:.1f} MiB, "
+            f"peak growth {grown_mib:.1f} MiB"
+        )
         assert grown_mib < 16, f"peak RSS grew {grown_mib:.1f} MiB for a 64 MiB frame"
         assert http_ok(ingest.http_port or 0, "/healthz")
         assert http_ok(ingest.http_port or 0, "/readyz")
@@ -178,6 +182,11 @@ def test_a_stalled_redis_is_ridden_out_with_counters_and_bounded_memory(
             wait_for(lambda: frames() > stalled + 20, 60, "publishing again after SIGCONT")
             peak = memory_kib(ingest.process.pid)["VmHWM"]
             grown_mib = (peak - before["VmRSS"]) / 1024
+            errors = ingest.metric_sum("tickmesh_redis_publish_errors_total") - errors_before
+            print(
+                f"\nRedis SIGSTOP: RSS before {before['VmRSS'] / 1024:.1f} MiB, peak growth "
+                f"{grown_mib:.1f} MiB, {errors:.0f} publish timeouts"
+            )
             assert grown_mib < 32, f"peak RSS grew {grown_mib:.1f} MiB during the stall"
             wait_for(lambda: http_ok(ingest.http_port or 0, "/readyz"), 30, "ready again")
             assert http_ok(ingest.http_port or 0, "/healthz")
