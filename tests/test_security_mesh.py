@@ -162,6 +162,8 @@ def test_the_mesh_runs_over_tls_acl_users_and_sasl_and_parity_holds(
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    denied = asyncio.run(acl_denials(secure_stack))
+    assert not denied, f"the reconciler was refused by the mirror's ACL: {denied}"
     report = msgspec.json.decode(result.stdout)
     totals = report["parity"]["totals"]
     assert totals["compared"] == redis_bars and totals["matched"] == redis_bars, totals
