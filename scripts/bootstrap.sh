@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare a checkout for the tests and the demo: .venv with tickmesh and its test extras,
-# plus a redis-server (and one built with TLS for the security tests). Idempotent; a second run with nothing changed takes well under a second.
+# plus a redis-server (and one built with TLS for the security tests). Idempotent; a second
+# run with nothing changed takes well under a second.
 #
 #   bash scripts/bootstrap.sh            # from anywhere; works on the repo it lives in
 #
