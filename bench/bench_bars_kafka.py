@@ -61,6 +61,7 @@ from libs.common.io.kafka_io import (
     make_consumer,
     sequence_headers,
 )
+from libs.common.io.security import kafka_options
 from libs.common.market.aggregator import BarAggregator
 from libs.common.market.sessions import MINUTE_MS
 from libs.common.names import Keys
@@ -137,7 +138,7 @@ async def produce(bootstrap: str, trades: list[Trade]) -> tuple[int, int]:
     sentinel = Trade("SPY", trades[-1].p, 1, newest + 3_600_000, 4, (), "sentinel", 2)
     batches = [trades[i : i + BATCH] for i in range(0, len(trades), BATCH)] + [[sentinel]]
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
+        **kafka_options(settings),
         linger_ms=20,
         acks="all",
         max_batch_size=1_048_576,
@@ -250,7 +251,7 @@ async def run_reference(bootstrap: str, trades: int, last_minute: int, timeout_s
     started = time.perf_counter()
     consumer = AIOKafkaConsumer(
         TOPIC,
-        bootstrap_servers=bootstrap,
+        **kafka_options(settings_for(bootstrap, "unused")),
         group_id=f"bench-plain-{uuid.uuid4().hex[:8]}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,

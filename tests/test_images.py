@@ -126,7 +126,7 @@ def built_images() -> Built:
 
 
 class Container:
-    """One ``podman run -d --init --network host`` container, removed at the end."""
+    """One ``podman run -d --init --network host --read-only`` container, removed at the end."""
 
     def __init__(
         self, image: str, env: dict[str, str], *, name: str, args: list[str] | None = None
@@ -139,6 +139,14 @@ class Container:
             "--init",
             "--network",
             "host",
+            # as compose runs them: read-only root, /tmp in memory, no capabilities
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
             "--name",
             name,
             # no systemd timer here: the HEALTHCHECK is run on demand below

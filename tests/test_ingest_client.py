@@ -30,10 +30,17 @@ from websockets.asyncio.client import connect
 from libs.common import names
 from libs.common.io.deadletter import DeadLetters
 from libs.common.io.redis_io import Publisher, StreamReader
+from libs.common.io.security import redis_client as secured_redis_client
 from libs.common.names import Keys
 from libs.common.runtime.logs import configure_logging
 from libs.common.runtime.service import EXIT_CONFIG
-from libs.common.runtime.settings import Secret, SettingsError, load_settings, public_view
+from libs.common.runtime.settings import (
+    Secret,
+    SettingsError,
+    describe_settings,
+    load_settings,
+    public_view,
+)
 from libs.common.schemas import DeadLetter, FeedGap, TickBatch, decode
 from services.ingest import protocol
 from services.ingest.client import (
@@ -619,6 +626,19 @@ def test_the_help_lists_the_run_simulate_and_replay_commands() -> None:
 
 LEAK_KEY = "LEAKCHECK-a8f3e2d1c0b9"
 WRONG_KEY = "WRONGKEY-77d6c5b4a3f2"
+LEAK_REDIS = "LEAKREDIS-5e4d3c2b1a09"
+LEAK_KAFKA = "LEAKKAFKA-0a1b2c3d4e5f"
+LEAK_KEY_PASSWORD = "LEAKKEYPW-9f8e7d6c5b4a"
+SECRET_ENV = {
+    "POLYGON_API_KEY": LEAK_KEY,
+    "INGEST_REDIS_USERNAME": "ingest",
+    "INGEST_REDIS_PASSWORD": LEAK_REDIS,
+    "TICKMESH_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+    "TICKMESH_KAFKA_SASL_USERNAME": "ingest",
+    "TICKMESH_KAFKA_SASL_PASSWORD": LEAK_KAFKA,
+    "TICKMESH_KAFKA_SSL_KEY_PASSWORD": LEAK_KEY_PASSWORD,
+}
+ALL_LEAKS = (LEAK_KEY, WRONG_KEY, LEAK_REDIS, LEAK_KAFKA, LEAK_KEY_PASSWORD)
 
 
 @pytest.fixture
@@ -653,14 +673,19 @@ async def test_the_api_key_never_appears_in_logs_metrics_reprs_or_errors(
     json_logs: io.StringIO,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings = load_settings(IngestSettings, {"POLYGON_API_KEY": LEAK_KEY})
+    settings = load_settings(IngestSettings, SECRET_ENV)
     assert settings.polygon_api_key.reveal() == LEAK_KEY
+    assert settings.redis_password.reveal() == LEAK_REDIS
+    assert settings.kafka_sasl_password.reveal() == LEAK_KAFKA
     shown = [
         repr(settings),
         str(settings),
         str(public_view(settings)),
         repr(settings.polygon_api_key),
         f"{settings.polygon_api_key}",
+        f"{settings.redis_password} {settings.kafka_sasl_password!r}",
+        describe_settings(IngestSettings),
+        repr(secured_redis_client(settings, name="leak-check")),
         repr(protocol.ClientAction("auth", LEAK_KEY)),
         str(protocol.ClientAction("auth", LEAK_KEY)),
     ]
@@ -690,7 +715,8 @@ async def test_the_api_key_never_appears_in_logs_metrics_reprs_or_errors(
     assert "> TEXT" in logged and "< TEXT" in logged
     assert "ingest.subscribed" in logged and "auth_failed" in logged
     for text in [logged, captured.out, captured.err, *shown]:
-        assert LEAK_KEY not in text and WRONG_KEY not in text
+        for secret in ALL_LEAKS:
+            assert secret not in text
     # Not even a piece of it (websockets elides long frames to their head and tail).
     for piece in (LEAK_KEY[:8], LEAK_KEY[-8:], WRONG_KEY[:8], WRONG_KEY[-8:]):
         assert piece not in logged

@@ -18,11 +18,13 @@ import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
+from libs.common import names
+from libs.common.io.deadletter import DeadLetters
 from libs.common.io.redis_io import Publisher, StreamReader
 from libs.common.market.sessions import parse_day
 from libs.common.market.tickfiles import FLATFILE_TRADE_COLUMNS, read_lean_trades
 from libs.common.names import Keys
-from libs.common.schemas import TickBatch, Trade
+from libs.common.schemas import DeadLetter, TickBatch, Trade
 from services.ingest import protocol
 from services.ingest.client import IngestMetrics
 from services.ingest.files import TickFileSource, load_trades
@@ -263,6 +265,44 @@ async def test_an_unreadable_file_is_fatal_with_the_setting_named(
         await replay.stop()
     assert "INGEST_FILES" in fatal[0] and "missing_trade.zip" in fatal[0]
     assert not replay.loaded and not replay.done
+
+
+async def test_bad_lines_of_a_tick_file_are_dead_letters_and_the_rest_is_replayed(
+    tmp_path: Path, redis_client: Any, unique_name: Callable[[str], str]
+) -> None:
+    rows: list[Any] = synthetic_rows(3, 50)
+    rows[10] = ("not-a-time", 1_500_000, 100, "P", "1", 0)
+    rows[20] = (OPEN_MS, "1.5e6", 100)
+    path = write_lean_zip(tmp_path, "ZQC", rows)
+    prefix = unique_name("tm")
+    letters_registry = CollectorRegistry()
+    dead_letters = DeadLetters(
+        Publisher(redis_client, keys=Keys(f"{prefix}:"), registry=letters_registry),
+        "ingest",
+        registry=letters_registry,
+    )
+    replay, registry, streams, fatal = make_replay(
+        [path], redis_client, prefix, dead_letters=dead_letters
+    )
+    await replay.start()
+    try:
+        await eventually(lambda: replay.done)
+    finally:
+        await replay.stop()
+    assert not fatal
+    assert replay.ticks_published == 48
+    letters = [
+        msgspec.json.decode(payload, type=DeadLetter)
+        for _, payload in await streams.read(names.DEAD_LETTERS, count=100)
+    ]
+    assert [letter.raw for letter in letters] == [
+        b"not-a-time,1500000,100,P,1,0",
+        f"{OPEN_MS},1.5e6,100".encode(),
+    ]
+    assert all(letter.source == "files" and "line" in letter.error for letter in letters)
+    assert registry.get_sample_value("tickmesh_ingest_decode_errors_total") == 2
+    labels = {"service": "ingest", "source_kind": "files"}
+    assert letters_registry.get_sample_value("tickmesh_dead_letters_total", labels) == 2
 
 
 async def run_service(args: list[str], env: dict[str, str]) -> tuple[int, str]:

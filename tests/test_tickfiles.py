@@ -214,3 +214,45 @@ def test_the_backfill_writes_one_contract_bar_per_line_from_a_flat_file(tmp_path
     algoseek = run_backfill([path], "algoseek", tmp_path / "a.jsonl", 0, symbols=["AAPL"])
     (line,) = (tmp_path / "a.jsonl").read_text().splitlines()
     assert json.loads(line)["open"] == 184.26 and algoseek.symbols == 1  # the ISO print: volume
+
+
+def test_a_bad_line_is_handed_over_and_the_rest_of_the_file_is_read(tmp_path: Path) -> None:
+    path = write_lean_zip(
+        tmp_path / "tick" / "spy" / "20131007_trade.zip",
+        "20131007_spy_Trade_Tick.csv",
+        [
+            "34200000,1680500,100,P,00000001,0",
+            "34200001,16805x0,100,P,00000001,0",  # price not a number
+            "34200002,1680600",  # too few fields
+            "99999999999999999999,1680600,100,P,00000001,0",  # past 2100
+            "34200003,1680700,200,Q,00000001,0",
+        ],
+    )
+    bad: list[tuple[str, bytes]] = []
+    trades = read_trades(path, on_bad=lambda error, raw: bad.append((error, raw)))
+    assert [trade.p for trade in trades] == [168.05, 168.07]
+    assert [trade.q for trade in trades] == [1, 5]  # a bad line keeps its line number
+    assert [raw for _, raw in bad] == [
+        b"34200001,16805x0,100,P,00000001,0",
+        b"34200002,1680600",
+        b"99999999999999999999,1680600,100,P,00000001,0",
+    ]
+    assert all(str(path) in error and "line" in error for error, _ in bad)
+    with pytest.raises(ValueError, match="line 2"):
+        read_trades(path)
+
+
+def test_a_bad_flat_file_row_is_handed_over_and_the_rest_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "2024-01-03.csv"
+    path.write_bytes(
+        b"ticker,price,size,sip_timestamp,exchange,id\n"
+        b"SPY,470.1,100,1704292200000000000,4,a\n"
+        b"SPY,abc,100,1704292200000000001,4,b\n"
+        b"SPY,470.2,\xff\xfe,1704292200000000002,4,c\n"
+        b"SPY,470.3,100,1704292200000000003,4,d\n"
+    )
+    bad: list[tuple[str, bytes]] = []
+    trades = read_trades(path, on_bad=lambda error, raw: bad.append((error, raw)))
+    assert [trade.i for trade in trades] == ["a", "d"]
+    assert len(bad) == 2 and "row 3" in bad[0][0] and "row 4" in bad[1][0]
+    assert bad[1][1] == b"SPY,470.2,\xff\xfe,1704292200000000002,4,c"

@@ -65,7 +65,6 @@ COMPOSE_ONLY: dict[str, tuple[str, str]] = {
             "Docker Hub)"
         ),
     ),
-    "GRAFANA_ADMIN_PASSWORD": ("tickmesh", "Grafana's admin password (change it)"),
 }
 
 
@@ -183,6 +182,12 @@ HEADER = """\
 # Secrets: POLYGON_API_KEY and DASHBOARD_TOKEN. Compose blanks each for every service but its
 # own. Do not commit a real key or token: put it in the environment of `docker compose` or in
 # a copy of this file outside the repository (`docker compose --env-file /etc/tickmesh/prod.env ...`).
+#
+# Passwords are never in this file (it reaches every container): compose refuses to start
+# until the environment of `docker compose` sets REDIS_PASSWORD_INGEST, REDIS_PASSWORD_BARS,
+# REDIS_PASSWORD_ENGINE_BRIDGE, REDIS_PASSWORD_MIRROR, REDIS_PASSWORD_DASHBOARD (each service's
+# Redis ACL user) and GRAFANA_ADMIN_PASSWORD; each service gets only its own (docs/deploy.md,
+# "Security").
 """
 
 

@@ -10,13 +10,19 @@ defaults, no field changes type, unknown fields are ignored on decode.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 SEQ_PREFIX = b'{"seq":'
 """Every sequenced record's JSON starts with this, then the number."""
+
+MAX_EPOCH_MS = 4_102_444_800_000
+"""2100-01-01 UTC: the latest event time a record may carry."""
+EpochMs = Annotated[int, Meta(ge=0, le=MAX_EPOCH_MS)]
+"""An event time in epoch ms, 1970 to 2100: a record outside fails to decode (a dead letter)
+instead of reaching the calendar arithmetic of a consumer, which cannot represent it."""
 
 
 class Trade(Struct, frozen=True, omit_defaults=True):
@@ -30,7 +36,7 @@ class Trade(Struct, frozen=True, omit_defaults=True):
     sym: str
     p: float
     s: int
-    t: int
+    t: EpochMs
     x: int = 0
     c: tuple[int, ...] = ()
     i: str = ""
@@ -59,7 +65,7 @@ class Quote(Struct, frozen=True, omit_defaults=True):
     as_: int = msgspec.field(default=0, name="as")
     c: int = 0
     i: tuple[int, ...] = ()
-    t: int = 0
+    t: EpochMs = 0
     q: int = 0
     z: int = 0
 
@@ -78,8 +84,8 @@ class VendorAggregate(Struct, frozen=True, omit_defaults=True):
     l: float = 0.0  # noqa: E741 - Polygon's field name
     a: float = 0.0
     z: int = 0
-    s: int = 0
-    e: int = 0
+    s: EpochMs = 0
+    e: EpochMs = 0
     otc: bool = False
 
 
@@ -127,8 +133,8 @@ class Bar(Struct, frozen=True):
     volume: int
     vwap: float
     trades: int
-    startMs: int
-    endMs: int
+    startMs: EpochMs
+    endMs: EpochMs
     revision: int = 0
 
 
@@ -238,7 +244,7 @@ class LedgerEntry(Struct, frozen=True, array_like=True):
     the feed has none)."""
 
     sym: str
-    minuteMs: int
+    minuteMs: EpochMs
     trades: int
     volume: int
     firstQ: int = 0
@@ -268,7 +274,7 @@ class Progress(Struct, frozen=True):
 
     seq: int
     source: str
-    feedTimeMs: int
+    feedTimeMs: EpochMs
     ticks: dict[str, int]
     idle: bool = False
     live: bool = False

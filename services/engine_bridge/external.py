@@ -41,6 +41,9 @@ log = structlog.get_logger("tickmesh.engine_bridge.external")
 
 PROTOCOL_VERSION = 1
 LINE_LIMIT = 16 * 1024 * 1024
+ANSWERS_QUEUED = 1_024
+"""Engine messages read and not yet taken; past it the reader waits (the engine's stdout pipe
+fills and the engine blocks writing): an engine that floods cannot grow our memory."""
 
 
 class Hello(Struct, tag="hello", tag_field="type"):
@@ -155,7 +158,7 @@ class ExternalEngine:
         self._on_timeout = on_timeout
         self._on_protocol_error = on_protocol_error
         self._process: asyncio.subprocess.Process | None = None
-        self._lines: asyncio.Queue[EngineMessage | _Eof] = asyncio.Queue()
+        self._lines: asyncio.Queue[EngineMessage | _Eof] = asyncio.Queue(ANSWERS_QUEUED)
         self._tasks: list[asyncio.Task[None]] = []
         self._next_id = 0
         self._consecutive_timeouts = 0
@@ -199,7 +202,7 @@ class ExternalEngine:
             raise EngineStartError(f"cannot start {self.command[0]!r}: {exc}") from exc
         self._process = process
         self._down_since = None
-        self._lines = asyncio.Queue()
+        self._lines = asyncio.Queue(ANSWERS_QUEUED)
         assert process.stdout is not None and process.stderr is not None
         self._tasks = [
             asyncio.create_task(self._read_stdout(process.stdout), name="engine.stdout"),
@@ -302,8 +305,10 @@ class ExternalEngine:
                         message=message.message[:2_000],
                     )
                     continue
-                self._lines.put_nowait(message)
+                await self._lines.put(message)
         finally:
+            if self._lines.full():  # the engine is gone: its oldest unread answer is moot
+                self._lines.get_nowait()
             self._lines.put_nowait(_EOF)
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:

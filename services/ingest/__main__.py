@@ -83,6 +83,7 @@ async def build(runtime: ServiceRuntime[IngestSettings]) -> None:
             symbols=settings.symbols,
             batch_frames=settings.publish_batch_frames,
             fill_missing=settings.fill_missing,
+            dead_letters=DeadLetters(publisher, "ingest", registry=runtime.registry),
             registry=runtime.registry,
         )
         runtime.http.add_readiness("files", lambda: files.loaded)
@@ -124,6 +125,7 @@ async def build(runtime: ServiceRuntime[IngestSettings]) -> None:
         max_delay_s=settings.reconnect_max_s,
         max_connections_delay_s=settings.max_connections_backoff_s,
         queue_warning_ratio=settings.queue_warning_ratio,
+        max_frame_bytes=settings.max_frame_bytes,
         registry=runtime.registry,
     )
     runtime.http.add_readiness("feed", lambda: reader.connected)

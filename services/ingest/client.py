@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Final, NamedTuple
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (
     ConnectionClosed,
@@ -33,6 +33,7 @@ from websockets.exceptions import (
     InvalidHandshake,
     InvalidURI,
 )
+from websockets.frames import CloseCode
 
 from libs.common.io.deadletter import DeadLetters
 from libs.common.runtime.actors import Actor, Overflow
@@ -41,6 +42,7 @@ from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.lifecycle import Component
 from libs.common.runtime.settings import Secret
 from services.ingest import protocol
+from services.ingest.metrics import IngestMetrics
 from services.ingest.protocol import DEFAULT_CHANNELS, ChannelNames, StatusEvent
 from services.ingest.publishing import FeedPublisher
 from services.ingest.redact import CLIENT_LOGGER, redact, redacting_logger
@@ -57,6 +59,8 @@ CONNECTION_LOST: Final = "connection_lost"
 """Closed abnormally: dropped (1006), a protocol error, or a close without a status."""
 CLOSED: Final = "closed"
 """The server closed normally (1000/1001) without saying why."""
+FRAME_TOO_BIG: Final = "frame_too_big"
+"""A frame over ``max_frame_bytes``: we closed with 1009 (message too big) before reading it."""
 
 END_STATUSES: Final = protocol.DISCONNECT_STATUSES | {protocol.AUTH_TIMEOUT}
 """Statuses after which the server closes the connection (so we reconnect)."""
@@ -75,6 +79,8 @@ _WHY: Final[dict[str, str]] = {
     "look for ingest.queue_filling warnings before it",
     protocol.FORCE_DISCONNECT: "the server ended the session (force_disconnect)",
     protocol.AUTH_TIMEOUT: "the server did not get our auth in time (auth_timeout)",
+    FRAME_TOO_BIG: "a frame over INGEST_MAX_FRAME_BYTES was refused unread (a dead letter); "
+    "reconnecting: the gap is recorded, and backfilled when INGEST_BACKFILL is on",
 }
 
 
@@ -93,84 +99,6 @@ class Disconnected(NamedTuple):
 
     cause: str
     detail: str = ""
-
-
-class IngestMetrics:
-    """The ingest service's own metrics (the actors and the publisher add theirs)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.frames = Counter(
-            "tickmesh_ingest_frames", "Data frames decoded and published", registry=registry
-        )
-        self.frames_received = Counter(
-            "tickmesh_ingest_frames_received",
-            "Frames read from the socket (statuses included)",
-            registry=registry,
-        )
-        self.events = Counter(
-            "tickmesh_ingest_events", "Events decoded by type", ["type"], registry=registry
-        )
-        self.decode_errors = Counter(
-            "tickmesh_ingest_decode_errors",
-            "Events or frames that failed to decode (each went to the dead-letter stream)",
-            registry=registry,
-        )
-        self.statuses = Counter(
-            "tickmesh_ingest_statuses", "Status messages by status", ["status"], registry=registry
-        )
-        self.reconnects = Counter(
-            "tickmesh_ingest_reconnects", "Reconnects by reason", ["reason"], registry=registry
-        )
-        self.queue_depth = Gauge(
-            "tickmesh_ingest_queue_depth",
-            "Frames waiting between reader and processor",
-            registry=registry,
-        )
-        self.queue_capacity = Gauge(
-            "tickmesh_ingest_queue_capacity",
-            "Bound of the reader-to-processor queue",
-            registry=registry,
-        )
-        self.queue_full = Counter(
-            "tickmesh_ingest_queue_full",
-            "Times the reader found the queue full and waited (reading paused)",
-            registry=registry,
-        )
-        self.warnings = Counter(
-            "tickmesh_ingest_warnings",
-            "Warnings fired: queue filling, feed lag high",
-            ["kind"],
-            registry=registry,
-        )
-        self.feed_lag = Gauge(
-            "tickmesh_ingest_feed_lag_seconds",
-            "Now minus the newest event time of the last frames published",
-            registry=registry,
-        )
-        self.publish_latency = Histogram(
-            "tickmesh_ingest_publish_latency_seconds",
-            "From a frame's receipt to its records being published (queue, decode, Redis)",
-            buckets=(
-                0.0005,
-                0.001,
-                0.0025,
-                0.005,
-                0.01,
-                0.025,
-                0.05,
-                0.1,
-                0.25,
-                0.5,
-                1.0,
-                2.5,
-                5.0,
-                10.0,
-            ),
-            registry=registry,
-        )
-        self.connected = Gauge(
-            "tickmesh_ingest_connected", "1 while authenticated and subscribed", registry=registry
-        )
 
 
 class FatalFeedError(Exception):
@@ -235,6 +163,10 @@ class FrameProcessor(Actor[Frame | Disconnected]):
             if type(item) is Disconnected:
                 await self._publish_frames(frames)
                 frames = []
+                if item.cause == FRAME_TOO_BIG:
+                    # the frame was never read: the letter says how big it was, without it
+                    letter = self.dead_letters.records(self.source, [(item.detail, b"")])
+                    await self.feed.publish(letter, first_trade_ms=0)
                 self.feed.open_gap(item.cause, detail=item.detail)
                 await self.feed.publish_gap()
             else:
@@ -360,6 +292,7 @@ class FeedReader(Component):
         auth_timeout_s: float = 10.0,
         open_timeout_s: float = 10.0,
         ping_interval_s: float | None = 20.0,
+        max_frame_bytes: int = 16 * 1_048_576,
         queue_warning_ratio: float = 0.5,
         registry: CollectorRegistry | None = None,
         clock: Clock = SYSTEM_CLOCK,
@@ -377,6 +310,8 @@ class FeedReader(Component):
         self.auth_timeout_s = auth_timeout_s
         self.open_timeout_s = open_timeout_s
         self.ping_interval_s = ping_interval_s
+        self.max_frame_bytes = max_frame_bytes
+        self._oversized = ""
         self.queue_warning_at = max(1, int(processor.mailbox.maxsize * queue_warning_ratio))
         self.clock = clock
         self.delays: list[float] = []
@@ -406,9 +341,8 @@ class FeedReader(Component):
             reason, flowing = await self._session()
             if self.connected:
                 # after the frames of the session: the processor opens the gap in order
-                await self.processor.tell(
-                    Disconnected(reason or "stopped", detail=_WHY.get(reason or "", ""))
-                )
+                detail = self._oversized if reason == FRAME_TOO_BIG else _WHY.get(reason or "", "")
+                await self.processor.tell(Disconnected(reason or "stopped", detail=detail))
             self._set_connected(False)
             if reason is None:
                 return
@@ -436,7 +370,7 @@ class FeedReader(Component):
         try:
             async with connect(
                 self.url,
-                max_size=None,
+                max_size=self.max_frame_bytes,
                 max_queue=256,
                 ping_interval=self.ping_interval_s,
                 ping_timeout=self.ping_interval_s,
@@ -483,6 +417,8 @@ class FeedReader(Component):
             log.warning("ingest.connection_closed", detail="the server closed without a status")
             return CLOSED, flowing
         except ConnectionClosed as exc:
+            if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
+                return self._frame_too_big(exc), flowing
             log.warning("ingest.connection_lost", error=type(exc).__name__, detail=str(exc)[:200])
             return CONNECTION_LOST, flowing
         except TimeoutError:
@@ -497,6 +433,17 @@ class FeedReader(Component):
                 f"ingest.{reason}", error=type(exc).__name__, detail=str(exc)[:200], url=self.url
             )
             return reason, flowing
+
+    def _frame_too_big(self, exc: ConnectionClosed) -> str:
+        """Count a frame over the limit; its dead letter goes with the ``Disconnected``."""
+        self.ingest_metrics.oversized_frames.inc()
+        cause = str(exc.__cause__ or exc)
+        self._oversized = (
+            f"WebSocket frame over INGEST_MAX_FRAME_BYTES={self.max_frame_bytes} from "
+            f"{self.url}: {cause} (refused unread; connection reopened)"
+        )
+        log.warning("ingest.frame_too_big", limit=self.max_frame_bytes, detail=cause[:200])
+        return FRAME_TOO_BIG
 
     async def _handshake(self, socket: ClientConnection) -> None:
         """``connected`` → send auth → ``auth_success`` → send the subscription."""

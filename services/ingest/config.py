@@ -39,6 +39,14 @@ class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     files: Annotated[list[str], Meta(description="tick files to replay when source=files")] = (
         msgspec.field(default_factory=list)
     )
+    max_frame_bytes: Annotated[
+        int,
+        Meta(
+            ge=65_536,
+            description="largest WebSocket frame read; a bigger one is a dead letter and the "
+            "connection is reopened (its memory is never allocated)",
+        ),
+    ] = 16 * 1_048_576
     queue_size: Annotated[
         int, Meta(gt=0, description="frames buffered between reader and decoder")
     ] = 10_000

@@ -35,6 +35,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from libs.common import names
+from libs.common.io.deadletter import DeadLetters
 from libs.common.io.redis_io import StreamReader
 from libs.common.market.identity import day_bounds
 from libs.common.market.tickfiles import read_trades
@@ -50,21 +51,29 @@ from services.ingest.publishing import FeedPublisher
 log = structlog.get_logger("tickmesh.ingest.files")
 
 _BY_TIME = attrgetter("t")
+SOURCE = "files"
+"""The dead letters' ``source`` for lines of the tick files that do not parse."""
 
 
-def load_trades(paths: Sequence[str | Path], symbols: Iterable[str] = ("*",)) -> list[TradeEvent]:
+def load_trades(
+    paths: Sequence[str | Path],
+    symbols: Iterable[str] = ("*",),
+    bad: list[tuple[str, bytes]] | None = None,
+) -> list[TradeEvent]:
     """The trades of every file, as ``T`` events merged in time order (stable by file order).
 
     ``symbols`` keeps only those tickers (``*`` keeps all). Each file is sorted by time first
-    (stable), since a flat file is ordered by ticker, then time.
+    (stable), since a flat file is ordered by ticker, then time. Lines that do not parse are
+    appended to ``bad`` as (error, raw line); without ``bad`` the first raises ``ValueError``.
     """
+    on_bad = None if bad is None else lambda error, raw: bad.append((error, raw))
     wanted = {symbol.strip().upper() for symbol in symbols if symbol.strip()}
     keep_all = not wanted or "*" in wanted
     per_file: list[list[TradeEvent]] = []
     for path in paths:
         events = [
             protocol.as_trade_event(trade)
-            for trade in read_trades(path)
+            for trade in read_trades(path, on_bad=on_bad)
             if keep_all or trade.sym.upper() in wanted
         ]
         events.sort(key=_BY_TIME)
@@ -92,10 +101,13 @@ class TickFileSource(Component):
         batch_frames: int = 64,
         channels: ChannelNames = DEFAULT_CHANNELS,
         fill_missing: bool = False,
+        dead_letters: DeadLetters | None = None,
         registry: CollectorRegistry | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__("ingest.files", registry=registry)
+        self.dead_letters = dead_letters
+        """Where lines that do not parse go (without: the first one is fatal)."""
         if speed < 0:
             raise ValueError(f"speed must be 0 (no pacing) or positive, not {speed}")
         self.files = [str(path) for path in files]
@@ -134,13 +146,21 @@ class TickFileSource(Component):
     async def _run(self) -> None:
         if self._frames is None:
             started = time.perf_counter()
+            bad: list[tuple[str, bytes]] | None = [] if self.dead_letters else None
             try:
-                trades = await asyncio.to_thread(load_trades, self.files, self.symbols)
+                trades = await asyncio.to_thread(load_trades, self.files, self.symbols, bad)
             except (OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
                 reason = f"cannot read the tick files (INGEST_FILES): {exc}"
                 log.critical("ingest.files_unreadable", reason=reason)
                 self.on_fatal(reason)
                 return
+            if bad and self.dead_letters is not None:
+                # each bad line is a dead letter; the good ones are replayed
+                self.ingest_metrics.decode_errors.inc(len(bad))
+                for start in range(0, len(bad), 1_000):
+                    chunk = bad[start : start + 1_000]
+                    await self.feed.publish(self.dead_letters.records(SOURCE, chunk))
+                log.warning("ingest.files_bad_lines", lines=len(bad), first=bad[0][0][:300])
             self._frames = list(frames_of(trades, self.frame_max_events, self.frame_window_ms))
             self.trades_total = len(trades)
             if self.fill_missing:
@@ -189,8 +209,12 @@ class TickFileSource(Component):
         client = self.feed.publisher.client
         reader = StreamReader(client, self.feed.publisher.keys)
         latest: dict[str, FeedGap] = {}
-        for _, payload in await reader.read(names.FEED_GAPS, 0, 1_000_000):
-            gap = DECODERS[FeedGap].decode(payload)
+        for seq, payload in await reader.read(names.FEED_GAPS, 0, 1_000_000):
+            try:
+                gap = DECODERS[FeedGap].decode(payload)
+            except msgspec.DecodeError as exc:  # its consumers dead-letter it
+                log.warning("ingest.gap_undecodable", seq=seq, error=str(exc)[:300])
+                continue
             latest[gap.gapId] = gap
         names_of_files = ", ".join(Path(f).name for f in self.files)
         for gap in latest.values():

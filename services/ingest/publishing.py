@@ -184,7 +184,11 @@ class FeedPublisher:
         entries = await client_reader.read(names.PROGRESS, last - 1, 1)
         if not entries:
             return
-        mark = _PROGRESS_DECODER.decode(entries[-1][1])
+        try:
+            mark = _PROGRESS_DECODER.decode(entries[-1][1])
+        except msgspec.DecodeError as exc:  # its consumers dead-letter it; we cannot resume
+            log.warning("ingest.progress_undecodable", error=str(exc)[:300])
+            return
         if mark.source != self.source:
             return
         self.book.feed_time_ms = self.book.published_time_ms = mark.feedTimeMs
@@ -205,8 +209,17 @@ class FeedPublisher:
                 if not entries:
                     break
                 oldest = high_ms
-                for _, payload in entries:
-                    ticks = TICK_BATCH_DECODER.decode(payload).ticks
+                for entry_seq, payload in entries:
+                    try:
+                        ticks = TICK_BATCH_DECODER.decode(payload).ticks
+                    except msgspec.DecodeError as exc:  # its consumers dead-letter it
+                        log.warning(
+                            "ingest.readback_undecodable",
+                            channel=channel,
+                            seq=entry_seq,
+                            error=str(exc)[:300],
+                        )
+                        continue
                     kept = [t for t in ticks if low_ms <= t.t <= high_ms]
                     self.book.remember(kept)
                     seen += len(kept)

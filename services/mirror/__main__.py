@@ -88,9 +88,7 @@ def audit_command(args: argparse.Namespace) -> int:
     configure_logging("mirror", "warning", "console")
 
     async def main() -> Audit:
-        client = await connect_redis(
-            settings.redis_url, max_wait_s=10, name="tickmesh-mirror-audit"
-        )
+        client = await connect_redis(settings, max_wait_s=10, name="tickmesh-mirror-audit")
         try:
             channels = (
                 [c.strip() for c in args.channels.split(",") if c.strip()]

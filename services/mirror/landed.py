@@ -21,6 +21,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from libs.common.io.kafka_io import record_identity, start_consumer
+from libs.common.io.security import kafka_options
 from libs.common.names import Keys
 from libs.common.runtime.settings import CommonSettings
 
@@ -71,14 +72,14 @@ async def read_landed(
     if not starts:
         return set()
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **kafka_options(settings),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         max_partition_fetch_bytes=8 * 1_048_576,
     )
-    await start_consumer(consumer, max_wait_s=max_wait_s)
+    await start_consumer(consumer, max_wait_s=max_wait_s, settings=settings)
     landed: set[tuple[str, int]] = set()
     started = time.monotonic()
     try:

@@ -22,6 +22,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from libs.common.io.redis_io import Publisher
+from libs.common.io.security import redis_client, tool_settings
 from libs.common.names import Keys
 from libs.common.schemas import TickBatch, Trade
 
@@ -70,7 +71,11 @@ class PipelinedPublisher:
         self._publisher: Publisher | None = None
 
     async def __aenter__(self) -> Self:
-        self._client = aioredis.Redis.from_url(self.url, max_connections=self.window + 2)
+        self._client = redis_client(
+            tool_settings(redis_url=self.url),
+            name="tickmesh-loadgen",
+            max_connections=self.window + 2,
+        )
         self._publisher = Publisher(self._client, keys=self.keys, stream_maxlen=self.maxlen)
         return self
 

@@ -20,10 +20,10 @@ import time
 from collections.abc import Sequence
 
 import msgspec
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from libs.common.io.security import kafka_options, redis_client, tool_settings
 from libs.common.schemas import seq_of
 
 
@@ -37,9 +37,10 @@ async def forward(
     ready_file: str | None = None,
 ) -> dict[str, object]:
     """Forward until idle; returns the counts."""
-    client = aioredis.Redis.from_url(redis_url)
+    settings = tool_settings(redis_url=redis_url, kafka_bootstrap=kafka_bootstrap)
+    client = redis_client(settings, name="tickmesh-naive")
     producer = AIOKafkaProducer(
-        bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=5, max_batch_size=1_048_576
+        **kafka_options(settings), acks="all", linger_ms=5, max_batch_size=1_048_576
     )
     await producer.start()
     pubsub = client.pubsub(ignore_subscribe_messages=True)

@@ -70,7 +70,7 @@ async def reconcile_main(settings: MirrorSettings, args: argparse.Namespace) -> 
     tolerance = Tolerance(args.tolerance) if args.tolerance else None
     vendor_tolerance = Tolerance(args.vendor_tolerance) if args.vendor_tolerance else None
     symbols = [s.strip() for s in args.symbols.split(",") if s.strip()] if args.symbols else None
-    client = await connect_redis(settings.redis_url, max_wait_s=10, name="tickmesh-reconcile")
+    client = await connect_redis(settings, max_wait_s=10, name="tickmesh-reconcile")
     try:
         reconciler = Reconciler(settings, client)
         if args.date:

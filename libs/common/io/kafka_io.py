@@ -18,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from msgspec import Struct
 
+from libs.common.io.security import ConnectionSettingError, diagnose_kafka, kafka_options
 from libs.common.names import HEADER_CHANNEL, HEADER_SEQ
 from libs.common.runtime.retry import retry_async
 from libs.common.runtime.settings import CommonSettings
@@ -41,20 +42,61 @@ def is_retriable(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
 
+_CHECKED: set[tuple[object, ...]] = set()
+"""The Kafka security settings this process has already checked (``diagnose_kafka``)."""
+
+
+def _security_key(settings: CommonSettings) -> tuple[object, ...]:
+    return (
+        settings.kafka_bootstrap,
+        settings.kafka_security_protocol,
+        settings.kafka_sasl_mechanism,
+        settings.kafka_sasl_username,
+        settings.kafka_sasl_password,
+        settings.kafka_ssl_cafile,
+        settings.kafka_ssl_certfile,
+        settings.kafka_ssl_check_hostname,
+    )
+
+
 async def _retry_start(
     what: str,
     start: Callable[[], Awaitable[None]],
     max_wait_s: float,
     initial_delay_s: float = 0.2,
+    settings: CommonSettings | None = None,
 ) -> None:
+    """``start()`` retried while the broker is unreachable. The first failure is diagnosed
+    (``security.diagnose_kafka``): a wrong setting raises ``ConnectionSettingError`` at
+    once instead of being retried as if it were an outage."""
+    diagnosed = settings is None
+    if settings is not None and _security_key(settings) not in _CHECKED:
+        # once per process and security settings, before the client's own start: a TLS
+        # client facing a plaintext listener would otherwise wait a whole request timeout
+        await diagnose_kafka(settings)
+        _CHECKED.add(_security_key(settings))
+
+    async def attempt() -> None:
+        nonlocal diagnosed
+        try:
+            await start()
+        except Exception as exc:
+            if not diagnosed and is_retriable(exc):
+                diagnosed = True
+                assert settings is not None
+                await diagnose_kafka(settings)
+            raise
+
     try:
         await retry_async(
-            start,
+            attempt,
             retriable=is_retriable,
             max_wait_s=max_wait_s,
             what=f"kafka {what}",
             initial_s=initial_delay_s,
         )
+    except ConnectionSettingError:
+        raise
     except Exception as exc:
         raise ConnectionError(f"Kafka {what} could not start: {exc!r}") from exc
 
@@ -67,14 +109,18 @@ async def start_producer(
     compression_type: str | None = None,
     max_wait_s: float = 60.0,
     client_id: str | None = None,
-    request_timeout_ms: int = 30_000,
+    request_timeout_ms: int | None = None,
 ) -> AIOKafkaProducer:
     """A started producer (acks=all), retrying the connection with backoff.
 
-    ``request_timeout_ms`` also bounds how long a record may wait in the producer: past it,
-    its send fails (unless the producer is idempotent, which retries until delivered)."""
+    ``request_timeout_ms`` (default: the shared ``kafka_request_timeout_ms``) also bounds
+    how long a record may wait in the producer: past it, its send fails (unless the producer
+    is idempotent, which retries until delivered)."""
+    options = kafka_options(settings)
+    if request_timeout_ms is not None:
+        options["request_timeout_ms"] = request_timeout_ms
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **options,
         acks="all",
         enable_idempotence=settings.kafka_enable_idempotence,
         linger_ms=linger_ms,
@@ -82,10 +128,9 @@ async def start_producer(
         max_request_size=max(max_batch_size, 1_048_576),
         compression_type=compression_type,
         client_id=client_id or f"tickmesh-{settings.effective_run_id()}",
-        request_timeout_ms=request_timeout_ms,
     )
     try:
-        await _retry_start("producer", producer.start, max_wait_s)
+        await _retry_start("producer", producer.start, max_wait_s, settings=settings)
     except BaseException:
         await producer.stop()
         raise
@@ -113,7 +158,7 @@ def make_consumer(
     )
     consumer = AIOKafkaConsumer(
         *topics,
-        bootstrap_servers=settings.kafka_bootstrap,
+        **kafka_options(settings),
         group_id=group_id,
         auto_offset_reset=auto_offset_reset,
         enable_auto_commit=enable_auto_commit,
@@ -136,9 +181,15 @@ def topic_regex(glob: str) -> str:
     return "^" + glob.replace(".", r"\.").replace("*", ".+").replace("?", ".") + "$"
 
 
-async def start_consumer(consumer: AIOKafkaConsumer, *, max_wait_s: float = 60.0) -> None:
-    """Start ``consumer``, retrying the connection with backoff."""
-    await _retry_start("consumer", consumer.start, max_wait_s)
+async def start_consumer(
+    consumer: AIOKafkaConsumer,
+    *,
+    max_wait_s: float = 60.0,
+    settings: CommonSettings | None = None,
+) -> None:
+    """Start ``consumer``, retrying the connection with backoff (a wrong setting among
+    ``settings`` raises ``ConnectionSettingError`` at once)."""
+    await _retry_start("consumer", consumer.start, max_wait_s, settings=settings)
 
 
 async def ensure_topics(
@@ -152,10 +203,8 @@ async def ensure_topics(
     wanted = {spec.name: spec for spec in specs}
     if not wanted:
         return []
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=30_000
-    )
-    await _retry_start("admin", admin.start, max_wait_s)
+    admin = AIOKafkaAdminClient(**kafka_options(settings))
+    await _retry_start("admin", admin.start, max_wait_s, settings=settings)
     try:
         existing = set(await admin.list_topics())
         missing = [spec for name, spec in wanted.items() if name not in existing]
@@ -175,12 +224,16 @@ def sequence_headers(channel: str, seq: int) -> list[tuple[str, bytes]]:
 
 
 def record_identity(headers: Iterable[tuple[str, bytes]] | None) -> tuple[str, int] | None:
-    """``(channel, seq)`` from a record's headers, or None when the mirror did not set them."""
+    """``(channel, seq)`` from a record's headers, or None when the mirror did not set them
+    (or set them wrong: a channel that is not UTF-8, a sequence that is not a number)."""
     channel: str | None = None
     seq: int | None = None
     for name, value in headers or ():
         if name == HEADER_CHANNEL:
-            channel = value.decode()
+            try:
+                channel = value.decode()
+            except UnicodeDecodeError:
+                return None
         elif name == HEADER_SEQ:
             try:
                 seq = int(value)
@@ -283,11 +336,9 @@ class TopicAdmin:
 
     async def _client(self) -> AIOKafkaAdminClient:
         if self._admin is None:
-            admin = AIOKafkaAdminClient(
-                bootstrap_servers=self.settings.kafka_bootstrap, request_timeout_ms=30_000
-            )
+            admin = AIOKafkaAdminClient(**kafka_options(self.settings))
             try:
-                await _retry_start("admin", admin.start, self.max_wait_s)
+                await _retry_start("admin", admin.start, self.max_wait_s, settings=self.settings)
             except BaseException:
                 await admin.close()
                 raise
@@ -374,14 +425,14 @@ async def read_from_beginning(
     """
     cutoff = (until_ms if until_ms is not None else int(time.time() * 1000)) + clock_slack_ms
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **kafka_options(settings),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         max_partition_fetch_bytes=8 * 1_048_576,
     )
-    await start_consumer(consumer)
+    await start_consumer(consumer, settings=settings)
     try:
         existing = await consumer.topics()
         partitions = [
@@ -442,8 +493,8 @@ async def read_from_beginning(
 
 async def list_topics(settings: CommonSettings) -> set[str]:
     """The names of the topics the cluster has."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
-    await start_consumer(consumer)
+    consumer = AIOKafkaConsumer(**kafka_options(settings), group_id=None)
+    await start_consumer(consumer, settings=settings)
     try:
         return set(await consumer.topics())
     finally:

@@ -25,9 +25,11 @@ from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from libs.common.io.security import ConnectionSettingError, redis_client, redis_setting_error
 from libs.common.names import Keys, channel_kind
 from libs.common.runtime.metrics import metrics_for
 from libs.common.runtime.retry import retry_async
+from libs.common.runtime.settings import CommonSettings
 from libs.common.schemas import ENCODER, SEQ_PREFIX
 
 log = structlog.get_logger("tickmesh.redis")
@@ -101,30 +103,48 @@ return seqs
 
 
 async def connect_redis(
-    url: str,
+    target: str | CommonSettings,
     *,
     max_wait_s: float = 60.0,
     initial_delay_s: float = 0.1,
     max_delay_s: float = 5.0,
     name: str = "tickmesh",
 ) -> aioredis.Redis:
-    """Connect and PING, retrying retriable errors with backoff and jitter until ``max_wait_s``."""
-    client = aioredis.Redis.from_url(
-        url, socket_connect_timeout=5, health_check_interval=30, client_name=name
-    )
+    """Connect and PING, retrying retriable errors with backoff and jitter until ``max_wait_s``.
+
+    ``target`` is the service's settings (URL, ACL user, TLS files, timeouts: see
+    ``security.redis_client``) or a bare URL. A refused login or an untrusted certificate is
+    not retried: ``ConnectionSettingError`` names the variable to fix."""
+    if isinstance(target, CommonSettings):
+        settings, url = target, target.redis_url
+        client = redis_client(settings, name=name, health_check_interval=30)
+    else:  # a bare URL (tools, tests): its own credentials, the default timeouts
+        settings, url = CommonSettings(), target
+        client = aioredis.Redis.from_url(
+            url, socket_connect_timeout=5, health_check_interval=30, client_name=name
+        )
+
+    def retriable(exc: BaseException) -> bool:
+        return isinstance(exc, RETRIABLE) and redis_setting_error(settings, exc) is None
+
     try:
         await retry_async(
             client.ping,
-            retriable=lambda exc: isinstance(exc, RETRIABLE),
+            retriable=retriable,
             max_wait_s=max_wait_s,
             what="redis connect",
             initial_s=initial_delay_s,
             max_s=max_delay_s,
             url=redact_url(url),
         )
-    except RETRIABLE as exc:
+    except Exception as exc:
         await client.aclose()
-        raise ConnectionError(f"Redis at {redact_url(url)} unreachable: {exc}") from exc
+        message = redis_setting_error(settings, exc)
+        if message is not None:
+            raise ConnectionSettingError(f"{message} at {redact_url(url)}") from None
+        if isinstance(exc, RETRIABLE):
+            raise ConnectionError(f"Redis at {redact_url(url)} unreachable: {exc}") from exc
+        raise
     return client
 
 

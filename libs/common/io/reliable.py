@@ -320,7 +320,7 @@ class SequencedConsumer:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None or message["type"] != "pmessage":
                         continue
-                    channel = message["channel"].decode()
+                    channel = message["channel"].decode(errors="replace")
                     if len(queue) < self.queue_max:
                         queue.append((channel, message["data"]))
                         self._wakeup.set()

@@ -18,7 +18,7 @@ async def connect_runtime_redis(runtime: ServiceRuntime) -> aioredis.Redis:
     settings = runtime.settings
     # Redis or Kafka unreachable is an outage the supervisor rides out, not a failure
     runtime.supervisor.classify_outage = dependency_of
-    client = await connect_redis(settings.redis_url, name=f"tickmesh-{runtime.service}")
+    client = await connect_redis(settings, name=f"tickmesh-{runtime.service}")
 
     async def redis_ready() -> bool:
         return bool(await client.ping())

@@ -29,7 +29,7 @@ import gzip
 import io
 import re
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import date
 from pathlib import Path
 from typing import NamedTuple
@@ -37,7 +37,7 @@ from typing import NamedTuple
 from libs.common.market import listings as listing_data
 from libs.common.market.listings import LEAN_EXCHANGE_TO_POLYGON, Listings
 from libs.common.market.sessions import ny_midnight_ms, parse_day
-from libs.common.schemas import Trade
+from libs.common.schemas import MAX_EPOCH_MS, Trade
 
 # --- reference data ---------------------------------------------------------------------------
 
@@ -149,12 +149,30 @@ def day_from_flatfile_path(path: str | Path) -> date | None:
     return parse_day(match.group(1)) if match else None
 
 
+BadLine = Callable[[str, bytes], None]
+"""Told about each line that does not parse: (the error, naming the file and line; its bytes).
+Without one, a reader raises ``ValueError`` at the first such line."""
+
+
 def _read_zip_text(path: str | Path) -> str:
     with zipfile.ZipFile(path) as archive:
         names = [name for name in archive.namelist() if not name.endswith("/")]
         if len(names) != 1:
             raise ValueError(f"{path}: expected one file in the zip, found {len(names)}")
-        return archive.read(names[0]).decode("ascii")
+        # a stray non-ASCII byte spoils its line (dead-lettered), not the whole file
+        return archive.read(names[0]).decode("ascii", errors="surrogateescape")
+
+
+def _check_time(t_ms: int) -> None:
+    if not 0 <= t_ms <= MAX_EPOCH_MS:
+        raise ValueError(f"time {t_ms} ms is outside 1970-2100")
+
+
+def _bad(where: str, error: Exception, line: str, on_bad: BadLine | None) -> None:
+    message = f"{where}: {type(error).__name__}: {error}"
+    if on_bad is None:
+        raise ValueError(message) from None
+    on_bad(message, line.encode("utf-8", errors="surrogateescape"))
 
 
 # --- Lean ticks -------------------------------------------------------------------------------
@@ -166,23 +184,42 @@ def read_lean_trades(
     day: date | None = None,
     *,
     listings: Listings | None = None,
+    on_bad: BadLine | None = None,
 ) -> list[Trade]:
     """All trades of a Lean trade zip, in file order, as Polygon-shaped ``Trade`` records.
 
     ``symbol`` and ``day`` default to what the path says. ``q`` is the 1-based line number in
     the file and ``i`` its text; ``suspicious`` is the vendor's flag; ``z`` the tape of the
-    symbol's listing from ``listings`` (by default the data set's: ``listings.for_data``).
+    symbol's listing from ``listings`` (by default the data set's: ``listings.for_data``). A
+    line that does not parse goes to ``on_bad`` (and still takes its sequence number).
     """
     if symbol is None or day is None:
         path_symbol, path_day = symbol_and_day_from_path(path)
         symbol = symbol or path_symbol
         day = day or path_day
+    if listings is None:
+        listings = listing_data.for_data(path)
+    return lean_trades_from_text(
+        _read_zip_text(path), symbol, day, listings=listings, on_bad=on_bad, where=str(path)
+    )
+
+
+def lean_trades_from_text(
+    text: str,
+    symbol: str,
+    day: date,
+    *,
+    listings: Listings | None = None,
+    on_bad: BadLine | None = None,
+    where: str = "lean",
+) -> list[Trade]:
+    """The trades of a Lean trade file's text (see ``read_lean_trades``; ``listings`` by
+    default the packaged map files')."""
     symbol = symbol.upper()
     midnight = ny_midnight_ms(day)
     if listings is None:
-        listings = listing_data.for_data(path)
+        listings = listing_data.for_data()
     tape = listings.tape(symbol, day)
-    text = _read_zip_text(path)
     prices: dict[str, float] = {}
     conditions: dict[str, tuple[int, ...]] = {}
     exchanges: dict[str, int] = {}
@@ -194,15 +231,21 @@ def read_lean_trades(
             continue
         fields = line.split(",")
         sequence += 1
-        raw_price = fields[1]
-        price = prices.get(raw_price)
-        if price is None:
-            price = prices[raw_price] = int(raw_price) / 10000
-        raw_flags = fields[4]
-        cond = conditions.get(raw_flags)
-        if cond is None:
-            cond = conditions[raw_flags] = conditions_from_flags(int(raw_flags, 16))
-        letter = fields[3]
+        try:
+            raw_price = fields[1]
+            price = prices.get(raw_price)
+            if price is None:
+                price = prices[raw_price] = int(raw_price) / 10000
+            raw_flags = fields[4]
+            cond = conditions.get(raw_flags)
+            if cond is None:
+                cond = conditions[raw_flags] = conditions_from_flags(int(raw_flags, 16))
+            size, offset_ms = int(fields[2]), int(fields[0])
+            letter = fields[3]
+            _check_time(midnight + offset_ms)
+        except (ValueError, IndexError) as exc:
+            _bad(f"{where}: line {sequence}", exc, line, on_bad)
+            continue
         exchange = exchanges.get(letter)
         if exchange is None:
             exchange = exchanges[letter] = LEAN_EXCHANGE_TO_POLYGON.get(letter.upper(), 0)
@@ -210,8 +253,8 @@ def read_lean_trades(
             Trade(
                 symbol,
                 price,
-                int(fields[2]),
-                midnight + int(fields[0]),
+                size,
+                midnight + offset_ms,
                 exchange,
                 cond,
                 str(sequence),
@@ -281,46 +324,73 @@ def _open_text(path: str | Path) -> io.TextIOBase:
     p = Path(path)
     with p.open("rb") as probe:
         magic = probe.read(2)
+    # a stray byte that is not UTF-8 spoils its row (dead-lettered), not the whole file
     if magic == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8", newline="")
-    return p.open("r", encoding="utf-8", newline="")
+        return io.TextIOWrapper(
+            gzip.open(p, "rb"), encoding="utf-8", errors="surrogateescape", newline=""
+        )
+    return p.open("r", encoding="utf-8", errors="surrogateescape", newline="")
 
 
 def read_polygon_flatfile_trades(
-    path: str | Path, symbols: Iterable[str] | None = None
+    path: str | Path, symbols: Iterable[str] | None = None, *, on_bad: BadLine | None = None
 ) -> list[Trade]:
     """Trades of a Polygon flat-file trade CSV (gzip or plain), in file order.
 
     ``t`` is the SIP timestamp in ms (what the WebSocket feed sends), ``q`` the sequence
     number, ``i`` the trade id. ``symbols`` keeps only those tickers (all when ``None``).
     Corrections are kept as they are: the file's ``correction`` column is not interpreted.
+    A row that does not parse goes to ``on_bad``.
     """
+    with _open_text(path) as handle:
+        return polygon_trades_from_lines(handle, symbols, on_bad=on_bad, where=str(path))
+
+
+def polygon_trades_from_lines(
+    lines: Iterable[str],
+    symbols: Iterable[str] | None = None,
+    *,
+    on_bad: BadLine | None = None,
+    where: str = "flatfile",
+) -> list[Trade]:
+    """The trades of a Polygon flat file's lines, header first (see
+    ``read_polygon_flatfile_trades``)."""
     wanted = {symbol.upper() for symbol in symbols} if symbols is not None else None
     trades: list[Trade] = []
     conditions_cache: dict[str, tuple[int, ...]] = {"": ()}
-    with _open_text(path) as handle:
-        reader = csv.reader(handle)
+    reader = csv.reader(lines)
+    try:
         header = next(reader, None)
-        if header is None:
-            return trades
-        column = {name.strip(): index for index, name in enumerate(header)}
-        missing = [
-            name for name in ("ticker", "price", "size", "sip_timestamp") if name not in column
-        ]
-        if missing:
-            raise ValueError(f"{path}: not a Polygon trade flat file (missing {missing})")
-        c_ticker = column["ticker"]
-        c_conditions = column.get("conditions")
-        c_exchange = column.get("exchange")
-        c_id = column.get("id")
-        c_price = column["price"]
-        c_sequence = column.get("sequence_number")
-        c_sip = column["sip_timestamp"]
-        c_size = column["size"]
-        c_tape = column.get("tape")
-        for row in reader:
-            if not row:
-                continue
+    except csv.Error as exc:
+        raise ValueError(f"{where}: not a CSV file: {exc}") from None
+    if header is None:
+        return trades
+    column = {name.strip(): index for index, name in enumerate(header)}
+    missing = [name for name in ("ticker", "price", "size", "sip_timestamp") if name not in column]
+    if missing:
+        raise ValueError(f"{where}: not a Polygon trade flat file (missing {missing})")
+    c_ticker = column["ticker"]
+    c_conditions = column.get("conditions")
+    c_exchange = column.get("exchange")
+    c_id = column.get("id")
+    c_price = column["price"]
+    c_sequence = column.get("sequence_number")
+    c_sip = column["sip_timestamp"]
+    c_size = column["size"]
+    c_tape = column.get("tape")
+    number = 1
+    while True:
+        number += 1
+        try:
+            row = next(reader, None)
+        except csv.Error as exc:  # a NUL byte, an unterminated quote at the end
+            _bad(f"{where}: row {number}", exc, "", on_bad)
+            continue
+        if row is None:
+            break
+        if not row:
+            continue
+        try:
             ticker = row[c_ticker]
             if wanted is not None and ticker.upper() not in wanted:
                 continue
@@ -332,25 +402,31 @@ def read_polygon_flatfile_trades(
                 )
             raw_size = row[c_size]
             size = int(raw_size) if raw_size.isdigit() else int(float(raw_size))
-            trades.append(
-                Trade(
-                    ticker,
-                    float(row[c_price]),
-                    size,
-                    int(row[c_sip]) // 1_000_000,
-                    int(row[c_exchange] or 0) if c_exchange is not None else 0,
-                    cond,
-                    row[c_id] if c_id is not None else "",
-                    int(row[c_tape] or 0) if c_tape is not None else 0,
-                    int(row[c_sequence] or 0) if c_sequence is not None else 0,
-                )
+            trade = Trade(
+                ticker,
+                float(row[c_price]),
+                size,
+                int(row[c_sip]) // 1_000_000,
+                int(row[c_exchange] or 0) if c_exchange is not None else 0,
+                cond,
+                row[c_id] if c_id is not None else "",
+                int(row[c_tape] or 0) if c_tape is not None else 0,
+                int(row[c_sequence] or 0) if c_sequence is not None else 0,
             )
+            _check_time(trade.t)
+        except (ValueError, IndexError, OverflowError) as exc:
+            _bad(f"{where}: row {number}", exc, ",".join(row), on_bad)
+            continue
+        trades.append(trade)
     return trades
 
 
-def read_trades(path: str | Path, *, listings: Listings | None = None) -> list[Trade]:
-    """Trades of a Lean trade zip or a Polygon flat-file CSV, chosen by the file name."""
+def read_trades(
+    path: str | Path, *, listings: Listings | None = None, on_bad: BadLine | None = None
+) -> list[Trade]:
+    """Trades of a Lean trade zip or a Polygon flat-file CSV, chosen by the file name; lines
+    that do not parse go to ``on_bad`` (without it: ``ValueError``)."""
     name = Path(path).name.lower()
     if name.endswith(".zip"):
-        return read_lean_trades(path, listings=listings)
-    return read_polygon_flatfile_trades(path)
+        return read_lean_trades(path, listings=listings, on_bad=on_bad)
+    return read_polygon_flatfile_trades(path, on_bad=on_bad)

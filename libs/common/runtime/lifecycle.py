@@ -23,6 +23,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from libs.common.runtime.metrics import metrics_for
+from libs.common.runtime.settings import SettingsError
 
 log = structlog.get_logger("tickmesh.runtime")
 
@@ -214,7 +215,8 @@ class Component:
         if self._state in (State.FAILED, State.STOPPED):
             return
         self._failures.inc()
-        self.log.error("actor.failed", where=where, error=repr(exc), exc_info=exc)
+        if not isinstance(exc, SettingsError):  # the service exits on it with one line
+            self.log.error("actor.failed", where=where, error=repr(exc), exc_info=exc)
         if self._state is State.STOPPING:
             return  # already on its way out; stop() finishes the job and reaches STOPPED
         self._transition(State.FAILED)

@@ -20,7 +20,7 @@ from prometheus_client import Info as InfoMetric
 
 from libs.common.runtime.http import HealthServer
 from libs.common.runtime.logs import configure_logging
-from libs.common.runtime.settings import SettingsT, public_view
+from libs.common.runtime.settings import SettingsError, SettingsT, public_view
 from libs.common.runtime.supervisor import RestartBudgetExceeded, Supervisor
 
 log = structlog.get_logger("tickmesh.service")
@@ -70,6 +70,10 @@ class ServiceRuntime(Generic[SettingsT]):
         try:
             await self.supervisor.run()
             code = self.exit_code
+        except SettingsError as exc:
+            self.http.healthy = False
+            log.critical("service.bad_setting", reason=str(exc), exit_code=EXIT_CONFIG)
+            code = EXIT_CONFIG
         except RestartBudgetExceeded as exc:
             self.http.healthy = False
             log.critical("service.giving_up", reason=str(exc), exit_code=EXIT_RESTART_BUDGET)
@@ -115,6 +119,12 @@ def run_main(
         runtime: ServiceRuntime[SettingsT] = ServiceRuntime(service, settings)
         try:
             await build(runtime)
+        except SettingsError as exc:
+            # one line naming the variable, no traceback: the operator fixes a setting
+            log.critical("service.bad_setting", reason=str(exc), exit_code=EXIT_CONFIG)
+            for cleanup in reversed(runtime._cleanups):
+                await cleanup()
+            return EXIT_CONFIG
         except Exception as exc:
             log.critical("service.build_failed", error=repr(exc), exc_info=exc)
             for cleanup in reversed(runtime._cleanups):

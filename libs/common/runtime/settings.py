@@ -19,6 +19,7 @@ are masked, so a settings object can be logged whole.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import uuid
@@ -80,6 +81,8 @@ Mode = Literal["live", "sim", "replay"]
 """What a service reports in its heartbeats (CONTRACT.md's modes)."""
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 class SettingsGroup(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -123,16 +126,102 @@ class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     kafka_heartbeat_interval_ms: Annotated[int, Meta(gt=0, description="group heartbeat")] = 500
     kafka_rebalance_timeout_ms: Annotated[int, Meta(gt=0, description="group rebalance")] = 6_000
     kafka_fetch_max_wait_ms: Annotated[int, Meta(gt=0, description="consumer fetch wait")] = 50
+    kafka_request_timeout_ms: Annotated[
+        int,
+        Meta(
+            gt=0,
+            description="Kafka call timeout (connect, TLS, each request); keep it above half "
+            "the session timeout",
+        ),
+    ] = 30_000
+    # -- Kafka security (every producer, consumer and admin client) -------------------------
+    kafka_security_protocol: Annotated[
+        KafkaSecurityProtocol, Meta(description="Kafka security protocol")
+    ] = "PLAINTEXT"
+    kafka_sasl_mechanism: Annotated[
+        KafkaSaslMechanism, Meta(description="SASL mechanism (SASL_* protocols)")
+    ] = "PLAIN"
+    kafka_sasl_username: Annotated[str, Meta(description="SASL user (SASL_* protocols)")] = ""
+    kafka_sasl_password: Annotated[Secret, Meta(description="SASL password (SASL_* protocols)")] = (
+        Secret("")
+    )
+    kafka_ssl_cafile: Annotated[
+        str, Meta(description="CA bundle that signs the brokers' certificates (empty: system)")
+    ] = ""
+    kafka_ssl_certfile: Annotated[
+        str, Meta(description="client certificate (PEM) for mutual TLS; may hold the key too")
+    ] = ""
+    kafka_ssl_keyfile: Annotated[str, Meta(description="client private key (PEM)")] = ""
+    kafka_ssl_key_password: Annotated[
+        Secret, Meta(description="password of the client private key, if encrypted")
+    ] = Secret("")
+    kafka_ssl_check_hostname: Annotated[
+        bool, Meta(description="check the broker certificate's name against its address")
+    ] = True
+    # -- Redis connections (TLS with a rediss:// URL; ACL user) -----------------------------
+    redis_username: Annotated[str, Meta(description="Redis ACL user (empty: default user)")] = ""
+    redis_password: Annotated[
+        Secret, Meta(description="Redis password (never in TICKMESH_REDIS_URL)")
+    ] = Secret("")
+    redis_ssl_cafile: Annotated[
+        str, Meta(description="CA bundle that signs Redis's certificate (rediss://)")
+    ] = ""
+    redis_ssl_certfile: Annotated[
+        str, Meta(description="client certificate (PEM) for Redis mutual TLS")
+    ] = ""
+    redis_ssl_keyfile: Annotated[str, Meta(description="client private key (PEM) for Redis")] = ""
+    redis_ssl_check_hostname: Annotated[
+        bool, Meta(description="check Redis's certificate name against its host")
+    ] = True
+    redis_socket_timeout_s: Annotated[
+        float, Meta(gt=0, description="Redis reply timeout: a stalled server is a retriable error")
+    ] = 5.0
+    redis_connect_timeout_s: Annotated[
+        float, Meta(gt=0, description="Redis connect and TLS handshake timeout")
+    ] = 5.0
     max_restarts: Annotated[int, Meta(ge=0, description="supervisor restart budget")] = 5
     restart_window_s: Annotated[float, Meta(gt=0, description="restart budget window")] = 60.0
     stop_deadline_s: Annotated[float, Meta(gt=0, description="drain deadline at shutdown")] = 10.0
 
     def __post_init__(self) -> None:
+        self._check_connections()
         self.check()
 
     def check(self) -> None:
         """The rules between fields that types cannot state; raise ``self.invalid(...)``.
         Runs on every construction (loading, ``msgspec.structs.replace``, tests)."""
+
+    def _check_connections(self) -> None:
+        """The connection settings every service shares: consistent, and no secret in a URL
+        (a URL is logged; a password goes in its own ``Secret`` setting)."""
+        scheme, _, rest = self.redis_url.partition("://")
+        if scheme not in ("redis", "rediss", "unix"):
+            raise self.invalid("redis_url", f"scheme {scheme!r}: use redis://, rediss:// (TLS)")
+        if ":" in rest.partition("/")[0].rpartition("@")[0]:
+            raise self.invalid(
+                "redis_url",
+                "holds a password: put the user in "
+                f"{env_name(type(self), 'redis_username')} and the password in "
+                f"{env_name(type(self), 'redis_password')} instead",
+            )
+        if scheme != "rediss":
+            for field in ("redis_ssl_cafile", "redis_ssl_certfile", "redis_ssl_keyfile"):
+                if getattr(self, field):
+                    raise self.invalid(field, "set, but the Redis URL is not rediss:// (TLS)")
+        if bool(self.redis_ssl_keyfile) and not self.redis_ssl_certfile:
+            raise self.invalid("redis_ssl_certfile", "a client key needs its certificate")
+        protocol = self.kafka_security_protocol
+        if "SSL" not in protocol:
+            for field in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+                if getattr(self, field):
+                    raise self.invalid(field, f"set, but the security protocol is {protocol}")
+        if bool(self.kafka_ssl_keyfile) and not self.kafka_ssl_certfile:
+            raise self.invalid("kafka_ssl_certfile", "a client key needs its certificate")
+        if protocol.startswith("SASL"):
+            if not self.kafka_sasl_username:
+                raise self.invalid("kafka_sasl_username", f"required with {protocol}")
+            if not self.kafka_sasl_password:
+                raise self.invalid("kafka_sasl_password", f"required with {protocol}")
 
     @classmethod
     def invalid(cls, field: str, message: str) -> SettingsError:
@@ -229,15 +318,22 @@ def setting_paths(cls: type[CommonSettings]) -> list[str]:
     return [info.path for info in settings_info(cls)]
 
 
+@functools.cache
+def _hints(cls: type[Struct]) -> dict[str, Any]:
+    """The resolved annotations of ``cls``, once per class (``--help`` and loading ask for
+    every field, and resolving them is slow)."""
+    return get_type_hints(cls, include_extras=True)
+
+
 def _field_type(cls: type[Struct], field: str) -> Any:
-    hint = get_type_hints(cls, include_extras=True)[field]
+    hint = _hints(cls)[field]
     if get_origin(hint) is Annotated:
         hint = get_args(hint)[0]
     return hint
 
 
 def _description(cls: type[Struct], field: str) -> str:
-    hint = get_type_hints(cls, include_extras=True)[field]
+    hint = _hints(cls)[field]
     for meta in get_args(hint)[1:] if get_origin(hint) is Annotated else ():
         if isinstance(meta, Meta) and meta.description:
             return meta.description

@@ -12,6 +12,10 @@ child is started again after a backoff capped at ``outage_max_s`` for as long as
 lasts; the outage is logged once when it begins and once when the child runs again, and
 measured (``tickmesh_dependency_up``, ``tickmesh_dependency_outages_total``,
 ``tickmesh_dependency_down_seconds_total``).
+
+A failure that is a ``SettingsError`` (Redis or Kafka refused our credentials, a certificate
+is not trusted) is neither: no restart can fix it, so it is raised at once and the service
+exits with EX_CONFIG naming the variable.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from libs.common.runtime.backoff import Backoff, RestartBudget
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.lifecycle import Component, RuntimeMetrics, State
 from libs.common.runtime.metrics import metrics_for
+from libs.common.runtime.settings import SettingsError
 
 log = structlog.get_logger("tickmesh.runtime")
 
@@ -136,6 +141,9 @@ class Supervisor:
             await self._stop_children()
 
     async def _restart(self, child: Component, error: BaseException) -> None:
+        if isinstance(error, SettingsError):
+            # a refused password, an untrusted certificate: no restart or wait can fix it
+            raise error
         dependency = self.classify_outage(error) if self.classify_outage is not None else None
         if dependency is not None:
             await self._ride_out(child, dependency, error)

@@ -323,3 +323,11 @@ async def synthetic_frames(
             emitted += count
             due -= count
             yield list(frame)
+
+
+def oversized_frame(size_bytes: int) -> bytes:
+    """One frame of ``size_bytes`` (at least a few dozen): a JSON array of one ``status``
+    event whose message is padding, harmless to a client that reads it whole."""
+    head = b'[{"ev":"status","status":"padding","message":"'
+    tail = b'"}]'
+    return head + b"x" * max(0, size_bytes - len(head) - len(tail)) + tail

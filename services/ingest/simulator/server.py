@@ -33,6 +33,7 @@ from services.ingest.simulator.feeds import (
     _now_ms,
     file_frames,
     malformed_frames,
+    oversized_frame,
     synthetic_frames,
 )
 from services.ingest.simulator.reference import PREFIX as TICKERS_PREFIX
@@ -207,7 +208,7 @@ class PolygonSimulator:
         Disconnect faults (``drop``, ``slow_consumer``, ``max_connections``,
         ``force_disconnect``) hit up to ``count`` sessions, oldest first (``count=0``: all).
         ``malformed`` sends ``count`` rounds of bad frames to every authenticated session
-        (regardless of its subscriptions).
+        (regardless of its subscriptions); ``oversized_frame`` one frame of ``count`` MiB.
         """
         fault = Fault(fault)
         if count < 0:
@@ -216,6 +217,11 @@ class PolygonSimulator:
         if fault is Fault.REST_THROTTLE:
             self.rest.throttle += max(count, 1)
             targets = []
+        elif fault is Fault.OVERSIZED_FRAME:
+            targets = [s for s in live if s.authed]
+            huge = oversized_frame(max(count, 1) * 1_048_576)
+            for session in targets:
+                session.enqueue(huge)
         elif fault is Fault.MALFORMED:
             targets = [s for s in live if s.authed]
             for session in targets:

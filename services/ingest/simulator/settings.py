@@ -57,6 +57,8 @@ class Fault(StrEnum):
     """Send bad JSON, a non-array, an unknown ``ev`` and a frame mixing good and bad trades."""
     REST_THROTTLE = "rest_throttle"
     """Answer the next ``count`` REST requests with 429 (rate limited)."""
+    OVERSIZED_FRAME = "oversized_frame"
+    """Send every authenticated session one frame of ``count`` MiB (a padded status event)."""
 
 
 _DISCONNECT_STATUS: Final[dict[Fault, tuple[str, str]]] = {
