@@ -159,6 +159,30 @@ async def test_a_replayed_day_publishes_one_record_per_frame_and_symbol_with_eve
     )
 
 
+async def test_one_record_per_round_trip_carries_the_same_trades_in_fewer_records(
+    tmp_path: Path, redis_client: Any, unique_name: Callable[[str], str]
+) -> None:
+    """``records=batch``: each symbol's trades of a round trip (up to ``batch_frames`` frames)
+    go out as one record: the same trades in the same order, in fewer, larger records."""
+    files = day_files(tmp_path)
+    replay, _registry, streams, fatal = make_replay(
+        files, redis_client, unique_name("tm"), batch_frames=16, one_record_per_batch=True
+    )
+    await replay.start()
+    try:
+        await eventually(lambda: replay.done)
+        records = await published(streams)
+    finally:
+        await replay.stop()
+    assert not fatal
+    frames = list(frames_of(load_trades(files), 100, 1))
+    for sym, path in zip(("ZQA", "ZQB"), files, strict=True):
+        batches = [msgspec.json.decode(p, type=TickBatch) for p in records[f"ticks.{sym}"]]
+        assert [tick for batch in batches for tick in batch.ticks] == read_lean_trades(path)
+        per_frame = sum(1 for frame in frames if any(t.sym == sym for t in frame))
+        assert len(batches) <= -(-len(frames) // 16) < per_frame
+
+
 async def test_a_file_replay_and_a_simulator_replay_of_a_day_publish_the_same_ticks(
     tmp_path: Path, redis_client: Any, unique_name: Callable[[str], str]
 ) -> None:

@@ -130,6 +130,8 @@ class FrameProcessor(Actor[Frame | Disconnected]):
         *,
         queue_size: int,
         batch_frames: int = 64,
+        one_record_per_batch: bool = False,
+        linger_ms: int = 0,
         source: str = "polygon.ws",
         lag_warning_ms: int = 5_000,
         channels: ChannelNames = DEFAULT_CHANNELS,
@@ -143,6 +145,9 @@ class FrameProcessor(Actor[Frame | Disconnected]):
         self.dead_letters = dead_letters
         self.ingest_metrics = metrics
         self.batch_frames = batch_frames
+        self.one_record_per_batch = one_record_per_batch
+        """One record per symbol per round trip instead of one per frame and symbol."""
+        self.linger_s = linger_ms / 1000.0
         self.source = source
         self.lag_warning_ms = lag_warning_ms
         self.channels = channels
@@ -158,6 +163,9 @@ class FrameProcessor(Actor[Frame | Disconnected]):
 
     async def handle(self, message: Frame | Disconnected) -> None:
         batch = [message, *self.take_nowait(self.batch_frames - 1)]
+        if self.linger_s and len(batch) < self.batch_frames:
+            await asyncio.sleep(self.linger_s)  # more frames for this round trip
+            batch += self.take_nowait(self.batch_frames - len(batch))
         frames: list[Frame] = []
         for item in batch:
             if type(item) is Disconnected:
@@ -185,6 +193,8 @@ class FrameProcessor(Actor[Frame | Disconnected]):
         split_frame = protocol.split_frame
         build_records = protocol.build_records
         channels = self.channels
+        merged: protocol.FrameSplit | None = {} if self.one_record_per_batch else None
+        received_ms = 0
         for frame in frames:
             events, bad = decode_frame(frame.data)
             if bad:
@@ -212,7 +222,13 @@ class FrameProcessor(Actor[Frame | Disconnected]):
                     event_ms = last.e if kind in _AGG_KINDS else last.t  # type: ignore[union-attr]
                     newest_event_ms = max(newest_event_ms, event_ms)
                 counts[kind] += count
-            records.extend(build_records(split, frame.received_ms, channels))
+            if merged is None:
+                records.extend(build_records(split, frame.received_ms, channels))
+            else:
+                protocol.merge_split(merged, split)
+                received_ms = frame.received_ms
+        if merged:
+            records.extend(build_records(merged, received_ms, channels))
         if records:
             await self.feed.publish(records, first_trade_ms=first_trade_ms)
         now_s = self.clock.monotonic()

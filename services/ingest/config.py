@@ -60,6 +60,22 @@ class IngestSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
         float, Meta(gt=0, description="delay after a max_connections refusal")
     ] = 60.0
     publish_batch_frames: Annotated[int, Meta(gt=0, description="frames per Redis pipeline")] = 64
+    records: Annotated[
+        Literal["frame", "batch"],
+        Meta(
+            description="frame: one record per frame and symbol (the contract); batch: one per "
+            "symbol per Redis round trip, several frames' trades (fewer, larger records)"
+        ),
+    ] = "frame"
+    linger_ms: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=1_000,
+            description="wait this long for more frames before a round trip that is not full "
+            "(with records=batch: larger records at that latency cost)",
+        ),
+    ] = 0
     speed: Annotated[
         float, Meta(ge=0, description="file replay pace: 1 real time, 10 faster, 0 no pacing")
     ] = 1.0

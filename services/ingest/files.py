@@ -99,6 +99,7 @@ class TickFileSource(Component):
         frame_max_events: int = 100,
         frame_window_ms: int = 1,
         batch_frames: int = 64,
+        one_record_per_batch: bool = False,
         channels: ChannelNames = DEFAULT_CHANNELS,
         fill_missing: bool = False,
         dead_letters: DeadLetters | None = None,
@@ -123,6 +124,8 @@ class TickFileSource(Component):
         self.frame_max_events = frame_max_events
         self.frame_window_ms = frame_window_ms
         self.batch_frames = batch_frames
+        self.one_record_per_batch = one_record_per_batch
+        """One record per symbol per round trip instead of one per frame and symbol."""
         self.channels = channels
         self.fill_missing = fill_missing
         """Publish only the trades the tick streams lack (a lost day, after the fact), then
@@ -264,12 +267,18 @@ class TickFileSource(Component):
         records: list[tuple[str, bytes]] = []
         ticks = 0
         first_trade_ms = 0
+        merged: protocol.FrameSplit = {}
         for frame in frames[self._next_frame : end]:
             split = protocol.split_frame(frame)
             self.feed.admit(split)
-            records.extend(protocol.build_records(split, now_ms, self.channels))
+            if self.one_record_per_batch:
+                protocol.merge_split(merged, split)
+            else:
+                records.extend(protocol.build_records(split, now_ms, self.channels))
             ticks += len(frame)
             first_trade_ms = first_trade_ms or frame[0].t
+        if merged:
+            records.extend(protocol.build_records(merged, now_ms, self.channels))
         key = self.position_key
         await self.feed.publish(
             records,

@@ -200,6 +200,22 @@ def split_frame(events: Iterable[Event]) -> FrameSplit:
     return split
 
 
+def merge_split(into: FrameSplit, split: FrameSplit) -> None:
+    """Append a later frame's groups to ``into`` (kind by kind, symbol by symbol, in order):
+    the records of several frames as one per (kind, symbol)."""
+    for kind, by_symbol in split.items():
+        target = into.get(kind)
+        if target is None:
+            into[kind] = by_symbol
+            continue
+        for sym, group in by_symbol.items():
+            found = target.get(sym)
+            if found is None:
+                target[sym] = group
+            else:
+                found.extend(group)
+
+
 class ChannelNames(Struct, frozen=True):
     """Redis channel templates of the records ingest publishes (``libs.common.names``).
 

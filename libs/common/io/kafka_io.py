@@ -359,6 +359,10 @@ class TopicAdmin:
             except Exception:
                 await self.close()  # a broken connection is rebuilt on the next call
                 raise
+            # every topic the broker listed is known now: a later new channel whose topic
+            # exists (created by another process, or before this one started) costs no
+            # listing of the whole cluster's topics
+            self.known.update(existing)
             self.known.update(wanted)
             return created
 

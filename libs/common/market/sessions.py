@@ -59,9 +59,15 @@ def ny_epoch_ms(day: date, hour: int, minute: int = 0, ms_of_minute: int = 0) ->
     return int(local.timestamp() * 1000) + ms_of_minute
 
 
+_MIDNIGHTS: dict[date, int] = {}
+
+
 def ny_midnight_ms(day: date) -> int:
     """Epoch ms of 00:00 New York time on ``day``."""
-    return ny_epoch_ms(day, 0)
+    midnight = _MIDNIGHTS.get(day)
+    if midnight is None:
+        midnight = _MIDNIGHTS[day] = ny_epoch_ms(day, 0)
+    return midnight
 
 
 def session_for(day: date) -> Session:
@@ -90,9 +96,22 @@ def last_bar_id(ts_ms: int) -> int:
     return session_of(ts_ms).last_bar_id
 
 
+_HOUR_MS = 3_600_000
+_HOUR_DATES: dict[int, date] = {}
+
+
 def ny_date(ts_ms: int) -> date:
-    """The New York calendar date of an epoch-ms time."""
-    return datetime.fromtimestamp(ts_ms / 1000, tz=NEW_YORK).date()
+    """The New York calendar date of an epoch-ms time.
+
+    New York's offsets are whole hours, so its midnight falls on a UTC hour and the date is
+    the same for every time within one UTC hour: looked up per hour, computed once."""
+    hour = ts_ms // _HOUR_MS
+    day = _HOUR_DATES.get(hour)
+    if day is None:
+        if len(_HOUR_DATES) > 200_000:
+            _HOUR_DATES.clear()
+        day = _HOUR_DATES[hour] = datetime.fromtimestamp(hour * 3_600, tz=NEW_YORK).date()
+    return day
 
 
 def session_of(ts_ms: int) -> Session:
