@@ -54,6 +54,14 @@ rate) into the same redis-server, and (2) with a raw aiokafka producer
 on the same broker. Each hop's rate is then given as a share of its ceiling: like for like,
 the same records with the same trades per record on both sides.
 
+**Scale-out** (``--scale``, instead of (a) and (b)): the real day once per setup of
+``--scale-setups`` (default: 1 and 2 bars shards, 1 and 2 mirror instances, ingest's
+``INGEST_RECORDS=frame`` and ``batch``; ``bench/mesh_scale.py``), each on a fresh stack, one
+after another, without ceilings; one table of ticks/s to Kafka and to the last bar closed on
+event time on each path, CPU seconds per service (and per instance, read every 0.1 s), the
+cores all processes kept busy, and the load average at each run's start and end.
+``--quick`` replays fewer symbols (IBM, AIG, BAC: about 90 s for the six default setups here).
+
 ``--profile DIR`` also records every service with py-spy (``pip install -e '.[bench]'``)
 while data flows and writes a summary per service (``bench/profile_summary.py``); the
 profiler takes CPU from the mesh, so figures of a profiled run are not comparable.
@@ -61,7 +69,8 @@ profiler takes CPU from the mesh, so figures of a profiled run are not comparabl
 Bounded: every wait has a deadline (``--feed-timeout-s``, ``--settle-timeout-s``); a scenario
 that does not drain in time is reported with its backlog. The default run takes about 6
 minutes here, ``--quick`` about 3 (less when the mesh keeps up).
-Run: ``.venv/bin/python bench/bench_mesh.py [--quick] [--json out.json] [--markdown out.md]``.
+Run: ``.venv/bin/python bench/bench_mesh.py [--quick] [--scale] [--json out.json]
+[--markdown out.md]``.
 """
 
 from __future__ import annotations
@@ -100,12 +109,27 @@ from mesh_probe import (
     weighted_percentiles,
 )
 from mesh_report import render_markdown, summary_rows
+from mesh_scale import (
+    DEFAULT_SETUPS,
+    Setup,
+    parse_setups,
+    render_scale,
+    scale_summary_rows,
+    service_of,
+)
 from profile_summary import markdown as profile_markdown
 from profile_summary import parse_collapsed, summarise
 from summary import add_rows
 
 from devstack.localstack import LocalStack
-from devstack.mesh import IDLE_AFTER_S, Mesh, MeshOptions, ProcessExited, ServiceProcess
+from devstack.mesh import (
+    IDLE_AFTER_S,
+    Mesh,
+    MeshOptions,
+    ProcessExited,
+    ServiceProcess,
+    mirror_consumer_names,
+)
 from libs.common.io.kafka_io import (
     TopicSpec,
     ensure_topics,
@@ -158,9 +182,8 @@ def start_profilers(mesh: Mesh, folder: Path, label: str) -> dict[str, subproces
         return {}
     folder.mkdir(parents=True, exist_ok=True)
     profilers = {}
-    for name in PROFILED:
-        service = mesh.services.get(name)
-        if service is None or service.process is None:
+    for name, service in mesh.services.items():
+        if service_of(name) not in PROFILED or service.process is None:
             continue
         out = folder / f"{label}-{name}.txt"
         profilers[name] = subprocess.Popen(
@@ -338,10 +361,20 @@ def ceilings(stack: LocalStack, counts: dict[str, int], limit: int) -> dict[str,
 class Scenario:
     """A mesh on a fresh stack, the probe, the sampler and (optionally) the profilers."""
 
-    def __init__(self, label: str, options: MeshOptions, args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        label: str,
+        options: MeshOptions,
+        args: argparse.Namespace,
+        *,
+        with_ceilings: bool = True,
+        sample_period_s: float = 0.5,
+    ) -> None:
         self.label = label
         self.options = options
         self.args = args
+        self.with_ceilings = with_ceilings
+        self.sample_period_s = sample_period_s
         self.notes: list[str] = []
 
     def run(
@@ -358,7 +391,8 @@ class Scenario:
             probe = probe_factory(stack)
             probe.start()
             sampler = ProcessSampler(
-                {"redis-server": stack.redis.pid, "bench": os.getpid()}
+                {"redis-server": stack.redis.pid, "bench": os.getpid()},
+                period_s=self.sample_period_s,
             ).start()
             if stack.kafka is not None:
                 sampler.add("tansu", stack.kafka.pid)
@@ -400,7 +434,8 @@ class Scenario:
             for name, server in (("redis-server", stack.redis), ("the broker", stack.kafka)):
                 if server is not None and not server.running:
                     self.notes.append(f"{name} was not running at the end:\n{server.log_tail()}")
-            if self.args.ceiling_records > 0 and result.get("tickRecordsByChannel"):
+            wanted = self.with_ceilings and self.args.ceiling_records > 0
+            if wanted and result.get("tickRecordsByChannel"):
                 try:
                     result["ceilings"] = ceilings(
                         stack, result.pop("tickRecordsByChannel"), self.args.ceiling_records
@@ -442,20 +477,23 @@ def bootstrap_of(stack: LocalStack) -> str:
 
 
 def metric(mesh: Mesh, service: str, name: str, **labels: str) -> float:
-    """A service's metric (0 when it is not running)."""
-    process = mesh.services.get(service)
-    return process.metric_sum(name, **labels) if process is not None else 0.0
+    """A service's metric, summed over its instances (0 when none is running)."""
+    return mesh.metric_total(service, name, **labels)
 
 
-def run_real_day(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Scenario (a)."""
+def run_real_day(
+    args: argparse.Namespace, workdir: Path, setup: Setup | None = None
+) -> dict[str, Any]:
+    """Scenario (a); with a ``setup`` (the scale-out comparison), that many bars shards and
+    mirror instances, ingest's record mode, and no ceilings."""
+    label = "real day" if setup is None else f"real day, {setup.label}"
     data = data_dir()
     if data is None:
-        return {"scenario": "real day", "skipped": "no shared data (TICKMESH_DATA)"}
+        return {"scenario": label, "skipped": "no shared data (TICKMESH_DATA)"}
     symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
     channels = [f"ticks.{symbol}" for symbol in symbols]
     options = MeshOptions(
-        workdir=workdir / "real-day",
+        workdir=workdir / ("real-day" if setup is None else f"real-day-{setup.slug}"),
         data_dir=data,
         day=args.day,
         symbols=symbols,
@@ -463,8 +501,20 @@ def run_real_day(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         grace_ms=args.grace_ms,
         run_id="bench-day",
     )
-    scenario = Scenario("real day", options, args)
+    if setup is not None:
+        options.bars_shards = setup.bars_shards
+        options.mirror_instances = setup.mirror_instances
+        options.env["INGEST_RECORDS"] = setup.records
+    # a setup's run lasts seconds: CPU read every 0.1 s, so a window's edges are that close
+    scenario = Scenario(
+        label,
+        options,
+        args,
+        with_ceilings=setup is None,
+        sample_period_s=0.5 if setup is None else 0.1,
+    )
     counters: dict[str, float] = {}
+    load_at_start = os.getloadavg()[0]
 
     def wait(mesh: Mesh, probe: Probe) -> None:
         try:
@@ -490,6 +540,10 @@ def run_real_day(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         out: dict[str, Any] = {
             "day": args.day,
             "symbols": symbols,
+            "barsShards": options.bars_shards,
+            "mirrorInstances": options.mirror_instances,
+            "ingestRecords": options.env.get("INGEST_RECORDS", "frame"),
+            "loadAverage": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
             "ticks": ticks,
             "tickRecords": records,
             "tradesPerRecord": round(ticks / records, 2) if records else None,
@@ -533,11 +587,32 @@ def run_real_day(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             observe_ticks=False,
             seq_channels=channels,
             poll_ms=20,
+            mirror_consumers=mirror_consumer_names(options.mirror_instances),
         ),
         lambda _stack: None,
         wait,
         analyse,
     )
+
+
+def run_scale(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The scale-out comparison: the real day once per setup (``--scale-setups``), one after
+    another, each on a fresh stack; setups that would start past ``--scale-budget-s`` are
+    reported as skipped."""
+    symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
+    deadline = time.monotonic() + args.scale_budget_s
+    runs: list[dict[str, Any]] = []
+    for setup in parse_setups(args.scale_setups):
+        if time.monotonic() > deadline:
+            runs.append(
+                {"setup": setup.label, "skipped": f"past --scale-budget-s {args.scale_budget_s:g}"}
+            )
+            continue
+        print(f"bench_mesh: scale: {setup.label} ...", flush=True)
+        result = run_real_day(args, workdir, setup)
+        result["setup"] = setup.label
+        runs.append(result)
+    return {"day": args.day, "symbols": symbols, "runs": runs}
 
 
 def last_closed_on_event_time(bars: list[BarSeen]) -> float | None:
@@ -737,6 +812,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="a short run (about 2 minutes)")
     parser.add_argument("--only", choices=["day", "synthetic"], help="one scenario")
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="instead of (a) and (b): the real day once per --scale-setups (bars shards, "
+        "mirror instances, ingest's record mode), compared in one table",
+    )
+    parser.add_argument(
+        "--scale-setups",
+        default=DEFAULT_SETUPS,
+        help=f"BARSxMIRROR:frame|batch, comma separated (default {DEFAULT_SETUPS})",
+    )
+    parser.add_argument(
+        "--scale-budget-s",
+        type=float,
+        help="no setup starts after this many seconds (default 1800, quick 900)",
+    )
     parser.add_argument("--day", default="2013-10-07")
     parser.add_argument("--symbols", help="real-day symbols (default SPY,IBM,AIG,BAC)")
     parser.add_argument("--synthetic-symbols", type=int, default=1_000)
@@ -770,6 +861,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.settle_timeout_s = 60.0 if quick else 120.0
     if args.ceiling_records is None:
         args.ceiling_records = 50_000 if quick else 200_000
+    if args.scale_budget_s is None:
+        args.scale_budget_s = 900.0 if quick else 1_800.0
+    try:
+        parse_setups(args.scale_setups)
+    except ValueError as exc:
+        parser.error(f"--scale-setups: {exc}")
     return args
 
 
@@ -782,10 +879,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results: dict[str, Any] = {"quick": args.quick}
     try:
-        if args.only in (None, "day"):
+        if args.scale:
+            print("bench_mesh: scale-out comparison ...", flush=True)
+            results["scale"] = run_scale(args, workdir)
+        if args.only in (None, "day") and not args.scale:
             print("bench_mesh: (a) real day ...", flush=True)
             results["realDay"] = run_real_day(args, workdir)
-        if args.only in (None, "synthetic"):
+        if args.only in (None, "synthetic") and not args.scale:
             print("bench_mesh: (b) synthetic market ...", flush=True)
             results["synthetic"] = run_synthetic(args, workdir)
     finally:
@@ -793,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     results["seconds"] = round(time.monotonic() - started, 1)
     results["machine"] = machine()
-    report = render_markdown(results)
+    report = render_scale(results) if args.scale else render_markdown(results)
     print(report)
     print(f"\nbench_mesh: {results['seconds']} s in all")
     if args.profile is not None:
@@ -805,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown:
         args.markdown.write_text(report + "\n")
-    add_rows(args.summary, summary_rows(results))
+    add_rows(args.summary, scale_summary_rows(results) if args.scale else summary_rows(results))
     return 0
 
 

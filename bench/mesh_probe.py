@@ -10,8 +10,9 @@ The probe runs its own asyncio loop in a thread of the bench process and records
 - ``bars.*.1m`` records on Redis pub/sub (the primary path's bars);
 - ``bars.<SYM>.1m`` records on Kafka (the shadow builder's bars), read with a consumer that
   assigns itself every such topic (listed again every second) from its first offset;
-- every ``poll_ms``, the mirror's committed positions (a Redis hash, one field per channel:
-  the last sequence Kafka acknowledged), and the sequence counters of ``seq_channels``.
+- every ``poll_ms``, the mirror's committed positions (a Redis hash per mirror instance, one
+  field per channel: the last sequence Kafka acknowledged), and the sequence counters of
+  ``seq_channels``, in one round trip.
 
 Nothing here changes what the services do; the probe is one more subscriber and one more
 Kafka consumer, sharing the machine's cores with them (its CPU time is reported).
@@ -115,7 +116,7 @@ class Probe:
         seq_channels: Sequence[str] = (),
         poll_ms: int = 10,
         key_prefix: str = "tm:",
-        mirror_consumer: str = "mirror",
+        mirror_consumers: Sequence[str] = ("mirror",),
     ) -> None:
         self.redis_url = redis_url
         self.kafka_bootstrap = kafka_bootstrap
@@ -123,7 +124,10 @@ class Probe:
         self.seq_channels = list(seq_channels)
         self.poll_s = poll_ms / 1000
         self.keys = Keys(key_prefix)
-        self.positions_key = self.keys.state(f"positions:{mirror_consumer}")
+        self.positions_keys = [
+            self.keys.state(f"positions:{consumer}") for consumer in mirror_consumers
+        ]
+        """The mirror's committed positions, one hash per instance (each holds its channels)."""
         self.seen = Observations()
         self.top_seq: dict[str, int] = {}
         """Per tick channel, the highest sequence seen on pub/sub."""
@@ -259,10 +263,18 @@ class Probe:
         last = self.positions
         seq_keys = [self.keys.seq(channel) for channel in self.seq_channels]
         while not self._stopped():
-            positions: Any = await client.hgetall(self.positions_key)
-            seqs = await client.mget(seq_keys) if seq_keys else []
+            async with client.pipeline(transaction=False) as pipe:
+                for key in self.positions_keys:
+                    pipe.hgetall(key)
+                if seq_keys:
+                    pipe.mget(seq_keys)
+                replies: list[Any] = await pipe.execute()
             at = time.time()
             seen.polls += 1
+            seqs = replies[-1] if seq_keys else []
+            positions: dict[bytes, bytes] = {}
+            for reply in replies[: len(self.positions_keys)]:
+                positions.update(reply)
             for raw_channel, raw_position in positions.items():
                 channel = raw_channel.decode()
                 position = int(raw_position)

@@ -5,6 +5,12 @@ bars (Redis, primary), bars (Kafka, shadow), engine_bridge and mirror — each a
 ``python -m services.<name> run`` with its settings in the environment and its JSON log in a
 file. It waits until the simulator has replayed its feed and the pipeline has settled, then
 reads the figures of the run from the services' ``/metrics`` and from Kafka.
+
+Scale-out: ``MeshOptions.bars_shards`` runs the bars (primary and shadow) as that many shards
+and ``mirror_instances`` the mirror as that many instances split by channel, each its own
+process, port and log. One instance keeps its plain name (``bars``, ``bars-shadow``,
+``mirror``); several are named ``<name>-<k>of<n>``, k counting from 1 (``bars-1of2`` is
+``BARS_SHARD_INDEX=0``). ``Mesh.group`` and ``Mesh.metric_total`` see a group as one service.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,6 +68,31 @@ class MeshOptions:
     env: dict[str, str] = field(default_factory=dict)
     """Extra variables for every process: security settings (``TICKMESH_KAFKA_SASL_*``,
     ``TICKMESH_REDIS_SSL_*``) and each service's own credentials (``INGEST_REDIS_USERNAME``)."""
+    bars_shards: int = 1
+    """Bars shards by symbol (``BARS_SHARD_COUNT``): this many primary processes and, with
+    ``shadow``, this many shadow processes."""
+    mirror_instances: int = 1
+    """Mirror instances split by channel (``MIRROR_SHARD_COUNT``), each with its own stored
+    positions (``MIRROR_CONSUMER_NAME``); only the first runs the scheduled reconciler."""
+
+    def __post_init__(self) -> None:
+        if self.bars_shards < 1 or self.mirror_instances < 1:
+            raise ValueError(
+                f"bars_shards ({self.bars_shards}) and mirror_instances "
+                f"({self.mirror_instances}) must be at least 1"
+            )
+
+
+def instance_names(base: str, count: int) -> list[str]:
+    """The process names of ``count`` instances of ``base``: ``[base]`` for one, else
+    ``base-1ofN`` ... ``base-NofN``."""
+    return [base] if count == 1 else [f"{base}-{k}of{count}" for k in range(1, count + 1)]
+
+
+def mirror_consumer_names(count: int) -> list[str]:
+    """The ``MIRROR_CONSUMER_NAME`` of each of ``count`` mirror instances (the name of its
+    positions in Redis): the default ``mirror`` for one."""
+    return instance_names("mirror", count)
 
 
 class ProcessExited(RuntimeError):
@@ -333,15 +365,42 @@ class Mesh:
         """Start everything: consumers first, so nothing relies on catching up."""
         options = self.options
         grace = {"BARS_GRACE_MS": str(options.grace_ms)}
-        self.start_service("mirror", "mirror", "MIRROR_")
-        self.start_service("bars", "bars", "BARS_", grace)
-        if options.shadow:
-            self.start_service(
-                "bars-shadow",
-                "bars",
-                "BARS_",
-                {**grace, "BARS_SOURCE": "kafka", "BARS_KAFKA_GROUP": f"{options.run_id}-shadow"},
+        mirrors = options.mirror_instances
+        for index, (name, consumer) in enumerate(
+            zip(instance_names("mirror", mirrors), mirror_consumer_names(mirrors), strict=True)
+        ):
+            split: dict[str, str] = {}
+            if mirrors > 1:
+                split = {
+                    "MIRROR_SHARD_INDEX": str(index),
+                    "MIRROR_SHARD_COUNT": str(mirrors),
+                    "MIRROR_CONSUMER_NAME": consumer,
+                }
+                if index > 0:  # the reconciler reads the whole day: one is enough
+                    split["MIRROR_RECONCILE_INTERVAL_S"] = "0"
+            self.start_service(name, "mirror", "MIRROR_", split)
+        shards = options.bars_shards
+        for index in range(shards):
+            shard = (
+                {"BARS_SHARD_INDEX": str(index), "BARS_SHARD_COUNT": str(shards)}
+                if shards > 1
+                else {}
             )
+            self.start_service(
+                instance_names("bars", shards)[index], "bars", "BARS_", {**grace, **shard}
+            )
+            if options.shadow:
+                self.start_service(
+                    instance_names("bars-shadow", shards)[index],
+                    "bars",
+                    "BARS_",
+                    {
+                        **grace,
+                        **shard,
+                        "BARS_SOURCE": "kafka",
+                        "BARS_KAFKA_GROUP": f"{options.run_id}-shadow",
+                    },
+                )
         self.start_service(
             "engine_bridge", "engine_bridge", "BRIDGE_", {"BRIDGE_STRATEGY": options.strategy}
         )
@@ -374,6 +433,18 @@ class Mesh:
         """The dashboard's page, when the mesh runs one."""
         dashboard = self.services.get("dashboard")
         return f"http://127.0.0.1:{dashboard.http_port}/" if dashboard is not None else None
+
+    def group(self, base: str) -> list[ServiceProcess]:
+        """The processes of one service (``bars``, ``bars-shadow``, ``mirror``...): the
+        service itself when it runs once, else its instances in shard order."""
+        if base in self.services:
+            return [self.services[base]]
+        instance = re.compile(rf"{re.escape(base)}-\d+of\d+")
+        return [service for name, service in self.services.items() if instance.fullmatch(name)]
+
+    def metric_total(self, base: str, name: str, **labels: str) -> float:
+        """A metric summed over every process of the service ``base`` (0 when none runs)."""
+        return sum(service.metric_sum(name, **labels) for service in self.group(base))
 
     def kill(self, name: str) -> None:
         """SIGKILL one service (no drain, no flush, no last commit)."""
@@ -454,13 +525,13 @@ class Mesh:
     def progress(self) -> tuple[float, ...]:
         """Counters that move while data flows (for settling)."""
         figures = [
-            self.services["ingest"].metric_sum("tickmesh_ingest_frames_total"),
-            self.services["bars"].metric_sum("tickmesh_bars_published_total"),
-            self.services["mirror"].metric_sum("tickmesh_consumer_records_total", kind="ticks"),
-            self.services["mirror"].metric_sum("tickmesh_consumer_records_total", kind="bars"),
+            self.metric_total("ingest", "tickmesh_ingest_frames_total"),
+            self.metric_total("bars", "tickmesh_bars_published_total"),
+            self.metric_total("mirror", "tickmesh_consumer_records_total", kind="ticks"),
+            self.metric_total("mirror", "tickmesh_consumer_records_total", kind="bars"),
         ]
-        if "bars-shadow" in self.services:
-            figures.append(self.services["bars-shadow"].metric_sum("tickmesh_bars_published_total"))
+        if self.group("bars-shadow"):
+            figures.append(self.metric_total("bars-shadow", "tickmesh_bars_published_total"))
         return tuple(figures)
 
     def wait_settled(self, quiet_s: float, timeout_s: float) -> None:

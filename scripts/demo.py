@@ -146,15 +146,10 @@ def serve(mesh: Mesh) -> None:
 
 def print_summary(mesh: Mesh, elapsed_s: float) -> None:
     """Ticks in, bars out, records per Kafka topic."""
-    services = mesh.services
-    ticks = services["ingest"].metric_sum("tickmesh_ingest_events_total", type="T")
-    bars = services["bars"].metric_sum("tickmesh_bars_published_total")
-    shadow = (
-        services["bars-shadow"].metric_sum("tickmesh_bars_published_total")
-        if "bars-shadow" in services
-        else 0
-    )
-    dead = sum(s.metric_sum("tickmesh_dead_letters_total") for s in services.values())
+    ticks = mesh.metric_total("ingest", "tickmesh_ingest_events_total", type="T")
+    bars = mesh.metric_total("bars", "tickmesh_bars_published_total")
+    shadow = mesh.metric_total("bars-shadow", "tickmesh_bars_published_total")
+    dead = sum(s.metric_sum("tickmesh_dead_letters_total") for s in mesh.services.values())
     counts = mesh.kafka_counts()
     print("\n== tickmesh demo summary ==")
     print(f"elapsed                 {elapsed_s:10.1f} s")

@@ -11,8 +11,10 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from mesh_probe import (
     BarSeen,
     Observations,
     PatternSubscriber,
+    Probe,
     ProcessSampler,
     TickSeen,
     ack_times,
@@ -34,8 +37,11 @@ from mesh_probe import (
     weighted_percentiles,
 )
 from mesh_report import render_markdown, summary_rows, targets
+from mesh_scale import Setup, parse_setups, render_scale, scale_summary_rows, service_of
 from profile_summary import parse_collapsed, summarise
 from summary import load, render, row
+
+from libs.common.names import Keys
 
 
 def test_weighted_percentiles_count_each_trade_of_a_record() -> None:
@@ -170,6 +176,50 @@ async def test_the_probe_subscriber_reads_what_redis_publishes(
         await subscriber.close()
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_the_probe_adds_up_the_positions_of_every_mirror_instance(
+    redis_url: str, kafka_bootstrap: str, unique_name: object
+) -> None:
+    """Two mirror instances keep their positions in two hashes, one channel each: Kafka has
+    acknowledged everything only when both have reached their channel's sequence."""
+    import redis as sync_redis
+
+    prefix = f"{unique_name('probe')}:"  # type: ignore[operator]
+    keys = Keys(prefix)
+    client = sync_redis.Redis.from_url(redis_url)
+    client.mset({keys.seq("ticks.A"): 5, keys.seq("ticks.B"): 7})
+    client.hset(keys.state("positions:mirror-1of2"), mapping={"ticks.A": 5})
+    probe = Probe(
+        redis_url,
+        kafka_bootstrap,
+        observe_ticks=False,
+        seq_channels=["ticks.A", "ticks.B"],
+        poll_ms=10,
+        key_prefix=prefix,
+        mirror_consumers=["mirror-1of2", "mirror-2of2"],
+    )
+    probe.start()
+    try:
+        wait_until(lambda: probe.seen.seq_totals and probe.seen.acked_totals)
+        wait_until(lambda: probe.backlog() == 7)  # ticks.B: nothing acknowledged yet
+        client.hset(keys.state("positions:mirror-2of2"), mapping={"ticks.B": 7})
+        wait_until(lambda: probe.backlog() == 0)
+    finally:
+        seen = probe.stop()
+        client.close()
+    assert seen.seq_totals[-1][1] == 12
+    assert seen.acked_totals[-1][1] == 12
+    assert [position for _, position in seen.acked["ticks.B"]] == [7]
+
+
+def wait_until(condition: object, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
 def test_resp_publish_is_one_publish_command() -> None:
     assert resp_publish("ticks.A", b"x\r\ny") == (
         b"*3\r\n$7\r\nPUBLISH\r\n$7\r\nticks.A\r\n$4\r\nx\r\ny\r\n"
@@ -283,6 +333,94 @@ def test_summary_rows_compare_the_same_records_with_their_ceilings() -> None:
     assert kafka["ratio"] == 0.1
     assert str(kafka["basis"]).startswith("like for like")
     assert rows["1000 symbols at 19,900 ticks/s: p99 tick → Kafka"]["result"] == "150.0 ms"
+
+
+def test_scale_setups_parse_as_bars_by_mirror_and_records_mode() -> None:
+    assert parse_setups("1x1:frame, 2x1:batch,") == [
+        Setup(1, 1, "frame"),
+        Setup(2, 1, "batch"),
+    ]
+    assert Setup(2, 2, "batch").label == "bars x2, mirror x2, batch"
+    for wrong in ("2:frame", "0x1:frame", "1x1:lines", ""):
+        with pytest.raises(ValueError):
+            parse_setups(wrong)
+
+
+def test_a_process_belongs_to_its_service_whatever_its_instance() -> None:
+    assert service_of("bars-shadow-2of2") == "bars-shadow"
+    assert service_of("bars-1of2") == "bars"
+    assert service_of("bars-shadow") == "bars-shadow"
+    assert service_of("engine_bridge") == "engine_bridge"
+
+
+def _scale_run(setup: str, records: str, per_record: float, kafka: int, cpu: dict[str, float]):  # type: ignore[no-untyped-def]
+    to = {"seconds": 1.0, "ticksPerS": kafka, "recordsPerS": 1, "afterLastFrameS": 0.1}
+    found = re.match(r"bars x(\d+), mirror x(\d+)", setup)
+    assert found is not None
+    bars, mirrors = int(found[1]), int(found[2])
+    return {
+        "setup": setup,
+        "barsShards": bars,
+        "mirrorInstances": mirrors,
+        "ingestRecords": records,
+        "tradesPerRecord": per_record,
+        "barsRedis": 453,
+        "barsKafka": 453,
+        "loadAverage": [2.5, 3.0],
+        "to": {"kafka": to, "barRedisEventTime": to, "barKafkaEventTime": None},
+        "processes": {
+            name: {"cpuSeconds": value, "cpuPct": 10 * value, "rssStartMb": 0, "rssEndMb": 0,
+                   "rssPeakMb": 0}
+            for name, value in cpu.items()
+        },
+        "notes": [],
+    }  # fmt: skip
+
+
+SCALE = {
+    "machine": "test",
+    "scale": {
+        "day": "2013-10-07",
+        "symbols": ["IBM"],
+        "runs": [
+            _scale_run("bars x2, mirror x1, frame", "frame", 1.2, 6_000, {"ingest": 4.0}),
+            _scale_run("bars x1, mirror x1, frame", "frame", 1.2, 8_000,
+                       {"ingest": 4.0, "bars": 3.0, "bars-shadow": 2.0, "mirror": 5.0,
+                        "tansu": 9.0}),
+            _scale_run("bars x2, mirror x2, frame", "frame", 1.2, 10_000,
+                       {"ingest": 4.0, "bars-1of2": 1.5, "bars-2of2": 2.0,
+                        "bars-shadow-1of2": 1.0, "bars-shadow-2of2": 1.5,
+                        "mirror-1of2": 3.0, "mirror-2of2": 3.5}),
+            _scale_run("bars x1, mirror x1, batch", "batch", 12.0, 40_000, {"ingest": 1.0}),
+            {"setup": "bars x1, mirror x2, frame", "skipped": "past --scale-budget-s 10"},
+        ],
+    },
+}  # fmt: skip
+
+
+def test_the_scale_table_sums_each_service_over_its_instances() -> None:
+    text = render_scale(SCALE)
+    rows = [line for line in text.splitlines() if line.startswith("| bars x")]
+    assert "| 0.75x |" in rows[0]  # against the baseline, which ran second
+    assert rows[1] == (
+        "| bars x1, mirror x1, frame | 1.2 | 453 / 453 | 8,000 | 8,000 | - | 1.00x | 4.0 | 3.0 "
+        "| 2.0 | 5.0 | - | 14.0 | 2.30 | 2.5, 3.0 |"
+    )
+    assert "| 3.5 (1.5 + 2.0) | 2.5 (1.0 + 1.5) | 6.5 (3.0 + 3.5) |" in rows[2]
+    assert "| 1.25x |" in rows[2] and "| 16.5 |" in rows[2]
+    assert rows[4] == "| bars x1, mirror x2, frame | skipped: past --scale-budget-s 10 |"
+
+
+def test_scale_rows_compare_with_the_first_setup_and_label_other_record_modes() -> None:
+    rows = {item["figure"]: item for item in scale_summary_rows(SCALE)}
+    split = rows["real day, ticks/s to Kafka, bars x2, mirror x2, frame"]
+    assert split["ratio"] == 1.25
+    assert str(split["basis"]).startswith("like for like")
+    batch = rows["real day, ticks/s to Kafka, bars x1, mirror x1, batch"]
+    assert batch["ratio"] == 5.0
+    assert batch["basis"] == "same trades; 12.0 vs 1.2 trades/record"
+    assert rows["real day, ticks/s to Kafka, bars x2, mirror x1, frame"]["ratio"] == 0.75
+    assert len(rows) == 3  # every run but the baseline
 
 
 @pytest.mark.slow  # 20-45 s here, with the machine's load: over the default suite's budget
