@@ -174,6 +174,7 @@ def print_summary(mesh: Mesh, elapsed_s: float) -> None:
 
 def print_reconcile(stack: LocalStack, day: str) -> None:
     """The reconciler's report of the day, when the mirror has one."""
+    assert stack.kafka is not None, "the demo's stack runs a broker"
     env = {
         **os.environ,
         "TICKMESH_REDIS_URL": stack.redis.url,
