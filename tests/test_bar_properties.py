@@ -183,6 +183,18 @@ def test_every_trade_lands_in_one_bar_or_one_counted_drop(
     assert counters.late_dropped == counters.too_old_dropped == 0  # one day, late revised
 
 
+def test_the_days_first_priced_minute_takes_back_the_shares_counted_as_dropped() -> None:
+    """A price-less minute before any priced one is counted as dropped when it closes; when
+    the day's first priced minute closes and folds those shares in, the drop is taken back."""
+    day = DAYS[0]
+    unpriced = Trade(SYMBOL, 100.0, 1, ny_epoch_ms(day, 4, 0), NYSE, (), "1", 1, 1, True)
+    priced = Trade(SYMBOL, 100.0, 1, ny_epoch_ms(day, 9, 29), NYSE, (), "2", 1, 2, False)
+    for batches in ([[unpriced, priced]], [[unpriced], [priced]]):
+        bars, counters, _ = run(batches, "algoseek", grace_ms=0)
+        assert [bar.volume for bar in bars.values()] == [2]
+        assert counters.unpriced_volume_dropped == counters.unpriced_trades_dropped == 0
+
+
 @PROPERTY
 @given(st.data(), trade_lists(), st.sampled_from(POLICIES))
 def test_a_late_trade_dropped_is_counted_with_its_shares(

@@ -467,6 +467,9 @@ class BarAggregator:
                 else:
                     self.counters.unpriced_minutes_dropped += 1
                 day.settle(self._fold, self.counters)
+            elif day.dropped_volume or day.dropped_trades:
+                # the day's first priced minute takes in the shares counted as dropped
+                day.settle(self._fold, self.counters)
             self._publish_closed(day, acc, out)
             self._prune()
         if self._dirty:
