@@ -304,6 +304,45 @@ async def test_a_component_runs_timers_and_tasks_without_a_mailbox() -> None:
     await ticker.stop()
 
 
+class Stubborn(Component):
+    """A task that swallows cancellation ``swallow`` times (as some client libraries do)."""
+
+    def __init__(self, registry: CollectorRegistry, swallow: int) -> None:
+        super().__init__("stubborn", registry=registry)
+        self.swallow = swallow
+        self.cancels = 0
+        self.spawn(self.loop, name="stubborn.loop")
+
+    async def loop(self) -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancels += 1
+                if self.cancels > self.swallow:
+                    raise
+
+
+async def test_stop_cancels_again_a_task_that_swallowed_its_cancellation() -> None:
+    stubborn = Stubborn(CollectorRegistry(), swallow=2)
+    await stubborn.start()
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(stubborn.stop(deadline_s=5.0), timeout=3.0)
+    assert stubborn.state is ActorState.STOPPED and stubborn.cancels == 3
+
+
+async def test_stop_leaves_behind_a_task_that_never_ends_at_the_deadline() -> None:
+    stubborn = Stubborn(CollectorRegistry(), swallow=10**9)
+    await stubborn.start()
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(stubborn.stop(deadline_s=1.0), timeout=3.0)
+    assert stubborn.state is ActorState.STOPPED and stubborn.cancels >= 2
+    stubborn.swallow = 0  # let the left-behind task end with the test
+    for task in asyncio.all_tasks():
+        if task.get_name() == "stubborn.loop":
+            task.cancel()
+
+
 async def test_a_restart_drops_what_the_old_incarnation_posted_and_keeps_what_was_told() -> None:
     registry = CollectorRegistry()
     actor = Recorder("incarnations", registry, mailbox_size=10)

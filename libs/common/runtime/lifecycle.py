@@ -238,7 +238,7 @@ class Component:
         for task in self._tasks:
             task.cancel()
         await self._runtime_drain(deadline_s)
-        await asyncio.gather(*self._runtime_tasks(), return_exceptions=True)
+        await self._await_cancelled(self._runtime_tasks(), deadline_s)
         self._tasks.clear()
         self._runtime_after_stop()
         try:
@@ -246,6 +246,27 @@ class Component:
         finally:
             self._transition(State.STOPPED)
             self.log.info("actor.stopped")
+
+    async def _await_cancelled(self, tasks: list[asyncio.Task[None]], deadline_s: float) -> None:
+        """Wait for cancelled ``tasks`` to end, cancelling again those still running every
+        half second (a library may swallow one cancellation), up to ``deadline_s``; a task
+        still running then is logged and left behind rather than hanging the stop."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        pending = {task for task in tasks if not task.done()}
+        while pending:
+            left = end - loop.time()
+            if left <= 0:
+                self.log.error(
+                    "actor.stop_stuck", tasks=sorted(task.get_name() for task in pending)
+                )
+                break
+            _, pending = await asyncio.wait(pending, timeout=min(0.5, left))
+            for task in pending:
+                task.cancel()
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: its failure was handled by _escalate
 
     def _runtime_after_stop(self) -> None:
         """Runtime hook (actors: forget the loop task)."""
