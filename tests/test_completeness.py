@@ -137,3 +137,26 @@ def test_totals_put_the_worst_symbol_first() -> None:
     section = build_completeness([good, bad], [], dead_letters=4, max_listed=10)
     assert section.totals.missingTrades == 3 and section.totals.deadLetters == 4
     assert section.symbols[0].missingTrades == 3
+
+
+def test_the_report_lists_the_gaps_that_touch_its_day() -> None:
+    def gap(gap_id: str, start: date, end: date | None) -> FeedGap:
+        end_ms = ny_epoch_ms(end, 10, 5) if end else 0
+        status = "closed" if end else "open"
+        return FeedGap(
+            1, gap_id, "ingest", "drop", ["*"], ny_epoch_ms(start, 10, 0), end_ms, status
+        )
+
+    before, after = date(2013, 10, 4), date(2013, 10, 8)
+    gaps = [
+        gap("earlier", before, before),
+        gap("across", before, DAY),
+        gap("same", DAY, DAY),
+        gap("open", before, None),
+        gap("later", after, after),
+    ]
+    section = build_completeness(
+        [], gaps, dead_letters=0, max_listed=10, day_ordinal=DAY.toordinal()
+    )
+    assert [item.gapId for item in section.gaps] == ["across", "open", "same"]
+    assert len(build_completeness([], gaps, dead_letters=0, max_listed=10).gaps) == 5

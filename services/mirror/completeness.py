@@ -261,8 +261,11 @@ def build_completeness(
     gaps: list[FeedGap],
     dead_letters: int,
     max_listed: int,
+    day_ordinal: int | None = None,
 ) -> CompletenessSection:
-    """Totals, symbols worst first, incomplete minutes up to ``max_listed``."""
+    """Totals, symbols worst first, incomplete minutes up to ``max_listed``; the feed gaps
+    (latest record of each) that touch the day ``day_ordinal`` (every one when None): those
+    that started on or before it and ended on or after it, or are still open."""
     totals = CompletenessTotals(symbols=len(judged), deadLetters=dead_letters)
     ticks = redis = kafka = 0
     for symbol, _ in judged:
@@ -291,6 +294,13 @@ def build_completeness(
     latest: dict[str, FeedGap] = {}
     for gap in gaps:
         latest[gap.gapId] = gap
+    if day_ordinal is not None:
+        latest = {
+            gap_id: gap
+            for gap_id, gap in latest.items()
+            if ny_date(gap.startMs).toordinal() <= day_ordinal
+            and (not gap.endMs or ny_date(gap.endMs).toordinal() >= day_ordinal)
+        }
     return CompletenessSection(
         totals=totals,
         symbols=[symbol for symbol, _ in ordered],

@@ -235,7 +235,9 @@ class Reconciler:
                     settled_before_ms=settled_before,
                 )
             )
-        return build_completeness(judged, sides.gaps, sides.dead_letters, max_listed)
+        return build_completeness(
+            judged, sides.gaps, sides.dead_letters, max_listed, day_ordinal=day_ordinal
+        )
 
     async def judge(self, report: DayReport, sides: DaySides, now_ms: int, *, store: bool) -> None:
         """Keep the day's summary (when ``store``) and evaluate the promotion gate."""
