@@ -9,6 +9,7 @@ the heartbeat. ``backfill`` builds bars offline from tick files with the same co
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import sys
 
@@ -24,6 +25,7 @@ from libs.common.io.kafka_io import (
 )
 from libs.common.io.reliable import SequencedConsumer
 from libs.common.io.wiring import add_heartbeat, connect_runtime_redis, make_publisher
+from libs.common.market import calendar
 from libs.common.market.aggregator import BarAggregator
 from libs.common.market.policies import get_policy
 from libs.common.names import Keys
@@ -45,6 +47,8 @@ async def build(runtime: ServiceRuntime[BarsSettings]) -> None:
     """Create the bar builder (with its tick source) and the heartbeat under the runtime's
     supervisor."""
     settings = runtime.settings
+    # the exchange calendar is read now, not on the first trade (about a second of CPU)
+    await asyncio.to_thread(calendar.load)
     listings = settings.listings.build(registry=runtime.registry, service="bars")
 
     async def close_listings() -> None:

@@ -8,6 +8,7 @@ Actors (one hop from here): the bridge (``bridge.BridgeActor``: input consumer, 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from libs.common.io.wiring import add_heartbeat, connect_runtime_redis, make_publisher
+from libs.common.market import calendar
 from libs.common.runtime.cli import ServiceCli
 from libs.common.runtime.service import ServiceRuntime, run_main
 from services.engine_bridge.config import BridgeSettings
@@ -35,6 +37,8 @@ def build_for(
     """The ``build`` of ``run_main`` for these settings."""
 
     async def build(runtime: ServiceRuntime[BridgeSettings]) -> None:
+        # the exchange calendar (the session's last bar) is read now, not on the first bar
+        await asyncio.to_thread(calendar.load)
         client = await connect_runtime_redis(runtime)
         publisher = make_publisher(runtime, client)
         if settings.engine == "replay":

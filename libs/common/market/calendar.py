@@ -3,8 +3,8 @@
 Holidays and early closes (13:00 ET: the day after Thanksgiving, Christmas Eve, July 3 in
 some years) come from ``exchange_calendars``' ``XNYS`` calendar, the maintained library the
 field uses (a holiday calendar of our own would be wrong the first year a rule changes). It is
-loaded once, lazily, and answered from plain Python sets, so a lookup costs a dict access and
-nothing on the hot path touches pandas.
+read once (by ``load`` at the start of a service that needs it, else on first use) into plain
+Python sets, so a lookup costs a dict access and nothing on the hot path touches pandas.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ _EARLY_CLOSES: dict[date, tuple[int, int]] = {}
 _RANGE: tuple[date, date] = (date.min, date.min)
 
 
-def _load() -> set[date]:
-    """Read the XNYS calendar once: every session day and the early closes' times."""
+def load() -> set[date]:
+    """Read the XNYS calendar once: every session day and the early closes' times (about a
+    second of CPU; services that need it call this at start, off the data path)."""
     global _SESSIONS, _RANGE
     if _SESSIONS is not None:
         return _SESSIONS
@@ -46,13 +47,13 @@ def _load() -> set[date]:
 
 def covers(day: date) -> bool:
     """True when the calendar knows ``day`` (outside its range, weekdays are assumed open)."""
-    _load()
+    load()
     return _RANGE[0] <= day <= _RANGE[1]
 
 
 def is_trading_day(day: date) -> bool:
     """True when the exchange is open on ``day``."""
-    sessions = _load()
+    sessions = load()
     if not covers(day):
         return day.weekday() < 5
     return day in sessions
@@ -60,7 +61,7 @@ def is_trading_day(day: date) -> bool:
 
 def close_time(day: date) -> tuple[int, int]:
     """The regular session's close on ``day`` in New York time: (16, 0) or (13, 0)."""
-    _load()
+    load()
     return _EARLY_CLOSES.get(day, (16, 0))
 
 
