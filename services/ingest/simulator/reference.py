@@ -13,7 +13,6 @@ synthetic symbols). Anything else is not found.
 
 from __future__ import annotations
 
-import hmac
 import uuid
 from collections.abc import Callable
 from datetime import date
@@ -26,7 +25,7 @@ from websockets.http11 import Request, Response
 
 from libs.common.market.listings import ARCA, NASDAQ, NYSE, POLYGON_TO_MIC, Listings, for_data
 from services.ingest.simulator.feeds import find_tick_file
-from services.ingest.simulator.rest import TradeHistory, _error, _json
+from services.ingest.simulator.rest import TradeHistory, _error, _json, refuse_unknown_key
 from services.ingest.simulator.settings import FileFeed, SimulatorSettings
 
 PREFIX = "/v3/reference/tickers/"
@@ -69,12 +68,9 @@ class TickerEndpoint:
             return None
         self.requests += 1
         query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
-        supplied = query.pop("apiKey", "")
-        header = request.headers.get("Authorization", "")
-        if header.startswith("Bearer "):
-            supplied = header[len("Bearer ") :]
-        if not hmac.compare_digest(supplied.encode(), self.api_key.encode()):
-            return _json(connection, HTTPStatus.UNAUTHORIZED, _error("Unknown API Key"))
+        refused = refuse_unknown_key(connection, request, query, self.api_key)
+        if refused is not None:
+            return refused
         ticker = parts.path[len(PREFIX) :].upper()
         try:
             day = date.fromisoformat(query["date"]) if "date" in query else self.default_day

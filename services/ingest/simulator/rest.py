@@ -124,12 +124,9 @@ class TradesEndpoint:
             return None
         self.requests += 1
         query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
-        supplied = query.pop("apiKey", "")
-        header = request.headers.get("Authorization", "")
-        if header.startswith("Bearer "):
-            supplied = header[len("Bearer ") :]
-        if not hmac.compare_digest(supplied.encode(), self.api_key.encode()):
-            return _json(connection, HTTPStatus.UNAUTHORIZED, _error("Unknown API Key"))
+        refused = refuse_unknown_key(connection, request, query, self.api_key)
+        if refused is not None:
+            return refused
         if self.throttle > 0:
             self.throttle -= 1
             response = _json(
@@ -166,6 +163,20 @@ class TradesEndpoint:
             host = request.headers.get("Host", "127.0.0.1")
             body["next_url"] = f"http://{host}{PREFIX}{ticker}?cursor={token}"
         return _json(connection, HTTPStatus.OK, body)
+
+
+def refuse_unknown_key(
+    connection: ServerConnection, request: Request, query: dict[str, str], api_key: str
+) -> Response | None:
+    """A 401 unless the request carries ``api_key`` as Polygon takes it (the ``apiKey`` query
+    parameter, taken out of ``query``, or an ``Authorization: Bearer`` header); else None."""
+    supplied = query.pop("apiKey", "")
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        supplied = header[len("Bearer ") :]
+    if hmac.compare_digest(supplied.encode(), api_key.encode()):
+        return None
+    return _json(connection, HTTPStatus.UNAUTHORIZED, _error("Unknown API Key"))
 
 
 def _error(message: str) -> dict[str, str]:
