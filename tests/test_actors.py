@@ -441,10 +441,10 @@ class Dependent(Recorder):
             raise Outage("connection refused")
 
 
-async def test_a_dependency_outage_is_ridden_out_without_spending_the_budget() -> None:
-    registry = CollectorRegistry()
-    supervisor = Supervisor(
-        "outage",
+def outage_supervisor(name: str, registry: CollectorRegistry) -> Supervisor:
+    """A supervisor with a budget of one restart that takes ``Outage`` for a Redis outage."""
+    return Supervisor(
+        name,
         max_restarts=1,
         window_s=60,
         backoff_initial_s=0.001,
@@ -453,6 +453,11 @@ async def test_a_dependency_outage_is_ridden_out_without_spending_the_budget() -
         classify_outage=lambda exc: "redis" if isinstance(exc, Outage) else None,
         outage_max_s=0.01,
     )
+
+
+async def test_a_dependency_outage_is_ridden_out_without_spending_the_budget() -> None:
+    registry = CollectorRegistry()
+    supervisor = outage_supervisor("outage", registry)
     child = Dependent("dependent", registry)
     supervisor.add(child)
     running = asyncio.ensure_future(supervisor.run())
@@ -488,16 +493,7 @@ async def test_a_child_whose_stop_fails_during_an_outage_is_restarted_not_fatal(
     """A Redis restart: the child fails, and its final commit in ``on_stop`` fails too. The
     supervisor logs that and restarts it once the dependency is back; the service lives."""
     registry = CollectorRegistry()
-    supervisor = Supervisor(
-        "stopfail",
-        max_restarts=1,
-        window_s=60,
-        backoff_initial_s=0.001,
-        jitter=0,
-        registry=registry,
-        classify_outage=lambda exc: "redis" if isinstance(exc, Outage) else None,
-        outage_max_s=0.01,
-    )
+    supervisor = outage_supervisor("stopfail", registry)
     child = FailsToStop("stopfail-child", registry)
     supervisor.add(child)
     running = asyncio.ensure_future(supervisor.run())

@@ -87,6 +87,13 @@ class Harness:
             close_on=close_on,
         )
 
+    async def __aenter__(self) -> Harness:
+        await self.builder.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.builder.stop()
+
     async def deliver(self, *items: Item) -> None:
         await self.builder.post(TickWork(list(items)))
         await self.builder.barrier()
@@ -260,10 +267,7 @@ async def test_minutes_close_when_the_path_delivered_everything_up_to_them() -> 
     """A mark says ticks.A was at sequence 3 when the feed was at 10:02: A's 10:00 minute
     closes only once A's ticks up to 3 are read, whatever this process's clock does."""
     clock = ManualClock(10**13)
-    harness = Harness(clock, close_on="progress")
-    builder = harness.builder
-    await builder.start()
-    try:
+    async with Harness(clock, close_on="progress") as harness:
         await harness.deliver(("ticks.A", 1, numbered("A", 1, T0 + 1_000)))
         await harness.deliver(("sentio.progress.v1", 1, mark(T0 + 120_000, A=3)))
         clock.advance(3_600_000)  # an hour of wall time: nothing closes on it
@@ -275,16 +279,11 @@ async def test_minutes_close_when_the_path_delivered_everything_up_to_them() -> 
         assert harness.bars() == [("A", 0, 300, 0)]
         # the mark's own position is done with at once; A's up to its closed minute
         assert harness.source.committed == {"sentio.progress.v1": 1, "ticks.A": 3}
-    finally:
-        await builder.stop()
 
 
 async def test_an_idle_mark_closes_the_last_minute_without_its_grace() -> None:
     clock = ManualClock(10**13)
-    harness = Harness(clock, close_on="progress")
-    builder = harness.builder
-    await builder.start()
-    try:
+    async with Harness(clock, close_on="progress") as harness:
         await harness.deliver(("ticks.A", 1, numbered("A", 1, T0 + 59_000)))
         # the feed is at the minute's end, within the grace: not closed...
         await harness.deliver(("sentio.progress.v1", 1, mark(T0 + 60_000, A=1)))
@@ -292,8 +291,6 @@ async def test_an_idle_mark_closes_the_last_minute_without_its_grace() -> None:
         # ...until the feed says it has nothing more (the end of a replayed day)
         await harness.deliver(("sentio.progress.v1", 2, mark(T0 + 60_000, True, A=1)))
         assert harness.bars() == [("A", 0, 100, 0)]
-    finally:
-        await builder.stop()
 
 
 async def test_a_mark_closes_a_quiet_symbol_and_ignores_other_shards() -> None:
@@ -314,15 +311,10 @@ async def test_a_mark_closes_a_quiet_symbol_and_ignores_other_shards() -> None:
 
 async def test_a_trade_delivered_twice_is_aggregated_once() -> None:
     clock = ManualClock(10**13)
-    harness = Harness(clock, close_on="progress")
-    builder = harness.builder
-    await builder.start()
-    try:
+    async with Harness(clock, close_on="progress") as harness:
         first = Trade(sym="A", p=10.0, s=100, t=T0 + 1_000, x=4, i="77", z=3)
         await harness.deliver(("ticks.A", 1, TickBatch(1, "A", [first])))
         # the same trade again, under another sequence number (a re-published batch)
         await harness.deliver(("ticks.A", 2, TickBatch(2, "A", [first])))
         await harness.deliver(("sentio.progress.v1", 1, mark(T0 + 120_000, A=2)))
         assert harness.bars() == [("A", 0, 100, 0)]
-    finally:
-        await builder.stop()
