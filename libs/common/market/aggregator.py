@@ -466,10 +466,8 @@ class BarAggregator:
                     self.counters.unpriced_minutes_folded += 1
                 else:
                     self.counters.unpriced_minutes_dropped += 1
-                day.settle(self._fold, self.counters)
-            elif day.dropped_volume or day.dropped_trades:
-                # the day's first priced minute takes in the shares counted as dropped
-                day.settle(self._fold, self.counters)
+            # the drops follow the day's closed minutes (a first priced one takes shares back)
+            day.settle(self._fold, self.counters)
             self._publish_closed(day, acc, out)
             self._prune()
         if self._dirty:
