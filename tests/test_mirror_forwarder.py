@@ -9,7 +9,8 @@ from collections.abc import Callable
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import murmur2
 from prometheus_client import CollectorRegistry
 
 from devstack.localstack import TansuBroker
@@ -21,6 +22,7 @@ from libs.common.schemas import DeadLetter, TickBatch, Trade
 from services.mirror.audit import audit
 from services.mirror.config import MirrorSettings
 from services.mirror.forwarder import Forwarder
+from services.mirror.landed import OffsetStore
 from tests.helpers import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -152,23 +154,50 @@ async def test_a_restart_resumes_after_what_kafka_acknowledged(
         await eventually(lambda: mirror.acknowledged == 50, timeout=30)
     result = await audit(settings, redis_client)
     assert (result.published, result.inKafka, result.missing, result.duplicates) == (100, 100, 0, 0)
+    # what a restart reads back from: the offset of the last record acknowledged, not of the
+    # first record of the last batch
+    stored = await OffsetStore(
+        redis_client, Keys(settings.key_prefix), settings.consumer_name
+    ).load()
+    assert stored == {TopicPartition(channel, 0): 99}
 
 
 async def test_single_topic_mode_keys_every_symbol_in_one_topic(
     redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
 ) -> None:
-    settings = mirror_settings(redis_url, kafka_bootstrap, name, topic_mode="single")
+    routes = [
+        {
+            "pattern": f"ticks.{name}*",
+            "schema": "TickBatch",
+            "single_topic": f"single.{name}",
+            "partitions": 4,
+        }
+    ]
+    settings = mirror_settings(
+        redis_url,
+        kafka_bootstrap,
+        name,
+        topic_mode="single",
+        routes=msgspec.json.encode(routes).decode(),
+    )
     publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
+    symbols = [f"{name}{letter}" for letter in "ABCDEFGH"]
     async with Running(settings, redis_client) as mirror:
         await publisher.publish_many(
-            [(f"ticks.{name}A", ticks("A"))] * 5 + [(f"ticks.{name}B", ticks("B"))] * 5
+            [(f"ticks.{symbol}", ticks(symbol)) for _ in range(5) for symbol in symbols]
         )
-        await eventually(lambda: mirror.acknowledged == 10, timeout=30)
+        await eventually(lambda: mirror.acknowledged == 40, timeout=30)
     records = []
     async for chunk in read_from_beginning(settings, [f"single.{name}"]):
         records.extend(chunk)
-    assert sorted({r.key for r in records}) == [f"{name}A".encode(), f"{name}B".encode()]
-    assert len(records) == 10
+    assert sorted({r.key for r in records}) == [symbol.encode() for symbol in symbols]
+    assert len(records) == 40
+    # each key on the partition Kafka's default partitioner gives it, in publish order
+    for record in records:
+        assert record.partition == (murmur2(record.key) & 0x7FFFFFFF) % 4
+    for symbol in symbols:
+        seqs = [record_identity(r.headers) for r in records if r.key == symbol.encode()]
+        assert seqs == [(f"ticks.{symbol}", seq) for seq in range(1, 6)]
 
 
 async def test_when_kafka_fails_positions_hold_and_everything_arrives_after_it_returns(

@@ -1,8 +1,10 @@
 """The forwarder: Redis channels to Kafka topics, at least once, in per-channel order.
 
 Input is a ``SequencedConsumer`` (pub/sub for latency, gaps and restarts filled from the
-streams, durable positions). Each batch it yields is routed, checked and sent to Kafka
-without awaiting each send; the batch then waits in the in-flight window. The committer
+streams, durable positions). Each batch it yields is routed, checked and grouped by Kafka
+partition (Kafka's default rule: murmur2 of the key, cached per topic and key); each group is
+handed to the producer as one prebuilt record batch, with no per-record future, and the batch
+then waits in the in-flight window without awaiting its acknowledgements. The committer
 awaits the oldest batch's acknowledgements and only then commits its positions, so a
 position never moves past a record Kafka has not acknowledged and a crash re-sends
 (duplicates, dropped downstream by (channel, seq)) but never skips.
@@ -30,109 +32,23 @@ import redis.asyncio as aioredis
 import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
+from prometheus_client import CollectorRegistry
 
-from libs.common.io.deadletter import DeadLetters, dead_letter_counter
+from libs.common.io.deadletter import DeadLetters
 from libs.common.io.kafka_io import TopicAdmin, TopicSpec, sequence_headers, start_producer
 from libs.common.io.reliable import Record, SequencedConsumer, raise_if_cancelled
 from libs.common.names import Keys
 from libs.common.runtime.backoff import Backoff
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.lifecycle import Component
-from libs.common.runtime.metrics import metrics_for
 from services.mirror.config import MirrorSettings
 from services.mirror.landed import OffsetStore, read_landed, starts_for
+from services.mirror.metrics import MirrorMetrics
 from services.mirror.routing import BadRecord, RoutingTable
 
 log = structlog.get_logger("tickmesh.mirror")
-
-
-class MirrorMetrics:
-    """The mirror's own metrics (the consumer's are ``tickmesh_consumer_*``)."""
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None) -> MirrorMetrics:
-        """The metrics of ``registry`` (the default one when None), created once."""
-        return metrics_for(cls, registry)
-
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        self.records = Counter(
-            "tickmesh_mirror_records", "Records acknowledged by Kafka", ["kind"], registry=registry
-        )
-        self.ticks = Counter(
-            "tickmesh_mirror_ticks", "Trades inside acknowledged tick records", registry=registry
-        )
-        self.bytes = Counter(
-            "tickmesh_mirror_bytes", "Payload bytes acknowledged by Kafka", registry=registry
-        )
-        self.batches = Counter(
-            "tickmesh_mirror_batches", "Batches acknowledged by Kafka", registry=registry
-        )
-        self.ack_seconds = Histogram(
-            "tickmesh_mirror_ack_seconds",
-            "From sending a batch to its last acknowledgement",
-            buckets=(
-                0.001,
-                0.0025,
-                0.005,
-                0.01,
-                0.025,
-                0.05,
-                0.1,
-                0.25,
-                0.5,
-                1,
-                2.5,
-                5,
-                10,
-                30,
-                60,
-            ),
-            registry=registry,
-        )
-        self.dead_letters = dead_letter_counter(registry)
-        self.in_flight = Gauge(
-            "tickmesh_mirror_in_flight_records",
-            "Records sent and not yet acknowledged",
-            registry=registry,
-        )
-        self.lag_records = Gauge(
-            "tickmesh_mirror_lag_records",
-            "Records published on Redis and not yet acknowledged by Kafka",
-            registry=registry,
-        )
-        self.oldest_unacked = Gauge(
-            "tickmesh_mirror_oldest_unacked_seconds",
-            "Age of the oldest unacknowledged batch",
-            registry=registry,
-        )
-        self.falling_behind = Gauge(
-            "tickmesh_mirror_falling_behind",
-            "1 while the mirror is behind (input overflowing, or Kafka stalled or down)",
-            registry=registry,
-        )
-        self.kafka_up = Gauge(
-            "tickmesh_mirror_kafka_up", "0 while Kafka is failing or stalled", registry=registry
-        )
-        self.kafka_failures = Counter(
-            "tickmesh_mirror_kafka_failures",
-            "Failed sends (each followed by a rewind and retry)",
-            registry=registry,
-        )
-        self.stalls = Counter(
-            "tickmesh_mirror_kafka_stalls",
-            "Times the oldest batch went unacknowledged past stall_warn_ms",
-            registry=registry,
-        )
-        self.already_landed = Counter(
-            "tickmesh_mirror_already_landed",
-            "Records re-read after a restart or a failed send that Kafka already held (not sent "
-            "again)",
-            registry=registry,
-        )
-        self.topics_created = Counter(
-            "tickmesh_mirror_topics_created", "Topics created", registry=registry
-        )
 
 
 @dataclass(slots=True)
@@ -141,6 +57,9 @@ class InFlight:
 
     records: list[Record]
     acks: asyncio.Future[list[object]]
+    """One acknowledgement per Kafka batch sent, carrying the batch's first offset."""
+    counts: list[int]
+    """Records in each of those batches."""
     sent_at: float
     kinds: dict[str, int]
     ticks: int
@@ -192,6 +111,8 @@ class Forwarder(Component):
         self.offsets = OffsetStore(client, self.keys, settings.consumer_name)
         self.acked_offsets: dict[TopicPartition, int] = {}
         """The newest offset Kafka acknowledged per partition (saved with each commit)."""
+        self._partitions: dict[tuple[str, bytes | None], TopicPartition] = {}
+        self._partitioner = DefaultPartitioner()
         self._written: set[str] = set()
         """Topics sent to since the last read-back."""
         self.landed: set[tuple[str, int]] = set()
@@ -216,6 +137,7 @@ class Forwarder(Component):
         settings = self.settings
         self._in_flight.clear()
         self._abandoned.clear()
+        self._partitions.clear()
         self._broken = None
         self._broken_event.clear()
         self._room.set()
@@ -383,13 +305,65 @@ class Forwarder(Component):
             kinds[target.kind] = kinds.get(target.kind, 0) + 1
         if new_specs:
             await self._ensure(list(new_specs.values()))
-        futures = []
+        groups: dict[TopicPartition, list[tuple[bytes | None, bytes, int, str]]] = {}
         for topic, key, value, seq, channel in outgoing:
-            futures.append(
-                await producer.send(topic, value, key=key, headers=sequence_headers(channel, seq))
-            )
+            tp = await self._partition_of(topic, key)
+            group = groups.get(tp)
+            if group is None:
+                group = groups[tp] = []
+            group.append((key, value, seq, channel))
+        futures: list[asyncio.Future[Any]] = []
+        counts: list[int] = []
+        for tp, records in groups.items():
+            for future, count in await self._send_partition(producer, tp, records):
+                futures.append(future)
+                counts.append(count)
         acks: asyncio.Future[list[object]] = asyncio.gather(*futures, return_exceptions=True)
-        return InFlight(batch, acks, self.clock.monotonic(), kinds, ticks, size)
+        return InFlight(batch, acks, counts, self.clock.monotonic(), kinds, ticks, size)
+
+    async def _partition_of(self, topic: str, key: bytes | None) -> TopicPartition:
+        """The partition ``key`` goes to (Kafka's default rule: murmur2 of the key), cached."""
+        cached = self._partitions.get((topic, key))
+        if cached is not None:
+            return cached
+        assert self.producer is not None
+        partitions = sorted(await self.producer.partitions_for(topic))
+        tp = TopicPartition(topic, self._partitioner(key, partitions, partitions))
+        if key is not None:
+            self._partitions[(topic, key)] = tp
+        return tp
+
+    async def _send_partition(
+        self,
+        producer: AIOKafkaProducer,
+        tp: TopicPartition,
+        records: list[tuple[bytes | None, bytes, int, str]],
+    ) -> list[tuple[asyncio.Future[Any], int]]:
+        """One partition's records as prebuilt batches (no per-record future or partitioning);
+        a batch's acknowledgement carries its first offset."""
+        sent: list[tuple[asyncio.Future[Any], int]] = []
+        builder = producer.create_batch()
+        count = 0
+        for key, value, seq, channel in records:
+            headers = sequence_headers(channel, seq)
+            if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                sent.append((await self._submit(producer, builder, tp), count))
+                builder = producer.create_batch()
+                count = 0
+                builder.append(timestamp=None, key=key, value=value, headers=headers)
+            count += 1
+        sent.append((await self._submit(producer, builder, tp), count))
+        return sent
+
+    @staticmethod
+    async def _submit(
+        producer: AIOKafkaProducer, builder: BatchBuilder, tp: TopicPartition
+    ) -> asyncio.Future[Any]:
+        builder.close()  # complete: the producer sends it without lingering for more
+        future: asyncio.Future[Any] = await producer.send_batch(
+            builder, tp.topic, partition=tp.partition
+        )
+        return future
 
     def _dead_letter(self, record: Record, error: str) -> tuple[str, bytes | None, bytes, int, str]:
         seq = max(record.seq, 0)
@@ -433,9 +407,9 @@ class Forwarder(Component):
         await self.consumer.commit(entry.records)
         changed: dict[TopicPartition, int] = {}
         acked = self.acked_offsets
-        for metadata in entry.acks.result():
+        for metadata, count in zip(entry.acks.result(), entry.counts, strict=True):
             tp = TopicPartition(metadata.topic, metadata.partition)  # type: ignore[attr-defined]
-            offset = metadata.offset  # type: ignore[attr-defined]
+            offset = metadata.offset + count - 1  # type: ignore[attr-defined]
             if offset > acked.get(tp, -1):
                 acked[tp] = changed[tp] = offset
         await self.offsets.save(changed)
