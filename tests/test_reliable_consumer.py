@@ -7,6 +7,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Self
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
@@ -89,6 +90,89 @@ async def test_delivers_in_order_and_reads_what_was_published_before_it_started(
             await publisher.publish(channel, tick_record("A"))
         await eventually(lambda: len(collector.seqs(channel)) == 10, timeout=10)
     assert collector.seqs(channel) == list(range(1, 11))
+
+
+async def test_a_shard_subscribes_to_its_own_channels_only_and_finds_new_ones(
+    redis_client: aioredis.Redis, keys: Keys, unique_name
+) -> None:
+    mine, other, later = (f"ticks.{unique_name(name)}" for name in ("OWN", "OTHER", "LATER"))
+    owned = {mine, later}
+    publisher = Publisher(redis_client, keys=keys)
+    for channel in (mine, other):  # before it starts: read from the streams
+        await publisher.publish(channel, tick_record("A"))
+    registry = CollectorRegistry()
+    consumer = SequencedConsumer(
+        redis_client,
+        "c-own",
+        ["ticks.*"],
+        keys=keys,
+        accept=owned.__contains__,
+        subscribe_own=True,
+        sweep_interval_s=0.1,
+        discover_interval_s=0.2,
+        registry=registry,
+    )
+
+    async def subscribers() -> dict[str, int]:
+        counts = await redis_client.pubsub_numsub(mine, other, later)
+        return {(c.decode() if isinstance(c, bytes) else c): n for c, n in counts}
+
+    def from_stream() -> float:
+        value = registry.get_sample_value(
+            "tickmesh_consumer_backfilled_records_total", {"consumer": "c-own"}
+        )
+        return value or 0.0
+
+    async with Collector(consumer) as collector:
+        for _ in range(4):
+            for channel in (mine, other):
+                await publisher.publish(channel, tick_record("A"))
+        await eventually(lambda: len(collector.seqs(mine)) == 5, timeout=10)
+        for _ in range(3):  # a channel that appears while it runs
+            await publisher.publish(later, tick_record("A"))
+        await eventually(lambda: len(collector.seqs(later)) == 3, timeout=10)
+        for _ in range(50):
+            if await subscribers() == {mine: 1, other: 0, later: 1}:
+                break
+            await asyncio.sleep(0.1)
+        assert await subscribers() == {mine: 1, other: 0, later: 1}
+        await asyncio.sleep(0.3)  # let a sweep pass: nothing is left to read from the streams
+        read_from_streams = from_stream()
+        for _ in range(5):  # subscribed now: delivered by pub/sub, not read from the stream
+            await publisher.publish(mine, tick_record("A"))
+        await eventually(lambda: len(collector.seqs(mine)) == 10, timeout=10)
+        assert from_stream() == read_from_streams
+    assert collector.seqs(mine) == list(range(1, 11))
+    assert collector.seqs(later) == [1, 2, 3]
+    assert collector.seqs(other) == []
+
+
+async def test_starting_at_latest_skips_old_records_not_a_channel_that_appears_later(
+    redis_client: aioredis.Redis, keys: Keys, unique_name
+) -> None:
+    old, new = f"ticks.{unique_name('OLD')}", f"ticks.{unique_name('NEW')}"
+    publisher = Publisher(redis_client, keys=keys)
+    for _ in range(3):
+        await publisher.publish(old, tick_record("A"))
+    consumer = SequencedConsumer(
+        redis_client,
+        "c-latest",
+        ["ticks.*"],
+        keys=keys,
+        start="latest",
+        sweep_interval_s=0.1,
+        discover_interval_s=0.1,
+        registry=CollectorRegistry(),
+    )
+    async with Collector(consumer) as collector:
+        # a new channel's first record, found in its stream before its doorbell arrives
+        # (here it never does): it was published after the start, so it is delivered
+        payload = msgspec.json.encode(msgspec.structs.replace(tick_record("B"), seq=1))
+        await redis_client.xadd(keys.stream(new), {"d": payload}, id="0-1")
+        await eventually(lambda: collector.seqs(new) == [1], timeout=10)
+        await publisher.publish(old, tick_record("A"))
+        await eventually(lambda: collector.seqs(old) == [4], timeout=10)
+    assert collector.seqs(old) == [4]  # the three published before the start are skipped
 
 
 async def test_restart_resumes_after_the_committed_position(

@@ -89,6 +89,7 @@ async def build(runtime: ServiceRuntime[BarsSettings]) -> None:
                 accept=lambda channel: (
                     channel == names.PROGRESS or settings.owns(tick_symbol(channel))
                 ),
+                subscribe_own=settings.shard_count > 1,
             )
 
         builder = BarBuilder(

@@ -158,6 +158,7 @@ class Forwarder(Component):
             keys=self.keys,
             start=settings.start,
             accept=shard_filter(settings.shard_index, settings.shard_count),
+            subscribe_own=settings.shard_count > 1,
             batch_max=settings.batch_max_records,
             queue_max=settings.queue_max_records,
             sweep_interval_s=settings.sweep_interval_ms / 1000,

@@ -15,6 +15,11 @@ one Redis would cut at its output-buffer limit. A periodic sweep compares every 
 stream's newest sequence with the position and reads what is missing, which also covers
 messages lost while the connection was down (redis-py re-subscribes silently; the consumer
 notices, counts and logs it) and whatever was published while the consumer was not running.
+
+A shard (``subscribe_own``) subscribes to its own channels by name instead of the patterns,
+so Redis sends it only the records it keeps instead of every record for it to drop: its
+channels are the streams the discovery finds (every ``discover_interval_s``), and a new
+channel's first records are read from its stream once it is found.
 Positions are kept durably per consumer name once the caller ``commit``s them, after its own
 downstream write, so a crash re-delivers (at least once) and never skips. A caller whose
 downstream write failed calls ``rewind``: delivery restarts from the committed positions,
@@ -32,11 +37,11 @@ from typing import NamedTuple
 
 import redis.asyncio as aioredis
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
+from libs.common.io.consumer_metrics import ConsumerMetrics
 from libs.common.io.redis_io import RETRIABLE, StreamReader
 from libs.common.names import Keys, channel_kind
-from libs.common.runtime.metrics import metrics_for
 from libs.common.schemas import seq_of
 
 log = structlog.get_logger("tickmesh.reliable")
@@ -61,85 +66,6 @@ class Record(NamedTuple):
     channel: str
     seq: int
     payload: bytes
-
-
-class ConsumerMetrics:
-    """Metrics of sequenced consumers, labelled by consumer name; built once per registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        labels = ["consumer"]
-        self.delivered = Counter(
-            "tickmesh_consumer_records",
-            "Records delivered in order",
-            [*labels, "kind"],
-            registry=registry,
-        )
-        self.from_stream = Counter(
-            "tickmesh_consumer_backfilled_records",
-            "Records read from the stream (gaps, sweeps, catch-up)",
-            labels,
-            registry=registry,
-        )
-        self.gaps = Counter(
-            "tickmesh_consumer_gaps", "Sequence gaps seen on pub/sub", labels, registry=registry
-        )
-        self.duplicates = Counter(
-            "tickmesh_consumer_duplicates", "Duplicate records dropped", labels, registry=registry
-        )
-        self.lost = Counter(
-            "tickmesh_consumer_lost_records",
-            "Records trimmed from the stream before they were read",
-            labels,
-            registry=registry,
-        )
-        self.doorbells_dropped = Counter(
-            "tickmesh_consumer_doorbells_dropped",
-            "Pub/sub messages dropped by a full local queue (read from the stream instead)",
-            labels,
-            registry=registry,
-        )
-        self.behind = Gauge(
-            "tickmesh_consumer_behind_records",
-            "Records in the streams not yet delivered (at the last sweep)",
-            labels,
-            registry=registry,
-        )
-        self.disconnects = Counter(
-            "tickmesh_consumer_subscriber_errors",
-            "Pub/sub connection errors",
-            labels,
-            registry=registry,
-        )
-        self.resubscribes = Counter(
-            "tickmesh_consumer_resubscribes",
-            "Pub/sub connections lost and re-established (e.g. cut by Redis at its output-buffer "
-            "limit); what was sent meanwhile is read from the streams",
-            labels,
-            registry=registry,
-        )
-        self.pubsub_paused = Gauge(
-            "tickmesh_consumer_pubsub_paused",
-            "1 while pub/sub is paused because the consumer fell behind (reading the streams)",
-            labels,
-            registry=registry,
-        )
-        self.falling_behind = Gauge(
-            "tickmesh_consumer_falling_behind",
-            "1 from when the consumer could not keep up until it caught up again",
-            labels,
-            registry=registry,
-        )
-        self.rewinds = Counter(
-            "tickmesh_consumer_rewinds",
-            "Rewinds to the committed positions (the caller's downstream write failed)",
-            labels,
-            registry=registry,
-        )
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None = None) -> ConsumerMetrics:
-        """The metrics of ``registry`` (the default registry when None), created once."""
-        return metrics_for(cls, registry)
 
 
 class PositionStore:
@@ -181,6 +107,7 @@ class SequencedConsumer:
         discover_interval_s: float = 2.0,
         read_count: int = 1_000,
         pause_pubsub_when_behind: bool = True,
+        subscribe_own: bool = False,
         registry: CollectorRegistry | None = None,
     ) -> None:
         if start not in ("earliest", "latest"):
@@ -197,6 +124,10 @@ class SequencedConsumer:
         self.discover_interval_s = discover_interval_s
         self.read_count = read_count
         self.pause_pubsub_when_behind = pause_pubsub_when_behind
+        self.subscribe_own = subscribe_own
+        self._unsubscribed: set[str] = set()
+        """Own channels found and not yet subscribed to (``subscribe_own``)."""
+        self._found = asyncio.Event()
         self.reader = StreamReader(client, self.keys)
         self.store = PositionStore(client, self.keys, name)
         self.positions: dict[str, int] = {}
@@ -293,17 +224,30 @@ class SequencedConsumer:
         self._last_sweep = 0.0
         self._wakeup.set()
 
+    async def _wait_for_channels(self) -> None:
+        while not self._known:
+            self._found.clear()
+            await self._found.wait()
+
     async def _read_pubsub(self) -> None:
         delay = 0.1
         resumed = False
+        # own channels found meanwhile are subscribed to between two reads
+        poll_s = 0.2 if self.subscribe_own else 1.0
         while True:
             if resumed and self._pubsub_paused:
                 self._resume_pubsub.clear()
                 await self._resume_pubsub.wait()
+            if self.subscribe_own:
+                await self._wait_for_channels()
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             connection = None
             try:
-                await pubsub.psubscribe(*self.patterns)
+                if self.subscribe_own:
+                    self._unsubscribed.clear()
+                    await pubsub.subscribe(*sorted(self._known))
+                else:
+                    await pubsub.psubscribe(*self.patterns)
                 connection = pubsub.connection
                 if connection is not None:
                     connection.register_connect_callback(self._note_resubscribed)
@@ -317,8 +261,12 @@ class SequencedConsumer:
                 queue = self._queue
                 while True:
                     raise_if_cancelled()
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None or message["type"] != "pmessage":
+                    if self._unsubscribed:
+                        fresh = sorted(self._unsubscribed)
+                        self._unsubscribed.clear()
+                        await pubsub.subscribe(*fresh)
+                    message = await pubsub.get_message(timeout=poll_s)
+                    if message is None or message["type"] not in ("message", "pmessage"):
                         continue
                     channel = message["channel"].decode(errors="replace")
                     if len(queue) < self.queue_max:
@@ -359,11 +307,21 @@ class SequencedConsumer:
         """Load committed positions and start the pub/sub reader."""
         self.committed = await self.store.load()
         self.positions = dict(self.committed)
+        if self.subscribe_own:
+            # what is published before the subscription is read from the streams
+            await self._discover(opening=True)
         self._subscriber_task = asyncio.create_task(self._read_pubsub(), name=f"{self.name}.pubsub")
-        async with asyncio.timeout(30):
-            await self.subscribed.wait()
-        await self._discover()
-        self.log.info("consumer.opened", channels=len(self.positions), start=self.start)
+        if self._known or not self.subscribe_own:
+            async with asyncio.timeout(30):
+                await self.subscribed.wait()
+        if not self.subscribe_own:
+            await self._discover(opening=True)
+        self.log.info(
+            "consumer.opened",
+            channels=len(self.positions),
+            start=self.start,
+            subscribed="own channels" if self.subscribe_own else "patterns",
+        )
 
     async def close(self) -> None:
         """Stop the pub/sub reader."""
@@ -373,15 +331,22 @@ class SequencedConsumer:
             await asyncio.gather(task, return_exceptions=True)
             self._subscriber_task = None
 
-    async def _discover(self) -> None:
+    async def _discover(self, *, opening: bool = False) -> None:
+        """Find the matching channels' streams. ``start="latest"`` skips what a stream holds
+        only when opening: a channel found later appeared after the consumer started, and all
+        of it is new (its doorbell may arrive after this finds its stream)."""
         self._last_discover = time.monotonic()
+        skip_history = opening and self.start == "latest"
         for pattern in self.patterns:
             for channel in await self.reader.channels(pattern):
                 if channel not in self._known and self.matches(channel):
                     self._known.add(channel)
+                    if self.subscribe_own:
+                        self._unsubscribed.add(channel)
+                        self._found.set()
                     if channel not in self.positions:
                         self.positions[channel] = (
-                            await self.reader.last_seq(channel) if self.start == "latest" else 0
+                            await self.reader.last_seq(channel) if skip_history else 0
                         )
                         self._floors[channel] = self.positions[channel]
                     self._dirty.add(channel)
@@ -473,8 +438,9 @@ class SequencedConsumer:
             if channel not in self._known:
                 self._known.add(channel)
                 if channel not in positions:
-                    positions[channel] = seq - 1 if self.start == "latest" else 0
-                    self._floors[channel] = positions[channel]
+                    # a channel the opening did not find is new: all of it is after the start
+                    positions[channel] = 0
+                    self._floors[channel] = 0
             last = positions[channel]
             if seq <= last:
                 self._m_dups.inc()
