@@ -306,6 +306,7 @@ class Forwarder(Component):
             kinds[target.kind] = kinds.get(target.kind, 0) + 1
         if new_specs:
             await self._ensure(list(new_specs.values()))
+        await self._learn_partitions({topic for topic, *_ in outgoing})
         groups: dict[TopicPartition, list[tuple[bytes | None, bytes, int, str]]] = {}
         for topic, key, value, seq, channel in outgoing:
             tp = await self._partition_of(topic, key)
@@ -321,6 +322,17 @@ class Forwarder(Component):
                 counts.append(count)
         acks: asyncio.Future[list[object]] = asyncio.gather(*futures, return_exceptions=True)
         return InFlight(batch, acks, counts, self.clock.monotonic(), kinds, ticks, size)
+
+    async def _learn_partitions(self, topics: set[str]) -> None:
+        """The producer's metadata for every topic of a batch it does not know yet, in one
+        request (asked one topic at a time, a thousand new topics took a thousand requests)."""
+        assert self.producer is not None
+        client = self.producer.client
+        unknown = [topic for topic in topics if client.cluster.partitions_for_topic(topic) is None]
+        if unknown:
+            for topic in unknown:
+                client.add_topic(topic)
+            await client.force_metadata_update()
 
     async def _partition_of(self, topic: str, key: bytes | None) -> TopicPartition:
         """The partition ``key`` goes to (Kafka's default rule: murmur2 of the key), cached."""

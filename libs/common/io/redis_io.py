@@ -313,6 +313,27 @@ class StreamReader:
         )
         return [(int(entry_id.split(b"-")[1]), fields[b"d"]) for entry_id, fields in entries]
 
+    async def read_many(
+        self, requests: list[tuple[str, int, int, int]]
+    ) -> list[list[tuple[int, bytes]]]:
+        """``read`` of several channels in one round trip: for each ``(channel, after_seq,
+        upto_seq, count)``, its records in order."""
+        if not requests:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for channel, after_seq, upto_seq, count in requests:
+                pipe.xrange(
+                    self.keys.stream(channel),
+                    min=f"(0-{after_seq}",
+                    max=f"0-{upto_seq}",
+                    count=count,
+                )
+            replies = cast(list[_Entries], await pipe.execute())
+        return [
+            [(int(entry_id.split(b"-")[1]), fields[b"d"]) for entry_id, fields in entries]
+            for entries in replies
+        ]
+
     async def tail(
         self, channel: str, count: int, upto_seq: int | None = None
     ) -> list[tuple[int, bytes]]:

@@ -399,19 +399,30 @@ class SequencedConsumer:
         out: list[Record] = []
         behind = 0
         still_behind: set[str] = set()
+        # what each channel behind gets of the batch's room, read in one round trip
+        requests: list[tuple[str, int, int, int]] = []
+        room = self.batch_max
         for channel, top in zip(channels, tops, strict=True):
             newest = int(top[0][0].split(b"-")[1]) if top else 0
             position = self.positions.get(channel, 0)
             if newest > position:
                 behind += newest - position
-                room = self.batch_max - len(out)
-                if room > 0:
-                    records = await self._read_range(channel, position, newest, room)
-                    if records:
-                        self.positions[channel] = records[-1].seq
-                        out.extend(records)
-                if self.positions.get(channel, 0) < newest:
-                    still_behind.add(channel)
+                count = min(newest - position, room)
+                if count > 0:
+                    requests.append((channel, position, newest, count))
+                    room -= count
+                still_behind.add(channel)
+        replies = await self.reader.read_many(requests)
+        for (channel, position, newest, _), entries in zip(requests, replies, strict=True):
+            if not entries:
+                continue
+            if entries[0][0] != position + 1:
+                self._note_lost(channel, position, entries[0][0] - position - 1)
+            out.extend(Record(channel, seq, payload) for seq, payload in entries)
+            self.positions[channel] = entries[-1][0]
+            if entries[-1][0] >= newest:
+                still_behind.discard(channel)
+        self._m_stream.inc(len(out))
         self._dirty = still_behind
         self.behind_records = max(0, behind - len(out))
         self._m_behind.set(self.behind_records)
