@@ -54,7 +54,13 @@ rate) into the same redis-server, and (2) with a raw aiokafka producer
 on the same broker. Each hop's rate is then given as a share of its ceiling: like for like,
 the same records with the same trades per record on both sides.
 
-**Scale-out** (``--scale``, instead of (a) and (b)): the real day once per setup of
+**(d) Ingest's linger** (``bench/mesh_linger.py``): the synthetic market of (b) twice more,
+at ``--linger-rate`` (5,000 trades/s: a rate the mesh keeps up with, so that queueing does not
+hide the milliseconds a linger adds), once with ``INGEST_LINGER_MS=0`` and once with
+``--linger-ms`` (5; 0 skips (d)): p50/p99 tick → Redis and → Kafka of each, the trades per
+record, and the CPU seconds of ingest and of the services over the window.
+
+**Scale-out** (``--scale``, instead of (a), (b) and (d)): the real day once per setup of
 ``--scale-setups`` (default: 1 and 2 bars shards, 1 and 2 mirror instances, ingest's
 ``INGEST_RECORDS=frame`` and ``batch``; ``bench/mesh_scale.py``), each on a fresh stack, one
 after another, without ceilings; one table of ticks/s to Kafka and to the last bar closed on
@@ -98,6 +104,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import msgspec
 import redis.asyncio as aioredis
 import structlog
+from mesh_linger import linger_run
 from mesh_probe import (
     BarSeen,
     Observations,
@@ -108,7 +115,7 @@ from mesh_probe import (
     first_time_at,
     weighted_percentiles,
 )
-from mesh_report import render_markdown, summary_rows
+from mesh_report import SERVICES, render_markdown, summary_rows
 from mesh_scale import (
     DEFAULT_SETUPS,
     Setup,
@@ -659,18 +666,21 @@ def precreate_topics(bootstrap: str, symbols: list[str]) -> float:
     return time.monotonic() - started
 
 
-def run_synthetic(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Scenario (b)."""
+def run_synthetic(
+    args: argparse.Namespace, workdir: Path, *, label: str = "synthetic", linger_ms: int = 0
+) -> dict[str, Any]:
+    """Scenario (b) (and each run of (d): ``label``, another rate, ingest's linger)."""
     symbols = synthetic_symbols(args.synthetic_symbols)
     options = MeshOptions(
-        workdir=workdir / "synthetic",
+        workdir=workdir / label.replace(" ", "-"),
         synthetic_symbols=args.synthetic_symbols,
         synthetic_rate=args.rate,
         duration_s=args.warmup_s + args.measure_s,
         grace_ms=args.grace_ms,
         run_id="bench-synthetic",
+        env={"INGEST_LINGER_MS": str(linger_ms)},
     )
-    scenario = Scenario("synthetic", options, args)
+    scenario = Scenario(label, options, args, with_ceilings=label == "synthetic")
     status: dict[str, Any] = {}
 
     def prepare(stack: LocalStack) -> None:
@@ -701,6 +711,24 @@ def run_synthetic(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         wait,
         analyse,
     )
+
+
+def run_linger(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Scenario (d): (b) at ``--linger-rate`` with INGEST_LINGER_MS 0, then ``--linger-ms``."""
+    at_rate = argparse.Namespace(**{**vars(args), "rate": args.linger_rate})
+    runs = []
+    for linger_ms in (0, args.linger_ms):
+        print(f"bench_mesh: (d) linger {linger_ms} ms ...", flush=True)
+        result = run_synthetic(at_rate, workdir, label=f"linger {linger_ms}", linger_ms=linger_ms)
+        runs.append(linger_run(linger_ms, result, SERVICES))
+    return {
+        "symbols": args.synthetic_symbols,
+        "offeredRate": args.linger_rate,
+        "lingerMs": args.linger_ms,
+        "warmupSeconds": args.warmup_s,
+        "measureSeconds": args.measure_s,
+        "runs": runs,
+    }
 
 
 def analyse_synthetic(
@@ -811,7 +839,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="a short run (about 2 minutes)")
-    parser.add_argument("--only", choices=["day", "synthetic"], help="one scenario")
+    parser.add_argument("--only", choices=["day", "synthetic", "linger"], help="one scenario")
     parser.add_argument(
         "--scale",
         action="store_true",
@@ -832,6 +860,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--symbols", help="real-day symbols (default SPY,IBM,AIG,BAC)")
     parser.add_argument("--synthetic-symbols", type=int, default=1_000)
     parser.add_argument("--rate", type=int, default=20_000, help="offered trades/s")
+    parser.add_argument(
+        "--linger-ms",
+        type=int,
+        default=5,
+        help="(d): INGEST_LINGER_MS compared with 0 (0: skip (d))",
+    )
+    parser.add_argument(
+        "--linger-rate", type=int, default=5_000, help="(d): offered trades/s (default 5,000)"
+    )
     parser.add_argument("--warmup-s", type=float, help="not counted (default 20, quick 10)")
     parser.add_argument("--measure-s", type=float, help="measured (default 60, quick 10)")
     parser.add_argument("--grace-ms", type=int, default=1_000, help="the bars' grace")
@@ -888,6 +925,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "synthetic") and not args.scale:
             print("bench_mesh: (b) synthetic market ...", flush=True)
             results["synthetic"] = run_synthetic(args, workdir)
+        if args.only in (None, "linger") and not args.scale and args.linger_ms > 0:
+            results["linger"] = run_linger(args, workdir)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

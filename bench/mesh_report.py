@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mesh_linger import linger_summary_rows, render_linger
 from summary import LIKE_FOR_LIKE, row
 
 SERVICES = ("ingest", "mirror", "bars", "bars-shadow", "engine_bridge")
@@ -116,6 +117,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append("")
     elif syn:
         lines += [f"(b) synthetic: {syn.get('error')}", ""]
+    if results.get("linger"):
+        lines += render_linger(results["linger"])
     lines += ["**Targets** (reported, never asserted)", ""]
     lines += [f"- {target}" for target in targets(results)]
     return "\n".join(lines)
@@ -263,4 +266,6 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, object]]:
                     basis="latency (p50 " + f"{found['p50']:,.1f} ms)",
                 )
             )
+    if results.get("linger"):
+        rows += linger_summary_rows(results["linger"])
     return rows

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_mesh import analyse_synthetic, last_closed_on_event_time, resp_publish
+from mesh_linger import linger_run, linger_summary_rows, render_linger
 from mesh_probe import (
     BarSeen,
     Observations,
@@ -36,7 +37,7 @@ from mesh_probe import (
     parse_push,
     weighted_percentiles,
 )
-from mesh_report import render_markdown, summary_rows, targets
+from mesh_report import SERVICES, render_markdown, summary_rows, targets
 from mesh_scale import Setup, parse_setups, render_scale, scale_summary_rows, service_of
 from profile_summary import parse_collapsed, summarise
 from summary import load, render, row
@@ -421,6 +422,56 @@ def test_scale_rows_compare_with_the_first_setup_and_label_other_record_modes() 
     assert batch["basis"] == "same trades; 12.0 vs 1.2 trades/record"
     assert rows["real day, ticks/s to Kafka, bars x2, mirror x1, frame"]["ratio"] == 0.75
     assert len(rows) == 3  # every run but the baseline
+
+
+def _synthetic_result(p99_redis: float, p99_kafka: float, ingest_cpu: float, per: float):  # type: ignore[no-untyped-def]
+    def stats(p99: float) -> dict[str, float]:
+        return {"p50": p99 / 2, "p99": p99, "max": p99 * 2, "count": 1000}
+
+    return {
+        "achievedTicksPerS": 5000,
+        "recordsPerS": round(5000 / per),
+        "tradesPerRecord": per,
+        "windowSeconds": 10.0,
+        "latencyMs": {"tickToRedis": stats(p99_redis), "tickToKafka": stats(p99_kafka)},
+        "processes": {
+            "ingest": {"cpuSeconds": ingest_cpu},
+            "mirror": {"cpuSeconds": 1.0},
+            "simulator": {"cpuSeconds": 9.0},  # not a service: not in the services' sum
+        },
+        "tradesNotAcknowledged": 0,
+        "notes": [],
+    }
+
+
+def test_the_linger_comparison_sets_each_p99_against_no_linger() -> None:
+    linger = {
+        "symbols": 1000,
+        "offeredRate": 5000,
+        "lingerMs": 5,
+        "warmupSeconds": 10.0,
+        "measureSeconds": 10.0,
+        "runs": [
+            linger_run(0, _synthetic_result(4.0, 20.0, 2.0, 1.1), SERVICES),
+            linger_run(5, _synthetic_result(10.0, 25.0, 1.0, 3.3), SERVICES),
+        ],
+    }
+    assert linger["runs"][0]["servicesCpuSeconds"] == 3.0
+    rows = {item["figure"]: item for item in linger_summary_rows(linger)}
+    redis = rows["INGEST_LINGER_MS=5 at 5,000 ticks/s: p99 tick → Redis"]
+    assert (redis["result"], redis["against"], redis["ratio"]) == (
+        "10.0 ms",
+        "linger 0: 4.0 ms",
+        2.5,
+    )
+    assert rows["INGEST_LINGER_MS=5 at 5,000 ticks/s: p99 tick → Kafka"]["ratio"] == 1.25
+    cpu = rows["INGEST_LINGER_MS=5: ingest CPU s (trades/record 3.3 vs 1.1)"]
+    assert cpu["ratio"] == 0.5
+    table = "\n".join(render_linger(linger))
+    assert "| 5 | 5,000 | 1,515 | 3.3 | 5.0 / 10.0 | 12.5 / 25.0 | 1.0 | 2.0 |" in table
+    failed = {**linger, "runs": [linger["runs"][0], linger_run(5, {"error": "no feed"}, SERVICES)]}
+    assert linger_summary_rows(failed) == []
+    assert "| 5 | no feed |" in "\n".join(render_linger(failed))
 
 
 @pytest.mark.slow  # 20-45 s here, with the machine's load: over the default suite's budget
