@@ -168,11 +168,35 @@ async def test_starting_at_latest_skips_old_records_not_a_channel_that_appears_l
         # a new channel's first record, found in its stream before its doorbell arrives
         # (here it never does): it was published after the start, so it is delivered
         payload = msgspec.json.encode(msgspec.structs.replace(tick_record("B"), seq=1))
+        await redis_client.incr(keys.seq(new))  # what the publish script does, without PUBLISH
         await redis_client.xadd(keys.stream(new), {"d": payload}, id="0-1")
         await eventually(lambda: collector.seqs(new) == [1], timeout=10)
         await publisher.publish(old, tick_record("A"))
         await eventually(lambda: collector.seqs(old) == [4], timeout=10)
     assert collector.seqs(old) == [4]  # the three published before the start are skipped
+
+
+async def test_records_the_counter_has_and_the_stream_lost_are_counted_and_skipped(
+    redis_client: aioredis.Redis, keys: Keys, unique_name
+) -> None:
+    channel = f"ticks.{unique_name('GONE')}"
+    publisher = Publisher(redis_client, keys=keys)
+    for _ in range(2):
+        await publisher.publish(channel, tick_record("A"))
+    await redis_client.set(keys.seq(channel), 5)  # 3, 4, 5 counted and never in the stream
+    registry = CollectorRegistry()
+    consumer = SequencedConsumer(
+        redis_client, "c-gone", ["ticks.*"], keys=keys, sweep_interval_s=0.1, registry=registry
+    )
+    async with Collector(consumer) as collector:
+        await eventually(lambda: collector.seqs(channel) == [1, 2], timeout=10)
+        # past the gone records at once, not sweeping for them again and again
+        await eventually(lambda: consumer.positions[channel] == 5, timeout=10)
+        await publisher.publish(channel, tick_record("A"))
+        await eventually(lambda: collector.seqs(channel) == [1, 2, 6], timeout=10)
+    lost = registry.get_sample_value("tickmesh_consumer_lost_records_total", {"consumer": "c-gone"})
+    assert lost == 3
+    assert consumer.positions[channel] == 6
 
 
 async def test_restart_resumes_after_the_committed_position(

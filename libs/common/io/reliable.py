@@ -392,10 +392,9 @@ class SequencedConsumer:
         # the others of the batch's room
         self._sweep_start = (self._sweep_start + 1) % len(channels)
         channels = channels[self._sweep_start :] + channels[: self._sweep_start]
-        async with self.client.pipeline(transaction=False) as pipe:
-            for channel in channels:
-                pipe.xrevrange(self.keys.stream(channel), count=1)
-            tops = await pipe.execute()
+        # each channel's newest sequence is its publish counter (the script moves it and the
+        # stream together): one MGET instead of a stream read per channel
+        tops = await self.client.mget([self.keys.seq(channel) for channel in channels])
         out: list[Record] = []
         behind = 0
         still_behind: set[str] = set()
@@ -403,7 +402,7 @@ class SequencedConsumer:
         requests: list[tuple[str, int, int, int]] = []
         room = self.batch_max
         for channel, top in zip(channels, tops, strict=True):
-            newest = int(top[0][0].split(b"-")[1]) if top else 0
+            newest = int(top) if top else 0
             position = self.positions.get(channel, 0)
             if newest > position:
                 behind += newest - position
@@ -413,14 +412,17 @@ class SequencedConsumer:
                     room -= count
                 still_behind.add(channel)
         replies = await self.reader.read_many(requests)
-        for (channel, position, newest, _), entries in zip(requests, replies, strict=True):
-            if not entries:
-                continue
-            if entries[0][0] != position + 1:
+        for (channel, position, newest, count), entries in zip(requests, replies, strict=True):
+            reached = entries[-1][0] if entries else position
+            if entries and entries[0][0] != position + 1:
                 self._note_lost(channel, position, entries[0][0] - position - 1)
+            if len(entries) < count and reached < newest:
+                # the counter is ahead of what the stream holds: those records are gone
+                self._note_lost(channel, reached, newest - reached)
+                reached = newest
             out.extend(Record(channel, seq, payload) for seq, payload in entries)
-            self.positions[channel] = entries[-1][0]
-            if entries[-1][0] >= newest:
+            self.positions[channel] = reached
+            if reached >= newest:
                 still_behind.discard(channel)
         self._m_stream.inc(len(out))
         self._dirty = still_behind
