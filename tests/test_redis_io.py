@@ -45,6 +45,43 @@ async def test_publish_assigns_gapless_per_channel_sequences_in_one_round_trip(
 
 
 @pytest.mark.timeout(10)
+async def script_commands(redis_client) -> int:  # type: ignore[no-untyped-def]
+    """SCRIPT EXISTS / LOAD calls the server has run so far."""
+    stats = await redis_client.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k.startswith("cmdstat_script"))
+
+
+async def test_the_script_is_loaded_once_not_checked_at_every_publish(
+    redis_client,
+    unique_name,  # type: ignore[no-untyped-def]
+) -> None:
+    publisher = Publisher(
+        redis_client, keys=Keys(unique_name("k") + ":"), registry=CollectorRegistry()
+    )
+    channel = f"ticks.{unique_name('S')}"
+    await publisher.publish(channel, batch("S"))
+    before = await script_commands(redis_client)
+    for _ in range(3):
+        await publisher.publish(channel, batch("S"))
+    assert await script_commands(redis_client) == before
+
+
+async def test_a_flushed_script_cache_is_reloaded_and_nothing_is_applied_twice(
+    redis_client,
+    unique_name,  # type: ignore[no-untyped-def]
+) -> None:
+    keys = Keys(unique_name("k") + ":")
+    publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
+    channel = f"ticks.{unique_name('F')}"
+    assert await publisher.publish_many([(channel, batch("F"))]) == [1]
+    await redis_client.script_flush()  # as after a server restart, or by an operator
+    assert await publisher.publish_many([(channel, batch("F")), (channel, batch("F"))]) == [2, 3]
+    await redis_client.script_flush()
+    assert await publisher.publish_many([(channel, batch("F"))], transaction=True) == [4]
+    records = await StreamReader(redis_client, keys).read(channel)
+    assert [seq for seq, _ in records] == [1, 2, 3, 4]
+
+
 async def test_interleaved_channels_get_their_own_sequences(
     redis_client,
     unique_name,  # type: ignore[no-untyped-def]

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.asyncio.client import Pipeline
-from redis.exceptions import BusyLoadingError
+from redis.exceptions import BusyLoadingError, NoScriptError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -210,6 +210,9 @@ class Publisher:
         self.keys = keys or Keys()
         self.stream_maxlen = stream_maxlen
         self._script = client.register_script(_PUBLISH_LUA)
+        self._loaded = False
+        """The script is in the server's cache as far as this publisher knows (loaded once;
+        unknown again after any error, since a restarted server has an empty cache)."""
         self.metrics = PublishMetrics.for_registry(registry)
 
     async def publish(self, channel: str, record: msgspec.Struct | bytes) -> int:
@@ -249,7 +252,8 @@ class Publisher:
         # one call per channel keeps each call in one cluster slot; one call for the whole
         # batch measured no faster (Redis's per-record XADD and PUBLISH dominate)
         calls = [[channel] for channel in by_channel]
-        try:
+
+        async def send() -> list[Any]:
             async with self.client.pipeline(transaction=transaction) as pipe:
                 for channels in calls:
                     call_keys: list[str] = []
@@ -262,11 +266,28 @@ class Publisher:
                             keys.token(channel),
                         )
                         args += (channel, len(tails), *tails)
-                    await script(keys=call_keys, args=args, client=pipe)
+                    if transaction:
+                        # the pipeline checks the script is loaded before MULTI, so a
+                        # transaction never runs with its records missing
+                        await script(keys=call_keys, args=args, client=pipe)
+                    else:
+                        pipe.evalsha(script.sha, len(call_keys), *call_keys, *args)
                 if also is not None:
                     also(pipe)
-                results = await pipe.execute()
+                return await pipe.execute()
+
+        try:
+            if not transaction and not self._loaded:
+                script.sha = await self.client.script_load(_PUBLISH_LUA)
+                self._loaded = True
+            try:
+                results = await send()
+            except NoScriptError:
+                # the server lost its script cache (nothing of the batch ran): load, send again
+                script.sha = await self.client.script_load(_PUBLISH_LUA)
+                results = await send()
         except Exception:
+            self._loaded = False
             self.metrics.errors.inc()
             raise
         self.metrics.latency.observe(time.perf_counter() - started)
