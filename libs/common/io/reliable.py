@@ -232,8 +232,9 @@ class SequencedConsumer:
     async def _read_pubsub(self) -> None:
         delay = 0.1
         resumed = False
-        # own channels found meanwhile are subscribed to between two reads
-        poll_s = 0.2 if self.subscribe_own else 1.0
+        # own channels found meanwhile are subscribed to between two reads; a pattern
+        # subscriber blocks in its read (no timer set and cancelled for every message)
+        poll_s = 0.2 if self.subscribe_own else None
         while True:
             if resumed and self._pubsub_paused:
                 self._resume_pubsub.clear()
