@@ -12,18 +12,19 @@ full it drops the doorbell and marks the channel for a sweep. By default it then
 unsubscribes until the sweeps have caught up (``pause_pubsub_when_behind``): parsing messages
 that would be dropped anyway only slows the catch-up, and a subscriber that does not read is
 one Redis would cut at its output-buffer limit. A periodic sweep compares every matching
-stream's newest sequence with the position and reads what is missing, which also covers
+channel's newest sequence (its publish counter, all channels in one ``MGET``) with the
+position and reads what is missing (every channel behind in one pipeline), which also covers
 messages lost while the connection was down (redis-py re-subscribes silently; the consumer
 notices, counts and logs it) and whatever was published while the consumer was not running.
+Positions are kept durably per consumer name once the caller ``commit``s them, after its own
+downstream write, so a crash re-delivers (at least once) and never skips. A caller whose
+downstream write failed calls ``rewind``: delivery restarts from the committed positions,
+read from the streams.
 
 A shard (``subscribe_own``) subscribes to its own channels by name instead of the patterns,
 so Redis sends it only the records it keeps instead of every record for it to drop: its
 channels are the streams the discovery finds (every ``discover_interval_s``), and a new
 channel's first records are read from its stream once it is found.
-Positions are kept durably per consumer name once the caller ``commit``s them, after its own
-downstream write, so a crash re-delivers (at least once) and never skips. A caller whose
-downstream write failed calls ``rewind``: delivery restarts from the committed positions,
-read from the streams.
 """
 
 from __future__ import annotations
