@@ -314,6 +314,11 @@ class Publisher:
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
+def _records(entries: _Entries) -> list[tuple[int, bytes]]:
+    """``(seq, payload)`` of stream entries (the entry id is ``0-<seq>``)."""
+    return [(int(entry_id.split(b"-")[1]), fields[b"d"]) for entry_id, fields in entries]
+
+
 class StreamReader:
     """Reads a channel's durable stream by sequence number."""
 
@@ -332,7 +337,7 @@ class StreamReader:
                 self.keys.stream(channel), min=f"(0-{after_seq}", max=end, count=count
             ),
         )
-        return [(int(entry_id.split(b"-")[1]), fields[b"d"]) for entry_id, fields in entries]
+        return _records(entries)
 
     async def read_many(
         self, requests: list[tuple[str, int, int, int]]
@@ -350,10 +355,7 @@ class StreamReader:
                     count=count,
                 )
             replies = cast(list[_Entries], await pipe.execute())
-        return [
-            [(int(entry_id.split(b"-")[1]), fields[b"d"]) for entry_id, fields in entries]
-            for entries in replies
-        ]
+        return [_records(entries) for entries in replies]
 
     async def tail(
         self, channel: str, count: int, upto_seq: int | None = None
@@ -364,7 +366,7 @@ class StreamReader:
             _Entries,
             await self.client.xrevrange(self.keys.stream(channel), max=top, min="-", count=count),
         )
-        return [(int(entry_id.split(b"-")[1]), fields[b"d"]) for entry_id, fields in entries[::-1]]
+        return _records(entries[::-1])
 
     async def last_seq(self, channel: str) -> int:
         """The newest sequence in the stream (0 when empty)."""
