@@ -57,7 +57,7 @@ def bar_channel(symbol: str) -> str:
 
 
 from services.bars.config import BarsSettings
-from tests.helpers import eventually
+from tests.helpers import BarKey, BarValue, eventually, final_bars
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -66,9 +66,6 @@ DAY = date(2024, 3, 4)  # a Monday, New York winter time
 SPY_DAY = date(2013, 10, 7)
 GRACE_MS = 1_000
 TICK_TOPIC_CONFIGS = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
-
-BarKey = tuple[str, int]
-BarValue = tuple[float, float, float, float, int, float, int]
 
 
 # -- ticks -------------------------------------------------------------------------------------
@@ -161,21 +158,7 @@ async def publish(
 
 def expected_bars(trades: Sequence[Trade]) -> dict[BarKey, BarValue]:
     """The final bars an uninterrupted run ends with (the core, offline)."""
-    return as_map(build_bars(trades, "algoseek", grace_ms=0))
-
-
-def value_of(bar: Bar) -> BarValue:
-    return (bar.open, bar.high, bar.low, bar.close, bar.volume, bar.vwap, bar.trades)
-
-
-def as_map(bars: Iterable[Bar]) -> dict[BarKey, BarValue]:
-    """The latest revision of each (symbol, minute)."""
-    latest: dict[BarKey, Bar] = {}
-    for bar in bars:
-        key = (bar.symbol, bar.startMs)
-        if key not in latest or bar.revision >= latest[key].revision:
-            latest[key] = bar
-    return {key: value_of(bar) for key, bar in sorted(latest.items())}
+    return final_bars(build_bars(trades, "algoseek", grace_ms=0))
 
 
 # -- reading what the service published -------------------------------------------------------
@@ -219,7 +202,7 @@ async def store_bars(
     out: list[Bar] = []
     for symbol in symbols:
         out += (await store.day(symbol, day)).values()
-    return as_map(out)
+    return final_bars(out)
 
 
 # -- running the service in-process ---------------------------------------------------------
@@ -276,7 +259,7 @@ async def wait_for_bars(
     symbols = sorted({symbol for symbol, _ in expected})
 
     async def complete() -> dict[BarKey, BarValue] | None:
-        got = as_map(await published_bars(client, prefix, symbols))
+        got = final_bars(await published_bars(client, prefix, symbols))
         return got if set(got) >= set(expected) else None
 
     return await eventually(
@@ -314,7 +297,7 @@ async def test_redis_ticks_become_bars_on_the_channels_and_in_the_store(
         last_seq = await publisher.publish(f"ticks.{symbols[2]}", b'{"seq":0,"oops":1}')
 
         async def last_minute_closed() -> float | None:
-            got = as_map(await published_bars(redis_client, prefix, symbols))
+            got = final_bars(await published_bars(redis_client, prefix, symbols))
             done = all((symbol, last_minute) in got for symbol in symbols)
             return time.monotonic() - published_at if done else None
 
@@ -332,7 +315,7 @@ async def test_redis_ticks_become_bars_on_the_channels_and_in_the_store(
         )
     bars = await published_bars(redis_client, prefix, symbols)
     assert_published_once(bars)
-    assert as_map(bars) == expected
+    assert final_bars(bars) == expected
     assert await store_bars(redis_client, prefix, symbols) == expected
     assert all(bar.revision == 0 for bar in bars)  # nothing was late
     assert {bar.tsET[:16] for bar in bars} == {f"2024-03-04T10:0{m}" for m in range(4)}
@@ -383,7 +366,7 @@ async def test_a_crash_between_publishing_and_saving_publishes_nothing_twice(
         assert builder.closed.recovered >= failed[0]  # type: ignore[attr-defined]
     bars = await published_bars(redis_client, prefix, symbols)
     assert_published_once(bars)
-    assert as_map(bars) == expected
+    assert final_bars(bars) == expected
     assert await store_bars(redis_client, prefix, symbols) == expected
 
 
@@ -409,7 +392,7 @@ async def test_a_backlog_read_channel_by_channel_is_not_late(
         )
     bars = await published_bars(redis_client, prefix, symbols)
     assert [bar for bar in bars if bar.revision] == []
-    assert as_map(bars) == expected
+    assert final_bars(bars) == expected
 
 
 def process_env(redis_url: str, prefix: str, pattern: str) -> dict[str, str]:
@@ -460,7 +443,7 @@ async def test_a_process_killed_mid_minute_restarts_without_losing_or_repeating_
         return log_path.read_text(errors="replace")[-3_000:]
 
     async def have(keys: Iterable[BarKey]) -> bool:
-        got = as_map(await published_bars(redis_client, prefix, symbols))
+        got = final_bars(await published_bars(redis_client, prefix, symbols))
         return set(keys) <= set(got)
 
     try:
@@ -484,7 +467,7 @@ async def test_a_process_killed_mid_minute_restarts_without_losing_or_repeating_
                 await process.wait()
     bars = await published_bars(redis_client, prefix, symbols)
     assert_published_once(bars)
-    assert as_map(bars) == expected
+    assert final_bars(bars) == expected
     assert await store_bars(redis_client, prefix, symbols) == expected
     started = [line for line in log_path.read_text().splitlines() if "bars.builder_started" in line]
     assert len(started) == 2, log_tail()
@@ -528,7 +511,7 @@ async def test_a_late_trade_after_a_restart_revises_a_minute_published_before_it
         return log_path.read_text(errors="replace")[-3_000:]
 
     async def current() -> dict[BarKey, BarValue]:
-        return as_map(await published_bars(redis_client, prefix, symbols))
+        return final_bars(await published_bars(redis_client, prefix, symbols))
 
     try:
         processes.append(await start_process(env, log_path))
@@ -621,7 +604,7 @@ async def test_two_shards_publish_exactly_what_one_instance_publishes(
     one = await published_bars(redis_client, single, symbols)
     two = await published_bars(redis_client, sharded, symbols)
     assert bar_set(one) == bar_set(two)
-    assert as_map(one) == as_map(two) == expected
+    assert final_bars(one) == final_bars(two) == expected
     assert_published_once(two)
     assert all(count > 0 for count in per_shard) and sum(per_shard) == len(expected)
     for index, seen in enumerate(symbols_seen):
@@ -739,7 +722,7 @@ async def test_kafka_ticks_become_kafka_bars_equal_to_the_redis_paths_and_duplic
         assert metric(shadow, "tickmesh_bars_duplicate_batches_total") == len(resend)
     shadow_bars = await kafka_bars(kafka_settings, symbols)
     assert_published_once(shadow_bars)
-    assert as_map(shadow_bars) == redis_map == expected
+    assert final_bars(shadow_bars) == redis_map == expected
 
 
 async def test_two_kafka_shards_split_the_symbols_and_pick_up_topics_that_appear_later(
@@ -797,7 +780,7 @@ async def test_two_kafka_shards_split_the_symbols_and_pick_up_topics_that_appear
         assert sum(len(a) for a in assigned) == len(symbols)
     shadow_bars = await kafka_bars(shard(0), symbols)
     assert_published_once(shadow_bars)
-    assert as_map(shadow_bars) == expected
+    assert final_bars(shadow_bars) == expected
 
 
 # -- real data ---------------------------------------------------------------------------------
@@ -825,7 +808,7 @@ async def test_a_real_spy_day_through_redis_equals_the_backfill(
     publisher = Publisher(redis_client, keys=Keys(prefix))  # type: ignore[arg-type]
     async with service(settings_for(redis_url, prefix, "ticks.SPY")) as runtime:
         await publish(publisher, batches, chunk=100)
-        expected = as_map(backfilled)
+        expected = final_bars(backfilled)
 
         async def stored() -> dict[BarKey, BarValue] | None:
             got = await store_bars(redis_client, prefix, ["SPY"], SPY_DAY)

@@ -8,10 +8,6 @@ the reconciler over the day.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,10 +16,9 @@ import pytest
 from devstack.localstack import LocalStack
 from devstack.mesh import Mesh, MeshOptions
 from libs.common.market.sessions import ny_date
+from tests.helpers import reconcile_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_20_s_broker_pause_at_real_time_keeps_parity_and_completeness(tmp_path: Path) -> None:
@@ -53,39 +48,12 @@ def test_a_20_s_broker_pause_at_real_time_keeps_parity_and_completeness(tmp_path
                 assert service.alive(), f"{name} exited during the pause:\n{service.log_tail()}"
             report_path = tmp_path / "report.json"
             env = {
-                **os.environ,
                 "TICKMESH_REDIS_URL": stack.redis.url,
                 "TICKMESH_KAFKA_BOOTSTRAP": stack.kafka.bootstrap,
             }
             # the feed's New York day(s): the run may straddle midnight there
             days = sorted({first_day, ny_date(int(time.time() * 1000))})
-            reports = []
-            for ny_day in days:
-                result = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "services.mirror",
-                        "reconcile",
-                        "--date",
-                        ny_day.isoformat(),
-                        "--min-age-s",
-                        "0",
-                        "--no-store",
-                        "--format",
-                        "json",
-                        "--out",
-                        str(report_path),
-                    ],
-                    env=env,
-                    cwd=REPO,
-                    capture_output=True,
-                    text=True,
-                    timeout=300,
-                    check=False,
-                )
-                assert result.returncode == 0, result.stderr[-3000:]
-                reports.append(json.loads(report_path.read_text()))
+            reports = [reconcile_json(day.isoformat(), report_path, env) for day in days]
         finally:
             mesh.stop()
     report = max(reports, key=lambda r: r["parity"]["totals"]["compared"])

@@ -12,12 +12,8 @@ The scale-out naming of ``devstack.mesh`` (fast, no processes) is tested first.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -29,12 +25,10 @@ from devstack.mesh import Mesh, MeshOptions, instance_names, mirror_consumer_nam
 from libs.common.names import Keys
 from libs.common.schemas import BAR_DECODER, Bar
 from services.bars.backfill import run_backfill
+from tests.helpers import BarKey, BarValue, final_bars, reconcile_json
 
-REPO = Path(__file__).resolve().parents[1]
 DAY = "2013-10-07"
 SYMBOLS = ["IBM", "AIG"]
-BarKey = tuple[str, int]
-BarValue = tuple[float, float, float, float, int, float, int]
 
 
 def test_one_instance_keeps_its_plain_name_and_several_are_numbered_from_one() -> None:
@@ -60,20 +54,6 @@ def test_a_group_is_the_plain_service_or_its_numbered_instances(tmp_path: Path) 
     assert mesh.group("mirror") == [mesh.services["mirror"]]
     assert mesh.group("engine_bridge") == []
     assert mesh.metric_total("engine_bridge", "anything") == 0.0
-
-
-def value_of(bar: Bar) -> BarValue:
-    return (bar.open, bar.high, bar.low, bar.close, bar.volume, bar.vwap, bar.trades)
-
-
-def final_bars(bars: Iterable[Bar]) -> dict[BarKey, BarValue]:
-    """The latest revision of each (symbol, minute)."""
-    latest: dict[BarKey, Bar] = {}
-    for bar in bars:
-        key = (bar.symbol, bar.startMs)
-        if key not in latest or bar.revision >= latest[key].revision:
-            latest[key] = bar
-    return {key: value_of(bar) for key, bar in sorted(latest.items())}
 
 
 def assert_published_once(bars: Sequence[Bar], path: str) -> None:
@@ -118,26 +98,12 @@ async def redis_bars(redis_url: str) -> tuple[list[Bar], dict[str, int]]:
 def reconcile(stack: LocalStack, out: Path) -> dict[str, object]:
     """The reconciler's report of the day (not stored, not published)."""
     assert stack.kafka is not None
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "services.mirror", "reconcile", "--date", DAY),
-            *("--min-age-s", "0", "--no-store", "--format", "json", "--out", str(out)),
-        ],
-        env={
-            **os.environ,
-            "TICKMESH_LOG_LEVEL": "warning",
-            "TICKMESH_REDIS_URL": stack.redis.url,
-            "TICKMESH_KAFKA_BOOTSTRAP": stack.kafka.bootstrap,
-        },
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report: dict[str, object] = json.loads(out.read_text())
-    return report
+    env = {
+        "TICKMESH_LOG_LEVEL": "warning",
+        "TICKMESH_REDIS_URL": stack.redis.url,
+        "TICKMESH_KAFKA_BOOTSTRAP": stack.kafka.bootstrap,
+    }
+    return reconcile_json(DAY, out, env)
 
 
 @pytest.mark.slow  # 18 s at load 2, up to about a minute under load

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from datetime import date, timedelta
 from pathlib import Path
@@ -40,7 +37,7 @@ from libs.common.schemas import (
 from services.mirror.config import MirrorSettings
 from services.mirror.gauges import ParityGauges
 from services.mirror.reconciler import Reconciler, ScheduledReconciler
-from tests.helpers import eventually
+from tests.helpers import eventually, run_reconcile
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -214,26 +211,8 @@ async def test_reconcile_over_an_undisturbed_demo_day_prints_100_percent(
 
     out = tmp_path / "report.json"
     done = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "services.mirror",
-            "reconcile",
-            "--date",
-            "2013-10-07",
-            "--out",
-            str(out),
-            "--quiet",
-        ],
-        cwd=REPO,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
+        run_reconcile, *("--date", "2013-10-07", "--out", str(out), "--quiet"), env=env, timeout=90
     )
-    assert done.returncode == 0, done.stderr
     report = done.stdout
     first = report.splitlines()
     assert first[0] == "# Shadow-mode parity — 2013-10-07"

@@ -23,6 +23,7 @@ from devstack.mesh import Mesh, MeshOptions
 from devstack.secure import AclUser, Pki, SecureKafka, TlsRedisServer, deploy_acl_users, make_pki
 from libs.common.io.redis_io import connect_redis
 from libs.common.runtime.settings import CommonSettings, Secret
+from tests.helpers import run_reconcile
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "lean-equity-2013-10"
@@ -145,23 +146,17 @@ def test_the_mesh_runs_over_tls_acl_users_and_sasl_and_parity_holds(
     assert sum(n for topic, (n, _) in counts.items() if topic.startswith("ticks.")) > 0, counts
 
     # the reconciler, over TLS as the mirror's ACL user and over SASL_SSL
-    result = subprocess.run(
-        [sys.executable, "-m", "services.mirror", "reconcile", "--format", "json", "--no-vendor"],
+    result = run_reconcile(
+        *("--format", "json", "--no-vendor"),
         env={
-            **os.environ,
             **env,
             "TICKMESH_LOG_LEVEL": "warning",
             "TICKMESH_REDIS_URL": secure_stack.redis.url,
             "TICKMESH_KAFKA_BOOTSTRAP": secure_stack.kafka.bootstrap,
             "MIRROR_RECONCILE_MIN_AGE_S": "0",
         },
-        cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=180,
-        check=False,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     denied = asyncio.run(acl_denials(secure_stack))
     assert not denied, f"the reconciler was refused by the mirror's ACL: {denied}"
     report = msgspec.json.decode(result.stdout)
