@@ -20,6 +20,7 @@ from prometheus_client import Info as InfoMetric
 
 from libs.common.runtime.http import HealthServer
 from libs.common.runtime.logs import configure_logging
+from libs.common.runtime.loop import run_on_loop
 from libs.common.runtime.settings import SettingsError, SettingsT, public_view
 from libs.common.runtime.supervisor import RestartBudgetExceeded, Supervisor
 
@@ -133,6 +134,6 @@ def run_main(
         return await runtime.run()
 
     try:
-        return asyncio.run(main())
+        return run_on_loop(main(), settings.event_loop)
     except KeyboardInterrupt:
         return EXIT_OK

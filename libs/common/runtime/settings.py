@@ -39,6 +39,8 @@ from typing import (
 import msgspec
 from msgspec import Meta, Struct
 
+from libs.common.runtime.loop import EventLoop
+
 
 class Secret:
     """A secret string; never shown by repr, str or format. Use ``reveal()`` to read it."""
@@ -109,6 +111,9 @@ class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     )
     http_port: Annotated[int, Meta(ge=0, le=65535, description="port of the HTTP endpoint")] = 9100
     log_level: Annotated[LogLevel, Meta(description="log level")] = "info"
+    event_loop: Annotated[
+        EventLoop, Meta(description="asyncio event loop (uvloop: less CPU per message)")
+    ] = "uvloop"
     log_format: Annotated[
         LogFormat, Meta(description="log format (auto: JSON unless a terminal)")
     ] = "auto"

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from libs.common.market.sessions import parse_day
+from libs.common.runtime.loop import event_loop_from_env, run_on_loop
 from libs.common.runtime.settings import Secret
 from services.ingest.simulator.server import run_simulator
 from services.ingest.simulator.settings import (
@@ -247,6 +248,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
     """Serve with parsed ``simulate`` arguments until a signal or the feed's end."""
     try:
         settings = settings_from_args(args)
+        event_loop = event_loop_from_env()
     except ValueError as exc:
         print(f"simulator: {exc}", file=sys.stderr)
         return 2
@@ -254,7 +256,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
 
     configure_logging("ingest-simulator")
     try:
-        asyncio.run(_serve_until_signal(settings))
+        run_on_loop(_serve_until_signal(settings), event_loop)
     except FileNotFoundError as exc:
         print(f"simulator: {exc}", file=sys.stderr)
         return 2
