@@ -393,6 +393,9 @@ class Scenario:
     ) -> dict[str, Any]:
         """Start, wait for the data to flow through, stop, analyse (stack still up)."""
         profile_dir = self.args.profile
+        # the services append to their logs (a restart keeps its history): a scenario run
+        # again in the same --workdir starts from empty ones, or it would time the last run
+        shutil.rmtree(self.options.workdir, ignore_errors=True)
         with LocalStack() as stack:
             prepare(stack)
             probe = probe_factory(stack)
@@ -420,10 +423,12 @@ class Scenario:
                     wait(mesh, probe)
                 except (TimeoutError, ProcessExited) as exc:
                     self.notes.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+                result["consumers"] = consumer_reads(mesh)
                 if profilers:
                     result["profile"] = stop_profilers(profilers, profile_dir, self.label)
                 sampler.stop()
                 seen = probe.stop()
+                result["redisCalls"] = redis_calls(stack)
                 result.update(analyse(mesh, stack, seen, sampler))
             finally:
                 try:
@@ -643,6 +648,44 @@ def _final_seqs(stack: LocalStack, channels: list[str]) -> dict[str, int]:
     return asyncio.run(read())
 
 
+CONSUMER_READS = {
+    "delivered": "tickmesh_consumer_records_total",
+    "fromStreams": "tickmesh_consumer_backfilled_records_total",
+    "duplicates": "tickmesh_consumer_duplicates_total",
+    "dropped": "tickmesh_consumer_doorbells_dropped_total",
+}
+
+
+def consumer_reads(mesh: Mesh) -> dict[str, dict[str, int]]:
+    """Per Redis-fed service: records delivered, read from the streams, dropped as duplicates
+    (read twice: from pub/sub and from a stream) and pub/sub messages dropped at a full queue
+    (read, then thrown away: the stream has them)."""
+    out: dict[str, dict[str, int]] = {}
+    for name, service in mesh.services.items():
+        row = {key: int(service.metric_sum(metric)) for key, metric in CONSUMER_READS.items()}
+        if any(row.values()):
+            out[name] = row
+    return out
+
+
+def redis_calls(stack: LocalStack) -> dict[str, int]:
+    """Redis's own count of each command it ran on this stack (the probe's included)."""
+
+    async def read() -> dict[str, int]:
+        client = aioredis.Redis.from_url(stack.redis.url)
+        try:
+            stats = await client.info("commandstats")
+        finally:
+            await client.aclose()
+        return {
+            name.removeprefix("cmdstat_"): int(value["calls"])
+            for name, value in stats.items()
+            if isinstance(value, dict) and "calls" in value
+        }
+
+    return asyncio.run(read())
+
+
 def synthetic_symbols(count: int) -> list[str]:
     """The simulator's synthetic names (``S0001``...)."""
     width = max(4, len(str(count)))
@@ -805,6 +848,7 @@ def analyse_synthetic(
         "eventsPerFrame": round(events / frames, 1) if frames else None,
         "tradesPerRecord": round(trades / records_in_window, 2) if records_in_window else None,
         "recordsPerS": round(records_in_window / window_s) if window_s > 0 else None,
+        "tickRecords": published,
         "probeMissedRecords": published - observed,
         "channels": len(by_channel),
         "channelsInKafka": len(first_acks),

@@ -35,6 +35,34 @@ def _process_rows(processes: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def _redis_call_line(scenario: dict[str, Any], records: Any) -> list[str]:
+    """The commands Redis ran most, per tick record (how many round trips a record costs)."""
+    calls = scenario.get("redisCalls") or {}
+    if not calls or not records:
+        return []
+    top = sorted(calls.items(), key=lambda item: -item[1])[:8]
+    shown = ", ".join(f"{name} {count:,} ({count / records:.2f})" for name, count in top)
+    return [f"Redis commands in the run (per tick record): {shown}.", ""]
+
+
+def _consumer_lines(scenario: dict[str, Any]) -> list[str]:
+    """What each Redis-fed consumer read: delivered, from the streams, duplicates dropped."""
+    consumers = scenario.get("consumers") or {}
+    if not consumers:
+        return []
+    lines = [
+        "| consumer | delivered | read from the streams | duplicates dropped | "
+        "pub/sub dropped (queue full) |"
+    ]
+    lines.append("|---|---:|---:|---:|---:|")
+    for name, reads in sorted(consumers.items()):
+        lines.append(
+            f"| {name} | {reads['delivered']:,} | {reads['fromStreams']:,} | "
+            f"{reads['duplicates']:,} | {reads.get('dropped', 0):,} |"
+        )
+    return [*lines, ""]
+
+
 def _ratio(numerator: Any, denominator: Any) -> float | None:
     if isinstance(numerator, (int, float)) and isinstance(denominator, (int, float)):
         return numerator / denominator if denominator else None
@@ -76,6 +104,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"{_rate(to['recordsPerS'])} | {to['afterLastFrameS']} |"
             )
         lines.append("")
+        lines += _redis_call_line(day, day.get("tickRecords"))
+        lines += _consumer_lines(day)
         lines += _ceiling_lines(day, "redis", "kafka")
         if day.get("processes"):
             lines += ["", *_process_rows(day["processes"])]
@@ -110,6 +140,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{syn.get('allChannelsInKafkaAfterS') or '-'} s after the first frame ('-': never).",
             "",
         ]
+        lines += _redis_call_line(syn, syn.get("tickRecords"))
+        lines += _consumer_lines(syn)
         lines += _ceiling_lines(syn, None, None)
         if syn.get("processes"):
             lines += ["", *_process_rows(syn["processes"])]
