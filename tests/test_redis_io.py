@@ -196,3 +196,30 @@ async def test_a_batch_published_again_with_its_token_is_applied_once(
     reader = StreamReader(redis_client, Keys(prefix))
     assert [seq for seq, _ in await reader.read("ticks.A")] == [1, 2, 3]
     assert [seq for seq, _ in await reader.read("ticks.B")] == [1]
+
+
+async def test_read_many_reads_each_channel_as_asked_in_one_round_trip(
+    redis_client,
+    unique_name,  # type: ignore[no-untyped-def]
+) -> None:
+    keys = Keys(unique_name("k") + ":")
+    publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
+    a, b, c, empty = (f"ticks.{unique_name(s)}" for s in ("A", "B", "C", "E"))
+    await publisher.publish_many([(a, batch("A")) for _ in range(5)])
+    await publisher.publish_many([(b, batch("B")) for _ in range(3)])
+    await publisher.publish_many([(c, batch("C")) for _ in range(6)])
+    reader = StreamReader(redis_client, keys)
+    before = (await redis_client.info("commandstats")).get("cmdstat_xrange", {}).get("calls", 0)
+    replies = await reader.read_many(
+        [
+            (a, 1, 4, 3),  # all it is behind up to its top (4): the 5th stays unread
+            (b, 0, 3, 3),  # all of it
+            (c, 2, 6, 2),  # fewer than it is behind (the batch's room): its own range
+            (empty, 0, 2, 2),  # a counter ahead of its stream: nothing to read
+        ]
+    )
+    seqs = [[seq for seq, _ in records] for records in replies]
+    assert seqs == [[2, 3, 4], [1, 2, 3], [3, 4], []]
+    assert all(seq_of(payload) == seq for records in replies for seq, payload in records)
+    after = (await redis_client.info("commandstats")).get("cmdstat_xrange", {}).get("calls", 0)
+    assert after - before == 1  # only the room-limited channel; the others in one XREAD

@@ -13,9 +13,10 @@ unsubscribes until the sweeps have caught up (``pause_pubsub_when_behind``): par
 that would be dropped anyway only slows the catch-up, and a subscriber that does not read is
 one Redis would cut at its output-buffer limit. A periodic sweep compares every matching
 channel's newest sequence (its publish counter, all channels in one ``MGET``) with the
-position and reads what is missing (every channel behind in one pipeline), which also covers
-messages lost while the connection was down (redis-py re-subscribes silently; the consumer
-notices, counts and logs it) and whatever was published while the consumer was not running.
+position and reads what is missing (every channel behind in one round trip, most of them in
+one multi-stream ``XREAD``), which also covers messages lost while the connection was down
+(redis-py re-subscribes silently; the consumer notices, counts and logs it) and whatever was
+published while the consumer was not running.
 Positions are kept durably per consumer name once the caller ``commit``s them, after its own
 downstream write, so a crash re-delivers (at least once) and never skips. A caller whose
 downstream write failed calls ``rewind``: delivery restarts from the committed positions,
