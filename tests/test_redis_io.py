@@ -44,7 +44,6 @@ async def test_publish_assigns_gapless_per_channel_sequences_in_one_round_trip(
     assert await reader.read(a, after_seq=1) == records[1:]
 
 
-@pytest.mark.timeout(10)
 async def script_commands(redis_client) -> int:  # type: ignore[no-untyped-def]
     """SCRIPT EXISTS / LOAD calls the server has run so far."""
     stats = await redis_client.info("commandstats")
