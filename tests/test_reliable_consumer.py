@@ -371,7 +371,8 @@ async def test_a_subscriber_cut_by_redis_is_noticed_and_nothing_is_lost(
                 tiny_buffer_redis.url, keys, "ticks.E", tick_record("E", 40), sent
             )
             # the reader's event loop is blocked while megabytes are published to it: Redis
-            # cuts the subscriber at its 64 kB limit and redis-py re-subscribes silently
+            # cuts the subscriber at its 64 kB limit; the read fails (a subscriber error) or a
+            # command's retry reconnects and re-subscribes (a resubscribe): either is counted
             thread.join(timeout=60)
             await eventually(lambda: len(collector.seqs("ticks.E")) == sent, timeout=30)
             await eventually(

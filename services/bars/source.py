@@ -14,6 +14,7 @@ offset on Kafka. Implementations: ``redis_source.RedisTickSource`` (primary) and
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -28,8 +29,10 @@ BarSink = Callable[[list[Bar]], Awaitable[None]]
 """Where the builder's bars go (``sinks``): Redis channels and the bar store, or Kafka."""
 
 
+@functools.lru_cache(maxsize=100_000)
 def tick_symbol(channel: str) -> str:
-    """The symbol of a tick channel or topic: ``ticks.BRK.B`` -> ``BRK.B``."""
+    """The symbol of a tick channel or topic: ``ticks.BRK.B`` -> ``BRK.B`` (asked for every
+    record, so remembered per channel)."""
     return names.symbol_of(names.TICKS, channel) or channel
 
 

@@ -12,6 +12,8 @@ tag of the channel, so a channel's sequence and stream live in one cluster slot.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, cast
@@ -20,7 +22,7 @@ import msgspec
 import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from redis.asyncio.client import Pipeline
+from redis.asyncio.client import Pipeline, PubSub
 from redis.exceptions import BusyLoadingError, NoScriptError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -422,6 +424,39 @@ class StreamReader:
         return sorted(found)
 
 
+async def next_message(pubsub: PubSub, timeout_s: float | None) -> tuple[bytes, bytes] | None:
+    """The next ``(channel, payload)`` a subscription receives; ``None`` when ``timeout_s``
+    passed first (``None``: wait as long as it takes) or the reply was not a message (a
+    subscription's confirmation, a health check's answer: given to redis-py's bookkeeping).
+
+    redis-py's ``get_message`` wraps every read in its retry layer, a health check, a dict
+    and an observability hook: half of a busy subscriber's read cost. This reads the
+    connection itself and keeps the health check (a PING at redis-py's interval). A broken
+    connection raises (``RETRIABLE``) instead of being reconnected and re-subscribed behind
+    the caller's back: the caller subscribes again and reads what it missed from the streams.
+    """
+    conn = pubsub.connection
+    if conn is None:
+        raise RuntimeError("read before subscribing")
+    if conn.health_check_interval and asyncio.get_running_loop().time() > conn.next_health_check:
+        await pubsub.check_health()
+    response = await conn.read_response(
+        timeout=math.inf if timeout_s is None else timeout_s,
+        disconnect_on_error=False,
+        push_request=True,
+    )
+    if response is None:
+        return None
+    if isinstance(response, list):  # a list, or hiredis's PushNotification (a list)
+        kind = response[0]
+        if kind == b"message":
+            return response[1], response[2]
+        if kind == b"pmessage":
+            return response[2], response[3]
+    await pubsub.handle_message(response, ignore_subscribe_messages=True)
+    return None
+
+
 class Subscriber:
     """Pattern subscription yielding ``(channel, payload)`` pairs."""
 
@@ -440,11 +475,5 @@ class Subscriber:
     async def messages(self, timeout_s: float = 1.0) -> AsyncIterator[tuple[str, bytes] | None]:
         """Yield messages; ``None`` when ``timeout_s`` passes with none (lets callers tick)."""
         while True:
-            message = await self._pubsub.get_message(timeout=timeout_s)
-            if message is None:
-                yield None
-                continue
-            if message["type"] not in ("pmessage", "message"):
-                continue
-            channel = message["channel"]
-            yield (channel.decode() if isinstance(channel, bytes) else channel), message["data"]
+            message = await next_message(self._pubsub, timeout_s)
+            yield None if message is None else (message[0].decode(), message[1])

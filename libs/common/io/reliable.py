@@ -15,8 +15,9 @@ one Redis would cut at its output-buffer limit. A periodic sweep compares every 
 channel's newest sequence (its publish counter, all channels in one ``MGET``) with the
 position and reads what is missing (every channel behind in one round trip, most of them in
 one multi-stream ``XREAD``), which also covers messages lost while the connection was down
-(redis-py re-subscribes silently; the consumer notices, counts and logs it) and whatever was
-published while the consumer was not running.
+(the read fails and the consumer subscribes again, or a command's retry in redis-py
+reconnects and re-subscribes; either way the consumer notices, counts and logs it) and
+whatever was published while the consumer was not running.
 Positions are kept durably per consumer name once the caller ``commit``s them, after its own
 downstream write, so a crash re-delivers (at least once) and never skips. A caller whose
 downstream write failed calls ``rewind``: delivery restarts from the committed positions,
@@ -35,29 +36,31 @@ import fnmatch
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry
 
 from libs.common.io.consumer_metrics import ConsumerMetrics
-from libs.common.io.redis_io import RETRIABLE, StreamReader
+from libs.common.io.redis_io import RETRIABLE, StreamReader, next_message
 from libs.common.names import Keys, channel_kind
 from libs.common.schemas import seq_of
 
 log = structlog.get_logger("tickmesh.reliable")
 
 
-def raise_if_cancelled() -> None:
+def raise_if_cancelled(task: asyncio.Task[Any] | None = None) -> None:
     """Raise ``CancelledError`` if this task was asked to stop and a library lost the request.
 
     On Python 3.11 ``asyncio.wait_for`` (which redis-py uses around socket writes) returns the
     result when its inner call finishes at the same moment as a cancellation, and the
     cancellation is gone; ``Task.cancelling()`` still counts it. A loop that calls this at
-    each turn ends as asked instead of running forever.
+    each turn ends as asked instead of running forever; a hot loop passes its ``task`` (looked
+    up once) rather than have it looked up at every turn.
     """
-    task = asyncio.current_task()
+    if task is None:
+        task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError("cancellation requested earlier (lost by a library call)")
 
@@ -232,6 +235,7 @@ class SequencedConsumer:
             await self._found.wait()
 
     async def _read_pubsub(self) -> None:
+        task = asyncio.current_task()
         delay = 0.1
         resumed = False
         # own channels found meanwhile are subscribed to between two reads; a pattern
@@ -263,17 +267,17 @@ class SequencedConsumer:
                 delay = 0.1
                 queue = self._queue
                 while True:
-                    raise_if_cancelled()
+                    raise_if_cancelled(task)
                     if self._unsubscribed:
                         fresh = sorted(self._unsubscribed)
                         self._unsubscribed.clear()
                         await pubsub.subscribe(*fresh)
-                    message = await pubsub.get_message(timeout=poll_s)
-                    if message is None or message["type"] not in ("message", "pmessage"):
+                    message = await next_message(pubsub, poll_s)
+                    if message is None:
                         continue
-                    channel = message["channel"].decode(errors="replace")
+                    channel = message[0].decode(errors="replace")
                     if len(queue) < self.queue_max:
-                        queue.append((channel, message["data"]))
+                        queue.append((channel, message[1]))
                         self._wakeup.set()
                         continue
                     self._m_dropped.inc()
