@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from libs.common.io.barstore import BarStore
 from libs.common.io.redis_io import (
@@ -13,6 +15,7 @@ from libs.common.io.redis_io import (
     StreamReader,
     Subscriber,
     connect_redis,
+    next_message,
     record_tail,
     redact_url,
 )
@@ -222,3 +225,33 @@ async def test_read_many_reads_each_channel_as_asked_in_one_round_trip(
     assert all(seq_of(payload) == seq for records in replies for seq, payload in records)
     after = (await redis_client.info("commandstats")).get("cmdstat_xrange", {}).get("calls", 0)
     assert after - before == 1  # only the room-limited channel; the others in one XREAD
+
+
+async def test_next_message_reads_messages_keeps_the_health_check_and_raises_on_a_cut(
+    redis_url: str,
+    redis_client,
+    unique_name,  # type: ignore[no-untyped-def]
+) -> None:
+    channel = unique_name("nm")
+    client = aioredis.Redis.from_url(redis_url, health_check_interval=1, client_name=channel)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.psubscribe(f"{channel}.*")
+        assert await next_message(pubsub, 0.5) is None  # the subscription's confirmation
+        await redis_client.publish(f"{channel}.a", b"one")
+        assert await next_message(pubsub, 2) == (f"{channel}.a".encode(), b"one")
+        pings = (await redis_client.info("commandstats"))["cmdstat_ping"]["calls"]
+        await asyncio.sleep(1.2)  # past the health-check interval
+        assert await next_message(pubsub, 0.5) is None  # the PING's answer, not a message
+        assert (await redis_client.info("commandstats"))["cmdstat_ping"]["calls"] > pings
+        await redis_client.publish(f"{channel}.b", b"two")
+        assert await next_message(pubsub, 2) == (f"{channel}.b".encode(), b"two")
+        listed = await redis_client.client_list()
+        (mine,) = [c["id"] for c in listed if c["name"] == channel]
+        await redis_client.client_kill_filter(_id=mine)
+        with pytest.raises(RedisConnectionError):
+            for _ in range(10):  # the cut, not a quiet read, ends the loop
+                await next_message(pubsub, 0.5)
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
