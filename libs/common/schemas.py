@@ -25,8 +25,12 @@ EpochMs = Annotated[int, Meta(ge=0, le=MAX_EPOCH_MS)]
 instead of reaching the calendar arithmetic of a consumer, which cannot represent it."""
 
 
-class Trade(Struct, frozen=True, omit_defaults=True):
+class Trade(Struct, frozen=True, omit_defaults=True, gc=False):
     """One trade print, with Polygon's field names (``T`` event without ``ev``).
+
+    Like ``Quote`` and ``VendorAggregate``, it holds only numbers, strings and a tuple of
+    ints, so it can never be part of a reference cycle: ``gc=False`` keeps the hundreds of
+    thousands a service holds out of the cyclic collector's scans.
 
     ``c`` holds Polygon trade-condition ids. ``suspicious`` marks a print the data vendor
     judged suspicious (only known for vendor tick files). When tickmesh saw it is the
@@ -53,7 +57,7 @@ class Trade(Struct, frozen=True, omit_defaults=True):
         return f"{self.x}:{self.trfi or ''}:{self.i}"
 
 
-class Quote(Struct, frozen=True, omit_defaults=True):
+class Quote(Struct, frozen=True, omit_defaults=True, gc=False):
     """One NBBO quote, with Polygon's field names (``Q`` event without ``ev``)."""
 
     sym: str
@@ -70,7 +74,7 @@ class Quote(Struct, frozen=True, omit_defaults=True):
     z: int = 0
 
 
-class VendorAggregate(Struct, frozen=True, omit_defaults=True):
+class VendorAggregate(Struct, frozen=True, omit_defaults=True, gc=False):
     """The vendor's own second or minute aggregate (Polygon ``A`` / ``AM``)."""
 
     sym: str

@@ -20,7 +20,7 @@ from prometheus_client import Info as InfoMetric
 
 from libs.common.runtime.http import HealthServer
 from libs.common.runtime.logs import configure_logging
-from libs.common.runtime.loop import run_on_loop
+from libs.common.runtime.loop import run_on_loop, tune_gc
 from libs.common.runtime.settings import SettingsError, SettingsT, public_view
 from libs.common.runtime.supervisor import RestartBudgetExceeded, Supervisor
 
@@ -115,6 +115,7 @@ def run_main(
 ) -> int:
     """Configure logging, build the actors with ``build`` and serve; returns the exit code."""
     configure_logging(service, settings.log_level, settings.log_format)
+    tune_gc(settings.gc_gen0_threshold)
 
     async def main() -> int:
         runtime: ServiceRuntime[SettingsT] = ServiceRuntime(service, settings)

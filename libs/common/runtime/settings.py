@@ -39,7 +39,7 @@ from typing import (
 import msgspec
 from msgspec import Meta, Struct
 
-from libs.common.runtime.loop import EventLoop
+from libs.common.runtime.loop import GC_GEN0_THRESHOLD, EventLoop
 
 
 class Secret:
@@ -114,6 +114,14 @@ class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     event_loop: Annotated[
         EventLoop, Meta(description="asyncio event loop (uvloop: less CPU per message)")
     ] = "uvloop"
+    gc_gen0_threshold: Annotated[
+        int,
+        Meta(
+            ge=0,
+            description="allocations between young-generation garbage collections "
+            "(0: Python's 700)",
+        ),
+    ] = GC_GEN0_THRESHOLD
     log_format: Annotated[
         LogFormat, Meta(description="log format (auto: JSON unless a terminal)")
     ] = "auto"

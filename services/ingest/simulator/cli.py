@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from libs.common.market.sessions import parse_day
-from libs.common.runtime.loop import event_loop_from_env, run_on_loop
+from libs.common.runtime.loop import event_loop_from_env, run_on_loop, tune_gc
 from libs.common.runtime.settings import Secret
 from services.ingest.simulator.server import run_simulator
 from services.ingest.simulator.settings import (
@@ -255,6 +255,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
     from libs.common.runtime.logs import configure_logging
 
     configure_logging("ingest-simulator")
+    tune_gc()
     try:
         run_on_loop(_serve_until_signal(settings), event_loop)
     except FileNotFoundError as exc:
