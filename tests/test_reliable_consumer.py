@@ -397,3 +397,73 @@ async def test_a_subscriber_cut_by_redis_is_noticed_and_nothing_is_lost(
         ) > 0
     finally:
         await client.aclose()
+
+
+async def write_without_doorbell(
+    client: aioredis.Redis, keys: Keys, channel: str, seq: int, symbol: str
+) -> bytes:
+    """What the publish script does for record ``seq`` of ``channel`` but its PUBLISH: the
+    counter and the stream have it, its pub/sub message is still on the way (or lost)."""
+    payload = msgspec.json.encode(msgspec.structs.replace(tick_record(symbol), seq=seq))
+    await client.incr(keys.seq(channel))
+    await client.xadd(keys.stream(channel), {"d": payload}, id=f"0-{seq}")
+    return payload
+
+
+async def test_a_sweep_leaves_to_pubsub_what_pubsub_is_still_delivering(
+    redis_client: aioredis.Redis, keys: Keys, unique_name
+) -> None:
+    quiet, busy = f"ticks.{unique_name('Q')}", f"ticks.{unique_name('B')}"
+    publisher = Publisher(redis_client, keys=keys)
+    for channel in (quiet, busy):
+        await publisher.publish(channel, tick_record("A"))
+    registry = CollectorRegistry()
+    consumer = SequencedConsumer(
+        redis_client,
+        "c-flight",
+        ["ticks.*"],
+        keys=keys,
+        batch_max=2,
+        sweep_interval_s=30,  # no periodic sweep after the opening one
+        registry=registry,
+    )
+    async with Collector(consumer) as collector:
+        await eventually(lambda: collector.seqs(quiet) == collector.seqs(busy) == [1], timeout=10)
+        # quiet's record 2 is published, its message not yet arrived
+        in_flight = await write_without_doorbell(redis_client, keys, quiet, 2, "A")
+        # busy jumps from 1 to 5: longer than a batch's room, so a sweep runs at once
+        for seq in (2, 3, 4):
+            await write_without_doorbell(redis_client, keys, busy, seq, "A")
+        await publisher.publish(busy, tick_record("A"))
+        await eventually(lambda: collector.seqs(busy) == [1, 2, 3, 4, 5], timeout=10)
+        assert collector.seqs(quiet) == [1]  # the sweep left it to pub/sub
+        await redis_client.publish(quiet, in_flight)  # the message arrives
+        await eventually(lambda: collector.seqs(quiet) == [1, 2], timeout=10)
+    # read once, from pub/sub: not from the stream as well (then its message is a duplicate)
+    duplicates = registry.get_sample_value(
+        "tickmesh_consumer_duplicates_total", {"consumer": "c-flight"}
+    )
+    assert duplicates == 0
+
+
+async def test_a_record_pubsub_never_delivered_is_read_from_its_stream(
+    redis_client: aioredis.Redis, keys: Keys, unique_name
+) -> None:
+    channel = f"ticks.{unique_name('MISS')}"
+    publisher = Publisher(redis_client, keys=keys)
+    registry = CollectorRegistry()
+    consumer = SequencedConsumer(
+        redis_client, "c-miss", ["ticks.*"], keys=keys, sweep_interval_s=0.1, registry=registry
+    )
+    async with Collector(consumer) as collector:
+        await publisher.publish(channel, tick_record("A"))
+        await eventually(lambda: collector.seqs(channel) == [1], timeout=10)
+        # the channel's last record, its message lost (no later message reveals the gap)
+        await write_without_doorbell(redis_client, keys, channel, 2, "A")
+        await eventually(lambda: collector.seqs(channel) == [1, 2], timeout=10)
+    assert (
+        registry.get_sample_value(
+            "tickmesh_consumer_backfilled_records_total", {"consumer": "c-miss"}
+        )
+        == 1
+    )

@@ -146,6 +146,13 @@ class SequencedConsumer:
         self._dirty: set[str] = set()
         self._known: set[str] = set()
         self._last_sweep = 0.0
+        self._sweep_all = True
+        """The next sweep reads every channel up to its newest record (pub/sub may have lost
+        some); otherwise only what was published before the last periodic sweep."""
+        self._settled: dict[str, int] = {}
+        """Each channel's newest sequence at the last periodic sweep: anything up to it is
+        at least a sweep interval old, and pub/sub has had its chance to deliver it."""
+        self._last_periodic = 0.0
         self._last_discover = 0.0
         self._subscriber_task: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
@@ -227,6 +234,7 @@ class SequencedConsumer:
             action="reading what was sent meanwhile from the streams",
         )
         self._last_sweep = 0.0
+        self._sweep_all = True
         self._wakeup.set()
 
     async def _wait_for_channels(self) -> None:
@@ -263,6 +271,7 @@ class SequencedConsumer:
                     resumed = False
                     self.log.info("consumer.pubsub_resumed")
                     self._last_sweep = 0.0  # read what was published before the subscription
+                    self._sweep_all = True
                     self._wakeup.set()
                 delay = 0.1
                 queue = self._queue
@@ -299,6 +308,7 @@ class SequencedConsumer:
                 self._m_disconnects.inc()
                 self.log.warning("consumer.subscriber_error", error=repr(exc), retry_s=delay)
                 self._last_sweep = 0.0  # sweep as soon as possible: messages may be lost
+                self._sweep_all = True
                 self._wakeup.set()
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
@@ -402,34 +412,54 @@ class SequencedConsumer:
         # each channel's newest sequence is its publish counter (the script moves it and the
         # stream together): one MGET instead of a stream read per channel
         tops = await self.client.mget([self.keys.seq(channel) for channel in channels])
+        # A record newer than the last periodic sweep may still be on its way through pub/sub
+        # (or in the local queue): reading it from the stream too would read it twice. Such
+        # records are left to pub/sub unless the channel is dirty (a gap, a new channel) or
+        # pub/sub may have lost some (paused, cut, resubscribed, rewound): then the channel
+        # is read up to its newest record.
+        now = self._last_sweep
+        periodic = now - self._last_periodic >= self.sweep_interval_s
+        to_newest = self._sweep_all or self._pubsub_paused
+        self._sweep_all = False
+        settled = self._settled
+        dirty = self._dirty
         out: list[Record] = []
         behind = 0
         still_behind: set[str] = set()
         # what each channel behind gets of the batch's room, read in one round trip
         requests: list[tuple[str, int, int, int]] = []
         room = self.batch_max
+        newest_of: dict[str, int] = {}
         for channel, top in zip(channels, tops, strict=True):
-            newest = int(top) if top else 0
+            newest = newest_of[channel] = int(top) if top else 0
             position = self.positions.get(channel, 0)
             if newest > position:
                 behind += newest - position
-                count = min(newest - position, room)
+            if to_newest or channel in dirty:
+                target = newest
+            else:
+                target = min(newest, settled.get(channel, 0))
+            if target > position:
+                count = min(target - position, room)
                 if count > 0:
-                    requests.append((channel, position, newest, count))
+                    requests.append((channel, position, target, count))
                     room -= count
                 still_behind.add(channel)
+        if periodic:
+            self._last_periodic = now
+            self._settled = newest_of
         replies = await self.reader.read_many(requests)
-        for (channel, position, newest, count), entries in zip(requests, replies, strict=True):
+        for (channel, position, target, count), entries in zip(requests, replies, strict=True):
             reached = entries[-1][0] if entries else position
             if entries and entries[0][0] != position + 1:
                 self._note_lost(channel, position, entries[0][0] - position - 1)
-            if len(entries) < count and reached < newest:
+            if len(entries) < count and reached < target:
                 # the counter is ahead of what the stream holds: those records are gone
-                self._note_lost(channel, reached, newest - reached)
-                reached = newest
+                self._note_lost(channel, reached, target - reached)
+                reached = target
             out.extend(Record(channel, seq, payload) for seq, payload in entries)
             self.positions[channel] = reached
-            if reached >= newest:
+            if reached >= target:
                 still_behind.discard(channel)
         self._m_stream.inc(len(out))
         self._dirty = still_behind
@@ -536,6 +566,7 @@ class SequencedConsumer:
         self._queue.clear()
         self._dirty |= set(self.positions)
         self._last_sweep = 0.0
+        self._sweep_all = True
         self._wakeup.set()
         self.log.info("consumer.rewound", channels=len(self.positions))
 
