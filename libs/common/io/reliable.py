@@ -411,16 +411,17 @@ class SequencedConsumer:
         channels = channels[self._sweep_start :] + channels[: self._sweep_start]
         # each channel's newest sequence is its publish counter (the script moves it and the
         # stream together): one MGET instead of a stream read per channel
-        tops = await self.client.mget([self.keys.seq(channel) for channel in channels])
         # A record newer than the last periodic sweep may still be on its way through pub/sub
         # (or in the local queue): reading it from the stream too would read it twice. Such
         # records are left to pub/sub unless the channel is dirty (a gap, a new channel) or
         # pub/sub may have lost some (paused, cut, resubscribed, rewound): then the channel
-        # is read up to its newest record.
-        now = self._last_sweep
-        periodic = now - self._last_periodic >= self.sweep_interval_s
+        # is read up to its newest record. (The flag is taken before the round trip: one set
+        # meanwhile applies to the next sweep.)
         to_newest = self._sweep_all or self._pubsub_paused
         self._sweep_all = False
+        tops = await self.client.mget([self.keys.seq(channel) for channel in channels])
+        now = self._last_sweep
+        periodic = now - self._last_periodic >= self.sweep_interval_s
         settled = self._settled
         dirty = self._dirty
         out: list[Record] = []
