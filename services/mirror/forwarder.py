@@ -306,10 +306,16 @@ class Forwarder(Component):
             kinds[target.kind] = kinds.get(target.kind, 0) + 1
         if new_specs:
             await self._ensure(list(new_specs.values()))
-        await self._learn_partitions({topic for topic, *_ in outgoing})
         groups: dict[TopicPartition, list[tuple[bytes | None, bytes, int, str]]] = {}
+        partitions = self._partitions
+        learned = False
         for topic, key, value, seq, channel in outgoing:
-            tp = await self._partition_of(topic, key)
+            tp = partitions.get((topic, key))
+            if tp is None:
+                if not learned:  # the batch's unknown topics, in one metadata request
+                    await self._learn_partitions({name for name, *_ in outgoing})
+                    learned = True
+                tp = await self._partition_of(topic, key)
             group = groups.get(tp)
             if group is None:
                 group = groups[tp] = []

@@ -280,13 +280,13 @@ class Publisher:
 
         try:
             if not transaction and not self._loaded:
-                script.sha = await self.client.script_load(_PUBLISH_LUA)
+                await self.client.script_load(_PUBLISH_LUA)  # the same text: the same sha
                 self._loaded = True
             try:
                 results = await send()
             except NoScriptError:
                 # the server lost its script cache (nothing of the batch ran): load, send again
-                script.sha = await self.client.script_load(_PUBLISH_LUA)
+                await self.client.script_load(_PUBLISH_LUA)
                 results = await send()
         except Exception:
             self._loaded = False
@@ -473,7 +473,8 @@ class Subscriber:
         await self._pubsub.aclose()
 
     async def messages(self, timeout_s: float = 1.0) -> AsyncIterator[tuple[str, bytes] | None]:
-        """Yield messages; ``None`` when ``timeout_s`` passes with none (lets callers tick)."""
+        """Yield messages; ``None`` when ``timeout_s`` passes with none (lets callers tick) or
+        a reply was not a message (a subscription's confirmation)."""
         while True:
             message = await next_message(self._pubsub, timeout_s)
             yield None if message is None else (message[0].decode(), message[1])

@@ -233,6 +233,11 @@ class SequencedConsumer:
             "past its output-buffer limit) and re-established",
             action="reading what was sent meanwhile from the streams",
         )
+        self._sweep_everything_now()
+
+    def _sweep_everything_now(self) -> None:
+        """Pub/sub may have lost messages (a cut, a resubscription, a rewind): sweep at once,
+        every channel up to its newest record."""
         self._last_sweep = 0.0
         self._sweep_all = True
         self._wakeup.set()
@@ -270,9 +275,7 @@ class SequencedConsumer:
                 if resumed:
                     resumed = False
                     self.log.info("consumer.pubsub_resumed")
-                    self._last_sweep = 0.0  # read what was published before the subscription
-                    self._sweep_all = True
-                    self._wakeup.set()
+                    self._sweep_everything_now()  # what was published before the subscription
                 delay = 0.1
                 queue = self._queue
                 while True:
@@ -307,9 +310,7 @@ class SequencedConsumer:
             except RETRIABLE as exc:
                 self._m_disconnects.inc()
                 self.log.warning("consumer.subscriber_error", error=repr(exc), retry_s=delay)
-                self._last_sweep = 0.0  # sweep as soon as possible: messages may be lost
-                self._sweep_all = True
-                self._wakeup.set()
+                self._sweep_everything_now()
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
             finally:
@@ -409,8 +410,6 @@ class SequencedConsumer:
         # the others of the batch's room
         self._sweep_start = (self._sweep_start + 1) % len(channels)
         channels = channels[self._sweep_start :] + channels[: self._sweep_start]
-        # each channel's newest sequence is its publish counter (the script moves it and the
-        # stream together): one MGET instead of a stream read per channel
         # A record newer than the last periodic sweep may still be on its way through pub/sub
         # (or in the local queue): reading it from the stream too would read it twice. Such
         # records are left to pub/sub unless the channel is dirty (a gap, a new channel) or
@@ -419,6 +418,8 @@ class SequencedConsumer:
         # meanwhile applies to the next sweep.)
         to_newest = self._sweep_all or self._pubsub_paused
         self._sweep_all = False
+        # each channel's newest sequence is its publish counter (the script moves it and the
+        # stream together): one MGET instead of a stream read per channel
         tops = await self.client.mget([self.keys.seq(channel) for channel in channels])
         now = self._last_sweep
         periodic = now - self._last_periodic >= self.sweep_interval_s
@@ -566,9 +567,7 @@ class SequencedConsumer:
         }
         self._queue.clear()
         self._dirty |= set(self.positions)
-        self._last_sweep = 0.0
-        self._sweep_all = True
-        self._wakeup.set()
+        self._sweep_everything_now()
         self.log.info("consumer.rewound", channels=len(self.positions))
 
     async def commit(self, records: Iterable[Record]) -> None:
