@@ -25,6 +25,18 @@ from libs.common.schemas import Bar, TickBatch, Trade, decode, seq_of
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture
+def keys(unique_name) -> Keys:  # type: ignore[no-untyped-def]
+    """Key names of this test only."""
+    return Keys(unique_name("k") + ":")
+
+
+@pytest.fixture
+def publisher(redis_client, keys: Keys) -> Publisher:  # type: ignore[no-untyped-def]
+    """A publisher into this test's keys, with metrics of its own."""
+    return Publisher(redis_client, keys=keys, registry=CollectorRegistry())
+
+
 def batch(sym: str, price: float = 1.0) -> TickBatch:
     return TickBatch(0, sym, [Trade(sym, price, 100, 1_381_152_600_000)])
 
@@ -32,9 +44,9 @@ def batch(sym: str, price: float = 1.0) -> TickBatch:
 async def test_publish_assigns_gapless_per_channel_sequences_in_one_round_trip(
     redis_client,
     unique_name,  # type: ignore[no-untyped-def]
+    keys: Keys,
+    publisher: Publisher,
 ) -> None:
-    keys = Keys(unique_name("k") + ":")
-    publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
     a, b = f"ticks.{unique_name('A')}", f"ticks.{unique_name('B')}"
     seqs = await publisher.publish_many([(a, batch("A")), (b, batch("B")), (a, batch("A"))])
     assert seqs == [1, 1, 2]
@@ -71,9 +83,9 @@ async def test_the_script_is_loaded_once_not_checked_at_every_publish(
 async def test_a_flushed_script_cache_is_reloaded_and_nothing_is_applied_twice(
     redis_client,
     unique_name,  # type: ignore[no-untyped-def]
+    keys: Keys,
+    publisher: Publisher,
 ) -> None:
-    keys = Keys(unique_name("k") + ":")
-    publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
     channel = f"ticks.{unique_name('F')}"
     assert await publisher.publish_many([(channel, batch("F"))]) == [1]
     await redis_client.script_flush()  # as after a server restart, or by an operator
@@ -87,9 +99,9 @@ async def test_a_flushed_script_cache_is_reloaded_and_nothing_is_applied_twice(
 async def test_interleaved_channels_get_their_own_sequences(
     redis_client,
     unique_name,  # type: ignore[no-untyped-def]
+    keys: Keys,
+    publisher: Publisher,
 ) -> None:
-    keys = Keys(unique_name("k") + ":")
-    publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
     channels = [f"ticks.{unique_name('C')}" for _ in range(3)]
     items = [(channels[i % 3], batch(f"C{i}")) for i in range(10)]
     assert await publisher.publish_many(items) == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4]
@@ -98,9 +110,9 @@ async def test_interleaved_channels_get_their_own_sequences(
     assert [decode(payload, TickBatch).sym for _, payload in first] == ["C0", "C3", "C6", "C9"]
 
 
-async def test_pubsub_carries_the_same_bytes_as_the_stream(redis_client, unique_name) -> None:  # type: ignore[no-untyped-def]
-    keys = Keys(unique_name("k") + ":")
-    publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
+async def test_pubsub_carries_the_same_bytes_as_the_stream(
+    redis_client, unique_name, keys: Keys, publisher: Publisher
+) -> None:  # type: ignore[no-untyped-def]
     channel = f"ticks.{unique_name('S')}"
     async with Subscriber(redis_client, [channel]) as subscriber:
         await asyncio.sleep(0.05)
@@ -113,9 +125,9 @@ async def test_pubsub_carries_the_same_bytes_as_the_stream(redis_client, unique_
             break
 
 
-async def test_sequence_survives_a_lost_counter_key(redis_client, unique_name) -> None:  # type: ignore[no-untyped-def]
-    keys = Keys(unique_name("k") + ":")
-    publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
+async def test_sequence_survives_a_lost_counter_key(
+    redis_client, unique_name, keys: Keys, publisher: Publisher
+) -> None:  # type: ignore[no-untyped-def]
     channel = f"ticks.{unique_name('S')}"
     await publisher.publish_many([(channel, batch("S"))] * 3)
     await redis_client.delete(keys.seq(channel))
@@ -203,9 +215,9 @@ async def test_a_batch_published_again_with_its_token_is_applied_once(
 async def test_read_many_reads_each_channel_as_asked_in_one_round_trip(
     redis_client,
     unique_name,  # type: ignore[no-untyped-def]
+    keys: Keys,
+    publisher: Publisher,
 ) -> None:
-    keys = Keys(unique_name("k") + ":")
-    publisher = Publisher(redis_client, keys=keys, registry=CollectorRegistry())
     a, b, c, empty = (f"ticks.{unique_name(s)}" for s in ("A", "B", "C", "E"))
     await publisher.publish_many([(a, batch("A")) for _ in range(5)])
     await publisher.publish_many([(b, batch("B")) for _ in range(3)])

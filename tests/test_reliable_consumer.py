@@ -34,6 +34,17 @@ def tick_record(symbol: str, count: int = 1) -> TickBatch:
     )
 
 
+async def write_without_doorbell(
+    client: aioredis.Redis, keys: Keys, channel: str, seq: int, symbol: str
+) -> bytes:
+    """What the publish script does for record ``seq`` of ``channel`` but its PUBLISH: the
+    counter and the stream have it, its pub/sub message is still on the way (or lost)."""
+    payload = msgspec.json.encode(msgspec.structs.replace(tick_record(symbol), seq=seq))
+    await client.incr(keys.seq(channel))
+    await client.xadd(keys.stream(channel), {"d": payload}, id=f"0-{seq}")
+    return payload
+
+
 class Collector:
     """Runs ``batches()`` in a task and keeps what it delivered."""
 
@@ -70,11 +81,16 @@ async def keys(unique_name) -> Keys:  # type: ignore[no-untyped-def]
     return Keys(unique_name("tm") + ":")
 
 
+@pytest.fixture
+def publisher(redis_client: aioredis.Redis, keys: Keys) -> Publisher:
+    """A publisher into this test's keys."""
+    return Publisher(redis_client, keys=keys)
+
+
 async def test_delivers_in_order_and_reads_what_was_published_before_it_started(
-    redis_client: aioredis.Redis, keys: Keys, unique_name
+    redis_client: aioredis.Redis, keys: Keys, unique_name, publisher: Publisher
 ) -> None:
     channel = f"ticks.{unique_name('A')}"
-    publisher = Publisher(redis_client, keys=keys)
     for _ in range(5):
         await publisher.publish(channel, tick_record("A"))
     consumer = SequencedConsumer(
@@ -93,11 +109,10 @@ async def test_delivers_in_order_and_reads_what_was_published_before_it_started(
 
 
 async def test_a_shard_subscribes_to_its_own_channels_only_and_finds_new_ones(
-    redis_client: aioredis.Redis, keys: Keys, unique_name
+    redis_client: aioredis.Redis, keys: Keys, unique_name, publisher: Publisher
 ) -> None:
     mine, other, later = (f"ticks.{unique_name(name)}" for name in ("OWN", "OTHER", "LATER"))
     owned = {mine, later}
-    publisher = Publisher(redis_client, keys=keys)
     for channel in (mine, other):  # before it starts: read from the streams
         await publisher.publish(channel, tick_record("A"))
     registry = CollectorRegistry()
@@ -148,10 +163,9 @@ async def test_a_shard_subscribes_to_its_own_channels_only_and_finds_new_ones(
 
 
 async def test_starting_at_latest_skips_old_records_not_a_channel_that_appears_later(
-    redis_client: aioredis.Redis, keys: Keys, unique_name
+    redis_client: aioredis.Redis, keys: Keys, unique_name, publisher: Publisher
 ) -> None:
     old, new = f"ticks.{unique_name('OLD')}", f"ticks.{unique_name('NEW')}"
-    publisher = Publisher(redis_client, keys=keys)
     for _ in range(3):
         await publisher.publish(old, tick_record("A"))
     consumer = SequencedConsumer(
@@ -167,9 +181,7 @@ async def test_starting_at_latest_skips_old_records_not_a_channel_that_appears_l
     async with Collector(consumer) as collector:
         # a new channel's first record, found in its stream before its doorbell arrives
         # (here it never does): it was published after the start, so it is delivered
-        payload = msgspec.json.encode(msgspec.structs.replace(tick_record("B"), seq=1))
-        await redis_client.incr(keys.seq(new))  # what the publish script does, without PUBLISH
-        await redis_client.xadd(keys.stream(new), {"d": payload}, id="0-1")
+        await write_without_doorbell(redis_client, keys, new, 1, "B")
         await eventually(lambda: collector.seqs(new) == [1], timeout=10)
         await publisher.publish(old, tick_record("A"))
         await eventually(lambda: collector.seqs(old) == [4], timeout=10)
@@ -177,10 +189,9 @@ async def test_starting_at_latest_skips_old_records_not_a_channel_that_appears_l
 
 
 async def test_records_the_counter_has_and_the_stream_lost_are_counted_and_skipped(
-    redis_client: aioredis.Redis, keys: Keys, unique_name
+    redis_client: aioredis.Redis, keys: Keys, unique_name, publisher: Publisher
 ) -> None:
     channel = f"ticks.{unique_name('GONE')}"
-    publisher = Publisher(redis_client, keys=keys)
     for _ in range(2):
         await publisher.publish(channel, tick_record("A"))
     await redis_client.set(keys.seq(channel), 5)  # 3, 4, 5 counted and never in the stream
@@ -200,10 +211,9 @@ async def test_records_the_counter_has_and_the_stream_lost_are_counted_and_skipp
 
 
 async def test_restart_resumes_after_the_committed_position(
-    redis_client: aioredis.Redis, keys: Keys, unique_name
+    redis_client: aioredis.Redis, keys: Keys, unique_name, publisher: Publisher
 ) -> None:
     channel = f"ticks.{unique_name('B')}"
-    publisher = Publisher(redis_client, keys=keys)
     consumer = SequencedConsumer(
         redis_client,
         "c2",
@@ -232,10 +242,9 @@ async def test_restart_resumes_after_the_committed_position(
 
 
 async def test_rewind_delivers_again_what_was_not_committed(
-    redis_client: aioredis.Redis, keys: Keys, unique_name
+    redis_client: aioredis.Redis, keys: Keys, unique_name, publisher: Publisher
 ) -> None:
     channel = f"ticks.{unique_name('C')}"
-    publisher = Publisher(redis_client, keys=keys)
     consumer = SequencedConsumer(
         redis_client,
         "c3",
@@ -264,10 +273,9 @@ async def test_rewind_delivers_again_what_was_not_committed(
 
 
 async def test_a_full_queue_pauses_pubsub_and_the_streams_catch_up_without_loss(
-    redis_client: aioredis.Redis, keys: Keys, unique_name
+    redis_client: aioredis.Redis, keys: Keys, unique_name, publisher: Publisher
 ) -> None:
     channel = f"ticks.{unique_name('D')}"
-    publisher = Publisher(redis_client, keys=keys)
     registry = CollectorRegistry()
     consumer = SequencedConsumer(
         redis_client,
@@ -399,22 +407,10 @@ async def test_a_subscriber_cut_by_redis_is_noticed_and_nothing_is_lost(
         await client.aclose()
 
 
-async def write_without_doorbell(
-    client: aioredis.Redis, keys: Keys, channel: str, seq: int, symbol: str
-) -> bytes:
-    """What the publish script does for record ``seq`` of ``channel`` but its PUBLISH: the
-    counter and the stream have it, its pub/sub message is still on the way (or lost)."""
-    payload = msgspec.json.encode(msgspec.structs.replace(tick_record(symbol), seq=seq))
-    await client.incr(keys.seq(channel))
-    await client.xadd(keys.stream(channel), {"d": payload}, id=f"0-{seq}")
-    return payload
-
-
 async def test_a_sweep_leaves_to_pubsub_what_pubsub_is_still_delivering(
-    redis_client: aioredis.Redis, keys: Keys, unique_name
+    redis_client: aioredis.Redis, keys: Keys, unique_name, publisher: Publisher
 ) -> None:
     quiet, busy = f"ticks.{unique_name('Q')}", f"ticks.{unique_name('B')}"
-    publisher = Publisher(redis_client, keys=keys)
     for channel in (quiet, busy):
         await publisher.publish(channel, tick_record("A"))
     registry = CollectorRegistry()
@@ -447,10 +443,9 @@ async def test_a_sweep_leaves_to_pubsub_what_pubsub_is_still_delivering(
 
 
 async def test_a_record_pubsub_never_delivered_is_read_from_its_stream(
-    redis_client: aioredis.Redis, keys: Keys, unique_name
+    redis_client: aioredis.Redis, keys: Keys, unique_name, publisher: Publisher
 ) -> None:
     channel = f"ticks.{unique_name('MISS')}"
-    publisher = Publisher(redis_client, keys=keys)
     registry = CollectorRegistry()
     consumer = SequencedConsumer(
         redis_client, "c-miss", ["ticks.*"], keys=keys, sweep_interval_s=0.1, registry=registry
