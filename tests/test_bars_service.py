@@ -27,7 +27,7 @@ from uuid import uuid4
 
 import msgspec
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from libs.common import names
 from libs.common.io.barstore import BarStore
@@ -616,11 +616,16 @@ async def test_two_shards_publish_exactly_what_one_instance_publishes(
 
 
 async def produce_like_the_mirror(
-    bootstrap: str, batches: Sequence[TickBatch], seqs: Sequence[int], resend: Iterable[int] = ()
+    bootstrap: str,
+    batches: Sequence[TickBatch],
+    seqs: Sequence[int],
+    resend: Iterable[int] = (),
+    topic: str | None = None,
 ) -> None:
-    """Produce each batch (with its Redis sequence) to ``ticks.<SYM>``, keyed by symbol, with
-    the mirror's headers; the batches at the indexes in ``resend`` are sent again a little
-    later (as after a failed produce request), so they arrive after newer ones."""
+    """Produce each batch (with its Redis sequence) to ``ticks.<SYM>`` (or to ``topic``, as
+    ``TOPIC_MODE=single`` does), keyed by symbol, with the mirror's headers; the batches at the
+    indexes in ``resend`` are sent again a little later (as after a failed produce request), so
+    they arrive after newer ones."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
     await producer.start()
     try:
@@ -629,24 +634,26 @@ async def produce_like_the_mirror(
         futures = []
         for index, (batch, seq) in enumerate(zip(batches, seqs, strict=True)):
             for old_batch, old_seq in pending:
-                futures.append(await _send(producer, old_batch, old_seq))
+                futures.append(await _send(producer, old_batch, old_seq, topic))
             pending = []
-            futures.append(await _send(producer, batch, seq))
+            futures.append(await _send(producer, batch, seq, topic))
             if index in again:
                 pending.append((batch, seq))
         for old_batch, old_seq in pending:
-            futures.append(await _send(producer, old_batch, old_seq))
+            futures.append(await _send(producer, old_batch, old_seq, topic))
         for future in futures:
             await future
     finally:
         await producer.stop()
 
 
-async def _send(producer: AIOKafkaProducer, batch: TickBatch, seq: int):  # type: ignore[no-untyped-def]
+async def _send(  # type: ignore[no-untyped-def]
+    producer: AIOKafkaProducer, batch: TickBatch, seq: int, topic: str | None
+):
     channel = f"ticks.{batch.sym}"
     payload = ENCODER.encode(msgspec.structs.replace(batch, seq=seq))
     return await producer.send(
-        channel, payload, key=batch.sym.encode(), headers=sequence_headers(channel, seq)
+        topic or channel, payload, key=batch.sym.encode(), headers=sequence_headers(channel, seq)
     )
 
 
@@ -778,6 +785,73 @@ async def test_two_kafka_shards_split_the_symbols_and_pick_up_topics_that_appear
         assigned = [s.assigned for s in sources]  # type: ignore[attr-defined]
         assert all(assigned) and not assigned[0] & assigned[1]
         assert sum(len(a) for a in assigned) == len(symbols)
+    shadow_bars = await kafka_bars(shard(0), symbols)
+    assert_published_once(shadow_bars)
+    assert final_bars(shadow_bars) == expected
+
+
+async def test_ticks_in_one_topic_keyed_by_symbol_become_the_same_bars_in_two_shards(
+    redis_url: str, kafka_bootstrap: str, unique_name: object
+) -> None:
+    """``TOPIC_MODE=single``: every symbol's ticks in one two-partition topic keyed by symbol,
+    as the mirror writes them for thousands of symbols, some records sent twice. Two shadow
+    shards read every partition; each aggregates its own symbols only, and together they
+    publish every bar once, equal to the offline bars, and drop every duplicate."""
+    prefix = f"{unique_name('single')}:"  # type: ignore[operator]
+    pattern, symbols = symbols_for(6, shards=2)
+    trades = make_trades(symbols, (10, 0), 4, seed=55, per_minute=30)
+    batches = frames(trades)
+    seqs = numbered(batches)
+    expected = expected_bars(trades)
+    resend = set(range(2, len(batches), 13))
+    group = unique_name("shadow")  # type: ignore[operator]
+
+    def shard(index: int) -> BarsSettings:
+        return settings_for(
+            redis_url,
+            prefix,
+            pattern,
+            source="kafka",
+            topic_mode="single",
+            kafka_bootstrap=kafka_bootstrap,
+            kafka_group=group,
+            shard_index=index,
+            shard_count=2,
+        )
+
+    admin = TopicAdmin(shard(0))
+    try:
+        await admin.ensure([TopicSpec(names.TICKS_SINGLE_TOPIC, 2, 1, TICK_TOPIC_CONFIGS)])
+    finally:
+        await admin.close()
+    async with service(shard(0)) as one, service(shard(1)) as two:
+        sources = [builder_of(member).source for member in (one, two)]
+        assert all(isinstance(source, KafkaTickSource) for source in sources)
+        single = [TopicPartition(names.TICKS_SINGLE_TOPIC, p) for p in (0, 1)]
+        await eventually(
+            lambda: all(set(single) <= s.assigned for s in sources),  # type: ignore[attr-defined]
+            timeout=20,
+            message="the single topic's partitions not assigned to both shards",
+        )
+        await produce_like_the_mirror(
+            kafka_bootstrap, batches, seqs, resend, topic=names.TICKS_SINGLE_TOPIC
+        )
+
+        def published() -> float:
+            return sum(
+                metric(m, "tickmesh_bars_published_total", source="kafka") for m in (one, two)
+            )
+
+        await eventually(
+            lambda: published() >= len(expected),
+            timeout=30,
+            message=lambda: f"{published()} of {len(expected)} bars",
+        )
+        for index, member in enumerate((one, two)):
+            aggregated = set(builder_of(member).aggregators)
+            assert aggregated and all(shard_of(s, 2) == index for s in aggregated)
+        duplicates = [s.duplicates for s in sources]  # type: ignore[attr-defined]
+        assert sum(duplicates) == len(resend)
     shadow_bars = await kafka_bars(shard(0), symbols)
     assert_published_once(shadow_bars)
     assert final_bars(shadow_bars) == expected

@@ -119,10 +119,15 @@ async def produce_bars(
 
 
 async def publish_source(
-    client: aioredis.Redis, keys: Keys, kafka_bootstrap: str, trades: list[Trade]
+    client: aioredis.Redis,
+    keys: Keys,
+    kafka_bootstrap: str,
+    trades: list[Trade],
+    tick_topic: str | None = None,
 ) -> list[Bar]:
     """What ingest and the mirror would have written for ``trades``: the source ledger on
-    Redis and the ticks on Kafka. Returns the bars the policy ``none`` makes of them."""
+    Redis and the ticks on Kafka (``ticks.<SYM>``, or ``tick_topic`` for every symbol).
+    Returns the bars the policy ``none`` makes of them."""
     entries: dict[tuple[str, int], list[int]] = {}
     for trade in trades:
         counts = entries.setdefault((trade.sym, trade.t - trade.t % 60_000), [0, 0])
@@ -135,7 +140,8 @@ async def publish_source(
     try:
         for seq, trade in enumerate(trades, 1):
             batch = TickBatch(seq, trade.sym, [trade])
-            await producer.send(names.channel(names.TICKS, trade.sym), encode(batch))
+            topic = tick_topic or names.channel(names.TICKS, trade.sym)
+            await producer.send(topic, encode(batch), key=trade.sym.encode())
         await producer.flush()
     finally:
         await producer.stop()
@@ -316,6 +322,43 @@ async def test_five_trading_days_at_target_make_the_gate_ready(
     assert reports[-1].gate.passing == 5
     assert registry.get_sample_value("tickmesh_parity_promotion_ready") == 1
     assert registry.get_sample_value("tickmesh_parity_gate_passing_days") == 5
+
+
+async def test_single_topic_mode_counts_each_symbols_ticks_from_the_one_tick_topic(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
+) -> None:
+    """``TOPIC_MODE=single``: completeness against the source reads the symbol's records in
+    ``sentio.ticks.v1`` (shared with other symbols, which are not counted); the same day read
+    as per-symbol topics finds no ticks at all."""
+    symbol, other = f"S{name[-8:].upper()}", f"O{name[-8:].upper()}"
+    env = env_for(redis_url, kafka_bootstrap, name) | {"MIRROR_BARS_POLICY": "none"}
+    keys = Keys(f"{name}:")
+    day = DEMO_DAY
+    bars = await publish_source(
+        redis_client,
+        keys,
+        kafka_bootstrap,
+        synthetic_trades(symbol, day) + synthetic_trades(other, day, minutes=2),
+        tick_topic=names.TICKS_SINGLE_TOPIC,
+    )
+    mine = [bar for bar in bars if bar.symbol == symbol]
+    await BarStore(redis_client, keys).put_many(mine)
+    await produce_bars(kafka_bootstrap, lambda s: f"bars-{name}.{s}.1m", mine)
+    reports = {}
+    for mode in ("single", "per-symbol"):
+        settings = load_settings(MirrorSettings, env | {"MIRROR_TOPIC_MODE": mode})
+        reconciler = Reconciler(settings, redis_client, gauges=ParityGauges(CollectorRegistry(), 5))
+        reports[mode] = await reconciler.run(
+            day, symbols=[symbol], min_age_s=0, publish=False, vendor=False
+        )
+        await reconciler.close()
+    single = reports["single"].completeness
+    assert single is not None
+    assert [(c.symbol, c.ticksPct) for c in single.symbols] == [(symbol, 100.0)]
+    assert single.totals.minutes == len(mine)
+    per_symbol = reports["per-symbol"].completeness
+    assert per_symbol is not None
+    assert [(c.symbol, c.ticksPct) for c in per_symbol.symbols] == [(symbol, 0.0)]
 
 
 async def test_the_timer_ignores_bars_still_in_flight(

@@ -122,6 +122,7 @@ async def build(runtime: ServiceRuntime[BarsSettings]) -> None:
             tick_pattern=settings.tick_pattern,
             owns=settings.owns,
             progress_topic=names.PROGRESS if settings.close_on == "progress" else None,
+            single_topic=names.TICKS_SINGLE_TOPIC if settings.topic_mode == "single" else None,
             discover_interval_s=settings.discover_interval_ms / 1000,
             registry=runtime.registry,
         )

@@ -4,9 +4,12 @@ The source assigns itself the partitions of its shard's symbols (the same CRC-32
 Redis path), plus the progress topic, instead of waiting for a consumer group to hand them
 out: a topic that appears later (a symbol's first trade, a new listing, the first day of a
 mesh) is found by listing the topics every ``discover_interval_s`` and read from its first
-record. Positions (the next offset of each partition) are kept in Redis with the builder's
-other state and committed only when safe (the builder's rule). Duplicates (the mirror
-delivers at least once) are dropped by their identity, the mirror's ``tm-channel``/``tm-seq``
+record. With ticks in one topic keyed by symbol (``single_topic``, the mirror's
+``TOPIC_MODE=single``, for thousands of symbols) the source reads every partition of that
+topic and hands on the records of other shards' symbols as empty batches (their offsets still
+count for commits). Positions (the next offset of each partition) are kept in Redis with the
+builder's other state and committed only when safe (the builder's rule). Duplicates (the
+mirror delivers at least once) are dropped by their identity, the mirror's ``tm-channel``/``tm-seq``
 headers (the payload's ``seq`` and symbol when a record has none), one ``SequenceDeduper`` per
 partition.
 """
@@ -36,6 +39,8 @@ from services.bars.source import Deliver, Item, decode_batch, tick_symbol
 log = structlog.get_logger("tickmesh.bars.sources")
 
 _PROGRESS_DECODER = DECODERS[Progress]
+_NOT_OURS = TickBatch(0, "", [])
+"""What a record of another shard's symbol becomes: nothing to aggregate, an offset to commit."""
 
 
 class SourceMetrics:
@@ -83,6 +88,7 @@ class KafkaTickSource:
         tick_pattern: str = names.TICKS_PATTERN,
         owns: Callable[[str], bool] = lambda _symbol: True,
         progress_topic: str | None = names.PROGRESS,
+        single_topic: str | None = None,
         discover_interval_s: float = 1.0,
         registry: CollectorRegistry | None = None,
         max_records: int = 5_000,
@@ -94,6 +100,9 @@ class KafkaTickSource:
         self.tick_regex = re.compile(topic_regex(tick_pattern))
         self.owns = owns
         self.progress_topic = progress_topic
+        self.single_topic = single_topic
+        self._owned: dict[str, bool] = {}
+        """``owns`` of each symbol seen in the single topic."""
         self.discover_interval_s = discover_interval_s
         self.max_records = max_records
         self.deliver_every = deliver_every
@@ -108,9 +117,12 @@ class KafkaTickSource:
         self.duplicates = 0
 
     def wants(self, topic: str) -> bool:
-        """True for the progress topic and this shard's tick topics."""
+        """True for the progress topic and this shard's tick topics (the single topic when
+        ticks share one)."""
         if topic == self.progress_topic:
             return True
+        if self.single_topic is not None:
+            return topic == self.single_topic
         return bool(self.tick_regex.match(topic)) and self.owns(tick_symbol(topic))
 
     async def open(self, *, restart: bool) -> None:
@@ -214,11 +226,18 @@ class KafkaTickSource:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 await self.dead_letters.send(topic, str(exc), value)
                 return channel, offset, TickBatch(0, "", [])
+        single = topic == self.single_topic
         try:
             batch = decode_batch(value)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self.dead_letters.send(topic, str(exc), value)
-            return channel, offset, TickBatch(0, tick_symbol(topic), [])
+            return channel, offset, TickBatch(0, "" if single else tick_symbol(topic), [])
+        if single:
+            owned = self._owned.get(batch.sym)
+            if owned is None:
+                owned = self._owned[batch.sym] = self.owns(batch.sym)
+            if not owned:
+                return channel, offset, _NOT_OURS  # another shard's symbol
         identity = record_identity(message.headers)  # type: ignore[attr-defined]
         if identity is None and batch.seq > 0:
             identity = (names.channel(names.TICKS, batch.sym), batch.seq)

@@ -83,10 +83,6 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     extra_routes: Annotated[
         list[Route], Meta(description="routes checked before the table (JSON list)")
     ] = msgspec.field(default_factory=list)
-    topic_mode: Annotated[
-        Literal["per-symbol", "single"],
-        Meta(description="per-symbol: ticks.<SYM> topics; single: one topic keyed by symbol"),
-    ] = "per-symbol"
     topic_configs: Annotated[
         dict[str, str],
         Meta(

@@ -204,9 +204,15 @@ class SideReader:
         return sum(1 for letter in letters if ny_date(letter.tsMs) == day)
 
     async def kafka_ticks(self, symbols: Iterable[str], day: date) -> TickTally:
-        """The unique trades of ``day`` the Kafka tick topics of ``symbols`` hold."""
+        """The unique trades of ``day`` the Kafka tick topics of ``symbols`` hold (their
+        ``ticks.<SYM>`` topics, or their records in the one tick topic of ``TOPIC_MODE=single``)."""
         tally = TickTally(day.toordinal())
-        topics = sorted(names.channel(names.TICKS, symbol) for symbol in symbols)
+        wanted = set(symbols)
+        single = self.settings.topic_mode == "single"
+        if single:
+            topics = [names.TICKS_SINGLE_TOPIC]
+        else:
+            topics = sorted(names.channel(names.TICKS, symbol) for symbol in wanted)
         async for records in read_from_beginning(
             self.settings, topics, idle_ms=self.settings.kafka_idle_ms
         ):
@@ -215,7 +221,8 @@ class SideReader:
                     batch = TICK_BATCH_DECODER.decode(record.value)
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     continue
-                tally.add(batch)
+                if not single or batch.sym in wanted:
+                    tally.add(batch)
         return tally
 
     async def latest_day(self) -> date | None:

@@ -85,6 +85,8 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+TopicMode = Literal["per-symbol", "single"]
+"""How ticks sit on Kafka: ``ticks.<SYM>`` topics, or one topic keyed by symbol."""
 
 
 class SettingsGroup(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -139,6 +141,14 @@ class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     kafka_heartbeat_interval_ms: Annotated[int, Meta(gt=0, description="group heartbeat")] = 500
     kafka_rebalance_timeout_ms: Annotated[int, Meta(gt=0, description="group rebalance")] = 6_000
     kafka_fetch_max_wait_ms: Annotated[int, Meta(gt=0, description="consumer fetch wait")] = 50
+    topic_mode: Annotated[
+        TopicMode,
+        Meta(
+            description="ticks on Kafka, written by the mirror and read by the shadow builder "
+            "and the reconciler: per-symbol (ticks.<SYM> topics) or single (one topic keyed by "
+            "symbol, for thousands of symbols)"
+        ),
+    ] = "per-symbol"
     kafka_request_timeout_ms: Annotated[
         int,
         Meta(
