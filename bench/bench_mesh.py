@@ -23,13 +23,20 @@ trades of one 1-ms window, at most 100). Measured from the first frame the simul
 
 **(b) A synthetic market at a fixed offered rate** (``--synthetic-symbols`` 1000,
 ``--rate`` 20,000 trades/s, Zipf-like symbol weights, frames of up to 100 trades, for
-``--warmup-s`` + ``--measure-s`` seconds). The simulator stamps every trade's ``t`` with the
+``--warmup-s`` + ``--measure-s`` seconds), ticks on Kafka in one topic keyed by symbol, the
+layout for thousands of symbols (``TOPIC_MODE=single``; ``--topic-mode per-symbol`` for
+``ticks.<SYM>`` topics, whose per-partition costs a 1,000-symbol market pays on every
+request). The simulator stamps every trade's ``t`` with the
 wall clock (ms) when it makes the frame, just before sending it, and every process shares that
 clock, so a trade's latency to a point is the wall time it was seen there minus its ``t``
 (over by up to 1 ms from the truncation):
 
-- **tick → Redis**: the probe's arrival time of the record on ``ticks.*`` pub/sub (the probe
-  is one more subscriber, like bars and the mirror), counted once per trade;
+- **tick → Redis**: the probe's arrival time of the record on pub/sub (the probe is one more
+  subscriber, like bars and the mirror), counted once per trade. The probe times the channels
+  of ``--probe-ticks`` (default ``ticks.*0``: 100 of the 1,000 symbols, heavy and light ones
+  alike, about a tenth of the trades), so that it does not take a quarter of the two cores it
+  measures; tick → Kafka is timed on the same records, and the shadow's bars on Kafka are
+  those of the same symbols (every bar topic the probe reads costs the broker on each fetch);
 - **tick → Kafka**: the first poll (every ``--poll-ms``, 10 ms) at which the mirror's
   committed position for the channel had reached the record's ``seq``: the time Kafka had
   acknowledged it, over by up to one poll period;
@@ -596,7 +603,7 @@ def run_real_day(
         lambda stack: Probe(
             stack.redis.url,
             bootstrap_of(stack),
-            observe_ticks=False,
+            tick_pattern=None,
             seq_channels=channels,
             poll_ms=20,
             mirror_consumers=mirror_consumer_names(options.mirror_instances),
@@ -692,21 +699,23 @@ def synthetic_symbols(count: int) -> list[str]:
     return [f"S{index:0{width}d}" for index in range(1, count + 1)]
 
 
-def precreate_topics(bootstrap: str, symbols: list[str]) -> float:
+def precreate_topics(bootstrap: str, symbols: list[str], topic_mode: str) -> tuple[int, float]:
     """Create the tick and bar topics of ``symbols`` as the mirror and the shadow builder
-    would (their own specs); returns the seconds it took."""
-    table = RoutingTable(load_settings(MirrorSettings, {}))
-    specs = []
+    would (their own specs, the tick topics of ``topic_mode``); returns how many and the
+    seconds it took."""
+    table = RoutingTable(load_settings(MirrorSettings, {"MIRROR_TOPIC_MODE": topic_mode}))
+    specs: dict[str, TopicSpec] = {}
     for symbol in symbols:
         target = table.target(f"ticks.{symbol}")
         assert target is not None
-        specs.append(target.spec)
-        specs.append(TopicSpec(f"bars.{symbol}.1m", 1, 1, BAR_TOPIC_CONFIGS))
+        specs[target.spec.name] = target.spec
+        specs[f"bars.{symbol}.1m"] = TopicSpec(f"bars.{symbol}.1m", 1, 1, BAR_TOPIC_CONFIGS)
     started = time.monotonic()
     settings = CommonSettings(kafka_bootstrap=bootstrap)
-    for index in range(0, len(specs), 500):
-        asyncio.run(ensure_topics(settings, specs[index : index + 500], max_wait_s=120))
-    return time.monotonic() - started
+    listed = list(specs.values())
+    for index in range(0, len(listed), 500):
+        asyncio.run(ensure_topics(settings, listed[index : index + 500], max_wait_s=120))
+    return len(listed), time.monotonic() - started
 
 
 def run_synthetic(
@@ -721,15 +730,15 @@ def run_synthetic(
         duration_s=args.warmup_s + args.measure_s,
         grace_ms=args.grace_ms,
         run_id="bench-synthetic",
-        env={"INGEST_LINGER_MS": str(linger_ms)},
+        env={"INGEST_LINGER_MS": str(linger_ms), "TICKMESH_TOPIC_MODE": args.topic_mode},
     )
     scenario = Scenario(label, options, args, with_ceilings=label == "synthetic")
     status: dict[str, Any] = {}
 
     def prepare(stack: LocalStack) -> None:
         if not args.cold:
-            seconds = precreate_topics(bootstrap_of(stack), symbols)
-            scenario.notes.append(f"{2 * len(symbols)} topics created first in {seconds:.1f} s")
+            count, seconds = precreate_topics(bootstrap_of(stack), symbols, args.topic_mode)
+            scenario.notes.append(f"{count} topics created first in {seconds:.1f} s")
 
     def wait(mesh: Mesh, probe: Probe) -> None:
         mesh.wait_feed_done(timeout_s=args.warmup_s + args.measure_s + args.feed_timeout_s)
@@ -744,11 +753,16 @@ def run_synthetic(
         last_frame = log_time(mesh.simulator, "simulator.feed_done")
         if first is None or last_frame is None:
             return {"error": "the simulator's log has no feed_started / feed_done"}
-        return analyse_synthetic(args, seen, sampler, status, first, last_frame)
+        records = sum(_final_seqs(stack, [f"ticks.{symbol}" for symbol in symbols]).values())
+        return analyse_synthetic(args, seen, sampler, status, first, last_frame, records)
 
     return scenario.run(
         lambda stack: Probe(
-            stack.redis.url, bootstrap_of(stack), observe_ticks=True, poll_ms=args.poll_ms
+            stack.redis.url,
+            bootstrap_of(stack),
+            tick_pattern=args.probe_ticks,
+            kafka_bars=f"bars.{args.probe_ticks.removeprefix('ticks.')}.1m",
+            poll_ms=args.poll_ms,
         ),
         prepare,
         wait,
@@ -781,8 +795,13 @@ def analyse_synthetic(
     status: dict[str, Any],
     first: float,
     last_frame: float,
+    tick_records: int,
 ) -> dict[str, Any]:
-    """Latencies, rates, CPU and memory of the measured window of scenario (b)."""
+    """Latencies, rates, CPU and memory of the measured window of scenario (b).
+
+    Latencies are timed on the channels the probe watched (``--probe-ticks``); rates count
+    the whole feed: the events the simulator sent and ``tick_records``, the records every tick
+    channel got (their sequence counters)."""
     start = first + args.warmup_s
     end = last_frame
     acks = {channel: ack_times(updates) for channel, updates in seen.acked.items()}
@@ -832,6 +851,7 @@ def analyse_synthetic(
         return {k: (round(v, 1) if k != "count" else int(v)) for k, v in found.items()}
 
     window_s = end - start
+    feed_s = last_frame - first
     published = sum(top_seq.values())
     observed = sum(by_channel.values())
     events = int(status.get("eventsGenerated", 0))
@@ -839,16 +859,18 @@ def analyse_synthetic(
     return {
         "symbols": args.synthetic_symbols,
         "offeredRate": args.rate,
+        "topicMode": args.topic_mode,
+        "probeTicks": args.probe_ticks,
         "windowSeconds": round(window_s, 2),
         "warmupSeconds": args.warmup_s,
         "graceMs": args.grace_ms,
         "pollMs": args.poll_ms,
-        "achievedTicksPerS": round(trades / window_s) if window_s > 0 else None,
-        "simulatorTicksPerS": round(events / (last_frame - first)) if last_frame > first else None,
+        "achievedTicksPerS": round(events / feed_s) if feed_s > 0 else None,
         "eventsPerFrame": round(events / frames, 1) if frames else None,
         "tradesPerRecord": round(trades / records_in_window, 2) if records_in_window else None,
-        "recordsPerS": round(records_in_window / window_s) if window_s > 0 else None,
-        "tickRecords": published,
+        "recordsPerS": round(tick_records / feed_s) if feed_s > 0 else None,
+        "tickRecords": tick_records,
+        "sampledRecords": published,
         "probeMissedRecords": published - observed,
         "channels": len(by_channel),
         "channelsInKafka": len(first_acks),
@@ -917,6 +939,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--measure-s", type=float, help="measured (default 60, quick 10)")
     parser.add_argument("--grace-ms", type=int, default=1_000, help="the bars' grace")
     parser.add_argument("--poll-ms", type=int, default=10, help="Kafka acknowledgement polling")
+    parser.add_argument(
+        "--topic-mode",
+        choices=("single", "per-symbol"),
+        default="single",
+        help="(b), (d): ticks on Kafka in one topic keyed by symbol (default, the layout for "
+        "thousands of symbols) or in ticks.<SYM> topics",
+    )
+    parser.add_argument(
+        "--probe-ticks",
+        default="ticks.*0",
+        help="(b), (d): the tick channels the probe times (a glob; default ticks.*0, one "
+        "synthetic symbol in ten, so that the probe costs the measured cores less; ticks.* "
+        "for all)",
+    )
     parser.add_argument("--cold", action="store_true", help="do not create the topics first")
     parser.add_argument(
         "--ceiling-records", type=int, help="records sent to each ceiling (default 200k, quick 50k)"
@@ -948,6 +984,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parse_setups(args.scale_setups)
     except ValueError as exc:
         parser.error(f"--scale-setups: {exc}")
+    if not args.probe_ticks.startswith("ticks.") or len(args.probe_ticks) <= len("ticks."):
+        parser.error(f"--probe-ticks: a glob of tick channels (ticks.*0), not {args.probe_ticks!r}")
     return args
 
 

@@ -5,14 +5,17 @@ matching acknowledgements to records).
 The probe runs its own asyncio loop in a thread of the bench process and records, with
 ``time.time()`` at arrival:
 
-- ``ticks.*`` records on Redis pub/sub (``observe_ticks``): channel, ``seq``, the earliest
+- tick records on Redis pub/sub (``tick_pattern``: ``ticks.*``, or a sample such as
+  ``ticks.*0``, one synthetic symbol in ten): channel, ``seq``, the earliest
   trade time ``t`` in the record, the number of trades;
 - ``bars.*.1m`` records on Redis pub/sub (the primary path's bars);
-- ``bars.<SYM>.1m`` records on Kafka (the shadow builder's bars), read with a consumer that
-  assigns itself every such topic (listed again every second) from its first offset;
-- every ``poll_ms``, the mirror's committed positions (a Redis hash per mirror instance, one
-  field per channel: the last sequence Kafka acknowledged), and the sequence counters of
-  ``seq_channels``, in one round trip.
+- ``bars.<SYM>.1m`` records on Kafka (the shadow builder's bars; ``kafka_bars``: all, or
+  the timed symbols' only: every partition a consumer reads costs the broker on each fetch),
+  read with a consumer that assigns itself every such topic (listed again every second) from
+  its first offset;
+- every ``poll_ms``, the mirror's committed positions of the timed channels (a Redis hash
+  per mirror instance, one field per channel: the last sequence Kafka acknowledged; every
+  channel's once a second), and the sequence counters of ``seq_channels``, in one round trip.
 
 Nothing here changes what the services do; the probe is one more subscriber and one more
 Kafka consumer, sharing the machine's cores with them (its CPU time is reported).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import fnmatch
 import math
 import os
 import re
@@ -112,7 +116,8 @@ class Probe:
         redis_url: str,
         kafka_bootstrap: str,
         *,
-        observe_ticks: bool,
+        tick_pattern: str | None,
+        kafka_bars: str = "bars.*.1m",
         seq_channels: Sequence[str] = (),
         poll_ms: int = 10,
         key_prefix: str = "tm:",
@@ -120,9 +125,13 @@ class Probe:
     ) -> None:
         self.redis_url = redis_url
         self.kafka_bootstrap = kafka_bootstrap
-        self.observe_ticks = observe_ticks
+        self.tick_pattern = tick_pattern
+        self.kafka_bars = re.compile(fnmatch.translate(kafka_bars))
+        """The Kafka bar topics read (a glob: the timed symbols' when the ticks are sampled)."""
         self.seq_channels = list(seq_channels)
         self.poll_s = poll_ms / 1000
+        self.full_poll_s = 1.0
+        self._seq_set = set(self.seq_channels)
         self.keys = Keys(key_prefix)
         self.positions_keys = [
             self.keys.state(f"positions:{consumer}") for consumer in mirror_consumers
@@ -193,14 +202,16 @@ class Probe:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         client = aioredis.Redis.from_url(self.redis_url)
-        patterns = ["bars.*.1m", *(["ticks.*"] if self.observe_ticks else [])]
+        patterns = ["bars.*.1m", *([self.tick_pattern] if self.tick_pattern else [])]
         pubsub = await PatternSubscriber.open(self.redis_url, patterns)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.kafka_bootstrap,
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            fetch_max_wait_ms=20,
+            # the broker answers a waiting fetch once a bar lands; a shorter wait only makes
+            # it list a thousand empty partitions more often (CPU of the broker and the probe)
+            fetch_max_wait_ms=100,
             metadata_max_age_ms=1_000,
             client_id="bench-mesh-probe",
         )
@@ -259,26 +270,41 @@ class Probe:
                     seen.undecodable += 1
 
     async def _poll(self, client: aioredis.Redis) -> None:
+        """Every ``poll_s``, the mirror's positions of the timed channels (``seq_channels`` and
+        the tick channels seen on pub/sub); every ``full_poll_s``, every position (when each
+        channel first reached Kafka). Reading every field of a thousand-channel hash a hundred
+        times a second cost the probe more than the services it watched."""
         seen = self.seen
         last = self.positions
         seq_keys = [self.keys.seq(channel) for channel in self.seq_channels]
+        next_full = 0.0
         while not self._stopped():
+            full = time.monotonic() >= next_full
+            if full:
+                next_full = time.monotonic() + self.full_poll_s
+            fields = [*self.seq_channels, *(c for c in self.top_seq if c not in self._seq_set)]
             async with client.pipeline(transaction=False) as pipe:
                 for key in self.positions_keys:
-                    pipe.hgetall(key)
+                    if full:
+                        pipe.hgetall(key)
+                    elif fields:
+                        pipe.hmget(key, fields)
                 if seq_keys:
                     pipe.mget(seq_keys)
                 replies: list[Any] = await pipe.execute()
             at = time.time()
             seen.polls += 1
             seqs = replies[-1] if seq_keys else []
-            positions: dict[bytes, bytes] = {}
-            for reply in replies[: len(self.positions_keys)]:
-                positions.update(reply)
-            for raw_channel, raw_position in positions.items():
-                channel = raw_channel.decode()
-                position = int(raw_position)
-                if last.get(channel) != position:
+            positions: dict[str, int] = {}
+            for reply in replies[: len(replies) - (1 if seq_keys else 0)]:
+                if isinstance(reply, dict):
+                    positions.update((k.decode(), int(v)) for k, v in reply.items())
+                else:
+                    positions.update(
+                        (f, int(v)) for f, v in zip(fields, reply, strict=True) if v is not None
+                    )
+            for channel, position in positions.items():
+                if last.get(channel, -1) < position:
                     last[channel] = position
                     seen.acked.setdefault(channel, []).append((at, position))
             if seq_keys:
@@ -291,7 +317,7 @@ class Probe:
             await asyncio.sleep(self.poll_s)
 
     async def _read_kafka_bars(self, consumer: AIOKafkaConsumer) -> None:
-        pattern = re.compile(r"^bars\..+\.1m$")
+        pattern = self.kafka_bars
         next_offset: dict[TopicPartition, int] = {}
         next_discovery = 0.0
         seen = self.seen

@@ -118,11 +118,15 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"**(b) Synthetic market**: {syn.get('symbols')} symbols offered "
             f"{syn.get('offeredRate'):,} trades/s; measured {syn.get('windowSeconds')} s after "
             f"a {syn.get('warmupSeconds')} s warm-up: achieved "
-            f"{_rate(syn.get('achievedTicksPerS'))} ticks/s "
-            f"({_rate(syn.get('recordsPerS'))} records/s, "
-            f"{syn.get('tradesPerRecord')} trades/record, {syn.get('eventsPerFrame')} events a "
-            f"frame); grace {syn.get('graceMs')} ms; Kafka acks polled every "
-            f"{syn.get('pollMs')} ms; probe missed {syn.get('probeMissedRecords')} records; "
+            f"{_rate(syn.get('achievedTicksPerS'))} ticks/s over the whole feed (the events the "
+            f"simulator sent, {syn.get('eventsPerFrame')} a frame; "
+            f"{_rate(syn.get('recordsPerS'))} tick records/s on Redis, "
+            f"{syn.get('tradesPerRecord')} trades/record on the timed channels); "
+            f"ticks on Kafka: {_topic_mode(syn.get('topicMode'))}; "
+            f"grace {syn.get('graceMs')} ms; Kafka acks polled every "
+            f"{syn.get('pollMs')} ms; the probe timed {syn.get('channels')} tick channels "
+            f"({syn.get('probeTicks')}) and missed {syn.get('probeMissedRecords')} of their "
+            "records; "
             f"{syn.get('tradesNotAcknowledged')} trades not acknowledged by Kafka at the end.",
             "",
             "| latency, ms | p50 | p99 | max | counted |",
@@ -135,7 +139,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"| tick → Kafka, whole feed (warm-up included) | "
             f"{_ms(latency.get('tickToKafkaWholeFeed'))} |",
             "",
-            f"{syn.get('channelsInKafka')} of the {syn.get('channels')} tick channels had a record "
+            f"{syn.get('channelsInKafka')} of the {syn.get('symbols')} tick channels had a record "
             "acknowledged by Kafka by the end; all of them "
             f"{syn.get('allChannelsInKafkaAfterS') or '-'} s after the first frame ('-': never).",
             "",
@@ -301,3 +305,11 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, object]]:
     if results.get("linger"):
         rows += linger_summary_rows(results["linger"])
     return rows
+
+
+def _topic_mode(mode: object) -> str:
+    if mode == "single":
+        return "one topic keyed by symbol (TOPIC_MODE=single)"
+    if mode == "per-symbol":
+        return "a ticks.<SYM> topic per symbol"
+    return "?"

@@ -94,8 +94,9 @@ def test_the_last_minute_of_each_symbol_is_not_closed_on_event_time() -> None:
 def test_latencies_count_only_the_measured_window_and_first_bar_deliveries() -> None:
     # Feed from t=1000 s to 1100 s, warm-up 20 s: the window is [1020, 1100].
     args = argparse.Namespace(
-        warmup_s=20.0, synthetic_symbols=2, rate=10, grace_ms=1000, poll_ms=10
-    )
+        warmup_s=20.0, synthetic_symbols=2, rate=10, grace_ms=1000, poll_ms=10,
+        topic_mode="single", probe_ticks="ticks.*",
+    )  # fmt: skip
     seen = Observations(
         ticks=[
             TickSeen("ticks.A", 1, 1_010_000, 5, at=1010.002),  # warm-up: not counted
@@ -120,7 +121,7 @@ def test_latencies_count_only_the_measured_window_and_first_bar_deliveries() -> 
     )
     result = analyse_synthetic(
         args, seen, ProcessSampler({}), {"eventsGenerated": 11, "framesGenerated": 4},
-        first=1000.0, last_frame=1100.0,
+        first=1000.0, last_frame=1100.0, tick_records=9,
     )  # fmt: skip
     latency = result["latencyMs"]
     assert latency["tickToRedis"] == {"p50": 4.0, "p99": 100.0, "max": 100.0, "count": 6}
@@ -129,7 +130,11 @@ def test_latencies_count_only_the_measured_window_and_first_bar_deliveries() -> 
     assert latency["tickToBarRedis"] == {"p50": 1050.0, "p99": 1050.0, "max": 1050.0, "count": 1}
     assert latency["tickToBarKafka"]["max"] == 1200.0
     assert latency["tickToBarKafka"]["count"] == 1
-    assert result["achievedTicksPerS"] == round(6 / 80)
+    # rates count the whole feed: the events sent and every channel's records (a probe that
+    # times a sample of the channels does not change them); trades/record: the timed window
+    assert result["achievedTicksPerS"] == round(11 / 100)
+    assert result["recordsPerS"] == round(9 / 100)
+    assert (result["tickRecords"], result["sampledRecords"]) == (9, 4)
     assert result["tradesPerRecord"] == 2.0
     assert result["eventsPerFrame"] == 2.8
     assert result["allChannelsInKafkaAfterS"] == 50.3
@@ -194,7 +199,7 @@ def test_the_probe_adds_up_the_positions_of_every_mirror_instance(
     probe = Probe(
         redis_url,
         kafka_bootstrap,
-        observe_ticks=False,
+        tick_pattern=None,
         seq_channels=["ticks.A", "ticks.B"],
         poll_ms=10,
         key_prefix=prefix,
