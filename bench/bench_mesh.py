@@ -431,6 +431,7 @@ class Scenario:
                 except (TimeoutError, ProcessExited) as exc:
                     self.notes.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
                 result["consumers"] = consumer_reads(mesh)
+                result["mirrorBatches"] = mirror_batches(mesh)
                 if profilers:
                     result["profile"] = stop_profilers(profilers, profile_dir, self.label)
                 sampler.stop()
@@ -672,6 +673,18 @@ def consumer_reads(mesh: Mesh) -> dict[str, dict[str, int]]:
         row = {key: int(service.metric_sum(metric)) for key, metric in CONSUMER_READS.items()}
         if any(row.values()):
             out[name] = row
+    return out
+
+
+def mirror_batches(mesh: Mesh) -> dict[str, int]:
+    """The mirror's batches acknowledged by Kafka and the records in them (every instance):
+    each batch is at least one produce request, so records per batch is what a request
+    carries."""
+    out = {"batches": 0, "records": 0}
+    for name, service in mesh.services.items():
+        if name.startswith("mirror"):
+            out["batches"] += int(service.metric_sum("tickmesh_mirror_batches_total"))
+            out["records"] += int(service.metric_sum("tickmesh_mirror_records_total"))
     return out
 
 

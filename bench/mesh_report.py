@@ -60,7 +60,15 @@ def _consumer_lines(scenario: dict[str, Any]) -> list[str]:
             f"| {name} | {reads['delivered']:,} | {reads['fromStreams']:,} | "
             f"{reads['duplicates']:,} | {reads.get('dropped', 0):,} |"
         )
-    return [*lines, ""]
+    lines.append("")
+    batches = scenario.get("mirrorBatches") or {}
+    if batches.get("batches"):
+        lines += [
+            f"The mirror's Kafka batches: {batches['batches']:,} acknowledged, "
+            f"{batches['records'] / batches['batches']:,.1f} records each.",
+            "",
+        ]
+    return lines
 
 
 def _ratio(numerator: Any, denominator: Any) -> float | None:

@@ -212,6 +212,40 @@ async def test_a_batch_published_again_with_its_token_is_applied_once(
     assert [seq for seq, _ in await reader.read("ticks.B")] == [1]
 
 
+async def evalsha_calls(redis_client) -> int:  # type: ignore[no-untyped-def]
+    stats = await redis_client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize(("per_call", "calls"), [(1, 5), (2, 3), (64, 1)])
+async def test_a_batch_over_many_channels_takes_a_script_call_per_group_of_channels(
+    redis_client,
+    unique_name,  # type: ignore[no-untyped-def]
+    per_call: int,
+    calls: int,
+) -> None:
+    """Five channels in one batch: a call of the publish script per ``channels_per_call``
+    channels, each channel's sequences gapless whatever the grouping, and a retry with the
+    batch's token applies nothing twice across the groups."""
+    prefix = unique_name("group") + ":"
+    publisher = Publisher(redis_client, keys=Keys(prefix), channels_per_call=per_call)
+    channels = [f"ticks.{letter}" for letter in "ABCDE"]
+    records = [(c, b'{"seq":0,"n":%d}' % n) for n in range(3) for c in channels]
+    await publisher.publish_many(records[:1])  # loads the script
+    before = await evalsha_calls(redis_client)
+    first = await publisher.publish_many(records, token="t-1")
+    assert await evalsha_calls(redis_client) - before == calls
+    again = await publisher.publish_many(records, token="t-1")
+    assert first == again == [2, 1, 1, 1, 1, 3, 2, 2, 2, 2, 4, 3, 3, 3, 3]
+    reader = StreamReader(redis_client, Keys(prefix))
+    for channel in channels:
+        stored = await reader.read(channel)
+        expected = [1, 2, 3, 4] if channel == "ticks.A" else [1, 2, 3]
+        assert [seq for seq, _ in stored] == [seq_of(p) for _, p in stored] == expected
+    with pytest.raises(ValueError, match="channels_per_call"):
+        Publisher(redis_client, channels_per_call=0)
+
+
 async def test_read_many_reads_each_channel_as_asked_in_one_round_trip(
     redis_client,
     unique_name,  # type: ignore[no-untyped-def]

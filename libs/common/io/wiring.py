@@ -35,6 +35,7 @@ def make_publisher(runtime: ServiceRuntime, client: aioredis.Redis) -> Publisher
         client,
         keys=Keys(settings.key_prefix),
         stream_maxlen=settings.stream_maxlen,
+        channels_per_call=settings.publish_channels_per_call,
         registry=runtime.registry,
     )
 

@@ -132,6 +132,14 @@ class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     heartbeat_interval_ms: Annotated[int, Meta(gt=0, description="heartbeat period")] = 5_000
     stream_maxlen: Annotated[int, Meta(gt=0, description="entries kept per Redis stream")] = 200_000
     key_prefix: Annotated[str, Meta(description="prefix of tickmesh's own Redis keys")] = "tm:"
+    publish_channels_per_call: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="channels in one call of the Redis publish script (1 on a Redis "
+            "Cluster, where a call's keys must share a slot)",
+        ),
+    ] = 64
     kafka_enable_idempotence: Annotated[
         bool, Meta(description="idempotent Kafka producer (off for brokers without it)")
     ] = False
