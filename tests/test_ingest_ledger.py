@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from libs.common.market.identity import TradeIds
 from libs.common.market.sessions import MINUTE_MS, ny_epoch_ms, parse_day
 from libs.common.schemas import LedgerEntry
 from services.ingest.ledger import SourceBook
@@ -64,6 +65,23 @@ def test_ids_reset_with_the_day_and_old_days_are_forgotten() -> None:
     later = ny_epoch_ms(parse_day("2013-10-09"), 10, 0)
     book.admit("SPY", [trade("1", later)])
     assert book.admit("SPY", [trade("1", T0)])  # 2013-10-07 forgotten (two days kept)
+
+
+def test_identities_stay_per_symbol_and_day_when_symbols_and_days_interleave() -> None:
+    """The day a symbol's last trade fell in is remembered per symbol and the last day worked
+    out is shared: neither may leak a trade's identity to another symbol or day."""
+    ids = TradeIds()
+    next_day = ny_epoch_ms(parse_day("2013-10-08"), 10, 0)
+
+    def kept(sym: str, *trades: TradeEvent) -> list[str]:
+        return [f"{t.i}@{t.t}" for t in ids.fresh(sym, list(trades))]
+
+    assert kept("SPY", trade("1", T0)) == [f"1@{T0}"]
+    assert kept("IBM", trade("1", next_day)) == [f"1@{next_day}"]  # another symbol, day
+    assert kept("SPY", trade("1", T0), trade("1", next_day)) == [f"1@{next_day}"]
+    assert kept("IBM", trade("1", T0), trade("1", next_day)) == [f"1@{T0}"]
+    assert kept("SPY", trade("1", next_day), trade("1", T0)) == []
+    assert ids.duplicates == 4
 
 
 def test_progress_names_each_tick_channel_sequence_and_the_feed_time() -> None:

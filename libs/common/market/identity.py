@@ -40,6 +40,11 @@ class TradeIds:
         self.keep_days = keep_days
         # symbol -> {day start -> {exchange key -> ids}}
         self._seen: dict[str, dict[int, dict[str, set[str]]]] = {}
+        self._current: dict[str, tuple[int, int, dict[str, set[str]]]] = {}
+        """Per symbol: the day its last trade fell in ([start, end), its identities), so that a
+        record of the same day costs no time-zone arithmetic."""
+        self._bounds = (0, 0)
+        """The New York day last worked out ([start, end)), shared by every symbol."""
         self.duplicates = 0
         """Trades dropped so far."""
 
@@ -59,16 +64,25 @@ class TradeIds:
         """The trades of ``trades`` (one symbol) not seen before, now remembered. Returns
         ``trades`` itself when none was a duplicate (the common case: no copy)."""
         out: list[TradeT] | None = None
-        ids: dict[str, set[str]] = {}
-        day_start = day_end = 0
+        current = self._current.get(sym)
+        if current is None:
+            day_start = day_end = 0
+            ids: dict[str, set[str]] = {}
+        else:
+            day_start, day_end, ids = current
         for index, trade in enumerate(trades):
             t = trade.t
             if t < day_start or t >= day_end:
-                day_start, day_end = day_bounds(t)
+                day_start, day_end = self._bounds
+                if t < day_start or t >= day_end:
+                    day_start, day_end = self._bounds = day_bounds(t)
                 ids = self._day(sym, day_start)
+                self._current[sym] = (day_start, day_end, ids)
             i = trade.i
             if i:
-                key = _key(trade)
+                key = None if trade.trfi else _EXCHANGE_KEYS.get(trade.x)
+                if key is None:
+                    key = _key(trade)
                 bucket = ids.get(key)
                 if bucket is None:
                     bucket = ids[key] = set()
