@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 
 from devstack.localstack import LocalStack
 from devstack.mesh import Mesh, MeshOptions, instance_names, mirror_consumer_names, read_topic
+from libs.common import names
 from libs.common.names import Keys
 from libs.common.schemas import BAR_DECODER, Bar
 from services.bars.backfill import run_backfill
@@ -95,13 +96,14 @@ async def redis_bars(redis_url: str) -> tuple[list[Bar], dict[str, int]]:
         await client.aclose()
 
 
-def reconcile(stack: LocalStack, out: Path) -> dict[str, object]:
+def reconcile(stack: LocalStack, out: Path, topic_mode: str) -> dict[str, object]:
     """The reconciler's report of the day (not stored, not published)."""
     assert stack.kafka is not None
     env = {
         "TICKMESH_LOG_LEVEL": "warning",
         "TICKMESH_REDIS_URL": stack.redis.url,
         "TICKMESH_KAFKA_BOOTSTRAP": stack.kafka.bootstrap,
+        "TICKMESH_TOPIC_MODE": topic_mode,
     }
     return reconcile_json(DAY, out, env)
 
@@ -109,9 +111,12 @@ def reconcile(stack: LocalStack, out: Path) -> dict[str, object]:
 @pytest.mark.slow  # 18 s at load 2, up to about a minute under load
 @pytest.mark.integration
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("topic_mode", ["per-symbol", "single"])
 def test_two_bar_shards_and_two_mirrors_publish_every_bar_once_with_full_parity(
-    shared_data: Path, tmp_path: Path
+    topic_mode: str, shared_data: Path, tmp_path: Path
 ) -> None:
+    """Per-symbol tick topics, or every tick in sentio.ticks.v1 (TOPIC_MODE=single: both
+    mirrors write it, both shadow shards read all of it and keep their own symbols)."""
     # the split this test relies on: each symbol its own bar shard and its own mirror
     assert {zlib.crc32(s.encode()) % 2 for s in SYMBOLS} == {0, 1}
     assert {zlib.crc32(f"ticks.{s}".encode()) % 2 for s in SYMBOLS} == {0, 1}
@@ -126,6 +131,7 @@ def test_two_bar_shards_and_two_mirrors_publish_every_bar_once_with_full_parity(
         run_id="scale",
         bars_shards=2,
         mirror_instances=2,
+        env={"TICKMESH_TOPIC_MODE": topic_mode},
     )
     with LocalStack() as stack:
         assert stack.kafka is not None
@@ -159,7 +165,7 @@ def test_two_bar_shards_and_two_mirrors_publish_every_bar_once_with_full_parity(
             counts = mesh.kafka_counts()
         finally:
             mesh.stop()
-        report = reconcile(stack, tmp_path / "report.json")
+        report = reconcile(stack, tmp_path / "report.json", topic_mode)
 
     assert dead == 0
     # every shard and every mirror instance did its share
@@ -175,14 +181,19 @@ def test_two_bar_shards_and_two_mirrors_publish_every_bar_once_with_full_parity(
     shadow = sum(published[name] for name in instance_names("bars-shadow", 2))
     assert primary == shadow == len(expected)  # revision 0 of every minute, once in all
     # every tick record reached Kafka, through whichever mirror owns its channel
-    for channel, seq in tick_seqs.items():
-        assert counts[channel][1] == seq, (channel, counts[channel], seq)
+    if topic_mode == "single":
+        assert not any(topic.startswith("ticks.") for topic in counts), sorted(counts)
+        assert counts[names.TICKS_SINGLE_TOPIC][1] == sum(tick_seqs.values())
+    else:
+        for channel, seq in tick_seqs.items():
+            assert counts[channel][1] == seq, (channel, counts[channel], seq)
     parity = report["parity"]["totals"]  # type: ignore[index]
     assert parity["parityPct"] == 100.0, parity
     assert parity["compared"] == parity["matched"] == len(expected), parity
     completeness = report["completeness"]["totals"]  # type: ignore[index]
     print(
-        f"\n2 bar shards, 2 mirrors: {len(expected)} bars on each path, each once; "
+        f"\n2 bar shards, 2 mirrors, ticks {topic_mode}: {len(expected)} bars on each path, "
+        "each once; "
         f"parity {parity['parityPct']} % ({parity['matched']} of {parity['compared']}); "
         f"completeness {completeness}; published per process {published}; ticks mirrored "
         f"per instance {mirrored}"
