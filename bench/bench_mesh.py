@@ -61,6 +61,11 @@ rate) into the same redis-server, and (2) with a raw aiokafka producer
 on the same broker. Each hop's rate is then given as a share of its ceiling: like for like,
 the same records with the same trades per record on both sides.
 
+**(e) Tick topics** (``bench/mesh_layout.py``; ``--no-layout`` and ``--quick`` skip it): the
+synthetic market of (b) once more on a fresh stack with the other ``--topic-mode``, set
+against (b): p50/p99 tick → Redis and → Kafka, p99 tick → shadow bar, records a mirror batch,
+and the CPU seconds of the broker, the mirror and the shadow builder.
+
 **(d) Ingest's linger** (``bench/mesh_linger.py``): the synthetic market of (b) twice more,
 at ``--linger-rate`` (5,000 trades/s: a rate the mesh keeps up with, so that queueing does not
 hide the milliseconds a linger adds), once with ``INGEST_LINGER_MS=0`` and once with
@@ -111,6 +116,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import msgspec
 import redis.asyncio as aioredis
 import structlog
+from mesh_layout import layout_run
 from mesh_linger import linger_run
 from mesh_probe import (
     BarSeen,
@@ -783,6 +789,21 @@ def run_synthetic(
     )
 
 
+def run_layout(args: argparse.Namespace, workdir: Path, first: dict[str, Any]) -> dict[str, Any]:
+    """Scenario (e): (b) once more with the other tick-topic layout, set against ``first``
+    ((b)'s own results)."""
+    other = "per-symbol" if args.topic_mode == "single" else "single"
+    print(f"bench_mesh: (e) ticks {other} ...", flush=True)
+    again = argparse.Namespace(**{**vars(args), "topic_mode": other})
+    second = run_synthetic(again, workdir, label=f"layout {other}")
+    return {
+        "symbols": args.synthetic_symbols,
+        "offeredRate": args.rate,
+        "measureSeconds": args.measure_s,
+        "runs": [layout_run(args.topic_mode, first), layout_run(other, second)],
+    }
+
+
 def run_linger(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Scenario (d): (b) at ``--linger-rate`` with INGEST_LINGER_MS 0, then ``--linger-ms``."""
     at_rate = argparse.Namespace(**{**vars(args), "rate": args.linger_rate})
@@ -960,6 +981,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "thousands of symbols) or in ticks.<SYM> topics",
     )
     parser.add_argument(
+        "--layout",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="(e): after (b), (b) again with the other --topic-mode (default: on, off with "
+        "--quick)",
+    )
+    parser.add_argument(
         "--probe-ticks",
         default="ticks.*0",
         help="(b), (d): the tick channels the probe times (a glob; default ticks.*0, one "
@@ -991,6 +1019,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.settle_timeout_s = 60.0 if quick else 120.0
     if args.ceiling_records is None:
         args.ceiling_records = 50_000 if quick else 200_000
+    if args.layout is None:
+        args.layout = not quick
     if args.scale_budget_s is None:
         args.scale_budget_s = 900.0 if quick else 1_800.0
     try:
@@ -1020,6 +1050,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "synthetic") and not args.scale:
             print("bench_mesh: (b) synthetic market ...", flush=True)
             results["synthetic"] = run_synthetic(args, workdir)
+            if args.layout and not results["synthetic"].get("error"):
+                results["layout"] = run_layout(args, workdir, results["synthetic"])
         if args.only in (None, "linger") and not args.scale and args.linger_ms > 0:
             results["linger"] = run_linger(args, workdir)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mesh_layout import layout_summary_rows, render_layout
 from mesh_linger import linger_summary_rows, render_linger
 from summary import LIKE_FOR_LIKE, row
 
@@ -161,6 +162,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append("")
     elif syn:
         lines += [f"(b) synthetic: {syn.get('error')}", ""]
+    if results.get("layout"):
+        lines += render_layout(results["layout"])
     if results.get("linger"):
         lines += render_linger(results["linger"])
     lines += ["**Targets** (reported, never asserted)", ""]
@@ -310,6 +313,8 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, object]]:
                     basis="latency (p50 " + f"{found['p50']:,.1f} ms)",
                 )
             )
+    if results.get("layout"):
+        rows += layout_summary_rows(results["layout"])
     if results.get("linger"):
         rows += linger_summary_rows(results["linger"])
     return rows

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_mesh import analyse_synthetic, last_closed_on_event_time, resp_publish
+from mesh_layout import layout_run, layout_summary_rows, render_layout
 from mesh_linger import linger_run, linger_summary_rows, render_linger
 from mesh_probe import (
     BarSeen,
@@ -477,6 +478,39 @@ def test_the_linger_comparison_sets_each_p99_against_no_linger() -> None:
     failed = {**linger, "runs": [linger["runs"][0], linger_run(5, {"error": "no feed"}, SERVICES)]}
     assert linger_summary_rows(failed) == []
     assert "| 5 | no feed |" in "\n".join(render_linger(failed))
+
+
+def test_the_layout_comparison_sets_one_topic_against_a_topic_per_symbol() -> None:
+    def result(p99_kafka: float, broker: float, batches: int):  # type: ignore[no-untyped-def]
+        out = _synthetic_result(10.0, p99_kafka, 2.0, 1.1)
+        out["processes"]["tansu"] = {"cpuSeconds": broker}
+        out["mirrorBatches"] = {"batches": batches, "records": 12_000}
+        return out
+
+    layout = {
+        "symbols": 1000,
+        "offeredRate": 20_000,
+        "measureSeconds": 60.0,
+        "runs": [
+            layout_run("single", result(400.0, 6.0, 100)),
+            layout_run("per-symbol", result(20_000.0, 24.0, 400)),
+        ],
+    }
+    rows = {item["figure"]: item for item in layout_summary_rows(layout)}
+    kafka = rows["1000 symbols at 20,000 ticks/s, ticks in one topic: p99 tick → Kafka"]
+    assert (kafka["result"], kafka["against"], kafka["ratio"]) == (
+        "400.0 ms",
+        "a topic per symbol: 20,000.0 ms",
+        0.02,
+    )
+    assert rows["ticks in one topic: broker CPU s"]["ratio"] == 0.25
+    table = "\n".join(render_layout(layout))
+    one = "| one topic | 5,000 | 5.0 / 10.0 | 200.0 / 400.0 | - | 120.0 | 6.0 | 1.0 | 0.0 |"
+    assert one in table
+    assert "| a topic per symbol | 5,000 |" in table
+    failed = {**layout, "runs": [layout["runs"][0], layout_run("per-symbol", {"error": "x"})]}
+    assert layout_summary_rows(failed) == []
+    assert "| a topic per symbol | x |" in "\n".join(render_layout(failed))
 
 
 @pytest.mark.slow  # 20-45 s here, with the machine's load: over the default suite's budget
