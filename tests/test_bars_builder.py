@@ -158,6 +158,36 @@ async def test_a_position_is_committed_only_when_all_its_ticks_are_in_published_
         await harness.builder.stop()
 
 
+async def test_a_minutes_batches_wait_for_their_commit_as_one_entry_per_channel() -> None:
+    """Forty batches of 10:00 and five of 10:01 on A's channel wait as two entries (one per
+    minute), and 10:00's close commits its last batch; on a channel shared by two symbols (a
+    partition of the single tick topic) a symbol's batches only share an entry with the
+    batches of the same symbol right before them, and the commit stops at B's open minute."""
+    clock = ManualClock(10**13)
+    harness = Harness(clock)
+    await harness.builder.start()
+    try:
+        await harness.deliver(*[("ticks.A", i, batch("A", T0 + i * 1_000)) for i in range(1, 41)])
+        await harness.deliver(
+            *[("ticks.A", 40 + i, batch("A", T0 + 60_000 + i * 100)) for i in range(1, 6)]
+        )
+        assert [p for p, *_ in harness.builder._pending["ticks.A"]] == [40, 45]
+        assert harness.source.committed == {}
+        await harness.deliver(("ticks.A", 46, batch("A", T0 + 61_500)))  # closes 10:00
+        assert harness.bars() == [("A", 0, 4_000, 0)]
+        assert harness.source.committed == {"ticks.A": 40}
+        shared = [("p#0", 1, batch("B", T0 + 1_000)), ("p#0", 2, batch("B", T0 + 2_000))]
+        shared += [("p#0", 3, batch("C", T0 + 3_000)), ("p#0", 4, batch("B", T0 + 4_000))]
+        await harness.deliver(*shared)
+        assert [(p, sym) for p, _, sym in harness.builder._pending["p#0"]] == [
+            (2, "B"),
+            (3, "C"),
+            (4, "B"),
+        ]
+    finally:
+        await harness.builder.stop()
+
+
 async def test_a_restart_rewinds_drops_stale_work_and_does_not_rebuild_published_minutes() -> None:
     """After a failure the builder starts afresh: the source is opened with restart=True, work
     queued by the old incarnation is dropped, and re-read ticks of minutes published before

@@ -52,7 +52,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from libs.common import names
 from libs.common.market.aggregator import BarAggregator
 from libs.common.market.identity import TradeIds
-from libs.common.market.sessions import ny_date
+from libs.common.market.sessions import MINUTE_MS, ny_date
 from libs.common.runtime.actors import Actor, Overflow
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.metrics import metrics_for
@@ -217,7 +217,8 @@ class BarBuilder(Actor[BuilderMessage]):
         self._m_uncommitted = metrics.uncommitted.labels(source_kind)
         self._m_marks = metrics.marks.labels(source_kind)
         self._m_duplicate_trades = metrics.duplicate_trades.labels(source_kind)
-        # per channel: (position, newest tick time of the batch, its symbol), oldest first
+        # per channel: (position, newest tick time of the batch, its symbol), oldest first;
+        # consecutive batches of one symbol whose newest ticks share a minute share an entry
         self._pending: dict[str, deque[tuple[int, int, str]]] = {}
         self._last_position: dict[str, int] = {}
         self._channel_symbols: dict[str, set[str]] = {}
@@ -444,10 +445,25 @@ class BarBuilder(Actor[BuilderMessage]):
             if symbol not in symbols:
                 symbols.add(symbol)
                 self._symbol_channels.setdefault(symbol, set()).add(channel)
+            newest = _newest(batch)
             queue = pending.get(channel)
             if queue is None:
                 queue = pending[channel] = deque()
-            queue.append((position, _newest(batch), symbol))
+                queue.append((position, newest, symbol))
+            else:
+                # a batch of the same symbol whose newest tick is in the same minute as the
+                # last pending one's becomes safe at the same moment (when that minute has
+                # closed): one entry for both, so that a minute's close pops an entry or two
+                # per channel instead of every record of the minute
+                last = queue[-1] if queue else None
+                if (
+                    last is not None
+                    and last[2] == symbol
+                    and last[1] // MINUTE_MS == newest // MINUTE_MS
+                ):
+                    queue[-1] = (position, max(last[1], newest), symbol)
+                else:
+                    queue.append((position, newest, symbol))
             self._dirty.add(channel)
             self._waiting.add(channel)
         self._m_ticks.inc(ticks)
