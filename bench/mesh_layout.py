@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mesh_linger import ms_cell
 from summary import LIKE_FOR_LIKE, row
 
 _LABELS = {"single": "one topic", "per-symbol": "a topic per symbol"}
@@ -42,10 +43,6 @@ def layout_run(mode: str, result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _p(stats: dict[str, Any] | None, key: str) -> str:
-    return f"{stats[key]:,.1f}" if stats else "-"
-
-
 def render_layout(layout: dict[str, Any]) -> list[str]:
     """Scenario (e) as Markdown lines."""
     runs = layout.get("runs") or []
@@ -68,8 +65,9 @@ def render_layout(layout: dict[str, Any]) -> list[str]:
         bar = run["latencyMs"]["tickToBarKafka"]
         lines.append(
             f"| {label} | {run['achievedTicksPerS'] or 0:,} "
-            f"| {_p(redis, 'p50')} / {_p(redis, 'p99')} | {_p(kafka, 'p50')} / {_p(kafka, 'p99')} "
-            f"| {_p(bar, 'p99')} | {run['recordsPerBatch'] or '-'} | {run['brokerCpuSeconds']:.1f} "
+            f"| {ms_cell(redis, 'p50')} / {ms_cell(redis, 'p99')} "
+            f"| {ms_cell(kafka, 'p50')} / {ms_cell(kafka, 'p99')} | {ms_cell(bar, 'p99')} "
+            f"| {run['recordsPerBatch'] or '-'} | {run['brokerCpuSeconds']:.1f} "
             f"| {run['mirrorCpuSeconds']:.1f} | {run['shadowCpuSeconds']:.1f} |"
         )
     for run in runs:

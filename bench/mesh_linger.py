@@ -42,7 +42,8 @@ def linger_run(linger_ms: int, result: dict[str, Any], services: Iterable[str]) 
     }
 
 
-def _p(stats: dict[str, Any] | None, key: str) -> str:
+def ms_cell(stats: dict[str, Any] | None, key: str) -> str:
+    """A latency statistic in a table cell (ms, one decimal; ``-`` when there is none)."""
     return f"{stats[key]:,.1f}" if stats else "-"
 
 
@@ -67,8 +68,9 @@ def render_linger(linger: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {run['lingerMs']} | {run['achievedTicksPerS'] or 0:,} "
             f"| {run['recordsPerS'] or 0:,} "
-            f"| {run['tradesPerRecord']} | {_p(redis, 'p50')} / {_p(redis, 'p99')} "
-            f"| {_p(kafka, 'p50')} / {_p(kafka, 'p99')} | {run['ingestCpuSeconds']:.1f} "
+            f"| {run['tradesPerRecord']} | {ms_cell(redis, 'p50')} / {ms_cell(redis, 'p99')} "
+            f"| {ms_cell(kafka, 'p50')} / {ms_cell(kafka, 'p99')} "
+            f"| {run['ingestCpuSeconds']:.1f} "
             f"| {run['servicesCpuSeconds']:.1f} |"
         )
     for run in runs:

@@ -686,6 +686,19 @@ async def kafka_bars(settings: BarsSettings, symbols: Iterable[str]) -> list[Bar
     return out
 
 
+async def shadows_published(members: Sequence[ServiceRuntime], count: int) -> None:
+    """Wait until the shadow instances ``members`` published ``count`` bars between them."""
+
+    def published() -> float:
+        return sum(metric(m, "tickmesh_bars_published_total", source="kafka") for m in members)
+
+    await eventually(
+        lambda: published() >= count,
+        timeout=30,
+        message=lambda: f"{published()} of {count} bars",
+    )
+
+
 async def test_kafka_ticks_become_kafka_bars_equal_to_the_redis_paths_and_duplicates_drop(
     redis_url: str, redis_client: object, kafka_bootstrap: str, unique_name: object
 ) -> None:
@@ -771,17 +784,7 @@ async def test_two_kafka_shards_split_the_symbols_and_pick_up_topics_that_appear
         )
         await create_tick_topics(shard(0), late)  # new listings, after the shards started
         await produce_like_the_mirror(kafka_bootstrap, batches, seqs)
-
-        def published() -> float:
-            return sum(
-                metric(m, "tickmesh_bars_published_total", source="kafka") for m in (one, two)
-            )
-
-        await eventually(
-            lambda: published() >= len(expected),
-            timeout=30,
-            message=lambda: f"{published()} of {len(expected)} bars",
-        )
+        await shadows_published((one, two), len(expected))
         assigned = [s.assigned for s in sources]  # type: ignore[attr-defined]
         assert all(assigned) and not assigned[0] & assigned[1]
         assert sum(len(a) for a in assigned) == len(symbols)
@@ -836,17 +839,7 @@ async def test_ticks_in_one_topic_keyed_by_symbol_become_the_same_bars_in_two_sh
         await produce_like_the_mirror(
             kafka_bootstrap, batches, seqs, resend, topic=names.TICKS_SINGLE_TOPIC
         )
-
-        def published() -> float:
-            return sum(
-                metric(m, "tickmesh_bars_published_total", source="kafka") for m in (one, two)
-            )
-
-        await eventually(
-            lambda: published() >= len(expected),
-            timeout=30,
-            message=lambda: f"{published()} of {len(expected)} bars",
-        )
+        await shadows_published((one, two), len(expected))
         for index, member in enumerate((one, two)):
             aggregated = set(builder_of(member).aggregators)
             assert aggregated and all(shard_of(s, 2) == index for s in aggregated)
