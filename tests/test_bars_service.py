@@ -797,9 +797,11 @@ async def test_ticks_in_one_topic_keyed_by_symbol_become_the_same_bars_in_two_sh
     redis_url: str, kafka_bootstrap: str, unique_name: object
 ) -> None:
     """``TOPIC_MODE=single``: every symbol's ticks in one two-partition topic keyed by symbol,
-    as the mirror writes them for thousands of symbols, some records sent twice. Two shadow
-    shards read every partition; each aggregates its own symbols only, and together they
-    publish every bar once, equal to the offline bars, and drop every duplicate."""
+    as the mirror writes them for thousands of symbols, some records sent twice, one under
+    another symbol's key. Two shadow shards read every partition; each aggregates its own
+    symbols only (another shard's records are passed over by their key), the record whose
+    symbol is not its key goes to the dead letters, and together they publish every bar once,
+    equal to the offline bars, and drop every duplicate."""
     prefix = f"{unique_name('single')}:"  # type: ignore[operator]
     pattern, symbols = symbols_for(6, shards=2)
     trades = make_trades(symbols, (10, 0), 4, seed=55, per_minute=30)
@@ -839,12 +841,29 @@ async def test_ticks_in_one_topic_keyed_by_symbol_become_the_same_bars_in_two_sh
         await produce_like_the_mirror(
             kafka_bootstrap, batches, seqs, resend, topic=names.TICKS_SINGLE_TOPIC
         )
+        stray_trade = Trade(symbols[1], 1.0, 100, ny_epoch_ms(DAY, 10, 1), 4, (), "stray")
+        stray = TickBatch(999, symbols[1], [stray_trade])
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:  # under symbols[0]'s key: its shard checks it and dead-letters it
+            await producer.send_and_wait(
+                names.TICKS_SINGLE_TOPIC, ENCODER.encode(stray), key=symbols[0].encode()
+            )
+        finally:
+            await producer.stop()
         await shadows_published((one, two), len(expected))
         for index, member in enumerate((one, two)):
             aggregated = set(builder_of(member).aggregators)
             assert aggregated and all(shard_of(s, 2) == index for s in aggregated)
         duplicates = [s.duplicates for s in sources]  # type: ignore[attr-defined]
         assert sum(duplicates) == len(resend)
+        letters = "tickmesh_dead_letters_total"
+        labels = {"service": "bars", "source_kind": names.TICKS_SINGLE_TOPIC}
+        await eventually(
+            lambda: sum(metric(m, letters, **labels) for m in (one, two)) == 1,
+            timeout=10,
+            message="the record under another symbol's key was not dead-lettered",
+        )
     shadow_bars = await kafka_bars(shard(0), symbols)
     assert_published_once(shadow_bars)
     assert final_bars(shadow_bars) == expected

@@ -215,6 +215,13 @@ class KafkaTickSource:
             if items:
                 await deliver(items)
 
+    def _owns(self, symbol: str) -> bool:
+        """``owns``, remembered per symbol (the single topic's records ask it each)."""
+        owned = self._owned.get(symbol)
+        if owned is None:
+            owned = self._owned[symbol] = self.owns(symbol)
+        return owned
+
     async def _item(
         self, channel: str, topic: str, deduper: SequenceDeduper, message: object
     ) -> Item:
@@ -227,17 +234,20 @@ class KafkaTickSource:
                 await self.dead_letters.send(topic, str(exc), value)
                 return channel, offset, TickBatch(0, "", [])
         single = topic == self.single_topic
+        key: bytes | None = message.key if single else None  # type: ignore[attr-defined]
+        if key and not self._owns(key.decode(errors="replace")):
+            # another shard's symbol (the key is the symbol): not even decoded; the shard
+            # that owns the key checks that the record's symbol is the key's
+            return channel, offset, _NOT_OURS
         try:
             batch = decode_batch(value)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if key and batch.sym != key.decode(errors="replace"):
+                raise ValueError(f"symbol {batch.sym!r} under the key {key!r}")
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             await self.dead_letters.send(topic, str(exc), value)
             return channel, offset, TickBatch(0, "" if single else tick_symbol(topic), [])
-        if single:
-            owned = self._owned.get(batch.sym)
-            if owned is None:
-                owned = self._owned[batch.sym] = self.owns(batch.sym)
-            if not owned:
-                return channel, offset, _NOT_OURS  # another shard's symbol
+        if single and not key and not self._owns(batch.sym):
+            return channel, offset, _NOT_OURS  # another shard's symbol (a record without key)
         identity = record_identity(message.headers)  # type: ignore[attr-defined]
         if identity is None and batch.seq > 0:
             identity = (names.channel(names.TICKS, batch.sym), batch.seq)
