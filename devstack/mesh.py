@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.localstack import LocalStack, free_port
 from libs.common.io.kafka_io import list_topics, read_from_beginning
-from libs.common.runtime.settings import CommonSettings, load_settings
+from libs.common.runtime.settings import CommonSettings, SettingsT, load_settings
 from services.ingest.simulator.cli import control_remote
 
 SIM_KEY = "tickmesh-demo-key"
@@ -294,16 +294,15 @@ class Mesh:
         env.update(self.options.env)
         return env
 
+    def settings(self, cls: type[SettingsT]) -> SettingsT:
+        """``cls`` loaded from the environment the mesh's services get (this process's, the
+        stack's addresses, the options' ``env``): what a tool that reads the mesh's Redis or
+        Kafka must use, so that it sees the same layout (``TOPIC_MODE``) and security."""
+        return load_settings(cls, self._base_env())
+
     def kafka_settings(self) -> CommonSettings:
         """The shared settings the services reach Kafka with (bootstrap and security)."""
-        return load_settings(
-            CommonSettings,
-            {
-                **self.options.env,
-                "TICKMESH_REDIS_URL": self.stack.redis.url,
-                "TICKMESH_KAFKA_BOOTSTRAP": self._kafka_bootstrap(),
-            },
-        )
+        return self.settings(CommonSettings)
 
     def start_service(
         self, name: str, module: str, prefix: str, extra: dict[str, str] | None = None

@@ -15,6 +15,7 @@ import asyncio
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgspec
 import pytest
@@ -26,6 +27,7 @@ from libs.common import names
 from libs.common.names import Keys
 from libs.common.schemas import BAR_DECODER, Bar
 from services.bars.backfill import run_backfill
+from services.mirror.config import MirrorSettings
 from tests.helpers import BarKey, BarValue, final_bars, reconcile_json
 
 DAY = "2013-10-07"
@@ -55,6 +57,28 @@ def test_a_group_is_the_plain_service_or_its_numbered_instances(tmp_path: Path) 
     assert mesh.group("mirror") == [mesh.services["mirror"]]
     assert mesh.group("engine_bridge") == []
     assert mesh.metric_total("engine_bridge", "anything") == 0.0
+
+
+def test_a_tool_reads_the_mesh_with_the_settings_its_services_get(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The soak's reconciler and the Kafka counts load their settings as the services do
+    (this process's environment, the stack, the options' env): a mesh run with
+    TICKMESH_TOPIC_MODE=single is reconciled from the single topic, not the per-symbol ones."""
+    monkeypatch.setenv("TICKMESH_KAFKA_FETCH_MAX_WAIT_MS", "77")
+    stack = SimpleNamespace(
+        redis=SimpleNamespace(url="redis://127.0.0.1:6390/0"),
+        kafka=SimpleNamespace(bootstrap="127.0.0.1:9099"),
+    )
+    options = MeshOptions(workdir=tmp_path, env={"TICKMESH_TOPIC_MODE": "single"})
+    mesh = Mesh(stack, options)  # type: ignore[arg-type]
+    settings = mesh.settings(MirrorSettings)
+    assert (settings.topic_mode, settings.kafka_fetch_max_wait_ms) == ("single", 77)
+    assert (settings.redis_url, settings.kafka_bootstrap) == (
+        "redis://127.0.0.1:6390/0",
+        "127.0.0.1:9099",
+    )
+    assert mesh.kafka_settings().kafka_fetch_max_wait_ms == 77
 
 
 def assert_published_once(bars: Sequence[Bar], path: str) -> None:

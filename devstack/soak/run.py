@@ -32,7 +32,6 @@ from devstack.soak.plan import DayPlan, SoakOptions, plan_faults, time_of_day
 from devstack.soak.report import DayRow, fill_completeness, markdown_row, to_markdown
 from libs.common.io.redis_io import connect_redis
 from libs.common.market.sessions import ts_et
-from libs.common.runtime.settings import load_settings
 from services.mirror.config import MirrorSettings
 from services.mirror.reconciler import Reconciler
 from services.mirror.report import DayReport, Gate, to_json
@@ -235,13 +234,7 @@ class Soak:
         """The mirror's reconciler on ``day``: stored for the gate, not published."""
         mesh = self._mesh
         assert mesh is not None
-        settings = load_settings(
-            MirrorSettings,
-            {
-                "TICKMESH_REDIS_URL": mesh.stack.redis.url,
-                "TICKMESH_KAFKA_BOOTSTRAP": mesh._kafka_bootstrap(),
-            },
-        )
+        settings = mesh.settings(MirrorSettings)  # the mesh's layout, security and names
         client = await connect_redis(settings.redis_url, max_wait_s=30, name="tickmesh-soak")
         try:
             reconciler = Reconciler(settings, client)
