@@ -449,21 +449,15 @@ class BarBuilder(Actor[BuilderMessage]):
             queue = pending.get(channel)
             if queue is None:
                 queue = pending[channel] = deque()
-                queue.append((position, newest, symbol))
+            # a batch of the same symbol whose newest tick is in the same minute as the last
+            # pending one's becomes safe at the same moment (when that minute has closed): one
+            # entry for both, so that a minute's close pops an entry or two per channel
+            # instead of every record of the minute
+            last = queue[-1] if queue else None
+            if last and last[2] == symbol and last[1] // MINUTE_MS == newest // MINUTE_MS:
+                queue[-1] = (position, max(last[1], newest), symbol)
             else:
-                # a batch of the same symbol whose newest tick is in the same minute as the
-                # last pending one's becomes safe at the same moment (when that minute has
-                # closed): one entry for both, so that a minute's close pops an entry or two
-                # per channel instead of every record of the minute
-                last = queue[-1] if queue else None
-                if (
-                    last is not None
-                    and last[2] == symbol
-                    and last[1] // MINUTE_MS == newest // MINUTE_MS
-                ):
-                    queue[-1] = (position, max(last[1], newest), symbol)
-                else:
-                    queue.append((position, newest, symbol))
+                queue.append((position, newest, symbol))
             self._dirty.add(channel)
             self._waiting.add(channel)
         self._m_ticks.inc(ticks)

@@ -234,14 +234,15 @@ class KafkaTickSource:
                 await self.dead_letters.send(topic, str(exc), value)
                 return channel, offset, TickBatch(0, "", [])
         single = topic == self.single_topic
-        key: bytes | None = message.key if single else None  # type: ignore[attr-defined]
-        if key and not self._owns(key.decode(errors="replace")):
+        raw_key: bytes | None = message.key if single else None  # type: ignore[attr-defined]
+        key = raw_key.decode(errors="replace") if raw_key else ""
+        if key and not self._owns(key):
             # another shard's symbol (the key is the symbol): not even decoded; the shard
             # that owns the key checks that the record's symbol is the key's
             return channel, offset, _NOT_OURS
         try:
             batch = decode_batch(value)
-            if key and batch.sym != key.decode(errors="replace"):
+            if key and batch.sym != key:
                 raise ValueError(f"symbol {batch.sym!r} under the key {key!r}")
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             await self.dead_letters.send(topic, str(exc), value)
