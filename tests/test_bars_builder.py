@@ -160,9 +160,9 @@ async def test_a_position_is_committed_only_when_all_its_ticks_are_in_published_
 
 async def test_a_minutes_batches_wait_for_their_commit_as_one_entry_per_channel() -> None:
     """Forty batches of 10:00 and five of 10:01 on A's channel wait as two entries (one per
-    minute), and 10:00's close commits its last batch; on a channel shared by two symbols (a
-    partition of the single tick topic) a symbol's batches only share an entry with the
-    batches of the same symbol right before them, and the commit stops at B's open minute."""
+    minute), and 10:00's close commits its last batch. On a channel shared by symbols (a
+    partition of the single tick topic) a minute's batches of every symbol share an entry,
+    committed only once that minute has closed for each of them."""
     clock = ManualClock(10**13)
     harness = Harness(clock)
     await harness.builder.start()
@@ -171,7 +171,7 @@ async def test_a_minutes_batches_wait_for_their_commit_as_one_entry_per_channel(
         await harness.deliver(
             *[("ticks.A", 40 + i, batch("A", T0 + 60_000 + i * 100)) for i in range(1, 6)]
         )
-        assert [p for p, *_ in harness.builder._pending["ticks.A"]] == [40, 45]
+        assert [held.position for held in harness.builder._pending["ticks.A"]] == [40, 45]
         assert harness.source.committed == {}
         await harness.deliver(("ticks.A", 46, batch("A", T0 + 61_500)))  # closes 10:00
         assert harness.bars() == [("A", 0, 4_000, 0)]
@@ -179,11 +179,13 @@ async def test_a_minutes_batches_wait_for_their_commit_as_one_entry_per_channel(
         shared = [("p#0", 1, batch("B", T0 + 1_000)), ("p#0", 2, batch("B", T0 + 2_000))]
         shared += [("p#0", 3, batch("C", T0 + 3_000)), ("p#0", 4, batch("B", T0 + 4_000))]
         await harness.deliver(*shared)
-        assert [(p, sym) for p, _, sym in harness.builder._pending["p#0"]] == [
-            (2, "B"),
-            (3, "C"),
-            (4, "B"),
-        ]
+        held = [(h.position, sorted(h.symbols)) for h in harness.builder._pending["p#0"]]
+        assert held == [(4, ["B", "C"])]
+        await harness.deliver(("p#0", 5, batch("B", T0 + 61_500)))  # closes B's 10:00 only
+        assert "p#0" not in harness.source.committed  # C's 10:00 is still open
+        assert [h.position for h in harness.builder._pending["p#0"]] == [4, 5]
+        await harness.deliver(("p#0", 6, batch("C", T0 + 61_500)))  # closes C's 10:00
+        assert harness.source.committed["p#0"] == 4
     finally:
         await harness.builder.stop()
 

@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from libs.common import names
 from libs.common.market.aggregator import BarAggregator
@@ -55,9 +55,9 @@ from libs.common.market.identity import TradeIds
 from libs.common.market.sessions import MINUTE_MS, ny_date
 from libs.common.runtime.actors import Actor, Overflow
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
-from libs.common.runtime.metrics import metrics_for
 from libs.common.schemas import Bar, Progress, TickBatch, Trade
 from services.bars.marks import ClosedMinutes, MinuteSnapshot, RestartGuard
+from services.bars.metrics import BuilderMetrics
 from services.bars.source import BarSink, Item, TickSource
 
 log = structlog.get_logger("tickmesh.bars")
@@ -85,72 +85,20 @@ class Barrier(NamedTuple):
 BuilderMessage = TickWork | WatermarkTick | Barrier
 
 
+class Held:
+    """Records of a channel waiting to be committed: the last one's position, the newest tick
+    among them and the symbols whose minute of it must close first."""
+
+    __slots__ = ("newest", "position", "symbols")
+
+    def __init__(self, position: int, newest: int, symbols: set[str]) -> None:
+        self.position = position
+        self.newest = newest
+        self.symbols = symbols
+
+
 def _newest(batch: TickBatch) -> int:
     return max(tick.t for tick in batch.ticks) if batch.ticks else 0
-
-
-class BuilderMetrics:
-    """Metrics of the bar builder; built once per registry, labelled by source kind."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        labels = ["source"]
-        self.ticks = Counter("tickmesh_bars_ticks", "Ticks aggregated", labels, registry=registry)
-        self.bars = Counter(
-            "tickmesh_bars_published", "Bars published (revision 0)", labels, registry=registry
-        )
-        self.revisions = Counter(
-            "tickmesh_bars_revisions", "Corrections published", labels, registry=registry
-        )
-        self.republish_skipped = Counter(
-            "tickmesh_bars_republish_skipped",
-            "Bars rebuilt after a restart for minutes already published, not sent again",
-            labels,
-            registry=registry,
-        )
-        self.ticks_skipped = Counter(
-            "tickmesh_bars_ticks_skipped",
-            "Ticks of minutes published before the last start, read again and not aggregated",
-            labels,
-            registry=registry,
-        )
-        self.late = Counter(
-            "tickmesh_bars_late_trades",
-            "Trades for closed minutes (revised or dropped per the policy)",
-            [*labels, "action"],
-            registry=registry,
-        )
-        self.uncommitted = Gauge(
-            "tickmesh_bars_uncommitted_channels",
-            "Channels with positions not yet safe to commit (a minute still open)",
-            labels,
-            registry=registry,
-        )
-        self.lag = Gauge(
-            "tickmesh_bars_watermark_lag_ms",
-            "Wall time minus the event-time watermark",
-            labels,
-            registry=registry,
-        )
-        self.commits = Counter(
-            "tickmesh_bars_commits", "Safe position commits", labels, registry=registry
-        )
-        self.marks = Counter(
-            "tickmesh_bars_progress_marks",
-            "Progress marks read (each moves the watermark of the symbols it covers)",
-            labels,
-            registry=registry,
-        )
-        self.duplicate_trades = Counter(
-            "tickmesh_bars_duplicate_trades",
-            "Trades dropped because one with the same identity was already aggregated",
-            labels,
-            registry=registry,
-        )
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None) -> BuilderMetrics:
-        """The metrics of ``registry``, created once."""
-        return metrics_for(cls, registry)
 
 
 class BarBuilder(Actor[BuilderMessage]):
@@ -219,7 +167,7 @@ class BarBuilder(Actor[BuilderMessage]):
         self._m_duplicate_trades = metrics.duplicate_trades.labels(source_kind)
         # per channel: (position, newest tick time of the batch, its symbol), oldest first;
         # consecutive batches of one symbol whose newest ticks share a minute share an entry
-        self._pending: dict[str, deque[tuple[int, int, str]]] = {}
+        self._pending: dict[str, deque[Held]] = {}
         self._last_position: dict[str, int] = {}
         self._channel_symbols: dict[str, set[str]] = {}
         self._symbol_channels: dict[str, set[str]] = {}
@@ -389,7 +337,6 @@ class BarBuilder(Actor[BuilderMessage]):
         bars: list[Bar] = []
         late_revised = late_dropped = 0
         ticks = 0
-        pending = self._pending
         last_position = self._last_position
         guards = self._guards
         for channel, position, batch in items:
@@ -399,12 +346,7 @@ class BarBuilder(Actor[BuilderMessage]):
             if type(batch) is Progress:
                 self._m_marks.inc()
                 self._apply_mark(batch, bars)
-                queue = pending.get(channel)
-                if queue is None:
-                    queue = pending[channel] = deque()
-                queue.append((position, 0, ""))  # done with as soon as it is applied
-                self._dirty.add(channel)
-                self._waiting.add(channel)
+                self._hold(channel, position, 0, None)  # done with as soon as it is applied
                 continue
             assert type(batch) is TickBatch
             symbol = batch.sym
@@ -446,20 +388,7 @@ class BarBuilder(Actor[BuilderMessage]):
                 symbols.add(symbol)
                 self._symbol_channels.setdefault(symbol, set()).add(channel)
             newest = _newest(batch)
-            queue = pending.get(channel)
-            if queue is None:
-                queue = pending[channel] = deque()
-            # a batch of the same symbol whose newest tick is in the same minute as the last
-            # pending one's becomes safe at the same moment (when that minute has closed): one
-            # entry for both, so that a minute's close pops an entry or two per channel
-            # instead of every record of the minute
-            last = queue[-1] if queue else None
-            if last and last[2] == symbol and last[1] // MINUTE_MS == newest // MINUTE_MS:
-                queue[-1] = (position, max(last[1], newest), symbol)
-            else:
-                queue.append((position, newest, symbol))
-            self._dirty.add(channel)
-            self._waiting.add(channel)
+            self._hold(channel, position, newest, symbol if newest else None)
         self._m_ticks.inc(ticks)
         if late_revised or late_dropped:
             late = self.builder_metrics.late
@@ -567,6 +496,29 @@ class BarBuilder(Actor[BuilderMessage]):
         if fresh or snapshots:
             await self.closed.save(fresh, snapshots)
 
+    def _hold(self, channel: str, position: int, newest: int, symbol: str | None) -> None:
+        """Keep ``position`` uncommitted until ``symbol``'s minute of ``newest`` (its record's
+        newest tick) has closed; a mark or an empty record waits for nothing of its own.
+
+        Records in a row whose newest ticks share a minute become safe together, once that
+        minute has closed for each of their symbols: they share one entry, holding the last
+        position and those symbols. A minute's close then pops an entry or two per channel,
+        and a channel that carries many symbols (a partition of the single tick topic) holds
+        an entry per minute, not one per record."""
+        queue = self._pending.get(channel)
+        if queue is None:
+            queue = self._pending[channel] = deque()
+        last = queue[-1] if queue else None
+        if last is not None and (symbol is None or last.newest // MINUTE_MS == newest // MINUTE_MS):
+            last.position = position
+            if symbol is not None:
+                last.symbols.add(symbol)
+                last.newest = max(last.newest, newest)
+        else:
+            queue.append(Held(position, newest, set() if symbol is None else {symbol}))
+        self._dirty.add(channel)
+        self._waiting.add(channel)
+
     async def _commit_safe(self) -> None:
         """Commit each channel up to the last batch whose ticks all sit in closed minutes."""
         safe: dict[str, int] = {}
@@ -574,12 +526,18 @@ class BarBuilder(Actor[BuilderMessage]):
         for channel in self._dirty:
             pending = self._pending.get(channel)
             while pending:
-                _position, newest, symbol = pending[0]
-                aggregator = aggregators.get(symbol)
-                earliest_open = None if aggregator is None else aggregator.open_since()
-                if earliest_open is not None and newest >= earliest_open:
+                held = pending[0]
+                newest, symbols = held.newest, held.symbols
+                while symbols:  # a symbol found safe stays safe: its minute closed for good
+                    symbol = symbols.pop()
+                    aggregator = aggregators.get(symbol)
+                    earliest_open = None if aggregator is None else aggregator.open_since()
+                    if earliest_open is not None and newest >= earliest_open:
+                        symbols.add(symbol)
+                        break
+                if symbols:
                     break
-                safe[channel] = pending.popleft()[0]
+                safe[channel] = pending.popleft().position
             if not pending:
                 self._waiting.discard(channel)
         self._dirty.clear()
