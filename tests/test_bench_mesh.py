@@ -309,9 +309,11 @@ RESULTS = {
         },
         "processes": {
             "mirror": {"cpuSeconds": 30.0, "cpuPct": 50.0, "rssStartMb": 60.0,
-                       "rssEndMb": 61.0, "rssPeakMb": 62.0},
+                       "rssMidMb": 60.5, "rssEndMb": 61.0, "rssPeakMb": 62.0},
+            "bars": {"cpuSeconds": 20.0, "cpuPct": 33.0, "rssStartMb": 100.0,
+                     "rssMidMb": 100.8, "rssEndMb": 100.9, "rssPeakMb": 101.0},
             "simulator": {"cpuSeconds": 9.0, "cpuPct": 15.0, "rssStartMb": 60.0,
-                          "rssEndMb": 160.0, "rssPeakMb": 160.0},
+                          "rssMidMb": 110.0, "rssEndMb": 160.0, "rssPeakMb": 160.0},
         },
         "notes": ["a note"],
     },
@@ -331,7 +333,10 @@ def test_the_report_states_hops_against_ceilings_and_targets() -> None:
     assert any("150.0 ms (not met)" in line for line in found)
     assert any("1,050.0 ms (met)" in line for line in found)
     # The simulator's growth (it keeps every trade) is not the services' memory.
-    assert any("+1.0 MiB (mirror)" in line for line in found)
+    # Growth over the window and in its second half (a leak keeps growing; a high-water mark
+    # reached early does not): bars grew less in all, the mirror more late.
+    assert any("+1.0 MiB (mirror); in its second half +0.5 MiB (mirror)" in line for line in found)
+    assert "| bars | 20.0 | 33 | 100 | 101 | 101 | 101 |" in text
 
 
 def test_summary_rows_compare_the_same_records_with_their_ceilings() -> None:
