@@ -16,6 +16,7 @@ tick-file source alike:
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import uuid
@@ -110,6 +111,9 @@ class FeedPublisher:
         """Wall time of the last batch that carried feed data."""
         self.on_gap_closed: Callable[[FeedGap], None] | None = None
         """Called with each gap once its closing record is published (the backfill)."""
+        self.on_published: Callable[[int], None] | None = None
+        """Called with the feed's time after each round trip that carried feed data (the
+        progress marker)."""
 
     # -- identity ----------------------------------------------------------------------------
 
@@ -276,6 +280,8 @@ class FeedPublisher:
         )
         if first_trade_ms or ledger is not None:
             self.last_publish_ms = now
+            if self.on_published is not None:
+                self.on_published(book.published_time_ms)
         if closed is not None and self.on_gap_closed is not None:
             self.on_gap_closed(closed)
         self.metrics.feed_time.set(book.feed_time_ms / 1000)
@@ -298,7 +304,15 @@ class FeedPublisher:
 
 
 class ProgressMarker(Component):
-    """Publishes a progress mark every ``interval_ms``.
+    """Publishes a progress mark every ``interval_ms``, and as soon as the feed's time crosses
+    a multiple of ``interval_ms``.
+
+    The second rule lets progress travel with the data: a minute's deadline (its end plus a
+    builder's grace, whole seconds) is on that grid, so the mark that lets a builder close the
+    minute leaves with the first batch past the deadline instead of up to an interval later,
+    at the timer's phase. A feed faster than the wall clock (a replay) crosses the grid at
+    every batch: those marks are at most one per half interval. Any mark restarts the timer,
+    so a steady live feed is marked about once an interval, on the grid.
 
     The mark says ``idle`` when no feed data was published for ``idle_after_ms`` (the end of
     a replayed day: builders may close what is up to the feed's time). A live feed's time also
@@ -325,7 +339,35 @@ class ProgressMarker(Component):
         self.live_lag_ms = live_lag_ms
         self.connected = connected
         self.clock = clock
-        self.every(interval_ms / 1000, self.tick, name="ingest.progress.timer")
+        self.interval_ms = interval_ms
+        self._step = 0
+        """The feed's time in intervals, as of the last crossing."""
+        self._last_crossing_ms = -interval_ms
+        """Wall time of the last mark made for a crossing."""
+        self._wake = asyncio.Event()
+        feed.on_published = self.published
+        self.spawn(self._run, name="ingest.progress")
+
+    def published(self, feed_time_ms: int) -> None:
+        """The feed's time after a round trip: mark now if it crossed the grid."""
+        step = feed_time_ms // self.interval_ms
+        if step <= self._step:
+            return
+        self._step = step
+        now = self.clock.now_ms()
+        if now - self._last_crossing_ms >= self.interval_ms // 2:
+            self._last_crossing_ms = now
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.interval_ms / 1000):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass  # the timer: no mark for an interval
+            self._wake.clear()
+            await self.tick()
 
     async def tick(self) -> None:
         """Publish one mark now."""
