@@ -20,18 +20,22 @@ class FakeFeed:
         self.last_publish_ms = 0
         self.on_published = None
         self.marks: list[float] = []
+        self.marked = asyncio.Condition()
 
     async def mark(self, *, idle: bool, live_time_ms: int = 0, connected: bool = True) -> None:
-        self.marks.append(asyncio.get_running_loop().time())
+        async with self.marked:
+            self.marks.append(asyncio.get_running_loop().time())
+            self.marked.notify_all()
 
 
 async def wait_for_marks(feed: FakeFeed, count: int) -> None:
-    async with asyncio.timeout(2):
-        while len(feed.marks) < count:
-            await asyncio.sleep(0.005)
+    async with asyncio.timeout(2), feed.marked:
+        await feed.marked.wait_for(lambda: len(feed.marks) >= count)
 
 
-async def test_a_mark_leaves_when_the_feed_time_crosses_the_grid_at_most_twice_an_interval() -> None:
+async def test_a_mark_leaves_when_the_feed_time_crosses_the_grid_at_most_twice_an_interval() -> (
+    None
+):
     feed = FakeFeed()
     clock = ManualClock(T0)
     # an interval far longer than the test: every mark below is a crossing's, not the timer's
