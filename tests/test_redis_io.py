@@ -193,6 +193,43 @@ async def test_bar_store_keeps_the_newest_revision(redis_client, unique_name) ->
     assert await store.symbols(__import__("datetime").date(2013, 10, 7)) == ["SPY"]
 
 
+async def test_bar_store_writes_many_bars_a_call_and_rides_out_a_lost_script_cache(  # type: ignore[no-untyped-def]
+    redis_client, unique_name
+) -> None:
+    """Bars of several symbols and days go in calls of ``bars_per_call``; a revision and the
+    bar it replaces in one call keep the newest; a server that lost its scripts (a restart)
+    gets the script again and nothing is lost."""
+    from datetime import date
+
+    store = BarStore(redis_client, Keys(unique_name("k") + ":"), ttl_s=3_600, bars_per_call=3)
+    day1, day2 = 1_381_154_400_000, 1_381_240_800_000  # 2013-10-07 and -08, 10:00 New York
+
+    def bar(symbol: str, start: int, volume: int, revision: int = 0) -> Bar:
+        return Bar(
+            0, symbol, "", 31, 1, 2, 0.5, 1.5, volume, 1.2, 3, start, start + 60_000, revision
+        )
+
+    bars = [
+        bar(sym, start + k * 60_000, 100 + k)
+        for sym in ("A", "B")
+        for start in (day1, day2)
+        for k in range(2)
+    ]
+    bars += [bar("A", day1, 500, revision=2), bar("A", day1, 400, revision=1)]  # same call
+    await store.put_many(bars)
+    await redis_client.script_flush()
+    await store.put_many([bar("C", day1, 7)])
+    for sym in ("A", "B"):
+        for start, day in ((day1, date(2013, 10, 7)), (day2, date(2013, 10, 8))):
+            held = await store.day(sym, day)
+            expected = {start: 100, start + 60_000: 101}
+            if (sym, start) == ("A", day1):
+                expected[start] = 500  # revision 2, not the later-sent revision 1
+            assert {k: b.volume for k, b in held.items()} == expected
+            assert 0 < await redis_client.ttl(store.key(sym, day)) <= 3_600
+    assert [b.volume for b in (await store.day("C", date(2013, 10, 7))).values()] == [7]
+
+
 async def test_a_batch_published_again_with_its_token_is_applied_once(
     redis_client,
     unique_name,  # type: ignore[no-untyped-def]

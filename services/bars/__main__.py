@@ -96,7 +96,11 @@ async def build(runtime: ServiceRuntime[BarsSettings]) -> None:
             f"{name}.builder",
             make_aggregator,
             RedisTickSource(make_redis_consumer, dead_letters),
-            redis_sink(publisher, BarStore(client, keys), closed),
+            redis_sink(
+                publisher,
+                BarStore(client, keys, bars_per_call=settings.publish_channels_per_call),
+                closed,
+            ),
             closed,
             tick_interval_ms=settings.tick_interval_ms,
             registry=runtime.registry,

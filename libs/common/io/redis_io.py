@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar, cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -197,6 +197,39 @@ def record_tail(record: msgspec.Struct | bytes) -> bytes:
     return payload[len(_PLACEHOLDER) :]
 
 
+T = TypeVar("T")
+
+
+class CachedScript:
+    """A Lua script run by ``EVALSHA`` in pipelines (``pipe.evalsha(script.sha, ...)``):
+    loaded into the server's cache once, and again when the server lost it (a restart)."""
+
+    def __init__(self, client: aioredis.Redis, text: str) -> None:
+        self.client = client
+        self.text = text
+        self.script = client.register_script(text)
+        self.sha = self.script.sha
+        self._loaded = False
+        """The script is in the server's cache as far as we know (unknown again after any
+        error, since a restarted server has an empty cache)."""
+
+    async def run(self, send: Callable[[], Awaitable[T]]) -> T:
+        """``send()`` (a pipeline of ``EVALSHA`` calls), with the script loaded first; sent
+        again once if the server had lost it (nothing of the pipeline ran then)."""
+        try:
+            if not self._loaded:
+                await self.client.script_load(self.text)  # the same text: the same sha
+                self._loaded = True
+            try:
+                return await send()
+            except NoScriptError:
+                await self.client.script_load(self.text)
+                return await send()
+        except Exception:
+            self._loaded = False
+            raise
+
+
 class Publisher:
     """Sequenced, pipelined publishing of records to channels (pub/sub + stream)."""
 
@@ -218,10 +251,7 @@ class Publisher:
         """Channels in one call of the publish script: more, fewer calls (each costs Redis a
         script run and three keys' worth of arguments); 1 on a Redis Cluster, where a call's
         keys must share a slot (each channel's keys do)."""
-        self._script = client.register_script(_PUBLISH_LUA)
-        self._loaded = False
-        """The script is in the server's cache as far as this publisher knows (loaded once;
-        unknown again after any error, since a restarted server has an empty cache)."""
+        self._script = CachedScript(client, _PUBLISH_LUA)
         self.metrics = PublishMetrics.for_registry(registry)
 
     async def publish(self, channel: str, record: msgspec.Struct | bytes) -> int:
@@ -249,7 +279,7 @@ class Publisher:
             return []
         keys = self.keys
         maxlen = self.stream_maxlen
-        script = self._script
+        script = self._script.script
         by_channel: dict[str, list[bytes]] = {}
         for channel, record in items:
             tails = by_channel.get(channel)
@@ -289,17 +319,8 @@ class Publisher:
                 return await pipe.execute()
 
         try:
-            if not transaction and not self._loaded:
-                await self.client.script_load(_PUBLISH_LUA)  # the same text: the same sha
-                self._loaded = True
-            try:
-                results = await send()
-            except NoScriptError:
-                # the server lost its script cache (nothing of the batch ran): load, send again
-                await self.client.script_load(_PUBLISH_LUA)
-                results = await send()
+            results = await self._script.run(send)
         except Exception:
-            self._loaded = False
             self.metrics.errors.inc()
             raise
         self.metrics.latency.observe(time.perf_counter() - started)

@@ -136,8 +136,9 @@ class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         int,
         Meta(
             ge=1,
-            description="channels in one call of the Redis publish script (1 on a Redis "
-            "Cluster, where a call's keys must share a slot)",
+            description="channels in one call of the Redis publish script, and bars in one "
+            "call of the bar store's (1 on a Redis Cluster, where a call's keys must share a "
+            "slot)",
         ),
     ] = 64
     kafka_enable_idempotence: Annotated[
