@@ -162,6 +162,35 @@ async def test_a_restart_resumes_after_what_kafka_acknowledged(
     assert stored == {TopicPartition(channel, 0): 99}
 
 
+async def test_batches_acknowledged_while_a_commit_waits_are_committed_together(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
+) -> None:
+    """Kafka acknowledges batches faster than Redis takes their commits (a slow Redis here):
+    the batches acknowledged meanwhile share the next commit, in order, and nothing is lost."""
+    settings = mirror_settings(redis_url, kafka_bootstrap, name, batch_max_records="10")
+    publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
+    channel = f"ticks.{name}"
+    async with Running(settings, redis_client) as mirror:
+        saves: list[dict[TopicPartition, int]] = []
+        save = mirror.offsets.save
+
+        async def slow_save(changed: dict[TopicPartition, int]) -> None:
+            saves.append(dict(changed))
+            await asyncio.sleep(0.2)
+            await save(changed)
+
+        mirror.offsets.save = slow_save  # type: ignore[method-assign]
+        await publisher.publish_many([(channel, ticks("X"))] * 200)
+        await eventually(lambda: mirror.acknowledged == 200, timeout=30)
+        batches = mirror.mirror_metrics.batches._value.get()
+    assert batches >= 4  # small batches (ten records read at a time)
+    assert len(saves) < batches / 2, (len(saves), batches)  # not one commit a batch
+    offsets = [next(iter(changed.values())) for changed in saves if changed]
+    assert offsets == sorted(offsets) and offsets[-1] == 199
+    result = await audit(settings, redis_client)
+    assert (result.published, result.inKafka, result.missing, result.duplicates) == (200, 200, 0, 0)
+
+
 async def test_single_topic_mode_keys_every_symbol_in_one_topic(
     redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
 ) -> None:

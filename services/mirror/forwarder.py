@@ -197,11 +197,9 @@ class Forwarder(Component):
                     await asyncio.wait_for(producer.flush(), self.settings.stop_deadline_s)
                 except (TimeoutError, KafkaError) as exc:
                     self.log.warning("mirror.flush_failed", error=repr(exc))
-                while self._in_flight and self._in_flight[0].acks.done():
-                    entry = self._in_flight[0]
-                    if any(isinstance(r, BaseException) for r in entry.acks.result()):
-                        break
-                    await self._acknowledged(self._in_flight.popleft())
+                done, _failure = self._take_acknowledged()
+                if done:
+                    await self._acknowledged(done)
         finally:
             for entry in self._in_flight:
                 entry.acks.cancel()
@@ -413,35 +411,49 @@ class Forwarder(Component):
                     continue
             if not self._in_flight or self._in_flight[0] is not entry:
                 continue  # abandoned by a failure meanwhile
-            errors = [r for r in entry.acks.result() if isinstance(r, BaseException)]
-            if errors:
-                self._fail(errors[0])
-                continue
-            self._in_flight.popleft()
-            await self._acknowledged(entry)
-            self._room.set()
+            done, failure = self._take_acknowledged()
+            if done:
+                await self._acknowledged(done)
+                self._room.set()
+            if failure is not None:
+                self._fail(failure)
 
-    async def _acknowledged(self, entry: InFlight) -> None:
+    def _take_acknowledged(self) -> tuple[list[InFlight], BaseException | None]:
+        """Every batch acknowledged at the head of the queue, taken off it, and the error of
+        the first that failed (it stays). Committed at once: while the loop waits on Redis,
+        more are acknowledged, and a backlog costs two round trips, not two a batch."""
+        done: list[InFlight] = []
+        while self._in_flight and self._in_flight[0].acks.done():
+            head = self._in_flight[0]
+            errors = [r for r in head.acks.result() if isinstance(r, BaseException)]
+            if errors:
+                return done, errors[0]
+            done.append(self._in_flight.popleft())
+        return done, None
+
+    async def _acknowledged(self, entries: list[InFlight]) -> None:
         assert self.consumer is not None
-        await self.consumer.commit(entry.records)
+        await self.consumer.commit(record for entry in entries for record in entry.records)
         changed: dict[TopicPartition, int] = {}
         acked = self.acked_offsets
-        for metadata, count in zip(entry.acks.result(), entry.counts, strict=True):
-            tp = TopicPartition(metadata.topic, metadata.partition)  # type: ignore[attr-defined]
-            offset = metadata.offset + count - 1  # type: ignore[attr-defined]
-            if offset > acked.get(tp, -1):
-                acked[tp] = changed[tp] = offset
-        await self.offsets.save(changed)
         metrics = self.mirror_metrics
-        metrics.in_flight.dec(len(entry.records))
-        metrics.ack_seconds.observe(self.clock.monotonic() - entry.sent_at)
-        metrics.batches.inc()
-        for kind, count in entry.kinds.items():
-            metrics.records.labels(kind).inc(count)
-        metrics.ticks.inc(entry.ticks)
-        metrics.bytes.inc(entry.size)
-        self.acknowledged += sum(entry.kinds.values())
-        self.acknowledged_ticks += entry.ticks
+        now = self.clock.monotonic()
+        for entry in entries:
+            for metadata, count in zip(entry.acks.result(), entry.counts, strict=True):
+                tp = TopicPartition(metadata.topic, metadata.partition)  # type: ignore[attr-defined]
+                offset = metadata.offset + count - 1  # type: ignore[attr-defined]
+                if offset > acked.get(tp, -1):
+                    acked[tp] = changed[tp] = offset
+            metrics.in_flight.dec(len(entry.records))
+            metrics.ack_seconds.observe(now - entry.sent_at)
+            metrics.batches.inc()
+            for kind, count in entry.kinds.items():
+                metrics.records.labels(kind).inc(count)
+            metrics.ticks.inc(entry.ticks)
+            metrics.bytes.inc(entry.size)
+            self.acknowledged += sum(entry.kinds.values())
+            self.acknowledged_ticks += entry.ticks
+        await self.offsets.save(changed)
         self.backoff.reset()
         if self._stalled and self._broken is None:
             self._stalled = False
