@@ -7,7 +7,7 @@ redis-server as fast as it goes, as the bars service publishes them (the bar sto
 ``bars.<SYM>.1m`` with its stream and sequence, one pipelined round trip per minute), plus the
 trades, positions and portfolio the engine bridge makes of them. The mesh downstream: the
 engine bridge (built-in golden cross) as its own process, reading every bar through the
-reliable consumer. Three runs, each on fresh keys:
+reliable consumer. Three runs, each on fresh keys, after a warm-up run that is not reported:
 
 1. the mesh alone;
 2. the mesh and the dashboard;
@@ -237,6 +237,10 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tickmesh-bench-dashboard-"))
     print(f"bench_dashboard: {args.symbols} symbols × {args.minutes} minutes; logs in {workdir}")
     with LocalStack(kafka=False) as stack:
+        # not reported: the first run on a fresh redis-server and a cold feed was up to twice
+        # as slow as the same run after it (10,000 bars: 12 k bars/s, then 25 k with the
+        # dashboard added), which made the baseline, always first, look slow
+        run(stack, workdir, "warmup", args, dashboard=False, clients=0)
         results = [
             run(stack, workdir, "mesh", args, dashboard=False, clients=0),
             run(stack, workdir, "dashboard", args, dashboard=True, clients=0),

@@ -39,7 +39,7 @@ declare -A full=(
     [bench_bars_kafka]="--repeat 1 --timeout-s 120"
     [bench_mirror]="--repeat 2"
     [bench_mesh]=""
-    [bench_dashboard]="--minutes 10"
+    [bench_dashboard]="--minutes 30"
 )
 declare -A short=(
     [bench_bar_core]="--repeat 2"
