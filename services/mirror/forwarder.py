@@ -420,8 +420,9 @@ class Forwarder(Component):
 
     def _take_acknowledged(self) -> tuple[list[InFlight], BaseException | None]:
         """Every batch acknowledged at the head of the queue, taken off it, and the error of
-        the first that failed (it stays). Committed at once: while the loop waits on Redis,
-        more are acknowledged, and a backlog costs two round trips, not two a batch."""
+        the first that failed (it stays there). They are committed together: while the loop
+        waits on Redis more are acknowledged, and a backlog costs two round trips, not two a
+        batch."""
         done: list[InFlight] = []
         while self._in_flight and self._in_flight[0].acks.done():
             head = self._in_flight[0]
@@ -436,14 +437,18 @@ class Forwarder(Component):
         await self.consumer.commit(record for entry in entries for record in entry.records)
         changed: dict[TopicPartition, int] = {}
         acked = self.acked_offsets
-        metrics = self.mirror_metrics
-        now = self.clock.monotonic()
         for entry in entries:
             for metadata, count in zip(entry.acks.result(), entry.counts, strict=True):
                 tp = TopicPartition(metadata.topic, metadata.partition)  # type: ignore[attr-defined]
                 offset = metadata.offset + count - 1  # type: ignore[attr-defined]
                 if offset > acked.get(tp, -1):
                     acked[tp] = changed[tp] = offset
+        now = self.clock.monotonic()
+        await self.offsets.save(changed)
+        # counted once both commits are stored: ``acknowledged`` is what a restart will not
+        # send again
+        metrics = self.mirror_metrics
+        for entry in entries:
             metrics.in_flight.dec(len(entry.records))
             metrics.ack_seconds.observe(now - entry.sent_at)
             metrics.batches.inc()
@@ -453,7 +458,6 @@ class Forwarder(Component):
             metrics.bytes.inc(entry.size)
             self.acknowledged += sum(entry.kinds.values())
             self.acknowledged_ticks += entry.ticks
-        await self.offsets.save(changed)
         self.backoff.reset()
         if self._stalled and self._broken is None:
             self._stalled = False
