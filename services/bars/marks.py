@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from libs.common import names
-from libs.common.io.redis_io import StreamReader
+from libs.common.io.redis_io import CachedScript, StreamReader
 from libs.common.market.sessions import MINUTE_MS, ny_date
 from libs.common.names import Keys
 from libs.common.schemas import BAR_DECODER, Bar, Trade
@@ -33,6 +33,35 @@ SNAPSHOT_TTL_S = 3 * 86_400
 _POSITION = "@pos:"
 _FLAGS = "@flags"
 _STATE_ENCODER = msgspec.msgpack.Encoder()
+_HSET_CHUNK = 500
+"""Field pairs per HSET inside the save script (Lua's ``unpack`` has a bounded stack)."""
+
+# KEYS[1] the marks hash, KEYS[2..] the minutes hashes. ARGV[1] the minutes' TTL, then per key
+# in order: its number of fields and as many field/value pairs. One script call: nothing else
+# runs between its writes, as in the transaction it replaced, at the cost of one command where
+# the transaction sent two per minutes hash (160 ms for a thousand symbols' close, busy box).
+_SAVE_LUA = f"""
+local ttl = ARGV[1]
+local a = 2
+local function hset(key)
+  local count = tonumber(ARGV[a])
+  a = a + 1
+  while count > 0 do
+    local chunk = math.min(count, {_HSET_CHUNK})
+    local args = {{}}
+    for j = 1, 2 * chunk do args[j] = ARGV[a + j - 1] end
+    redis.call('HSET', key, unpack(args))
+    a = a + 2 * chunk
+    count = count - chunk
+  end
+end
+hset(KEYS[1])
+for k = 2, #KEYS do
+  hset(KEYS[k])
+  redis.call('EXPIRE', KEYS[k], ttl)
+end
+return #KEYS
+"""
 _STATE_DECODER = msgspec.msgpack.Decoder(list[float])
 
 
@@ -135,6 +164,7 @@ class ClosedMinutes:
         saved in the same transaction as the minutes."""
         self._memory: dict[str, dict[str, bytes]] = {}
         """Saved minutes when there is no Redis client (tests, benchmarks)."""
+        self._save = None if client is None else CachedScript(client, _SAVE_LUA)
 
     def _snapshot_key(self, symbol: str, day: date) -> str:
         return self.keys.state(f"bars:{self.name}:minutes:{symbol}:{day.isoformat()}")
@@ -187,7 +217,7 @@ class ClosedMinutes:
 
     async def save(self, bars: Sequence[Bar], snapshots: Sequence[MinuteSnapshot] = ()) -> None:
         """Store the marks of the symbols of ``bars``, just published, and the changed minutes
-        of ``snapshots``, in one transaction."""
+        of ``snapshots``, in one script call (all or nothing)."""
         changed: dict[str, str] = {}
         for bar in bars:
             symbol = bar.symbol
@@ -202,19 +232,22 @@ class ClosedMinutes:
             self._snapshot_key(snapshot.symbol, snapshot.day): self._fields(snapshot)
             for snapshot in snapshots
         }
-        if self.client is None:
+        if self.client is None or self._save is None:
             for key, mapping in fields.items():
                 self._memory.setdefault(key, {}).update(mapping)
             return
         if not changed and not fields:
             return
-        async with self.client.pipeline(transaction=True) as pipe:
-            if changed:
-                pipe.hset(self.key, mapping=changed)  # type: ignore[arg-type]
-            for key, mapping in fields.items():
-                pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
-                pipe.expire(key, SNAPSHOT_TTL_S)
-            await pipe.execute()
+        args: list[str | int | bytes] = [SNAPSHOT_TTL_S, len(changed)]
+        for symbol, mark in changed.items():
+            args += (symbol, mark)
+        for mapping in fields.values():
+            args.append(len(mapping))
+            for field, value in mapping.items():
+                args += (field, value)
+        keys = [self.key, *fields]
+        client, sha = self.client, self._save.sha
+        await self._save.run(lambda: client.evalsha(sha, len(keys), *keys, *args))
 
     @staticmethod
     def _fields(snapshot: MinuteSnapshot) -> dict[str, bytes]:
