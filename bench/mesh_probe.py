@@ -321,40 +321,50 @@ class Probe:
         next_offset: dict[TopicPartition, int] = {}
         next_discovery = 0.0
         seen = self.seen
-        while not self._stopped():
-            if time.monotonic() >= next_discovery:
-                next_discovery = time.monotonic() + 1.0
-                topics = await consumer.topics()
-                wanted = {
-                    TopicPartition(topic, partition)
-                    for topic in topics
-                    if pattern.match(topic)
-                    for partition in (consumer.partitions_for_topic(topic) or {0})
-                }
-                new = wanted - next_offset.keys()
-                if new:
-                    # assign() starts over: every partition is sought to where it was.
-                    next_offset.update(dict.fromkeys(new, 0))
-                    consumer.assign(sorted(next_offset))
-                    for tp, offset in next_offset.items():
-                        consumer.seek(tp, offset)
-            if not next_offset:
-                await asyncio.sleep(0.2)
-                continue
-            batches = await consumer.getmany(timeout_ms=200, max_records=5_000)
-            at = time.time()
-            for tp, records in batches.items():
-                if records:
-                    next_offset[tp] = records[-1].offset + 1
-                for record in records:
-                    try:
-                        bar = _BAR.decode(record.value)
-                    except msgspec.DecodeError:
-                        seen.undecodable += 1
-                        continue
-                    seen.kafka_bars.append(
-                        BarSeen(bar.symbol, bar.startMs, bar.endMs, bar.revision, at)
-                    )
+        listing: asyncio.Task[set[str]] | None = None
+        try:
+            while not self._stopped():
+                # the listing runs beside the reads, which would wait for it (tens of ms a
+                # listing with a thousand bar topics, once a second) and time the bars late
+                if listing is None and time.monotonic() >= next_discovery:
+                    next_discovery = time.monotonic() + 1.0
+                    listing = asyncio.create_task(consumer.topics())
+                if listing is not None and (listing.done() or not next_offset):
+                    topics = await listing
+                    listing = None
+                    wanted = {
+                        TopicPartition(topic, partition)
+                        for topic in topics
+                        if pattern.match(topic)
+                        for partition in (consumer.partitions_for_topic(topic) or {0})
+                    }
+                    new = wanted - next_offset.keys()
+                    if new:
+                        # assign() starts over: every partition is sought to where it was.
+                        next_offset.update(dict.fromkeys(new, 0))
+                        consumer.assign(sorted(next_offset))
+                        for tp, offset in next_offset.items():
+                            consumer.seek(tp, offset)
+                if not next_offset:
+                    await asyncio.sleep(0.2)
+                    continue
+                batches = await consumer.getmany(timeout_ms=200, max_records=5_000)
+                at = time.time()
+                for tp, records in batches.items():
+                    if records:
+                        next_offset[tp] = records[-1].offset + 1
+                    for record in records:
+                        try:
+                            bar = _BAR.decode(record.value)
+                        except msgspec.DecodeError:
+                            seen.undecodable += 1
+                            continue
+                        seen.kafka_bars.append(
+                            BarSeen(bar.symbol, bar.startMs, bar.endMs, bar.revision, at)
+                        )
+        finally:
+            if listing is not None:
+                listing.cancel()
 
 
 class PatternSubscriber:

@@ -745,6 +745,47 @@ async def test_kafka_ticks_become_kafka_bars_equal_to_the_redis_paths_and_duplic
     assert final_bars(shadow_bars) == redis_map == expected
 
 
+async def test_the_shadow_reads_on_while_a_topic_listing_is_stuck(
+    redis_url: str, kafka_bootstrap: str, unique_name: object
+) -> None:
+    """The shadow lists the topics now and then (new symbols' topics); the broker's answer
+    about a thousand topics is slow under load, and the reads must not wait for it: with
+    every listing held, the ticks still become every bar."""
+    prefix = f"{unique_name('listing')}:"  # type: ignore[operator]
+    pattern, symbols = symbols_for(2)
+    trades = make_trades(symbols, (10, 0), 3, seed=8, per_minute=20)
+    batches = frames(trades)
+    expected = expected_bars(trades)
+    settings = settings_for(
+        redis_url,
+        prefix,
+        pattern,
+        source="kafka",
+        kafka_bootstrap=kafka_bootstrap,
+        kafka_group=unique_name("group"),  # type: ignore[operator]
+        discover_interval_ms=50,
+    )
+    await create_tick_topics(settings, symbols)
+    async with service(settings) as shadow:
+        source = builder_of(shadow).source
+        assert isinstance(source, KafkaTickSource)
+        await eventually(lambda: len(source.assigned) == len(symbols), timeout=20)
+        consumer = source.consumer
+        assert consumer is not None
+        held = asyncio.Event()
+
+        async def stuck_listing() -> set[str]:
+            held.set()
+            await asyncio.Event().wait()  # never answers
+            return set()
+
+        consumer.topics = stuck_listing  # type: ignore[method-assign]
+        await asyncio.wait_for(held.wait(), 10)
+        await produce_like_the_mirror(kafka_bootstrap, batches, numbered(batches))
+        await shadows_published([shadow], len(expected))
+    assert final_bars(await kafka_bars(settings, symbols)) == expected
+
+
 async def test_two_kafka_shards_split_the_symbols_and_pick_up_topics_that_appear_later(
     redis_url: str, kafka_bootstrap: str, unique_name: object
 ) -> None:

@@ -110,6 +110,30 @@ async def test_interleaved_channels_get_their_own_sequences(
     assert [decode(payload, TickBatch).sym for _, payload in first] == ["C0", "C3", "C6", "C9"]
 
 
+async def test_channels_of_several_patterns_come_from_one_scan(
+    redis_client,
+    unique_name,  # type: ignore[no-untyped-def]
+    keys: Keys,
+    publisher: Publisher,
+) -> None:
+    tag = unique_name("P")
+    wanted = [f"ticks.{tag}", f"bars.{tag}.1m"]
+    for channel in [*wanted, f"signals.{tag}"]:
+        await publisher.publish(channel, batch(tag))
+    reader = StreamReader(redis_client, keys)
+    first = await scan_calls(redis_client)
+    assert await reader.channels("ticks.*") == [f"ticks.{tag}"]
+    one_pass = await scan_calls(redis_client) - first
+    assert await reader.channels(["ticks.*", "bars.*"]) == sorted(wanted)
+    assert await scan_calls(redis_client) - first == 2 * one_pass  # one pass, not one a pattern
+    assert await reader.channels(["nothing.*"]) == []
+
+
+async def scan_calls(redis_client) -> int:  # type: ignore[no-untyped-def]
+    stats = await redis_client.info("commandstats")
+    return int(stats.get("cmdstat_scan", {}).get("calls", 0))
+
+
 async def test_pubsub_carries_the_same_bytes_as_the_stream(
     redis_client, unique_name, keys: Keys, publisher: Publisher
 ) -> None:  # type: ignore[no-untyped-def]

@@ -188,6 +188,55 @@ async def test_starting_at_latest_skips_old_records_not_a_channel_that_appears_l
     assert collector.seqs(old) == [4]  # the three published before the start are skipped
 
 
+async def test_delivery_does_not_wait_for_a_slow_discovery_and_its_error_surfaces(
+    redis_client: aioredis.Redis, keys: Keys, unique_name, publisher: Publisher
+) -> None:
+    channel, found_later = f"ticks.{unique_name('D')}", f"ticks.{unique_name('DL')}"
+    await publisher.publish(channel, tick_record("A"))
+    consumer = SequencedConsumer(
+        redis_client,
+        "c-slow-discovery",
+        ["ticks.*", "bars.*"],
+        keys=keys,
+        subscribe_own=True,  # a new channel is found by the discovery alone
+        sweep_interval_s=0.05,
+        discover_interval_s=0.05,
+        registry=CollectorRegistry(),
+    )
+    scan = consumer.reader.channels
+    scanning, release = asyncio.Event(), asyncio.Event()
+    failure: list[BaseException] = []
+
+    async def slow_scan(patterns: object = "*") -> list[str]:
+        # the keyspace scan of a busy Redis, held here as long as the test wants
+        scanning.set()
+        await release.wait()
+        if failure:
+            raise failure[0]
+        return await scan(patterns)  # type: ignore[arg-type]
+
+    async with Collector(consumer) as collector:
+        await eventually(lambda: collector.seqs(channel) == [1], timeout=10)
+        consumer.reader.channels = slow_scan  # type: ignore[method-assign]
+        await asyncio.wait_for(scanning.wait(), 5)
+        await write_without_doorbell(redis_client, keys, found_later, 1, "B")
+        for _ in range(3):  # delivered while the discovery is stuck
+            await publisher.publish(channel, tick_record("A"))
+        await eventually(lambda: collector.seqs(channel) == [1, 2, 3, 4], timeout=5)
+        assert collector.seqs(found_later) == []
+        release.set()  # the scan ends: the channel it found is read from its stream
+        await eventually(lambda: collector.seqs(found_later) == [1], timeout=10)
+
+        scanning.clear()
+        release.clear()
+        failure.append(ConnectionError("Redis went away during the scan"))
+        await asyncio.wait_for(scanning.wait(), 5)
+        release.set()
+        assert collector.task is not None
+        with pytest.raises(ConnectionError, match="during the scan"):
+            await asyncio.wait_for(collector.task, 5)
+
+
 async def test_records_the_counter_has_and_the_stream_lost_are_counted_and_skipped(
     redis_client: aioredis.Redis, keys: Keys, unique_name, publisher: Publisher
 ) -> None:

@@ -114,6 +114,9 @@ class KafkaTickSource:
         """The next offset to read of each assigned partition."""
         self._committed: dict[str, int] = {}
         self._last_discover = 0.0
+        self._listing: asyncio.Task[set[str]] | None = None
+        """The topic listing under way: delivery does not wait for it (a thousand bar topics'
+        metadata takes the broker and the client tens of milliseconds)."""
         self.duplicates = 0
 
     def wants(self, topic: str) -> bool:
@@ -144,17 +147,43 @@ class KafkaTickSource:
         )
 
     async def close(self) -> None:
-        """Stop the consumer."""
+        """Stop the consumer (and a topic listing under way)."""
+        listing, self._listing = self._listing, None
+        if listing is not None:
+            listing.cancel()
+            await asyncio.gather(listing, return_exceptions=True)
         consumer, self.consumer = self.consumer, None
         if consumer is not None:
             await consumer.stop()
 
     async def _discover(self) -> None:
-        """Assign the wanted partitions of every topic, new ones from their start."""
+        """List the topics now and assign what is new (at open)."""
         consumer = self.consumer
         assert consumer is not None
         self._last_discover = time.monotonic()
-        topics = await consumer.topics()
+        self._assign_new(await consumer.topics())
+
+    def _list_in_background(self) -> None:
+        """Start listing the topics if it is time and no listing runs."""
+        consumer = self.consumer
+        if self._listing is not None or consumer is None:
+            return
+        if time.monotonic() - self._last_discover >= self.discover_interval_s:
+            self._last_discover = time.monotonic()
+            self._listing = asyncio.create_task(consumer.topics(), name="bars.kafka_topics")
+
+    def _take_listing(self) -> None:
+        """Assign what a finished listing found; its error is raised here, as an inline
+        listing's was."""
+        listing = self._listing
+        if listing is not None and listing.done():
+            self._listing = None
+            self._assign_new(listing.result())
+
+    def _assign_new(self, topics: set[str]) -> None:
+        """Assign the wanted partitions of every topic, new ones from their start."""
+        consumer = self.consumer
+        assert consumer is not None
         new: list[TopicPartition] = []
         for topic in sorted(topics):
             if not self.wants(topic):
@@ -193,11 +222,15 @@ class KafkaTickSource:
         consumer = self.consumer
         assert consumer is not None, "open() first"
         while True:
-            if time.monotonic() - self._last_discover >= self.discover_interval_s:
-                await self._discover()
+            self._take_listing()
+            self._list_in_background()
             if not self.assigned:
                 # nothing to read yet (a fresh mesh): getmany would wait for an assignment
-                await asyncio.sleep(self.discover_interval_s)
+                listing = self._listing
+                if listing is None:
+                    await asyncio.sleep(self.discover_interval_s)
+                else:
+                    await asyncio.wait([listing], timeout=self.discover_interval_s)
                 continue
             fetched = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
             items: list[Item] = []

@@ -83,11 +83,7 @@ async def audit(
     keys = Keys(settings.key_prefix)
     table = RoutingTable(settings)
     if channels is None:
-        reader = StreamReader(client, keys)
-        found: set[str] = set()
-        for pattern in table.patterns:
-            found.update(await reader.channels(pattern))
-        channels = found
+        channels = await StreamReader(client, keys).channels(table.patterns)
     published = await published_counts(client, keys, channels)
     topics = {settings.deadletter_topic, *extra_topics}
     for channel in published:

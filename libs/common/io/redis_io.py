@@ -13,6 +13,7 @@ tag of the channel, so a channel's sequence and stream live in one cluster slot.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -40,6 +41,9 @@ RETRIABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 """Errors worth a retry; anything else is a bug or a configuration error."""
 
 _PLACEHOLDER = SEQ_PREFIX + b"0"
+_SCAN_COUNT = 10_000
+"""Keys a ``SCAN`` step visits: a round trip per ten thousand keys, about a millisecond of the
+server's time each."""
 
 # For each channel c (1-based) of the call: KEYS[3c-2] its sequence key, KEYS[3c-1] its stream,
 # KEYS[3c] its last-batch token key. ARGV[1] stream max length, ARGV[2] the batch token ('' for
@@ -447,11 +451,19 @@ class StreamReader:
         entries = cast(_Entries, await self.client.xrange(self.keys.stream(channel), count=1))
         return int(entries[0][0].split(b"-")[1]) if entries else 0
 
-    async def channels(self, pattern: str = "*") -> list[str]:
-        """Channels matching a glob ``pattern`` that have a stream."""
+    async def channels(self, pattern: str | Sequence[str] = "*") -> list[str]:
+        """Channels matching a glob ``pattern`` (or any of several) that have a stream.
+
+        One ``SCAN`` of the keyspace whatever the number of patterns (several match every
+        stream and filter here: a pass each was 8 passes for the mirror's routes, 30-90 ms a
+        pass over 11 k keys with the mesh at 20 k ticks/s)."""
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+        match = self.keys.stream(patterns[0] if len(patterns) == 1 else "*")
         found: list[str] = []
-        async for key in self.client.scan_iter(match=self.keys.stream(pattern), count=1000):
-            found.append(self.keys.channel_of_stream(key))
+        async for key in self.client.scan_iter(match=match, count=_SCAN_COUNT):
+            channel = self.keys.channel_of_stream(key)
+            if len(patterns) == 1 or any(fnmatch.fnmatchcase(channel, p) for p in patterns):
+                found.append(channel)
         return sorted(found)
 
 
