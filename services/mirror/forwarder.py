@@ -38,11 +38,11 @@ from prometheus_client import CollectorRegistry
 
 from libs.common.io.deadletter import DeadLetters
 from libs.common.io.kafka_io import TopicAdmin, TopicSpec, sequence_headers, start_producer
-from libs.common.io.reliable import Record, SequencedConsumer, raise_if_cancelled
+from libs.common.io.reliable import Record, SequencedConsumer
 from libs.common.names import Keys
 from libs.common.runtime.backoff import Backoff
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
-from libs.common.runtime.lifecycle import Component
+from libs.common.runtime.lifecycle import Component, raise_if_cancelled
 from services.mirror.config import MirrorSettings
 from services.mirror.landed import OffsetStore, read_landed, starts_for
 from services.mirror.metrics import MirrorMetrics

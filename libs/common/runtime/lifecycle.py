@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -26,6 +27,21 @@ from libs.common.runtime.metrics import metrics_for
 from libs.common.runtime.settings import SettingsError
 
 log = structlog.get_logger("tickmesh.runtime")
+
+
+def raise_if_cancelled(task: asyncio.Task[Any] | None = None) -> None:
+    """Raise ``CancelledError`` if this task was asked to stop and a library lost the request.
+
+    On Python 3.11 ``asyncio.wait_for`` (which redis-py uses around socket writes) returns the
+    result when its inner call finishes at the same moment as a cancellation, and the
+    cancellation is gone; ``Task.cancelling()`` still counts it. A loop that calls this at
+    each turn ends as asked instead of running forever; a hot loop passes its ``task`` (looked
+    up once) rather than have it looked up at every turn.
+    """
+    if task is None:
+        task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError("cancellation requested earlier (lost by a library call)")
 
 
 class State(enum.Enum):
