@@ -115,7 +115,8 @@ class Keys:
         return f"{self.prefix}stream:{{{channel}}}"
 
     def token(self, channel: str) -> str:
-        """The token of the last batch published on ``channel`` (retries apply once)."""
+        """The token of the last batch whose publish call began with ``channel`` (a retry of
+        the call applies nothing twice)."""
         return f"{self.prefix}token:{{{channel}}}"
 
     def channel_of_stream(self, key: str | bytes) -> str:

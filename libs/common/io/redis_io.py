@@ -45,64 +45,70 @@ _SCAN_COUNT = 10_000
 """Keys a ``SCAN`` step visits: a round trip per ten thousand keys, about a millisecond of the
 server's time each."""
 
-# For each channel c (1-based) of the call: KEYS[3c-2] its sequence key, KEYS[3c-1] its stream,
-# KEYS[3c] its last-batch token key. ARGV[1] stream max length, ARGV[2] the batch token ('' for
-# none), then per channel: its name, its record count n, and n records, each after its
-# '{"seq":0'. Each channel's records get consecutive sequences (one INCRBY), go to its stream
-# and to pub/sub. A batch whose token the channel already applied (a retry after a lost reply)
-# is not applied again: its sequences are returned as they were. Returns every sequence, in
-# argument order.
+# KEYS[1] the call's token key (its first channel's), then for each channel c (1-based) of the
+# call: KEYS[2c] its sequence key, KEYS[2c+1] its stream. ARGV[1] stream max length, ARGV[2] the
+# batch token ('' for none), then per channel: its name, its record count n, and n records,
+# each after its '{"seq":0'. Each channel's records get consecutive sequences (one INCRBY), go
+# to its stream and to pub/sub. A call whose token the token key already holds (a retry after
+# a lost reply: the same call, with the same channels) applies nothing: the sequences it gave
+# are returned as they were. One token per call, not per channel: a GET and a SET a call
+# instead of one each per channel (a thousand symbols' frames touch a channel or so a record).
+# Returns every sequence, in argument order.
 _PUBLISH_LUA = """
 local maxlen = ARGV[1]
 local token = ARGV[2]
 local seqs = {}
+if token ~= '' then
+  local previous = redis.call('GET', KEYS[1])
+  if previous then
+    local previous_token, firsts = string.match(previous, '^(.*)@([%d,]+)$')
+    if previous_token == token then
+      local a = 3
+      for first in string.gmatch(firsts, '%d+') do
+        local count = tonumber(ARGV[a + 1])
+        for i = 1, count do
+          seqs[#seqs + 1] = tonumber(first) + i - 1
+        end
+        a = a + 2 + count
+      end
+      return seqs
+    end
+  end
+end
+local firsts = {}
 local a = 3
-for c = 1, #KEYS / 3 do
-  local seq_key, stream, token_key = KEYS[3 * c - 2], KEYS[3 * c - 1], KEYS[3 * c]
+for c = 1, (#KEYS - 1) / 2 do
+  local seq_key, stream = KEYS[2 * c], KEYS[2 * c + 1]
   local channel, count = ARGV[a], tonumber(ARGV[a + 1])
   a = a + 2
-  local applied = nil
-  if token ~= '' then
-    local previous = redis.call('GET', token_key)
-    if previous then
-      local previous_token, first = string.match(previous, '^(.*)@(%d+)$')
-      if previous_token == token then applied = tonumber(first) end
-    end
-  end
-  if applied then
-    for i = 1, count do
-      seqs[#seqs + 1] = applied + i - 1
-    end
-    a = a + count
-  else
-    local seq = redis.call('INCRBY', seq_key, count) - count + 1
-    local first = seq
-    for i = 1, count do
-      local tail = ARGV[a]
-      a = a + 1
-      local payload = '{"seq":' .. seq .. tail
-      local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '0-' .. seq, 'd', payload)
-      if type(ok) == 'table' and ok.err then
-        -- the sequence key was lost but the stream survived: continue after the stream's top
-        local info = redis.call('XINFO', 'STREAM', stream)
-        for j = 1, #info, 2 do
-          if info[j] == 'last-generated-id' then
-            seq = tonumber(string.match(info[j + 1], '-(%d+)$')) + 1
-          end
+  local seq = redis.call('INCRBY', seq_key, count) - count + 1
+  local first = seq
+  for i = 1, count do
+    local tail = ARGV[a]
+    a = a + 1
+    local payload = '{"seq":' .. seq .. tail
+    local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '0-' .. seq, 'd', payload)
+    if type(ok) == 'table' and ok.err then
+      -- the sequence key was lost but the stream survived: continue after the stream's top
+      local info = redis.call('XINFO', 'STREAM', stream)
+      for j = 1, #info, 2 do
+        if info[j] == 'last-generated-id' then
+          seq = tonumber(string.match(info[j + 1], '-(%d+)$')) + 1
         end
-        if i == 1 then first = seq end
-        redis.call('SET', seq_key, seq + count - i)
-        payload = '{"seq":' .. seq .. tail
-        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '0-' .. seq, 'd', payload)
       end
-      redis.call('PUBLISH', channel, payload)
-      seqs[#seqs + 1] = seq
-      seq = seq + 1
+      if i == 1 then first = seq end
+      redis.call('SET', seq_key, seq + count - i)
+      payload = '{"seq":' .. seq .. tail
+      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '0-' .. seq, 'd', payload)
     end
-    if token ~= '' then
-      redis.call('SET', token_key, token .. '@' .. first, 'EX', 3600)
-    end
+    redis.call('PUBLISH', channel, payload)
+    seqs[#seqs + 1] = seq
+    seq = seq + 1
   end
+  firsts[#firsts + 1] = first
+end
+if token ~= '' then
+  redis.call('SET', KEYS[1], token .. '@' .. table.concat(firsts, ','), 'EX', 3600)
 end
 return seqs
 """
@@ -253,8 +259,8 @@ class Publisher:
             raise ValueError(f"channels_per_call must be at least 1, not {channels_per_call}")
         self.channels_per_call = channels_per_call
         """Channels in one call of the publish script: more, fewer calls (each costs Redis a
-        script run and three keys' worth of arguments); 1 on a Redis Cluster, where a call's
-        keys must share a slot (each channel's keys do)."""
+        script run and a token check); 1 on a Redis Cluster, where a call's keys must share a
+        slot (each channel's keys do, and a call's token key is its first channel's)."""
         self._script = CachedScript(client, _PUBLISH_LUA)
         self.metrics = PublishMetrics.for_registry(registry)
 
@@ -302,15 +308,11 @@ class Publisher:
         async def send() -> list[Any]:
             async with self.client.pipeline(transaction=transaction) as pipe:
                 for channels in calls:
-                    call_keys: list[str] = []
+                    call_keys: list[str] = [keys.token(channels[0])]
                     args: list[bytes | str | int] = [maxlen, token]
                     for channel in channels:
                         tails = by_channel[channel]
-                        call_keys += (
-                            keys.seq(channel),
-                            keys.stream(channel),
-                            keys.token(channel),
-                        )
+                        call_keys += (keys.seq(channel), keys.stream(channel))
                         args += (channel, len(tails), *tails)
                     if transaction:
                         # the pipeline checks the script is loaded before MULTI, so a
