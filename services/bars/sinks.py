@@ -24,9 +24,13 @@ def redis_sink(publisher: Publisher, store: BarStore, closed: ClosedMinutes) -> 
     """
 
     async def sink(bars: list[Bar]) -> None:
-        await store.put_many(bars)
+        payloads = [ENCODER.encode(bar) for bar in bars]  # one encoding for both writes
+        await store.put_many(bars, payloads)
         seqs = await publisher.publish_many(
-            [(names.channel(names.BARS, bar.symbol), bar) for bar in bars]
+            [
+                (names.channel(names.BARS, bar.symbol), payload)
+                for bar, payload in zip(bars, payloads, strict=True)
+            ]
         )
         for bar, seq in zip(bars, seqs, strict=True):
             closed.note_published(bar.symbol, seq)

@@ -7,7 +7,7 @@ reconciler and the app read it. Writes keep only the highest revision.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from datetime import date
 
 import redis.asyncio as aioredis
@@ -60,11 +60,16 @@ class BarStore:
         """The hash of ``symbol`` on ``day``."""
         return f"{self.keys.prefix}barstore:{{{symbol}}}:{day.isoformat()}"
 
-    async def put_many(self, bars: Iterable[Bar]) -> None:
-        """Store bars (one pipelined round trip), keeping the highest revision of each minute."""
-        items = [(self.key(bar.symbol, ny_date(bar.startMs)), bar) for bar in bars]
-        if not items:
+    async def put_many(self, bars: Sequence[Bar], encoded: Sequence[bytes] | None = None) -> None:
+        """Store bars (one pipelined round trip), keeping the highest revision of each minute.
+        ``encoded``: the bars' JSON when the caller has it already (it publishes them too)."""
+        if not bars:
             return
+        payloads = [ENCODER.encode(bar) for bar in bars] if encoded is None else encoded
+        items = [
+            (self.key(bar.symbol, ny_date(bar.startMs)), bar, payload)
+            for bar, payload in zip(bars, payloads, strict=True)
+        ]
         per_call = self.bars_per_call
         sha = self._put.sha
 
@@ -73,9 +78,9 @@ class BarStore:
                 for first in range(0, len(items), per_call):
                     call = items[first : first + per_call]
                     args: list[str | int | bytes] = [self.ttl_s]
-                    for _, bar in call:
-                        args += (bar.startMs, bar.revision, ENCODER.encode(bar))
-                    pipe.evalsha(sha, len(call), *(key for key, _ in call), *args)
+                    for _, bar, payload in call:
+                        args += (bar.startMs, bar.revision, payload)
+                    pipe.evalsha(sha, len(call), *(key for key, _, _ in call), *args)
                 await pipe.execute()
 
         await self._put.run(send)

@@ -365,7 +365,9 @@ class SequencedConsumer:
         what it finds is taken in by ``_take_discovered``, between two batches."""
         if self._discovery is None:
             self._last_discover = time.monotonic()
-            task = asyncio.create_task(self.reader.channels(self.patterns), name=self.name)
+            task = asyncio.create_task(
+                self.reader.channels(self.patterns), name=f"{self.name}.scan"
+            )
             task.add_done_callback(lambda _task: self._wakeup.set())
             self._discovery = task
 
