@@ -16,12 +16,13 @@ from prometheus_client import CollectorRegistry
 from devstack.localstack import TansuBroker
 from libs.common.io.kafka_io import read_from_beginning, record_identity
 from libs.common.io.redis_io import Publisher
+from libs.common.io.reliable import Record
 from libs.common.names import Keys
 from libs.common.runtime.settings import load_settings
 from libs.common.schemas import DeadLetter, TickBatch, Trade
 from services.mirror.audit import audit
 from services.mirror.config import MirrorSettings
-from services.mirror.forwarder import Forwarder
+from services.mirror.forwarder import Forwarder, InFlight
 from services.mirror.landed import OffsetStore
 from tests.helpers import eventually
 
@@ -189,6 +190,58 @@ async def test_batches_acknowledged_while_a_commit_waits_are_committed_together(
     assert offsets == sorted(offsets) and offsets[-1] == 199
     result = await audit(settings, redis_client)
     assert (result.published, result.inKafka, result.missing, result.duplicates) == (200, 200, 0, 0)
+
+
+@pytest.mark.parametrize("linger_ms", [0, 400])
+async def test_records_arriving_within_the_linger_share_one_produce_batch(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str, linger_ms: int
+) -> None:
+    """Eight one-record round trips 20 ms apart: with a linger they travel in one or two
+    produce batches (one position save each), without it in about one batch a record."""
+    settings = mirror_settings(redis_url, kafka_bootstrap, name, linger_ms=str(linger_ms))
+    publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
+    channel = f"ticks.{name}"
+    async with Running(settings, redis_client) as mirror:
+        await publisher.publish_many([(channel, ticks("X"))])  # the stream exists: pub/sub
+        await eventually(lambda: mirror.acknowledged == 1, timeout=30)
+        before = mirror.mirror_metrics.batches._value.get()
+        for _ in range(8):
+            await publisher.publish_many([(channel, ticks("X"))])
+            await asyncio.sleep(0.02)
+        await eventually(lambda: mirror.acknowledged == 9, timeout=30)
+        batches = mirror.mirror_metrics.batches._value.get() - before
+    if linger_ms:
+        assert batches <= 2, batches
+    else:
+        assert batches >= 6, batches
+    records = []
+    async for chunk in read_from_beginning(settings, [channel]):
+        records.extend(chunk)
+    assert [record_identity(r.headers) for r in records] == [(channel, s) for s in range(1, 10)]
+
+
+async def test_a_full_batch_is_sent_without_waiting_for_the_linger(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
+) -> None:
+    """A linger of a minute holds no batch that is full: 30 records published in one round
+    trip go in three batches of ten, at once, and no batch is larger than the setting."""
+    settings = mirror_settings(
+        redis_url, kafka_bootstrap, name, linger_ms="60000", batch_max_records="10"
+    )
+    publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
+    channel = f"ticks.{name}"
+    sizes: list[int] = []
+    async with Running(settings, redis_client) as mirror:
+        send = mirror._send
+
+        async def counted_send(batch: list[Record]) -> InFlight:
+            sizes.append(len(batch))
+            return await send(batch)
+
+        mirror._send = counted_send  # type: ignore[method-assign]
+        await publisher.publish_many([(channel, ticks("X"))] * 30)
+        await eventually(lambda: mirror.acknowledged == 30, timeout=20)
+    assert sizes == [10, 10, 10]
 
 
 async def test_single_topic_mode_keys_every_symbol_in_one_topic(

@@ -121,7 +121,14 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     ] = 4
     sweep_interval_ms: Annotated[int, Meta(gt=0, description="stream sweep period")] = 1_000
     read_count: Annotated[int, Meta(gt=0, description="records per stream read (XRANGE)")] = 1_000
-    linger_ms: Annotated[int, Meta(ge=0, description="Kafka producer linger")] = 5
+    linger_ms: Annotated[
+        int,
+        Meta(
+            ge=0,
+            description="wait this long for more records before sending a batch that is not "
+            "full (also the Kafka producer's linger)",
+        ),
+    ] = 5
     max_batch_bytes: Annotated[int, Meta(gt=0, description="Kafka producer batch size")] = 1_048_576
     compression: Annotated[
         Literal["none", "gzip", "snappy", "lz4", "zstd"], Meta(description="Kafka compression")

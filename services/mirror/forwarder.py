@@ -1,10 +1,11 @@
 """The forwarder: Redis channels to Kafka topics, at least once, in per-channel order.
 
 Input is a ``SequencedConsumer`` (pub/sub for latency, gaps and restarts filled from the
-streams, durable positions). Each batch it yields is routed, checked and grouped by Kafka
-partition (Kafka's default rule: murmur2 of the key, cached per topic and key); each group is
-handed to the producer as one prebuilt record batch, with no per-record future, and the batch
-then waits in the in-flight window without awaiting its acknowledgements. The committer
+streams, durable positions). A batch it yields that is not full waits up to ``linger_ms`` for
+more records (each batch costs a produce request and a position save); then it is routed,
+checked and handed to the producer as prebuilt record batches, one or more per partition
+(``producing.py``), and waits in the in-flight window without awaiting its
+acknowledgements. The committer
 awaits the oldest batch's acknowledgements and only then commits its positions, so a
 position never moves past a record Kafka has not acknowledged and a crash re-sends
 (duplicates, dropped downstream by (channel, seq)) but never skips.
@@ -24,7 +25,7 @@ import asyncio
 import random
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +33,10 @@ import redis.asyncio as aioredis
 import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.producer.message_accumulator import BatchBuilder
 from prometheus_client import CollectorRegistry
 
 from libs.common.io.deadletter import DeadLetters
-from libs.common.io.kafka_io import TopicAdmin, TopicSpec, sequence_headers, start_producer
+from libs.common.io.kafka_io import TopicAdmin, TopicSpec, start_producer
 from libs.common.io.reliable import Record, SequencedConsumer
 from libs.common.names import Keys
 from libs.common.runtime.backoff import Backoff
@@ -46,6 +45,7 @@ from libs.common.runtime.lifecycle import Component, raise_if_cancelled
 from services.mirror.config import MirrorSettings
 from services.mirror.landed import OffsetStore, read_landed, starts_for
 from services.mirror.metrics import MirrorMetrics
+from services.mirror.producing import Outgoing, PartitionedSender
 from services.mirror.routing import BadRecord, RoutingTable
 
 log = structlog.get_logger("tickmesh.mirror")
@@ -111,8 +111,7 @@ class Forwarder(Component):
         self.offsets = OffsetStore(client, self.keys, settings.consumer_name)
         self.acked_offsets: dict[TopicPartition, int] = {}
         """The newest offset Kafka acknowledged per partition (saved with each commit)."""
-        self._partitions: dict[tuple[str, bytes | None], TopicPartition] = {}
-        self._partitioner = DefaultPartitioner()
+        self.sender = PartitionedSender()
         self._written: set[str] = set()
         """Topics sent to since the last read-back."""
         self.landed: set[tuple[str, int]] = set()
@@ -137,7 +136,7 @@ class Forwarder(Component):
         settings = self.settings
         self._in_flight.clear()
         self._abandoned.clear()
-        self._partitions.clear()
+        self.sender.clear()
         self._broken = None
         self._broken_event.clear()
         self._room.set()
@@ -226,6 +225,8 @@ class Forwarder(Component):
         batches = consumer.batches()
         next_batch: asyncio.Future[list[Record]] | None = None
         broken = asyncio.ensure_future(self._broken_event.wait())
+        linger_s = self.settings.linger_ms / 1000
+        batch_max = self.settings.batch_max_records
         try:
             while True:
                 raise_if_cancelled()
@@ -242,6 +243,8 @@ class Forwarder(Component):
                     continue
                 batch = next_batch.result()
                 next_batch = None
+                if linger_s and len(batch) < batch_max:
+                    batch, next_batch = await self._linger(batches, batch, broken)
                 while len(self._in_flight) >= self.settings.max_in_flight_batches:
                     self._room.clear()
                     await self._room.wait()
@@ -267,11 +270,49 @@ class Forwarder(Component):
             await asyncio.gather(*pending, return_exceptions=True)
             await batches.aclose()
 
+    async def _linger(
+        self,
+        batches: AsyncIterator[list[Record]],
+        batch: list[Record],
+        broken: asyncio.Future[Any],
+    ) -> tuple[list[Record], asyncio.Future[list[Record]] | None]:
+        """More records for a batch that is not full, for up to ``linger_ms``: fewer, larger
+        produce requests and position saves. Returns the batch (at most
+        ``batch_max_records``) and what comes next: the read still waiting, the records that
+        did not fit (as a done future), or None."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.linger_ms / 1000
+        batch_max = self.settings.batch_max_records
+        batch = list(batch)
+        while len(batch) < batch_max and self._broken is None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            more = asyncio.ensure_future(anext(batches))
+            try:
+                await asyncio.wait(
+                    {more, broken}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+            except BaseException:  # cancelled: the generator's step must end before it closes
+                more.cancel()
+                await asyncio.gather(more, return_exceptions=True)
+                raise
+            if not more.done():
+                return batch, more
+            records = more.result()
+            room = batch_max - len(batch)
+            batch += records[:room]
+            if len(records) > room:
+                rest: asyncio.Future[list[Record]] = loop.create_future()
+                rest.set_result(records[room:])
+                return batch, rest
+        return batch, None
+
     async def _send(self, batch: list[Record]) -> InFlight:
         assert self.producer is not None
         producer = self.producer
         table = self.table
-        outgoing: list[tuple[str, bytes | None, bytes, int, str]] = []
+        outgoing: list[Outgoing] = []
         new_specs: dict[str, TopicSpec] = {}
         known = self.admin.known
         kinds: dict[str, int] = {}
@@ -304,85 +345,11 @@ class Forwarder(Component):
             kinds[target.kind] = kinds.get(target.kind, 0) + 1
         if new_specs:
             await self._ensure(list(new_specs.values()))
-        groups: dict[TopicPartition, list[tuple[bytes | None, bytes, int, str]]] = {}
-        partitions = self._partitions
-        learned = False
-        for topic, key, value, seq, channel in outgoing:
-            tp = partitions.get((topic, key))
-            if tp is None:
-                if not learned:  # the batch's unknown topics, in one metadata request
-                    await self._learn_partitions({name for name, *_ in outgoing})
-                    learned = True
-                tp = await self._partition_of(topic, key)
-            group = groups.get(tp)
-            if group is None:
-                group = groups[tp] = []
-            group.append((key, value, seq, channel))
-        futures: list[asyncio.Future[Any]] = []
-        counts: list[int] = []
-        for tp, records in groups.items():
-            for future, count in await self._send_partition(producer, tp, records):
-                futures.append(future)
-                counts.append(count)
+        futures, counts = await self.sender.send(producer, outgoing)
         acks: asyncio.Future[list[object]] = asyncio.gather(*futures, return_exceptions=True)
         return InFlight(batch, acks, counts, self.clock.monotonic(), kinds, ticks, size)
 
-    async def _learn_partitions(self, topics: set[str]) -> None:
-        """The producer's metadata for every topic of a batch it does not know yet, in one
-        request (asked one topic at a time, a thousand new topics took a thousand requests)."""
-        assert self.producer is not None
-        client = self.producer.client
-        unknown = [topic for topic in topics if client.cluster.partitions_for_topic(topic) is None]
-        if unknown:
-            for topic in unknown:
-                client.add_topic(topic)
-            await client.force_metadata_update()
-
-    async def _partition_of(self, topic: str, key: bytes | None) -> TopicPartition:
-        """The partition ``key`` goes to (Kafka's default rule: murmur2 of the key), cached."""
-        cached = self._partitions.get((topic, key))
-        if cached is not None:
-            return cached
-        assert self.producer is not None
-        partitions = sorted(await self.producer.partitions_for(topic))
-        tp = TopicPartition(topic, self._partitioner(key, partitions, partitions))
-        if key is not None:
-            self._partitions[(topic, key)] = tp
-        return tp
-
-    async def _send_partition(
-        self,
-        producer: AIOKafkaProducer,
-        tp: TopicPartition,
-        records: list[tuple[bytes | None, bytes, int, str]],
-    ) -> list[tuple[asyncio.Future[Any], int]]:
-        """One partition's records as prebuilt batches (no per-record future or partitioning);
-        a batch's acknowledgement carries its first offset."""
-        sent: list[tuple[asyncio.Future[Any], int]] = []
-        builder = producer.create_batch()
-        count = 0
-        for key, value, seq, channel in records:
-            headers = sequence_headers(channel, seq)
-            if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                sent.append((await self._submit(producer, builder, tp), count))
-                builder = producer.create_batch()
-                count = 0
-                builder.append(timestamp=None, key=key, value=value, headers=headers)
-            count += 1
-        sent.append((await self._submit(producer, builder, tp), count))
-        return sent
-
-    @staticmethod
-    async def _submit(
-        producer: AIOKafkaProducer, builder: BatchBuilder, tp: TopicPartition
-    ) -> asyncio.Future[Any]:
-        builder.close()  # complete: the producer sends it without lingering for more
-        future: asyncio.Future[Any] = await producer.send_batch(
-            builder, tp.topic, partition=tp.partition
-        )
-        return future
-
-    def _dead_letter(self, record: Record, error: str) -> tuple[str, bytes | None, bytes, int, str]:
+    def _dead_letter(self, record: Record, error: str) -> Outgoing:
         seq = max(record.seq, 0)
         letter = self.dead_letters.letter(record.channel, error, record.payload, seq=seq)
         return (
