@@ -244,6 +244,39 @@ async def test_a_full_batch_is_sent_without_waiting_for_the_linger(
     assert sizes == [10, 10, 10]
 
 
+async def test_a_stop_while_a_batch_lingers_sends_nothing_twice_and_loses_nothing(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
+) -> None:
+    """Five records read and waiting in a minute's linger when the mirror stops: the stop
+    does not wait for the linger, nothing of them was committed, and the next run sends
+    each exactly once."""
+    lingering = mirror_settings(redis_url, kafka_bootstrap, name, linger_ms="60000")
+    publisher = Publisher(redis_client, keys=Keys(lingering.key_prefix))
+    channel = f"ticks.{name}"
+    await publisher.publish_many([(channel, ticks("X"))])  # the stream exists: pub/sub
+    running = Running(lingering, redis_client)
+    mirror = await running.__aenter__()
+    try:
+        await eventually(lambda: mirror.consumer is not None, timeout=30)
+        await publisher.publish_many([(channel, ticks("X"))] * 4)
+        await eventually(
+            lambda: mirror.consumer is not None and mirror.consumer.positions.get(channel) == 5,
+            timeout=30,
+        )
+        assert mirror.acknowledged == 0  # read, not sent: the batch is lingering
+    finally:
+        await asyncio.wait_for(running.__aexit__(), timeout=20)
+    failures = running.registry.get_sample_value(
+        "tickmesh_actor_failures_total", {"actor": "mirror.forwarder"}
+    )
+    assert not failures  # the pump's read ended before its generator was closed
+    prompt = mirror_settings(redis_url, kafka_bootstrap, name, linger_ms="0")
+    async with Running(prompt, redis_client) as again:
+        await eventually(lambda: again.acknowledged == 5, timeout=30)
+    result = await audit(prompt, redis_client)
+    assert (result.published, result.inKafka, result.missing, result.duplicates) == (5, 5, 0, 0)
+
+
 async def test_single_topic_mode_keys_every_symbol_in_one_topic(
     redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
 ) -> None:
