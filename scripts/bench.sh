@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Run every benchmark in bench/ with bounded options, then print one summary table.
 #
-#   bash scripts/bench.sh             # every bench (about 15 minutes on 2 cores)
-#   bash scripts/bench.sh --quick     # shorter runs of each (about 6 minutes)
+#   bash scripts/bench.sh             # every bench (about 12 minutes on 2 cores)
+#   bash scripts/bench.sh --quick     # shorter runs of each (about 7 minutes)
 #
 # Bootstraps like scripts/test.sh (.venv, redis-server, the broker), then installs the bench
 # extras (quixstreams for the comparison, py-spy for profiles). Each bench's own output goes to
 # the terminal and to out/bench-<time>/<bench>.txt; its headline rows (bench/summary.py) make
-# the table at the end, also written to summary.md there. A bench that fails or runs past its
-# time limit is listed as failed and the others still run; the exit status is then 1.
+# the table at the end, also written to summary.md there. After them, bench_mesh.py --scale
+# replays the real day once per record layout, bars shards and mirror instances. A bench that
+# fails or runs past its time limit is listed as failed and the others still run; the exit
+# status is then 1.
 # Environment: TICKMESH_BENCH_TIMEOUT_S (per bench, default 1200), TICKMESH_DATA (real data).
 set -euo pipefail
 
@@ -59,24 +61,37 @@ limit="${TICKMESH_BENCH_TIMEOUT_S:-1200}"
 failed=()
 started=$SECONDS
 
-for path in bench/bench_*.py; do
-    name="$(basename "$path" .py)"
-    if [[ $quick == 1 ]]; then options="${short[$name]-}"; else options="${full[$name]-}"; fi
+# run_bench LABEL SCRIPT OPTIONS: one bench, its output to the terminal and to LABEL.txt; a
+# failure or a run past the time limit is recorded in the summary and the others still run.
+run_bench() {
+    local label="$1" path="$2" options="$3" status=0 reason
     echo
-    echo "=== $name $options"
-    status=0
+    echo "=== $label $options"
     # shellcheck disable=SC2086  # the options are words
     timeout --signal=TERM --kill-after=30 "$limit" \
-        .venv/bin/python "$path" $options --summary "$summary" 2>&1 | tee "$out/$name.txt" ||
+        .venv/bin/python "$path" $options --summary "$summary" 2>&1 | tee "$out/$label.txt" ||
         status=$?
     if [[ $status -ne 0 ]]; then
-        failed+=("$name")
+        failed+=("$label")
         reason="exit $status"
         [[ $status -eq 124 ]] && reason="ran past ${limit} s"
         printf '{"bench": "%s", "figure": "FAILED (%s)", "result": "see %s"}\n' \
-            "$name" "$reason" "$out/$name.txt" >>"$summary"
+            "$label" "$reason" "$out/$label.txt" >>"$summary"
     fi
+}
+
+for path in bench/bench_*.py; do
+    name="$(basename "$path" .py)"
+    if [[ $quick == 1 ]]; then options="${short[$name]-}"; else options="${full[$name]-}"; fi
+    run_bench "$name" "$path" "$options"
 done
+
+# The real day once per record layout, bars shards and mirror instances (docs/scaling.md).
+if [[ $quick == 1 ]]; then
+    run_bench bench_mesh_scale bench/bench_mesh.py "--scale --quick --scale-setups 1x1:frame,1x1:batch"
+else
+    run_bench bench_mesh_scale bench/bench_mesh.py "--scale"
+fi
 
 echo
 echo "== tickmesh benchmarks: $(( SECONDS - started )) s; $(nproc) CPUs, load average" \
