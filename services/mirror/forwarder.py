@@ -5,10 +5,9 @@ streams, durable positions). A batch it yields that is not full waits up to ``li
 more records (each batch costs a produce request and a position save); then it is routed,
 checked and handed to the producer as prebuilt record batches, one or more per partition
 (``producing.py``), and waits in the in-flight window without awaiting its
-acknowledgements. The committer
-awaits the oldest batch's acknowledgements and only then commits its positions, so a
-position never moves past a record Kafka has not acknowledged and a crash re-sends
-(duplicates, dropped downstream by (channel, seq)) but never skips.
+acknowledgements. The committer awaits the oldest batch's acknowledgements and only then
+commits its positions, so a position never moves past a record Kafka has not acknowledged
+and a crash re-sends (duplicates, dropped downstream by (channel, seq)) but never skips.
 
 Backpressure: at most ``max_in_flight_batches`` batches are unacknowledged; when the window
 is full the pump stops taking batches, the consumer's bounded queue fills, and the consumer
