@@ -2,7 +2,7 @@
 # Run every benchmark in bench/ with bounded options, then print one summary table.
 #
 #   bash scripts/bench.sh             # every bench (about 12 minutes on 2 cores)
-#   bash scripts/bench.sh --quick     # shorter runs of each (about 7 minutes)
+#   bash scripts/bench.sh --quick     # shorter runs of each (about 3 minutes)
 #
 # Bootstraps like scripts/test.sh (.venv, redis-server, the broker), then installs the bench
 # extras (quixstreams for the comparison, py-spy for profiles). Each bench's own output goes to
