@@ -232,7 +232,8 @@ class ClosedMinutes:
             self._snapshot_key(snapshot.symbol, snapshot.day): self._fields(snapshot)
             for snapshot in snapshots
         }
-        if self.client is None or self._save is None:
+        save = self._save
+        if save is None:  # no Redis client
             for key, mapping in fields.items():
                 self._memory.setdefault(key, {}).update(mapping)
             return
@@ -246,8 +247,8 @@ class ClosedMinutes:
             for field, value in mapping.items():
                 args += (field, value)
         keys = [self.key, *fields]
-        client, sha = self.client, self._save.sha
-        await self._save.run(lambda: client.evalsha(sha, len(keys), *keys, *args))
+        client, sha = save.client, save.sha
+        await save.run(lambda: client.evalsha(sha, len(keys), *keys, *args))
 
     @staticmethod
     def _fields(snapshot: MinuteSnapshot) -> dict[str, bytes]:

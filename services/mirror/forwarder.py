@@ -243,7 +243,7 @@ class Forwarder(Component):
                 batch = next_batch.result()
                 next_batch = None
                 if linger_s and len(batch) < batch_max:
-                    batch, next_batch = await self._linger(batches, batch, broken)
+                    batch, next_batch = await self._linger(batches, batch, broken, linger_s)
                 while len(self._in_flight) >= self.settings.max_in_flight_batches:
                     self._room.clear()
                     await self._room.wait()
@@ -274,13 +274,14 @@ class Forwarder(Component):
         batches: AsyncIterator[list[Record]],
         batch: list[Record],
         broken: asyncio.Future[Any],
+        linger_s: float,
     ) -> tuple[list[Record], asyncio.Future[list[Record]] | None]:
-        """More records for a batch that is not full, for up to ``linger_ms``: fewer, larger
+        """More records for a batch that is not full, for up to ``linger_s``: fewer, larger
         produce requests and position saves. Returns the batch (at most
         ``batch_max_records``) and what comes next: the read still waiting, the records that
         did not fit (as a done future), or None."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.linger_ms / 1000
+        deadline = loop.time() + linger_s
         batch_max = self.settings.batch_max_records
         batch = list(batch)
         while len(batch) < batch_max and self._broken is None:

@@ -314,13 +314,13 @@ class SequencedConsumer:
         self.positions = dict(self.committed)
         if self.subscribe_own:
             # what is published before the subscription is read from the streams
-            await self._discover(opening=True)
+            await self._discover_at_open()
         self._subscriber_task = asyncio.create_task(self._read_pubsub(), name=f"{self.name}.pubsub")
         if self._known or not self.subscribe_own:
             async with asyncio.timeout(30):
                 await self.subscribed.wait()
         if not self.subscribe_own:
-            await self._discover(opening=True)
+            await self._discover_at_open()
         self.log.info(
             "consumer.opened",
             channels=len(self.positions),
@@ -336,14 +336,16 @@ class SequencedConsumer:
                 await asyncio.gather(task, return_exceptions=True)
         self._subscriber_task = self._discovery = None
 
-    async def _discover(self, *, opening: bool = False) -> None:
-        """Find the matching channels' streams. ``start="latest"`` skips what a stream holds
-        only when opening: a channel found later appeared after the consumer started, and all
-        of it is new (its doorbell may arrive after this finds its stream)."""
+    async def _discover_at_open(self) -> None:
+        """Find the matching channels' streams, inline. ``start="latest"`` skips what a stream
+        holds only here: a channel found later (``_discover_in_background``) appeared after
+        the consumer started, and all of it is new (its doorbell may arrive after the
+        discovery finds its stream)."""
         self._last_discover = time.monotonic()
         found = await self.reader.channels(self.patterns)
-        skip = opening and self.start == "latest"
-        new = [c for c in found if skip and c not in self.positions and self.matches(c)]
+        new = []
+        if self.start == "latest":
+            new = [c for c in found if c not in self.positions and self.matches(c)]
         self._add_found(found, {channel: await self.reader.last_seq(channel) for channel in new})
 
     def _add_found(self, channels: Iterable[str], starts: dict[str, int]) -> None:
