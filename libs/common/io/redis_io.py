@@ -28,6 +28,7 @@ from redis.exceptions import BusyLoadingError, NoScriptError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from libs.common.io.redis_packing import lean_packing
 from libs.common.io.security import ConnectionSettingError, redis_client, redis_setting_error
 from libs.common.names import Keys, channel_kind
 from libs.common.runtime.metrics import metrics_for
@@ -132,8 +133,10 @@ async def connect_redis(
         client = redis_client(settings, name=name, health_check_interval=30)
     else:  # a bare URL (tools, tests): its own credentials, the default timeouts
         settings, url = CommonSettings(), target
-        client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=5, health_check_interval=30, client_name=name
+        client = lean_packing(
+            aioredis.Redis.from_url(
+                url, socket_connect_timeout=5, health_check_interval=30, client_name=name
+            )
         )
 
     def retriable(exc: BaseException) -> bool:
@@ -263,6 +266,9 @@ class Publisher:
         slot (each channel's keys do, and a call's token key is its first channel's)."""
         self._script = CachedScript(client, _PUBLISH_LUA)
         self.metrics = PublishMetrics.for_registry(registry)
+        self._channels: dict[str, tuple[str, str, str]] = {}
+        """Each channel's sequence key, stream key and kind, formatted once (a channel per
+        symbol and record kind: thousands, not more)."""
 
     async def publish(self, channel: str, record: msgspec.Struct | bytes) -> int:
         """Publish one record; returns its sequence number."""
@@ -297,6 +303,10 @@ class Publisher:
                 by_channel[channel] = [record_tail(record)]
             else:
                 tails.append(record_tail(record))
+        known = self._channels
+        for channel in by_channel:
+            if channel not in known:
+                known[channel] = (keys.seq(channel), keys.stream(channel), channel_kind(channel))
         started = time.perf_counter()
         # a call per channels_per_call channels: one round trip either way, but each call
         # costs Redis a script run (bench_ingest_publish, 1,000 symbols, a frame a round trip:
@@ -312,7 +322,8 @@ class Publisher:
                     args: list[bytes | str | int] = [maxlen, token]
                     for channel in channels:
                         tails = by_channel[channel]
-                        call_keys += (keys.seq(channel), keys.stream(channel))
+                        seq_key, stream_key, _ = known[channel]
+                        call_keys += (seq_key, stream_key)
                         args += (channel, len(tails), *tails)
                     if transaction:
                         # the pipeline checks the script is loaded before MULTI, so a
@@ -331,20 +342,24 @@ class Publisher:
             raise
         self.metrics.latency.observe(time.perf_counter() - started)
         self.metrics.batches.inc()
-        flat = iter(int(seq) for result in results[: len(calls)] for seq in result)
-        sequences: dict[str, list[int]] = {}
+        # the sequences come channel by channel in by_channel's order; ``at`` walks each
+        # channel's run of them in the items' order
+        flat = [int(seq) for result in results[: len(calls)] for seq in result]
+        at: dict[str, int] = {}
         kinds: dict[str, int] = {}
+        index = 0
         for channel, tails in by_channel.items():
-            sequences[channel] = [next(flat) for _ in tails]
-            kind = channel_kind(channel)
+            at[channel] = index
+            index += len(tails)
+            kind = known[channel][2]
             kinds[kind] = kinds.get(kind, 0) + len(tails)
         for kind, count in kinds.items():
             self.metrics.records.labels(kind).inc(count)
-        positions = dict.fromkeys(by_channel, 0)
         out: list[int] = []
         for channel, _ in items:
-            out.append(sequences[channel][positions[channel]])
-            positions[channel] += 1
+            index = at[channel]
+            out.append(flat[index])
+            at[channel] = index + 1
         return out
 
 

@@ -33,6 +33,7 @@ from aiokafka.protocol.metadata import MetadataRequest
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from libs.common.io.redis_packing import lean_packing
 from libs.common.runtime.settings import CommonSettings, SettingsError, env_name, load_settings
 
 
@@ -294,9 +295,12 @@ def redis_options(settings: CommonSettings) -> dict[str, Any]:
 
 
 def redis_client(settings: CommonSettings, *, name: str, **extra: Any) -> aioredis.Redis:
-    """A Redis client (not yet connected) with the shared security settings and timeouts."""
-    return aioredis.Redis.from_url(
-        settings.redis_url, client_name=name, **{**redis_options(settings), **extra}
+    """A Redis client (not yet connected) with the shared security settings and timeouts,
+    packing its commands by hiredis (``redis_packing``)."""
+    return lean_packing(
+        aioredis.Redis.from_url(
+            settings.redis_url, client_name=name, **{**redis_options(settings), **extra}
+        )
     )
 
 
