@@ -393,3 +393,53 @@ async def test_next_message_reads_messages_keeps_the_health_check_and_raises_on_
     finally:
         await pubsub.aclose()
         await client.aclose()
+
+
+async def test_messages_already_read_from_the_socket_are_taken_without_read_response(
+    redis_url: str,
+    redis_client,
+    unique_name,  # type: ignore[no-untyped-def]
+) -> None:
+    """A busy subscriber's socket read holds many messages: ``next_message`` hands them over
+    from the parser, in order, without a ``read_response`` each; a subscription's
+    confirmation between them still reaches redis-py's bookkeeping."""
+    channel = unique_name("buf")
+    client = await connect_redis(redis_url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.psubscribe(f"{channel}.*")
+        assert await next_message(pubsub, 0.5) is None  # the subscription's confirmation
+        async with redis_client.pipeline(transaction=False) as pipe:
+            for i in range(200):
+                pipe.publish(f"{channel}.{i % 7}", b"m%d" % i)
+            await pipe.execute()
+        await pubsub.subscribe(f"{channel}-other")
+        await redis_client.publish(f"{channel}.x", b"last")
+        connection = pubsub.connection
+        assert connection is not None
+        reads = 0
+        read_response = connection.read_response
+
+        async def counted(*args: object, **kwargs: object) -> object:
+            nonlocal reads
+            reads += 1
+            return await read_response(*args, **kwargs)  # type: ignore[arg-type]
+
+        connection.read_response = counted  # type: ignore[method-assign]
+        got: list[tuple[bytes, bytes]] = []
+        nones = 0
+        while len(got) < 201:
+            message = await next_message(pubsub, 2)
+            if message is None:
+                nones += 1
+                assert nones < 5
+            else:
+                got.append(message)
+        assert got[:200] == [(f"{channel}.{i % 7}".encode(), b"m%d" % i) for i in range(200)]
+        assert got[200] == (f"{channel}.x".encode(), b"last")
+        assert nones == 1  # the second subscription's confirmation
+        assert f"{channel}-other".encode() in pubsub.channels
+        assert reads <= 20, f"{reads} read_response calls for 201 messages"
+    finally:
+        await pubsub.aclose()
+        await client.aclose()

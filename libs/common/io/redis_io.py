@@ -19,12 +19,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
+import hiredis
 import msgspec
 import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.asyncio.client import Pipeline, PubSub
-from redis.exceptions import BusyLoadingError, NoScriptError
+from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -484,6 +485,34 @@ class StreamReader:
         return sorted(found)
 
 
+try:  # redis-py's hiredis parser, for replies already read from the socket (below)
+    from redis._parsers import hiredis as _parsers_hiredis
+
+    _NO_REPLY: object = _parsers_hiredis.NOT_ENOUGH_DATA
+    _HIREDIS_PARSER: type | None = _parsers_hiredis._AsyncHiredisParser
+except (ImportError, AttributeError):  # pragma: no cover - every read goes through redis-py
+    _NO_REPLY, _HIREDIS_PARSER = object(), None
+_PUSH: type = getattr(hiredis, "PushNotification", tuple)  # RESP3 pushes (a list subclass)
+_MESSAGES = (b"message", b"pmessage")
+
+
+def _buffered_reply(conn: Any) -> Any:
+    """The next reply the connection's hiredis parser holds complete, read without a wait;
+    ``_NO_REPLY`` when there is none (or the parser is not hiredis, or disconnected).
+
+    A socket read takes up to 64 KiB: a busy subscriber's one read holds hundreds of
+    messages, and ``read_response`` hands each over through a timeout context, the host's
+    name formatted for its errors, the parser's own await and a debug log call: reading
+    20,000 messages cost 3.6 us of CPU a message that way, 2.1 taken here. This reaches into
+    redis-py's parser (``_parser``, ``_reader``, ``_connected``); without them every read
+    goes through ``read_response`` as before, and ``test_redis_io`` fails to say so."""
+    parser: Any = getattr(conn, "_parser", None)
+    if _HIREDIS_PARSER is None or type(parser) is not _HIREDIS_PARSER:
+        return _NO_REPLY
+    hiredis_parser: Any = parser  # (typed as redis-py's, whose attributes are private)
+    return hiredis_parser._reader.gets() if hiredis_parser._connected else _NO_REPLY
+
+
 async def next_message(pubsub: PubSub, timeout_s: float | None) -> tuple[bytes, bytes] | None:
     """The next ``(channel, payload)`` a subscription receives; ``None`` when ``timeout_s``
     passed first (``None``: wait as long as it takes) or the reply was not a message (a
@@ -500,11 +529,19 @@ async def next_message(pubsub: PubSub, timeout_s: float | None) -> tuple[bytes, 
         raise RuntimeError("read before subscribing")
     if conn.health_check_interval and asyncio.get_running_loop().time() > conn.next_health_check:
         await pubsub.check_health()
-    response = await conn.read_response(
-        timeout=math.inf if timeout_s is None else timeout_s,
-        disconnect_on_error=False,
-        push_request=True,
-    )
+    response = _buffered_reply(conn)
+    if response is _NO_REPLY:
+        response = await conn.read_response(
+            timeout=math.inf if timeout_s is None else timeout_s,
+            disconnect_on_error=False,
+            push_request=True,
+        )
+    elif isinstance(response, (RedisConnectionError, ResponseError)):
+        raise response  # as read_response raises a reply that is an error
+    elif isinstance(response, _PUSH) and response[0] not in _MESSAGES:
+        # another push (an invalidation, a maintenance notice): the parser's handling, as
+        # read_response gives it
+        response = await conn._parser.handle_push_response(response)
     if response is None:
         return None
     if isinstance(response, list):  # a list, or hiredis's PushNotification (a list)
