@@ -479,7 +479,6 @@ class BarBuilder(Actor[BuilderMessage]):
         return out
 
     async def _publish(self, bars: list[Bar]) -> None:
-        snapshots = self._changed_minutes() if self._touched else []
         guards = self._guards
         fresh = [
             bar
@@ -493,6 +492,9 @@ class BarBuilder(Actor[BuilderMessage]):
             revised = sum(1 for bar in fresh if bar.revision)
             self._m_bars.inc(len(fresh) - revised)
             self._m_revisions.inc(revised)
+        # the changed minutes are gathered after the bars are out: they are only saved, and
+        # a thousand symbols' close takes milliseconds to gather them
+        snapshots = self._changed_minutes() if self._touched else []
         if fresh or snapshots:
             await self.closed.save(fresh, snapshots)
 
