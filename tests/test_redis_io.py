@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse
 
 from libs.common.io.barstore import BarStore
 from libs.common.io.redis_io import (
@@ -440,6 +442,39 @@ async def test_messages_already_read_from_the_socket_are_taken_without_read_resp
         assert nones == 1  # the second subscription's confirmation
         assert f"{channel}-other".encode() in pubsub.channels
         assert reads <= 20, f"{reads} read_response calls for 201 messages"
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+async def test_a_reply_the_parser_cannot_read_disconnects_and_a_buffered_one_moves_the_health_check(
+    redis_url: str,
+    redis_client,
+    unique_name,  # type: ignore[no-untyped-def]
+) -> None:
+    channel = unique_name("bad")
+    client = await connect_redis(redis_url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.psubscribe(f"{channel}.*")
+        assert await next_message(pubsub, 0.5) is None  # the subscription's confirmation
+        connection = pubsub.connection
+        assert connection is not None
+        parser: Any = connection._parser
+        await redis_client.publish(f"{channel}.a", b"one")
+        await redis_client.publish(f"{channel}.a", b"two")
+        assert await next_message(pubsub, 2) == (f"{channel}.a".encode(), b"one")
+        connection.next_health_check = 0  # overdue: ...
+        stale = asyncio.get_running_loop().time()
+        parser._reader.feed(b">3\r\n$7\r\nmessage\r\n$1\r\nx\r\n$5\r\nthree\r\n")
+        assert await next_message(pubsub, 2) == (f"{channel}.a".encode(), b"two")  # ... a PING
+        # the buffered "three" came without a read_response; it set the next check as that does
+        assert await next_message(pubsub, 2) == (b"x", b"three")
+        assert connection.next_health_check > stale + connection.health_check_interval - 1
+        parser._reader.feed(b"?not a reply\r\n")
+        with pytest.raises(InvalidResponse):
+            await next_message(pubsub, 2)
+        assert not connection.is_connected
     finally:
         await pubsub.aclose()
         await client.aclose()

@@ -49,6 +49,11 @@ def test_what_hiredis_does_not_take_goes_through_redis_py() -> None:
         (b"CLIENT SETNAME", "x"),
     ):
         assert packed(lean, *args) == packed(plain, *args)
+    for errors in ("replace", "surrogateescape"):
+        plain, lean = connections(encoding_errors=errors)
+        assert packed(lean, "SET", "k", "a\udcffb") == packed(plain, "SET", "k", "a\udcffb")
+    plain, lean = connections()
+    assert packed(lean, "SCRIPT\tLOAD", "x") == packed(plain, "SCRIPT\tLOAD", "x")
     plain, lean = connections(encoding="latin-1")
     assert (
         packed(lean, "SET", "k", "é")

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.asyncio.client import Pipeline, PubSub
-from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
+from redis.exceptions import BusyLoadingError, InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -493,6 +493,8 @@ try:  # redis-py's hiredis parser, for replies already read from the socket (bel
 except (ImportError, AttributeError):  # pragma: no cover - every read goes through redis-py
     _NO_REPLY, _HIREDIS_PARSER = object(), None
 _PUSH: type = getattr(hiredis, "PushNotification", tuple)  # RESP3 pushes (a list subclass)
+_UNREADABLE = (InvalidResponse, UnicodeDecodeError, RecursionError)
+"""What leaves a connection's parser unusable (redis-py disconnects on them)."""
 _MESSAGES = (b"message", b"pmessage")
 
 
@@ -529,19 +531,26 @@ async def next_message(pubsub: PubSub, timeout_s: float | None) -> tuple[bytes, 
         raise RuntimeError("read before subscribing")
     if conn.health_check_interval and asyncio.get_running_loop().time() > conn.next_health_check:
         await pubsub.check_health()
-    response = _buffered_reply(conn)
+    try:
+        response = _buffered_reply(conn)
+    except _UNREADABLE:
+        await conn.disconnect(nowait=True)  # the bytes that failed stay: as read_response does
+        raise
     if response is _NO_REPLY:
         response = await conn.read_response(
             timeout=math.inf if timeout_s is None else timeout_s,
             disconnect_on_error=False,
             push_request=True,
         )
-    elif isinstance(response, (RedisConnectionError, ResponseError)):
-        raise response  # as read_response raises a reply that is an error
-    elif isinstance(response, _PUSH) and response[0] not in _MESSAGES:
-        # another push (an invalidation, a maintenance notice): the parser's handling, as
-        # read_response gives it
-        response = await conn._parser.handle_push_response(response)
+    else:  # what read_response does with a reply besides reading it
+        if conn.health_check_interval:
+            loop_time = asyncio.get_running_loop().time()
+            conn.next_health_check = loop_time + conn.health_check_interval
+        if isinstance(response, (RedisConnectionError, ResponseError)):
+            raise response
+        if isinstance(response, _PUSH) and response[0] not in _MESSAGES:
+            # another push (an invalidation, a maintenance notice): the parser's handling
+            response = await conn._parser.handle_push_response(response)
     if response is None:
         return None
     if isinstance(response, list):  # a list, or hiredis's PushNotification (a list)

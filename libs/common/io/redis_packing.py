@@ -10,8 +10,8 @@ three calls.
 bytes sent are the same: hiredis encodes ``str`` as UTF-8 and ``int`` and ``float`` by their
 ``repr``, as redis-py's encoder does with its default encoding (tested). What hiredis does
 not take (a ``bool``, a ``bytearray`` or ``memoryview``, a command name with a space in it
-such as ``"SCRIPT LOAD"``), and any client with another encoding, goes through redis-py's
-own packer, so its errors and its splitting stay redis-py's.
+such as ``"SCRIPT LOAD"``), and any client with another encoding or error handler, goes
+through redis-py's own packer, so its errors and its splitting stay redis-py's.
 """
 
 from __future__ import annotations
@@ -30,7 +30,13 @@ class LeanPacking:
 
     def pack_command(self, *args: Any) -> list[bytes]:
         first = args[0]
-        if type(first) is str and " " not in first and self.encoder.encoding == "utf-8":  # type: ignore[attr-defined]
+        encoder = self.encoder  # type: ignore[attr-defined]
+        if (
+            type(first) is str
+            and first.isalpha()  # not "SCRIPT LOAD": redis-py splits on whitespace
+            and encoder.encoding == "utf-8"
+            and encoder.encoding_errors == "strict"
+        ):
             try:
                 return [hiredis.pack_command(args)]
             except TypeError:
