@@ -97,10 +97,6 @@ class Held:
         self.symbols = symbols
 
 
-def _newest(batch: TickBatch) -> int:
-    return max(tick.t for tick in batch.ticks) if batch.ticks else 0
-
-
 class BarBuilder(Actor[BuilderMessage]):
     """Aggregates a source's ticks into bars, publishes them through a sink, commits the
     source's positions once safe. See the module docstring for the restart rules."""
@@ -334,11 +330,16 @@ class BarBuilder(Actor[BuilderMessage]):
         return bars
 
     def _add(self, items: Sequence[Item], now: int) -> list[Bar]:
+        # runs once a record: the instance's collections are read into locals once a call
         bars: list[Bar] = []
         late_revised = late_dropped = 0
         ticks = 0
         last_position = self._last_position
         guards = self._guards
+        fresh_of = self.ids.fresh
+        aggregators = self.aggregators
+        touched, open_symbols, seqs, marks = self._touched, self._open, self._seqs, self._marks
+        channel_symbols = self._channel_symbols
         for channel, position, batch in items:
             if position <= last_position.get(channel, -1):
                 continue  # delivered again
@@ -351,6 +352,7 @@ class BarBuilder(Actor[BuilderMessage]):
             assert type(batch) is TickBatch
             symbol = batch.sym
             trades: Sequence[Trade] = batch.ticks
+            newest = 0
             if trades:
                 guard = guards.get(symbol)
                 if guard is not None:
@@ -358,36 +360,42 @@ class BarBuilder(Actor[BuilderMessage]):
                     if len(kept) < len(trades):
                         self._m_ticks_skipped.inc(len(trades) - len(kept))
                     trades = kept
-                fresh = self.ids.fresh(symbol, trades)
+                fresh = fresh_of(symbol, trades)
                 if len(fresh) < len(trades):
                     self._m_duplicate_trades.inc(len(trades) - len(fresh))
                 trades = fresh
                 if trades:
-                    aggregator = self._aggregator(symbol)
+                    aggregator = aggregators.get(symbol)
+                    if aggregator is None:
+                        aggregator = self._aggregator(symbol)
                     counters = aggregator.counters
                     revised, dropped = counters.late_revised, counters.late_dropped
                     bars.extend(aggregator.add(trades, now, symbol=symbol))
                     late_revised += counters.late_revised - revised
                     late_dropped += counters.late_dropped - dropped
                     ticks += len(trades)
-                    self._touched.add(symbol)
+                    touched.add(symbol)
                     if aggregator.open_since() is None:
-                        self._open.discard(symbol)
+                        open_symbols.discard(symbol)
                     else:
-                        self._open.add(symbol)
-                    self._watermark = max(self._watermark, aggregator.watermark_ms)
-            if batch.seq > self._seqs.get(symbol, 0):
-                self._seqs[symbol] = batch.seq
-                waiting = self._marks.get(symbol)
+                        open_symbols.add(symbol)
+                    if aggregator.watermark_ms > self._watermark:
+                        self._watermark = aggregator.watermark_ms
+                # the record's newest tick (all of them: a duplicate's minute holds it too)
+                for tick in batch.ticks:
+                    if tick.t > newest:
+                        newest = tick.t
+            if batch.seq > seqs.get(symbol, 0):
+                seqs[symbol] = batch.seq
+                waiting = marks.get(symbol)
                 if waiting and waiting[0][0] <= batch.seq:
                     self._release(symbol, batch.seq, bars)
-            symbols = self._channel_symbols.get(channel)
+            symbols = channel_symbols.get(channel)
             if symbols is None:
-                symbols = self._channel_symbols[channel] = set()
+                symbols = channel_symbols[channel] = set()
             if symbol not in symbols:
                 symbols.add(symbol)
                 self._symbol_channels.setdefault(symbol, set()).add(channel)
-            newest = _newest(batch)
             self._hold(channel, position, newest, symbol if newest else None)
         self._m_ticks.inc(ticks)
         if late_revised or late_dropped:
