@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
+from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
 
@@ -397,84 +399,82 @@ async def test_next_message_reads_messages_keeps_the_health_check_and_raises_on_
         await client.aclose()
 
 
+@pytest.fixture
+async def subscribed(redis_url: str, unique_name) -> AsyncIterator[tuple[str, PubSub]]:  # type: ignore[no-untyped-def]
+    """A service's kind of client (``connect_redis``) subscribed to ``<channel>.*``, its
+    confirmation read: the channel prefix and the subscription."""
+    channel = unique_name("sub")
+    client = await connect_redis(redis_url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.psubscribe(f"{channel}.*")
+        assert await next_message(pubsub, 0.5) is None  # the subscription's confirmation
+        yield channel, pubsub
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
 async def test_messages_already_read_from_the_socket_are_taken_without_read_response(
-    redis_url: str,
-    redis_client,
-    unique_name,  # type: ignore[no-untyped-def]
+    redis_client,  # type: ignore[no-untyped-def]
+    subscribed: tuple[str, PubSub],
 ) -> None:
     """A busy subscriber's socket read holds many messages: ``next_message`` hands them over
     from the parser, in order, without a ``read_response`` each; a subscription's
     confirmation between them still reaches redis-py's bookkeeping."""
-    channel = unique_name("buf")
-    client = await connect_redis(redis_url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    try:
-        await pubsub.psubscribe(f"{channel}.*")
-        assert await next_message(pubsub, 0.5) is None  # the subscription's confirmation
-        async with redis_client.pipeline(transaction=False) as pipe:
-            for i in range(200):
-                pipe.publish(f"{channel}.{i % 7}", b"m%d" % i)
-            await pipe.execute()
-        await pubsub.subscribe(f"{channel}-other")
-        await redis_client.publish(f"{channel}.x", b"last")
-        connection = pubsub.connection
-        assert connection is not None
-        reads = 0
-        read_response = connection.read_response
+    channel, pubsub = subscribed
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for i in range(200):
+            pipe.publish(f"{channel}.{i % 7}", b"m%d" % i)
+        await pipe.execute()
+    await pubsub.subscribe(f"{channel}-other")
+    await redis_client.publish(f"{channel}.x", b"last")
+    connection = pubsub.connection
+    assert connection is not None
+    reads = 0
+    read_response = connection.read_response
 
-        async def counted(*args: object, **kwargs: object) -> object:
-            nonlocal reads
-            reads += 1
-            return await read_response(*args, **kwargs)  # type: ignore[arg-type]
+    async def counted(*args: object, **kwargs: object) -> object:
+        nonlocal reads
+        reads += 1
+        return await read_response(*args, **kwargs)  # type: ignore[arg-type]
 
-        connection.read_response = counted  # type: ignore[method-assign]
-        got: list[tuple[bytes, bytes]] = []
-        nones = 0
-        while len(got) < 201:
-            message = await next_message(pubsub, 2)
-            if message is None:
-                nones += 1
-                assert nones < 5
-            else:
-                got.append(message)
-        assert got[:200] == [(f"{channel}.{i % 7}".encode(), b"m%d" % i) for i in range(200)]
-        assert got[200] == (f"{channel}.x".encode(), b"last")
-        assert nones == 1  # the second subscription's confirmation
-        assert f"{channel}-other".encode() in pubsub.channels
-        assert reads <= 20, f"{reads} read_response calls for 201 messages"
-    finally:
-        await pubsub.aclose()
-        await client.aclose()
+    connection.read_response = counted  # type: ignore[method-assign]
+    got: list[tuple[bytes, bytes]] = []
+    nones = 0
+    while len(got) < 201:
+        message = await next_message(pubsub, 2)
+        if message is None:
+            nones += 1
+            assert nones < 5
+        else:
+            got.append(message)
+    assert got[:200] == [(f"{channel}.{i % 7}".encode(), b"m%d" % i) for i in range(200)]
+    assert got[200] == (f"{channel}.x".encode(), b"last")
+    assert nones == 1  # the second subscription's confirmation
+    assert f"{channel}-other".encode() in pubsub.channels
+    assert reads <= 20, f"{reads} read_response calls for 201 messages"
 
 
 async def test_a_reply_the_parser_cannot_read_disconnects_and_a_buffered_one_moves_the_health_check(
-    redis_url: str,
-    redis_client,
-    unique_name,  # type: ignore[no-untyped-def]
+    redis_client,  # type: ignore[no-untyped-def]
+    subscribed: tuple[str, PubSub],
 ) -> None:
-    channel = unique_name("bad")
-    client = await connect_redis(redis_url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    try:
-        await pubsub.psubscribe(f"{channel}.*")
-        assert await next_message(pubsub, 0.5) is None  # the subscription's confirmation
-        connection = pubsub.connection
-        assert connection is not None
-        parser: Any = connection._parser
-        await redis_client.publish(f"{channel}.a", b"one")
-        await redis_client.publish(f"{channel}.a", b"two")
-        assert await next_message(pubsub, 2) == (f"{channel}.a".encode(), b"one")
-        connection.next_health_check = 0  # overdue: ...
-        stale = asyncio.get_running_loop().time()
-        parser._reader.feed(b">3\r\n$7\r\nmessage\r\n$1\r\nx\r\n$5\r\nthree\r\n")
-        assert await next_message(pubsub, 2) == (f"{channel}.a".encode(), b"two")  # ... a PING
-        # the buffered "three" came without a read_response; it set the next check as that does
-        assert await next_message(pubsub, 2) == (b"x", b"three")
-        assert connection.next_health_check > stale + connection.health_check_interval - 1
-        parser._reader.feed(b"?not a reply\r\n")
-        with pytest.raises(InvalidResponse):
-            await next_message(pubsub, 2)
-        assert not connection.is_connected
-    finally:
-        await pubsub.aclose()
-        await client.aclose()
+    channel, pubsub = subscribed
+    connection = pubsub.connection
+    assert connection is not None
+    parser: Any = connection._parser
+    await redis_client.publish(f"{channel}.a", b"one")
+    await redis_client.publish(f"{channel}.a", b"two")
+    assert await next_message(pubsub, 2) == (f"{channel}.a".encode(), b"one")
+    connection.next_health_check = 0  # overdue: ...
+    stale = asyncio.get_running_loop().time()
+    parser._reader.feed(b">3\r\n$7\r\nmessage\r\n$1\r\nx\r\n$5\r\nthree\r\n")
+    assert await next_message(pubsub, 2) == (f"{channel}.a".encode(), b"two")  # ... a PING
+    # the buffered "three" came without a read_response; it set the next check as that does
+    assert await next_message(pubsub, 2) == (b"x", b"three")
+    assert connection.next_health_check > stale + connection.health_check_interval - 1
+    parser._reader.feed(b"?not a reply\r\n")
+    with pytest.raises(InvalidResponse):
+        await next_message(pubsub, 2)
+    assert not connection.is_connected
