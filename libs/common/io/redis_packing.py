@@ -9,9 +9,10 @@ three calls.
 ``lean_packing`` makes a client's connections hand hiredis the arguments as they are. The
 bytes sent are the same: hiredis encodes ``str`` as UTF-8 and ``int`` and ``float`` by their
 ``repr``, as redis-py's encoder does with its default encoding (tested). What hiredis does
-not take (a ``bool``, a ``bytearray`` or ``memoryview``, a command name with a space in it
-such as ``"SCRIPT LOAD"``), and any client with another encoding or error handler, goes
-through redis-py's own packer, so its errors and its splitting stay redis-py's.
+not take (a ``bool``, a ``bytearray`` or ``memoryview``), a command name that is not one
+word of letters (``"SCRIPT LOAD"``: redis-py splits it), and any client with another encoding
+or error handler go through redis-py's own packer, so its errors and its splitting stay
+redis-py's.
 """
 
 from __future__ import annotations
