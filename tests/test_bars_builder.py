@@ -350,3 +350,45 @@ async def test_a_trade_delivered_twice_is_aggregated_once() -> None:
         await harness.deliver(("ticks.A", 2, TickBatch(2, "A", [first])))
         await harness.deliver(("sentio.progress.v1", 1, mark(T0 + 120_000, A=2)))
         assert harness.bars() == [("A", 0, 100, 0)]
+
+
+async def test_tick_work_queued_while_the_builder_waits_on_its_sink_joins_one_publication() -> None:
+    """At a minute's close over many symbols the symbols close in several messages (their own
+    ticks past the deadline, then the mark). While the first message's bars are being
+    stored and published, what the reader queued behind it is handled together: one more
+    publication for all of it, not one per message, in the same order; a barrier queued
+    among them still waits for what came before it."""
+    clock = ManualClock(10**13)
+    async with Harness(clock, close_on="progress") as harness:
+        builder = harness.builder
+        gate = asyncio.Event()
+        calls: list[list[str]] = []
+
+        async def sink(bars: list[Bar]) -> None:
+            calls.append([f"{bar.symbol}{(bar.startMs - T0) // MINUTE_MS}" for bar in bars])
+            harness.published.extend(bars)
+            await gate.wait()  # the first publication waits on "Redis"
+
+        builder.sink = sink
+        for seq, symbol in enumerate("ABCD", start=1):
+            await harness.deliver((f"ticks.{symbol}", 1, numbered(symbol, 1, T0 + 1_000 * seq)))
+        # A's own tick past the deadline closes A's minute: its publication waits on the gate
+        await builder.post(TickWork([("ticks.A", 2, numbered("A", 2, T0 + 62_000))]))
+        await asyncio.sleep(0.05)
+        assert calls == [["A0"]]
+        # queued behind it: B's and C's own ticks past the deadline, then the mark for D
+        await builder.post(TickWork([("ticks.B", 2, numbered("B", 2, T0 + 62_000))]))
+        await builder.post(TickWork([("ticks.C", 2, numbered("C", 2, T0 + 62_000))]))
+        await builder.post(TickWork([("sentio.progress.v1", 1, mark(T0 + 62_000, D=1))]))
+        done = asyncio.get_running_loop().create_future()
+        from services.bars.builder import Barrier
+
+        await builder.tell(Barrier(done))
+        await builder.post(TickWork([("ticks.D", 2, numbered("D", 2, T0 + 123_000))]))
+        gate.set()
+        await asyncio.wait_for(done, 5)
+        assert calls == [["A0"], ["B0", "C0", "D0"]]
+        await builder.barrier()
+        assert calls == [["A0"], ["B0", "C0", "D0"]]  # D's next tick closed nothing yet
+        assert harness.source.committed["ticks.D"] == 1
+        assert harness.source.committed["sentio.progress.v1"] == 1
