@@ -9,7 +9,7 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry
 
-from libs.common.runtime.actors import Actor, Overflow, _Posted
+from libs.common.runtime.actors import Actor, Overflow
 from libs.common.runtime.backoff import Backoff, RestartBudget
 from libs.common.runtime.clock import ManualClock
 from libs.common.runtime.lifecycle import TRANSITIONS, Component, InvalidTransition
@@ -413,16 +413,6 @@ async def test_take_nowait_takes_a_batch_and_leaves_the_stop_sentinel() -> None:
     actor.tell_nowait(99)
     assert actor.take_nowait(10) == [0, 1, 2]
     assert len(actor.mailbox) == 2
-
-
-async def test_take_nowait_with_accept_takes_only_the_accepted_run_at_the_head() -> None:
-    actor = Recorder("run", CollectorRegistry(), mailbox_size=10)
-    actor.mailbox.put_nowait(_Posted(actor.incarnation - 1, 9))  # an earlier run's: dropped
-    for message in (1, 3, 5, 6, 7):
-        actor.tell_nowait(message)
-    odd = actor.take_nowait(10, lambda message: message % 2 == 1)
-    assert odd == [1, 3, 5]  # 6 stops the run; 7 stays behind it
-    assert actor.take_nowait(10) == [6, 7]
 
 
 async def test_a_failure_while_stopping_is_counted_and_the_stop_completes() -> None:

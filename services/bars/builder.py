@@ -84,14 +84,6 @@ class Barrier(NamedTuple):
 
 BuilderMessage = TickWork | WatermarkTick | Barrier
 
-COALESCE_RECORDS = 2_000
-"""Records of queued tick messages a handling takes with its own, at most (and one message
-more): about 40 ms of aggregation before the loop yields again."""
-
-
-def _is_tick_work(message: BuilderMessage) -> bool:
-    return type(message) is TickWork
-
 
 class Held:
     """Records of a channel waiting to be committed: the last one's position, the newest tick
@@ -282,19 +274,6 @@ class BarBuilder(Actor[BuilderMessage]):
             return
         else:
             bars = self._add(message.items, now)
-            # tick work queued behind it (read while this builder waited on Redis) joins it:
-            # one store, publication and save for the lot, not one each; at a minute's close
-            # over many symbols the mark's big close no longer waits behind a round of
-            # round trips per earlier message
-            joined = 0
-            while joined < COALESCE_RECORDS:
-                queued = self.take_nowait(1, _is_tick_work)
-                if not queued:
-                    break
-                work = queued[0]
-                assert isinstance(work, TickWork)
-                joined += len(work.items)
-                bars += self._add(work.items, self.clock.now_ms())
         await self._publish(bars)
         await self._commit_safe()
         if self._watermark:

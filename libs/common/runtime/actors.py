@@ -153,14 +153,12 @@ class Mailbox(Generic[MessageT]):
         self._wake(self._putters)
         return item
 
-    def take_nowait(self, limit: int, accept: Callable[[Any], bool] | None = None) -> list[Any]:
-        """Take up to ``limit`` queued items without waiting, stopping at a stop sentinel or
-        at the first item ``accept`` refuses (both stay queued)."""
+    def take_nowait(self, limit: int) -> list[Any]:
+        """Take up to ``limit`` queued items without waiting, stopping at a stop sentinel
+        (which stays queued)."""
         taken: list[Any] = []
         items = self._items
         while items and len(taken) < limit and items[0] is not _STOP:
-            if accept is not None and not accept(items[0]):
-                break
             taken.append(items.popleft())
         if taken:
             self._depth.set(len(items))
@@ -216,21 +214,11 @@ class Actor(Component, Generic[MessageT]):
         the runtime if the actor restarts before handling it)."""
         return await self.mailbox.put(_Posted(self.incarnation, message))
 
-    def take_nowait(
-        self, limit: int, accept: Callable[[MessageT], bool] | None = None
-    ) -> list[MessageT]:
+    def take_nowait(self, limit: int) -> list[MessageT]:
         """Take up to ``limit`` more queued messages without waiting, so a handler can work
-        on several at once (stale posts are dropped on the way); with ``accept``, only the
-        run of messages at the head that it accepts (the first it refuses stays queued)."""
-        raw: Callable[[Any], bool] | None = None
-        if accept is not None:
-            take = accept
-
-            def raw(item: Any) -> bool:
-                return take(item.message if type(item) is _Posted else item)
-
+        on several at once (stale posts are dropped on the way)."""
         out: list[MessageT] = []
-        for item in self.mailbox.take_nowait(limit, raw):
+        for item in self.mailbox.take_nowait(limit):
             message = self._current(item)
             if message is not _STALE:
                 out.append(message)
