@@ -522,14 +522,17 @@ async def next_message(pubsub: PubSub, timeout_s: float | None) -> tuple[bytes, 
 
     redis-py's ``get_message`` wraps every read in its retry layer, a health check, a dict
     and an observability hook: half of a busy subscriber's read cost. This reads the
-    connection itself and keeps the health check (a PING at redis-py's interval). A broken
+    connection itself (a reply the parser already holds first: ``_buffered_reply``) and
+    keeps the health check (a PING at redis-py's interval). A broken
     connection raises (``RETRIABLE``) instead of being reconnected and re-subscribed behind
     the caller's back: the caller subscribes again and reads what it missed from the streams.
     """
     conn = pubsub.connection
     if conn is None:
         raise RuntimeError("read before subscribing")
-    if conn.health_check_interval and asyncio.get_running_loop().time() > conn.next_health_check:
+    interval = conn.health_check_interval
+    now = asyncio.get_running_loop().time() if interval else 0.0  # read once a message
+    if interval and now > conn.next_health_check:
         await pubsub.check_health()
     try:
         response = _buffered_reply(conn)
@@ -543,9 +546,8 @@ async def next_message(pubsub: PubSub, timeout_s: float | None) -> tuple[bytes, 
             push_request=True,
         )
     else:  # what read_response does with a reply besides reading it
-        if conn.health_check_interval:
-            loop_time = asyncio.get_running_loop().time()
-            conn.next_health_check = loop_time + conn.health_check_interval
+        if interval:
+            conn.next_health_check = now + interval
         if isinstance(response, (RedisConnectionError, ResponseError)):
             raise response
         if isinstance(response, _PUSH) and response[0] not in _MESSAGES:
