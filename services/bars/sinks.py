@@ -16,21 +16,27 @@ BAR_TOPIC_CONFIGS = {"cleanup.policy": "delete", "retention.ms": "-1", "retentio
 
 
 def redis_sink(publisher: Publisher, store: BarStore, closed: ClosedMinutes) -> BarSink:
-    """Keep bars in the bar store, then publish them on ``bars.<SYM>.1m`` (pub/sub + stream).
+    """Keep bars in the bar store, then publish them on ``bars.<SYM>.1m`` (pub/sub + stream),
+    in one round trip: the store's writes go first on the pipeline, so the server runs them
+    first.
 
-    The store is written first: a crash in between leaves a bar stored but not published,
-    which the restart publishes (and stores again); the other order could leave a published
-    bar that the store never gets (a restart does not publish it again).
+    The store comes first: a crash in between leaves a bar stored but not published, which
+    the restart publishes (and stores again); the other order could leave a published bar
+    that the store never gets (a restart does not publish it again). A server out of memory
+    refuses the publication's writes as it refused the store's. What one round trip gives up:
+    a store write refused for its key alone (another type of key where a bar hash belongs)
+    no longer stops the publication after it; the close fails all the same (the error goes
+    on, the builder restarts and logs it).
     """
 
     async def sink(bars: list[Bar]) -> None:
         payloads = [ENCODER.encode(bar) for bar in bars]  # one encoding for both writes
-        await store.put_many(bars, payloads)
         seqs = await publisher.publish_many(
             [
                 (names.channel(names.BARS, bar.symbol), payload)
                 for bar, payload in zip(bars, payloads, strict=True)
-            ]
+            ],
+            before=lambda pipe: store.queue_put(pipe, bars, payloads),
         )
         for bar, seq in zip(bars, seqs, strict=True):
             closed.note_published(bar.symbol, seq)

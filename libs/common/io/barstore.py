@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from datetime import date
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
-from libs.common.io.redis_io import CachedScript
 from libs.common.market.sessions import ny_date
 from libs.common.names import Keys
 from libs.common.schemas import BAR_DECODER, ENCODER, Bar
@@ -54,36 +54,41 @@ class BarStore:
         """Bars in one call of the store script (a minute's close stores a bar per symbol: a
         call each was 60-90 ms for 1,000 bars); 1 on a Redis Cluster, where a call's keys must
         share a slot (a symbol's do)."""
-        self._put = CachedScript(client, _PUT_LUA)
 
     def key(self, symbol: str, day: date) -> str:
         """The hash of ``symbol`` on ``day``."""
         return f"{self.keys.prefix}barstore:{{{symbol}}}:{day.isoformat()}"
 
+    def queue_put(
+        self, pipe: Pipeline, bars: Sequence[Bar], encoded: Sequence[bytes] | None = None
+    ) -> None:
+        """Queue the store's writes of ``bars`` on ``pipe`` (a call of the store script per
+        ``bars_per_call`` bars), keeping the highest revision of each minute; ``encoded``: the
+        bars' JSON when the caller has it already (it publishes them too).
+
+        The calls are ``EVAL`` with the script's text, never ``EVALSHA``: a server that lost its
+        script cache (a restart) runs them all the same, so on a pipeline that goes on to
+        publish the bars nothing is published that the store missed for want of a script."""
+        payloads = [ENCODER.encode(bar) for bar in bars] if encoded is None else encoded
+        per_call, ttl_s, text = self.bars_per_call, self.ttl_s, _PUT_LUA
+        for first in range(0, len(bars), per_call):
+            keys: list[str] = []
+            args: list[str | int | bytes] = [ttl_s]
+            for bar, payload in zip(
+                bars[first : first + per_call], payloads[first : first + per_call], strict=True
+            ):
+                keys.append(self.key(bar.symbol, ny_date(bar.startMs)))
+                args += (bar.startMs, bar.revision, payload)
+            pipe.eval(text, len(keys), *keys, *args)
+
     async def put_many(self, bars: Sequence[Bar], encoded: Sequence[bytes] | None = None) -> None:
         """Store bars (one pipelined round trip), keeping the highest revision of each minute.
-        ``encoded``: the bars' JSON when the caller has it already (it publishes them too)."""
+        ``encoded``: the bars' JSON when the caller has it already."""
         if not bars:
             return
-        payloads = [ENCODER.encode(bar) for bar in bars] if encoded is None else encoded
-        items = [
-            (self.key(bar.symbol, ny_date(bar.startMs)), bar, payload)
-            for bar, payload in zip(bars, payloads, strict=True)
-        ]
-        per_call = self.bars_per_call
-        sha = self._put.sha
-
-        async def send() -> None:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for first in range(0, len(items), per_call):
-                    call = items[first : first + per_call]
-                    args: list[str | int | bytes] = [self.ttl_s]
-                    for _, bar, payload in call:
-                        args += (bar.startMs, bar.revision, payload)
-                    pipe.evalsha(sha, len(call), *(key for key, _, _ in call), *args)
-                await pipe.execute()
-
-        await self._put.run(send)
+        async with self.client.pipeline(transaction=False) as pipe:
+            self.queue_put(pipe, bars, encoded)
+            await pipe.execute()
 
     async def day(self, symbol: str, day: date) -> dict[int, Bar]:
         """Every bar of ``symbol`` on ``day``, by startMs."""

@@ -281,6 +281,7 @@ class Publisher:
         *,
         transaction: bool = False,
         also: Callable[[Pipeline], object] | None = None,
+        before: Callable[[Pipeline], object] | None = None,
         token: str = "",
     ) -> list[int]:
         """Publish records in one pipelined round trip; returns their sequence numbers.
@@ -291,8 +292,14 @@ class Publisher:
         With ``transaction`` the records go in one MULTI/EXEC, together with whatever ``also``
         queues on the same pipeline (a state write that must happen with them or not at all).
         A transaction touches several channels' keys, so it needs a single Redis node.
+
+        ``before`` queues commands ahead of the records' on the same pipeline: in the same
+        round trip, and run by the server before them (a pipeline's commands run in order), so
+        a crash between the two leaves the first done and not the second, as two round trips
+        would. Its commands must not be ``EVALSHA`` of another script: a server that lost its
+        scripts would refuse them and still publish the records after them.
         """
-        if not items and also is None:
+        if not items and also is None and before is None:
             return []
         keys = self.keys
         maxlen = self.stream_maxlen
@@ -309,6 +316,7 @@ class Publisher:
             if channel not in known:
                 known[channel] = (keys.seq(channel), keys.stream(channel), channel_kind(channel))
         started = time.perf_counter()
+        first = 0  # where the publish calls' replies start (after before's)
         # a call per channels_per_call channels: one round trip either way, but each call
         # costs Redis a script run (bench_ingest_publish, 1,000 symbols, a frame a round trip:
         # 2,495 us a frame with a call per channel, 1,489 with one call)
@@ -317,7 +325,11 @@ class Publisher:
         calls = [channels[i : i + per_call] for i in range(0, len(channels), per_call)]
 
         async def send() -> list[Any]:
+            nonlocal first
             async with self.client.pipeline(transaction=transaction) as pipe:
+                if before is not None:
+                    before(pipe)
+                    first = len(pipe)
                 for channels in calls:
                     call_keys: list[str] = [keys.token(channels[0])]
                     args: list[bytes | str | int] = [maxlen, token]
@@ -345,7 +357,7 @@ class Publisher:
         self.metrics.batches.inc()
         # the sequences come channel by channel in by_channel's order; ``at`` walks each
         # channel's run of them in the items' order
-        flat = [int(seq) for result in results[: len(calls)] for seq in result]
+        flat = [int(seq) for result in results[first : first + len(calls)] for seq in result]
         at: dict[str, int] = {}
         kinds: dict[str, int] = {}
         index = 0
