@@ -466,6 +466,12 @@ async def test_a_reply_the_parser_cannot_read_disconnects_and_a_buffered_one_mov
     parser: Any = connection._parser
     await redis_client.publish(f"{channel}.a", b"one")
     await redis_client.publish(f"{channel}.a", b"two")
+    for _ in range(500):  # both arrived: the socket read that gives "one" has "two"
+        if b"two" in parser._stream._buffer:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the second message did not reach the subscriber's socket in 5 s")
     assert await next_message(pubsub, 2) == (f"{channel}.a".encode(), b"one")
     connection.next_health_check = 0  # overdue: ...
     stale = asyncio.get_running_loop().time()
