@@ -156,6 +156,7 @@ from libs.common.io.kafka_io import (
     sequence_headers,
     start_producer,
 )
+from libs.common.market.sessions import MINUTE_MS
 from libs.common.names import Keys
 from libs.common.runtime.settings import CommonSettings, load_settings
 from services.bars.sinks import BAR_TOPIC_CONFIGS
@@ -164,6 +165,10 @@ from services.mirror.routing import RoutingTable
 
 PROFILED = ("ingest", "mirror", "bars", "bars-shadow")
 KEYS = Keys()
+CLOSE_BURST_MS = 2_000
+"""(b): ticks sent from a minute's end to its bars' deadline (the grace) and this long after
+are timed apart: the minute's close, when every symbol's bar closes on both paths and the
+feed's minute aggregates go out."""
 
 
 def data_dir() -> Path | None:
@@ -841,6 +846,13 @@ def analyse_synthetic(
     acks = {channel: ack_times(updates) for channel, updates in seen.acked.items()}
     to_redis: list[tuple[float, int]] = []
     to_kafka: list[tuple[float, int]] = []
+    # ticks sent in the seconds after a minute's end, when every symbol's bar closes on both
+    # paths and the feed's minute aggregates go out, against the rest of the minute
+    close_ms = args.grace_ms + CLOSE_BURST_MS
+    in_close: dict[bool, tuple[list[tuple[float, int]], list[tuple[float, int]]]] = {
+        True: ([], []),
+        False: ([], []),
+    }
     unacked = trades = 0
     records_in_window = 0
     by_channel: dict[str, int] = {}
@@ -853,13 +865,18 @@ def analyse_synthetic(
             continue
         records_in_window += 1
         trades += tick.trades
-        to_redis.append((1000 * (tick.at - sent), tick.trades))
+        part = in_close[tick.t_ms % MINUTE_MS < close_ms]
+        redis_latency = (1000 * (tick.at - sent), tick.trades)
+        to_redis.append(redis_latency)
+        part[0].append(redis_latency)
         positions, times = acks.get(tick.channel, ([], []))
         acked = acknowledged_at(positions, times, tick.seq)
         if acked is None:
             unacked += tick.trades
         else:
-            to_kafka.append((1000 * (acked - sent), tick.trades))
+            kafka_latency = (1000 * (acked - sent), tick.trades)
+            to_kafka.append(kafka_latency)
+            part[1].append(kafka_latency)
     last_trade_ms = max((tick.t_ms for tick in seen.ticks), default=0)
     whole_feed = [
         (1000 * (acked - tick.t_ms / 1000), tick.trades)
@@ -918,7 +935,12 @@ def analyse_synthetic(
             "tickToBarRedis": stats(bar_latencies(seen.redis_bars)),
             "tickToBarKafka": stats(bar_latencies(seen.kafka_bars)),
             "tickToKafkaWholeFeed": stats(whole_feed),
+            "tickToRedisInClose": stats(in_close[True][0]),
+            "tickToKafkaInClose": stats(in_close[True][1]),
+            "tickToRedisOutsideClose": stats(in_close[False][0]),
+            "tickToKafkaOutsideClose": stats(in_close[False][1]),
         },
+        "closeBurstMs": close_ms,
         "processes": sampler.window(start, end),
         "tickRecordsByChannel": by_channel,
     }

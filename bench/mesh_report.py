@@ -124,6 +124,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     syn = results.get("synthetic") or {}
     if syn and not syn.get("error"):
         latency = syn.get("latencyMs", {})
+        close_s = f"{syn.get('closeBurstMs', 0) / 1000:g}"
         lines += [
             f"**(b) Synthetic market**: {syn.get('symbols')} symbols offered "
             f"{syn.get('offeredRate'):,} trades/s; measured {syn.get('windowSeconds')} s after "
@@ -148,6 +149,14 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{_ms(latency.get('tickToBarKafka'))} |",
             f"| tick → Kafka, whole feed (warm-up included) | "
             f"{_ms(latency.get('tickToKafkaWholeFeed'))} |",
+            f"| tick → Redis, sent in a minute's close (its first {close_s} s) | "
+            f"{_ms(latency.get('tickToRedisInClose'))} |",
+            f"| tick → Redis, sent in the rest of the minute | "
+            f"{_ms(latency.get('tickToRedisOutsideClose'))} |",
+            f"| tick → Kafka, sent in a minute's close (its first {close_s} s) | "
+            f"{_ms(latency.get('tickToKafkaInClose'))} |",
+            f"| tick → Kafka, sent in the rest of the minute | "
+            f"{_ms(latency.get('tickToKafkaOutsideClose'))} |",
             "",
             f"{syn.get('channelsInKafka')} of the {syn.get('symbols')} tick channels had a record "
             "acknowledged by Kafka by the end; all of them "
@@ -220,6 +229,13 @@ def targets(results: dict[str, Any]) -> list[str]:
             f"1,000 symbols at 20 k ticks/s, p99 tick → Kafka < 100 ms: {kafka['p99']:,.1f} ms "
             f"({'met' if kafka['p99'] < 100 else 'not met'})"
         )
+        inside, outside = latency.get("tickToKafkaInClose"), latency.get("tickToKafkaOutsideClose")
+        if inside and outside:
+            out.append(
+                "the same p99 by when the tick was sent: in a minute's close (its first "
+                f"{syn.get('closeBurstMs', 0) / 1000:g} s) {inside['p99']:,.1f} ms, in the rest "
+                f"of the minute {outside['p99']:,.1f} ms"
+            )
     grace = syn.get("graceMs", 0)
     for key, path in (("tickToBarRedis", "Redis"), ("tickToBarKafka", "Kafka")):
         found = latency.get(key)

@@ -143,6 +143,43 @@ def test_latencies_count_only_the_measured_window_and_first_bar_deliveries() -> 
     assert result["probeMissedRecords"] == 0
 
 
+def test_ticks_sent_in_a_minutes_close_are_timed_apart() -> None:
+    """A tick sent from a minute's end to the grace plus 2 s after it is in the minute's close
+    (every bar closes then); the rest of the minute is timed apart."""
+    args = argparse.Namespace(
+        warmup_s=20.0, synthetic_symbols=1, rate=10, grace_ms=1000, poll_ms=10,
+        topic_mode="single", probe_ticks="ticks.*",
+    )  # fmt: skip
+    seen = Observations(
+        ticks=[
+            TickSeen("ticks.A", 1, 1_020_500, 1, at=1020.600),  # 0.5 s into a minute
+            TickSeen("ticks.A", 2, 1_022_900, 1, at=1022.950),  # 2.9 s
+            TickSeen("ticks.A", 3, 1_023_000, 1, at=1023.005),  # 3 s: past the close
+            TickSeen("ticks.A", 4, 1_050_000, 1, at=1050.010),
+        ],
+        acked={"ticks.A": [(1020.700, 1), (1023.100, 3), (1050.020, 4)]},
+    )
+    result = analyse_synthetic(
+        args, seen, ProcessSampler({}), {"eventsGenerated": 4, "framesGenerated": 4},
+        first=1000.0, last_frame=1100.0, tick_records=4,
+    )  # fmt: skip
+    latency = result["latencyMs"]
+    assert result["closeBurstMs"] == 3_000
+    assert latency["tickToRedisInClose"] == {"p50": 50.0, "p99": 100.0, "max": 100.0, "count": 2}
+    assert latency["tickToRedisOutsideClose"] == {"p50": 5.0, "p99": 10.0, "max": 10.0, "count": 2}
+    assert latency["tickToKafkaInClose"] == {"p50": 200.0, "p99": 200.0, "max": 200.0, "count": 2}
+    assert latency["tickToKafkaOutsideClose"]["max"] == 100.0
+    assert latency["tickToKafka"]["count"] == 4
+    results = {**RESULTS, "synthetic": {**RESULTS["synthetic"], **result}}
+    text = render_markdown(results)
+    assert "| tick → Kafka, sent in a minute's close (its first 3 s) | 200.0 | 200.0 |" in text
+    assert "| tick → Redis, sent in the rest of the minute | 5.0 | 10.0 | 10.0 | 2 |" in text
+    assert any(
+        "close (its first 3 s) 200.0 ms, in the rest of the minute 100.0 ms" in line
+        for line in targets(results)
+    )
+
+
 def test_parse_push_reads_messages_split_anywhere() -> None:
     confirm = b"*3\r\n$10\r\npsubscribe\r\n$7\r\nticks.*\r\n:1\r\n"
     message = b"*4\r\n$8\r\npmessage\r\n$7\r\nticks.*\r\n$9\r\nticks.SPY\r\n$5\r\nab\r\nc\r\n"
