@@ -92,12 +92,17 @@ def test_the_last_minute_of_each_symbol_is_not_closed_on_event_time() -> None:
     assert last_closed_on_event_time(bars) == 12.0
 
 
-def test_latencies_count_only_the_measured_window_and_first_bar_deliveries() -> None:
-    # Feed from t=1000 s to 1100 s, warm-up 20 s: the window is [1020, 1100].
-    args = argparse.Namespace(
-        warmup_s=20.0, synthetic_symbols=2, rate=10, grace_ms=1000, poll_ms=10,
+def synthetic_args(symbols: int) -> argparse.Namespace:
+    """Scenario (b)'s options: a 20 s warm-up, a 1 s grace."""
+    return argparse.Namespace(
+        warmup_s=20.0, synthetic_symbols=symbols, rate=10, grace_ms=1000, poll_ms=10,
         topic_mode="single", probe_ticks="ticks.*",
     )  # fmt: skip
+
+
+def test_latencies_count_only_the_measured_window_and_first_bar_deliveries() -> None:
+    # Feed from t=1000 s to 1100 s, warm-up 20 s: the window is [1020, 1100].
+    args = synthetic_args(2)
     seen = Observations(
         ticks=[
             TickSeen("ticks.A", 1, 1_010_000, 5, at=1010.002),  # warm-up: not counted
@@ -146,10 +151,7 @@ def test_latencies_count_only_the_measured_window_and_first_bar_deliveries() -> 
 def test_ticks_sent_in_a_minutes_close_are_timed_apart() -> None:
     """A tick sent from a minute's end to the grace plus 2 s after it is in the minute's close
     (every bar closes then); the rest of the minute is timed apart."""
-    args = argparse.Namespace(
-        warmup_s=20.0, synthetic_symbols=1, rate=10, grace_ms=1000, poll_ms=10,
-        topic_mode="single", probe_ticks="ticks.*",
-    )  # fmt: skip
+    args = synthetic_args(1)
     seen = Observations(
         ticks=[
             TickSeen("ticks.A", 1, 1_020_500, 1, at=1020.600),  # 0.5 s into a minute
