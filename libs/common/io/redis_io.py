@@ -229,7 +229,7 @@ class CachedScript:
 
     async def run(self, send: Callable[[], Awaitable[T]]) -> T:
         """``send()`` (a pipeline of ``EVALSHA`` calls), with the script loaded first; sent
-        again once if the server had lost it (nothing of the pipeline ran then)."""
+        again once if the server had lost it (no call ran; its other commands run twice)."""
         try:
             if not self._loaded:
                 await self.client.script_load(self.text)  # the same text: the same sha
@@ -296,8 +296,8 @@ class Publisher:
         ``before`` queues commands ahead of the records' on the same pipeline: in the same
         round trip, and run by the server before them (a pipeline's commands run in order), so
         a crash between the two leaves the first done and not the second, as two round trips
-        would. Its commands must not be ``EVALSHA`` of another script: a server that lost its
-        scripts would refuse them and still publish the records after them.
+        would. Not ``EVALSHA`` of another script (a server that lost its scripts would refuse
+        it and publish the records after it); run again if the publish script is reloaded.
         """
         if not items and also is None and before is None:
             return []
