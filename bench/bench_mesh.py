@@ -150,6 +150,7 @@ from devstack.mesh import (
     ServiceProcess,
     mirror_consumer_names,
 )
+from libs.common import names
 from libs.common.io.kafka_io import (
     TopicSpec,
     ensure_topics,
@@ -725,15 +726,16 @@ def synthetic_symbols(count: int) -> list[str]:
 
 def precreate_topics(bootstrap: str, symbols: list[str], topic_mode: str) -> tuple[int, float]:
     """Create the tick and bar topics of ``symbols`` as the mirror and the shadow builder
-    would (their own specs, the tick topics of ``topic_mode``); returns how many and the
-    seconds it took."""
+    would (their own specs, the topics of ``topic_mode``); returns how many and the seconds
+    it took."""
     table = RoutingTable(load_settings(MirrorSettings, {"MIRROR_TOPIC_MODE": topic_mode}))
     specs: dict[str, TopicSpec] = {}
     for symbol in symbols:
         target = table.target(f"ticks.{symbol}")
         assert target is not None
         specs[target.spec.name] = target.spec
-        specs[f"bars.{symbol}.1m"] = TopicSpec(f"bars.{symbol}.1m", 1, 1, BAR_TOPIC_CONFIGS)
+        bars = names.channel(names.shadow_bars_topic(topic_mode), symbol)
+        specs[bars] = TopicSpec(bars, 1, 1, BAR_TOPIC_CONFIGS)
     started = time.monotonic()
     settings = CommonSettings(kafka_bootstrap=bootstrap)
     listed = list(specs.values())
@@ -780,12 +782,15 @@ def run_synthetic(
         records = sum(_final_seqs(stack, [f"ticks.{symbol}" for symbol in symbols]).values())
         return analyse_synthetic(args, seen, sampler, status, first, last_frame, records)
 
+    sampled = args.probe_ticks.removeprefix("ticks.")  # a glob of the timed symbols
     return scenario.run(
         lambda stack: Probe(
             stack.redis.url,
             bootstrap_of(stack),
             tick_pattern=args.probe_ticks,
-            kafka_bars=f"bars.{args.probe_ticks.removeprefix('ticks.')}.1m",
+            # the sampled symbols' bar topics, or the one topic (its other bars skipped)
+            kafka_bars=names.channel(names.shadow_bars_topic(args.topic_mode), sampled),
+            bar_symbols=sampled,
             poll_ms=args.poll_ms,
         ),
         prepare,

@@ -9,10 +9,11 @@ The probe runs its own asyncio loop in a thread of the bench process and records
   ``ticks.*0``, one synthetic symbol in ten): channel, ``seq``, the earliest
   trade time ``t`` in the record, the number of trades;
 - ``bars.*.1m`` records on Redis pub/sub (the primary path's bars);
-- ``bars.<SYM>.1m`` records on Kafka (the shadow builder's bars; ``kafka_bars``: all, or
-  the timed symbols' only: every partition a consumer reads costs the broker on each fetch),
-  read with a consumer that assigns itself every such topic (listed again every second) from
-  its first offset;
+- the shadow builder's bars on Kafka (``kafka_bars``: its ``bars.<SYM>.1m`` topics, all or
+  the timed symbols' only, since every partition a consumer reads costs the broker on each
+  fetch; or the one ``sentio.bars.v1`` of ``TOPIC_MODE=single``, whose bars of other
+  symbols than ``bar_symbols`` are skipped), read with a consumer that assigns itself every
+  such topic (listed again every second) from its first offset;
 - every ``poll_ms``, the mirror's committed positions of the timed channels (a Redis hash
   per mirror instance, one field per channel: the last sequence Kafka acknowledged; every
   channel's once a second), and the sequence counters of ``seq_channels``, in one round trip.
@@ -118,6 +119,7 @@ class Probe:
         *,
         tick_pattern: str | None,
         kafka_bars: str = "bars.*.1m",
+        bar_symbols: str = "*",
         seq_channels: Sequence[str] = (),
         poll_ms: int = 10,
         key_prefix: str = "tm:",
@@ -127,7 +129,10 @@ class Probe:
         self.kafka_bootstrap = kafka_bootstrap
         self.tick_pattern = tick_pattern
         self.kafka_bars = re.compile(fnmatch.translate(kafka_bars))
-        """The Kafka bar topics read (a glob: the timed symbols' when the ticks are sampled)."""
+        """The Kafka bar topics read (a glob: ``bars.<SYM>.1m`` topics, or the one topic of
+        ``TOPIC_MODE=single``)."""
+        self.bar_symbols = re.compile(fnmatch.translate(bar_symbols))
+        """The symbols whose Kafka bars count (a glob: the timed ones when ticks are sampled)."""
         self.seq_channels = list(seq_channels)
         self.poll_s = poll_ms / 1000
         self.full_poll_s = 1.0
@@ -318,6 +323,7 @@ class Probe:
 
     async def _read_kafka_bars(self, consumer: AIOKafkaConsumer) -> None:
         pattern = self.kafka_bars
+        symbols = self.bar_symbols
         next_offset: dict[TopicPartition, int] = {}
         next_discovery = 0.0
         seen = self.seen
@@ -358,6 +364,8 @@ class Probe:
                             bar = _BAR.decode(record.value)
                         except msgspec.DecodeError:
                             seen.undecodable += 1
+                            continue
+                        if not symbols.match(bar.symbol):
                             continue
                         seen.kafka_bars.append(
                             BarSeen(bar.symbol, bar.startMs, bar.endMs, bar.revision, at)

@@ -31,7 +31,13 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from libs.common import names
 from libs.common.io.barstore import BarStore
-from libs.common.io.kafka_io import TopicAdmin, TopicSpec, read_from_beginning, sequence_headers
+from libs.common.io.kafka_io import (
+    TopicAdmin,
+    TopicSpec,
+    list_topics,
+    read_from_beginning,
+    sequence_headers,
+)
 from libs.common.io.redis_io import Publisher
 from libs.common.market.aggregator import build_bars
 from libs.common.market.sessions import MINUTE_MS, ny_epoch_ms
@@ -678,12 +684,15 @@ async def create_tick_topics(settings: BarsSettings, symbols: Iterable[str]) -> 
 
 
 async def kafka_bars(settings: BarsSettings, symbols: Iterable[str]) -> list[Bar]:
+    """The shadow's bars of ``symbols`` where its topic mode puts them."""
+    wanted = set(symbols)
+    topic = names.shadow_bars_topic(settings.topic_mode)
     out: list[Bar] = []
     async for records in read_from_beginning(
-        settings, [bar_channel(s) for s in symbols], idle_ms=500
+        settings, sorted({names.channel(topic, s) for s in wanted}), idle_ms=500
     ):
         out += [BAR_DECODER.decode(record.value) for record in records]
-    return out
+    return [bar for bar in out if bar.symbol in wanted]
 
 
 async def shadows_published(members: Sequence[ServiceRuntime], count: int) -> None:
@@ -908,6 +917,8 @@ async def test_ticks_in_one_topic_keyed_by_symbol_become_the_same_bars_in_two_sh
     shadow_bars = await kafka_bars(shard(0), symbols)
     assert_published_once(shadow_bars)
     assert final_bars(shadow_bars) == expected
+    # every bar in the one topic, keyed by its symbol: no bars.<SYM>.1m topic was made
+    assert not set(map(bar_channel, symbols)) & set(await list_topics(shard(0)))
 
 
 # -- real data ---------------------------------------------------------------------------------

@@ -328,10 +328,14 @@ async def test_single_topic_mode_counts_each_symbols_ticks_from_the_one_tick_top
     redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
 ) -> None:
     """``TOPIC_MODE=single``: completeness against the source reads the symbol's records in
-    ``sentio.ticks.v1`` (shared with other symbols, which are not counted); the same day read
-    as per-symbol topics finds no ticks at all."""
+    ``sentio.ticks.v1`` and parity the shadow's bars in ``sentio.bars.v1`` (both shared with
+    other symbols, which are not counted); the same day read as per-symbol topics finds no
+    ticks and no Kafka bars at all."""
     symbol, other = f"S{name[-8:].upper()}", f"O{name[-8:].upper()}"
-    env = env_for(redis_url, kafka_bootstrap, name) | {"MIRROR_BARS_POLICY": "none"}
+    env = env_for(redis_url, kafka_bootstrap, name) | {
+        "MIRROR_BARS_POLICY": "none",
+        "MIRROR_KAFKA_BARS_TOPIC": "",  # where the topic mode puts the shadow's bars
+    }
     keys = Keys(f"{name}:")
     day = DEMO_DAY
     bars = await publish_source(
@@ -343,7 +347,8 @@ async def test_single_topic_mode_counts_each_symbols_ticks_from_the_one_tick_top
     )
     mine = [bar for bar in bars if bar.symbol == symbol]
     await BarStore(redis_client, keys).put_many(mine)
-    await produce_bars(kafka_bootstrap, lambda s: f"bars-{name}.{s}.1m", mine)
+    others = [bar for bar in bars if bar.symbol == other]
+    await produce_bars(kafka_bootstrap, lambda _: names.BARS_SINGLE_TOPIC, mine + others)
     reports = {}
     for mode in ("single", "per-symbol"):
         settings = load_settings(MirrorSettings, env | {"MIRROR_TOPIC_MODE": mode})
@@ -356,9 +361,13 @@ async def test_single_topic_mode_counts_each_symbols_ticks_from_the_one_tick_top
     assert single is not None
     assert [(c.symbol, c.ticksPct) for c in single.symbols] == [(symbol, 100.0)]
     assert single.totals.minutes == len(mine)
+    parity = reports["single"].parity.totals
+    assert (parity.matched, parity.missingKafka, parity.duplicates) == (len(mine), 0, 0)
     per_symbol = reports["per-symbol"].completeness
     assert per_symbol is not None
     assert [(c.symbol, c.ticksPct) for c in per_symbol.symbols] == [(symbol, 0.0)]
+    parity = reports["per-symbol"].parity.totals
+    assert (parity.matched, parity.missingKafka) == (0, len(mine))
 
 
 async def test_the_timer_ignores_bars_still_in_flight(

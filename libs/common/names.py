@@ -45,7 +45,9 @@ BARS_PATTERN: Final = "bars.*.1m"
 PRICES_TOPIC: Final = "sentio.prices.minute.v1"
 """The mirror of every ``bars.<SYM>.1m`` channel (the bars the app shows)."""
 TICKS_SINGLE_TOPIC: Final = "sentio.ticks.v1"
-"""All ticks in one topic keyed by symbol (``MIRROR_TOPIC_MODE=single``)."""
+"""All ticks in one topic keyed by symbol (``TOPIC_MODE=single``)."""
+BARS_SINGLE_TOPIC: Final = "sentio.bars.v1"
+"""All the shadow builder's bars in one topic keyed by symbol (``TOPIC_MODE=single``)."""
 PARITY_TOPIC: Final = "sentio.parity.reports.v1"
 
 # -- Kafka headers of a mirrored record ----------------------------------------------------------
@@ -60,6 +62,13 @@ HEADER_SEQ: Final = "tm-seq"
 DEFAULT_KEY_PREFIX: Final = "tm:"
 PARITY_DAYS: Final = "parity:days"
 """``Keys.state(PARITY_DAYS)``: the gate's day summaries (``schemas.DaySummary``), field = day."""
+
+
+def shadow_bars_topic(topic_mode: str) -> str:
+    """Where the shadow builder's bars go on Kafka: ``bars.<SYM>.1m`` topics (a template), or
+    one topic keyed by symbol with ``TOPIC_MODE=single`` (a close of a thousand symbols is one
+    partition's batch, not a thousand partitions')."""
+    return BARS_SINGLE_TOPIC if topic_mode == "single" else BARS
 
 
 def channel(template: str, symbol: str) -> str:

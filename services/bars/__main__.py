@@ -139,7 +139,7 @@ async def build(runtime: ServiceRuntime[BarsSettings]) -> None:
             f"{name}.builder",
             make_aggregator,
             source,
-            kafka_sink(admin, producer),
+            kafka_sink(admin, producer, names.shadow_bars_topic(settings.topic_mode)),
             ClosedMinutes(client, keys, name),
             tick_interval_ms=settings.tick_interval_ms,
             registry=runtime.registry,

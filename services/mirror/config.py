@@ -180,8 +180,12 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     """Primary listings for that rebuild (``MIRROR_MAP_FILES``, ``MIRROR_REFERENCE_*``: as the
     bars' ``BARS_MAP_FILES``, ``BARS_REFERENCE_*``)."""
     kafka_bars_topic: Annotated[
-        str, Meta(description="Kafka bars of the shadow builder ({symbol}: one per symbol)")
-    ] = names.BARS
+        str,
+        Meta(
+            description="Kafka bars of the shadow builder ({symbol}: one per symbol; empty: "
+            "where TOPIC_MODE puts them, bars.{symbol}.1m or sentio.bars.v1)"
+        ),
+    ] = ""
     vendor_channel: Annotated[
         str, Meta(description="Redis channel of the vendor's minute aggregates (empty: none)")
     ] = names.MINUTE_AGGS
@@ -200,6 +204,10 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
             raise self.invalid(
                 "shard_index", f"must be below MIRROR_SHARD_COUNT={self.shard_count}"
             )
+
+    def bars_topic(self) -> str:
+        """The shadow builder's Kafka bars in effect (a ``{symbol}`` template, or one topic)."""
+        return self.kafka_bars_topic or names.shadow_bars_topic(self.topic_mode)
 
     def table(self) -> list[Route]:
         """The routing table in effect: extra routes, then the table (default CONTRACT.md's)."""

@@ -196,7 +196,7 @@ class Reconciler:
             sources={
                 "redis bar store": f"{sides.redis_count:,} bars ({self.keys.prefix}barstore:*)",
                 "kafka bars": f"{sides.kafka_count:,} bars of the day from "
-                f"{sides.kafka_records:,} records ({settings.kafka_bars_topic})"
+                f"{sides.kafka_records:,} records ({settings.bars_topic()})"
                 + (f", {kafka_bad:,} undecodable" if kafka_bad else ""),
                 "vendor aggregates": (
                     f"{settings.vendor_channel} (Redis streams), {len(vendor_comparisons)} symbols"

@@ -105,11 +105,11 @@ class SideReader:
         return sides
 
     def _bars_topic(self, symbol: str) -> str:
-        return names.channel(self.settings.kafka_bars_topic, symbol)
+        return names.channel(self.settings.bars_topic(), symbol)
 
     async def kafka_symbols(self) -> set[str]:
         """Symbols that have a Kafka bars topic (per-symbol topics only)."""
-        template = self.settings.kafka_bars_topic
+        template = self.settings.bars_topic()
         if "{symbol}" not in template:
             return set()
         prefix, _, suffix = template.partition("{symbol}")
@@ -129,7 +129,7 @@ class SideReader:
         ``symbols`` None: every symbol found (the single-topic layout reads all records).
         """
         wanted = None if symbols is None else set(symbols)
-        template = self.settings.kafka_bars_topic
+        template = self.settings.bars_topic()
         if "{symbol}" in template:
             names = wanted if wanted is not None else await self.kafka_symbols()
             topics = sorted(self._bars_topic(symbol) for symbol in names)

@@ -153,9 +153,10 @@ class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     topic_mode: Annotated[
         TopicMode,
         Meta(
-            description="ticks on Kafka, written by the mirror and read by the shadow builder "
-            "and the reconciler: per-symbol (ticks.<SYM> topics) or single (one topic keyed by "
-            "symbol, for thousands of symbols)"
+            description="ticks on Kafka (written by the mirror, read by the shadow builder and "
+            "the reconciler) and the shadow builder's bars: per-symbol (ticks.<SYM>, "
+            "bars.<SYM>.1m topics) or single (sentio.ticks.v1, sentio.bars.v1: one topic each "
+            "keyed by symbol, for thousands of symbols)"
         ),
     ] = "per-symbol"
     kafka_request_timeout_ms: Annotated[
