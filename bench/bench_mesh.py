@@ -780,7 +780,14 @@ def run_synthetic(
         if first is None or last_frame is None:
             return {"error": "the simulator's log has no feed_started / feed_done"}
         records = sum(_final_seqs(stack, [f"ticks.{symbol}" for symbol in symbols]).values())
-        return analyse_synthetic(args, seen, sampler, status, first, last_frame, records)
+        closes = {
+            path: [e for e in mesh.services[name].events() if e.get("event") == "bars.published"]
+            for path, name in (("redis", "bars"), ("kafka", "bars-shadow"))
+            if name in mesh.services
+        }
+        return analyse_synthetic(
+            args, seen, sampler, status, first, last_frame, records, close_logs=closes
+        )
 
     sampled = args.probe_ticks.removeprefix("ticks.")  # a glob of the timed symbols
     return scenario.run(
@@ -840,12 +847,14 @@ def analyse_synthetic(
     first: float,
     last_frame: float,
     tick_records: int,
+    close_logs: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Latencies, rates, CPU and memory of the measured window of scenario (b).
 
     Latencies are timed on the channels the probe watched (``--probe-ticks``); rates count
     the whole feed: the events the simulator sent and ``tick_records``, the records every tick
-    channel got (their sequence counters)."""
+    channel got (their sequence counters). ``close_logs``: each path's ``bars.published`` log
+    lines (``bar_closes``)."""
     start = first + args.warmup_s
     end = last_frame
     acks = {channel: ack_times(updates) for channel, updates in seen.acked.items()}
@@ -946,9 +955,63 @@ def analyse_synthetic(
             "tickToKafkaOutsideClose": stats(in_close[False][1]),
         },
         "closeBurstMs": close_ms,
+        "barCloses": {
+            path: bar_closes(
+                events,
+                [b for b in bars if b.revision == 0],
+                grace_ms=args.grace_ms,
+                window_ms=(start * 1000, last_trade_ms),
+            )
+            for path, bars in (("redis", seen.redis_bars), ("kafka", seen.kafka_bars))
+            if (events := (close_logs or {}).get(path)) is not None
+        },
         "processes": sampler.window(start, end),
         "tickRecordsByChannel": by_channel,
     }
+
+
+def bar_closes(
+    events: list[dict[str, Any]],
+    seen: list[Any],
+    *,
+    grace_ms: int,
+    window_ms: tuple[float, float],
+) -> list[dict[str, Any]]:
+    """Where each close's time went, for the minutes ending inside ``window_ms``: the builder's
+    ``bars.published`` lines (logged when its sink returned: ``handle_ms`` from the start of
+    handling the message that closed the minutes to the sink call, ``sink_ms`` the call) set
+    against the minute's deadline (its end + ``grace_ms``) and the probe's arrival of that
+    minute's bars (``seen``, first publications, timed symbols only).
+
+    Per close: ``startMs`` after the deadline (the progress mark's travel and the messages
+    queued before it), ``handleMs``, ``sinkMs``, ``toProbeMs`` (sink returned → the last of
+    the minute's timed bars seen by the probe) and ``totalMs`` (the deadline → that bar)."""
+    arrivals: dict[int, float] = {}
+    for bar in seen:
+        arrivals[bar.end_ms] = max(arrivals.get(bar.end_ms, 0.0), 1000 * bar.at)
+    closes = []
+    for event in events:
+        end_ms = int(event.get("end_ms") or 0)
+        if not window_ms[0] <= end_ms <= window_ms[1] or not isinstance(
+            event.get("timestamp"), str
+        ):
+            continue
+        sent_ms = 1000 * dt.datetime.fromisoformat(str(event["timestamp"])).timestamp()
+        handle, sink = float(event.get("handle_ms", 0)), float(event.get("sink_ms", 0))
+        deadline = end_ms + grace_ms
+        arrived = arrivals.get(end_ms)
+        closes.append(
+            {
+                "endMs": end_ms,
+                "bars": int(event.get("bars") or 0),
+                "startMs": round(sent_ms - sink - handle - deadline, 1),
+                "handleMs": handle,
+                "sinkMs": sink,
+                "toProbeMs": None if arrived is None else round(arrived - sent_ms, 1),
+                "totalMs": None if arrived is None else round(arrived - deadline, 1),
+            }
+        )
+    return closes
 
 
 def machine() -> str:

@@ -37,6 +37,34 @@ def _process_rows(processes: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def _close_lines(syn: dict[str, Any]) -> list[str]:
+    """Where each close of a minute inside the window spent its time, per path."""
+    rows = [
+        f"| {path} | {close['bars']:,} | {close['startMs']:,.1f} | {close['handleMs']:,.1f} | "
+        f"{close['sinkMs']:,.1f} | {_opt_ms(close['toProbeMs'])} | {_opt_ms(close['totalMs'])} |"
+        for path, closes in (syn.get("barCloses") or {}).items()
+        for close in closes
+    ]
+    if not rows:
+        return []
+    return [
+        "Bar closes of the minutes that ended in the window, from the deadline (minute end + "
+        "grace), ms: when handling the message that closed them began (the progress mark's "
+        "travel and what was queued before it), the handling up to the sink call, the sink "
+        "(Redis: store and publish; Kafka: produce until acknowledged), and the sink's return to "
+        "the probe's arrival of the last timed bar:",
+        "",
+        "| path | bars | handling began | handling | sink | → probe | deadline → bar |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
+def _opt_ms(value: Any) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
 def _redis_call_line(scenario: dict[str, Any], records: Any) -> list[str]:
     """The commands Redis ran most, per tick record (how many round trips a record costs)."""
     calls = scenario.get("redisCalls") or {}
@@ -163,6 +191,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{syn.get('allChannelsInKafkaAfterS') or '-'} s after the first frame ('-': never).",
             "",
         ]
+        lines += _close_lines(syn)
         lines += _redis_call_line(syn, syn.get("tickRecords"))
         lines += _consumer_lines(syn)
         lines += _ceiling_lines(syn, None, None)

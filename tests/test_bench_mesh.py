@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_mesh import analyse_synthetic, last_closed_on_event_time, resp_publish
+from bench_mesh import analyse_synthetic, bar_closes, last_closed_on_event_time, resp_publish
 from mesh_layout import layout_run, layout_summary_rows, render_layout
 from mesh_linger import linger_run, linger_summary_rows, render_linger
 from mesh_probe import (
@@ -90,6 +90,40 @@ def test_the_last_minute_of_each_symbol_is_not_closed_on_event_time() -> None:
         BarSeen("IBM", 60_000, 120_000, 0, at=20.0),  # IBM's last minute
     ]
     assert last_closed_on_event_time(bars) == 12.0
+
+
+def test_a_close_is_split_from_its_deadline_to_the_probes_last_bar() -> None:
+    """A minute ending at 60 s (deadline 61 s with a 1 s grace): handling began at 61.05 s,
+    took 30 ms to the sink call, the sink 70 ms (its line logged at 61.15 s), the probe saw
+    the last timed bar at 61.2 s. A close outside the window and a revision's arrival do not
+    count; a close whose bars the probe did not see has no arrival."""
+    logged = "2026-01-01T00:01:01.150000+00:00"
+    base = 1_767_225_600_000  # 2026-01-01 00:00 UTC, ms
+    end = base + 60_000
+    events = [
+        {"event": "bars.published", "timestamp": logged, "end_ms": end, "bars": 2,
+         "handle_ms": 30.0, "sink_ms": 70.0},
+        {"event": "bars.published", "timestamp": logged, "end_ms": base, "bars": 2,
+         "handle_ms": 1.0, "sink_ms": 1.0},  # before the window
+        {"event": "bars.published", "timestamp": "2026-01-01T00:02:01.100000+00:00",
+         "end_ms": end + 60_000, "bars": 1, "handle_ms": 5.0, "sink_ms": 5.0},
+    ]  # fmt: skip
+    seen = [
+        BarSeen("A", end - 60_000, end, 0, at=(end + 1_180) / 1000),
+        BarSeen("B", end - 60_000, end, 0, at=(end + 1_200) / 1000),
+    ]
+    closes = bar_closes(events, seen, grace_ms=1_000, window_ms=(end - 1, end + 60_000))
+    assert closes == [
+        {"endMs": end, "bars": 2, "startMs": 50.0, "handleMs": 30.0, "sinkMs": 70.0,
+         "toProbeMs": 50.0, "totalMs": 200.0},
+        {"endMs": end + 60_000, "bars": 1, "startMs": 90.0, "handleMs": 5.0, "sinkMs": 5.0,
+         "toProbeMs": None, "totalMs": None},
+    ]  # fmt: skip
+    report = render_markdown(
+        {**RESULTS, "synthetic": {**RESULTS["synthetic"], "barCloses": {"redis": closes}}}
+    )
+    assert "| redis | 2 | 50.0 | 30.0 | 70.0 | 50.0 | 200.0 |" in report
+    assert "| redis | 1 | 90.0 | 5.0 | 5.0 | - | - |" in report
 
 
 def synthetic_args(symbols: int) -> argparse.Namespace:

@@ -42,6 +42,7 @@ Restart safety rests on three rules:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -161,6 +162,7 @@ class BarBuilder(Actor[BuilderMessage]):
         self._m_uncommitted = metrics.uncommitted.labels(source_kind)
         self._m_marks = metrics.marks.labels(source_kind)
         self._m_duplicate_trades = metrics.duplicate_trades.labels(source_kind)
+        self._m_sink = metrics.sink_seconds.labels(source_kind)
         # per channel: (position, newest tick time of the batch, its symbol), oldest first;
         # consecutive batches of one symbol whose newest ticks share a minute share an entry
         self._pending: dict[str, deque[Held]] = {}
@@ -262,6 +264,7 @@ class BarBuilder(Actor[BuilderMessage]):
     # -- work --------------------------------------------------------------------------------
 
     async def handle(self, message: BuilderMessage) -> None:
+        started = time.perf_counter()
         now = self.clock.now_ms()
         if isinstance(message, WatermarkTick):
             bars = self._advance(now)
@@ -274,7 +277,7 @@ class BarBuilder(Actor[BuilderMessage]):
             return
         else:
             bars = self._add(message.items, now)
-        await self._publish(bars)
+        await self._publish(bars, started)
         await self._commit_safe()
         if self._watermark:
             self.lag_ms = max(0, now - self._watermark)
@@ -486,7 +489,8 @@ class BarBuilder(Actor[BuilderMessage]):
         self._touched.clear()
         return out
 
-    async def _publish(self, bars: list[Bar]) -> None:
+    async def _publish(self, bars: list[Bar], started: float) -> None:
+        """Send the bars of one message (``started``: when its handling began, perf_counter)."""
         guards = self._guards
         fresh = [
             bar
@@ -496,10 +500,23 @@ class BarBuilder(Actor[BuilderMessage]):
         if len(fresh) < len(bars):
             self._m_skipped.inc(len(bars) - len(fresh))
         if fresh:
+            sending = time.perf_counter()
             await self.sink(fresh)
+            sent = time.perf_counter()
+            self._m_sink.observe(sent - sending)
             revised = sum(1 for bar in fresh if bar.revision)
             self._m_bars.inc(len(fresh) - revised)
             self._m_revisions.inc(revised)
+            if len(fresh) > revised:  # a close: where its time went, one line a close
+                log.info(
+                    "bars.published",
+                    actor=self.name,
+                    bars=len(fresh) - revised,
+                    revisions=revised,
+                    end_ms=max(bar.endMs for bar in fresh if not bar.revision),
+                    handle_ms=round((sending - started) * 1000, 1),
+                    sink_ms=round((sent - sending) * 1000, 1),
+                )
         # the changed minutes are gathered after the bars are out: they are only saved, and
         # a thousand symbols' close takes milliseconds to gather them
         snapshots = self._changed_minutes() if self._touched else []

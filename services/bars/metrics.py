@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from libs.common.runtime.metrics import metrics_for
 
@@ -56,6 +56,14 @@ class BuilderMetrics:
             "tickmesh_bars_progress_marks",
             "Progress marks read (each moves the watermark of the symbols it covers)",
             labels,
+            registry=registry,
+        )
+        self.sink_seconds = Histogram(
+            "tickmesh_bars_sink_seconds",
+            "Time a call of the bar sink took (Redis: store and publish; Kafka: produce until "
+            "acknowledged), a minute's close of every symbol in one call",
+            labels,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=registry,
         )
         self.duplicate_trades = Counter(
