@@ -313,6 +313,40 @@ async def test_minutes_close_when_the_path_delivered_everything_up_to_them() -> 
         assert harness.source.committed == {"sentio.progress.v1": 1, "ticks.A": 3}
 
 
+async def test_closes_queued_while_the_sink_is_busy_go_out_in_one_call() -> None:
+    """A mark for A, B and C waits for their second records. A's arrives and its bar goes to
+    the sink, which is slow; B's and C's arrive meanwhile, in two messages. Their bars go out
+    together in the next call, in order, instead of one call (and one save) each."""
+    clock = ManualClock(10**13)
+    async with Harness(clock, close_on="progress") as harness:
+        calls: list[list[str]] = []
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_sink(bars: list[Bar]) -> None:
+            calls.append([bar.symbol for bar in bars])
+            entered.set()
+            await release.wait()
+
+        harness.builder.sink = slow_sink
+        await harness.deliver(
+            *[(f"ticks.{s}", 1, numbered(s, 1, T0 + 1_000)) for s in "ABC"],
+            ("sentio.progress.v1", 1, mark(T0 + 120_000, A=2, B=2, C=2)),
+        )
+        assert calls == []
+        await harness.builder.post(TickWork([("ticks.A", 2, numbered("A", 2, T0 + 2_000))]))
+        await asyncio.wait_for(entered.wait(), 5)
+        for symbol in "BC":
+            await harness.builder.post(
+                TickWork([(f"ticks.{symbol}", 2, numbered(symbol, 2, T0 + 2_000))])
+            )
+        release.set()
+        await harness.builder.barrier()
+        assert calls == [["A"], ["B", "C"]]
+        assert harness.source.committed == {"sentio.progress.v1": 1, **dict.fromkeys(
+            ("ticks.A", "ticks.B", "ticks.C"), 2
+        )}  # fmt: skip
+
+
 async def test_an_idle_mark_closes_the_last_minute_without_its_grace() -> None:
     clock = ManualClock(10**13)
     async with Harness(clock, close_on="progress") as harness:

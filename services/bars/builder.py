@@ -266,17 +266,27 @@ class BarBuilder(Actor[BuilderMessage]):
     async def handle(self, message: BuilderMessage) -> None:
         started = time.perf_counter()
         now = self.clock.now_ms()
-        if isinstance(message, WatermarkTick):
-            bars = self._advance(now)
-        elif isinstance(message, Barrier):
-            try:
-                await self.flush_commits()
-            finally:
-                if not message.done.done():
-                    message.done.set_result(None)
-            return
-        else:
-            bars = self._add(message.items, now)
+        # Tick work queued meanwhile joins it, in order: a minute's close that arrives over
+        # several messages (the symbols whose own ticks crossed the deadline, then the
+        # progress mark for the rest) goes out in one sink call and one save, not one of each
+        # per message, each waiting for the one before.
+        queued = self.take_nowait(self.mailbox.maxsize) if type(message) is TickWork else []
+        bars: list[Bar] = []
+        for item in (message, *queued):
+            if type(item) is TickWork:
+                bars += self._add(item.items, now)
+            elif type(item) is WatermarkTick:
+                bars += self._advance(now)
+            else:
+                assert type(item) is Barrier
+                await self._publish(bars, started)
+                await self._commit_safe()
+                bars = []
+                try:
+                    await self.flush_commits()
+                finally:
+                    if not item.done.done():
+                        item.done.set_result(None)
         await self._publish(bars, started)
         await self._commit_safe()
         if self._watermark:
