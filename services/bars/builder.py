@@ -500,7 +500,8 @@ class BarBuilder(Actor[BuilderMessage]):
         return out
 
     async def _publish(self, bars: list[Bar], started: float) -> None:
-        """Send the bars of one message (``started``: when its handling began, perf_counter)."""
+        """Send the bars of one handling, however many messages it took (``started``: when it
+        began, ``time.perf_counter``)."""
         guards = self._guards
         fresh = [
             bar
