@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import re
@@ -22,7 +23,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_mesh import analyse_synthetic, bar_closes, last_closed_on_event_time, resp_publish
+from bench_mesh import (
+    analyse_synthetic,
+    bar_closes,
+    collector_paused,
+    last_closed_on_event_time,
+    resp_publish,
+)
 from mesh_layout import layout_run, layout_summary_rows, render_layout
 from mesh_linger import linger_run, linger_summary_rows, render_linger
 from mesh_probe import (
@@ -214,6 +221,23 @@ def test_ticks_sent_in_a_minutes_close_are_timed_apart() -> None:
         "close (its first 3 s) 200.0 ms, in the rest of the minute 100.0 ms" in line
         for line in targets(results)
     )
+
+
+def test_the_bench_runs_no_automatic_collection_while_the_probe_watches() -> None:
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("a scenario that failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
 
 
 def test_parse_push_reads_messages_split_anywhere() -> None:
