@@ -1,5 +1,5 @@
-"""The bar builder's Redis sink against a real redis-server: the bar store's writes and the
-publication in one round trip, the store's first."""
+"""The bar builder's sinks against the real servers: on Redis, the bar store's writes and the
+publication in one round trip, the store's first; on Kafka, the topics it creates."""
 
 from __future__ import annotations
 
@@ -8,16 +8,19 @@ from datetime import date
 from typing import Any
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ResponseError
 
 from libs.common import names
 from libs.common.io.barstore import BarStore
+from libs.common.io.kafka_io import TopicAdmin, read_from_beginning, start_producer
 from libs.common.io.redis_io import Publisher
 from libs.common.names import Keys
+from libs.common.runtime.settings import CommonSettings
 from libs.common.schemas import BAR_DECODER, Bar
 from services.bars.marks import ClosedMinutes
-from services.bars.sinks import redis_sink
+from services.bars.sinks import kafka_sink, redis_sink
 
 pytestmark = pytest.mark.integration
 
@@ -132,3 +135,35 @@ async def test_redis_sink_raises_when_the_store_refuses_a_write(  # type: ignore
         await sink([bar("B", 0), bar("A", 0)])
     assert closed.seqs == {}
     assert sorted(await store.day("B", DAY)) == [START]  # written before A's in the call
+
+
+async def test_kafka_sink_creates_bar_topics_with_the_replication_it_is_given(
+    kafka_bootstrap: str, unique_name: Any
+) -> None:
+    """``BARS_TOPIC_REPLICATION`` reaches the topics the shadow creates (the one-node test
+    broker keeps every replica on its one node, and says so)."""
+    settings = CommonSettings(kafka_bootstrap=kafka_bootstrap)
+    template = unique_name("bars") + ".{symbol}.1m"
+    admin = TopicAdmin(settings)
+    producer = await start_producer(settings, max_wait_s=30)
+    described = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await described.start()
+    try:
+        sink = kafka_sink(admin, producer, template, replication=2)
+        await sink([bar("AAA", 0), bar("BBB", 0), bar("AAA", 1)])
+        topics = [names.channel(template, symbol) for symbol in ("AAA", "BBB")]
+        for description in await described.describe_topics(topics):
+            assert description["error_code"] == 0, description
+            assert [len(p["replicas"]) for p in description["partitions"]] == [2]
+        got = []
+        async for records in read_from_beginning(settings, topics, idle_ms=500):
+            got += [(r.key, BAR_DECODER.decode(r.value).startMs) for r in records]
+        assert sorted(got) == [
+            (b"AAA", START),
+            (b"AAA", START + 60_000),
+            (b"BBB", START),
+        ]
+    finally:
+        await described.close()
+        await producer.stop()
+        await admin.close()

@@ -139,7 +139,12 @@ async def build(runtime: ServiceRuntime[BarsSettings]) -> None:
             f"{name}.builder",
             make_aggregator,
             source,
-            kafka_sink(admin, producer, names.shadow_bars_topic(settings.topic_mode)),
+            kafka_sink(
+                admin,
+                producer,
+                names.shadow_bars_topic(settings.topic_mode),
+                replication=settings.topic_replication,
+            ),
             ClosedMinutes(client, keys, name),
             tick_interval_ms=settings.tick_interval_ms,
             registry=runtime.registry,

@@ -42,6 +42,9 @@ class BarsSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw_o
         str, Meta(description="name of the Kafka source's positions and marks (its shard's)")
     ] = "tickmesh-bars-shadow"
     tick_interval_ms: Annotated[int, Meta(gt=0, description="watermark timer period")] = 250
+    topic_replication: Annotated[
+        int, Meta(ge=1, description="Kafka sink: replication factor of the bar topics it creates")
+    ] = 1
     close_on: Annotated[
         Literal["progress", "wall"],
         Meta(

@@ -44,13 +44,22 @@ def redis_sink(publisher: Publisher, store: BarStore, closed: ClosedMinutes) -> 
     return sink
 
 
-def kafka_sink(admin: TopicAdmin, producer: AIOKafkaProducer, topic: str = names.BARS) -> BarSink:
-    """Produce bars to Kafka keyed by symbol, creating topics once: to ``bars.<SYM>.1m``
-    (``topic`` a template), or all to one topic (``names.shadow_bars_topic``)."""
+def kafka_sink(
+    admin: TopicAdmin,
+    producer: AIOKafkaProducer,
+    topic: str = names.BARS,
+    *,
+    replication: int = 1,
+) -> BarSink:
+    """Produce bars to Kafka keyed by symbol, creating topics once (with ``replication``
+    copies): to ``bars.<SYM>.1m`` (``topic`` a template), or all to one topic
+    (``names.shadow_bars_topic``)."""
 
     async def sink(bars: list[Bar]) -> None:
         topics = [names.channel(topic, bar.symbol) for bar in bars]
-        await admin.ensure(TopicSpec(name, 1, 1, BAR_TOPIC_CONFIGS) for name in sorted(set(topics)))
+        await admin.ensure(
+            TopicSpec(name, 1, replication, BAR_TOPIC_CONFIGS) for name in sorted(set(topics))
+        )
         futures = [
             await producer.send(name, ENCODER.encode(bar), key=bar.symbol.encode())
             for name, bar in zip(topics, bars, strict=True)
