@@ -140,7 +140,8 @@ def test_two_bar_shards_and_two_mirrors_publish_every_bar_once_with_full_parity(
     topic_mode: str, shared_data: Path, tmp_path: Path
 ) -> None:
     """Per-symbol tick topics, or every tick in sentio.ticks.v1 (TOPIC_MODE=single: both
-    mirrors write it, both shadow shards read all of it and keep their own symbols)."""
+    mirrors write it, both shadow shards read all of it and keep their own symbols, and write
+    their bars to sentio.bars.v1)."""
     # the split this test relies on: each symbol its own bar shard and its own mirror
     assert {zlib.crc32(s.encode()) % 2 for s in SYMBOLS} == {0, 1}
     assert {zlib.crc32(f"ticks.{s}".encode()) % 2 for s in SYMBOLS} == {0, 1}
@@ -181,10 +182,12 @@ def test_two_bar_shards_and_two_mirrors_publish_every_bar_once_with_full_parity(
             }
             dead = sum(s.metric_sum("tickmesh_dead_letters_total") for s in mesh.services.values())
             on_redis, tick_seqs = asyncio.run(redis_bars(stack.redis.url))
+            bar_topics = {names.channel(names.shadow_bars_topic(topic_mode), s) for s in SYMBOLS}
             on_kafka = [
-                BAR_DECODER.decode(value)
-                for symbol in SYMBOLS
-                for value in asyncio.run(read_topic(stack.kafka.bootstrap, f"bars.{symbol}.1m"))
+                bar
+                for topic in sorted(bar_topics)
+                for value in asyncio.run(read_topic(stack.kafka.bootstrap, topic))
+                if (bar := BAR_DECODER.decode(value)).symbol in SYMBOLS
             ]
             counts = mesh.kafka_counts()
         finally:
@@ -206,7 +209,7 @@ def test_two_bar_shards_and_two_mirrors_publish_every_bar_once_with_full_parity(
     assert primary == shadow == len(expected)  # revision 0 of every minute, once in all
     # every tick record reached Kafka, through whichever mirror owns its channel
     if topic_mode == "single":
-        assert not any(topic.startswith("ticks.") for topic in counts), sorted(counts)
+        assert not any(topic.startswith(("ticks.", "bars.")) for topic in counts), sorted(counts)
         assert counts[names.TICKS_SINGLE_TOPIC][1] == sum(tick_seqs.values())
     else:
         for channel, seq in tick_seqs.items():
