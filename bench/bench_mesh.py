@@ -174,6 +174,10 @@ are timed apart: the minute's close, when every symbol's bar closes on both path
 feed's minute aggregates go out."""
 
 
+SIMULATOR_HISTORY_S = 10
+"""Seconds of the synthetic feed the simulator keeps for its REST API in (b) and (d)."""
+
+
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
     """No automatic cyclic garbage collection in the bench process meanwhile (reference
@@ -777,6 +781,9 @@ def run_synthetic(
         synthetic_rate=args.rate,
         duration_s=args.warmup_s + args.measure_s,
         grace_ms=args.grace_ms,
+        # ten seconds of the feed for its REST API: reached in the warm-up, so the
+        # simulator's memory is judged flat like the services'
+        simulator_history_trades=max(1, int(args.rate * SIMULATOR_HISTORY_S)),
         run_id="bench-synthetic",
         env={"INGEST_LINGER_MS": str(linger_ms), "TICKMESH_TOPIC_MODE": args.topic_mode},
     )

@@ -10,7 +10,10 @@ from mesh_linger import linger_summary_rows, render_linger
 from summary import LIKE_FOR_LIKE, row
 
 SERVICES = ("ingest", "mirror", "bars", "bars-shadow", "engine_bridge")
-"""The mesh's services (memory growth is judged on these)."""
+"""The mesh's services."""
+MEMORY_JUDGED = (*SERVICES, "simulator")
+"""The processes whose memory growth is judged: the services, and the simulator, which keeps
+a bounded number of trades for its REST API (redis-server and the broker hold the data)."""
 
 
 def _rate(value: Any) -> str:
@@ -276,12 +279,10 @@ def targets(results: dict[str, Any]) -> list[str]:
             )
     processes = syn.get("processes") or {}
     if processes:
-        # The services only: the simulator keeps every trade it sent (for its REST API), and
-        # redis-server and the broker hold the data itself.
-        services = {name: p for name, p in processes.items() if name in SERVICES}
+        services = {name: p for name, p in processes.items() if name in MEMORY_JUDGED}
         whole = max(services.items(), key=lambda item: item[1]["rssEndMb"] - item[1]["rssStartMb"])
         line = (
-            "memory flat over the window: largest RSS growth of a service "
+            "memory flat over the window: largest RSS growth of a service or the simulator "
             f"{whole[1]['rssEndMb'] - whole[1]['rssStartMb']:+.1f} MiB ({whole[0]})"
         )
         if all("rssMidMb" in p for p in services.values()):

@@ -59,6 +59,8 @@ class MeshOptions:
     synthetic_rate: int = 5_000
     duration_s: float = 20.0
     grace_ms: int = 1_000
+    simulator_history_trades: int | None = None
+    """The simulator's ``--history-max-trades`` (None: its default)."""
     shadow: bool = True
     strategy: str = "golden_cross"
     run_id: str = "demo"
@@ -354,6 +356,8 @@ class Mesh:
                 "--seed",
                 "7",
             ]
+        if options.simulator_history_trades is not None:
+            args += ["--history-max-trades", str(options.simulator_history_trades)]
         env = self._base_env()
         env["SIM_API_KEY"] = SIM_KEY
         self.simulator = ServiceProcess(

@@ -32,6 +32,7 @@ from services.ingest.simulator import (
     SimulatorSettings,
     SyntheticFeed,
 )
+from services.ingest.simulator.rest import TradeHistory
 from tests.helpers import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -62,8 +63,8 @@ async def test_the_rest_client_pages_retries_a_throttle_and_stops_on_a_refused_k
     )
     async with PolygonSimulator(settings) as sim:
         sim._start_feed()
-        await eventually(lambda: len(sim.history.trades.get("S0001", [])) >= 300)
-        produced = list(sim.history.trades["S0001"])
+        await eventually(lambda: sim.history.count("S0001") >= 300)
+        produced = sim.history.trades("S0001")
         base = f"http://127.0.0.1:{sim.port}"
         rest = RestTrades(base, Secret(KEY), page_limit=50)
         try:
@@ -80,6 +81,60 @@ async def test_the_rest_client_pages_retries_a_throttle_and_stops_on_a_refused_k
                 await refused.trades("S0001", produced[0].t, produced[-1].t)
         finally:
             await refused.close()
+
+
+def test_the_simulators_history_keeps_its_newest_trades_and_knows_what_went() -> None:
+    history = TradeHistory(max_trades=1_000)
+    sent: list[protocol.TradeEvent] = []
+    for frame in range(300):  # ten trades a frame, a millisecond apart, over two symbols
+        trades = [
+            protocol.TradeEvent(sym=f"S{n % 2}", p=1.0, s=1, t=1_000 + frame * 10 + n, i=str(n))
+            for n in range(10)
+        ]
+        history.add(trades)
+        sent += trades
+        assert history.kept <= 1_000
+    assert history.kept + history.dropped == len(sent) == 3_000
+    assert history.kept >= 900  # a tenth goes at a time
+    kept = [t for t in sent if t.t >= history.kept_from_ms]
+    assert len(kept) == history.kept
+    for symbol in ("S0", "S1"):
+        mine = [t for t in kept if t.sym == symbol]
+        assert history.trades(symbol) == mine
+        assert history.count(symbol) == len(mine)
+        assert history.between(symbol, 0, 1 << 62) == mine
+    with pytest.raises(ValueError, match="at least 1"):
+        TradeHistory(max_trades=0)
+
+
+async def test_the_simulator_answers_410_for_trades_it_no_longer_keeps() -> None:
+    """Past ``--history-max-trades`` the oldest trades go; the REST client gets 410 Gone for a
+    range that reaches before the kept ones (ingest records the gap as unfilled, with the
+    reason), and every trade of a range it still keeps."""
+    settings = SimulatorSettings(
+        api_key=Secret(KEY),
+        port=0,
+        feed=SyntheticFeed(symbols=2, rate_per_s=3_000, seed=9),
+        history_max_trades=500,
+        max_events=2_000,
+        minute_aggregates=False,
+    )
+    async with PolygonSimulator(settings) as sim:
+        sim._start_feed()
+        await asyncio.wait_for(sim.feed_done.wait(), 30)
+        assert sim.history.dropped >= 1_000
+        history = sim.history
+        assert history.kept <= 500 + settings.frame_max_events
+        kept = history.trades("S0001")
+        rest = RestTrades(f"http://127.0.0.1:{sim.port}", Secret(KEY), page_limit=50)
+        try:
+            with pytest.raises(BackfillRefused, match=r"410.*history-max-trades"):
+                await rest.trades("S0001", history.kept_from_ms - 1_000, kept[-1].t)
+            got = await rest.trades("S0001", kept[0].t, kept[-1].t)
+            assert {t.i for t in kept} <= {t.i for t in got}
+            assert min(t.t for t in got) >= history.kept_from_ms
+        finally:
+            await rest.close()
 
 
 async def start_ingest(env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
@@ -138,17 +193,11 @@ async def test_ingest_killed_and_the_socket_dropped_twice_loses_nothing_after_ba
         ingest = await start_ingest(env, log)
         try:
             total = len(day_trades)
-            await eventually(
-                lambda: len(sim.history.trades.get("IBM", [])) > total // 5, timeout=60
-            )
+            await eventually(lambda: sim.history.count("IBM") > total // 5, timeout=60)
             assert sim.inject(Fault.DROP) == 1
-            await eventually(
-                lambda: len(sim.history.trades.get("IBM", [])) > total * 2 // 5, timeout=60
-            )
+            await eventually(lambda: sim.history.count("IBM") > total * 2 // 5, timeout=60)
             assert sim.inject(Fault.DROP) == 1
-            await eventually(
-                lambda: len(sim.history.trades.get("IBM", [])) > total * 3 // 5, timeout=60
-            )
+            await eventually(lambda: sim.history.count("IBM") > total * 3 // 5, timeout=60)
             ingest.send_signal(signal.SIGKILL)  # mid-day, frames in the air
             await ingest.wait()
             await asyncio.sleep(1.0)  # the feed goes on without us

@@ -160,7 +160,7 @@ async def test_the_simulator_serves_a_synthetic_day_and_nothing_on_christmas() -
         async with PolygonSimulator(settings) as sim:
             sim._start_feed()
             await sim.feed_done.wait()
-            sent = sum(len(trades) for trades in sim.history.trades.values())
+            sent = sum(sim.history.count(symbol) for symbol in sim.history.symbols())
             assert sent == expected, day
             assert sim.stats.events_generated >= expected
     assert expected > 10_000

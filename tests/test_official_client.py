@@ -149,8 +149,8 @@ async def test_the_official_rest_client_lists_trades_from_the_simulator_page_by_
         replace(SETTINGS, feed=SyntheticFeed(symbols=3, rate_per_s=2_000, seed=3))
     ) as sim:
         sim._start_feed()
-        await eventually(lambda: len(sim.history.trades.get("S0001", [])) >= 120)
-        produced = list(sim.history.trades["S0001"])
+        await eventually(lambda: sim.history.count("S0001") >= 120)
+        produced = sim.history.trades("S0001")
         low_ms, high_ms = produced[10].t, produced[100].t
         expected = [t.i for t in produced if low_ms <= t.t < high_ms]
         base = f"http://127.0.0.1:{sim.port}"

@@ -31,7 +31,7 @@ def reference(sim: PolygonSimulator, key: str = KEY) -> TickerReference:
 async def test_synthetic_symbols_are_listed_where_their_tape_says() -> None:
     async with PolygonSimulator(SETTINGS) as sim:
         sim._start_feed()
-        await eventually(lambda: len(sim.history.trades) == 3)
+        await eventually(lambda: len(sim.history.symbols()) == 3)
         ref = reference(sim)
         found = await asyncio.to_thread(
             lambda: [ref.lookup(symbol, DAY) for symbol in ("S0001", "S0002", "S0003", "NOPE")]
@@ -71,7 +71,7 @@ async def test_the_official_client_reads_the_ticker_details() -> None:
     exceptions = pytest.importorskip("massive.exceptions")
     async with PolygonSimulator(SETTINGS) as sim:
         sim._start_feed()
-        await eventually(lambda: "S0002" in sim.history.trades)
+        await eventually(lambda: "S0002" in sim.history.symbols())
         base = f"http://127.0.0.1:{sim.port}"
 
         def details(key: str, ticker: str) -> Any:

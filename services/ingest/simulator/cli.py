@@ -24,6 +24,7 @@ from services.ingest.simulator.server import run_simulator
 from services.ingest.simulator.settings import (
     CONTROL_KEY_HEADER,
     CONTROL_PREFIX,
+    DEFAULT_HISTORY_TRADES,
     DEFAULT_KEY,
     KEY_ENV,
     Fault,
@@ -76,6 +77,13 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "--exit-when-done",
         action="store_true",
         help="exit once a finite feed (file, --max-events) is sent and the queues are empty",
+    )
+    run.add_argument(
+        "--history-max-trades",
+        type=int,
+        default=DEFAULT_HISTORY_TRADES,
+        help="trades kept for GET /v3/trades, the newest; older ones are gone (410) "
+        "(default %(default)s, about 300 bytes each)",
     )
     files = parser.add_argument_group("tick-file feed")
     files.add_argument(
@@ -174,6 +182,7 @@ def settings_from_args(
         slow_consumer_after_s=args.slow_consumer_after_s or None,
         control=not args.no_control,
         exit_when_feed_done=args.exit_when_done,
+        history_max_trades=args.history_max_trades,
     )
 
 

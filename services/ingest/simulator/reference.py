@@ -56,10 +56,8 @@ class TickerEndpoint:
             found = listings.lookup(ticker, day)
             if found is not None:
                 return found.exchange
-        sent = self.history.trades.get(ticker)
-        if sent:
-            return EXCHANGE_OF_TAPE.get(sent[0].z, 0)
-        return 0
+        tape = self.history.tape(ticker)
+        return 0 if tape is None else EXCHANGE_OF_TAPE.get(tape, 0)
 
     def respond(self, connection: ServerConnection, request: Request) -> Response | None:
         """The answer to ``request`` (None when it is not a ticker-reference request)."""

@@ -7,8 +7,9 @@ key as ``Authorization: Bearer <key>`` or ``?apiKey=``; ``{"status":"OK","reques
 "results":[...]}`` with ``next_url`` only while more rows remain (its cursor carries the
 whole query); 401 for a bad key, 429 with ``Retry-After`` while throttled (a fault). The
 trades are those the feed produced up to now, whether or not a client was connected: what a
-client missed while away is what it backfills from here. So the official client's
-``RESTClient(base=...).list_trades`` works against the simulator.
+client missed while away is what it backfills from here. The simulator keeps the newest
+``--history-max-trades`` of them; a query reaching before those gets 410 Gone. So the
+official client's ``RESTClient(base=...).list_trades`` works against the simulator.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import bisect
 import hmac
 import json
 import uuid
+from array import array
+from collections import deque
+from collections.abc import Sequence
 from datetime import date
 from http import HTTPStatus
 from typing import Any
@@ -28,6 +32,8 @@ from websockets.http11 import Request, Response
 
 from libs.common.market.sessions import ny_midnight_ms
 from libs.common.schemas import Trade
+from services.ingest.protocol import TradeEvent
+from services.ingest.simulator.settings import DEFAULT_HISTORY_TRADES
 
 PREFIX = "/v3/trades/"
 DEFAULT_LIMIT = 1_000
@@ -36,30 +42,85 @@ _NS = 1_000_000
 
 
 class TradeHistory:
-    """Every trade the feed produced, per symbol, in the order sent (time order)."""
+    """The newest ``max_trades`` trades the feed produced, per symbol in the order sent (time
+    order), about 300 bytes a trade (the trade itself, kept, and its time).
 
-    def __init__(self) -> None:
-        self.trades: dict[str, list[Trade]] = {}
-        self._times: dict[str, list[int]] = {}
+    Past ``max_trades`` the oldest tenth goes, every symbol's alike: the trades before a time
+    (``kept_from_ms``). A query that would need any of them is refused (``TradesEndpoint``),
+    so a client never takes a partial answer for a whole one."""
 
-    def add(self, trades: list[Trade]) -> None:
+    def __init__(self, max_trades: int = DEFAULT_HISTORY_TRADES) -> None:
+        if max_trades < 1:
+            raise ValueError(f"max_trades must be at least 1, not {max_trades}")
+        self.max_trades = max_trades
+        self._rows: dict[str, list[TradeEvent]] = {}
+        self._times: dict[str, array[int]] = {}
+        self._tapes: dict[str, int] = {}
+        self._adds: deque[tuple[int, int]] = deque()
+        """Per ``add`` call, oldest first: its first trade's time and its number of trades."""
+        self.kept = 0
+        self.dropped = 0
+        """Trades let go so far (the oldest first)."""
+        self.kept_from_ms = 0
+        """Every trade before this time was let go (0: none was)."""
+
+    def add(self, trades: Sequence[TradeEvent]) -> None:
         """Record trades as the feed sends them."""
+        if not trades:
+            return
+        rows_of, times_of = self._rows, self._times
         for trade in trades:
-            kept = self.trades.get(trade.sym)
-            if kept is None:
-                kept = self.trades[trade.sym] = []
-                self._times[trade.sym] = []
-            kept.append(trade)
-            self._times[trade.sym].append(trade.t)
+            rows = rows_of.get(trade.sym)
+            if rows is None:
+                rows = rows_of[trade.sym] = []
+                times_of[trade.sym] = array("q")
+                self._tapes[trade.sym] = trade.z
+            rows.append(trade)
+            times_of[trade.sym].append(trade.t)
+        self._adds.append((trades[0].t, len(trades)))
+        self.kept += len(trades)
+        if self.kept > self.max_trades:
+            self._trim(self.kept - self.max_trades + self.max_trades // 10)
 
-    def between(self, symbol: str, low_ns: int, high_ns: int) -> tuple[list[Trade], int]:
-        """Trades of ``symbol`` with ``low_ns <= t(ns) < high_ns`` and the index of the first."""
+    def _trim(self, count: int) -> None:
+        """Let go of the oldest ``count`` trades or so: those sent before the first trade of
+        the oldest ``add`` kept (whole calls, so a call larger than that is kept whole)."""
+        adds = self._adds
+        while count > 0 and len(adds) > 1:
+            count -= adds.popleft()[1]
+        self.kept_from_ms = max(self.kept_from_ms, adds[0][0])
+        for symbol, times in self._times.items():
+            gone = bisect.bisect_left(times, self.kept_from_ms)
+            if gone:
+                del times[:gone]
+                del self._rows[symbol][:gone]
+                self.kept -= gone
+                self.dropped += gone
+
+    def symbols(self) -> list[str]:
+        """Every symbol the feed sent a trade of (its trades may have been let go since)."""
+        return list(self._rows)
+
+    def count(self, symbol: str) -> int:
+        """Trades of ``symbol`` kept."""
+        return len(self._rows.get(symbol, ()))
+
+    def tape(self, symbol: str) -> int | None:
+        """The tape of ``symbol``'s first trade (None: no trade of it was sent)."""
+        return self._tapes.get(symbol)
+
+    def trades(self, symbol: str) -> list[TradeEvent]:
+        """Every kept trade of ``symbol``, oldest first."""
+        return list(self._rows.get(symbol, ()))
+
+    def between(self, symbol: str, low_ns: int, high_ns: int) -> list[TradeEvent]:
+        """Trades of ``symbol`` with ``low_ns <= t(ns) < high_ns``, oldest first."""
         times = self._times.get(symbol)
         if not times:
-            return [], 0
+            return []
         start = bisect.bisect_left(times, -(-low_ns // _NS))
         end = bisect.bisect_left(times, -(-high_ns // _NS))
-        return self.trades[symbol][start:end], start
+        return self._rows[symbol][start:end]
 
 
 def _ns(value: str) -> int:
@@ -148,10 +209,23 @@ class TradesEndpoint:
             skip = int(query.get("skip", 0))
         except (ValueError, KeyError) as exc:
             return _json(connection, HTTPStatus.BAD_REQUEST, _error(str(exc)))
-        rows, _ = self.history.between(ticker, low, high)
+        history = self.history
+        rows = history.between(ticker, low, high)
         if order == "desc":
             rows = rows[::-1]
         page = rows[skip : skip + limit]
+        # a page that starts, or (newest first) ends, where the kept trades begin, of a range
+        # that reaches before them: some of its trades are gone
+        if -(-low // _NS) < history.kept_from_ms and (order == "asc" or skip + limit >= len(rows)):
+            return _json(
+                connection,
+                HTTPStatus.GONE,
+                _error(
+                    f"the simulator keeps its newest {history.max_trades:,} trades "
+                    f"(--history-max-trades): those sent before {history.kept_from_ms} "
+                    "(epoch ms) are gone, and this range reaches before that"
+                ),
+            )
         body: dict[str, Any] = {
             "status": "OK",
             "request_id": uuid.uuid4().hex,

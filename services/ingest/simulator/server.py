@@ -90,8 +90,8 @@ class PolygonSimulator:
         self.feed_done = asyncio.Event()
         self.feed_time_ms = 0
         """The newest event time of the trades sent (the feed's own clock)."""
-        self.history = TradeHistory()
-        """Every trade the feed produced (served on ``/v3/trades``)."""
+        self.history = TradeHistory(settings.history_max_trades)
+        """The newest trades the feed produced (served on ``/v3/trades``)."""
         self.rest = TradesEndpoint(self.history, settings.api_key.reveal())
         self.tickers = ticker_endpoint(settings, self.history)
         """``/v3/reference/tickers``: the listing exchange of the symbols it knows."""
