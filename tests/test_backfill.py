@@ -108,9 +108,9 @@ def test_the_simulators_history_keeps_its_newest_trades_and_knows_what_went() ->
 
 
 async def test_the_simulator_answers_410_for_trades_it_no_longer_keeps() -> None:
-    """Past ``--history-max-trades`` the oldest trades go; the REST client gets 410 Gone for a
-    range that reaches before the kept ones (ingest records the gap as unfilled, with the
-    reason), and every trade of a range it still keeps."""
+    """Past ``--history-max-trades`` the oldest trades go; ingest's REST client gets 410 Gone
+    for a range that reaches before the kept ones (``BackfillRefused``, which the backfiller
+    records as an unfilled gap with its reason), and every trade of a range still kept."""
     settings = SimulatorSettings(
         api_key=Secret(KEY),
         port=0,
