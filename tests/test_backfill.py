@@ -125,6 +125,10 @@ async def test_the_simulator_answers_410_for_trades_it_no_longer_keeps() -> None
         assert sim.history.dropped >= 1_000
         history = sim.history
         assert history.kept <= 500 + settings.frame_max_events
+        status = sim.stats_dict()
+        assert status["historyTrades"] == history.kept
+        assert status["historyDropped"] == history.dropped >= 1_000
+        assert status["historyKeptFromMs"] == history.kept_from_ms > 0
         kept = history.trades("S0001")
         rest = RestTrades(f"http://127.0.0.1:{sim.port}", Secret(KEY), page_limit=50)
         try:

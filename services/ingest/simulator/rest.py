@@ -27,6 +27,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
@@ -34,6 +35,8 @@ from libs.common.market.sessions import ny_midnight_ms
 from libs.common.schemas import Trade
 from services.ingest.protocol import TradeEvent
 from services.ingest.simulator.settings import DEFAULT_HISTORY_TRADES
+
+log = structlog.get_logger("ingest.simulator")
 
 PREFIX = "/v3/trades/"
 DEFAULT_LIMIT = 1_000
@@ -89,6 +92,7 @@ class TradeHistory:
         while count > 0 and len(adds) > 1:
             count -= adds.popleft()[1]
         self.kept_from_ms = max(self.kept_from_ms, adds[0][0])
+        before = self.kept
         for symbol, times in self._times.items():
             gone = bisect.bisect_left(times, self.kept_from_ms)
             if gone:
@@ -96,6 +100,12 @@ class TradeHistory:
                 del self._rows[symbol][:gone]
                 self.kept -= gone
                 self.dropped += gone
+        log.info(
+            "simulator.history_trimmed",
+            dropped=before - self.kept,
+            kept=self.kept,
+            kept_from_ms=self.kept_from_ms,
+        )
 
     def symbols(self) -> list[str]:
         """Every symbol the feed sent a trade of (its trades may have been let go since)."""

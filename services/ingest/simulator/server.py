@@ -196,6 +196,9 @@ class PolygonSimulator:
             "faults": dict(self.stats.faults),
             "feedDone": self.feed_done.is_set(),
             "feedTimeMs": self.feed_time_ms,
+            "historyTrades": self.history.kept,
+            "historyDropped": self.history.dropped,
+            "historyKeptFromMs": self.history.kept_from_ms,
             "sessions": sessions,
             **(self.replay.status() if self.replay is not None else {}),
         }
