@@ -162,7 +162,7 @@ from libs.common.io.kafka_io import (
 from libs.common.market.sessions import MINUTE_MS
 from libs.common.names import Keys
 from libs.common.runtime.settings import CommonSettings, load_settings
-from services.bars.sinks import BAR_TOPIC_CONFIGS
+from services.bars.sinks import bar_topic_spec
 from services.mirror.config import MirrorSettings
 from services.mirror.routing import RoutingTable
 
@@ -761,7 +761,7 @@ def precreate_topics(bootstrap: str, symbols: list[str], topic_mode: str) -> tup
         assert target is not None
         specs[target.spec.name] = target.spec
         bars = names.channel(names.shadow_bars_topic(topic_mode), symbol)
-        specs[bars] = TopicSpec(bars, 1, 1, BAR_TOPIC_CONFIGS)
+        specs[bars] = bar_topic_spec(bars)
     started = time.monotonic()
     settings = CommonSettings(kafka_bootstrap=bootstrap)
     listed = list(specs.values())

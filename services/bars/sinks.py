@@ -15,6 +15,11 @@ from services.bars.source import BarSink
 BAR_TOPIC_CONFIGS = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
 
 
+def bar_topic_spec(name: str, replication: int = 1) -> TopicSpec:
+    """A shadow bar topic as the Kafka sink creates it (one partition, kept for ever)."""
+    return TopicSpec(name, 1, replication, BAR_TOPIC_CONFIGS)
+
+
 def redis_sink(publisher: Publisher, store: BarStore, closed: ClosedMinutes) -> BarSink:
     """Keep bars in the bar store, then publish them on ``bars.<SYM>.1m`` (pub/sub + stream),
     in one round trip: the store's writes go first on the pipeline, so the server runs them
@@ -57,9 +62,10 @@ def kafka_sink(
 
     async def sink(bars: list[Bar]) -> None:
         topics = [names.channel(topic, bar.symbol) for bar in bars]
-        await admin.ensure(
-            TopicSpec(name, 1, replication, BAR_TOPIC_CONFIGS) for name in sorted(set(topics))
-        )
+        known = admin.known  # a close asks for the topics it has not seen before only
+        new = sorted({name for name in topics if name not in known})
+        if new:
+            await admin.ensure(bar_topic_spec(name, replication) for name in new)
         futures = [
             await producer.send(name, ENCODER.encode(bar), key=bar.symbol.encode())
             for name, bar in zip(topics, bars, strict=True)
