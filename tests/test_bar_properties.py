@@ -295,3 +295,29 @@ def test_arrival_order_changes_only_what_the_policy_says(
                 other.close,
             ), minute
         assert abs(bar.vwap - other.vwap) <= 1.5e-6, minute  # float sums in another order
+
+
+# --- 5. the progress path ----------------------------------------------------------------------
+
+
+@PROPERTY
+@given(st.data(), trade_lists(), st.sampled_from(POLICIES), st.sampled_from((0, 2_000)))
+def test_closing_on_progress_marks_agrees_with_a_frozen_wall_clock(
+    data: st.DataObject, trades: list[Trade], policy: str, grace_ms: int
+) -> None:
+    """Without the wall clock (``wall_clock=False``: the builders' default, closing on the
+    path's progress marks) ``add`` takes its own shorter way; with a clock that never moves
+    the wall-clock way moves the watermark with the trades alone too. Both must give the
+    same bars, revisions and counters after every batch and every mark."""
+    progress = BarAggregator(SYMBOL, policy, grace_ms=grace_ms, wall_clock=False)
+    frozen = BarAggregator(SYMBOL, policy, grace_ms=grace_ms, clock=ManualClock(0))
+    for batch in split(data, trades, most=12):
+        assert progress.add(batch, 0, symbol=SYMBOL) == frozen.add(batch, 0, symbol=SYMBOL)
+        assert bool(progress.open_minutes) == (frozen.open_since() is not None)
+        if data.draw(st.booleans()):  # a mark a little past the newest trade, or idle
+            mark = max(trade.t for trade in batch) + data.draw(st.sampled_from((0, 1_000, 61_000)))
+            idle = data.draw(st.booleans())
+            assert progress.advance_to(mark, idle=idle) == frozen.advance_to(mark, idle=idle)
+        assert progress.watermark_ms == frozen.watermark_ms
+    assert progress.flush() == frozen.flush()
+    assert progress.counters == frozen.counters

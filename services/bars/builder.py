@@ -383,17 +383,20 @@ class BarBuilder(Actor[BuilderMessage]):
                         aggregator = self._aggregator(symbol)
                     counters = aggregator.counters
                     revised, dropped = counters.late_revised, counters.late_dropped
-                    bars.extend(aggregator.add(trades, now, symbol=symbol))
+                    closed = aggregator.add(trades, now, symbol=symbol)
+                    if closed:
+                        bars += closed
                     late_revised += counters.late_revised - revised
                     late_dropped += counters.late_dropped - dropped
                     ticks += len(trades)
                     touched.add(symbol)
-                    if aggregator.open_since() is None:
-                        open_symbols.discard(symbol)
-                    else:
+                    if aggregator.open_minutes:
                         open_symbols.add(symbol)
-                    if aggregator.watermark_ms > self._watermark:
-                        self._watermark = aggregator.watermark_ms
+                    else:
+                        open_symbols.discard(symbol)
+                    watermark = aggregator.watermark_ms
+                    if watermark > self._watermark:
+                        self._watermark = watermark
                 # the record's newest tick (all of them: a duplicate's minute holds it too)
                 for tick in batch.ticks:
                     if tick.t > newest:

@@ -239,8 +239,12 @@ class KafkaTickSource:
                 deduper = self.dedupers.get(channel)
                 if deduper is None:
                     deduper = self.dedupers[channel] = SequenceDeduper()
+                topic = tp.topic
                 for message in messages:
-                    items.append(await self._item(channel, tp.topic, deduper, message))
+                    item, letter = self._item(channel, topic, deduper, message)
+                    if letter is not None:
+                        await self.dead_letters.send(topic, letter, message.value)
+                    items.append(item)
                     self._next[tp] = message.offset + 1
                     if len(items) >= self.deliver_every:
                         await deliver(items)
@@ -255,33 +259,34 @@ class KafkaTickSource:
             owned = self._owned[symbol] = self.owns(symbol)
         return owned
 
-    async def _item(
+    def _item(
         self, channel: str, topic: str, deduper: SequenceDeduper, message: object
-    ) -> Item:
+    ) -> tuple[Item, str | None]:
+        """The item of one record, and the reason it goes to the dead letters (None: it does
+        not). Synchronous: it runs once a record."""
         value: bytes = message.value  # type: ignore[attr-defined]
         offset: int = message.offset  # type: ignore[attr-defined]
         if topic == self.progress_topic:
             try:
-                return channel, offset, _PROGRESS_DECODER.decode(value)
+                return (channel, offset, _PROGRESS_DECODER.decode(value)), None
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await self.dead_letters.send(topic, str(exc), value)
-                return channel, offset, TickBatch(0, "", [])
+                return (channel, offset, TickBatch(0, "", [])), str(exc)
         single = topic == self.single_topic
         raw_key: bytes | None = message.key if single else None  # type: ignore[attr-defined]
         key = raw_key.decode(errors="replace") if raw_key else ""
         if key and not self._owns(key):
             # another shard's symbol (the key is the symbol): not even decoded; the shard
             # that owns the key checks that the record's symbol is the key's
-            return channel, offset, _NOT_OURS
+            return (channel, offset, _NOT_OURS), None
         try:
             batch = decode_batch(value)
             if key and batch.sym != key:
                 raise ValueError(f"symbol {batch.sym!r} under the key {key!r}")
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-            await self.dead_letters.send(topic, str(exc), value)
-            return channel, offset, TickBatch(0, "" if single else tick_symbol(topic), [])
+            empty = TickBatch(0, "" if single else tick_symbol(topic), [])
+            return (channel, offset, empty), str(exc)
         if single and not key and not self._owns(batch.sym):
-            return channel, offset, _NOT_OURS  # another shard's symbol (a record without key)
+            return (channel, offset, _NOT_OURS), None  # another shard's (a record without key)
         identity = record_identity(message.headers)  # type: ignore[attr-defined]
         if identity is None and batch.seq > 0:
             identity = (names.channel(names.TICKS, batch.sym), batch.seq)
@@ -289,5 +294,5 @@ class KafkaTickSource:
             self.duplicates += 1
             self.metrics.duplicates.inc()
             # its offset is still handed on, so that it can be committed
-            return channel, offset, TickBatch(batch.seq, batch.sym, [])
-        return channel, offset, batch
+            return (channel, offset, TickBatch(batch.seq, batch.sym, [])), None
+        return (channel, offset, batch), None

@@ -113,6 +113,9 @@ class BarAggregator:
         self._tape = 0
         """The tape the symbol's trades carry (a hint for its primary listing)."""
         self._open: dict[int, Minute] = {}
+        self.open_minutes = self._open
+        """The open minutes by start (the same dict: read it, never change it): empty when every
+        minute is closed, cheaper to test than ``open_since() is None`` on a hot path."""
         self._heap: list[int] = []
         """Starts of the open minutes: a minute's deadline grows with its start."""
         self._days: dict[int, Day] = {}
@@ -166,6 +169,24 @@ class BarAggregator:
                 raise ValueError(f"a trade of {other!r} given to the aggregator of {self.symbol!r}")
         elif symbol != self.symbol:
             raise ValueError(f"trades of {symbol!r} given to the aggregator of {self.symbol!r}")
+        if not self._wall_clock:
+            # only trades and advance_to move the watermark: no clock, and a batch that closes
+            # nothing (most of them) costs no call of _close_due
+            watermark = self._watermark
+            if self._max_event > watermark:
+                watermark = self._watermark = self._max_event
+            self._batch_watermark = watermark
+            if trades:
+                newest = self._add_trades(trades)
+                self.counters.trades_in += len(trades)
+                if newest > self._max_event:
+                    self._max_event = newest
+                    if newest > watermark:
+                        watermark = self._watermark = newest
+            heap = self._heap
+            if self._dirty or (heap and heap[0] + MINUTE_MS + self.grace_ms <= watermark):
+                return self._close_due(watermark)
+            return []
         now = self.clock.now_ms() if now_ms is None else now_ms
         self._batch_watermark = self._advance_watermark(now)
         if trades:
