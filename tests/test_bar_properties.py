@@ -308,16 +308,28 @@ def test_closing_on_progress_marks_agrees_with_a_frozen_wall_clock(
     """Without the wall clock (``wall_clock=False``: the builders' default, closing on the
     path's progress marks) ``add`` takes its own shorter way; with a clock that never moves
     the wall-clock way moves the watermark with the trades alone too. Both must give the
-    same bars, revisions and counters after every batch and every mark."""
+    same bars, revisions and counters after every batch and every mark; and ``changes``
+    moves exactly when a closed minute changed."""
     progress = BarAggregator(SYMBOL, policy, grace_ms=grace_ms, wall_clock=False)
     frozen = BarAggregator(SYMBOL, policy, grace_ms=grace_ms, clock=ManualClock(0))
+    seen = progress.changes
+
+    def changes_are_told() -> None:
+        """What the builder relies on to save only the symbols whose closed minutes changed."""
+        nonlocal seen
+        changed = [day.take_changed() for day in progress.retained_days()]
+        assert any(changed) == (progress.changes != seen)
+        seen = progress.changes
+
     for batch in split(data, trades, most=12):
         assert progress.add(batch, 0, symbol=SYMBOL) == frozen.add(batch, 0, symbol=SYMBOL)
         assert bool(progress.open_minutes) == (frozen.open_since() is not None)
+        changes_are_told()
         if data.draw(st.booleans()):  # a mark a little past the newest trade, or idle
             mark = max(trade.t for trade in batch) + data.draw(st.sampled_from((0, 1_000, 61_000)))
             idle = data.draw(st.booleans())
             assert progress.advance_to(mark, idle=idle) == frozen.advance_to(mark, idle=idle)
+            changes_are_told()
         assert progress.watermark_ms == frozen.watermark_ms
     assert progress.flush() == frozen.flush()
     assert progress.counters == frozen.counters

@@ -383,13 +383,15 @@ class BarBuilder(Actor[BuilderMessage]):
                         aggregator = self._aggregator(symbol)
                     counters = aggregator.counters
                     revised, dropped = counters.late_revised, counters.late_dropped
+                    changes = aggregator.changes
                     closed = aggregator.add(trades, now, symbol=symbol)
                     if closed:
                         bars += closed
                     late_revised += counters.late_revised - revised
                     late_dropped += counters.late_dropped - dropped
                     ticks += len(trades)
-                    touched.add(symbol)
+                    if aggregator.changes != changes:
+                        touched.add(symbol)
                     if aggregator.open_minutes:
                         open_symbols.add(symbol)
                     else:

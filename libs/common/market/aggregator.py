@@ -114,6 +114,9 @@ class BarAggregator:
         """The tape the symbol's trades carry (a hint for its primary listing)."""
         self._open: dict[int, Minute] = {}
         self.open_minutes = self._open
+        self.changes = 0
+        """Grows whenever a closed minute changes (it closes, or a late trade revises it): what
+        ``Day.take_changed`` would return is new since a caller last saw this number."""
         """The open minutes by start (the same dict: read it, never change it): empty when every
         minute is closed, cheaper to test than ``open_since() is None`` on a hot path."""
         self._heap: list[int] = []
@@ -465,6 +468,7 @@ class BarAggregator:
         else:
             day.close(acc)
         day.changed.add(acc.start)
+        self.changes += 1
         day.settle(self._fold, self.counters)
         self._dirty[(day.start, acc.start)] = None
 
@@ -482,6 +486,7 @@ class BarAggregator:
                 continue
             day = acc.day
             day.close(acc)
+            self.changes += 1
             if not acc.priced and acc.trades:
                 if self._fold:
                     self.counters.unpriced_minutes_folded += 1
