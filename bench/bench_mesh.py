@@ -130,6 +130,7 @@ from mesh_probe import (
     first_time_at,
     weighted_percentiles,
 )
+from mesh_repeat import combine_runs
 from mesh_report import SERVICES, render_markdown, summary_rows
 from mesh_scale import (
     DEFAULT_SETUPS,
@@ -1113,6 +1114,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "synthetic symbol in ten, so that the probe costs the measured cores less; ticks.* "
         "for all)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        help="(b) this many times, each on a fresh stack; its targets judged on the median of "
+        "the runs' p99s (default 3, quick 1)",
+    )
     parser.add_argument("--cold", action="store_true", help="do not create the topics first")
     parser.add_argument(
         "--ceiling-records", type=int, help="records sent to each ceiling (default 200k, quick 50k)"
@@ -1138,6 +1145,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.settle_timeout_s = 60.0 if quick else 120.0
     if args.ceiling_records is None:
         args.ceiling_records = 50_000 if quick else 200_000
+    if args.repeat is None:
+        args.repeat = 1 if quick else 3
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, not {args.repeat}")
     if args.layout is None:
         args.layout = not quick
     if args.scale_budget_s is None:
@@ -1167,8 +1178,13 @@ def main(argv: list[str] | None = None) -> int:
             print("bench_mesh: (a) real day ...", flush=True)
             results["realDay"] = run_real_day(args, workdir)
         if args.only in (None, "synthetic") and not args.scale:
-            print("bench_mesh: (b) synthetic market ...", flush=True)
-            results["synthetic"] = run_synthetic(args, workdir)
+            runs = []
+            for number in range(1, args.repeat + 1):
+                of = f" (run {number} of {args.repeat})" if args.repeat > 1 else ""
+                print(f"bench_mesh: (b) synthetic market{of} ...", flush=True)
+                label = "synthetic" if number == 1 else f"synthetic run {number}"
+                runs.append(run_synthetic(args, workdir, label=label))
+            results["synthetic"] = combine_runs(runs)
             if args.layout and not results["synthetic"].get("error"):
                 results["layout"] = run_layout(args, workdir, results["synthetic"])
         if args.only in (None, "linger") and not args.scale and args.linger_ms > 0:

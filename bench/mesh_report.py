@@ -7,6 +7,7 @@ from typing import Any
 
 from mesh_layout import layout_summary_rows, render_layout
 from mesh_linger import linger_summary_rows, render_linger
+from mesh_repeat import median_p99, render_repeats
 from summary import LIKE_FOR_LIKE, row
 
 SERVICES = ("ingest", "mirror", "bars", "bars-shadow", "engine_bridge")
@@ -202,6 +203,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines += ["", *_process_rows(syn["processes"])]
         lines += [f"- {note}" for note in syn.get("notes", [])]
         lines.append("")
+        lines += render_repeats(syn)
     elif syn:
         lines += [f"(b) synthetic: {syn.get('error')}", ""]
     if results.get("layout"):
@@ -257,9 +259,10 @@ def targets(results: dict[str, Any]) -> list[str]:
     latency = syn.get("latencyMs") or {}
     kafka = latency.get("tickToKafka")
     if kafka:
+        judged, runs = _judged(syn, "tickToKafka", kafka["p99"])
         out.append(
-            f"1,000 symbols at 20 k ticks/s, p99 tick → Kafka < 100 ms: {kafka['p99']:,.1f} ms "
-            f"({'met' if kafka['p99'] < 100 else 'not met'})"
+            f"1,000 symbols at 20 k ticks/s, p99 tick → Kafka < 100 ms: {runs}{judged:,.1f} ms "
+            f"({'met' if judged < 100 else 'not met'})"
         )
         inside, outside = latency.get("tickToKafkaInClose"), latency.get("tickToKafkaOutsideClose")
         if inside and outside:
@@ -272,10 +275,11 @@ def targets(results: dict[str, Any]) -> list[str]:
     for key, path in (("tickToBarRedis", "Redis"), ("tickToBarKafka", "Kafka")):
         found = latency.get(key)
         if found:
-            met = found["p99"] < grace + 100
+            judged, runs = _judged(syn, key, found["p99"])
+            met = judged < grace + 100
             out.append(
                 f"p99 tick → bar ({path}) < grace + 100 ms = {grace + 100} ms: "
-                f"{found['p99']:,.1f} ms ({'met' if met else 'not met'})"
+                f"{runs}{judged:,.1f} ms ({'met' if met else 'not met'})"
             )
     processes = syn.get("processes") or {}
     if processes:
@@ -294,6 +298,17 @@ def targets(results: dict[str, Any]) -> list[str]:
         out.append(line)
     out.append("mirror at one trade per record >= 60 k records/s: see bench_mirror.py")
     return out
+
+
+def _judged(syn: dict[str, Any], key: str, single: float) -> tuple[float, str]:
+    """The p99 a target is judged on: the median of the runs' (with the runs' figures, said
+    first), or the single run's."""
+    found = median_p99(syn, key)
+    if found is None:
+        return single, ""
+    median, values = found
+    each = ", ".join(f"{value:,.1f}" for value in values)
+    return median, f"median of {len(values)} runs ({each} ms) "
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, object]]:
@@ -353,12 +368,13 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, object]]:
             target = "100 ms" if key == "tickToKafka" else ""
             if key.startswith("tickToBar"):
                 target = f"grace + 100 = {syn.get('graceMs', 0) + 100} ms"
+            judged, runs = _judged(syn, key, found["p99"])
             rows.append(
                 row(
                     "bench_mesh",
                     f"{syn.get('symbols')} symbols at {_rate(syn.get('achievedTicksPerS'))} "
-                    f"ticks/s: p99 {label}",
-                    f"{found['p99']:,.1f} ms",
+                    f"ticks/s: p99 {label}" + (f", {runs.strip()}" if runs else ""),
+                    f"{judged:,.1f} ms",
                     f"target {target}" if target else "",
                     basis="latency (p50 " + f"{found['p50']:,.1f} ms)",
                 )

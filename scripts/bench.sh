@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every benchmark in bench/ with bounded options, then print one summary table.
 #
-#   bash scripts/bench.sh             # every bench (about 12 minutes on 2 cores)
+#   bash scripts/bench.sh             # every bench (about 15 minutes on 2 cores)
 #   bash scripts/bench.sh --quick     # shorter runs of each (about 3 minutes)
 #
 # Bootstraps like scripts/test.sh (.venv, redis-server, the broker), then installs the bench
