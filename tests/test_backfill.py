@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from libs.common import names
 from libs.common.io.redis_io import Publisher, StreamReader
-from libs.common.market.aggregator import build_bars
+from libs.common.market.build import build_bars
 from libs.common.market.sessions import ny_epoch_ms
 from libs.common.market.tickfiles import read_lean_trades
 from libs.common.names import Keys

@@ -7,7 +7,8 @@ from datetime import date
 import pytest
 
 from libs.common.market import sessions as clock
-from libs.common.market.aggregator import BarAggregator, build_bars
+from libs.common.market.aggregator import BarAggregator
+from libs.common.market.build import build_bars
 from libs.common.market.policies import (
     EVERYTHING,
     HIGH_LOW,

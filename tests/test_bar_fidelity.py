@@ -35,7 +35,8 @@ from pathlib import Path
 
 import pytest
 
-from libs.common.market.aggregator import BarAggregator, build_bars
+from libs.common.market.aggregator import BarAggregator
+from libs.common.market.build import build_bars
 from libs.common.market.listings import Listings, for_data
 from libs.common.market.policies import AlgoseekPolicy, AlgoseekRules, get_policy
 from libs.common.market.tickfiles import read_lean_minute_bars, read_lean_trades

@@ -39,7 +39,7 @@ from libs.common.io.kafka_io import (
     sequence_headers,
 )
 from libs.common.io.redis_io import Publisher
-from libs.common.market.aggregator import build_bars
+from libs.common.market.build import build_bars
 from libs.common.market.sessions import MINUTE_MS, ny_epoch_ms
 from libs.common.names import Keys
 from libs.common.runtime.service import ServiceRuntime

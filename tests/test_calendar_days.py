@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import date
 from pathlib import Path
 
-from libs.common.market.aggregator import build_bars
+from libs.common.market.build import build_bars
 from libs.common.market.listings import Listings
 from libs.common.market.policies import get_policy
 from libs.common.market.sessions import bar_id, last_bar_id, ny_epoch_ms, session_for

@@ -6,7 +6,7 @@ from datetime import date
 
 import msgspec
 
-from libs.common.market.aggregator import build_bars
+from libs.common.market.build import build_bars
 from libs.common.market.sessions import MINUTE_MS, ny_epoch_ms
 from libs.common.schemas import Bar, FeedGap, Ledger, LedgerEntry, TickBatch, Trade
 from services.mirror.completeness import (

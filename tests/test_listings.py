@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from libs.common.market.aggregator import BarAggregator, build_bars
+from libs.common.market.aggregator import BarAggregator
+from libs.common.market.build import build_bars
 from libs.common.market.listings import (
     Listings,
     ListingSettings,

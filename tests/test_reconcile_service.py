@@ -17,7 +17,7 @@ from libs.common import names
 from libs.common.io.barstore import BarStore
 from libs.common.io.kafka_io import read_from_beginning
 from libs.common.io.redis_io import Publisher
-from libs.common.market.aggregator import build_bars
+from libs.common.market.build import build_bars
 from libs.common.market.sessions import bar_id, ny_epoch_ms, ts_et
 from libs.common.market.tickfiles import read_lean_minute_bars
 from libs.common.names import Keys

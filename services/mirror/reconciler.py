@@ -27,7 +27,7 @@ from libs.common.io.kafka_io import (
     ensure_topics,
     start_producer,
 )
-from libs.common.market.aggregator import build_bars
+from libs.common.market.build import build_bars
 from libs.common.market.calendar import is_trading_day
 from libs.common.market.policies import get_policy
 from libs.common.market.sessions import ny_date, ts_et

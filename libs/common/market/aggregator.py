@@ -7,7 +7,7 @@ accumulator, the day of closed minutes and the bar derived from them in
 late, and what is published again.
 
 Used by the bars service (ticks from Redis, or from Kafka in shadow), the offline backfill and
-the reconciler (``build_bars``), always one aggregator per symbol. Semantics (details and
+the reconciler (``build.build_bars``), always one aggregator per symbol. Semantics (details and
 evidence in ``docs/bars.md``):
 
 * an aggregator aggregates one symbol; a trade of another symbol is a programming error:
@@ -41,7 +41,7 @@ cached per distinct condition tuple, so it costs one dict lookup.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from operator import attrgetter
 from typing import Literal
@@ -68,7 +68,7 @@ from libs.common.market.policies import (
     get_policy,
 )
 from libs.common.market.sessions import MINUTE_MS, ny_date, ny_midnight_ms, session_for
-from libs.common.runtime.clock import SYSTEM_CLOCK, Clock, ManualClock
+from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.schemas import Bar, Trade
 
 LatePolicy = Literal["revise", "drop"]
@@ -172,33 +172,28 @@ class BarAggregator:
                 raise ValueError(f"a trade of {other!r} given to the aggregator of {self.symbol!r}")
         elif symbol != self.symbol:
             raise ValueError(f"trades of {symbol!r} given to the aggregator of {self.symbol!r}")
-        if not self._wall_clock:
-            # only trades and advance_to move the watermark: no clock, and a batch that closes
-            # nothing (most of them) costs no call of _close_due
-            watermark = self._watermark
-            if self._max_event > watermark:
-                watermark = self._watermark = self._max_event
-            self._batch_watermark = watermark
-            if trades:
-                newest = self._add_trades(trades)
-                self.counters.trades_in += len(trades)
-                if newest > self._max_event:
-                    self._max_event = newest
-                    if newest > watermark:
-                        watermark = self._watermark = newest
-            heap = self._heap
-            if self._dirty or (heap and heap[0] + MINUTE_MS + self.grace_ms <= watermark):
-                return self._close_due(watermark)
-            return []
-        now = self.clock.now_ms() if now_ms is None else now_ms
-        self._batch_watermark = self._advance_watermark(now)
+        if self._wall_clock:
+            now = self.clock.now_ms() if now_ms is None else now_ms
+            self._batch_watermark = self._advance_watermark(now)
+        else:  # only trades and advance_to move the watermark: no clock
+            now = 0
+            if self._max_event > self._watermark:
+                self._watermark = self._max_event
+            self._batch_watermark = self._watermark
         if trades:
             newest = self._add_trades(trades)
             self.counters.trades_in += len(trades)
             if newest > self._max_event:
                 self._max_event = newest
                 self._max_event_wall = now
-        return self._close_due(self._advance_watermark(now))
+        if self._wall_clock:
+            return self._close_due(self._advance_watermark(now))
+        if self._max_event > self._watermark:
+            self._watermark = self._max_event
+        heap = self._heap  # a batch that closes nothing (most) costs no call of _close_due
+        if self._dirty or (heap and heap[0] + MINUTE_MS + self.grace_ms <= self._watermark):
+            return self._close_due(self._watermark)
+        return []
 
     def advance(self, now_ms: int | None = None) -> list[Bar]:
         """Move the watermark with wall time and return the bars that closed (and revisions)."""
@@ -572,48 +567,8 @@ class BarAggregator:
         return dict(sorted(out.items()))
 
 
-def build_bars(
-    trades: Sequence[Trade],
-    policy: _PolicyBase | ConditionPolicy | str = "algoseek",
-    *,
-    grace_ms: int = 0,
-    symbol: str | None = None,
-) -> list[Bar]:
-    """Bars of a finished, in-memory trade sequence (backfill, tests): the latest revision of
-    every bar, ordered by symbol then minute.
-
-    Each symbol's trades, in their order, go to an aggregator of their own as one batch.
-    ``symbol``: every trade is of that symbol (taken on trust, not checked trade by trade).
-    """
-    if isinstance(policy, str):
-        policy = get_policy(policy)
-    groups: Mapping[str, Sequence[Trade]]
-    if symbol is not None:
-        groups = {symbol: trades}
-    elif trades and all(map(trades[0].sym.__eq__, map(_SYMBOL, trades))):
-        groups = {trades[0].sym: trades}
-    else:
-        per_symbol: dict[str, list[Trade]] = {}
-        for trade in trades:
-            bucket = per_symbol.get(trade.sym)
-            if bucket is None:
-                bucket = per_symbol[trade.sym] = []
-            bucket.append(trade)
-        groups = per_symbol
-    out: list[Bar] = []
-    for sym in sorted(groups):
-        aggregator = BarAggregator(
-            sym, policy, grace_ms=grace_ms, late_policy="revise", clock=ManualClock(0)
-        )
-        aggregator.add(groups[sym], 0, symbol=sym)
-        aggregator.flush()
-        out.extend(aggregator.published().values())
-    return out
-
-
 __all__ = [
     "BarAggregator",
     "BarCounters",
     "LatePolicy",
-    "build_bars",
 ]
