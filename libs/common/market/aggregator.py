@@ -114,11 +114,11 @@ class BarAggregator:
         """The tape the symbol's trades carry (a hint for its primary listing)."""
         self._open: dict[int, Minute] = {}
         self.open_minutes = self._open
+        """The open minutes by start (the same dict: read it, never change it): empty when every
+        minute is closed, cheaper to test than ``open_since() is None`` on a hot path."""
         self.changes = 0
         """Grows whenever a closed minute changes (it closes, or a late trade revises it): what
         ``Day.take_changed`` would return is new since a caller last saw this number."""
-        """The open minutes by start (the same dict: read it, never change it): empty when every
-        minute is closed, cheaper to test than ``open_since() is None`` on a hot path."""
         self._heap: list[int] = []
         """Starts of the open minutes: a minute's deadline grows with its start."""
         self._days: dict[int, Day] = {}
