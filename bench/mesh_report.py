@@ -7,7 +7,7 @@ from typing import Any
 
 from mesh_layout import layout_summary_rows, render_layout
 from mesh_linger import linger_summary_rows, render_linger
-from mesh_repeat import median_p99, render_repeats
+from mesh_repeat import LABELS, median_p99, render_repeats
 from summary import LIKE_FOR_LIKE, row
 
 SERVICES = ("ingest", "mirror", "bars", "bars-shadow", "engine_bridge")
@@ -357,12 +357,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, object]]:
             )
     syn = results.get("synthetic") or {}
     latency = syn.get("latencyMs") or {}
-    for key, label in (
-        ("tickToRedis", "tick → Redis"),
-        ("tickToKafka", "tick → Kafka"),
-        ("tickToBarRedis", "tick → bar, Redis"),
-        ("tickToBarKafka", "tick → bar, Kafka"),
-    ):
+    for key, label in LABELS.items():
         found = latency.get(key)
         if found:
             target = "100 ms" if key == "tickToKafka" else ""

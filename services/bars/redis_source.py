@@ -11,8 +11,8 @@ import structlog
 from libs.common import names
 from libs.common.io.deadletter import DeadLetters
 from libs.common.io.reliable import Record, SequencedConsumer
-from libs.common.schemas import DECODERS, TICK_BATCH_DECODER, Progress, TickBatch
-from services.bars.source import Deliver, Item, tick_symbol
+from libs.common.schemas import DECODERS, Progress, TickBatch
+from services.bars.source import Deliver, Item, decode_batch, tick_symbol
 
 log = structlog.get_logger("tickmesh.bars.sources")
 
@@ -53,7 +53,6 @@ class RedisTickSource:
         """Deliver each batch of records, decoded; bad ones to the dead letters."""
         assert self.consumer is not None, "open() first"
         progress = names.PROGRESS
-        decode = TICK_BATCH_DECODER.decode  # decode_batch, without a call of its own a record
         async for records in self.consumer.batches():
             items: list[Item] = []
             for record in records:
@@ -65,7 +64,7 @@ class RedisTickSource:
                         items.append((record.channel, record.seq, TickBatch(0, "", [])))
                     continue
                 try:
-                    batch = decode(record.payload)
+                    batch = decode_batch(record.payload)
                     symbol = tick_symbol(record.channel)
                     if batch.sym != symbol:
                         raise ValueError(f"symbol {batch.sym!r} on the channel of {symbol!r}")
