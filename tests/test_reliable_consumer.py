@@ -176,6 +176,7 @@ async def test_starting_at_latest_skips_old_records_not_a_channel_that_appears_l
         start="latest",
         sweep_interval_s=0.1,
         discover_interval_s=0.1,
+        discover_healthy_interval_s=0.1,  # the doorbell never comes: a discovery finds it
         registry=CollectorRegistry(),
     )
     async with Collector(consumer) as collector:
@@ -186,6 +187,45 @@ async def test_starting_at_latest_skips_old_records_not_a_channel_that_appears_l
         await publisher.publish(old, tick_record("A"))
         await eventually(lambda: collector.seqs(old) == [4], timeout=10)
     assert collector.seqs(old) == [4]  # the three published before the start are skipped
+
+
+async def test_a_healthy_pattern_subscription_scans_rarely_and_soon_after_a_lost_connection(
+    redis_client: aioredis.Redis, keys: Keys, unique_name, publisher: Publisher
+) -> None:
+    first, quiet = f"ticks.{unique_name('FIRST')}", f"ticks.{unique_name('QUIET')}"
+    await publisher.publish(first, tick_record("A"))
+    consumer = SequencedConsumer(
+        redis_client,
+        "c-rare-scan",
+        ["ticks.*"],
+        keys=keys,
+        sweep_interval_s=0.05,
+        discover_interval_s=0.1,
+        discover_healthy_interval_s=60.0,
+        registry=CollectorRegistry(),
+    )
+    scans = 0
+    scan = consumer.reader.channels
+
+    async def counted(pattern: str | list[str] = "*") -> list[str]:
+        nonlocal scans
+        scans += 1
+        return await scan(pattern)
+
+    consumer.reader.channels = counted  # type: ignore[method-assign]
+    async with Collector(consumer) as collector:
+        await eventually(lambda: collector.seqs(first) == [1], timeout=10)
+        for _ in range(10):  # a new channel's first record comes by pub/sub, not a scan
+            await publisher.publish(first, tick_record("A"))
+            await asyncio.sleep(0.1)
+        await eventually(lambda: len(collector.seqs(first)) == 11, timeout=10)
+        # the opening's discovery and one soon after subscribing; not one every 0.1 s
+        assert scans == 2
+        # a channel whose only record came while the connection was down: no doorbell
+        await write_without_doorbell(redis_client, keys, quiet, 1, "B")
+        consumer._note_resubscribed(None)  # what redis-py calls when it reconnected
+        await eventually(lambda: collector.seqs(quiet) == [1], timeout=10)
+        assert scans == 3
 
 
 async def test_delivery_does_not_wait_for_a_slow_discovery_and_its_error_surfaces(

@@ -17,7 +17,9 @@ position and reads what is missing (every channel behind in one round trip, most
 one multi-stream ``XREAD``), which also covers messages lost while the connection was down
 (the read fails and the consumer subscribes again, or a command's retry in redis-py
 reconnects and re-subscribes; either way the consumer notices, counts and logs it) and
-whatever was published while the consumer was not running.
+whatever was published while the consumer was not running. A new channel's first record
+arrives by pub/sub too; a ``SCAN`` of the stream keys (``_discovery_interval_s``) guards
+against a channel whose records all came while its doorbells could be missed.
 Positions are kept durably per consumer name once the caller ``commit``s them, after its own
 downstream write, so a crash re-delivers (at least once) and never skips. A caller whose
 downstream write failed calls ``rewind``: delivery restarts from the committed positions,
@@ -96,6 +98,7 @@ class SequencedConsumer:
         queue_max: int = 20_000,
         sweep_interval_s: float = 1.0,
         discover_interval_s: float = 2.0,
+        discover_healthy_interval_s: float = 30.0,
         read_count: int = 1_000,
         pause_pubsub_when_behind: bool = True,
         subscribe_own: bool = False,
@@ -113,6 +116,7 @@ class SequencedConsumer:
         self.queue_max = queue_max
         self.sweep_interval_s = sweep_interval_s
         self.discover_interval_s = discover_interval_s
+        self.discover_healthy_interval_s = max(discover_interval_s, discover_healthy_interval_s)
         self.read_count = read_count
         self.pause_pubsub_when_behind = pause_pubsub_when_behind
         self.subscribe_own = subscribe_own
@@ -142,6 +146,10 @@ class SequencedConsumer:
         self._last_discover = 0.0
         self._subscriber_task: asyncio.Task[None] | None = None
         self._discovery: asyncio.Task[list[str]] | None = None
+        self._discover_soon = True
+        """The next sweep starts a discovery after the short interval even while a pattern
+        subscription is healthy (set at each subscription and whenever pub/sub may have lost
+        messages)."""
         self.subscribed = asyncio.Event()
         metrics = ConsumerMetrics.for_registry(registry)
         self._m_delivered = metrics.delivered
@@ -224,7 +232,8 @@ class SequencedConsumer:
 
     def _sweep_everything_now(self) -> None:
         """Pub/sub may have lost messages (a cut, a resubscription, a rewind): sweep at once,
-        every channel up to its newest record."""
+        every channel up to its newest record, and look for new channels soon."""
+        self._discover_soon = True
         self._last_sweep = 0.0
         self._sweep_all = True
         self._wakeup.set()
@@ -259,6 +268,7 @@ class SequencedConsumer:
                 if connection is not None:
                     connection.register_connect_callback(self._note_resubscribed)
                 self.subscribed.set()
+                self._discover_soon = True  # a channel made before the subscription began
                 if resumed:
                     resumed = False
                     self.log.info("consumer.pubsub_resumed")
@@ -367,6 +377,7 @@ class SequencedConsumer:
         what it finds is taken in by ``_take_discovered``, between two batches."""
         if self._discovery is None:
             self._last_discover = time.monotonic()
+            self._discover_soon = False
             task = asyncio.create_task(
                 self.reader.channels(self.patterns), name=f"{self.name}.scan"
             )
@@ -410,9 +421,30 @@ class SequencedConsumer:
         self._m_stream.inc(len(out))
         return out
 
+    def _discovery_interval_s(self) -> float:
+        """How long after the last discovery the next one starts.
+
+        A pattern subscription sees a new channel's first record as it is published, so
+        while it is healthy the periodic ``SCAN`` only guards against what it could have
+        missed and runs every ``discover_healthy_interval_s``: each one walks the whole
+        keyspace (16 ms of Redis's single thread a call with the mesh at 20 k ticks/s, every
+        other command waiting behind it), and every consumer ran one every 2 s. A shard that
+        subscribes by name finds its channels only this way, and a consumer that fell behind,
+        paused its subscription or lost its connection may have missed a channel's records:
+        those discover every ``discover_interval_s``."""
+        if (
+            self.subscribe_own
+            or self._discover_soon
+            or self.falling_behind
+            or self._pubsub_paused
+            or not self.subscribed.is_set()
+        ):
+            return self.discover_interval_s
+        return self.discover_healthy_interval_s
+
     async def _sweep(self) -> list[Record]:
         self._last_sweep = time.monotonic()
-        if self._last_sweep - self._last_discover > self.discover_interval_s:
+        if self._last_sweep - self._last_discover > self._discovery_interval_s():
             self._discover_in_background()
         channels = sorted(self._known | self._dirty)
         if not channels:
