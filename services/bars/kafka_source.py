@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from libs.common import names
 from libs.common.io.deadletter import DeadLetters
 from libs.common.io.kafka_io import SequenceDeduper, record_identity, topic_regex
-from libs.common.io.reliable import PositionStore
+from libs.common.io.positions import PositionStore
 from libs.common.names import Keys
 from libs.common.runtime.metrics import metrics_for
 from libs.common.schemas import DECODERS, Progress, TickBatch

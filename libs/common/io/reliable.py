@@ -45,6 +45,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from libs.common.io.consumer_metrics import ConsumerMetrics
+from libs.common.io.positions import PositionStore
 from libs.common.io.redis_io import RETRIABLE, StreamReader, next_message
 from libs.common.names import Keys, channel_kind
 from libs.common.runtime.lifecycle import raise_if_cancelled
@@ -59,27 +60,6 @@ class Record(NamedTuple):
     channel: str
     seq: int
     payload: bytes
-
-
-class PositionStore:
-    """The last committed sequence per channel of one consumer, in a Redis hash."""
-
-    def __init__(self, client: aioredis.Redis, keys: Keys, consumer: str) -> None:
-        self.client = client
-        self.key = keys.state(f"positions:{consumer}")
-
-    async def load(self) -> dict[str, int]:
-        """All committed positions."""
-        raw = await self.client.hgetall(self.key)
-        return {
-            (channel.decode() if isinstance(channel, bytes) else channel): int(seq)
-            for channel, seq in raw.items()
-        }
-
-    async def save(self, positions: dict[str, int]) -> None:
-        """Store positions (only ever forward, guarded in the caller)."""
-        if positions:
-            await self.client.hset(self.key, mapping=positions)  # type: ignore[arg-type]
 
 
 class SequencedConsumer:
@@ -147,9 +127,7 @@ class SequencedConsumer:
         self._subscriber_task: asyncio.Task[None] | None = None
         self._discovery: asyncio.Task[list[str]] | None = None
         self._discover_soon = True
-        """The next sweep starts a discovery after the short interval even while a pattern
-        subscription is healthy (set at each subscription and whenever pub/sub may have lost
-        messages)."""
+        """Discover after the short interval even while healthy (see _discovery_interval_s)."""
         self.subscribed = asyncio.Event()
         metrics = ConsumerMetrics.for_registry(registry)
         self._m_delivered = metrics.delivered
@@ -422,16 +400,13 @@ class SequencedConsumer:
         return out
 
     def _discovery_interval_s(self) -> float:
-        """How long after the last discovery the next one starts.
-
-        A pattern subscription sees a new channel's first record as it is published, so
-        while it is healthy the periodic ``SCAN`` only guards against what it could have
-        missed and runs every ``discover_healthy_interval_s``: each one walks the whole
-        keyspace (16 ms of Redis's single thread a call with the mesh at 20 k ticks/s, every
-        other command waiting behind it), and every consumer ran one every 2 s. A shard that
-        subscribes by name finds its channels only this way, and a consumer that fell behind,
-        paused its subscription or lost its connection may have missed a channel's records:
-        those discover every ``discover_interval_s``."""
+        """How long after the last discovery the next one starts: a healthy pattern
+        subscription sees a new channel's first record as it is published, so its ``SCAN``
+        (the whole keyspace: 16 ms of Redis's single thread a call at 20 k ticks/s) only
+        guards against a missed doorbell, every ``discover_healthy_interval_s``. A shard
+        subscribed by name finds channels only this way; a consumer that fell behind, paused
+        or lost its connection (or just subscribed) may have missed one: those use
+        ``discover_interval_s``."""
         if (
             self.subscribe_own
             or self._discover_soon
