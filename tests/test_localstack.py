@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 from typing import Any
 
@@ -19,6 +20,7 @@ from devstack.localstack import (
     TansuBroker,
     free_port,
     process_state,
+    unpacked_redis_server,
 )
 from tests.helpers import eventually
 
@@ -69,6 +71,29 @@ def test_redis_server_passes_extra_args_and_stops_its_process() -> None:
             client.close()
         assert "pubsub 1048576 1048576 0" in limits
     assert _process_gone(pid) and not server.running
+
+
+@pytest.mark.skipif(
+    unpacked_redis_server() is None or bool(os.environ.get("TICKMESH_REDIS_SERVER")),
+    reason="Debian's redis-server is not unpacked in .venv/redis-tls (bootstrap.sh needs root "
+    "and apt-get), or TICKMESH_REDIS_SERVER picks another",
+)
+def test_the_stack_runs_the_unpacked_debian_redis_with_jemalloc() -> None:
+    import redis
+
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+        try:
+            info = client.info("server")
+            allocator = client.info("memory")["mem_allocator"]
+        finally:
+            client.close()
+    on_path = shutil.which("redis-server")
+    if on_path is not None:  # a redis-server on PATH comes first
+        assert str(server.executable) == on_path
+        return
+    assert int(str(info["redis_version"]).split(".")[0]) >= 7
+    assert str(allocator).startswith("jemalloc")
 
 
 def test_redis_server_with_bad_config_fails_with_its_log() -> None:
