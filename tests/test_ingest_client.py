@@ -41,7 +41,7 @@ from libs.common.runtime.settings import (
     load_settings,
     public_view,
 )
-from libs.common.schemas import DeadLetter, FeedGap, TickBatch, decode
+from libs.common.schemas import DeadLetter, FeedGap, Ledger, TickBatch, decode
 from services.ingest import protocol
 from services.ingest.client import (
     CLOSED,
@@ -585,6 +585,56 @@ async def test_a_retriable_redis_error_is_retried_and_the_frames_are_published_o
         await processor.stop()
     stored = await StreamReader(redis_client, keys).read("ticks.ZRTY")
     assert [seq for seq, _ in stored] == [1, 2, 3, 4, 5] and flaky.calls == 3  # one batch
+
+
+async def test_a_batch_that_failed_past_the_retry_budget_is_sent_first_after_the_restart(
+    redis_client: Any, unique_name: Callable[[str], str]
+) -> None:
+    registry = CollectorRegistry()
+    keys = Keys(f"{unique_name('tm')}:")
+    real = Publisher(redis_client, keys=keys, registry=registry)
+    flaky = FlakyPublisher(real, failures=10**9)  # Redis unreachable until told otherwise
+    processor = FrameProcessor(
+        FeedPublisher(flaky, retry_s=0.3, registry=registry),  # type: ignore[arg-type]
+        DeadLetters(real, "ingest", registry=registry),
+        IngestMetrics(registry),
+        queue_size=10,
+        registry=registry,
+    )
+    first, second = (
+        TradeEvent("KEPT", 10.0 + n, 100, 1_700_000_000_000 + n, 4, (), str(n), 3, n)
+        for n in (1, 2)
+    )
+    stream = StreamReader(redis_client, keys)
+    unsent = "tickmesh_ingest_unsent_batches"
+    await processor.start()
+    try:
+        failed = processor.failure
+        await processor.tell(Frame(protocol.encode_events([first]), 1))
+        assert isinstance(await asyncio.wait_for(failed, 10), RedisConnectionError)
+        assert registry.get_sample_value(unsent) == 1
+        flaky.failures = flaky.calls  # Redis is back
+        await processor.stop()  # and started again, as the supervisor does
+        await processor.start()
+        await processor.tell(Frame(protocol.encode_events([second]), 2))
+
+        async def published() -> list[str]:
+            return [
+                trade.i
+                for _, payload in await stream.read("ticks.KEPT")
+                for trade in decode(payload, TickBatch).ticks
+            ]
+
+        for _ in range(100):
+            if len(await published()) == 2:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await processor.stop()
+    assert await published() == ["1", "2"]  # the kept batch first, each once
+    ledgers = [decode(payload, Ledger) for _, payload in await stream.read(names.LEDGER)]
+    assert sum(entry.trades for ledger in ledgers for entry in ledger.entries) == 2
+    assert registry.get_sample_value(unsent) == 0
 
 
 def test_topics_cover_a_symbol_list_or_everything_for_the_configured_event_types() -> None:

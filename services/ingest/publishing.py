@@ -7,7 +7,9 @@ tick-file source alike:
 - ``publish`` sends a batch of records together with the ledger of its ticks and, when a gap
   was open and trades flow again, the gap's closing record, all in one pipelined round trip
   with a batch token (a retry after a lost reply applies nothing twice), retried with backoff
-  for up to ``retry_s``;
+  for up to ``retry_s``. A batch that still failed is kept, token and all, and sent first by
+  the next ``publish`` (the processor's next incarnation, once Redis is back): its trades are
+  already admitted and its ledger drawn, so dropping it would lose them without a trace;
 - ``open_gap`` records a time the feed was not read (a disconnect, an ingest start after a
   previous run), and the next batch with trades closes it at its first event time;
 - ``mark`` publishes a ``Progress`` record: the feed's time and each tick channel's sequence,
@@ -20,8 +22,9 @@ import asyncio
 import itertools
 import random
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable
-from typing import cast
+from typing import NamedTuple, cast
 
 import msgspec
 import structlog
@@ -42,6 +45,21 @@ from services.ingest.protocol import Event, FrameSplit, TradeEvent
 log = structlog.get_logger("tickmesh.ingest")
 
 _PROGRESS_DECODER = DECODERS[Progress]
+
+
+class _Sealed(NamedTuple):
+    """A batch ready to send: its records (the ledger and a gap's close included), token and
+    what its success tells the book."""
+
+    records: list[tuple[str, bytes]]
+    token: str
+    newest_ms: int
+    """The feed's time this batch brings, claimed once Redis has it."""
+    sealed_ms: int
+    carries_feed: bool
+    """It holds trades or a ledger (the feed's data, not only a letter or a gap)."""
+    closed: FeedGap | None
+    also: Callable[[Pipeline], object] | None
 
 
 class FeedMetrics:
@@ -73,6 +91,11 @@ class FeedMetrics:
         )
         self.marks = Counter(
             "tickmesh_ingest_progress_marks", "Progress marks published", registry=registry
+        )
+        self.unsent = Gauge(
+            "tickmesh_ingest_unsent_batches",
+            "Batches whose publish failed past the retry budget, kept to be sent first",
+            registry=registry,
         )
 
     @classmethod
@@ -114,6 +137,10 @@ class FeedPublisher:
         self.on_published: Callable[[int], None] | None = None
         """Called with the feed's time after each round trip that carried feed data (the
         progress marker)."""
+        self._unsent: deque[_Sealed] = deque()
+        """Sealed batches not yet on Redis, in order (one while a publish is under way; more
+        after a publish failed past ``retry_s``)."""
+        self._sending = asyncio.Lock()
 
     # -- identity ----------------------------------------------------------------------------
 
@@ -243,8 +270,42 @@ class FeedPublisher:
         first_trade_ms: int = 0,
         also: Callable[[Pipeline], object] | None = None,
     ) -> list[int]:
-        """Publish ``records`` with their ledger (and a gap's close) in one round trip;
-        ``also`` queues a state write on the same pipeline."""
+        """Publish ``records`` with their ledger (and a gap's close) in one round trip, after
+        any batch kept from a failed publish; ``also`` queues a state write on the same
+        pipeline. Returns the records' sequences ([] when there was nothing to send)."""
+        sealed = self._seal(records, first_trade_ms, also)
+        if sealed is not None:
+            self._unsent.append(sealed)
+        seqs: list[int] = []
+        async with self._sending:
+            while self._unsent:
+                head = self._unsent[0]
+                try:
+                    sent = await self._send(head)
+                except Exception:
+                    self.metrics.unsent.set(len(self._unsent))
+                    log.error(
+                        "ingest.publish_failed",
+                        batches_kept=len(self._unsent),
+                        records_kept=sum(len(batch.records) for batch in self._unsent),
+                        action="kept; sent first, with the same token, by the next publish",
+                    )
+                    raise
+                self._unsent.popleft()
+                self.metrics.unsent.set(len(self._unsent))
+                if head is sealed:
+                    seqs = sent
+        return seqs
+
+    def _seal(
+        self,
+        records: list[tuple[str, bytes]],
+        first_trade_ms: int,
+        also: Callable[[Pipeline], object] | None,
+    ) -> _Sealed | None:
+        """The batch as it will go out: the ledger of what was admitted since the last one,
+        the open gap's close if trades flow again, a token. Runs without a wait, so that
+        batches are sealed in the order their trades were admitted."""
         now = self.clock.now_ms()
         book = self.book
         ledger = book.ledger(now)
@@ -256,9 +317,21 @@ class FeedPublisher:
             closed = self._close_gap(first_trade_ms)
             records = [*records, (names.FEED_GAPS, ENCODER.encode(closed))]
         if not records and also is None:
-            return []
-        newest = book.feed_time_ms  # what this batch brings; claimed once Redis has it
+            return None
         token = f"{self._token_prefix}-{next(self._tokens)}"
+        return _Sealed(
+            records,
+            token,
+            book.feed_time_ms,
+            now,
+            bool(first_trade_ms) or ledger is not None,
+            closed,
+            also,
+        )
+
+    async def _send(self, sealed: _Sealed) -> list[int]:
+        """One sealed batch to Redis (retried for up to ``retry_s``), then the book."""
+        records, token, also = sealed.records, sealed.token, sealed.also
         publisher = self.publisher
         seqs = await retry_async(
             lambda: publisher.publish_many(records, token=token, also=also),
@@ -269,6 +342,7 @@ class FeedPublisher:
             rng=self.rng,
             records=len(records),
         )
+        book = self.book
         ticks_prefix = names.template_parts(names.TICKS)[0]
         book.published(
             (
@@ -276,14 +350,14 @@ class FeedPublisher:
                 for (channel, _), seq in zip(records, seqs, strict=True)
                 if channel.startswith(ticks_prefix)
             ),
-            newest,
+            sealed.newest_ms,
         )
-        if first_trade_ms or ledger is not None:
-            self.last_publish_ms = now
+        if sealed.carries_feed:
+            self.last_publish_ms = sealed.sealed_ms
             if self.on_published is not None:
                 self.on_published(book.published_time_ms)
-        if closed is not None and self.on_gap_closed is not None:
-            self.on_gap_closed(closed)
+        if sealed.closed is not None and self.on_gap_closed is not None:
+            self.on_gap_closed(sealed.closed)
         self.metrics.feed_time.set(book.feed_time_ms / 1000)
         return seqs
 
