@@ -558,20 +558,27 @@ class FlakyPublisher:
         return await self.real.publish_many(items, **options)
 
 
-async def test_a_retriable_redis_error_is_retried_and_the_frames_are_published_once(
-    redis_client: Any, unique_name: Callable[[str], str]
-) -> None:
-    registry = CollectorRegistry()
-    keys = Keys(f"{unique_name('tm')}:")
+def flaky_processor(
+    redis_client: Any, keys: Keys, failures: int, registry: CollectorRegistry, retry_s: float = 30.0
+) -> tuple[FrameProcessor, FlakyPublisher]:
+    """A frame processor whose publishes fail ``failures`` times first (real Redis after)."""
     real = Publisher(redis_client, keys=keys, registry=registry)
-    flaky = FlakyPublisher(real, failures=2)
+    flaky = FlakyPublisher(real, failures=failures)
     processor = FrameProcessor(
-        FeedPublisher(flaky, registry=registry),  # type: ignore[arg-type]
+        FeedPublisher(flaky, retry_s=retry_s, registry=registry),  # type: ignore[arg-type]
         DeadLetters(real, "ingest", registry=registry),
         IngestMetrics(registry),
         queue_size=10,
         registry=registry,
     )
+    return processor, flaky
+
+
+async def test_a_retriable_redis_error_is_retried_and_the_frames_are_published_once(
+    redis_client: Any, unique_name: Callable[[str], str]
+) -> None:
+    keys = Keys(f"{unique_name('tm')}:")
+    processor, flaky = flaky_processor(redis_client, keys, 2, CollectorRegistry())
     trades = [
         TradeEvent("ZRTY", 10.0 + n, 100, 1_700_000_000_000 + n, 4, (), str(n), 3, n)
         for n in range(5)
@@ -592,15 +599,8 @@ async def test_a_batch_that_failed_past_the_retry_budget_is_sent_first_after_the
 ) -> None:
     registry = CollectorRegistry()
     keys = Keys(f"{unique_name('tm')}:")
-    real = Publisher(redis_client, keys=keys, registry=registry)
-    flaky = FlakyPublisher(real, failures=10**9)  # Redis unreachable until told otherwise
-    processor = FrameProcessor(
-        FeedPublisher(flaky, retry_s=0.3, registry=registry),  # type: ignore[arg-type]
-        DeadLetters(real, "ingest", registry=registry),
-        IngestMetrics(registry),
-        queue_size=10,
-        registry=registry,
-    )
+    # Redis unreachable until told otherwise, past a 0.3 s retry budget
+    processor, flaky = flaky_processor(redis_client, keys, 10**9, registry, retry_s=0.3)
     first, second = (
         TradeEvent("KEPT", 10.0 + n, 100, 1_700_000_000_000 + n, 4, (), str(n), 3, n)
         for n in (1, 2)
