@@ -141,6 +141,8 @@ class FeedPublisher:
         """Sealed batches not yet on Redis, in order (one while a publish is under way; more
         after a publish failed past ``retry_s``)."""
         self._sending = asyncio.Lock()
+        self._kept = False
+        """A publish failed and left batches queued (``tickmesh_ingest_unsent_batches``)."""
 
     # -- identity ----------------------------------------------------------------------------
 
@@ -283,6 +285,7 @@ class FeedPublisher:
                 try:
                     sent = await self._send(head)
                 except Exception:
+                    self._kept = True
                     self.metrics.unsent.set(len(self._unsent))
                     log.error(
                         "ingest.publish_failed",
@@ -292,9 +295,11 @@ class FeedPublisher:
                     )
                     raise
                 self._unsent.popleft()
-                self.metrics.unsent.set(len(self._unsent))
                 if head is sealed:
                     seqs = sent
+            if self._kept:  # the kept batches are out (the gauge is set only around a failure)
+                self._kept = False
+                self.metrics.unsent.set(0)
         return seqs
 
     def _seal(
