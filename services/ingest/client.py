@@ -42,6 +42,7 @@ from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.lifecycle import Component
 from libs.common.runtime.settings import Secret
 from services.ingest import protocol
+from services.ingest.config import BATCH_FRAMES
 from services.ingest.metrics import IngestMetrics
 from services.ingest.protocol import DEFAULT_CHANNELS, ChannelNames, StatusEvent
 from services.ingest.publishing import FeedPublisher
@@ -129,7 +130,7 @@ class FrameProcessor(Actor[Frame | Disconnected]):
         metrics: IngestMetrics,
         *,
         queue_size: int,
-        batch_frames: int = 64,
+        batch_frames: int = BATCH_FRAMES,
         one_record_per_batch: bool = False,
         linger_ms: int = 0,
         source: str = "polygon.ws",

@@ -44,6 +44,7 @@ from libs.common.runtime.lifecycle import Component
 from libs.common.schemas import DECODERS, ENCODER, FeedGap
 from services.ingest import protocol
 from services.ingest.client import IngestMetrics
+from services.ingest.config import BATCH_FRAMES
 from services.ingest.framing import frames_of
 from services.ingest.protocol import DEFAULT_CHANNELS, ChannelNames, TradeEvent
 from services.ingest.publishing import FeedPublisher
@@ -98,7 +99,7 @@ class TickFileSource(Component):
         symbols: Iterable[str] = ("*",),
         frame_max_events: int = 100,
         frame_window_ms: int = 1,
-        batch_frames: int = 64,
+        batch_frames: int = BATCH_FRAMES,
         one_record_per_batch: bool = False,
         channels: ChannelNames = DEFAULT_CHANNELS,
         fill_missing: bool = False,
