@@ -20,6 +20,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is in the test extra: pip install -e .[test]")
@@ -232,6 +233,29 @@ def test_env_file_holds_no_variable_that_nothing_reads() -> None:
     )
     assert not unread, f"deploy/.env sets variables no service reads: {unread}"
     assert sync_env.main(["--check"]) == 0, "deploy/.env is out of step with sync_env.py"
+
+
+def test_env_file_holds_the_code_defaults_but_for_the_compose_values() -> None:
+    """sync_env keeps the values the file has, so a default changed in the code stays behind
+    in the file (and in every deployment of it) unless the file is changed with it."""
+    env = env_file()
+    kept = set(sync_env.COMPOSE_VALUES) | {
+        alias for service in service_names() for alias in settings_class(service).ENV_NAMES.values()
+    }
+    behind = {}
+    for service in service_names():
+        cls = settings_class(service)
+        from_file = msgspec.structs.asdict(load_settings(cls, env))
+        defaults = msgspec.structs.asdict(
+            load_settings(cls, {name: value for name, value in env.items() if name in kept})
+        )
+        changed = sorted(field for field in from_file if from_file[field] != defaults[field])
+        if changed:
+            behind[service] = changed
+    assert not behind, (
+        f"deploy/.env holds values other than the code's defaults: {behind}; set them to the "
+        "defaults, or list them in sync_env.COMPOSE_VALUES if compose needs them"
+    )
 
 
 def test_every_service_runs_in_compose_and_parses_its_environment() -> None:
