@@ -43,8 +43,9 @@ clock, so a trade's latency to a point is the wall time it was seen there minus 
 - **tick → bar**: a bar's arrival (Redis pub/sub; Kafka, shadow) minus the end of its minute
   (``endMs``, which in this feed is wall time): a bar cannot close before ``endMs`` + grace,
   so the target is grace + 100 ms. Only first publications (revision 0) of minutes that ended
-  inside the window and before the last trade count (the last, partial minute closes on
-  ingest's idle mark instead).
+  inside the window and whose deadline (end + grace) came before the feed's last trade count:
+  the others (the last, partial minute, and one that ended less than the grace before the
+  feed stopped) close on ingest's idle mark, seconds later, not on the data.
 
 Only trades stamped, and bars ending, after the warm-up count. Topics are created before the
 mesh starts (``--cold`` skips that), as on any day but a mesh's first. CPU seconds and RSS
@@ -934,7 +935,10 @@ def analyse_synthetic(
     def bar_latencies(bars: list[Any]) -> list[tuple[float, int]]:
         first_seen: dict[tuple[str, int], float] = {}  # a re-delivered bar counts once
         for bar in bars:
-            if bar.revision == 0 and start * 1000 <= bar.end_ms <= last_trade_ms:
+            # a minute whose deadline (end + grace) came after the feed's last trade cannot
+            # close on the data: it closes on ingest's idle mark, seconds later
+            deadline = bar.end_ms + args.grace_ms
+            if bar.revision == 0 and start * 1000 <= bar.end_ms and deadline <= last_trade_ms:
                 key = (bar.symbol, bar.end_ms)
                 first_seen[key] = min(first_seen.get(key, bar.at), bar.at)
         return [(1000 * at - end_ms, 1) for (_, end_ms), at in first_seen.items()]

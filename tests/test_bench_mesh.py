@@ -161,6 +161,9 @@ def test_latencies_count_only_the_measured_window_and_first_bar_deliveries() -> 
             BarSeen("A", 1_000_000, 1_020_000, 0, at=1021.05),  # minute ends in the window
             BarSeen("A", 1_000_000, 1_020_000, 1, at=1040.0),  # a revision: not counted
             BarSeen("A", 1_060_000, 1_120_000, 0, at=1102.0),  # ends after the last trade
+            # ended before the last trade (1,099,000), but its deadline (end + the 1 s grace)
+            # came after it: no trade could close it, ingest's idle mark did, 3 s later
+            BarSeen("B", 1_038_500, 1_098_500, 0, at=1101.5),
         ],
         kafka_bars=[
             BarSeen("A", 1_000_000, 1_020_000, 0, at=1021.2),
