@@ -53,6 +53,7 @@ from libs.common.io.redis_io import Publisher
 from libs.common.names import Keys
 from services.ingest import protocol
 from services.ingest.client import Frame, FrameProcessor, IngestMetrics
+from services.ingest.config import BATCH_FRAMES
 from services.ingest.publishing import FeedPublisher
 
 
@@ -164,8 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--batch-frames",
         type=int,
-        default=64,
-        help="frames per Redis round trip (INGEST_PUBLISH_BATCH_FRAMES)",
+        default=BATCH_FRAMES,
+        help=f"frames per Redis round trip (INGEST_PUBLISH_BATCH_FRAMES, {BATCH_FRAMES})",
     )
     parser.add_argument("--cpu", type=int, default=0, help="CPU for this process (-1: no pin)")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead")
