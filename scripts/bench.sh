@@ -80,17 +80,23 @@ run_bench() {
     fi
 }
 
+# the whole-mesh runs keep their services' logs and their full results beside the table, so
+# that a surprising run can be looked into afterwards (a few hundred KiB a run)
+kept() { echo "--workdir $out/$1-logs --json $out/$1.json"; }
+
 for path in bench/bench_*.py; do
     name="$(basename "$path" .py)"
     if [[ $quick == 1 ]]; then options="${short[$name]-}"; else options="${full[$name]-}"; fi
+    [[ $name == bench_mesh ]] && options="$options $(kept "$name")"
     run_bench "$name" "$path" "$options"
 done
 
 # The real day once per record layout, bars shards and mirror instances (docs/scaling.md).
 if [[ $quick == 1 ]]; then
-    run_bench bench_mesh_scale bench/bench_mesh.py "--scale --quick --scale-setups 1x1:frame,1x1:batch"
+    run_bench bench_mesh_scale bench/bench_mesh.py \
+        "--scale --quick --scale-setups 1x1:frame,1x1:batch $(kept bench_mesh_scale)"
 else
-    run_bench bench_mesh_scale bench/bench_mesh.py "--scale"
+    run_bench bench_mesh_scale bench/bench_mesh.py "--scale $(kept bench_mesh_scale)"
 fi
 
 echo
