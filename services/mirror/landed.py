@@ -21,6 +21,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from libs.common.io.kafka_io import record_identity, start_consumer
+from libs.common.io.positions import PositionStore
 from libs.common.io.security import kafka_options
 from libs.common.names import Keys
 from libs.common.runtime.settings import CommonSettings
@@ -40,25 +41,21 @@ def parse_partition(key: str) -> TopicPartition:
 
 
 class OffsetStore:
-    """The newest acknowledged offset per partition at the mirror's last commit, in a hash."""
+    """The newest acknowledged offset per partition at the mirror's last commit: a
+    ``PositionStore`` (``state:offsets:<consumer>``) keyed by ``partition_key``."""
 
     def __init__(self, client: aioredis.Redis, keys: Keys, consumer: str) -> None:
-        self.client = client
-        self.key = keys.state(f"offsets:{consumer}")
+        self.positions = PositionStore(client, keys, consumer, kind="offsets")
+        self.key = self.positions.key
 
     async def load(self) -> dict[TopicPartition, int]:
         """Every stored offset."""
-        raw = await self.client.hgetall(self.key)
-        return {
-            parse_partition(key.decode() if isinstance(key, bytes) else key): int(value)
-            for key, value in raw.items()
-        }
+        stored = await self.positions.load()
+        return {parse_partition(key): offset for key, offset in stored.items()}
 
     async def save(self, offsets: dict[TopicPartition, int]) -> None:
         """Store offsets (only ever forward, guarded by the caller)."""
-        if offsets:
-            mapping = {partition_key(tp): offset for tp, offset in offsets.items()}
-            await self.client.hset(self.key, mapping=mapping)  # type: ignore[arg-type]
+        await self.positions.save({partition_key(tp): offset for tp, offset in offsets.items()})
 
 
 async def read_landed(

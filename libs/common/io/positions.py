@@ -9,11 +9,14 @@ from libs.common.names import Keys
 
 
 class PositionStore:
-    """The last committed sequence per channel of one consumer, in a Redis hash."""
+    """The last committed sequence per channel of one consumer, in a Redis hash
+    (``<prefix>state:<kind>:<consumer>``; ``kind`` names what the positions count)."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, consumer: str) -> None:
+    def __init__(
+        self, client: aioredis.Redis, keys: Keys, consumer: str, *, kind: str = "positions"
+    ) -> None:
         self.client = client
-        self.key = keys.state(f"positions:{consumer}")
+        self.key = keys.state(f"{kind}:{consumer}")
 
     async def load(self) -> dict[str, int]:
         """All committed positions."""
