@@ -537,8 +537,10 @@ class ProcessSampler:
             self.sample()
 
     def window(self, start: float, end: float) -> dict[str, dict[str, float]]:
-        """Per process: CPU seconds spent in [start, end], RSS at its start, middle, end and peak
-        (growth in the second half tells a leak from a high-water mark reached early)."""
+        """Per process: CPU seconds spent in [start, end], CPU % over the whole and over each
+        half, RSS at its start, middle, end and peak (growth in the second half tells a leak
+        from a high-water mark reached early; a CPU % that grows at a steady offered rate, a
+        cost that grows with what the process holds)."""
         out: dict[str, dict[str, float]] = {}
         for name, samples in self.samples.items():
             inside = [s for s in samples if start <= s.at <= end]
@@ -547,15 +549,23 @@ class ProcessSampler:
             last = inside[-1] if inside else None
             if first is None or last is None or last.at <= first.at:
                 continue
-            middle = [s for s in samples if s.at <= (first.at + last.at) / 2]
-            out[name] = {
+            mid = [s for s in samples if s.at <= (first.at + last.at) / 2][-1]
+            entry = out[name] = {
                 "cpuSeconds": round(last.cpu_s - first.cpu_s, 2),
                 "cpuPct": round(100 * (last.cpu_s - first.cpu_s) / (last.at - first.at), 1),
                 "rssStartMb": round(first.rss_mb, 1),
-                "rssMidMb": round(middle[-1].rss_mb, 1),
+                "rssMidMb": round(mid.rss_mb, 1),
                 "rssEndMb": round(last.rss_mb, 1),
                 "rssPeakMb": round(max(s.rss_mb for s in [first, *inside]), 1),
             }
+            for key, earlier, later in (
+                ("cpuPctFirstHalf", first, mid),
+                ("cpuPctSecondHalf", mid, last),
+            ):
+                if later.at > earlier.at:  # a half with two readings at least
+                    entry[key] = round(
+                        100 * (later.cpu_s - earlier.cpu_s) / (later.at - earlier.at), 1
+                    )
         return out
 
 

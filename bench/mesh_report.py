@@ -29,12 +29,18 @@ def _ms(stats: dict[str, Any] | None) -> str:
 
 def _process_rows(processes: dict[str, dict[str, float]]) -> list[str]:
     lines = [
-        "| process | CPU s | CPU % | RSS start MiB | RSS mid MiB | RSS end MiB | RSS peak MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| process | CPU s | CPU % | CPU %, 1st / 2nd half | RSS start MiB | RSS mid MiB "
+        "| RSS end MiB | RSS peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, p in sorted(processes.items(), key=lambda item: -item[1]["cpuSeconds"]):
+        halves = " / ".join(
+            "-" if (pct := p.get(key)) is None else f"{pct:.0f}"
+            for key in ("cpuPctFirstHalf", "cpuPctSecondHalf")
+        )
         lines.append(
-            f"| {name} | {p['cpuSeconds']:.1f} | {p['cpuPct']:.0f} | {p['rssStartMb']:.0f} "
+            f"| {name} | {p['cpuSeconds']:.1f} | {p['cpuPct']:.0f} | {halves} "
+            f"| {p['rssStartMb']:.0f} "
             f"| {p.get('rssMidMb', float('nan')):.0f} | {p['rssEndMb']:.0f} "
             f"| {p['rssPeakMb']:.0f} |"
         )

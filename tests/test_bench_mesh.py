@@ -38,6 +38,7 @@ from mesh_probe import (
     PatternSubscriber,
     Probe,
     ProcessSampler,
+    Sample,
     TickSeen,
     ack_times,
     acknowledged_at,
@@ -444,7 +445,37 @@ def test_the_report_states_hops_against_ceilings_and_targets() -> None:
     del flat["processes"]["simulator"]
     found = targets({**RESULTS, "synthetic": flat})
     assert any("+1.0 MiB (mirror); in its second half +0.5 MiB (mirror)" in line for line in found)
-    assert "| bars | 20.0 | 33 | 100 | 101 | 101 | 101 |" in text
+    assert "| bars | 20.0 | 33 | - / - | 100 | 101 | 101 | 101 |" in text
+
+
+def test_the_sampler_gives_each_halfs_cpu_so_that_a_growing_cost_shows() -> None:
+    sampler = ProcessSampler({})
+    # a broker whose cost grows with what it holds: 20 % of a core, then 60 %
+    sampler.samples["tansu"] = [
+        Sample(9.0, 0.0, 40.0),
+        Sample(10.0, 0.0, 40.0),
+        Sample(15.0, 1.0, 50.0),
+        Sample(20.0, 4.0, 60.0),
+        Sample(21.0, 4.5, 60.0),
+    ]
+    found = sampler.window(10.0, 20.0)["tansu"]
+    assert found["cpuSeconds"] == 4.0
+    assert found["cpuPct"] == 40.0
+    assert (found["cpuPctFirstHalf"], found["cpuPctSecondHalf"]) == (20.0, 60.0)
+    assert (found["rssStartMb"], found["rssMidMb"], found["rssEndMb"]) == (40.0, 50.0, 60.0)
+    row = next(
+        line
+        for line in render_markdown(
+            _with_processes({**RESULTS["synthetic"]["processes"], "tansu": found})
+        ).splitlines()
+        if line.startswith("| tansu |")
+    )
+    assert row == "| tansu | 4.0 | 40 | 20 / 60 | 40 | 50 | 60 | 60 |"
+
+
+def _with_processes(processes: dict[str, object]) -> dict[str, object]:
+    """RESULTS with these processes in scenario (b)."""
+    return {**RESULTS, "synthetic": {**RESULTS["synthetic"], "processes": processes}}
 
 
 def _run(kafka: float, bar: float, cpu: float) -> dict[str, object]:
