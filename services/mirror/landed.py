@@ -46,7 +46,6 @@ class OffsetStore:
 
     def __init__(self, client: aioredis.Redis, keys: Keys, consumer: str) -> None:
         self.positions = PositionStore(client, keys, consumer, kind="offsets")
-        self.key = self.positions.key
 
     async def load(self) -> dict[TopicPartition, int]:
         """Every stored offset."""
