@@ -6,6 +6,7 @@ from aiokafka import AIOKafkaProducer
 
 from libs.common import names
 from libs.common.io.barstore import BarStore
+from libs.common.io.kafka_batches import PartitionedSender
 from libs.common.io.kafka_io import TopicAdmin, TopicSpec
 from libs.common.io.redis_io import Publisher
 from libs.common.schemas import ENCODER, Bar
@@ -58,7 +59,10 @@ def kafka_sink(
 ) -> BarSink:
     """Produce bars to Kafka keyed by symbol, creating topics once (with ``replication``
     copies): to ``bars.<SYM>.1m`` (``topic`` a template), or all to one topic
-    (``names.shadow_bars_topic``)."""
+    (``names.shadow_bars_topic``). A call's bars go as prebuilt record batches, one or more
+    per partition (a minute's close is a bar per symbol at once), and the call returns once
+    Kafka acknowledged them all."""
+    sender = PartitionedSender()
 
     async def sink(bars: list[Bar]) -> None:
         topics = [names.channel(topic, bar.symbol) for bar in bars]
@@ -66,10 +70,13 @@ def kafka_sink(
         new = sorted({name for name in topics if name not in known})
         if new:
             await admin.ensure(bar_topic_spec(name, replication) for name in new)
-        futures = [
-            await producer.send(name, ENCODER.encode(bar), key=bar.symbol.encode())
-            for name, bar in zip(topics, bars, strict=True)
-        ]
+        futures, _ = await sender.send(
+            producer,
+            [
+                (name, bar.symbol.encode(), ENCODER.encode(bar), None)
+                for name, bar in zip(topics, bars, strict=True)
+            ],
+        )
         for future in futures:
             await future
 

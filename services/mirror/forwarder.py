@@ -4,7 +4,7 @@ Input is a ``SequencedConsumer`` (pub/sub for latency, gaps and restarts filled 
 streams, durable positions). A batch it yields that is not full waits up to ``linger_ms`` for
 more records (each batch costs a produce request and a position save); then it is routed,
 checked and handed to the producer as prebuilt record batches, one or more per partition
-(``producing.py``), and waits in the in-flight window without awaiting its
+(``libs/common/io/kafka_batches.py``), and waits in the in-flight window without awaiting its
 acknowledgements. The committer awaits the oldest batch's acknowledgements and only then
 commits its positions, so a position never moves past a record Kafka has not acknowledged
 and a crash re-sends (duplicates, dropped downstream by (channel, seq)) but never skips.
@@ -35,7 +35,8 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from libs.common.io.deadletter import DeadLetters
-from libs.common.io.kafka_io import TopicAdmin, TopicSpec, start_producer
+from libs.common.io.kafka_batches import Outgoing, PartitionedSender
+from libs.common.io.kafka_io import TopicAdmin, TopicSpec, sequence_headers, start_producer
 from libs.common.io.reliable import Record, SequencedConsumer
 from libs.common.names import Keys
 from libs.common.runtime.backoff import Backoff
@@ -44,7 +45,6 @@ from libs.common.runtime.lifecycle import Component, raise_if_cancelled
 from services.mirror.config import MirrorSettings
 from services.mirror.landed import OffsetStore, read_landed, starts_for
 from services.mirror.metrics import MirrorMetrics
-from services.mirror.producing import Outgoing, PartitionedSender
 from services.mirror.routing import BadRecord, RoutingTable
 
 log = structlog.get_logger("tickmesh.mirror")
@@ -339,7 +339,9 @@ class Forwarder(Component):
             if target.topic not in known:
                 new_specs[target.topic] = target.spec
             self._written.add(target.topic)
-            outgoing.append((target.topic, key, record.payload, record.seq, record.channel))
+            outgoing.append(
+                (target.topic, key, record.payload, sequence_headers(record.channel, record.seq))
+            )
             ticks += count
             size += len(record.payload)
             kinds[target.kind] = kinds.get(target.kind, 0) + 1
@@ -356,8 +358,7 @@ class Forwarder(Component):
             self.settings.deadletter_topic,
             record.channel.encode(),
             letter,
-            seq,
-            record.channel,
+            sequence_headers(record.channel, seq),
         )
 
     # -- the committer: acknowledgements in order, then positions ----------------------------
