@@ -288,8 +288,10 @@ def targets(results: dict[str, Any]) -> list[str]:
                 f"{runs}{judged:,.1f} ms ({'met' if met else 'not met'})"
             )
     processes = syn.get("processes") or {}
-    if processes:
-        services = {name: p for name, p in processes.items() if name in MEMORY_JUDGED}
+    services = {name: p for name, p in processes.items() if name in MEMORY_JUDGED}
+    if processes and not services:
+        out.append("memory flat over the window: no service's RSS was sampled (not judged)")
+    if services:
         whole = max(services.items(), key=lambda item: item[1]["rssEndMb"] - item[1]["rssStartMb"])
         line = (
             "memory flat over the window: largest RSS growth of a service or the simulator "
