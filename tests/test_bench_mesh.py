@@ -446,12 +446,8 @@ def test_the_report_states_hops_against_ceilings_and_targets() -> None:
     found = targets({**RESULTS, "synthetic": flat})
     assert any("+1.0 MiB (mirror); in its second half +0.5 MiB (mirror)" in line for line in found)
     assert "| bars | 20.0 | 33 | - / - | 100 | 101 | 101 | 101 |" in text
-    # Only the servers and the bench sampled (no service judged): said, not a crash
-    servers = {
-        **RESULTS["synthetic"],
-        "processes": {"tansu": {**RESULTS["synthetic"]["processes"]["simulator"]}},
-    }
-    found = targets({**RESULTS, "synthetic": servers})
+    # Only a server sampled (no service judged): said, not a crash
+    found = targets(_with_processes({"tansu": RESULTS["synthetic"]["processes"]["simulator"]}))
     assert any("no service's RSS was sampled (not judged)" in line for line in found)
 
 
