@@ -119,6 +119,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import msgspec
 import redis.asyncio as aioredis
 import structlog
+from mesh_gauge import gauge_ms
 from mesh_layout import layout_run
 from mesh_linger import linger_run
 from mesh_probe import (
@@ -443,6 +444,7 @@ class Scenario:
         # the services append to their logs (a restart keeps its history): a scenario run
         # again in the same --workdir starts from empty ones, or it would time the last run
         shutil.rmtree(self.options.workdir, ignore_errors=True)
+        gauge_before = gauge_ms()
         with LocalStack() as stack, collector_paused():
             prepare(stack)
             probe = probe_factory(stack)
@@ -503,6 +505,7 @@ class Scenario:
                 except Exception as exc:  # reported in the results: the scenario's figures stand
                     result["ceilings"] = {"error": f"{type(exc).__name__}: {exc}"}
             result.pop("tickRecordsByChannel", None)
+        result["machineGaugeMs"] = [gauge_before, gauge_ms()]
         return result
 
 

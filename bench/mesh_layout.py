@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mesh_gauge import gauge_cell
 from mesh_linger import ms_cell
 from summary import LIKE_FOR_LIKE, row
 
@@ -39,6 +40,7 @@ def layout_run(mode: str, result: dict[str, Any]) -> dict[str, Any]:
         if batches.get("batches")
         else None,
         "tradesNotAcknowledged": result.get("tradesNotAcknowledged"),
+        "machineGaugeMs": result.get("machineGaugeMs"),
         "notes": result.get("notes", []),
     }
 
@@ -53,13 +55,13 @@ def render_layout(layout: dict[str, Any]) -> list[str]:
         "",
         "| ticks on Kafka | ticks/s | tick → Redis p50 / p99 ms | tick → Kafka p50 / p99 ms "
         "| tick → shadow bar p99 ms | records a mirror batch | broker CPU s | mirror CPU s "
-        "| shadow CPU s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| shadow CPU s | machine gauge ms, before / after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         label = _LABELS.get(run["topicMode"], run["topicMode"])
         if run.get("error"):
-            lines.append(f"| {label} | {run['error']} | | | | | | | |")
+            lines.append(f"| {label} | {run['error']} | | | | | | | | |")
             continue
         redis, kafka = run["latencyMs"]["tickToRedis"], run["latencyMs"]["tickToKafka"]
         bar = run["latencyMs"]["tickToBarKafka"]
@@ -68,7 +70,8 @@ def render_layout(layout: dict[str, Any]) -> list[str]:
             f"| {ms_cell(redis, 'p50')} / {ms_cell(redis, 'p99')} "
             f"| {ms_cell(kafka, 'p50')} / {ms_cell(kafka, 'p99')} | {ms_cell(bar, 'p99')} "
             f"| {run['recordsPerBatch'] or '-'} | {run['brokerCpuSeconds']:.1f} "
-            f"| {run['mirrorCpuSeconds']:.1f} | {run['shadowCpuSeconds']:.1f} |"
+            f"| {run['mirrorCpuSeconds']:.1f} | {run['shadowCpuSeconds']:.1f} "
+            f"| {gauge_cell(run)} |"
         )
     for run in runs:
         label = _LABELS.get(run["topicMode"], run["topicMode"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from mesh_gauge import gauge_cell
 from summary import LIKE_FOR_LIKE, row
 
 
@@ -38,6 +39,7 @@ def linger_run(linger_ms: int, result: dict[str, Any], services: Iterable[str]) 
         "ingestCpuSeconds": round(processes.get("ingest", {}).get("cpuSeconds", 0.0), 2),
         "servicesCpuSeconds": round(services_cpu, 2),
         "tradesNotAcknowledged": result.get("tradesNotAcknowledged"),
+        "machineGaugeMs": result.get("machineGaugeMs"),
         "notes": result.get("notes", []),
     }
 
@@ -57,12 +59,13 @@ def render_linger(linger: dict[str, Any]) -> list[str]:
         f"measured after a {linger.get('warmupSeconds')} s warm-up).",
         "",
         "| INGEST_LINGER_MS | ticks/s | records/s | trades/record | tick → Redis p50 / p99 ms "
-        "| tick → Kafka p50 / p99 ms | ingest CPU s | services CPU s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tick → Kafka p50 / p99 ms | ingest CPU s | services CPU s "
+        "| machine gauge ms, before / after |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         if run.get("error"):
-            lines.append(f"| {run['lingerMs']} | {run['error']} | | | | | | |")
+            lines.append(f"| {run['lingerMs']} | {run['error']} | | | | | | | |")
             continue
         redis, kafka = run["latencyMs"]["tickToRedis"], run["latencyMs"]["tickToKafka"]
         lines.append(
@@ -71,7 +74,7 @@ def render_linger(linger: dict[str, Any]) -> list[str]:
             f"| {run['tradesPerRecord']} | {ms_cell(redis, 'p50')} / {ms_cell(redis, 'p99')} "
             f"| {ms_cell(kafka, 'p50')} / {ms_cell(kafka, 'p99')} "
             f"| {run['ingestCpuSeconds']:.1f} "
-            f"| {run['servicesCpuSeconds']:.1f} |"
+            f"| {run['servicesCpuSeconds']:.1f} | {gauge_cell(run)} |"
         )
     for run in runs:
         lines += [f"- linger {run['lingerMs']} ms: {note}" for note in run.get("notes", [])]

@@ -13,6 +13,8 @@ import math
 import statistics
 from typing import Any
 
+from mesh_gauge import gauge_cell
+
 REPEATED = ("tickToRedis", "tickToKafka", "tickToBarRedis", "tickToBarKafka")
 """The latencies whose p99 every run reports."""
 LABELS = {
@@ -52,6 +54,7 @@ def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "run": index,
                 "p99Ms": {key: _p99(run, key) for key in REPEATED},
                 "cpuSeconds": round(sum(p["cpuSeconds"] for p in processes.values()), 1),
+                "machineGaugeMs": run.get("machineGaugeMs"),
             }
         )
     chosen["repeats"] = repeats
@@ -80,21 +83,27 @@ def render_repeats(syn: dict[str, Any]) -> list[str]:
         f"Scenario (b) ran {len(repeats)} times, each on a fresh stack; the tables above are "
         f"run {syn.get('repeatShown')}'s, the median by p99 tick → Kafka. p99 of each run, ms:",
         "",
-        "| run | " + " | ".join(LABELS[key] for key in REPEATED) + " | CPU s, all processes |",
-        "|---:|" + "---:|" * (len(REPEATED) + 1),
+        "| run | "
+        + " | ".join(LABELS[key] for key in REPEATED)
+        + " | CPU s, all processes | machine gauge ms, before / after |",
+        "|---:|" + "---:|" * (len(REPEATED) + 2),
     ]
     for run in repeats:
         if run.get("error"):
-            lines.append(f"| {run['run']} | {run['error']} |" + " |" * len(REPEATED))
+            lines.append(f"| {run['run']} | {run['error']} |" + " |" * (len(REPEATED) + 1))
             continue
         cells = [
             "-" if (value := run["p99Ms"].get(key)) is None else f"{value:,.1f}" for key in REPEATED
         ]
-        lines.append(f"| {run['run']} | " + " | ".join(cells) + f" | {run['cpuSeconds']} |")
+        lines.append(
+            f"| {run['run']} | "
+            + " | ".join(cells)
+            + f" | {run['cpuSeconds']} | {gauge_cell(run)} |"
+        )
     medians = [median_p99(syn, key) for key in REPEATED]
     lines.append(
         "| median | "
         + " | ".join("-" if found is None else f"{found[0]:,.1f}" for found in medians)
-        + " | |"
+        + " | | |"
     )
     return [*lines, ""]

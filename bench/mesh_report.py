@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mesh_gauge import gauge_line, gauge_summary_rows
 from mesh_layout import layout_summary_rows, render_layout
 from mesh_linger import linger_summary_rows, render_linger
 from mesh_repeat import LABELS, median_p99, render_repeats
@@ -157,6 +158,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += _ceiling_lines(day, "redis", "kafka")
         if day.get("processes"):
             lines += ["", *_process_rows(day["processes"])]
+        lines += gauge_line(day)
         lines += [f"- {note}" for note in day.get("notes", [])]
         lines.append("")
     syn = results.get("synthetic") or {}
@@ -207,6 +209,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += _ceiling_lines(syn, None, None)
         if syn.get("processes"):
             lines += ["", *_process_rows(syn["processes"])]
+        lines += gauge_line(syn)
         lines += [f"- {note}" for note in syn.get("notes", [])]
         lines.append("")
         lines += render_repeats(syn)
@@ -386,7 +389,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, object]]:
         rows += layout_summary_rows(results["layout"])
     if results.get("linger"):
         rows += linger_summary_rows(results["linger"])
-    return rows
+    return rows + gauge_summary_rows(results, "bench_mesh")
 
 
 def _topic_mode(mode: object) -> str:

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from mesh_gauge import gauge_cell, gauge_summary_rows
 from summary import LIKE_FOR_LIKE, row
 
 Records = Literal["frame", "batch"]
@@ -130,12 +131,15 @@ def render_scale(results: dict[str, Any]) -> str:
         "brackets). `batch`: ingest publishes one record per symbol per Redis round trip, the "
         "same trades in fewer, larger records. Baseline: bars x1, mirror x1, frame (the default "
         "mesh). Bars counted are records, corrections included. Cores busy: the CPU of every "
-        "process (services, simulator, redis-server, the broker, the bench) over the window.",
+        "process (services, simulator, redis-server, the broker, the bench) over the window. "
+        "Machine gauge: a fixed single-core workload timed before and after the setup's run "
+        "(`bench/mesh_gauge.py`; lower is faster): how fast the machine was around it.",
         "",
         "| setup | trades/record | bars Redis / Kafka | ticks/s → Kafka | → bars, Redis "
         "| → bars, Kafka | vs baseline (Kafka) | CPU s ingest | bars | bars-shadow | mirror "
-        "| engine_bridge | services | cores busy | load average (start, end) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| engine_bridge | services | cores busy | load average (start, end) "
+        "| machine gauge ms, before / after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     base = _kafka_rate(baseline(runs))
     for run in runs:
@@ -156,7 +160,7 @@ def render_scale(results: dict[str, Any]) -> str:
             f"{_rate(to.get('barRedisEventTime'))} | {_rate(to.get('barKafkaEventTime'))} | "
             f"{_ratio(kafka, base)} | "
             + " | ".join(_cpu(cpu.get(name)) for name in SERVICES)
-            + f" | {total:.1f} | {busy:.2f} | {load[0]}, {load[1]} |"
+            + f" | {total:.1f} | {busy:.2f} | {load[0]}, {load[1]} | {gauge_cell(run)} |"
         )
     notes = [
         f"- {run.get('setup')}: {note}"
@@ -198,4 +202,4 @@ def scale_summary_rows(results: dict[str, Any]) -> list[dict[str, object]]:
                 basis,
             )
         )
-    return rows
+    return rows + gauge_summary_rows(results, "bench_mesh --scale")
