@@ -119,7 +119,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import msgspec
 import redis.asyncio as aioredis
 import structlog
-from mesh_gauge import gauge_ms
+from mesh_gauge import RunGauge, gauge_ms
 from mesh_layout import layout_run
 from mesh_linger import linger_run
 from mesh_probe import (
@@ -455,9 +455,11 @@ class Scenario:
             ).start()
             if stack.kafka is not None:
                 sampler.add("tansu", stack.kafka.pid)
+            gauge = RunGauge(self.options.workdir / "machine-gauge.txt").start()
             mesh = Mesh(stack, self.options)
             profilers: dict[str, subprocess.Popen[bytes]] = {}
             result: dict[str, Any] = {"scenario": self.label}
+            during: dict[str, float] | None = None
             seen = Observations()
             try:
                 mesh.start()
@@ -477,6 +479,7 @@ class Scenario:
                 if profilers:
                     result["profile"] = stop_profilers(profilers, profile_dir, self.label)
                 sampler.stop()
+                during = gauge.stop()
                 seen = probe.stop()
                 result["redisCalls"] = redis_calls(stack)
                 result.update(analyse(mesh, stack, seen, sampler))
@@ -486,6 +489,7 @@ class Scenario:
                         if process.poll() is None:
                             process.kill()
                     probe.stop()
+                    gauge.stop()
                 finally:
                     mesh.stop()  # whatever else failed: no service outlives the bench
             if seen.errors:
@@ -505,7 +509,11 @@ class Scenario:
                 except Exception as exc:  # reported in the results: the scenario's figures stand
                     result["ceilings"] = {"error": f"{type(exc).__name__}: {exc}"}
             result.pop("tickRecordsByChannel", None)
-        result["machineGaugeMs"] = [gauge_before, gauge_ms()]
+        result["machineGauge"] = {
+            "beforeMs": gauge_before,
+            "during": during,
+            "afterMs": gauge_ms(),
+        }
         return result
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mesh_gauge import gauge_cell
+from mesh_gauge import GAUGE_HEADER, gauge_cell
 from mesh_linger import ms_cell
 from summary import LIKE_FOR_LIKE, row
 
@@ -40,7 +40,7 @@ def layout_run(mode: str, result: dict[str, Any]) -> dict[str, Any]:
         if batches.get("batches")
         else None,
         "tradesNotAcknowledged": result.get("tradesNotAcknowledged"),
-        "machineGaugeMs": result.get("machineGaugeMs"),
+        "machineGauge": result.get("machineGauge"),
         "notes": result.get("notes", []),
     }
 
@@ -55,7 +55,7 @@ def render_layout(layout: dict[str, Any]) -> list[str]:
         "",
         "| ticks on Kafka | ticks/s | tick → Redis p50 / p99 ms | tick → Kafka p50 / p99 ms "
         "| tick → shadow bar p99 ms | records a mirror batch | broker CPU s | mirror CPU s "
-        "| shadow CPU s | machine gauge ms, before / after |",
+        f"| shadow CPU s | {GAUGE_HEADER} |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from mesh_gauge import gauge_cell
+from mesh_gauge import GAUGE_HEADER, gauge_cell
 from summary import LIKE_FOR_LIKE, row
 
 
@@ -39,7 +39,7 @@ def linger_run(linger_ms: int, result: dict[str, Any], services: Iterable[str]) 
         "ingestCpuSeconds": round(processes.get("ingest", {}).get("cpuSeconds", 0.0), 2),
         "servicesCpuSeconds": round(services_cpu, 2),
         "tradesNotAcknowledged": result.get("tradesNotAcknowledged"),
-        "machineGaugeMs": result.get("machineGaugeMs"),
+        "machineGauge": result.get("machineGauge"),
         "notes": result.get("notes", []),
     }
 
@@ -60,7 +60,7 @@ def render_linger(linger: dict[str, Any]) -> list[str]:
         "",
         "| INGEST_LINGER_MS | ticks/s | records/s | trades/record | tick → Redis p50 / p99 ms "
         "| tick → Kafka p50 / p99 ms | ingest CPU s | services CPU s "
-        "| machine gauge ms, before / after |",
+        f"| {GAUGE_HEADER} |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:

@@ -13,7 +13,7 @@ import math
 import statistics
 from typing import Any
 
-from mesh_gauge import gauge_cell
+from mesh_gauge import GAUGE_HEADER, gauge_cell
 
 REPEATED = ("tickToRedis", "tickToKafka", "tickToBarRedis", "tickToBarKafka")
 """The latencies whose p99 every run reports."""
@@ -54,7 +54,7 @@ def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "run": index,
                 "p99Ms": {key: _p99(run, key) for key in REPEATED},
                 "cpuSeconds": round(sum(p["cpuSeconds"] for p in processes.values()), 1),
-                "machineGaugeMs": run.get("machineGaugeMs"),
+                "machineGauge": run.get("machineGauge"),
             }
         )
     chosen["repeats"] = repeats
@@ -85,7 +85,7 @@ def render_repeats(syn: dict[str, Any]) -> list[str]:
         "",
         "| run | "
         + " | ".join(LABELS[key] for key in REPEATED)
-        + " | CPU s, all processes | machine gauge ms, before / after |",
+        + f" | CPU s, all processes | {GAUGE_HEADER} |",
         "|---:|" + "---:|" * (len(REPEATED) + 2),
     ]
     for run in repeats:

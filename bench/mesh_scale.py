@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from mesh_gauge import gauge_cell, gauge_summary_rows
+from mesh_gauge import GAUGE_HEADER, gauge_cell, gauge_summary_rows
 from summary import LIKE_FOR_LIKE, row
 
 Records = Literal["frame", "batch"]
@@ -132,13 +132,13 @@ def render_scale(results: dict[str, Any]) -> str:
         "same trades in fewer, larger records. Baseline: bars x1, mirror x1, frame (the default "
         "mesh). Bars counted are records, corrections included. Cores busy: the CPU of every "
         "process (services, simulator, redis-server, the broker, the bench) over the window. "
-        "Machine gauge: a fixed single-core workload timed before and after the setup's run "
-        "(`bench/mesh_gauge.py`; lower is faster): how fast the machine was around it.",
+        "Machine gauge: CPU ms of a fixed single-core workload before, during and after the "
+        "setup's run (`bench/mesh_gauge.py`; lower is faster): how fast the machine ran.",
         "",
         "| setup | trades/record | bars Redis / Kafka | ticks/s → Kafka | → bars, Redis "
         "| → bars, Kafka | vs baseline (Kafka) | CPU s ingest | bars | bars-shadow | mirror "
         "| engine_bridge | services | cores busy | load average (start, end) "
-        "| machine gauge ms, before / after |",
+        f"| {GAUGE_HEADER} |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     base = _kafka_rate(baseline(runs))

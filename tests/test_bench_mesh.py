@@ -494,6 +494,12 @@ def _run(kafka: float, bar: float, cpu: float) -> dict[str, object]:
     return {**syn, "latencyMs": latency, "processes": {**syn["processes"], "bars": bars}}
 
 
+def _gauge(before: float, median: float, after: float) -> dict[str, object]:
+    """A run's machine gauge (ms) with 30 samples during it, 8.2 to 15.0 ms."""
+    during = {"medianMs": median, "fastestMs": 8.2, "slowestMs": 15.0, "samples": 30}
+    return {"beforeMs": before, "during": during, "afterMs": after}
+
+
 def test_repeated_runs_are_judged_on_the_median_of_their_p99s() -> None:
     """Three runs: the tables are the median run's by p99 tick → Kafka (with the first run's
     ceilings), each target is judged on the median of the three p99s of its own latency, and
@@ -501,9 +507,9 @@ def test_repeated_runs_are_judged_on_the_median_of_their_p99s() -> None:
     first = {
         **_run(150.0, 1050.0, 110.0),
         "ceilings": RESULTS["realDay"]["ceilings"],
-        "machineGaugeMs": [40.0, 40.6],
+        "machineGauge": _gauge(8.0, 9.1, 8.2),
     }
-    slow = {**_run(300.0, 1120.0, 120.0), "machineGaugeMs": [52.0, 47.5]}
+    slow = {**_run(300.0, 1120.0, 120.0), "machineGauge": _gauge(8.4, 13.65, 9.0)}
     runs = [first, _run(90.0, 1150.0, 100.0), slow, {"error": "no feed"}]
     syn = combine_runs(runs)
     assert syn["repeatShown"] == 1  # p99 tick → Kafka 90, 150, 300: the median is run 1's
@@ -517,18 +523,19 @@ def test_repeated_runs_are_judged_on_the_median_of_their_p99s() -> None:
     text = render_markdown(results)
     assert "Scenario (b) ran 4 times, each on a fresh stack; the tables above are run 1's" in text
     assert "| 2 | 9.0 | 90.0 | 1,150.0 | - | 139.0 | - |" in text  # 30 + 100 + 9 CPU s
-    assert "| 3 | 9.0 | 300.0 | 1,120.0 | - | 159.0 | 52.0 / 47.5 |" in text
+    assert "| 3 | 9.0 | 300.0 | 1,120.0 | - | 159.0 | 8.4 · 13.7 (8.2–15.0) · 9.0 |" in text
     assert "| 4 | no feed |" in text
     assert "| median | 9.0 | 150.0 | 1,120.0 | - | | |" in text
     # the run shown is run 1: its gauge under its process table, and the bench's spread
-    assert "before / after this run: 40.0 / 40.6 ms" in text
+    assert "30 samples during it), before · during, median (fastest–slowest) · after: " in text
+    assert "after: 8.0 · 9.1 (8.2–15.0) · 8.2" in text
     rows = {item["figure"]: item for item in summary_rows(results)}
     bar_row = "1000 symbols at 19,900 ticks/s: p99 tick → bar, Redis, median of 3 runs"
     assert rows[f"{bar_row} (1,050.0, 1,150.0, 1,120.0 ms)"]["result"] == "1,120.0 ms"
-    # the slowest gauge of any run (run 3's before) against the fastest (run 1's before)
-    gauge = rows["machine gauge, the slowest taken (before and after each run)"]
-    assert (gauge["result"], gauge["against"]) == ("52.0 ms", "fastest 40.0 ms")
-    assert gauge["ratio"] == 1.3
+    # the slowest run's median gauge during it (run 3's) against the fastest run's (run 1's)
+    gauge = rows["machine gauge during a run (its median), the slowest run"]
+    assert (gauge["result"], gauge["against"]) == ("13.7 ms", "fastest run 9.1 ms")
+    assert gauge["ratio"] == 1.5
     # the median run shown when the first is not it: the ceilings still come from the first
     syn = combine_runs([first, _run(20.0, 1000.0, 90.0), _run(50.0, 1000.0, 95.0)])
     assert syn["repeatShown"] == 3 and syn["ceilings"] == first["ceilings"]
@@ -595,7 +602,7 @@ SCALE = {
             {**_scale_run("bars x1, mirror x1, frame", "frame", 1.2, 8_000,
                           {"ingest": 4.0, "bars": 3.0, "bars-shadow": 2.0, "mirror": 5.0,
                            "tansu": 9.0}),
-             "machineGaugeMs": [40.0, 41.5]},
+             "machineGauge": _gauge(8.0, 9.0, 8.5)},
             _scale_run("bars x2, mirror x2, frame", "frame", 1.2, 10_000,
                        {"ingest": 4.0, "bars-1of2": 1.5, "bars-2of2": 2.0,
                         "bars-shadow-1of2": 1.0, "bars-shadow-2of2": 1.5,
@@ -613,7 +620,7 @@ def test_the_scale_table_sums_each_service_over_its_instances() -> None:
     assert "| 0.75x |" in rows[0]  # against the baseline, which ran second
     assert rows[1] == (
         "| bars x1, mirror x1, frame | 1.2 | 453 / 453 | 8,000 | 8,000 | - | 1.00x | 4.0 | 3.0 "
-        "| 2.0 | 5.0 | - | 14.0 | 2.30 | 2.5, 3.0 | 40.0 / 41.5 |"
+        "| 2.0 | 5.0 | - | 14.0 | 2.30 | 2.5, 3.0 | 8.0 · 9.0 (8.2–15.0) · 8.5 |"
     )
     assert rows[0].endswith("| 2.5, 3.0 | - |")  # no gauge taken: said so
     assert "| 3.5 (1.5 + 2.0) | 2.5 (1.0 + 1.5) | 6.5 (3.0 + 3.5) |" in rows[2]
@@ -630,13 +637,7 @@ def test_scale_rows_compare_with_the_first_setup_and_label_other_record_modes() 
     assert batch["ratio"] == 5.0
     assert batch["basis"] == "same trades; 12.0 vs 1.2 trades/record"
     assert rows["real day, ticks/s to Kafka, bars x2, mirror x1, frame"]["ratio"] == 0.75
-    gauge = rows.pop("machine gauge, the slowest taken (before and after each run)")
-    assert (gauge["result"], gauge["against"], gauge["ratio"]) == (
-        "41.5 ms",
-        "fastest 40.0 ms",
-        1.04,
-    )
-    assert len(rows) == 3  # every run but the baseline
+    assert len(rows) == 3  # every run but the baseline: one run had a gauge, no spread to show
 
 
 def _synthetic_result(p99_redis: float, p99_kafka: float, ingest_cpu: float, per: float):  # type: ignore[no-untyped-def]
@@ -763,11 +764,31 @@ def test_a_short_real_day_runs_through_the_whole_mesh(shared_data: Path, tmp_pat
 
 def test_the_machine_gauge_times_the_same_work_every_time() -> None:
     """The gauge's workload is fixed: the same records, decoded, de-duplicated and aggregated
-    into the same bars (50 symbols, two minutes each) whenever it runs; the gauge is its CPU
-    time, and a run without one has nothing to report."""
+    into the same bars (50 symbols, two minutes each) whenever it runs; a sample is its CPU
+    time over the first records, and a run without a gauge has nothing to report."""
     records = mesh_gauge.records()
     assert len(records) == mesh_gauge.RECORDS
     assert mesh_gauge.work(records) == mesh_gauge.work(records) == 2 * mesh_gauge.SYMBOLS
-    assert mesh_gauge.gauge_ms(rounds=1) > 0
-    assert mesh_gauge.gauge_line({}) == []
-    assert mesh_gauge.gauge_summary_rows({"machineGaugeMs": [40.0]}, "bench_mesh") == []
+    assert mesh_gauge.gauge_ms(samples=1) > 0
+    assert mesh_gauge.gauge_line({}) == [] and mesh_gauge.gauge_cell({}) == "-"
+    one = {"machineGauge": _gauge(8.0, 9.0, 8.5)}
+    assert mesh_gauge.gauge_summary_rows(one, "bench_mesh") == []  # one run: no spread
+    no_samples = {"machineGauge": {"beforeMs": 8.0, "during": None, "afterMs": None}}
+    assert mesh_gauge.gauge_cell(no_samples) == "8.0 · - · -"
+    found = mesh_gauge.run_gauge("1.0 9.5\n2.0 8.0\n\n3.0 12.25\n")
+    assert found == {"medianMs": 9.5, "fastestMs": 8.0, "slowestMs": 12.25, "samples": 3}
+    assert mesh_gauge.run_gauge("") is None
+
+
+@pytest.mark.timeout(60)
+def test_the_run_gauge_samples_in_a_process_of_its_own(tmp_path: Path) -> None:
+    """The gauge during a run is a process of its own that writes a sample a period until
+    stopped; stopping it twice is harmless."""
+    gauge = mesh_gauge.RunGauge(tmp_path / "gauge.txt", every_s=0.05).start()
+    assert gauge.process is not None
+    wait_until(lambda: len((tmp_path / "gauge.txt").read_text().splitlines()) >= 3)
+    found = gauge.stop()
+    assert gauge.process.poll() is not None
+    assert found is not None and found["samples"] >= 3
+    assert 0 < found["fastestMs"] <= found["medianMs"] <= found["slowestMs"]
+    assert gauge.stop() is not None
