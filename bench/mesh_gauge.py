@@ -2,9 +2,9 @@
 
 Two runs of the same code on this kind of machine (a VM sharing its host) have differed by
 as much as different code. The host's share moves by half within a minute: a loop of fixed
-work on both cores ran 235-275 units a second for 50 s, then 335-375, with nothing else
+work on both cores ran 227-296 units a second for 50 s, then 293-377, with nothing else
 running, and a sample of this gauge on an idle machine read 8.6-9.4 ms in fast spells and
-12-17 ms in slow ones. With the two cores saturated, a machine a tenth slower is a mesh whose
+12-17.5 ms in slow ones. With the two cores saturated, a machine a tenth slower is a mesh whose
 queues grow, so a run's p99 says as much about the machine as about the mesh.
 
 The gauge puts a number on the machine's side. Its work is what a bar builder does for each
