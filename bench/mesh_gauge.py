@@ -114,7 +114,8 @@ def gauge_ms(samples: int = 5) -> float:
 
 class RunGauge:
     """``python bench/mesh_gauge.py --every S`` in a process of its own, for a run: its
-    samples (epoch seconds, ms) go to ``path``, one a line."""
+    samples (epoch seconds, ms) go to ``path``, one a line, and anything it prints on stderr
+    (why it has none, say) beside it in ``path`` + ``.err``."""
 
     def __init__(self, path: Path, every_s: float = 2.0) -> None:
         self.path = path
@@ -124,11 +125,12 @@ class RunGauge:
     def start(self) -> RunGauge:
         """Start sampling."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("wb") as out:
+        errors = self.path.with_name(self.path.name + ".err")
+        with self.path.open("wb") as out, errors.open("wb") as err:
             self.process = subprocess.Popen(
                 [sys.executable, str(Path(__file__)), "--every", str(self.every_s)],
                 stdout=out,
-                stderr=subprocess.DEVNULL,
+                stderr=err,
             )
         return self
 

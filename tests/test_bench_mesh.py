@@ -792,3 +792,4 @@ def test_the_run_gauge_samples_in_a_process_of_its_own(tmp_path: Path) -> None:
     assert found is not None and found["samples"] >= 3
     assert 0 < found["fastestMs"] <= found["medianMs"] <= found["slowestMs"]
     assert gauge.stop() is not None
+    assert (tmp_path / "gauge.txt.err").read_text() == ""  # it said nothing wrong
