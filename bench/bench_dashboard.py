@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from mesh_gauge import during_cell, gauged
 from summary import LIKE_FOR_LIKE, add_rows, row
 
 from devstack.localstack import LocalStack, free_port
@@ -220,6 +221,12 @@ async def read_streams(port: int, count: int, symbols: list[str]) -> None:
     )
 
 
+def _median(figures: dict[str, object]) -> str:
+    """A run's median machine gauge during it (ms), ``-`` without samples."""
+    during = figures.get("machine_gauge_during")
+    return f"{during['medianMs']:,.1f}" if isinstance(during, dict) else "-"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--symbols", type=int, default=1_000)
@@ -241,16 +248,24 @@ def main() -> int:
         # as slow as the same run after it (10,000 bars: 12 k bars/s, then 25 k with the
         # dashboard added), which made the baseline, always first, look slow
         run(stack, workdir, "warmup", args, dashboard=False, clients=0)
-        results = [
-            run(stack, workdir, "mesh", args, dashboard=False, clients=0),
-            run(stack, workdir, "dashboard", args, dashboard=True, clients=0),
-            run(stack, workdir, "clients", args, dashboard=True, clients=args.clients),
-        ]
+        results = []
+        for label, dashboard, clients in (
+            ("mesh", False, 0),
+            ("dashboard", True, 0),
+            ("clients", True, args.clients),
+        ):
+            with gauged(workdir / f"gauge-{label}.txt") as gauge:
+                figures = run(stack, workdir, label, args, dashboard=dashboard, clients=clients)
+            figures["machine_gauge_during"] = gauge["during"]
+            results.append(figures)
     for figures in results:
         print(json.dumps(figures))
     base = results[0]["mesh_bars_per_s"]
-    print("\n| run | feed bars/s | mesh bars/s | vs mesh alone | dashboard CPU (% of a core) |")
-    print("|---|---|---|---|---|")
+    print(
+        "\n| run | feed bars/s | mesh bars/s | vs mesh alone | dashboard CPU (% of a core) "
+        "| machine gauge ms during it, median (range) |"
+    )
+    print("|---|---|---|---|---|---|")
     labels = {
         "mesh": "mesh alone",
         "dashboard": "+ dashboard",
@@ -261,7 +276,8 @@ def main() -> int:
         cpu = figures["dashboard_cpu_pct_of_core"]
         print(
             f"| {labels[str(figures['run'])]} | {figures['feed_bars_per_s']:,} | "
-            f"{figures['mesh_bars_per_s']:,} | {ratio:.2f}× | {cpu if cpu is not None else '–'} |"
+            f"{figures['mesh_bars_per_s']:,} | {ratio:.2f}× | {cpu if cpu is not None else '–'} | "
+            f"{during_cell(figures['machine_gauge_during'])} |"  # type: ignore[arg-type]
         )
     add_rows(
         args.summary,
@@ -273,7 +289,9 @@ def main() -> int:
                 f"{figures['mesh_bars_per_s']:,}",
                 f"mesh alone {base:,}",
                 figures["mesh_bars_per_s"] / base,  # type: ignore[operator]
-                f"{LIKE_FOR_LIKE} (the same {args.symbols} symbols × {args.minutes} minutes)",
+                f"{LIKE_FOR_LIKE} (the same {args.symbols} symbols × {args.minutes} minutes); "
+                f"machine gauge during each, median ms: {_median(figures)} vs "
+                f"{_median(results[0])}",
             )
             for figures in results[1:]
         ],

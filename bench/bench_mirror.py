@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import msgspec
 import redis.asyncio as aioredis
+from mesh_gauge import during_cell, gauged
 from summary import LIKE_FOR_LIKE, add_rows, row
 
 from devstack.localstack import RedisServer, TansuBroker, free_port
@@ -287,6 +288,12 @@ def run_mirror_catch_up(
     }
 
 
+def _median(result: dict[str, object]) -> str:
+    """A run's median machine gauge during it (ms), ``-`` without samples."""
+    during = result.get("machineGaugeDuring")
+    return f"{during['medianMs']:,.1f}" if isinstance(during, dict) else "-"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -308,13 +315,21 @@ def main() -> int:
         redis.start()
         kafka.start()
         try:
-            for run in (
-                lambda: run_naive(redis, kafka, work),
-                lambda: run_mirror_live(redis, kafka, work, "live1", 1, 1),
-                lambda: run_mirror_live(redis, kafka, work, "live100", 100, args.repeat),
-                lambda: run_mirror_catch_up(redis, kafka, work, "catch100", 100, args.repeat),
+            for label, run in (
+                ("naive1", lambda: run_naive(redis, kafka, work)),
+                ("live1", lambda: run_mirror_live(redis, kafka, work, "live1", 1, 1)),
+                (
+                    "live100",
+                    lambda: run_mirror_live(redis, kafka, work, "live100", 100, args.repeat),
+                ),
+                (
+                    "catch100",
+                    lambda: run_mirror_catch_up(redis, kafka, work, "catch100", 100, args.repeat),
+                ),
             ):
-                result = run()
+                with gauged(work / f"gauge-{label}.txt") as gauge:
+                    result = run()
+                result["machineGaugeDuring"] = gauge["during"]
                 results.append(result)
                 print(json.dumps(result), flush=True)
         finally:
@@ -329,13 +344,14 @@ def main() -> int:
     )
     print(
         f"{'scenario':<40} {'published':>10} {'in Kafka':>10} {'lost':>14} "
-        f"{'records/s':>10} {'ticks/s':>10}"
+        f"{'records/s':>10} {'ticks/s':>10}  machine gauge ms during it, median (range)"
     )
     for r in results:
         lost = f"{r['lost']:,} ({r['lostPct']} %)"
         print(
             f"{r['scenario']:<40} {r['published']:>10,} {r['delivered']:>10,} {lost:>14} "
-            f"{r['recordsPerS']:>10,} {r['ticksPerS']:>10,}"
+            f"{r['recordsPerS']:>10,} {r['ticksPerS']:>10,}  "
+            f"{during_cell(r['machineGaugeDuring'])}"  # type: ignore[arg-type]
         )
     naive = results[0]
     best = max(results[1:], key=lambda r: r["ticksPerS"])  # type: ignore[arg-type,return-value]
@@ -361,7 +377,8 @@ def main() -> int:
                 f"naive forwarder {naive['recordsPerS']:,}",
                 live1["recordsPerS"] / naive["recordsPerS"],  # type: ignore[operator]
                 f"{LIKE_FOR_LIKE} (1 trade a message; lost {live1['lost']} vs "
-                f"{naive['lost']:,}); target 60,000",
+                f"{naive['lost']:,}); target 60,000; machine gauge during each, median ms: "
+                f"{_median(live1)} vs {_median(naive)}",
             ),
             row(
                 "bench_mirror",

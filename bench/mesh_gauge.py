@@ -30,6 +30,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -147,6 +149,25 @@ class RunGauge:
         return run_gauge(self.path.read_text() if self.path.exists() else "")
 
 
+@contextmanager
+def gauged(path: Path, every_s: float = 1.0) -> Iterator[dict[str, Any]]:
+    """Sample the gauge (``RunGauge`` to ``path``) while the block runs; at its end the
+    yielded dict holds ``during``: the samples' figures, or None when there were none."""
+    found: dict[str, Any] = {"during": None}
+    gauge = RunGauge(path, every_s).start()
+    try:
+        yield found
+    finally:
+        found["during"] = gauge.stop()
+
+
+def during_cell(during: dict[str, float] | None) -> str:
+    """A gauge's samples during a run as "median (fastest–slowest)" ms, ``-`` for none."""
+    if not during:
+        return "-"
+    return f"{during['medianMs']:,.1f} ({during['fastestMs']:,.1f}–{during['slowestMs']:,.1f})"
+
+
 def run_gauge(text: str) -> dict[str, float] | None:
     """The samples of ``text`` (lines of "epoch-seconds ms") as their median, fastest,
     slowest and count; None when there are none."""
@@ -183,12 +204,7 @@ def gauge_cell(result: dict[str, Any]) -> str:
     gauge = result.get("machineGauge")
     if not gauge:
         return "-"
-    during = gauge.get("during")
-    middle = (
-        f"{during['medianMs']:,.1f} ({during['fastestMs']:,.1f}–{during['slowestMs']:,.1f})"
-        if during
-        else "-"
-    )
+    middle = during_cell(gauge.get("during"))
     before, after = gauge.get("beforeMs"), gauge.get("afterMs")
     return " · ".join(
         [f"{before:,.1f}" if before else "-", middle, f"{after:,.1f}" if after else "-"]

@@ -793,3 +793,10 @@ def test_the_run_gauge_samples_in_a_process_of_its_own(tmp_path: Path) -> None:
     assert 0 < found["fastestMs"] <= found["medianMs"] <= found["slowestMs"]
     assert gauge.stop() is not None
     assert (tmp_path / "gauge.txt.err").read_text() == ""  # it said nothing wrong
+    # the same around a block (bench_mirror's and bench_dashboard's runs)
+    with mesh_gauge.gauged(tmp_path / "block.txt", every_s=0.05) as block:
+        wait_until(lambda: len((tmp_path / "block.txt").read_text().splitlines()) >= 2)
+        assert block["during"] is None  # known at the block's end
+    assert block["during"] is not None and block["during"]["samples"] >= 2
+    assert mesh_gauge.during_cell(block["during"]).count("–") == 1
+    assert mesh_gauge.during_cell(None) == "-"
