@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from mesh_gauge import during_cell, gauged
+from mesh_gauge import during_cell, during_median, gauged
 from summary import LIKE_FOR_LIKE, add_rows, row
 
 from devstack.localstack import LocalStack, free_port
@@ -221,12 +221,6 @@ async def read_streams(port: int, count: int, symbols: list[str]) -> None:
     )
 
 
-def _median(figures: dict[str, object]) -> str:
-    """A run's median machine gauge during it (ms), ``-`` without samples."""
-    during = figures.get("machine_gauge_during")
-    return f"{during['medianMs']:,.1f}" if isinstance(during, dict) else "-"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--symbols", type=int, default=1_000)
@@ -277,7 +271,7 @@ def main() -> int:
         print(
             f"| {labels[str(figures['run'])]} | {figures['feed_bars_per_s']:,} | "
             f"{figures['mesh_bars_per_s']:,} | {ratio:.2f}× | {cpu if cpu is not None else '–'} | "
-            f"{during_cell(figures['machine_gauge_during'])} |"  # type: ignore[arg-type]
+            f"{during_cell(figures['machine_gauge_during'])} |"
         )
     add_rows(
         args.summary,
@@ -290,8 +284,9 @@ def main() -> int:
                 f"mesh alone {base:,}",
                 figures["mesh_bars_per_s"] / base,  # type: ignore[operator]
                 f"{LIKE_FOR_LIKE} (the same {args.symbols} symbols × {args.minutes} minutes); "
-                f"machine gauge during each, median ms: {_median(figures)} vs "
-                f"{_median(results[0])}",
+                f"machine gauge during each, median ms: "
+                f"{during_median(figures['machine_gauge_during'])} vs "
+                f"{during_median(results[0]['machine_gauge_during'])}",
             )
             for figures in results[1:]
         ],

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import msgspec
 import redis.asyncio as aioredis
-from mesh_gauge import during_cell, gauged
+from mesh_gauge import during_cell, during_median, gauged
 from summary import LIKE_FOR_LIKE, add_rows, row
 
 from devstack.localstack import RedisServer, TansuBroker, free_port
@@ -288,12 +288,6 @@ def run_mirror_catch_up(
     }
 
 
-def _median(result: dict[str, object]) -> str:
-    """A run's median machine gauge during it (ms), ``-`` without samples."""
-    during = result.get("machineGaugeDuring")
-    return f"{during['medianMs']:,.1f}" if isinstance(during, dict) else "-"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -351,7 +345,7 @@ def main() -> int:
         print(
             f"{r['scenario']:<40} {r['published']:>10,} {r['delivered']:>10,} {lost:>14} "
             f"{r['recordsPerS']:>10,} {r['ticksPerS']:>10,}  "
-            f"{during_cell(r['machineGaugeDuring'])}"  # type: ignore[arg-type]
+            f"{during_cell(r['machineGaugeDuring'])}"
         )
     naive = results[0]
     best = max(results[1:], key=lambda r: r["ticksPerS"])  # type: ignore[arg-type,return-value]
@@ -378,7 +372,8 @@ def main() -> int:
                 live1["recordsPerS"] / naive["recordsPerS"],  # type: ignore[operator]
                 f"{LIKE_FOR_LIKE} (1 trade a message; lost {live1['lost']} vs "
                 f"{naive['lost']:,}); target 60,000; machine gauge during each, median ms: "
-                f"{_median(live1)} vs {_median(naive)}",
+                f"{during_median(live1['machineGaugeDuring'])} vs "
+                f"{during_median(naive['machineGaugeDuring'])}",
             ),
             row(
                 "bench_mirror",

@@ -13,7 +13,7 @@ record (decode a tick record, drop the trades seen before, aggregate the rest) o
 off). ``gauge_ms`` is the median of five in a row, taken on a stopped stack before and after
 each run; ``python bench/mesh_gauge.py --every S`` is a process of its own that takes one
 every ``S`` seconds while the run goes on (half a percent of a core, and no share of the
-bench's own interpreter lock), whose median, fastest and slowest ``run_gauge`` gives. Lower
+bench's own interpreter lock), whose median, fastest and slowest ``sample_figures`` gives. Lower
 is faster. CPU time leaves out the time a process waits for a core, so the samples during a
 run measure how fast the machine runs Python then: the host's share, and also what the
 mesh's own processes take from the memory bus and the caches, which is the same in runs of
@@ -146,7 +146,7 @@ class RunGauge:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        return run_gauge(self.path.read_text() if self.path.exists() else "")
+        return sample_figures(self.path.read_text() if self.path.exists() else "")
 
 
 @contextmanager
@@ -161,14 +161,21 @@ def gauged(path: Path, every_s: float = 1.0) -> Iterator[dict[str, Any]]:
         found["during"] = gauge.stop()
 
 
-def during_cell(during: dict[str, float] | None) -> str:
-    """A gauge's samples during a run as "median (fastest–slowest)" ms, ``-`` for none."""
-    if not during:
+def during_cell(during: object) -> str:
+    """A gauge's samples during a run (``RunGauge.stop``'s figures) as "median
+    (fastest–slowest)" ms, ``-`` for none."""
+    if not isinstance(during, dict):
         return "-"
     return f"{during['medianMs']:,.1f} ({during['fastestMs']:,.1f}–{during['slowestMs']:,.1f})"
 
 
-def run_gauge(text: str) -> dict[str, float] | None:
+def during_median(during: object) -> str:
+    """The median of a gauge's samples during a run, in ms, ``-`` for none (a summary row's
+    basis)."""
+    return f"{during['medianMs']:,.1f}" if isinstance(during, dict) else "-"
+
+
+def sample_figures(text: str) -> dict[str, float] | None:
     """The samples of ``text`` (lines of "epoch-seconds ms") as their median, fastest,
     slowest and count; None when there are none."""
     values = []

@@ -775,9 +775,10 @@ def test_the_machine_gauge_times_the_same_work_every_time() -> None:
     assert mesh_gauge.gauge_summary_rows(one, "bench_mesh") == []  # one run: no spread
     no_samples = {"machineGauge": {"beforeMs": 8.0, "during": None, "afterMs": None}}
     assert mesh_gauge.gauge_cell(no_samples) == "8.0 · - · -"
-    found = mesh_gauge.run_gauge("1.0 9.5\n2.0 8.0\n\n3.0 12.25\n")
+    found = mesh_gauge.sample_figures("1.0 9.5\n2.0 8.0\n\n3.0 12.25\n")
     assert found == {"medianMs": 9.5, "fastestMs": 8.0, "slowestMs": 12.25, "samples": 3}
-    assert mesh_gauge.run_gauge("") is None
+    assert mesh_gauge.sample_figures("") is None
+    assert (mesh_gauge.during_median(found), mesh_gauge.during_median(None)) == ("9.5", "-")
 
 
 @pytest.mark.timeout(60)
