@@ -128,7 +128,7 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
             description="wait this long for more records before sending a batch that is not "
             "full (also the Kafka producer's linger)",
         ),
-    ] = 5
+    ] = 20
     max_batch_bytes: Annotated[int, Meta(gt=0, description="Kafka producer batch size")] = 1_048_576
     compression: Annotated[
         Literal["none", "gzip", "snappy", "lz4", "zstd"], Meta(description="Kafka compression")
