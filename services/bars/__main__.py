@@ -95,7 +95,9 @@ async def build(runtime: ServiceRuntime[BarsSettings]) -> None:
         builder = BarBuilder(
             f"{name}.builder",
             make_aggregator,
-            RedisTickSource(make_redis_consumer, dead_letters),
+            RedisTickSource(
+                make_redis_consumer, dead_letters, pause_s=settings.redis_read_pause_ms / 1000
+            ),
             redis_sink(
                 publisher,
                 BarStore(client, keys, bars_per_call=settings.publish_channels_per_call),

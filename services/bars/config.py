@@ -52,6 +52,14 @@ class BarsSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw_o
             "them (ingest's progress marks); wall: on this process's clock (no ingest)"
         ),
     ] = "progress"
+    redis_read_pause_ms: Annotated[
+        int,
+        Meta(
+            ge=0,
+            description="Redis source: after a batch of records that was not full, wait this "
+            "long before taking more (fewer, larger batches; a close waits up to this long)",
+        ),
+    ] = 5
     discover_interval_ms: Annotated[
         int, Meta(gt=0, description="Kafka source: how often new tick topics are looked for")
     ] = 1_000

@@ -3,6 +3,7 @@ one shard."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import msgspec
@@ -22,14 +23,22 @@ decode_progress = DECODERS[Progress].decode
 class RedisTickSource:
     """Reads ``ticks.*`` from Redis without loss (``SequencedConsumer``) for one shard.
 
-    Each ``open`` builds a new consumer, which starts from the committed positions.
+    Each ``open`` builds a new consumer, which starts from the committed positions. After a
+    batch that was not full it waits ``pause_s`` before taking the next, so that what ingest
+    published meanwhile comes as one batch instead of one a round trip (each batch costs the
+    builder a message and a handling); a full batch is followed at once.
     """
 
     def __init__(
-        self, make_consumer: Callable[[], SequencedConsumer], dead_letters: DeadLetters
+        self,
+        make_consumer: Callable[[], SequencedConsumer],
+        dead_letters: DeadLetters,
+        *,
+        pause_s: float = 0.0,
     ) -> None:
         self.make_consumer = make_consumer
         self.dead_letters = dead_letters
+        self.pause_s = pause_s
         self.consumer: SequencedConsumer | None = None
 
     async def open(self, *, restart: bool) -> None:
@@ -51,9 +60,11 @@ class RedisTickSource:
 
     async def run(self, deliver: Deliver) -> None:
         """Deliver each batch of records, decoded; bad ones to the dead letters."""
-        assert self.consumer is not None, "open() first"
+        consumer = self.consumer
+        assert consumer is not None, "open() first"
         progress = names.PROGRESS
-        async for records in self.consumer.batches():
+        pause_s = self.pause_s
+        async for records in consumer.batches():
             items: list[Item] = []
             for record in records:
                 if record.channel == progress:
@@ -82,3 +93,5 @@ class RedisTickSource:
                 items.append((record.channel, record.seq, batch))
             if items:
                 await deliver(items)
+            if pause_s and len(records) < consumer.batch_max:
+                await asyncio.sleep(pause_s)
