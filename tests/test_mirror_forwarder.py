@@ -14,12 +14,13 @@ from aiokafka.partitioner import murmur2
 from prometheus_client import CollectorRegistry
 
 from devstack.localstack import TansuBroker
+from libs.common import names
 from libs.common.io.kafka_io import read_from_beginning, record_identity
 from libs.common.io.redis_io import Publisher
 from libs.common.io.reliable import Record
 from libs.common.names import Keys
 from libs.common.runtime.settings import load_settings
-from libs.common.schemas import DeadLetter, TickBatch, Trade
+from libs.common.schemas import DeadLetter, Progress, TickBatch, Trade
 from services.mirror.audit import audit
 from services.mirror.config import MirrorSettings
 from services.mirror.forwarder import Forwarder, InFlight
@@ -242,6 +243,49 @@ async def test_a_full_batch_is_sent_without_waiting_for_the_linger(
         await publisher.publish_many([(channel, ticks("X"))] * 30)
         await eventually(lambda: mirror.acknowledged == 30, timeout=20)
     assert sizes == [10, 10, 10]
+
+
+async def test_a_progress_mark_is_sent_without_waiting_for_the_linger(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
+) -> None:
+    """The shadow builder closes minutes on the progress marks it reads from Kafka, so a
+    linger of a minute holds no mark: three tick records wait in it until a mark comes, then
+    the four go in one batch at once."""
+    channel = f"ticks.{name}"
+    routes = [
+        {"pattern": f"ticks.{name}*", "schema": "TickBatch"},
+        {"pattern": names.PROGRESS, "topic": f"progress.{name}", "key": "field:source"},
+    ]
+    settings = mirror_settings(
+        redis_url,
+        kafka_bootstrap,
+        name,
+        linger_ms="60000",
+        routes=msgspec.json.encode(routes).decode(),
+    )
+    publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
+    await publisher.publish_many([(channel, ticks("X"))])
+    sizes: list[int] = []
+    async with Running(settings, redis_client) as mirror:
+        send = mirror._send
+
+        async def counted_send(batch: list[Record]) -> InFlight:
+            sizes.append(len(batch))
+            return await send(batch)
+
+        mirror._send = counted_send  # type: ignore[method-assign]
+        await eventually(lambda: mirror.consumer is not None, timeout=30)
+        for _ in range(2):
+            await publisher.publish_many([(channel, ticks("X"))])
+        await eventually(
+            lambda: mirror.consumer is not None and mirror.consumer.positions.get(channel) == 3,
+            timeout=30,
+        )
+        assert mirror.acknowledged == 0  # read, not sent: the batch is lingering
+        mark = Progress(seq=0, source="ingest", feedTimeMs=1_381_152_660_000, ticks={channel: 3})
+        await publisher.publish_many([(names.PROGRESS, mark)])
+        await eventually(lambda: mirror.acknowledged == 4, timeout=20)
+    assert sizes == [4]
 
 
 async def test_a_stop_while_a_batch_lingers_sends_nothing_twice_and_loses_nothing(

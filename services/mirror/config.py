@@ -126,7 +126,7 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
         Meta(
             ge=0,
             description="wait this long for more records before sending a batch that is not "
-            "full (also the Kafka producer's linger)",
+            "full, unless it holds a progress mark (also the Kafka producer's linger)",
         ),
     ] = 20
     max_batch_bytes: Annotated[int, Meta(gt=0, description="Kafka producer batch size")] = 1_048_576

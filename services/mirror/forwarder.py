@@ -2,7 +2,8 @@
 
 Input is a ``SequencedConsumer`` (pub/sub for latency, gaps and restarts filled from the
 streams, durable positions). A batch it yields that is not full waits up to ``linger_ms`` for
-more records (each batch costs a produce request and a position save); then it is routed,
+more records (each batch costs a produce request and a position save), unless it holds a
+progress mark (``carries_mark``); then it is routed,
 checked and handed to the producer as prebuilt record batches, one or more per partition
 (``libs/common/io/kafka_batches.py``), and waits in the in-flight window without awaiting its
 acknowledgements. The committer awaits the oldest batch's acknowledgements and only then
@@ -38,7 +39,7 @@ from libs.common.io.deadletter import DeadLetters
 from libs.common.io.kafka_batches import Outgoing, PartitionedSender
 from libs.common.io.kafka_io import TopicAdmin, TopicSpec, sequence_headers, start_producer
 from libs.common.io.reliable import Record, SequencedConsumer
-from libs.common.names import Keys
+from libs.common.names import PROGRESS, Keys
 from libs.common.runtime.backoff import Backoff
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.lifecycle import Component, raise_if_cancelled
@@ -64,6 +65,13 @@ class InFlight:
     ticks: int
     size: int
     warned: bool = field(default=False)
+
+
+def carries_mark(records: list[Record]) -> bool:
+    """``records`` hold a progress mark. The shadow builder closes minutes on the marks it reads
+    from Kafka, so a mark is sent at once: it never waits for the linger, and neither does what
+    was read with it and before it."""
+    return any(record.channel == PROGRESS for record in records)
 
 
 def shard_filter(index: int, count: int) -> Callable[[str], bool] | None:
@@ -242,7 +250,7 @@ class Forwarder(Component):
                     continue
                 batch = next_batch.result()
                 next_batch = None
-                if linger_s and len(batch) < batch_max:
+                if linger_s and len(batch) < batch_max and not carries_mark(batch):
                     batch, next_batch = await self._linger(batches, batch, broken, linger_s)
                 while len(self._in_flight) >= self.settings.max_in_flight_batches:
                     self._room.clear()
@@ -276,10 +284,10 @@ class Forwarder(Component):
         broken: asyncio.Future[Any],
         linger_s: float,
     ) -> tuple[list[Record], asyncio.Future[list[Record]] | None]:
-        """More records for a batch that is not full, for up to ``linger_s``: fewer, larger
-        produce requests and position saves. Returns the batch (at most
-        ``batch_max_records``) and what comes next: the read still waiting, the records that
-        did not fit (as a done future), or None."""
+        """More records for a batch that is not full, for up to ``linger_s`` or until a
+        progress mark comes: fewer, larger produce requests and position saves. Returns the
+        batch (at most ``batch_max_records``) and what comes next: the read still waiting, the
+        records that did not fit (as a done future), or None."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + linger_s
         batch_max = self.settings.batch_max_records
@@ -306,6 +314,8 @@ class Forwarder(Component):
                 rest: asyncio.Future[list[Record]] = loop.create_future()
                 rest.set_result(records[room:])
                 return batch, rest
+            if carries_mark(records):
+                break
         return batch, None
 
     async def _send(self, batch: list[Record]) -> InFlight:
