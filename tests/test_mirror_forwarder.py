@@ -64,6 +64,19 @@ def mirror_settings(
     return load_settings(MirrorSettings, env)
 
 
+def batch_sizes(mirror: Forwarder) -> list[int]:
+    """The size of each batch ``mirror`` sends from now on, in order (a list that fills)."""
+    sizes: list[int] = []
+    send = mirror._send
+
+    async def counted_send(batch: list[Record]) -> InFlight:
+        sizes.append(len(batch))
+        return await send(batch)
+
+    mirror._send = counted_send  # type: ignore[method-assign]
+    return sizes
+
+
 class Running:
     """A Forwarder started in this event loop."""
 
@@ -231,15 +244,8 @@ async def test_a_full_batch_is_sent_without_waiting_for_the_linger(
     )
     publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
     channel = f"ticks.{name}"
-    sizes: list[int] = []
     async with Running(settings, redis_client) as mirror:
-        send = mirror._send
-
-        async def counted_send(batch: list[Record]) -> InFlight:
-            sizes.append(len(batch))
-            return await send(batch)
-
-        mirror._send = counted_send  # type: ignore[method-assign]
+        sizes = batch_sizes(mirror)
         await publisher.publish_many([(channel, ticks("X"))] * 30)
         await eventually(lambda: mirror.acknowledged == 30, timeout=20)
     assert sizes == [10, 10, 10]
@@ -265,15 +271,8 @@ async def test_a_progress_mark_is_sent_without_waiting_for_the_linger(
     )
     publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
     await publisher.publish_many([(channel, ticks("X"))])
-    sizes: list[int] = []
     async with Running(settings, redis_client) as mirror:
-        send = mirror._send
-
-        async def counted_send(batch: list[Record]) -> InFlight:
-            sizes.append(len(batch))
-            return await send(batch)
-
-        mirror._send = counted_send  # type: ignore[method-assign]
+        sizes = batch_sizes(mirror)
         await eventually(lambda: mirror.consumer is not None, timeout=30)
         for _ in range(2):
             await publisher.publish_many([(channel, ticks("X"))])
