@@ -39,20 +39,26 @@ def ticks(symbol: str, count: int = 3) -> TickBatch:
 
 
 def mirror_settings(
-    redis_url: str, kafka_bootstrap: str, name: str, **extra: str
+    redis_url: str,
+    kafka_bootstrap: str,
+    name: str,
+    routes: list[dict[str, object]] | None = None,
+    **extra: str,
 ) -> MirrorSettings:
-    """Settings isolated to one test: its own key prefix, channels, topics and consumer."""
+    """Settings isolated to one test: its own key prefix, channels, topics and consumer;
+    ``routes`` replace the one route of its tick channels."""
     env = {
         "MIRROR_REDIS_URL": redis_url,
         "MIRROR_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "MIRROR_KEY_PREFIX": f"{name}:",
         "MIRROR_ROUTES": msgspec.json.encode(
-            [
+            routes
+            or [
                 {
                     "pattern": f"ticks.{name}*",
                     "schema": "TickBatch",
                     "single_topic": f"single.{name}",
-                },
+                }
             ]
         ).decode(),
         "MIRROR_DEADLETTER_TOPIC": f"dlq.{name}",
@@ -262,13 +268,7 @@ async def test_a_progress_mark_is_sent_without_waiting_for_the_linger(
         {"pattern": f"ticks.{name}*", "schema": "TickBatch"},
         {"pattern": names.PROGRESS, "topic": f"progress.{name}", "key": "field:source"},
     ]
-    settings = mirror_settings(
-        redis_url,
-        kafka_bootstrap,
-        name,
-        linger_ms="60000",
-        routes=msgspec.json.encode(routes).decode(),
-    )
+    settings = mirror_settings(redis_url, kafka_bootstrap, name, routes, linger_ms="60000")
     publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
     await publisher.publish_many([(channel, ticks("X"))])
     async with Running(settings, redis_client) as mirror:
@@ -331,13 +331,7 @@ async def test_single_topic_mode_keys_every_symbol_in_one_topic(
             "partitions": 4,
         }
     ]
-    settings = mirror_settings(
-        redis_url,
-        kafka_bootstrap,
-        name,
-        topic_mode="single",
-        routes=msgspec.json.encode(routes).decode(),
-    )
+    settings = mirror_settings(redis_url, kafka_bootstrap, name, routes, topic_mode="single")
     publisher = Publisher(redis_client, keys=Keys(settings.key_prefix))
     symbols = [f"{name}{letter}" for letter in "ABCDEFGH"]
     async with Running(settings, redis_client) as mirror:
