@@ -45,11 +45,13 @@ from devstack.mesh import ServiceProcess
 from libs.common import names
 from libs.common.io.barstore import BarStore
 from libs.common.io.redis_io import Publisher, connect_redis
-from libs.common.market.sessions import bar_id, ny_epoch_ms, ts_et_minute
+from libs.common.market.sessions import MINUTE_MS, bar_id, ny_epoch_ms, ts_et_minute
 from libs.common.names import Keys
 from libs.common.schemas import Bar
 
 DAY = (2013, 10, 7)
+SESSION_MINUTES = 390
+"""Minutes of the regular session (9:30 to 16:00 New York), where the feed's bars fall."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -62,7 +64,7 @@ def minute_bars(symbols: list[str], minute: int) -> list[Bar]:
     """One minute's bars of every symbol (prices wander so the strategy trades)."""
     from datetime import date
 
-    start = ny_epoch_ms(date(*DAY), 9, 30 + minute)
+    start = ny_epoch_ms(date(*DAY), 9, 30) + minute * MINUTE_MS
     out = []
     for index, symbol in enumerate(symbols):
         base = 20.0 + index % 400
@@ -224,11 +226,15 @@ async def read_streams(port: int, count: int, symbols: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--symbols", type=int, default=1_000)
-    parser.add_argument("--minutes", type=int, default=30)
+    parser.add_argument(
+        "--minutes", type=int, default=30, help="of the regular session, 1 to 390 (default 30)"
+    )
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--read-streams", nargs=3, metavar=("PORT", "COUNT", "SYMBOLS"))
     parser.add_argument("--summary", help="append headline rows here (scripts/bench.sh)")
     args = parser.parse_args()
+    if not 1 <= args.minutes <= SESSION_MINUTES:
+        parser.error(f"--minutes {args.minutes}: the regular session has 1 to {SESSION_MINUTES}")
     if args.read_streams:
         port, count, symbols = args.read_streams
         asyncio.run(read_streams(int(port), int(count), symbols.split(",")))
