@@ -365,6 +365,31 @@ async def test_a_custom_feed_is_served_as_given() -> None:
         assert spy.p == 168.1 and spy.t == 1_381_152_600_000
 
 
+async def test_frames_sent_as_fast_as_possible_share_socket_writes_and_stay_separate() -> None:
+    count = 1_000
+
+    async def feed() -> AsyncIterator[list[protocol.Event]]:
+        for n in range(count):
+            yield [trade("SPY", 1_381_152_600_000 + n, 100.0 + n / 100)]
+
+    async with PolygonSimulator(BASE, feed=feed()) as sim, session(sim) as ws:
+        await subscribe(ws, "T.SPY")
+        frames = []
+        async with asyncio.timeout(10):
+            while len(frames) < count:
+                events, bad = decode_frame(await ws.recv())
+                assert bad == []
+                frames.append([event for event in events if isinstance(event, TradeEvent)])
+        # one message per frame, in the feed's order
+        assert [len(frame) for frame in frames] == [1] * count
+        assert [frame[0].t for frame in frames] == [1_381_152_600_000 + n for n in range(count)]
+        (stats,) = sim.stats_dict()["sessions"]
+        assert stats["framesSent"] >= count
+        # the feed lets the writer run every FRAMES_PER_YIELD frames: a write each time, not
+        # one per frame
+        assert stats["writes"] <= count // 10, stats
+
+
 # ---- faults --------------------------------------------------------------------------------
 
 

@@ -63,6 +63,11 @@ from services.ingest.simulator.synthetic_day import synthetic_day_trades
 
 log = structlog.get_logger("ingest.simulator")
 
+FRAMES_PER_YIELD = 32
+"""Frames the feed makes before it lets the writers run, at most, when nothing else makes it
+wait: a paced feed waits between frames anyway; one sent as fast as possible then goes out in
+writes of up to this many frames instead of a write per frame."""
+
 
 @dataclass
 class SimulatorStats:
@@ -90,6 +95,8 @@ class PolygonSimulator:
         self.feed_done = asyncio.Event()
         self.feed_time_ms = 0
         """The newest event time of the trades sent (the feed's own clock)."""
+        self._unyielded = 0
+        """Frames published since the feed last let the writers run."""
         self.history = TradeHistory(settings.history_max_trades)
         """The newest trades the feed produced (served on ``/v3/trades``)."""
         self.rest = TradesEndpoint(self.history, settings.api_key.reveal())
@@ -184,6 +191,7 @@ class PolygonSimulator:
                 + sorted(f"{kind}.{sym}" for kind, syms in session.exact.items() for sym in syms),
                 "pendingBytes": session.pending_bytes,
                 "framesSent": session.frames_sent,
+                "writes": session.writes,
             }
             for session in self._sessions.values()
         ]
@@ -498,9 +506,13 @@ class PolygonSimulator:
                 session.enqueue(protocol.encode_events(selected))
         full = [s for s in self._sessions.values() if not s.drained.is_set() and not s.closing]
         if full:
+            self._unyielded = 0
             await self._wait_drained(full)
+        elif self._unyielded >= FRAMES_PER_YIELD:
+            self._unyielded = 0
+            await asyncio.sleep(0)  # the writers send what is queued, in one write each
         else:
-            await asyncio.sleep(0)
+            self._unyielded += 1
 
     async def _wait_drained(self, sessions: list[_Session]) -> None:
         waits = {asyncio.create_task(session.drained.wait()): session for session in sessions}
