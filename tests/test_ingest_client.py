@@ -637,6 +637,53 @@ async def test_a_batch_that_failed_past_the_retry_budget_is_sent_first_after_the
     assert registry.get_sample_value(unsent) == 0
 
 
+async def test_batch_records_admit_a_round_trips_trades_once_each_and_close_the_gap_at_the_first(
+    redis_client: Any, unique_name: Callable[[str], str]
+) -> None:
+    registry = CollectorRegistry()
+    keys = Keys(f"{unique_name('tm')}:")
+    real = Publisher(redis_client, keys=keys, registry=registry)
+    feed = FeedPublisher(real, registry=registry)
+    processor = FrameProcessor(
+        feed,
+        DeadLetters(real, "ingest", registry=registry),
+        IngestMetrics(registry),
+        queue_size=10,
+        one_record_per_batch=True,
+        registry=registry,
+    )
+    base = 1_700_000_000_000
+
+    def trade(sym: str, dt: int, i: int) -> TradeEvent:
+        return TradeEvent(sym, 10.0 + i, 100, base + dt, 4, (), str(i), 3, i)
+
+    frames = [
+        [trade("AAA", 10, 1), trade("BBB", 12, 1)],
+        [trade("AAA", 11, 2), trade("AAA", 10, 1)],  # the second: a copy of the first frame's
+        [trade("BBB", 13, 2)],
+    ]
+    feed.open_gap("test")
+    await processor.start()
+    try:
+        for n, events in enumerate(frames):  # queued together: one round trip
+            assert processor.tell_nowait(Frame(protocol.encode_events(events), n))
+        await eventually(lambda: processor.ticks_published == 4)
+    finally:
+        await processor.stop()
+    stream = StreamReader(redis_client, keys)
+    records = {sym: await stream.read(f"ticks.{sym}") for sym in ("AAA", "BBB")}
+    assert {sym: len(found) for sym, found in records.items()} == {"AAA": 1, "BBB": 1}
+    ids = {
+        sym: [tick.i for _, payload in found for tick in decode(payload, TickBatch).ticks]
+        for sym, found in records.items()
+    }
+    assert ids == {"AAA": ["1", "2"], "BBB": ["1", "2"]}
+    (ledger,) = [decode(payload, Ledger) for _, payload in await stream.read(names.LEDGER)]
+    assert sum(entry.trades for entry in ledger.entries) == 4 and ledger.duplicates == 1
+    (closed,) = [decode(payload, FeedGap) for _, payload in await stream.read(names.FEED_GAPS)]
+    assert closed.status == "closed" and closed.endMs == base + 10  # the first trade's time
+
+
 def test_topics_cover_a_symbol_list_or_everything_for_the_configured_event_types() -> None:
     assert subscription_topics(["*"], ["T"]) == ["T.*"]
     assert subscription_topics(["spy", "*", "IBM"], ["T", "AM"]) == ["T.*", "AM.*"]

@@ -186,14 +186,15 @@ class FrameProcessor(Actor[Frame | Disconnected]):
         if not frames:
             return
         records: list[tuple[str, bytes]] = []
-        first_trade_ms = 0
         admit = self.feed.admit
         counts = dict.fromkeys(protocol.DATA_KINDS, 0)
-        newest_event_ms = 0
+        first_trade_ms = newest_event_ms = 0
         decode_frame = protocol.decode_frame
         split_frame = protocol.split_frame
         build_records = protocol.build_records
         channels = self.channels
+        # batch records: the frames' groups merged first, so that a symbol's trades of the
+        # round trip are admitted in one call (in frame order, as frame by frame)
         merged: protocol.FrameSplit | None = {} if self.one_record_per_batch else None
         received_ms = 0
         for frame in frames:
@@ -209,26 +210,18 @@ class FrameProcessor(Actor[Frame | Disconnected]):
             split = split_frame(events)
             # Statuses were counted by the reader, which sees every frame that holds one.
             split.pop(protocol.STATUS, None)
-            admit(split)
-            if not first_trade_ms and protocol.TRADES in split:
-                first_trade_ms = min(
-                    group[0].t  # type: ignore[union-attr]
-                    for group in split[protocol.TRADES].values()
-                )
-            for kind, by_symbol in split.items():
-                count = 0
-                for group in by_symbol.values():
-                    count += len(group)
-                    last = group[-1]
-                    event_ms = last.e if kind in _AGG_KINDS else last.t  # type: ignore[union-attr]
-                    newest_event_ms = max(newest_event_ms, event_ms)
-                counts[kind] += count
             if merged is None:
+                admit(split)
+                first_trade_ms, newest_event_ms = _tally(
+                    split, counts, first_trade_ms, newest_event_ms
+                )
                 records.extend(build_records(split, frame.received_ms, channels))
             else:
                 protocol.merge_split(merged, split)
                 received_ms = frame.received_ms
         if merged:
+            admit(merged)
+            first_trade_ms, newest_event_ms = _tally(merged, counts, 0, 0)
             records.extend(build_records(merged, received_ms, channels))
         if records:
             await self.feed.publish(records, first_trade_ms=first_trade_ms)
@@ -265,6 +258,28 @@ class FrameProcessor(Actor[Frame | Disconnected]):
 
 
 _AGG_KINDS: Final = frozenset({protocol.SECOND_AGGS, protocol.MINUTE_AGGS})
+
+
+def _tally(
+    split: protocol.FrameSplit, counts: dict[str, int], first_trade_ms: int, newest_ms: int
+) -> tuple[int, int]:
+    """Add ``split``'s events to ``counts`` (by kind). Returns the first trade's time (the
+    earliest of the groups' first trades, unless ``first_trade_ms`` is set already) and the
+    newest of ``newest_ms`` and the groups' last event times (for the feed's lag)."""
+    trades = split.get(protocol.TRADES)
+    if trades and not first_trade_ms:
+        first_trade_ms = min(group[0].t for group in trades.values())  # type: ignore[union-attr]
+    for kind, by_symbol in split.items():
+        count = 0
+        aggregate = kind in _AGG_KINDS
+        for group in by_symbol.values():
+            count += len(group)
+            last = group[-1]
+            event_ms = last.e if aggregate else last.t  # type: ignore[union-attr]
+            if event_ms > newest_ms:
+                newest_ms = event_ms
+        counts[kind] += count
+    return first_trade_ms, newest_ms
 
 
 def subscription_topics(symbols: Sequence[str], event_types: Sequence[str]) -> list[str]:
