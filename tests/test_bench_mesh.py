@@ -640,6 +640,32 @@ def test_scale_rows_compare_with_the_first_setup_and_label_other_record_modes() 
     assert len(rows) == 3  # every run but the baseline: one run had a gauge, no spread to show
 
 
+def test_a_batch_setup_is_judged_against_the_real_day_target_on_its_slowest_path() -> None:
+    def rate(value: int) -> dict[str, float]:
+        return {"seconds": 1.0, "ticksPerS": value, "recordsPerS": 1, "afterLastFrameS": 0.1}
+
+    fast = _scale_run("bars x1, mirror x1, batch", "batch", 240.0, 120_000, {"ingest": 1.0})
+    fast["to"] = {"kafka": rate(120_000), "barRedisEventTime": rate(101_000),
+                  "barKafkaEventTime": rate(110_000)}  # fmt: skip
+    slow = {**fast, "setup": "bars x2, mirror x2, batch",
+            "to": {**fast["to"], "barKafkaEventTime": rate(99_000)}}  # fmt: skip
+    runs = [SCALE["scale"]["runs"][1], fast, slow]  # type: ignore[index]
+    rows = scale_summary_rows({"scale": {"runs": runs}})
+    targets = [item for item in rows if item["against"] == "target 100,000"]
+    assert [(item["figure"], item["result"]) for item in targets] == [
+        (
+            "real day, ticks/s to the slowest of Kafka and the bars closed on event time, "
+            "bars x1, mirror x1, batch (met)",
+            "101,000",
+        ),
+        (
+            "real day, ticks/s to the slowest of Kafka and the bars closed on event time, "
+            "bars x2, mirror x2, batch (not met)",
+            "99,000",
+        ),
+    ]
+
+
 def _synthetic_result(p99_redis: float, p99_kafka: float, ingest_cpu: float, per: float):  # type: ignore[no-untyped-def]
     def stats(p99: float) -> dict[str, float]:
         return {"p50": p99 / 2, "p99": p99, "max": p99 * 2, "count": 1000}
