@@ -221,8 +221,6 @@ def scale_summary_rows(results: dict[str, Any]) -> list[dict[str, object]]:
 def _slowest_rate(run: dict[str, Any]) -> float | None:
     """ticks/s to the slowest of Kafka and the bars closed on event time on each path."""
     to = run.get("to") or {}
-    rates = [
-        (to.get(key) or {}).get("ticksPerS")
-        for key in ("kafka", "barRedisEventTime", "barKafkaEventTime")
-    ]
-    return None if None in rates or not all(rates) else min(rates)  # type: ignore[type-var]
+    keys = ("kafka", "barRedisEventTime", "barKafkaEventTime")
+    rates = [rate for key in keys if (rate := (to.get(key) or {}).get("ticksPerS"))]
+    return min(rates) if len(rates) == len(keys) else None
