@@ -384,3 +384,51 @@ async def test_a_trade_delivered_twice_is_aggregated_once() -> None:
         await harness.deliver(("ticks.A", 2, TickBatch(2, "A", [first])))
         await harness.deliver(("sentio.progress.v1", 1, mark(T0 + 120_000, A=2)))
         assert harness.bars() == [("A", 0, 100, 0)]
+
+
+async def test_a_marks_close_goes_out_before_the_ticks_queued_after_the_mark() -> None:
+    """A's ticks up to the mark, the mark, then A's ticks of the next minutes, in one message
+    and in one queued behind it: the mark's bar reaches the sink before any tick after the
+    mark is aggregated (they are not part of that close), and all of them are aggregated."""
+    clock = ManualClock(10**13)
+    async with Harness(clock, close_on="progress") as harness:
+        read_at_sink: list[tuple[list[str], int]] = []
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def sink(bars: list[Bar]) -> None:
+            # how far A's channel had been read when these bars went out
+            read = harness.builder._last_position.get("ticks.A", 0)
+            read_at_sink.append(([bar.symbol for bar in bars], read))
+            harness.published.extend(bars)
+            entered.set()
+            await release.wait()
+
+        harness.builder.sink = sink
+        # B's close keeps the sink busy while the next two messages queue up behind it
+        await harness.builder.post(
+            TickWork(
+                [
+                    ("ticks.B", 1, numbered("B", 1, T0 + 1_000)),
+                    ("sentio.progress.v1", 1, mark(T0 + 61_000, B=1)),
+                ]
+            )
+        )
+        await asyncio.wait_for(entered.wait(), 5)
+        await harness.builder.post(
+            TickWork(
+                [
+                    ("ticks.A", 1, numbered("A", 1, T0 + 2_000)),
+                    ("ticks.A", 2, numbered("A", 2, T0 + 3_000)),
+                    ("sentio.progress.v1", 2, mark(T0 + 121_000, A=2, B=1)),
+                    ("ticks.A", 3, numbered("A", 3, T0 + 121_500)),
+                ]
+            )
+        )
+        await harness.builder.post(TickWork([("ticks.A", 4, numbered("A", 4, T0 + 122_000))]))
+        release.set()
+        await harness.builder.barrier()
+        assert read_at_sink == [(["B"], 0), (["A"], 2)]
+        assert harness.bars() == [("B", 0, 100, 0), ("A", 0, 200, 0)]
+        await harness.deliver(("sentio.progress.v1", 3, mark(T0 + 200_000, A=4, B=1)))
+        assert harness.bars()[2:] == [("A", 2, 200, 0)]
+        assert harness.source.committed["ticks.A"] == 4

@@ -150,6 +150,11 @@ class BarBuilder(Actor[BuilderMessage]):
         """Per symbol: the newest sequence of its tick channel read."""
         self._marks: dict[str, deque[tuple[int, int, bool]]] = {}
         """Per symbol: marks waiting for its ticks (needed sequence, feed time, idle)."""
+        self._marks_waiting = 0
+        """Symbols with a mark waiting for their ticks (non-empty queues in ``_marks``)."""
+        self._mark_done = False
+        """A mark was applied, and no symbol waits any longer for a mark's ticks: the minutes
+        that mark closed are all closed (set in ``_apply_mark`` and ``_release``)."""
         metrics = BuilderMetrics.for_registry(registry)
         self.builder_metrics = metrics
         self._m_ticks = metrics.ticks.labels(source_kind)
@@ -193,6 +198,8 @@ class BarBuilder(Actor[BuilderMessage]):
         self._touched.clear()
         self._seqs.clear()
         self._marks.clear()
+        self._marks_waiting = 0
+        self._mark_done = False
         self._open.clear()
         self._pending.clear()
         self._to_commit.clear()
@@ -270,11 +277,25 @@ class BarBuilder(Actor[BuilderMessage]):
         # several messages (the symbols whose own ticks crossed the deadline, then the
         # progress mark for the rest) goes out in one sink call and one save, not one of each
         # per message, each waiting for the one before.
+        # Once the minutes a progress mark closed are all closed (no symbol waits any longer
+        # for its ticks up to the mark), their bars go out before the rest is aggregated: what
+        # was queued after the mark is not part of that close.
         queued = self.take_nowait(self.mailbox.maxsize) if type(message) is TickWork else []
         bars: list[Bar] = []
+        self._mark_done = False
         for item in (message, *queued):
             if type(item) is TickWork:
-                bars += self._add(item.items, now)
+                items = item.items
+                while True:
+                    done = self._add(items, now, bars)
+                    if self._mark_done and bars:
+                        await self._publish(bars, started)
+                        await self._commit_safe()
+                        bars = []
+                        self._mark_done = False
+                    if done == len(items):
+                        break
+                    items = items[done:]
             elif type(item) is WatermarkTick:
                 bars += self._advance(now)
             else:
@@ -342,9 +363,12 @@ class BarBuilder(Actor[BuilderMessage]):
             self._watermark = max(self._watermark, aggregator.watermark_ms)
         return bars
 
-    def _add(self, items: Sequence[Item], now: int) -> list[Bar]:
+    def _add(self, items: Sequence[Item], now: int, bars: list[Bar]) -> int:
+        """Aggregate ``items`` in order, the bars they close added to ``bars``; returns how many
+        items were taken: all, or fewer when a progress mark's close completed (with bars to
+        send) before the last."""
         # runs once a record: the instance's collections are read into locals once a call
-        bars: list[Bar] = []
+        taken = 0
         late_revised = late_dropped = 0
         ticks = 0
         last_position = self._last_position
@@ -354,6 +378,9 @@ class BarBuilder(Actor[BuilderMessage]):
         touched, open_symbols, seqs, marks = self._touched, self._open, self._seqs, self._marks
         channel_symbols = self._channel_symbols
         for channel, position, batch in items:
+            if self._mark_done and bars and taken:
+                break
+            taken += 1
             if position <= last_position.get(channel, -1):
                 continue  # delivered again
             last_position[channel] = position
@@ -420,7 +447,7 @@ class BarBuilder(Actor[BuilderMessage]):
             late = self.builder_metrics.late
             late.labels(self.source_kind, "revised").inc(late_revised)
             late.labels(self.source_kind, "dropped").inc(late_dropped)
-        return bars
+        return taken
 
     # -- progress ------------------------------------------------------------------------------
 
@@ -430,6 +457,7 @@ class BarBuilder(Actor[BuilderMessage]):
         if self.close_on != "progress":
             return
         feed_time, idle = mark.feedTimeMs, mark.idle
+        closed_before = len(bars)
         listed: set[str] = set()
         for channel, needed in mark.ticks.items():
             symbol = names.symbol_of(names.TICKS, channel)
@@ -445,10 +473,14 @@ class BarBuilder(Actor[BuilderMessage]):
             if waiting and waiting[-1][0] == needed:
                 waiting[-1] = (needed, max(feed_time, waiting[-1][1]), idle)
             else:
+                if not waiting:
+                    self._marks_waiting += 1
                 waiting.append((needed, feed_time, idle))
         for symbol in self.aggregators:  # no ticks at all on the feed's side: nothing to wait
             if symbol not in listed and not self._marks.get(symbol):
                 self._close_to(symbol, feed_time, idle, bars)
+        if len(bars) > closed_before and not self._marks_waiting:
+            self._mark_done = True
 
     def _release(self, symbol: str, seq: int, bars: list[Bar]) -> None:
         """The symbol's ticks were read up to ``seq``: apply the marks that waited for it."""
@@ -458,6 +490,10 @@ class BarBuilder(Actor[BuilderMessage]):
             _needed, feed_time, idle = waiting.popleft()
         if feed_time:
             self._close_to(symbol, feed_time, idle, bars)
+        if not waiting:
+            self._marks_waiting -= 1
+            if not self._marks_waiting:
+                self._mark_done = True
 
     def _close_to(self, symbol: str, feed_time: int, idle: bool, bars: list[Bar]) -> None:
         aggregator = self.aggregators.get(symbol)

@@ -234,7 +234,11 @@ class KafkaTickSource:
                 continue
             fetched = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
             items: list[Item] = []
-            for tp, messages in fetched.items():
+            # the progress marks first: a mark waits for each symbol's ticks up to its sequence,
+            # so the minutes it closes close as those ticks are read, and their bars can go out
+            # before the ticks fetched after them are aggregated (read last, a mark would wait
+            # for the whole fetch)
+            for tp, messages in sorted(fetched.items(), key=self._marks_first):
                 channel = partition_key(tp)
                 deduper = self.dedupers.get(channel)
                 if deduper is None:
@@ -251,6 +255,10 @@ class KafkaTickSource:
                         items = []
             if items:
                 await deliver(items)
+
+    def _marks_first(self, fetched: tuple[TopicPartition, object]) -> bool:
+        """Sort key of a fetch's partitions: the progress topic's first."""
+        return fetched[0].topic != self.progress_topic
 
     def _owns(self, symbol: str) -> bool:
         """``owns``, remembered per symbol (the single topic's records ask it each)."""
