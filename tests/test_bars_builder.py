@@ -171,7 +171,10 @@ async def test_a_minutes_batches_wait_for_their_commit_as_one_entry_per_channel(
         await harness.deliver(
             *[("ticks.A", 40 + i, batch("A", T0 + 60_000 + i * 100)) for i in range(1, 6)]
         )
-        assert [held.position for held in harness.builder._pending["ticks.A"]] == [40, 45]
+        assert [held.position for held in harness.builder._positions._pending["ticks.A"]] == [
+            40,
+            45,
+        ]
         assert harness.source.committed == {}
         await harness.deliver(("ticks.A", 46, batch("A", T0 + 61_500)))  # closes 10:00
         assert harness.bars() == [("A", 0, 4_000, 0)]
@@ -179,11 +182,11 @@ async def test_a_minutes_batches_wait_for_their_commit_as_one_entry_per_channel(
         shared = [("p#0", 1, batch("B", T0 + 1_000)), ("p#0", 2, batch("B", T0 + 2_000))]
         shared += [("p#0", 3, batch("C", T0 + 3_000)), ("p#0", 4, batch("B", T0 + 4_000))]
         await harness.deliver(*shared)
-        held = [(h.position, sorted(h.symbols)) for h in harness.builder._pending["p#0"]]
+        held = [(h.position, sorted(h.symbols)) for h in harness.builder._positions._pending["p#0"]]
         assert held == [(4, ["B", "C"])]
         await harness.deliver(("p#0", 5, batch("B", T0 + 61_500)))  # closes B's 10:00 only
         assert "p#0" not in harness.source.committed  # C's 10:00 is still open
-        assert [h.position for h in harness.builder._pending["p#0"]] == [4, 5]
+        assert [h.position for h in harness.builder._positions._pending["p#0"]] == [4, 5]
         await harness.deliver(("p#0", 6, batch("C", T0 + 61_500)))  # closes C's 10:00
         assert harness.source.committed["p#0"] == 4
     finally:

@@ -311,7 +311,7 @@ async def test_redis_ticks_become_bars_on_the_channels_and_in_the_store(
         deadline_s = (last_minute + MINUTE_MS + GRACE_MS - newest) / 1000
         assert deadline_s - 0.05 <= waited <= deadline_s + 3.0, (waited, deadline_s)
         builder = builder_of(runtime)
-        await eventually(lambda: not any(builder._pending.values()), timeout=5)
+        await eventually(lambda: not any(builder._positions._pending.values()), timeout=5)
         assert (
             metric(runtime, "tickmesh_dead_letters_total", service="bars", source_kind="ticks") == 4
         )

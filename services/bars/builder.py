@@ -53,12 +53,13 @@ from prometheus_client import CollectorRegistry
 from libs.common import names
 from libs.common.market.aggregator import BarAggregator
 from libs.common.market.identity import TradeIds
-from libs.common.market.sessions import MINUTE_MS, ny_date
+from libs.common.market.sessions import ny_date
 from libs.common.runtime.actors import Actor, Overflow
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.schemas import Bar, Progress, TickBatch, Trade
 from services.bars.marks import ClosedMinutes, MinuteSnapshot, RestartGuard
 from services.bars.metrics import BuilderMetrics
+from services.bars.positions import PendingPositions
 from services.bars.source import BarSink, Item, TickSource
 
 log = structlog.get_logger("tickmesh.bars")
@@ -84,18 +85,6 @@ class Barrier(NamedTuple):
 
 
 BuilderMessage = TickWork | WatermarkTick | Barrier
-
-
-class Held:
-    """Records of a channel waiting to be committed: the last one's position, the newest tick
-    among them and the symbols whose minute of it must close first."""
-
-    __slots__ = ("newest", "position", "symbols")
-
-    def __init__(self, position: int, newest: int, symbols: set[str]) -> None:
-        self.position = position
-        self.newest = newest
-        self.symbols = symbols
 
 
 class BarBuilder(Actor[BuilderMessage]):
@@ -168,17 +157,10 @@ class BarBuilder(Actor[BuilderMessage]):
         self._m_marks = metrics.marks.labels(source_kind)
         self._m_duplicate_trades = metrics.duplicate_trades.labels(source_kind)
         self._m_sink = metrics.sink_seconds.labels(source_kind)
-        # per channel: (position, newest tick time of the batch, its symbol), oldest first;
-        # consecutive batches of one symbol whose newest ticks share a minute share an entry
-        self._pending: dict[str, deque[Held]] = {}
+        self._positions = PendingPositions()
         self._last_position: dict[str, int] = {}
         self._channel_symbols: dict[str, set[str]] = {}
         self._symbol_channels: dict[str, set[str]] = {}
-        # channels whose pending head may have become safe: new batches, or a minute of one
-        # of their symbols closed (scanning only these keeps a message O(its own channels))
-        self._dirty: set[str] = set()
-        self._waiting: set[str] = set()
-        """Channels with positions not yet safe to commit."""
         self.lag_ms = 0
         """Wall time minus the event-time watermark at the last message (for heartbeats)."""
         # safe positions waiting to be committed, by a task of their own (a commit is a round
@@ -201,13 +183,11 @@ class BarBuilder(Actor[BuilderMessage]):
         self._marks_waiting = 0
         self._mark_done = False
         self._open.clear()
-        self._pending.clear()
+        self._positions.clear()
         self._to_commit.clear()
         self._last_position.clear()
         self._channel_symbols.clear()
         self._symbol_channels.clear()
-        self._dirty.clear()
-        self._waiting.clear()
         await self.closed.load()
         self._snapshots = await self.closed.load_snapshots(self.closed.restored)
         self._guards = {
@@ -354,7 +334,7 @@ class BarBuilder(Actor[BuilderMessage]):
             closed = aggregator.advance(now)
             open_after = aggregator.open_since()
             if open_after != open_before:
-                self._dirty.update(self._symbol_channels.get(symbol, ()))
+                self._positions.dirty.update(self._symbol_channels.get(symbol, ()))
                 self._touched.add(symbol)
             if closed:
                 bars.extend(closed)
@@ -377,6 +357,7 @@ class BarBuilder(Actor[BuilderMessage]):
         aggregators = self.aggregators
         touched, open_symbols, seqs, marks = self._touched, self._open, self._seqs, self._marks
         channel_symbols = self._channel_symbols
+        hold = self._positions.hold
         for channel, position, batch in items:
             if self._mark_done and bars and taken:
                 break
@@ -387,7 +368,7 @@ class BarBuilder(Actor[BuilderMessage]):
             if type(batch) is Progress:
                 self._m_marks.inc()
                 self._apply_mark(batch, bars)
-                self._hold(channel, position, 0, None)  # done with as soon as it is applied
+                hold(channel, position, 0, None)  # done with as soon as it is applied
                 continue
             assert type(batch) is TickBatch
             symbol = batch.sym
@@ -441,7 +422,7 @@ class BarBuilder(Actor[BuilderMessage]):
             if symbol not in symbols:
                 symbols.add(symbol)
                 self._symbol_channels.setdefault(symbol, set()).add(channel)
-            self._hold(channel, position, newest, symbol if newest else None)
+            hold(channel, position, newest, symbol if newest else None)
         self._m_ticks.inc(ticks)
         if late_revised or late_dropped:
             late = self.builder_metrics.late
@@ -503,7 +484,7 @@ class BarBuilder(Actor[BuilderMessage]):
         closed = aggregator.advance_to(feed_time, idle=idle)
         open_after = aggregator.open_since()
         if open_after != open_before:
-            self._dirty.update(self._symbol_channels.get(symbol, ()))
+            self._positions.dirty.update(self._symbol_channels.get(symbol, ()))
             self._touched.add(symbol)
         if closed:
             bars.extend(closed)
@@ -575,52 +556,15 @@ class BarBuilder(Actor[BuilderMessage]):
         if fresh or snapshots:
             await self.closed.save(fresh, snapshots)
 
-    def _hold(self, channel: str, position: int, newest: int, symbol: str | None) -> None:
-        """Keep ``position`` uncommitted until ``symbol``'s minute of ``newest`` (its record's
-        newest tick) has closed; a mark or an empty record waits for nothing of its own.
-
-        Records in a row whose newest ticks share a minute become safe together, once that
-        minute has closed for each of their symbols: they share one entry, holding the last
-        position and those symbols. A minute's close then pops an entry or two per channel,
-        and a channel that carries many symbols (a partition of the single tick topic) holds
-        an entry per minute, not one per record."""
-        queue = self._pending.get(channel)
-        if queue is None:
-            queue = self._pending[channel] = deque()
-        last = queue[-1] if queue else None
-        if last is not None and (symbol is None or last.newest // MINUTE_MS == newest // MINUTE_MS):
-            last.position = position
-            if symbol is not None:
-                last.symbols.add(symbol)
-                last.newest = max(last.newest, newest)
-        else:
-            queue.append(Held(position, newest, set() if symbol is None else {symbol}))
-        self._dirty.add(channel)
-        self._waiting.add(channel)
+    def _open_since(self, symbol: str) -> int | None:
+        """The start of ``symbol``'s earliest open minute (None: none is open)."""
+        aggregator = self.aggregators.get(symbol)
+        return None if aggregator is None else aggregator.open_since()
 
     async def _commit_safe(self) -> None:
         """Commit each channel up to the last batch whose ticks all sit in closed minutes."""
-        safe: dict[str, int] = {}
-        aggregators = self.aggregators
-        for channel in self._dirty:
-            pending = self._pending.get(channel)
-            while pending:
-                held = pending[0]
-                newest, symbols = held.newest, held.symbols
-                while symbols:  # a symbol found safe stays safe: its minute closed for good
-                    symbol = symbols.pop()
-                    aggregator = aggregators.get(symbol)
-                    earliest_open = None if aggregator is None else aggregator.open_since()
-                    if earliest_open is not None and newest >= earliest_open:
-                        symbols.add(symbol)
-                        break
-                if symbols:
-                    break
-                safe[channel] = pending.popleft().position
-            if not pending:
-                self._waiting.discard(channel)
-        self._dirty.clear()
+        safe = self._positions.safe(self._open_since)
         if safe:
             self._to_commit.update(safe)
             self._commit_wakeup.set()
-        self._m_uncommitted.set(len(self._waiting))
+        self._m_uncommitted.set(len(self._positions.waiting))
