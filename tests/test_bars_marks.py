@@ -3,12 +3,21 @@ script call, read back whole."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import date
 
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from devstack.localstack import RedisServer
+from libs.common.market.aggregator import BarAggregator
 from libs.common.market.sessions import MINUTE_MS, ny_epoch_ms
 from libs.common.names import Keys
-from libs.common.schemas import Bar
+from libs.common.runtime.clock import ManualClock
+from libs.common.schemas import Bar, Progress, TickBatch, Trade
+from services.bars.builder import BarBuilder, TickWork
 from services.bars.marks import SNAPSHOT_TTL_S, ClosedMinutes, MinuteSnapshot
+from tests.test_bars_builder import FakeSource
 
 DAY = date(2013, 10, 7)
 OPEN = ny_epoch_ms(DAY, 9, 30)
@@ -90,3 +99,49 @@ async def test_marks_alone_or_minutes_alone_are_saved(
 async def evalsha_calls(redis_client) -> int:  # type: ignore[no-untyped-def]
     stats = await redis_client.info("commandstats")
     return sum(v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+async def test_a_redis_restart_between_a_close_and_its_save_publishes_nothing_twice() -> None:
+    """The shadow's bars go to Kafka, then their marks to Redis. Redis restarts right after the
+    sink (as in the soak's restart at a minute's close): the save waits for it and goes
+    through, so the builder does not restart and publish the bars a second time."""
+    server = RedisServer().start()
+    client = aioredis.Redis.from_url(server.url)
+    restarted: list[asyncio.Task[object]] = []
+    sent: list[list[str]] = []
+
+    async def sink(bars: list[Bar]) -> None:
+        sent.append([b.symbol for b in bars])
+        if not restarted:  # down now, back in a moment: the save comes in between
+            await asyncio.to_thread(server.stop)
+            restarted.append(asyncio.create_task(asyncio.to_thread(server.restart)))
+
+    clock = ManualClock(10**13)
+    closed = ClosedMinutes(client, Keys("restart:"), "shadow")
+    builder = BarBuilder(
+        "unit.builder",
+        lambda symbol: BarAggregator(symbol, "none", grace_ms=1_000, clock=clock),
+        FakeSource(),
+        sink,
+        closed,
+        tick_interval_ms=10_000,
+        clock=clock,
+        registry=CollectorRegistry(),
+        close_on="progress",
+    )
+    await builder.start()
+    try:
+        start = OPEN + 30 * MINUTE_MS
+        trade = Trade(sym="A", p=10.0, s=100, t=start + 1_000, x=4, i="1", z=3)
+        mark = Progress(0, "ingest", start + 61_000, {"ticks.A": 1}, False)
+        await builder.post(TickWork([("ticks.A", 1, TickBatch(1, "A", [trade]))]))
+        await builder.post(TickWork([("sentio.progress.v1", 1, mark)]))
+        await builder.barrier(timeout_s=20)
+        assert sent == [["A"]]
+        assert builder.incarnation == 1  # rode the restart out: no rebuild, no second copy
+        assert await client.hget(closed.key, "A") == str(start + MINUTE_MS).encode()
+    finally:
+        await builder.stop()
+        await asyncio.gather(*restarted, return_exceptions=True)
+        await client.aclose()
+        server.stop()

@@ -21,13 +21,18 @@ import redis.asyncio as aioredis
 import structlog
 
 from libs.common import names
-from libs.common.io.redis_io import CachedScript, StreamReader
+from libs.common.io.redis_io import RETRIABLE, CachedScript, StreamReader
 from libs.common.market.sessions import MINUTE_MS, ny_date
 from libs.common.names import Keys
+from libs.common.runtime.retry import retry_async
 from libs.common.schemas import BAR_DECODER, Bar, Trade
 
 log = structlog.get_logger("tickmesh.bars")
 
+SAVE_RETRY_S = 30.0
+"""How long a save waits for Redis (a restart, a failover) before it fails the builder. The
+bars it records are out already, and a Kafka produce cannot be taken back: a builder restarted
+without the save would publish them again (copies in the shadow's topic)."""
 SNAPSHOT_TTL_S = 3 * 86_400
 """How long a day's saved minutes are kept (a restart the next days still finds them)."""
 _POSITION = "@pos:"
@@ -151,8 +156,16 @@ class ClosedMinutes:
     compares rebuilt bars with; ``by_symbol`` follows every publication.
     """
 
-    def __init__(self, client: aioredis.Redis | None, keys: Keys, name: str) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis | None,
+        keys: Keys,
+        name: str,
+        *,
+        retry_s: float = SAVE_RETRY_S,
+    ) -> None:
         self.client = client
+        self.retry_s = retry_s
         self.keys = keys
         self.key = keys.state(f"bars:{name}:closed")
         self.name = name
@@ -217,7 +230,8 @@ class ClosedMinutes:
 
     async def save(self, bars: Sequence[Bar], snapshots: Sequence[MinuteSnapshot] = ()) -> None:
         """Store the marks of the symbols of ``bars``, just published, and the changed minutes
-        of ``snapshots``, in one script call (all or nothing)."""
+        of ``snapshots``, in one script call (all or nothing), retried while Redis is unreachable
+        for up to ``retry_s`` (the call writes the same values again: it can run twice)."""
         changed: dict[str, str] = {}
         for bar in bars:
             symbol = bar.symbol
@@ -248,7 +262,14 @@ class ClosedMinutes:
                 args += (field, value)
         keys = [self.key, *fields]
         client, sha = save.client, save.sha
-        await save.run(lambda: client.evalsha(sha, len(keys), *keys, *args))
+        await retry_async(
+            lambda: save.run(lambda: client.evalsha(sha, len(keys), *keys, *args)),
+            retriable=lambda exc: isinstance(exc, RETRIABLE),
+            max_wait_s=self.retry_s,
+            what="bars save",
+            marks=len(changed),
+            minutes=len(fields),
+        )
 
     @staticmethod
     def _fields(snapshot: MinuteSnapshot) -> dict[str, bytes]:
