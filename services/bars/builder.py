@@ -142,8 +142,8 @@ class BarBuilder(Actor[BuilderMessage]):
         self._marks_waiting = 0
         """Symbols with a mark waiting for their ticks (non-empty queues in ``_marks``)."""
         self._mark_done = False
-        """A mark was applied, and no symbol waits any longer for a mark's ticks: the minutes
-        that mark closed are all closed (set in ``_apply_mark`` and ``_release``)."""
+        """A mark's close is complete, with bars to send: no symbol waits any longer for a
+        mark's ticks (set in ``_apply_mark`` and ``_release``; the handler sends and clears)."""
         metrics = BuilderMetrics.for_registry(registry)
         self.builder_metrics = metrics
         self._m_ticks = metrics.ticks.labels(source_kind)
@@ -268,11 +268,12 @@ class BarBuilder(Actor[BuilderMessage]):
                 items = item.items
                 while True:
                     done = self._add(items, now, bars)
-                    if self._mark_done and bars:
-                        await self._publish(bars, started)
-                        await self._commit_safe()
-                        bars = []
+                    if self._mark_done:
                         self._mark_done = False
+                        if bars:
+                            await self._publish(bars, started)
+                            await self._commit_safe()
+                            bars = []
                     if done == len(items):
                         break
                     items = items[done:]
@@ -473,7 +474,7 @@ class BarBuilder(Actor[BuilderMessage]):
             self._close_to(symbol, feed_time, idle, bars)
         if not waiting:
             self._marks_waiting -= 1
-            if not self._marks_waiting:
+            if not self._marks_waiting and bars:
                 self._mark_done = True
 
     def _close_to(self, symbol: str, feed_time: int, idle: bool, bars: list[Bar]) -> None:
