@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from libs.common.names import Keys
 from libs.common.runtime.settings import Secret
 from libs.common.schemas import TICK_BATCH_DECODER, FeedGap, Trade, decode
 from services.ingest import protocol
-from services.ingest.backfill import BackfillRefused, RestTrades
+from services.ingest.backfill import Backfiller, BackfillRefused, RestTrades
 from services.ingest.publishing import FeedPublisher
 from services.ingest.simulator import (
     Fault,
@@ -284,3 +284,59 @@ async def test_fill_republishes_a_lost_hour_from_the_flat_file_and_marks_its_gap
     assert sorted(t.i for t in held) == sorted(t.i for t in day_trades)  # each once
     (gap,) = (await gaps(redis_client, keys)).values()
     assert gap.status == "backfilled" and "20131007_trade.zip" in gap.detail
+
+
+class SlowRest:
+    """The REST answer of a gap, given only after the live feed has moved on (a fill of many
+    symbols can take longer than ingest's identity horizon)."""
+
+    def __init__(self, trades: list[Trade], meanwhile: Callable[[], Awaitable[None]]) -> None:
+        self._trades = trades
+        self._meanwhile = meanwhile
+
+    async def trades(self, symbol: str, start_ms: int, end_ms: int) -> list[protocol.TradeEvent]:
+        await self._meanwhile()
+        return [
+            protocol.as_trade_event(t)
+            for t in self._trades
+            if t.sym == symbol and start_ms <= t.t <= end_ms
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_fill_slower_than_the_identity_horizon_still_publishes_nothing_twice(
+    redis_client: aioredis.Redis, unique_name: Callable[[str], str]
+) -> None:
+    keys = Keys(f"{unique_name('bfh')}:")
+    feed = FeedPublisher(
+        Publisher(redis_client, keys=keys), symbols=["IBM"], identity_horizon_ms=1_000
+    )
+    base = ny_epoch_ms(date(2013, 10, 7), 10)
+
+    def trade(i: int, t_ms: int) -> Trade:
+        return Trade("IBM", 180.0, 100, base + t_ms, 4, (), str(i), 1)
+
+    async def live(trades: list[Trade]) -> None:
+        split = {protocol.TRADES: {"IBM": [protocol.as_trade_event(t) for t in trades]}}
+        feed.admit(split)  # type: ignore[arg-type]
+        if split:
+            await feed.publish(protocol.build_records(split, 0))  # type: ignore[arg-type]
+
+    await live([trade(1, 0), trade(2, 1), trade(3, 2)])  # then the socket drops
+    gap = FeedGap(0, "g1", "ingest", "connection_lost", ["IBM"], base + 2, base + 5_000, "closed")
+    # while REST answers, ten seconds of live feed go by: ten horizons
+    await live([trade(100, 5_000)])
+
+    async def feed_moves_on() -> None:
+        await live([trade(100 + n, 5_000 + n * 1_000) for n in range(1, 11)])
+
+    # the gap's REST answer: trade 3 (published before the gap, at its start) and two new ones
+    rest = SlowRest([trade(3, 2), trade(4, 1_000), trade(5, 4_000)], feed_moves_on)
+    filler = Backfiller(feed, rest)  # type: ignore[arg-type]
+    done = await filler.fill(gap)
+    assert done.status == "backfilled" and done.backfilled == 2, done
+    held = [t.i for t in await stream_trades(redis_client, keys, "IBM")]
+    assert sorted(held, key=int) == ["1", "2", "3", "4", "5", *map(str, range(100, 111))]
+    assert not feed.book.seen(trade(3, 2))  # the book itself had forgotten trade 3

@@ -63,7 +63,13 @@ class FakeSource:
 
 
 class Harness:
-    def __init__(self, clock: ManualClock, policy: str = "none", close_on: str = "wall") -> None:
+    def __init__(
+        self,
+        clock: ManualClock,
+        policy: str = "none",
+        close_on: str = "wall",
+        identity_horizon_ms: int = 0,
+    ) -> None:
         self.clock = clock
         self.source = FakeSource()
         self.published: list[Bar] = []
@@ -85,6 +91,7 @@ class Harness:
             registry=CollectorRegistry(),
             source_kind="unit",
             close_on=close_on,
+            identity_horizon_ms=identity_horizon_ms,
         )
 
     async def __aenter__(self) -> Harness:
@@ -387,6 +394,25 @@ async def test_a_trade_delivered_twice_is_aggregated_once() -> None:
         await harness.deliver(("ticks.A", 2, TickBatch(2, "A", [first])))
         await harness.deliver(("sentio.progress.v1", 1, mark(T0 + 120_000, A=2)))
         assert harness.bars() == [("A", 0, 100, 0)]
+
+
+async def test_with_an_identity_horizon_a_trade_sent_again_within_it_is_aggregated_once() -> None:
+    clock = ManualClock(10**13)
+    async with Harness(clock, close_on="progress", identity_horizon_ms=10_000) as harness:
+        first = Trade(sym="A", p=10.0, s=100, t=T0 + 1_000, x=4, i="77", z=3)
+        later = Trade(sym="A", p=10.0, s=50, t=T0 + 9_000, x=4, i="78", z=3)
+        await harness.deliver(("ticks.A", 1, TickBatch(1, "A", [first, later])))
+        await harness.deliver(("ticks.A", 2, TickBatch(2, "A", [first])))  # 8 s later: dropped
+        await harness.deliver(("sentio.progress.v1", 1, mark(T0 + 62_000, A=2)))
+        assert harness.bars() == [("A", 0, 150, 0)]
+        # a whole horizon (and a half) of feed on, the identity is forgotten: sent again then,
+        # the trade revises its minute (the daily report counts it as a duplicate)
+        on = Trade(sym="A", p=10.0, s=100, t=T0 + 75_000, x=4, i="79", z=3)
+        await harness.deliver(("ticks.A", 3, TickBatch(3, "A", [on])))
+        await harness.deliver(("ticks.A", 4, TickBatch(4, "A", [first])))
+        await harness.deliver(("sentio.progress.v1", 2, mark(T0 + 122_000, A=4)))
+        assert harness.bars()[1:] == [("A", 0, 250, 1), ("A", 1, 100, 0)]
+        assert harness.builder.ids.horizon_ms == 10_000
 
 
 async def test_a_marks_close_goes_out_before_the_ticks_queued_after_the_mark() -> None:

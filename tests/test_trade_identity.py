@@ -102,3 +102,62 @@ def test_a_day_of_identities_costs_a_few_bytes_each() -> None:
     assert ids.held() == 200_000 and ids.duplicates == 0
     # strings in sets took about 140 B an identity; packed, 8 B, plus each symbol's recent set
     assert held / len(trades) < 24, held / len(trades)  # 15 here
+
+
+def at(i: str, t_ms: int, *, x: int = 4) -> Trade:
+    return Trade("SPY", 10.0, 100, T0 + t_ms, x, (), i, 1)
+
+
+def test_with_a_horizon_a_trade_sent_again_within_it_is_dropped_whatever_its_own_time() -> None:
+    ids = TradeIds(horizon_ms=10_000)
+    assert kept(ids, at("1", 0), at("2", 1_000))
+    # a backfilled trade of long before arrives at feed time 9 s: remembered from its arrival
+    assert kept(ids, at("3", 9_000), at("99", -3_600_000))
+    assert kept(ids, at("4", 18_500)) and kept(ids, at("99", -3_600_000)) == []
+    # 10 s after their arrival the first trades are forgotten: no longer told apart
+    assert kept(ids, at("5", 20_000)) and kept(ids, at("1", 0)) != []
+    assert ids.duplicates == 1
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 30), st.integers(0, 4_000)), max_size=200),
+    st.integers(1, 3_000),
+)
+def test_a_horizon_drops_every_trade_sent_again_within_it_and_forgets_by_generations(
+    events: list[tuple[int, int]], horizon: int
+) -> None:
+    """Against a model: an identity is kept from its arrival (the feed's time then, the newest
+    trade time so far) until the feed is two generations of half the horizon past the one it
+    arrived in; anything sent again sooner than the horizon is always dropped."""
+    ids = TradeIds(horizon_ms=horizon)
+    span = (horizon + 1) // 2
+    arrived: dict[str, int] = {}  # identity -> feed time when it was last admitted
+    feed = -1
+    for n, step in events:
+        t_ms = step * 5  # trades within one New York day; times go back as well as forward
+        feed = max(feed, T0 + t_ms)
+        i = str(n)
+        first = arrived.get(i)
+        remembered = first is not None and feed // span <= first // span + 2
+        assert bool(kept(ids, at(i, t_ms))) == (not remembered)
+        if first is not None and feed - first < horizon:
+            assert remembered  # the guarantee
+        if not remembered:
+            arrived[i] = feed
+    live = {i for i, first in arrived.items() if feed // span <= first // span + 2}
+    assert ids.held() == len(live)
+
+
+def test_a_horizon_bounds_the_identities_held_however_long_the_feed_runs() -> None:
+    ids = TradeIds(horizon_ms=1_000)
+    most = 0
+    for n in range(100_000):  # 10 trades a millisecond of feed time, 10 horizons of feed
+        ids.fresh("SPY", (at(str(n), n // 10),))
+        most = max(most, ids.held())
+    # a generation (500 ms) is 5,000 trades: the horizon's two and the current one are held
+    assert ids.duplicates == 0 and 10_000 <= most <= 15_000, most
+    assert 10_000 <= ids.held() <= 15_000
+    assert TradeIds().fresh("SPY", [at("1", 0)]) and TradeIds(horizon_ms=0).horizon_ms == 0
+    with pytest.raises(ValueError, match="horizon_ms"):
+        TradeIds(horizon_ms=-1)

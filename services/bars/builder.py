@@ -106,6 +106,7 @@ class BarBuilder(Actor[BuilderMessage]):
         source_kind: str = "redis",
         close_on: str = "progress",
         owns: Callable[[str], bool] = lambda _symbol: True,
+        identity_horizon_ms: int = 0,
     ) -> None:
         super().__init__(
             name, mailbox_size=mailbox_size, overflow=Overflow.BLOCK, registry=registry
@@ -127,7 +128,9 @@ class BarBuilder(Actor[BuilderMessage]):
         self.close_on = close_on
         self.owns = owns
         """Which symbols are this builder's (its shard); a mark's others are not its business."""
-        self.ids = TradeIds()
+        self.identity_horizon_ms = identity_horizon_ms
+        """How long (feed time) a trade's identity is remembered; 0: two days."""
+        self.ids = TradeIds(horizon_ms=identity_horizon_ms)
         self._snapshots: dict[str, MinuteSnapshot] = {}
         """Saved minutes not yet given back to their symbol's core (restored on its first
         tick)."""
@@ -176,7 +179,7 @@ class BarBuilder(Actor[BuilderMessage]):
 
     async def on_start(self) -> None:
         self.aggregators = {}
-        self.ids = TradeIds()
+        self.ids = TradeIds(horizon_ms=self.identity_horizon_ms)
         self._touched.clear()
         self._seqs.clear()
         self._marks.clear()

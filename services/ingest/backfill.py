@@ -27,6 +27,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from libs.common import names
+from libs.common.market.identity import TradeIds
 from libs.common.runtime.backoff import Backoff
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.lifecycle import Component
@@ -241,9 +242,12 @@ class Backfiller(Component):
             return await self._outcome(gap, "unfilled", 0, self.unavailable)
         symbols = self._symbols(gap)
         started = self.clock.monotonic()
+        # what the tick streams hold of the gap's edges, kept for this fill (the book forgets
+        # after its horizon, and a fill of many symbols can take longer)
+        known = TradeIds()
         try:
             await self.feed.remember_published(
-                symbols, gap.startMs - _EDGE_MS, gap.endMs + _EDGE_MS
+                symbols, gap.startMs - _EDGE_MS, gap.endMs + _EDGE_MS, known
             )
             semaphore = asyncio.Semaphore(self.concurrency)
 
@@ -251,7 +255,7 @@ class Backfiller(Component):
                 async with semaphore:
                     assert self.rest is not None
                     trades = await self.rest.trades(symbol, gap.startMs, gap.endMs)
-                    return await self._publish(symbol, trades)
+                    return await self._publish(symbol, trades, known)
 
             counts = await asyncio.gather(*(one(symbol) for symbol in symbols))
         except (BackfillRefused, httpx.HTTPError, msgspec.DecodeError, ValueError) as exc:
@@ -277,13 +281,13 @@ class Backfiller(Component):
             if (symbol := names.symbol_of(names.TICKS, channel)) is not None
         )
 
-    async def _publish(self, symbol: str, trades: list[TradeEvent]) -> int:
+    async def _publish(self, symbol: str, trades: list[TradeEvent], known: TradeIds) -> int:
         trades.sort(key=lambda trade: trade.t)
         published = 0
         for start in range(0, len(trades), self.batch_trades):
             chunk = trades[start : start + self.batch_trades]
             split: protocol.FrameSplit = {protocol.TRADES: {symbol: list(chunk)}}
-            self.feed.admit(split)
+            self.feed.admit(split, known)
             kept = split.get(protocol.TRADES, {}).get(symbol, [])
             if not kept:
                 continue

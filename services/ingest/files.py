@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry
 from libs.common import names
 from libs.common.io.deadletter import DeadLetters
 from libs.common.io.redis_io import StreamReader
-from libs.common.market.identity import day_bounds
+from libs.common.market.identity import TradeIds, day_bounds
 from libs.common.market.tickfiles import read_trades
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.lifecycle import Component
@@ -129,6 +129,8 @@ class TickFileSource(Component):
         """One record per symbol per round trip instead of one per frame and symbol."""
         self.channels = channels
         self.fill_missing = fill_missing
+        self._known: TradeIds | None = TradeIds() if fill_missing else None
+        """With ``fill_missing``: the files' days as the tick streams held them at load."""
         """Publish only the trades the tick streams lack (a lost day, after the fact), then
         mark that day's feed gaps filled."""
         self.clock = clock
@@ -168,7 +170,7 @@ class TickFileSource(Component):
             self._frames = list(frames_of(trades, self.frame_max_events, self.frame_window_ms))
             self.trades_total = len(trades)
             if self.fill_missing:
-                known = await self._remember_days(trades)
+                known = await self._remember_days()
                 log.info("ingest.files_fill", trades=len(trades), already_published=known)
             else:
                 stored = await self.feed.publisher.client.get(self.position_key)
@@ -190,6 +192,7 @@ class TickFileSource(Component):
             await self._publish_paced(self._frames)
             if self.fill_missing:
                 await self._mark_gaps_filled()
+            self._known = None
             self._finish()
 
     def _days(self) -> dict[tuple[int, int], set[str]]:
@@ -200,11 +203,15 @@ class TickFileSource(Component):
             days.setdefault(bounds, set()).update(trade.sym for trade in frame)
         return days
 
-    async def _remember_days(self, trades: Sequence[TradeEvent]) -> int:
-        """Note every trade of the files' days already on the tick streams."""
+    async def _remember_days(self) -> int:
+        """Note every trade of the files' days already on the tick streams (in ``_known``,
+        held until the files are replayed)."""
         known = 0
+        assert self._known is not None
         for (start, end), symbols in self._days().items():
-            known += await self.feed.remember_published(sorted(symbols), start, end - 1)
+            known += await self.feed.remember_published(
+                sorted(symbols), start, end - 1, self._known
+            )
         return known
 
     async def _mark_gaps_filled(self) -> None:
@@ -271,7 +278,7 @@ class TickFileSource(Component):
         merged: protocol.FrameSplit = {}
         for frame in frames[self._next_frame : end]:
             split = protocol.split_frame(frame)
-            self.feed.admit(split)
+            self.feed.admit(split, self._known)
             if self.one_record_per_batch:
                 protocol.merge_split(merged, split)
             else:

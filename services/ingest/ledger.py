@@ -12,8 +12,11 @@
   builds the ``Progress`` mark: the feed's time (the newest event time published) and every
   tick channel's sequence at that time.
 
-Identities (``libs.common.market.identity.TradeIds``) are kept per symbol for the last
-``keep_days`` New York days, which bounds memory to a few days of trades.
+Identities (``libs.common.market.identity.TradeIds``) are kept for ``horizon_ms`` of the
+feed's time after they arrived (0: for the last ``keep_days`` New York days). A backfill or a
+re-read of files checks its trades first against what the tick streams hold (read back into
+an identity set of its own, ``known``), so its duplicates are dropped however long ago their
+first copies were published.
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ class _Minute:
 class SourceBook:
     """Identity, ledger and progress of one ingest process; see the module docstring."""
 
-    def __init__(self, source: str = "ingest", *, keep_days: int = 2) -> None:
+    def __init__(self, source: str = "ingest", *, keep_days: int = 2, horizon_ms: int = 0) -> None:
         self.source = source
-        self.ids = TradeIds(keep_days)
+        self.ids = TradeIds(keep_days, horizon_ms)
         self._pending: dict[tuple[str, int], _Minute] = {}
         self._duplicates_reported = 0
         self.admitted_total = 0
@@ -63,14 +66,17 @@ class SourceBook:
         """True when a trade with this identity was already admitted."""
         return self.ids.seen(trade)
 
-    def remember(self, trades: Iterable[Trade]) -> None:
-        """Note identities published by someone else (trades read back from Redis), without
-        counting them in the ledger."""
-        self.ids.remember(trades)
-
-    def admit(self, sym: str, trades: Sequence[TradeT]) -> Sequence[TradeT]:
+    def admit(
+        self, sym: str, trades: Sequence[TradeT], known: TradeIds | None = None
+    ) -> Sequence[TradeT]:
         """The trades of ``trades`` (one symbol, feed order) not published before; counted.
-        A trade without an id (``i`` empty) cannot be told apart and is always admitted."""
+        A trade without an id (``i`` empty) cannot be told apart and is always admitted.
+        ``known``: identities read back from the tick streams, checked first (and the
+        trades it lets through noted in it)."""
+        if known is not None:
+            checked = known.fresh(sym, trades)
+            self.ids.duplicates += len(trades) - len(checked)
+            trades = checked
         fresh = self.ids.fresh(sym, trades)
         pending = self._pending
         minute_start = minute_end = 0

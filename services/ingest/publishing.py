@@ -33,6 +33,7 @@ from redis.asyncio.client import Pipeline
 
 from libs.common import names
 from libs.common.io.redis_io import RETRIABLE, Publisher, StreamReader
+from libs.common.market.identity import TradeIds
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
 from libs.common.runtime.lifecycle import Component
 from libs.common.runtime.metrics import metrics_for
@@ -113,6 +114,7 @@ class FeedPublisher:
         *,
         source: str = "ingest",
         retry_s: float = 30.0,
+        identity_horizon_ms: int = 0,
         symbols: list[str] | None = None,
         registry: CollectorRegistry | None = None,
         clock: Clock = SYSTEM_CLOCK,
@@ -122,7 +124,7 @@ class FeedPublisher:
         self.source = source
         self.retry_s = retry_s
         self.symbols = symbols or ["*"]
-        self.book = SourceBook(source)
+        self.book = SourceBook(source, horizon_ms=identity_horizon_ms)
         self.clock = clock
         self.rng = rng or random.Random()
         self.metrics = FeedMetrics.for_registry(registry)
@@ -146,15 +148,16 @@ class FeedPublisher:
 
     # -- identity ----------------------------------------------------------------------------
 
-    def admit(self, split: FrameSplit) -> None:
-        """Drop already published trades from ``split`` (in place)."""
+    def admit(self, split: FrameSplit, known: TradeIds | None = None) -> None:
+        """Drop already published trades from ``split`` (in place); ``known``: identities
+        read back from the tick streams (``remember_published``)."""
         trades = split.get(protocol.TRADES)
         if not trades:
             return
         admit = self.book.admit
         kept: dict[str, list[Event]] = {}
         for sym, group in trades.items():
-            fresh = admit(sym, cast(list[TradeEvent], group))
+            fresh = admit(sym, cast(list[TradeEvent], group), known)
             if fresh:
                 kept[sym] = cast(list[Event], fresh)
         if kept:
@@ -228,10 +231,13 @@ class FeedPublisher:
         self.book.channels.update(mark.ticks)
         self.open_gap("ingest_start", detail="not reading between the last run and this one")
 
-    async def remember_published(self, symbols: Iterable[str], low_ms: int, high_ms: int) -> int:
+    async def remember_published(
+        self, symbols: Iterable[str], low_ms: int, high_ms: int, into: TradeIds
+    ) -> int:
         """Read back the trades the tick streams hold with ``low_ms <= t <= high_ms`` and note
-        their identities, so that none is published twice (a process that restarted has not
-        seen them). Returns how many were read."""
+        their identities in ``into`` (passed to ``admit`` as ``known``), so that none is
+        published twice, however long ago it was (a process that restarted has not seen them;
+        the book forgets after its horizon). Returns how many were read."""
         reader = StreamReader(self.publisher.client, self.publisher.keys)
         seen = 0
         for symbol in symbols:
@@ -254,7 +260,7 @@ class FeedPublisher:
                         )
                         continue
                     kept = [t for t in ticks if low_ms <= t.t <= high_ms]
-                    self.book.remember(kept)
+                    into.remember(kept)
                     seen += len(kept)
                     if ticks:
                         oldest = min(oldest, ticks[0].t)

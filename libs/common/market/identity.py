@@ -2,12 +2,14 @@
 
 Polygon's trade id ``i`` is unique per ticker, exchange and TRF within a day (tick files use
 the line number, unique per symbol and day), so a trade's identity within its symbol is
-``(day, exchange, TRF, i)``. ``TradeIds`` remembers the identities seen per symbol for the
-last ``keep_days`` New York days and drops a trade seen before, wherever it comes from (a
-reconnect overlap, a re-read, a backfill over live data, a duplicate record). A trade without
-an id cannot be told apart from another and always passes.
+``(day, exchange, TRF, i)``. ``TradeIds`` remembers the identities seen per symbol and drops
+a trade seen before, wherever it comes from (a reconnect overlap, a re-read, a backfill over
+live data, a duplicate record): for a horizon of the feed's time after it arrived (a live
+service's memory stays bounded), or, without one, for the last ``keep_days`` New York days
+(the daily proof counts every duplicate of its day). A trade without an id cannot be told
+apart from another and always passes.
 
-A day's identities are held compactly, because a builder keeps every one of them all day: an
+Identities are held compactly, because a day or a horizon holds millions of them: an
 id written as a plain decimal number below 10^16 (Polygon's and the tick files' are) becomes
 one 64-bit integer with its venue (exchange and TRF) in the top bits, exact, no hashing. The
 newest few hundred of a symbol-day sit in a Python set; then they are packed into sorted
@@ -35,6 +37,8 @@ _VENUES = 128
 """Venues (exchange and TRF pairs) a ``TradeIds`` packs; ids of any further venue stay strings."""
 _DIGITS = 16
 """Longest decimal id packed (10^16 < 2^56)."""
+_FOREVER = 1 << 62
+"""A generation's end when there is no horizon (past any epoch ms)."""
 
 
 def packed_key(venue: int, i: str) -> int | None:
@@ -110,15 +114,36 @@ class DayIds:
 
 
 class TradeIds:
-    """The identities seen per symbol and day; see the module docstring."""
+    """The identities seen per symbol and day; see the module docstring.
 
-    def __init__(self, keep_days: int = 2) -> None:
+    ``horizon_ms`` (0: no horizon) bounds how long an identity is remembered, in the feed's
+    time: identities are kept in generations of half the horizon by when they arrived (the
+    newest trade time seen so far), and a generation is forgotten once the feed has moved a
+    whole horizon past its end. So a trade sent again within ``horizon_ms`` of feed time of its
+    first copy is dropped, whatever its own time (a backfilled trade of an hour ago is
+    remembered from its arrival), and memory holds one to one and a half horizons of trades
+    instead of whole days. Without a horizon a symbol-day's identities are kept for the last
+    ``keep_days`` New York days.
+    """
+
+    def __init__(self, keep_days: int = 2, horizon_ms: int = 0) -> None:
+        if horizon_ms < 0:
+            raise ValueError(f"horizon_ms must be 0 (none) or positive, not {horizon_ms}")
         self.keep_days = keep_days
-        # symbol -> {day start -> identities}
+        self.horizon_ms = horizon_ms
+        self._span = (horizon_ms + 1) // 2
+        """A generation's length in feed time (0 without a horizon)."""
+        # symbol -> {day start -> identities}, of the current generation
         self._seen: dict[str, dict[int, DayIds]] = {}
-        self._current: dict[str, tuple[int, int, DayIds]] = {}
-        """Per symbol: the day its last trade fell in ([start, end), its identities), so that a
-        record of the same day costs no time-zone arithmetic."""
+        self._older: list[tuple[int, dict[str, dict[int, DayIds]]]] = []
+        """The previous generations still within the horizon (number, identities), packed."""
+        self._gen = 0
+        self._gen_end = _FOREVER if not horizon_ms else 0
+        """Feed time at which the next generation begins."""
+        self._current: dict[str, tuple[int, int, DayIds, tuple[DayIds, ...]]] = {}
+        """Per symbol: the day its last trade fell in ([start, end), its identities, and the
+        same day's in older generations), so that a record of the same day costs no
+        time-zone arithmetic."""
         self._bounds = (0, 0)
         """The New York day last worked out ([start, end)), shared by every symbol."""
         self._venues: dict[int, int] = {}
@@ -140,7 +165,26 @@ class TradeIds:
             venue = self._venues[trade.x] = len(self._venues) + len(self._trf_venues)
         return venue
 
-    def _day(self, sym: str, day_start: int) -> DayIds:
+    def _advance(self, t: int) -> None:
+        """The feed reached ``t``, past the current generation: start the next one and forget
+        the generations a whole horizon behind."""
+        number = t // self._span
+        if self._seen:
+            for days in self._seen.values():
+                for ids in days.values():
+                    ids.pack()
+            self._older.append((self._gen, self._seen))
+        self._seen = {}
+        self._gen = number
+        self._gen_end = (number + 1) * self._span
+        # an identity of generation g arrived before (g + 1) * span and is kept until the
+        # feed reaches (g + 3) * span: at least two spans, the horizon
+        self._older = [(n, seen) for n, seen in self._older if n >= number - 2]
+        self._current.clear()
+
+    def _day(self, sym: str, day_start: int) -> tuple[DayIds, tuple[DayIds, ...]]:
+        """The current generation's identities of ``sym``'s day (created if new), and that
+        day's in the older generations."""
         days = self._seen.get(sym)
         if days is None:
             days = self._seen[sym] = {}
@@ -150,27 +194,36 @@ class TradeIds:
             if len(days) > self.keep_days:
                 for old in sorted(days)[: len(days) - self.keep_days]:
                     del days[old]
-        return ids
+        older = tuple(
+            day for _, seen in self._older if (day := seen.get(sym, {}).get(day_start)) is not None
+        )
+        return ids, older
 
     def fresh(self, sym: str, trades: Sequence[TradeT]) -> Sequence[TradeT]:
         """The trades of ``trades`` (one symbol) not seen before, now remembered. Returns
         ``trades`` itself when none was a duplicate (the common case: no copy)."""
         out: list[TradeT] | None = None
         current = self._current.get(sym)
+        older: tuple[DayIds, ...]
         if current is None:
             day_start = day_end = 0
-            ids = DayIds()  # replaced by the first trade's day
+            ids, older = DayIds(), ()  # replaced by the first trade's day
         else:
-            day_start, day_end, ids = current
+            day_start, day_end, ids, older = current
+        gen_end = self._gen_end
         venues = self._venues
         for index, trade in enumerate(trades):
             t = trade.t
+            if t >= gen_end:  # only with a horizon
+                self._advance(t)
+                gen_end = self._gen_end
+                day_start = day_end = 0
             if t < day_start or t >= day_end:
                 day_start, day_end = self._bounds
                 if t < day_start or t >= day_end:
                     day_start, day_end = self._bounds = day_bounds(t)
-                ids = self._day(sym, day_start)
-                self._current[sym] = (day_start, day_end, ids)
+                ids, older = self._day(sym, day_start)
+                self._current[sym] = (day_start, day_end, ids, older)
             i = trade.i
             if i:
                 venue = None if trade.trfi else venues.get(trade.x)
@@ -189,12 +242,17 @@ class TradeIds:
                     new = key not in recent and not (
                         key <= ids.packed_max.get(venue, -1) and ids.packed(key)
                     )
+                    if new and older:  # packed when their generation ended
+                        for day in older:
+                            if key <= day.packed_max.get(venue, -1) and day.packed(key):
+                                new = False
+                                break
                     if new:
                         recent.add(key)
                         if len(recent) >= PACK_AT:
                             ids.pack()
                 else:
-                    new = ids.add_other(venue, i)
+                    new = not any(day.has(venue, i) for day in older) and ids.add_other(venue, i)
                 if not new:
                     self.duplicates += 1
                     if out is None:
@@ -206,11 +264,15 @@ class TradeIds:
 
     def seen(self, trade: Trade) -> bool:
         """True when ``trade``'s identity was seen (without remembering it)."""
-        days = self._seen.get(trade.sym)
-        if not days or not trade.i:
+        if not trade.i:
             return False
-        ids = days.get(day_bounds(trade.t)[0])
-        return ids is not None and ids.has(self._venue(trade), trade.i)
+        day_start = day_bounds(trade.t)[0]
+        venue = self._venue(trade)
+        for _, seen in (*self._older, (self._gen, self._seen)):
+            ids = seen.get(trade.sym, {}).get(day_start)
+            if ids is not None and ids.has(venue, trade.i):
+                return True
+        return False
 
     def remember(self, trades: Iterable[Trade]) -> None:
         """Note identities seen elsewhere (trades read back from a stream)."""
@@ -220,5 +282,10 @@ class TradeIds:
         self.duplicates = before
 
     def held(self) -> int:
-        """Identities held, over every symbol and day."""
-        return sum(len(ids) for days in self._seen.values() for ids in days.values())
+        """Identities held, over every symbol, day and generation."""
+        return sum(
+            len(ids)
+            for _, seen in (*self._older, (self._gen, self._seen))
+            for days in seen.values()
+            for ids in days.values()
+        )

@@ -132,6 +132,16 @@ class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     heartbeat_interval_ms: Annotated[int, Meta(gt=0, description="heartbeat period")] = 5_000
     stream_maxlen: Annotated[int, Meta(gt=0, description="entries kept per Redis stream")] = 200_000
     key_prefix: Annotated[str, Meta(description="prefix of tickmesh's own Redis keys")] = "tm:"
+    identity_horizon_s: Annotated[
+        int,
+        Meta(
+            ge=0,
+            description="ingest and the bar builders drop a trade sent again within this "
+            "long (the feed's time) of its first copy, and forget identities older than 1.5 "
+            "times it (0: keep the last two days). Backfills and re-reads check the tick "
+            "streams instead; the daily report counts every duplicate of the day",
+        ),
+    ] = 30
     publish_channels_per_call: Annotated[
         int,
         Meta(
