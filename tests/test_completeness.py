@@ -45,10 +45,12 @@ def ledger_of(day_trades: list[Trade]) -> dict[str, dict[int, list[int]]]:
 
 
 def judge(source: list[Trade], held: list[Trade], redis: list[Bar], kafka: list[Bar], gaps=()):  # type: ignore[no-untyped-def]
-    tally = TickTally(DAY.toordinal())
+    tally = TickTally(DAY.toordinal(), "none", keep_trades=True)
     for trade in held:
         tally.add(TickBatch(0, trade.sym, [trade]))
-    expected = by_minute(build_bars(tally.trades.get("SPY", []), "none"))
+    expected = by_minute(tally.bars("SPY"))
+    # rebuilt as they were read: the bars of one batch of the same unique trades
+    assert expected == by_minute(build_bars(tally.trades.get("SPY", []), "none"))
     return judge_symbol(
         "SPY",
         ledger=ledger_of(source).get("SPY", {}),
@@ -160,3 +162,43 @@ def test_the_report_lists_the_gaps_that_touch_its_day() -> None:
     )
     assert [item.gapId for item in section.gaps] == ["across", "open", "same"]
     assert len(build_completeness([], gaps, dead_letters=0, max_listed=10).gaps) == 5
+
+
+def test_a_tally_rebuilds_the_bars_as_it_reads_without_keeping_the_trades() -> None:
+    """Records as Kafka gives them: each symbol in order, then a backfill of earlier minutes,
+    copies of records, and trades of the day before. The bars rebuilt while reading equal the
+    bars of one batch of the day's unique trades, and no trade is kept."""
+    import random
+
+    rng = random.Random(7)
+    day_before = ny_epoch_ms(date(2013, 10, 4), 15, 59)
+    records: list[TickBatch] = []
+    unique: dict[str, list[Trade]] = {}
+    for symbol in ("SPY", "IBM", "AIG"):
+        stream = trades(symbol, 30, per_minute=7)
+        rng.shuffle(stream)  # out of order within the symbol too (several venues)
+        live, backfill = stream[40:], stream[:40]
+        batches = [live[n : n + 5] for n in range(0, len(live), 5)]
+        batches.append(backfill)  # filled later from REST: late trades that revise bars
+        batches.insert(3, batches[1])  # a record delivered twice
+        old = Trade(symbol, 50.0, 100, day_before, 4, (), "old")
+        batches.insert(5, [old])
+        records.extend(TickBatch(0, symbol, list(batch)) for batch in batches)
+        unique[symbol] = live + backfill
+    rng.shuffle(records)  # symbols interleave (one topic, many partitions)
+    tally = TickTally(DAY.toordinal(), "algoseek")
+    tally.PENDING_MAX = 7  # handed to the aggregators in many batches
+    for record in records:
+        tally.add(record)
+    for symbol, held in unique.items():
+        order = [t for r in records if r.sym == symbol for t in r.ticks]
+        first_seen = list({t.i: t for t in reversed(order) if t.t >= T0}.values())[::-1]
+        assert sorted(first_seen, key=lambda t: t.i) == sorted(held, key=lambda t: t.i)
+        rebuilt = tally.bars(symbol)
+        # revised as the backfill came (their revision numbers count that), the same values
+        assert any(bar.revision for bar in rebuilt)
+        assert [msgspec.structs.replace(bar, revision=0) for bar in rebuilt] == build_bars(
+            first_seen, "algoseek", symbol=symbol
+        )
+        assert tally.duplicates[symbol] == 5
+    assert tally.trades == {} and tally.bars("BAC") == []

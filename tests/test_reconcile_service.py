@@ -37,6 +37,7 @@ from libs.common.schemas import (
 from services.mirror.config import MirrorSettings
 from services.mirror.gauges import ParityGauges
 from services.mirror.reconciler import Reconciler, ScheduledReconciler
+from services.mirror.sides import SideReader
 from tests.helpers import eventually, run_reconcile
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -397,3 +398,56 @@ async def test_the_timer_ignores_bars_still_in_flight(
         )
         == 1
     )
+
+
+async def test_a_days_later_reports_read_only_the_ticks_that_came_since(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
+) -> None:
+    """The timed reports of a day carry on from the previous read: the ticks tallied once,
+    a trade sent again counted as one duplicate (not the whole first read again), and the
+    bars rebuilt equal those of one read of everything."""
+    symbol = f"R{name[-8:].upper()}"
+    settings = load_settings(MirrorSettings, env_for(redis_url, kafka_bootstrap, name))
+    reader = SideReader(settings, redis_client)
+    trades = synthetic_trades(symbol, DEMO_DAY, minutes=5)
+    first, then = trades[:7], trades[7:]
+    topic = names.channel(names.TICKS, symbol)
+
+    async def send(batch: list[Trade]) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            for trade in batch:
+                await producer.send(topic, encode(TickBatch(0, symbol, [trade])))
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    keys = Keys(f"{name}:")
+
+    async def ledger(batch: list[Trade]) -> None:
+        entries = [LedgerEntry(symbol, t.t - t.t % 60_000, 1, t.s) for t in batch]
+        await Publisher(redis_client, keys=keys).publish(names.LEDGER, Ledger(0, "i", entries))
+
+    async def source_trades() -> int:
+        counts = (await reader.ledger(DEMO_DAY, resume=True)).get(symbol, {})
+        return sum(c[0] for c in counts.values())
+
+    await send(first)
+    await ledger(first)
+    assert await source_trades() == 7
+    tally = await reader.kafka_ticks([symbol], DEMO_DAY, resume=True)
+    assert sum(c[0] for c in tally.counts[symbol].values()) == 7
+    early = tally.bars(symbol)  # a report in between: its minutes are flushed
+    assert early
+    await send([*then, first[2]])  # the rest of the day, and one trade sent again
+    await ledger(then)
+    assert await source_trades() == len(trades)  # counted once, not the first part again
+    again = await reader.kafka_ticks([symbol], DEMO_DAY, resume=True)
+    assert again is tally
+    assert sum(c[0] for c in tally.counts[symbol].values()) == len(trades)
+    assert tally.duplicates == {symbol: 1}
+    whole = await SideReader(settings, redis_client).kafka_ticks([symbol], DEMO_DAY)
+    assert whole is not tally and whole.counts == tally.counts
+    values = [msgspec.structs.replace(bar, revision=0) for bar in tally.bars(symbol)]
+    assert values == whole.bars(symbol) == build_bars(trades, settings.bars_policy)

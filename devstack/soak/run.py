@@ -238,7 +238,9 @@ class Soak:
         client = await connect_redis(settings.redis_url, max_wait_s=30, name="tickmesh-soak")
         try:
             reconciler = Reconciler(settings, client)
-            reader = KeepingSideReader(settings, client)
+            reader = KeepingSideReader(
+                settings, client, listings=reconciler.listings, keep_trades=True
+            )
             reconciler.reader = reader
             report = await reconciler.run(day, min_age_s=0, store=True, publish=False)
             await reconciler.close()

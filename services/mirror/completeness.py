@@ -12,12 +12,23 @@ incomplete on every path (the feed may have had trades there that nobody got).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import date, timedelta
 
 import msgspec
 from msgspec import Struct
 
+from libs.common.market.aggregator import BarAggregator
 from libs.common.market.identity import TradeIds
-from libs.common.market.sessions import MINUTE_MS, bar_id, ny_date, session_for, ts_et
+from libs.common.market.policies import _PolicyBase, get_policy
+from libs.common.market.sessions import (
+    MINUTE_MS,
+    bar_id,
+    ny_date,
+    ny_midnight_ms,
+    session_for,
+    ts_et,
+)
+from libs.common.runtime.clock import ManualClock
 from libs.common.schemas import Bar, FeedGap, Ledger, TickBatch, Trade
 
 BAR_FIELDS = ("open", "high", "low", "close", "volume", "vwap", "trades")
@@ -77,6 +88,13 @@ class SymbolCompleteness(Struct):
 def ledger_counts(ledgers: Iterable[Ledger], day_ordinal: int) -> dict[str, Counts]:
     """The source's trades and volume per symbol and minute of one New York day."""
     out: dict[str, Counts] = {}
+    add_ledger_counts(out, ledgers, day_ordinal)
+    return out
+
+
+def add_ledger_counts(out: dict[str, Counts], ledgers: Iterable[Ledger], day_ordinal: int) -> None:
+    """Add ``ledgers``' trades and volume of one New York day to ``out`` (per symbol and
+    minute)."""
     for ledger in ledgers:
         for entry in ledger.entries:
             if ny_date(entry.minuteMs).toordinal() != day_ordinal:
@@ -85,22 +103,48 @@ def ledger_counts(ledgers: Iterable[Ledger], day_ordinal: int) -> dict[str, Coun
             counts = minutes.setdefault(entry.minuteMs, [0, 0])
             counts[0] += entry.trades
             counts[1] += entry.volume
-    return out
 
 
 class TickTally:
-    """The unique trades of one day on a path, per symbol, with their per-minute counts."""
+    """The unique trades of one day on a path, per symbol: their per-minute counts, and the
+    bars rebuilt from them as they are read (``bars``). Each symbol's trades go through an
+    aggregator of their own, batch by batch, which gives the bars one batch of all of them
+    would (``build_bars``; any batch split gives the same bars), so a report holds a few
+    hundred bytes a symbol-minute instead of every trade of the day. The trades wait in
+    per-symbol batches (up to ``PENDING_MAX`` in all) for their aggregator: one record's
+    trade or two at a time, the aggregator's cost per call would be most of the read.
+    ``keep_trades`` also keeps the trades themselves (``trades``: the soak matches them one
+    by one)."""
 
-    def __init__(self, day_ordinal: int) -> None:
+    PENDING_MAX = 20_000
+    """Trades waiting for their symbol's aggregator, in all, before they are handed over."""
+
+    def __init__(
+        self,
+        day_ordinal: int,
+        policy: _PolicyBase | str = "algoseek",
+        *,
+        keep_trades: bool = False,
+    ) -> None:
         self.day_ordinal = day_ordinal
+        day = date.fromordinal(day_ordinal)
+        self._day_start = ny_midnight_ms(day)
+        self._day_end = ny_midnight_ms(day + timedelta(days=1))
+        self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        self.keep_trades = keep_trades
         self.ids = TradeIds(keep_days=1)
         self.trades: dict[str, list[Trade]] = {}
+        """With ``keep_trades``: each symbol's unique trades, in the order read."""
         self.counts: dict[str, Counts] = {}
         self.duplicates: dict[str, int] = {}
+        self._aggregators: dict[str, BarAggregator] = {}
+        self._pending: dict[str, list[Trade]] = {}
+        self._pending_count = 0
 
     def add(self, batch: TickBatch) -> None:
         """Count one tick record (its trades of other days are ignored)."""
-        ticks = [t for t in batch.ticks if ny_date(t.t).toordinal() == self.day_ordinal]
+        start, end = self._day_start, self._day_end
+        ticks = [t for t in batch.ticks if start <= t.t < end]
         if not ticks:
             return
         sym = batch.sym
@@ -108,8 +152,17 @@ class TickTally:
         fresh = self.ids.fresh(sym, ticks)
         if self.ids.duplicates > before:
             self.duplicates[sym] = self.duplicates.get(sym, 0) + self.ids.duplicates - before
-        kept = self.trades.setdefault(sym, [])
-        kept.extend(fresh)
+        if not fresh:
+            return
+        if self.keep_trades:
+            self.trades.setdefault(sym, []).extend(fresh)
+        pending = self._pending.get(sym)
+        if pending is None:
+            pending = self._pending[sym] = []
+        pending.extend(fresh)
+        self._pending_count += len(fresh)
+        if self._pending_count >= self.PENDING_MAX:
+            self._aggregate()
         minutes = self.counts.setdefault(sym, {})
         for trade in fresh:
             minute = trade.t - trade.t % MINUTE_MS
@@ -118,6 +171,30 @@ class TickTally:
                 counts = minutes[minute] = [0, 0]
             counts[0] += 1
             counts[1] += trade.s
+
+    def _aggregate(self) -> None:
+        """Hand every symbol's waiting trades to its aggregator, as one batch."""
+        for sym, pending in self._pending.items():
+            aggregator = self._aggregators.get(sym)
+            if aggregator is None:
+                aggregator = self._aggregators[sym] = BarAggregator(
+                    sym, self.policy, grace_ms=0, late_policy="revise", clock=ManualClock(0)
+                )
+            aggregator.add(pending, 0, symbol=sym)
+        self._pending = {}
+        self._pending_count = 0
+
+    def bars(self, symbol: str) -> list[Bar]:
+        """The bars of ``symbol``'s trades read so far (the latest revision of each): the
+        values ``build_bars`` gives (a bar revised by a later batch counts that in its
+        ``revision``, which completeness does not compare); call once every trade is read."""
+        if self._pending:
+            self._aggregate()
+        aggregator = self._aggregators.get(symbol)
+        if aggregator is None:
+            return []
+        aggregator.flush()
+        return list(aggregator.published().values())
 
 
 def gap_minutes(

@@ -13,6 +13,7 @@ it on demand for a date.
 
 from __future__ import annotations
 
+import time
 from datetime import date, timedelta
 
 import msgspec
@@ -27,9 +28,7 @@ from libs.common.io.kafka_io import (
     ensure_topics,
     start_producer,
 )
-from libs.common.market.build import build_bars
 from libs.common.market.calendar import is_trading_day
-from libs.common.market.policies import get_policy
 from libs.common.market.sessions import ny_date, ts_et
 from libs.common.names import Keys
 from libs.common.runtime.clock import SYSTEM_CLOCK, Clock
@@ -83,7 +82,7 @@ class Reconciler:
         self.listings = settings.listings.build(registry=registry, service="mirror")
         """Primary listings for rebuilding the source's bars (the bars' own sources)."""
         self.keys = Keys(settings.key_prefix)
-        self.reader = SideReader(settings, client)
+        self.reader = SideReader(settings, client, listings=self.listings)
         self.gate_store = GateStore(client, self.keys)
         self.gauges = gauges
         self.tolerance = Tolerance(settings.reconcile_tolerance)
@@ -109,7 +108,9 @@ class Reconciler:
         settings = self.settings
         min_age_s = settings.reconcile_min_age_s if min_age_s is None else min_age_s
         now_ms = self.clock.now_ms()
+        started = time.perf_counter()
         sides = await self.reader.collect(day, symbols, vendor=vendor)
+        read_s = time.perf_counter() - started
         report = self.compare(
             sides,
             now_ms=now_ms,
@@ -136,6 +137,8 @@ class Reconciler:
             duplicates=totals.duplicates,
             pending=totals.pending,
             promotion_ready=report.gate.ready if report.gate is not None else False,
+            read_s=round(read_s, 3),
+            seconds=round(time.perf_counter() - started, 3),
         )
         return report
 
@@ -212,14 +215,12 @@ class Reconciler:
         """Each symbol's minutes against the source (None when the source was not read)."""
         if sides.ticks is None:
             return None
-        policy = get_policy(self.settings.bars_policy, listings=self.listings)
         day_ordinal = sides.day.toordinal()
         judged = []
         for symbol in sides.symbols:
-            trades = sides.ticks.trades.get(symbol, [])
             expected = {
                 bar.startMs: bar
-                for bar in (build_bars(trades, policy, symbol=symbol) if trades else [])
+                for bar in sides.ticks.bars(symbol)
                 if ny_date(bar.startMs).toordinal() == day_ordinal
             }
             judged.append(

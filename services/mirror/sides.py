@@ -3,17 +3,21 @@ shadow builder's topics) and the vendor's minute aggregates (Redis streams), for
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
 
 import msgspec
 import redis.asyncio as aioredis
+from aiokafka import TopicPartition
 
 from libs.common import names
 from libs.common.io.barstore import BarStore
 from libs.common.io.kafka_io import list_topics, read_from_beginning
 from libs.common.io.redis_io import StreamReader
+from libs.common.market.listings import Listings
+from libs.common.market.policies import get_policy
 from libs.common.market.sessions import ny_date
 from libs.common.names import Keys
 from libs.common.schemas import (
@@ -28,10 +32,11 @@ from libs.common.schemas import (
     StructT,
     VendorAggregate,
 )
-from services.mirror.completeness import Counts, TickTally, ledger_counts
+from services.mirror.completeness import Counts, TickTally, add_ledger_counts
 from services.mirror.config import MirrorSettings
 
 AGGREGATE_DECODER = DECODERS[AggregateBatch]
+LEDGER_DECODER = DECODERS[Ledger]
 
 
 @dataclass
@@ -70,9 +75,25 @@ class DaySides:
 class SideReader:
     """Reads the sides of a day."""
 
-    def __init__(self, settings: MirrorSettings, client: aioredis.Redis) -> None:
+    def __init__(
+        self,
+        settings: MirrorSettings,
+        client: aioredis.Redis,
+        *,
+        listings: Listings | None = None,
+        keep_trades: bool = False,
+    ) -> None:
         self.settings = settings
         self.client = client
+        self.policy = get_policy(settings.bars_policy, listings=listings)
+        """The bars' policy, to rebuild the source's bars from the Kafka ticks."""
+        self.keep_trades = keep_trades
+        """Keep the Kafka ticks themselves in ``DaySides.ticks`` (not only their tallies)."""
+        self._ledgers: dict[date, tuple[dict[str, Counts], int]] = {}
+        """Per day (the last two): the ledger's counts so far and the stream's last record read."""
+        self._tallies: dict[date, tuple[TickTally, dict[TopicPartition, int]]] = {}
+        """Per day (the last two): the Kafka ticks tallied so far, and where each partition's
+        read stopped, so that the next report of the day reads only what came since."""
         self.keys = Keys(settings.key_prefix)
         self.store = BarStore(client, self.keys)
 
@@ -82,7 +103,7 @@ class SideReader:
         """Every side of ``day`` for ``symbols`` (None: every symbol the feed gave that day or
         with bars on a side). ``source``: also the ledger, the Kafka ticks, gaps and dead
         letters (completeness against the source)."""
-        ledger = await self.ledger(day) if source else {}
+        ledger = await self.ledger(day, resume=not symbols) if source else {}
         if symbols:
             wanted = sorted(set(symbols))
             kafka, read, bad = await self.kafka_bars(wanted, day)
@@ -93,7 +114,7 @@ class SideReader:
         sides.vendor_checked = vendor
         if source:
             sides.ledger = {symbol: ledger.get(symbol, {}) for symbol in wanted}
-            sides.ticks = await self.kafka_ticks(wanted, day)
+            sides.ticks = await self.kafka_ticks(wanted, day, resume=not symbols)
             sides.gaps = await self.records(names.FEED_GAPS, FeedGap)
             sides.dead_letters = await self.dead_letters(day)
         for symbol in wanted:
@@ -194,35 +215,79 @@ class SideReader:
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     continue
 
-    async def ledger(self, day: date) -> dict[str, Counts]:
-        """The source ledger of ``day`` per symbol and minute."""
-        return ledger_counts(await self.records(names.LEDGER, Ledger), day.toordinal())
+    async def ledger(self, day: date, *, resume: bool = False) -> dict[str, Counts]:
+        """The source ledger of ``day`` per symbol and minute, counted as the stream is read
+        (its records are not kept). ``resume``: carry on from this day's previous read (its
+        counts, and the stream's records that came since)."""
+        counts, cursor = self._ledgers.get(day, ({}, 0)) if resume else ({}, 0)
+        reader = StreamReader(self.client, self.keys)
+        while True:
+            entries = await reader.read(names.LEDGER, cursor, 5_000)
+            if not entries:
+                break
+            cursor = entries[-1][0]
+            ledgers = []
+            for _, payload in entries:
+                try:
+                    ledgers.append(LEDGER_DECODER.decode(payload))
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue
+            add_ledger_counts(counts, ledgers, day.toordinal())
+        if resume:
+            self._ledgers[day] = (counts, cursor)
+            for old in sorted(self._ledgers)[:-2]:
+                del self._ledgers[old]
+        return counts
 
     async def dead_letters(self, day: date) -> int:
         """Dead letters written on ``day`` (New York time)."""
         letters = await self.records(names.DEAD_LETTERS, DeadLetter)
         return sum(1 for letter in letters if ny_date(letter.tsMs) == day)
 
-    async def kafka_ticks(self, symbols: Iterable[str], day: date) -> TickTally:
+    async def kafka_ticks(
+        self, symbols: Iterable[str], day: date, *, resume: bool = False
+    ) -> TickTally:
         """The unique trades of ``day`` the Kafka tick topics of ``symbols`` hold (their
-        ``ticks.<SYM>`` topics, or their records in the one tick topic of ``TOPIC_MODE=single``)."""
-        tally = TickTally(day.toordinal())
+        ``ticks.<SYM>`` topics, or their records in the one tick topic of ``TOPIC_MODE=single``).
+
+        ``resume`` (a report of every symbol): carry on from this day's previous read, reading
+        only the records that came since, so that a report every minute does not read the day
+        again each time; the one tick topic is then tallied for every symbol in it."""
         wanted = set(symbols)
         single = self.settings.topic_mode == "single"
         if single:
             topics = [names.TICKS_SINGLE_TOPIC]
         else:
             topics = sorted(names.channel(names.TICKS, symbol) for symbol in wanted)
+        cached = self._tallies.get(day) if resume else None
+        if cached is None:
+            cached = (TickTally(day.toordinal(), self.policy, keep_trades=self.keep_trades), {})
+            if resume:
+                self._tallies[day] = cached
+                for old in sorted(self._tallies)[:-2]:
+                    del self._tallies[old]
+        tally, positions = cached
+        # in chunks of 2,000 records (decoded, counted and aggregated between two reads), so
+        # that the mirror's forwarder, on the same event loop, is not held up for long
         async for records in read_from_beginning(
-            self.settings, topics, idle_ms=self.settings.kafka_idle_ms
+            self.settings,
+            topics,
+            idle_ms=self.settings.kafka_idle_ms,
+            max_records=2_000,
+            starts=positions,
         ):
             for record in records:
                 try:
                     batch = TICK_BATCH_DECODER.decode(record.value)
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     continue
-                if not single or batch.sym in wanted:
+                if resume or not single or batch.sym in wanted:
                     tally.add(batch)
+            last = records[-1]  # one partition's
+            positions[TopicPartition(last.topic, last.partition)] = last.offset + 1
+            # records the consumer already holds come without a pause: let the forwarder,
+            # which shares this event loop, have its turn between two chunks
+            await asyncio.sleep(0)
         return tally
 
     async def latest_day(self) -> date | None:

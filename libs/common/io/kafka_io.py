@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -411,9 +411,11 @@ async def read_from_beginning(
     until_ms: int | None = None,
     clock_slack_ms: int = 2_000,
     max_wait_s: float = 300.0,
+    starts: Mapping[TopicPartition, int] | None = None,
 ) -> AsyncIterator[list[ConsumerRecord[bytes, bytes]]]:
-    """Every record of ``topics`` from the beginning, in chunks, up to the end of each
-    partition as of the read (or the first record stamped after ``until_ms``).
+    """Every record of ``topics`` from the beginning, in chunks (each of one partition), up to
+    the end of each partition as of the read (or the first record stamped after ``until_ms``).
+    ``starts``: partitions to read from that offset instead (where an earlier read stopped).
 
     A partition is done when the consumer's position reaches the high watermark the broker
     reported in a fetch response for it (``highwater``: set by every response, with records
@@ -447,7 +449,13 @@ async def read_from_beginning(
         if not partitions:
             return
         consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        starts = starts or {}
+        first = [tp for tp in partitions if tp not in starts]
+        if first:  # (none given would mean every assigned partition)
+            await consumer.seek_to_beginning(*first)
+        for tp in partitions:
+            if tp in starts:
+                consumer.seek(tp, starts[tp])
         reading = set(partitions)
         started = time.monotonic()
         last_record = started
