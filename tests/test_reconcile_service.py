@@ -408,7 +408,7 @@ async def test_a_days_later_reports_read_only_the_ticks_that_came_since(
     bars rebuilt equal those of one read of everything."""
     symbol = f"R{name[-8:].upper()}"
     settings = load_settings(MirrorSettings, env_for(redis_url, kafka_bootstrap, name))
-    reader = SideReader(settings, redis_client)
+    reader = SideReader(settings, redis_client, read_share=0.25)
     trades = synthetic_trades(symbol, DEMO_DAY, minutes=5)
     first, then = trades[:7], trades[7:]
     topic = names.channel(names.TICKS, symbol)
@@ -447,7 +447,12 @@ async def test_a_days_later_reports_read_only_the_ticks_that_came_since(
     assert again is tally
     assert sum(c[0] for c in tally.counts[symbol].values()) == len(trades)
     assert tally.duplicates == {symbol: 1}
-    whole = await SideReader(settings, redis_client).kafka_ticks([symbol], DEMO_DAY)
+    # beside the forwarder a report reads at a quarter of the loop: it waited three times
+    # as long as it worked; on its own it does not wait
+    assert reader.busy_s > 0 and reader.rested_s == pytest.approx(3 * reader.busy_s)
+    alone = SideReader(settings, redis_client)
+    whole = await alone.kafka_ticks([symbol], DEMO_DAY)
+    assert alone.busy_s > 0 and alone.rested_s == 0
     assert whole is not tally and whole.counts == tally.counts
     values = [msgspec.structs.replace(bar, revision=0) for bar in tally.bars(symbol)]
     assert values == whole.bars(symbol) == build_bars(trades, settings.bars_policy)

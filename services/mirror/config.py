@@ -149,6 +149,16 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     reconcile_interval_s: Annotated[
         float, Meta(ge=0, description="reconcile today every so often (0: never, in `run`)")
     ] = 60.0
+    reconcile_read_share: Annotated[
+        float,
+        Meta(
+            gt=0,
+            le=1,
+            description="share of the mirror's event loop a timed report's reading may take "
+            "(the forwarder shares it): after each chunk it waits so long that its work stays "
+            "below this share (1: no waiting; `reconcile` on demand does not wait)",
+        ),
+    ] = 0.25
     reconcile_min_age_s: Annotated[
         float, Meta(ge=0, description="ignore bars that ended less than this long ago")
     ] = 180.0

@@ -75,6 +75,7 @@ class Reconciler:
         clock: Clock = SYSTEM_CLOCK,
         gauges: ParityGauges | None = None,
         registry: CollectorRegistry | None = None,
+        read_share: float = 1.0,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -82,7 +83,7 @@ class Reconciler:
         self.listings = settings.listings.build(registry=registry, service="mirror")
         """Primary listings for rebuilding the source's bars (the bars' own sources)."""
         self.keys = Keys(settings.key_prefix)
-        self.reader = SideReader(settings, client, listings=self.listings)
+        self.reader = SideReader(settings, client, listings=self.listings, read_share=read_share)
         self.gate_store = GateStore(client, self.keys)
         self.gauges = gauges
         self.tolerance = Tolerance(settings.reconcile_tolerance)
@@ -109,6 +110,7 @@ class Reconciler:
         min_age_s = settings.reconcile_min_age_s if min_age_s is None else min_age_s
         now_ms = self.clock.now_ms()
         started = time.perf_counter()
+        rested_before = self.reader.rested_s
         sides = await self.reader.collect(day, symbols, vendor=vendor)
         read_s = time.perf_counter() - started
         report = self.compare(
@@ -138,6 +140,7 @@ class Reconciler:
             pending=totals.pending,
             promotion_ready=report.gate.ready if report.gate is not None else False,
             read_s=round(read_s, 3),
+            rested_s=round(self.reader.rested_s - rested_before, 3),
             seconds=round(time.perf_counter() - started, 3),
         )
         return report
@@ -353,6 +356,7 @@ class ScheduledReconciler(Component):
             clock=clock,
             gauges=ParityGauges(registry, settings.gate_days),
             registry=registry,
+            read_share=settings.reconcile_read_share,  # beside the forwarder, on its loop
         )
         self.clock = clock
         self.last_day: date | None = None

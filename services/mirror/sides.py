@@ -4,6 +4,7 @@ shadow builder's topics) and the vendor's minute aggregates (Redis streams), for
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
@@ -82,6 +83,7 @@ class SideReader:
         *,
         listings: Listings | None = None,
         keep_trades: bool = False,
+        read_share: float = 1.0,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -89,6 +91,13 @@ class SideReader:
         """The bars' policy, to rebuild the source's bars from the Kafka ticks."""
         self.keep_trades = keep_trades
         """Keep the Kafka ticks themselves in ``DaySides.ticks`` (not only their tallies)."""
+        self._pause = 1 / read_share - 1
+        """After each chunk read, wait this many times as long as its work took (so that
+        reading takes at most ``read_share`` of the event loop)."""
+        self.busy_s = 0.0
+        """Time spent on the chunks read (decoding, counting), since this reader was made."""
+        self.rested_s = 0.0
+        """Time waited after them (``read_share``)."""
         self._ledgers: dict[date, tuple[dict[str, Counts], int]] = {}
         """Per day (the last two): the ledger's counts so far and the stream's last record read."""
         self._tallies: dict[date, tuple[TickTally, dict[TopicPartition, int]]] = {}
@@ -215,6 +224,14 @@ class SideReader:
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     continue
 
+    async def _rest(self, since: float) -> None:
+        """After a chunk's work (begun at ``since``): give the event loop back, for as long as
+        ``read_share`` asks."""
+        busy = time.perf_counter() - since
+        self.busy_s += busy
+        self.rested_s += busy * self._pause
+        await asyncio.sleep(busy * self._pause)
+
     async def ledger(self, day: date, *, resume: bool = False) -> dict[str, Counts]:
         """The source ledger of ``day`` per symbol and minute, counted as the stream is read
         (its records are not kept). ``resume``: carry on from this day's previous read (its
@@ -225,6 +242,7 @@ class SideReader:
             entries = await reader.read(names.LEDGER, cursor, 5_000)
             if not entries:
                 break
+            busy = time.perf_counter()
             cursor = entries[-1][0]
             ledgers = []
             for _, payload in entries:
@@ -233,6 +251,7 @@ class SideReader:
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     continue
             add_ledger_counts(counts, ledgers, day.toordinal())
+            await self._rest(busy)
         if resume:
             self._ledgers[day] = (counts, cursor)
             for old in sorted(self._ledgers)[:-2]:
@@ -276,6 +295,7 @@ class SideReader:
             max_records=2_000,
             starts=positions,
         ):
+            busy = time.perf_counter()
             for record in records:
                 try:
                     batch = TICK_BATCH_DECODER.decode(record.value)
@@ -285,9 +305,9 @@ class SideReader:
                     tally.add(batch)
             last = records[-1]  # one partition's
             positions[TopicPartition(last.topic, last.partition)] = last.offset + 1
-            # records the consumer already holds come without a pause: let the forwarder,
-            # which shares this event loop, have its turn between two chunks
-            await asyncio.sleep(0)
+            # records the consumer already holds come without a pause: give the forwarder,
+            # which shares this event loop, its turn, and the report no more than its share
+            await self._rest(busy)
         return tally
 
     async def latest_day(self) -> date | None:
