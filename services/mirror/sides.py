@@ -237,6 +237,10 @@ class SideReader:
         (its records are not kept). ``resume``: carry on from this day's previous read (its
         counts, and the stream's records that came since)."""
         counts, cursor = self._ledgers.get(day, ({}, 0)) if resume else ({}, 0)
+        if resume:
+            self._ledgers[day] = (counts, cursor)
+            for old in sorted(self._ledgers)[:-2]:
+                del self._ledgers[old]
         reader = StreamReader(self.client, self.keys)
         while True:
             entries = await reader.read(names.LEDGER, cursor, 5_000)
@@ -251,11 +255,9 @@ class SideReader:
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     continue
             add_ledger_counts(counts, ledgers, day.toordinal())
+            if resume:  # with the counts, chunk by chunk: a read cut short counts nothing twice
+                self._ledgers[day] = (counts, cursor)
             await self._rest(busy)
-        if resume:
-            self._ledgers[day] = (counts, cursor)
-            for old in sorted(self._ledgers)[:-2]:
-                del self._ledgers[old]
         return counts
 
     async def dead_letters(self, day: date) -> int:
