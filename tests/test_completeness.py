@@ -11,10 +11,10 @@ from libs.common.market.sessions import MINUTE_MS, ny_epoch_ms
 from libs.common.schemas import Bar, FeedGap, Ledger, LedgerEntry, TickBatch, Trade
 from services.mirror.completeness import (
     TickTally,
+    add_ledger_counts,
     build_completeness,
     gap_minutes,
     judge_symbol,
-    ledger_counts,
 )
 
 DAY = date(2013, 10, 7)
@@ -41,7 +41,9 @@ def ledger_of(day_trades: list[Trade]) -> dict[str, dict[int, list[int]]]:
         counts[0] += 1
         counts[1] += trade.s
     record = Ledger(1, "ingest", [LedgerEntry(s, m, c[0], c[1]) for (s, m), c in entries.items()])
-    return ledger_counts([record], DAY.toordinal())
+    out: dict[str, dict[int, list[int]]] = {}
+    add_ledger_counts(out, [record], DAY.toordinal())
+    return out
 
 
 def judge(source: list[Trade], held: list[Trade], redis: list[Bar], kafka: list[Bar], gaps=()):  # type: ignore[no-untyped-def]

@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Struct
 
 from libs.common.market.aggregator import BarAggregator
+from libs.common.market.build import rebuilding_aggregator
 from libs.common.market.identity import TradeIds
 from libs.common.market.policies import _PolicyBase, get_policy
 from libs.common.market.sessions import (
@@ -28,7 +29,6 @@ from libs.common.market.sessions import (
     session_for,
     ts_et,
 )
-from libs.common.runtime.clock import ManualClock
 from libs.common.schemas import Bar, FeedGap, Ledger, TickBatch, Trade
 
 BAR_FIELDS = ("open", "high", "low", "close", "volume", "vwap", "trades")
@@ -83,13 +83,6 @@ class SymbolCompleteness(Struct):
         """The lowest of the three percentages."""
         values = [v for v in (self.ticksPct, self.redisPct, self.kafkaPct) if v is not None]
         return min(values) if values else None
-
-
-def ledger_counts(ledgers: Iterable[Ledger], day_ordinal: int) -> dict[str, Counts]:
-    """The source's trades and volume per symbol and minute of one New York day."""
-    out: dict[str, Counts] = {}
-    add_ledger_counts(out, ledgers, day_ordinal)
-    return out
 
 
 def add_ledger_counts(out: dict[str, Counts], ledgers: Iterable[Ledger], day_ordinal: int) -> None:
@@ -177,9 +170,7 @@ class TickTally:
         for sym, pending in self._pending.items():
             aggregator = self._aggregators.get(sym)
             if aggregator is None:
-                aggregator = self._aggregators[sym] = BarAggregator(
-                    sym, self.policy, grace_ms=0, late_policy="revise", clock=ManualClock(0)
-                )
+                aggregator = self._aggregators[sym] = rebuilding_aggregator(sym, self.policy)
             aggregator.add(pending, 0, symbol=sym)
         self._pending = {}
         self._pending_count = 0

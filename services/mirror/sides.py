@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
+from typing import TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -38,6 +39,16 @@ from services.mirror.config import MirrorSettings
 
 AGGREGATE_DECODER = DECODERS[AggregateBatch]
 LEDGER_DECODER = DECODERS[Ledger]
+
+
+DayT = TypeVar("DayT")
+
+
+def _keep_day(cache: dict[date, DayT], day: date, value: DayT) -> None:
+    """``cache[day] = value``, keeping the two newest days (a report's and the rollover's)."""
+    cache[day] = value
+    for old in sorted(cache)[:-2]:
+        del cache[old]
 
 
 @dataclass
@@ -238,9 +249,7 @@ class SideReader:
         counts, and the stream's records that came since)."""
         counts, cursor = self._ledgers.get(day, ({}, 0)) if resume else ({}, 0)
         if resume:
-            self._ledgers[day] = (counts, cursor)
-            for old in sorted(self._ledgers)[:-2]:
-                del self._ledgers[old]
+            _keep_day(self._ledgers, day, (counts, cursor))
         reader = StreamReader(self.client, self.keys)
         while True:
             entries = await reader.read(names.LEDGER, cursor, 5_000)
@@ -284,9 +293,7 @@ class SideReader:
         if cached is None:
             cached = (TickTally(day.toordinal(), self.policy, keep_trades=self.keep_trades), {})
             if resume:
-                self._tallies[day] = cached
-                for old in sorted(self._tallies)[:-2]:
-                    del self._tallies[old]
+                _keep_day(self._tallies, day, cached)
         tally, positions = cached
         # in chunks of 2,000 records (decoded, counted and aggregated between two reads), so
         # that the mirror's forwarder, on the same event loop, is not held up for long

@@ -6,8 +6,9 @@ accumulator, the day of closed minutes and the bar derived from them in
 ``libs.common.market.accumulator``. This module decides when minutes open and close, what is
 late, and what is published again.
 
-Used by the bars service (ticks from Redis, or from Kafka in shadow), the offline backfill and
-the reconciler (``build.build_bars``), always one aggregator per symbol. Semantics (details and
+Used by the bars service (ticks from Redis, or from Kafka in shadow) and the reconciler, which
+rebuilds the source's bars from the Kafka ticks (``build.rebuilding_aggregator``), always one
+aggregator per symbol. Semantics (details and
 evidence in ``docs/bars.md``):
 
 * an aggregator aggregates one symbol; a trade of another symbol is a programming error:

@@ -1,5 +1,7 @@
-"""Bars of a finished, in-memory trade sequence (the backfill, the reconciler, tests): every
-symbol's trades through an aggregator of its own (``libs.common.market.aggregator``)."""
+"""Bars rebuilt from trades in hand: every symbol's trades through an aggregator of its own
+(``libs.common.market.aggregator``), on the trades' own time, late trades revising. The
+reconciler feeds such an aggregator batch by batch as it reads (``rebuilding_aggregator``);
+``build_bars`` gives one batch of everything (tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,17 @@ from libs.common.runtime.clock import ManualClock
 from libs.common.schemas import Bar, Trade
 
 _SYMBOL = attrgetter("sym")
+
+
+def rebuilding_aggregator(
+    symbol: str, policy: _PolicyBase | ConditionPolicy, *, grace_ms: int = 0
+) -> BarAggregator:
+    """An aggregator that rebuilds ``symbol``'s bars from trades in hand: no wall clock (minutes
+    close on the trades' time and at ``flush``), late trades revising their bars. Any split of
+    the trades into batches gives the same bars' values."""
+    return BarAggregator(
+        symbol, policy, grace_ms=grace_ms, late_policy="revise", clock=ManualClock(0)
+    )
 
 
 def build_bars(
@@ -44,9 +57,7 @@ def build_bars(
         groups = per_symbol
     out: list[Bar] = []
     for sym in sorted(groups):
-        aggregator = BarAggregator(
-            sym, policy, grace_ms=grace_ms, late_policy="revise", clock=ManualClock(0)
-        )
+        aggregator = rebuilding_aggregator(sym, policy, grace_ms=grace_ms)
         aggregator.add(groups[sym], 0, symbol=sym)
         aggregator.flush()
         out.extend(aggregator.published().values())
