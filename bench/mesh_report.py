@@ -11,7 +11,9 @@ from mesh_linger import linger_summary_rows, render_linger
 from mesh_repeat import LABELS, median_p99, render_repeats
 from summary import LIKE_FOR_LIKE, row
 
-SERVICES = ("ingest", "mirror", "bars", "bars-shadow", "engine_bridge")
+RECONCILER = "mirror-reconciler"
+"""The mirror's timed reconciler, a process of its own (``MIRROR_ROLE=reconcile``)."""
+SERVICES = ("ingest", "mirror", RECONCILER, "bars", "bars-shadow", "engine_bridge")
 """The mesh's services."""
 MEMORY_JUDGED = (*SERVICES, "simulator")
 """The processes whose memory growth is judged: the services, and the simulator, which keeps
@@ -306,6 +308,14 @@ def targets(results: dict[str, Any]) -> list[str]:
                 f"; in its second half {late[1]['rssEndMb'] - late[1]['rssMidMb']:+.1f} MiB "
                 f"({late[0]})"
             )
+        if whole[0] == RECONCILER:
+            others = [item for item in services.items() if item[0] != RECONCILER]
+            if others:
+                rest = max(others, key=lambda item: item[1]["rssEndMb"] - item[1]["rssStartMb"])
+                line += (
+                    f"; the reconciler keeps the day's tally (docs/parity.md), of the others "
+                    f"{rest[1]['rssEndMb'] - rest[1]['rssStartMb']:+.1f} MiB ({rest[0]})"
+                )
         out.append(line)
     out.append("mirror at one trade per record >= 60 k records/s: see bench_mirror.py")
     return out

@@ -63,7 +63,7 @@ def parse_setups(text: str) -> list[Setup]:
 DEFAULT_SETUPS = "1x1:frame,1x1:batch,2x1:frame,1x2:frame,2x2:frame,2x2:batch"
 """The baseline, each split alone, both together; ingest's two record modes at both ends."""
 
-SERVICES = ("ingest", "bars", "bars-shadow", "mirror", "engine_bridge")
+SERVICES = ("ingest", "bars", "bars-shadow", "mirror", "mirror-reconciler", "engine_bridge")
 """The services whose CPU the table shows (the simulator and the servers are in the JSON)."""
 
 _INSTANCE = re.compile(r"-\d+of\d+$")
@@ -137,9 +137,9 @@ def render_scale(results: dict[str, Any]) -> str:
         "",
         "| setup | trades/record | bars Redis / Kafka | ticks/s → Kafka | → bars, Redis "
         "| → bars, Kafka | vs baseline (Kafka) | CPU s ingest | bars | bars-shadow | mirror "
-        "| engine_bridge | services | cores busy | load average (start, end) "
+        "| mirror-reconciler | engine_bridge | services | cores busy | load average (start, end) "
         f"| {GAUGE_HEADER} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     base = _kafka_rate(baseline(runs))
     for run in runs:

@@ -1,10 +1,11 @@
 """The whole mesh on one machine, as separate OS processes: for the demo and end-to-end tests.
 
 ``Mesh`` starts, against a ``LocalStack``, the Polygon simulator and the services — ingest,
-bars (Redis, primary), bars (Kafka, shadow), engine_bridge and mirror — each as
-``python -m services.<name> run`` with its settings in the environment and its JSON log in a
-file. It waits until the simulator has replayed its feed and the pipeline has settled, then
-reads the figures of the run from the services' ``/metrics`` and from Kafka.
+bars (Redis, primary), bars (Kafka, shadow), engine_bridge, the mirror's forwarder and its
+timed reconciler (``mirror-reconciler``) — each as ``python -m services.<name> run`` with its
+settings in the environment and its JSON log in a file. It waits until the simulator has
+replayed its feed and the pipeline has settled, then reads the figures of the run from the
+services' ``/metrics`` and from Kafka.
 
 Scale-out: ``MeshOptions.bars_shards`` runs the bars (primary and shadow) as that many shards
 and ``mirror_instances`` the mirror as that many instances split by channel, each its own
@@ -36,6 +37,8 @@ from libs.common.runtime.settings import CommonSettings, SettingsT, load_setting
 from services.ingest.simulator.cli import control_remote
 
 SIM_KEY = "tickmesh-demo-key"
+RECONCILER = "mirror-reconciler"
+"""The process of the mirror's timed reconciler (``MIRROR_ROLE=reconcile``)."""
 IDLE_AFTER_S = 2.0
 """ingest's ``INGEST_IDLE_AFTER_MS`` as the mesh runs it."""
 
@@ -75,7 +78,8 @@ class MeshOptions:
     ``shadow``, this many shadow processes."""
     mirror_instances: int = 1
     """Mirror instances split by channel (``MIRROR_SHARD_COUNT``), each with its own stored
-    positions (``MIRROR_CONSUMER_NAME``); only the first runs the scheduled reconciler."""
+    positions (``MIRROR_CONSUMER_NAME``); the scheduled reconciler runs beside them, once, in
+    its own process (``mirror-reconciler``)."""
 
     def __post_init__(self) -> None:
         if self.bars_shards < 1 or self.mirror_instances < 1:
@@ -372,16 +376,17 @@ class Mesh:
         for index, (name, consumer) in enumerate(
             zip(instance_names("mirror", mirrors), mirror_consumer_names(mirrors), strict=True)
         ):
-            split: dict[str, str] = {}
+            split = {"MIRROR_ROLE": "forward"}
             if mirrors > 1:
-                split = {
+                split |= {
                     "MIRROR_SHARD_INDEX": str(index),
                     "MIRROR_SHARD_COUNT": str(mirrors),
                     "MIRROR_CONSUMER_NAME": consumer,
                 }
-                if index > 0:  # the reconciler reads the whole day: one is enough
-                    split["MIRROR_RECONCILE_INTERVAL_S"] = "0"
             self.start_service(name, "mirror", "MIRROR_", split)
+        # the timed reconciler in a process of its own, as deployed: its reading and its day
+        # of identities stay out of the forwarders'
+        self.start_service(RECONCILER, "mirror", "MIRROR_", {"MIRROR_ROLE": "reconcile"})
         shards = options.bars_shards
         for index in range(shards):
             shard = (

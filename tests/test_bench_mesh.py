@@ -447,6 +447,17 @@ def test_the_report_states_hops_against_ceilings_and_targets() -> None:
     found = targets({**RESULTS, "synthetic": flat})
     assert any("+1.0 MiB (mirror); in its second half +0.5 MiB (mirror)" in line for line in found)
     assert "| bars | 20.0 | 33 | - / - | 100 | 101 | 101 | 101 |" in text
+    # The reconciler's tally grows by design: said, and the others' largest growth beside it
+    tally = {"cpuSeconds": 1.0, "cpuPct": 2.0, "rssStartMb": 100.0, "rssMidMb": 120.0,
+             "rssEndMb": 140.0, "rssPeakMb": 140.0}  # fmt: skip
+    flat["processes"]["mirror-reconciler"] = tally
+    found = targets({**RESULTS, "synthetic": flat})
+    assert any(
+        "+40.0 MiB (mirror-reconciler)" in line
+        and "the reconciler keeps the day's tally (docs/parity.md), of the others +1.0 MiB (mirror)"
+        in line
+        for line in found
+    )
     # Only a server sampled (no service judged): said, not a crash
     found = targets(_with_processes({"tansu": RESULTS["synthetic"]["processes"]["simulator"]}))
     assert any("no service's RSS was sampled (not judged)" in line for line in found)
@@ -601,7 +612,7 @@ SCALE = {
             _scale_run("bars x2, mirror x1, frame", "frame", 1.2, 6_000, {"ingest": 4.0}),
             {**_scale_run("bars x1, mirror x1, frame", "frame", 1.2, 8_000,
                           {"ingest": 4.0, "bars": 3.0, "bars-shadow": 2.0, "mirror": 5.0,
-                           "tansu": 9.0}),
+                           "mirror-reconciler": 0.5, "tansu": 9.0}),
              "machineGauge": _gauge(8.0, 9.0, 8.5)},
             _scale_run("bars x2, mirror x2, frame", "frame", 1.2, 10_000,
                        {"ingest": 4.0, "bars-1of2": 1.5, "bars-2of2": 2.0,
@@ -620,7 +631,7 @@ def test_the_scale_table_sums_each_service_over_its_instances() -> None:
     assert "| 0.75x |" in rows[0]  # against the baseline, which ran second
     assert rows[1] == (
         "| bars x1, mirror x1, frame | 1.2 | 453 / 453 | 8,000 | 8,000 | - | 1.00x | 4.0 | 3.0 "
-        "| 2.0 | 5.0 | - | 14.0 | 2.30 | 2.5, 3.0 | 8.0 · 9.0 (8.2–15.0) · 8.5 |"
+        "| 2.0 | 5.0 | 0.5 | - | 14.5 | 2.35 | 2.5, 3.0 | 8.0 · 9.0 (8.2–15.0) · 8.5 |"
     )
     assert rows[0].endswith("| 2.5, 3.0 | - |")  # no gauge taken: said so
     assert "| 3.5 (1.5 + 2.0) | 2.5 (1.0 + 1.5) | 6.5 (3.0 + 3.5) |" in rows[2]

@@ -78,7 +78,10 @@ KEY_SERIES: dict[str, list[tuple[str, str]]] = {
         ('tickmesh_mirror_records_total{job="mirror"} > 0', "records acknowledged by Kafka"),
         ('tickmesh_mirror_kafka_up{job="mirror"} == 1', "Kafka reachable"),
         ('tickmesh_mirror_lag_records{job="mirror"} >= 0', "mirror lag measured"),
-        ('tickmesh_parity_gate_passing_days{job="mirror"} >= 0', "the reconciler runs"),
+        (
+            'tickmesh_parity_gate_passing_days{job="mirror",role="reconciler"} >= 0',
+            "the reconciler runs, in its own process",
+        ),
     ],
 }
 # Every service process (shadow included) answers these; %s is its job and role selector.
@@ -237,7 +240,8 @@ async def test_prometheus_scrapes_every_service_key_series(
         )
     )
 
-    # (job, role, service, extra env): the four services and the shadow bar builder.
+    # (job, role, service, extra env): the four services, the shadow bar builder and the
+    # mirror's reconciler, as deploy/compose.yaml runs them.
     instances = [
         (
             "ingest",
@@ -253,7 +257,8 @@ async def test_prometheus_scrapes_every_service_key_series(
             {"BARS_SOURCE": "kafka", "BARS_KAFKA_GROUP": f"bars-shadow-{run_id}"},
         ),
         ("engine_bridge", "primary", "engine_bridge", {}),
-        ("mirror", "primary", "mirror", {}),
+        ("mirror", "primary", "mirror", {"MIRROR_ROLE": "forward"}),
+        ("mirror", "reconciler", "mirror", {"MIRROR_ROLE": "reconcile"}),
     ]
     targets: dict[tuple[str, str], int] = {}
     for job, role, service, extra in instances:

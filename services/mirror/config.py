@@ -71,6 +71,14 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     SERVICE: ClassVar[str] = "mirror"
 
     http_port: Annotated[int, Meta(ge=0, le=65535, description="port of the HTTP endpoint")] = 9104
+    role: Annotated[
+        Literal["all", "forward", "reconcile"],
+        Meta(
+            description="what `run` runs: the forwarder and the timed reconciler in one "
+            "process (all), or either alone (forward, reconcile), so that the reconciler's "
+            "reading and its day of identities stay out of the forwarder's process"
+        ),
+    ] = "all"
 
     # -- routing -------------------------------------------------------------------------------
     routes: Annotated[
@@ -147,16 +155,22 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
 
     # -- reconciler ----------------------------------------------------------------------------
     reconcile_interval_s: Annotated[
-        float, Meta(ge=0, description="reconcile today every so often (0: never, in `run`)")
+        float,
+        Meta(
+            ge=0,
+            description="reconcile today every so often (0: never, in `run`; not with "
+            "MIRROR_ROLE=forward)",
+        ),
     ] = 60.0
     reconcile_read_share: Annotated[
         float,
         Meta(
             gt=0,
             le=1,
-            description="share of the mirror's event loop a timed report's reading may take "
-            "(the forwarder shares it): after each chunk it waits so long that its work stays "
-            "below this share (1: no waiting; `reconcile` on demand does not wait)",
+            description="share of its process a timed report's reading may take (the "
+            "forwarder's event loop with MIRROR_ROLE=all, the machine's cores otherwise): after "
+            "each chunk it waits so long that its work stays below this share (1: no waiting; "
+            "`reconcile` on demand does not wait)",
         ),
     ] = 0.25
     reconcile_min_age_s: Annotated[
@@ -210,6 +224,8 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
     ] = 1_500
 
     def check(self) -> None:
+        if self.role == "reconcile" and self.reconcile_interval_s <= 0:
+            raise self.invalid("reconcile_interval_s", "must be above 0 with MIRROR_ROLE=reconcile")
         if self.shard_index >= self.shard_count:
             raise self.invalid(
                 "shard_index", f"must be below MIRROR_SHARD_COUNT={self.shard_count}"
