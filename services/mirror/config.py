@@ -167,9 +167,9 @@ class MirrorSettings(CommonSettings, frozen=True, forbid_unknown_fields=True, kw
         Meta(
             gt=0,
             le=1,
-            description="share of its process a timed report's reading may take (the "
-            "forwarder's event loop with MIRROR_ROLE=all, the machine's cores otherwise): after "
-            "each chunk it waits so long that its work stays below this share (1: no waiting; "
+            description="share of the time a timed report's reading may take: after each "
+            "chunk it waits so long that its work stays below this share (with MIRROR_ROLE=all "
+            "of the event loop it shares with the forwarder; alone, of a core; 1: no waiting; "
             "`reconcile` on demand does not wait)",
         ),
     ] = 0.25
