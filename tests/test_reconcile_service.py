@@ -456,3 +456,33 @@ async def test_a_days_later_reports_read_only_the_ticks_that_came_since(
     assert whole is not tally and whole.counts == tally.counts
     values = [msgspec.structs.replace(bar, revision=0) for bar in tally.bars(symbol)]
     assert values == whole.bars(symbol) == build_bars(trades, settings.bars_policy)
+
+
+async def test_the_timer_says_when_its_reports_fall_behind_the_feed(
+    redis_client: aioredis.Redis, redis_url: str, kafka_bootstrap: str, name: str
+) -> None:
+    """Alone in its process, the reconciler's heartbeat carries how old its newest report's
+    view is, and ``behind`` once a report took longer than the interval (its reading at its
+    share of a core no longer keeps up with the feed)."""
+    env = env_for(redis_url, kafka_bootstrap, name)
+    env["MIRROR_RECONCILE_INTERVAL_S"] = "60"
+    settings = load_settings(MirrorSettings, env)
+    clock = ManualClock(ny_epoch_ms(DEMO_DAY, 11, 0))
+    actor = ScheduledReconciler(settings, redis_client, registry=CollectorRegistry(), clock=clock)
+    took_s = [20.0, 95.0, 30.0]
+
+    async def run(day: date, **_: object) -> object:
+        clock.advance(int(took_s.pop(0) * 1000))
+        return object()
+
+    actor.reconciler.run = run  # type: ignore[method-assign]
+    assert (actor.lag_ms(), actor.status()) == (0, "ok")  # no report yet
+    await actor.tick()
+    assert (actor.lag_ms(), actor.status()) == (20_000, "ok")
+    clock.advance(40_000)  # the next tick, 60 s after the first began
+    await actor.tick()  # 95 s: longer than the interval
+    assert (actor.lag_ms(), actor.status()) == (95_000, "behind")
+    clock.advance(5_000)
+    assert actor.lag_ms() == 100_000
+    await actor.tick()  # 30 s: caught up again
+    assert (actor.lag_ms(), actor.status()) == (30_000, "ok")

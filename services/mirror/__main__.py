@@ -46,7 +46,7 @@ async def build(runtime: ServiceRuntime[MirrorSettings]) -> None:
         reconciler = ScheduledReconciler(settings, client, registry=runtime.registry)
         runtime.supervisor.add(reconciler)
         runtime.http.add_readiness("reconciler", lambda: reconciler.state is State.RUNNING)
-        add_heartbeat(runtime, publisher)
+        add_heartbeat(runtime, publisher, lag_ms=reconciler.lag_ms, status=reconciler.status)
         return
     forwarder = Forwarder(settings, client, registry=runtime.registry)
     runtime.supervisor.add(forwarder)

@@ -363,7 +363,23 @@ class ScheduledReconciler(Component):
         self.last_report: DayReport | None = None
         self.skipped: date | None = None
         """The last day skipped as not a trading day."""
+        self.interval_s = settings.reconcile_interval_s
+        self.covered_ms = 0
+        """When the newest finished report of today began: what it read reached about then."""
+        self.last_seconds = 0.0
+        """How long the newest finished report of today took."""
         self.every(settings.reconcile_interval_s, self.tick, name="mirror.reconciler.timer")
+
+    def lag_ms(self) -> int:
+        """How old the newest report's view is (0 before the first): the interval and the
+        report's own time when the reports keep up, more when they do not (the heartbeat's
+        lag when the reconciler runs alone)."""
+        return max(0, self.clock.now_ms() - self.covered_ms) if self.covered_ms else 0
+
+    def status(self) -> str:
+        """``behind`` when the newest report took longer than the interval (its reading at
+        ``MIRROR_RECONCILE_READ_SHARE`` cannot keep up with the feed), else ``ok``."""
+        return "behind" if self.last_seconds > self.interval_s else "ok"
 
     async def on_stop(self) -> None:
         await self.reconciler.close()
@@ -382,7 +398,9 @@ class ScheduledReconciler(Component):
                     self.skipped = today
                     self.log.info("reconcile.not_a_trading_day", day=today.isoformat())
                 return
+            began_ms, began = self.clock.now_ms(), self.clock.monotonic()
             self.last_report = await self.reconciler.run(today)
+            self.covered_ms, self.last_seconds = began_ms, self.clock.monotonic() - began
             self.last_day = today
         except (OSError, ConnectionError, TimeoutError, KafkaError) as exc:
             self.log.warning(
