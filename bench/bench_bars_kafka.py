@@ -221,7 +221,7 @@ async def run_tickmesh(
         tick_interval_ms=settings.tick_interval_ms,
         registry=registry,
         source_kind="kafka",
-        identity_horizon_ms=settings.identity_horizon_s * 1000,
+        identity_horizon_ms=settings.identity_horizon_ms,
     )
     await builder.start()
     try:

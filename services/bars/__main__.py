@@ -109,7 +109,7 @@ async def build(runtime: ServiceRuntime[BarsSettings]) -> None:
             source_kind="redis",
             close_on=settings.close_on,
             owns=settings.owns,
-            identity_horizon_ms=settings.identity_horizon_s * 1000,
+            identity_horizon_ms=settings.identity_horizon_ms,
         )
     else:
         producer = await start_producer(settings)
@@ -154,7 +154,7 @@ async def build(runtime: ServiceRuntime[BarsSettings]) -> None:
             source_kind="kafka",
             close_on=settings.close_on,
             owns=settings.owns,
-            identity_horizon_ms=settings.identity_horizon_s * 1000,
+            identity_horizon_ms=settings.identity_horizon_ms,
         )
     runtime.supervisor.add(builder)
     add_heartbeat(runtime, publisher, lag_ms=lambda: builder.lag_ms)

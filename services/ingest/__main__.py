@@ -43,7 +43,7 @@ async def build(runtime: ServiceRuntime[IngestSettings]) -> None:
     feed = FeedPublisher(
         publisher,
         retry_s=settings.publish_retry_s,
-        identity_horizon_ms=settings.identity_horizon_s * 1000,
+        identity_horizon_ms=settings.identity_horizon_ms,
         symbols=list(settings.symbols),
         registry=runtime.registry,
     )

@@ -129,10 +129,10 @@ class TickFileSource(Component):
         """One record per symbol per round trip instead of one per frame and symbol."""
         self.channels = channels
         self.fill_missing = fill_missing
-        self._known: TradeIds | None = TradeIds() if fill_missing else None
-        """With ``fill_missing``: the files' days as the tick streams held them at load."""
         """Publish only the trades the tick streams lack (a lost day, after the fact), then
         mark that day's feed gaps filled."""
+        self._known: TradeIds | None = TradeIds() if fill_missing else None
+        """With ``fill_missing``: the files' days as the tick streams held them at load."""
         self.clock = clock
         self.loaded = False
         """True once the files are read (readiness)."""

@@ -356,14 +356,13 @@ class ScheduledReconciler(Component):
             clock=clock,
             gauges=ParityGauges(registry, settings.gate_days),
             registry=registry,
-            read_share=settings.reconcile_read_share,  # beside the forwarder, on its loop
+            read_share=settings.reconcile_read_share,
         )
         self.clock = clock
         self.last_day: date | None = None
         self.last_report: DayReport | None = None
         self.skipped: date | None = None
         """The last day skipped as not a trading day."""
-        self.interval_s = settings.reconcile_interval_s
         self.covered_ms = 0
         """When the newest finished report of today began: what it read reached about then."""
         self.last_seconds = 0.0
@@ -379,7 +378,9 @@ class ScheduledReconciler(Component):
     def status(self) -> str:
         """``behind`` when the newest report took longer than the interval (its reading at
         ``MIRROR_RECONCILE_READ_SHARE`` cannot keep up with the feed), else ``ok``."""
-        return "behind" if self.last_seconds > self.interval_s else "ok"
+        return (
+            "behind" if self.last_seconds > self.reconciler.settings.reconcile_interval_s else "ok"
+        )
 
     async def on_stop(self) -> None:
         await self.reconciler.close()

@@ -296,7 +296,8 @@ class SideReader:
                 _keep_day(self._tallies, day, cached)
         tally, positions = cached
         # in chunks of 2,000 records (decoded, counted and aggregated between two reads), so
-        # that the mirror's forwarder, on the same event loop, is not held up for long
+        # that whatever shares the event loop (the forwarder, with MIRROR_ROLE=all) is not
+        # held up for long
         async for records in read_from_beginning(
             self.settings,
             topics,
@@ -314,8 +315,8 @@ class SideReader:
                     tally.add(batch)
             last = records[-1]  # one partition's
             positions[TopicPartition(last.topic, last.partition)] = last.offset + 1
-            # records the consumer already holds come without a pause: give the forwarder,
-            # which shares this event loop, its turn, and the report no more than its share
+            # records the consumer already holds come without a pause: give the rest of the
+            # event loop its turn, and the report no more than its share
             await self._rest(busy)
         return tally
 

@@ -272,6 +272,11 @@ class CommonSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         variable."""
         return SettingsError(f"{env_name(cls, field)}: {message}")
 
+    @property
+    def identity_horizon_ms(self) -> int:
+        """``identity_horizon_s`` in milliseconds, as ``TradeIds`` takes it."""
+        return self.identity_horizon_s * 1000
+
     def effective_run_id(self) -> str:
         """``run_id`` or a random one, fixed for the life of this process."""
         if self.run_id:
